@@ -1,0 +1,112 @@
+//! Types shared by the rlagent eBPF programs (`ebpf/`) and the agent (`agent/`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side reads and updates these
+//! structs in BPF maps, userspace reads them through aya. Layout changes must bump
+//! [`MAPS_LAYOUT_VERSION`], because maps are pinned and outlive the agent that made them.
+#![no_std]
+
+/// Version of the map layout below. Pinned maps live in a directory named after it, so an
+/// agent with a different layout never reinterprets another layout's bytes.
+pub const MAPS_LAYOUT_VERSION: u32 = 1;
+
+/// A cap that never denies.
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// Count connected UDP sockets as connections (TCP is always counted).
+pub const FLAG_COUNT_UDP: u64 = 1 << 0;
+
+/// Names of the pinned maps and programs, shared so both sides agree.
+pub mod names {
+    pub const SETTINGS: &str = "RL_SETTINGS";
+    pub const UID_CAPS: &str = "RL_UID_CAPS";
+    pub const UID_CONNS: &str = "RL_UID_CONNS";
+    pub const HOST_CONNS: &str = "RL_HOST_CONNS";
+    pub const SOCK_CHARGE: &str = "RL_SOCK_CHARGE";
+
+    pub const PROG_CONNECT4: &str = "rl_connect4";
+    pub const PROG_CONNECT6: &str = "rl_connect6";
+    pub const PROG_SOCK_RELEASE: &str = "rl_sock_release";
+}
+
+/// Maximum number of UIDs that can hold their own cap.
+pub const MAX_UID_CAPS: u32 = 65_536;
+/// Maximum number of UIDs whose connections are counted at the same time.
+pub const MAX_UID_CONNS: u32 = 65_536;
+
+/// Host-wide settings, the single element of the `RL_SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Cap for UIDs at or above `default_uid_min` that have no cap of their own
+    /// (`user:*`); [`UNLIMITED`] for none.
+    pub default_cap: u64,
+    /// UIDs below this get no default cap (system users), like `UID_MIN` in login.defs.
+    pub default_uid_min: u64,
+    /// Cap on live connections of all UIDs together; [`UNLIMITED`] for none. UID 0 is
+    /// counted but never denied by it, so the host stays administrable.
+    pub host_cap: u64,
+    /// `FLAG_*` bits.
+    pub flags: u64,
+    /// errno a denied connect() fails with (positive, e.g. 1 for EPERM).
+    pub deny_errno: u64,
+}
+
+impl Settings {
+    /// The state before the agent has written anything: nothing is denied.
+    pub const fn permissive() -> Self {
+        Self {
+            default_cap: UNLIMITED,
+            default_uid_min: 1000,
+            host_cap: UNLIMITED,
+            flags: 0,
+            deny_errno: 1,
+        }
+    }
+}
+
+/// Per-UID connection counters, values of `RL_UID_CONNS` (key: UID as `u32`).
+/// Updated by the kernel with atomic adds; userspace only reads them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UidConns {
+    /// Sockets of this UID that are charged and not yet released.
+    pub live: u64,
+    /// connect() calls admitted and charged (a counter).
+    pub admitted: u64,
+    /// connect() calls denied by this UID's own or default cap.
+    pub denied_cap: u64,
+    /// connect() calls denied by the host-wide cap.
+    pub denied_host: u64,
+}
+
+/// Host-wide counters, the single element of `RL_HOST_CONNS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostConns {
+    /// All charged, unreleased sockets.
+    pub live: u64,
+    /// connect() calls let through uncounted because a map was full (fail-open).
+    pub untracked: u64,
+}
+
+/// Per-socket charge record, kept in socket-local storage (`RL_SOCK_CHARGE`), so a socket
+/// is charged at most once and uncharged to the UID that was charged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockCharge {
+    /// 0 = not charged; 1 = claimed by a connect() in progress or charged.
+    pub claimed: u64,
+    /// 1 once the charge is complete and must be undone at release.
+    pub charged: u64,
+    /// UID that was charged.
+    pub uid: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are #[repr(C)] structs of u64 fields: no padding, any bit pattern valid.
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::UidConns {}
+    unsafe impl aya::Pod for super::HostConns {}
+    unsafe impl aya::Pod for super::SockCharge {}
+}
