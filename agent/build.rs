@@ -16,7 +16,12 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest_dir.parent().unwrap().to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for dir in ["ebpf/src", "ebpf/Cargo.toml", "common/src", "common/Cargo.toml"] {
+    for dir in [
+        "ebpf/src",
+        "ebpf/Cargo.toml",
+        "common/src",
+        "common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=RLAGENT_BPF_LINKER_DIR");
@@ -33,7 +38,14 @@ fn main() {
     let mut cmd = Command::new("rustup");
     cmd.current_dir(&workspace)
         .args(["run", "nightly", "cargo", "build", "--release", "--bins"])
-        .args(["-p", EBPF_PACKAGE, "--target", EBPF_TARGET, "-Z", "build-std=core"])
+        .args([
+            "-p",
+            EBPF_PACKAGE,
+            "--target",
+            EBPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
@@ -42,9 +54,8 @@ fn main() {
     // build must not inherit them.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        let inherited_cargo = key.starts_with("CARGO_")
-            && key != "CARGO_HOME"
-            && key != "CARGO_ENCODED_RUSTFLAGS";
+        let inherited_cargo =
+            key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_ENCODED_RUSTFLAGS";
         if inherited_cargo
             || key.starts_with("RUSTC")
             || key == "RUSTUP_TOOLCHAIN"
@@ -55,7 +66,9 @@ fn main() {
         }
     }
     let status = cmd.status().unwrap_or_else(|e| {
-        panic!("rlagent build: cannot run `rustup run nightly cargo` to build the eBPF programs: {e}")
+        panic!(
+            "rlagent build: cannot run `rustup run nightly cargo` to build the eBPF programs: {e}"
+        )
     });
     if !status.success() {
         panic!(
@@ -63,10 +76,12 @@ fn main() {
              toolchain with rust-src and bpf-linker: run `cargo xtask setup` (or .ci/run) once."
         );
     }
-    let object = target_dir.join(EBPF_TARGET).join("release").join(EBPF_PACKAGE);
-    std::fs::copy(&object, out_dir.join("rlagent-ebpf.o")).unwrap_or_else(|e| {
-        panic!("rlagent build: copying {} failed: {e}", object.display())
-    });
+    let object = target_dir
+        .join(EBPF_TARGET)
+        .join("release")
+        .join(EBPF_PACKAGE);
+    std::fs::copy(&object, out_dir.join("rlagent-ebpf.o"))
+        .unwrap_or_else(|e| panic!("rlagent build: copying {} failed: {e}", object.display()));
 }
 
 /// PATH with the cached bpf-linker (installed by `cargo xtask setup`) in front.
