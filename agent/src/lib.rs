@@ -1,7 +1,11 @@
 //! rlagent: host-level resource enforcement. See design.md in the repository's shared notes
 //! and the README for the architecture.
 
+pub mod bpf;
+pub mod cgroup2;
 pub mod config;
+pub mod conn_limits;
+pub mod daemon;
 pub mod quota;
 pub mod target;
 pub mod users;

@@ -12,8 +12,11 @@ pub const MAPS_LAYOUT_VERSION: u32 = 1;
 /// A cap that never denies.
 pub const UNLIMITED: u64 = u64::MAX;
 
+/// Set by the agent once it has written real settings. A zeroed `RL_SETTINGS` element
+/// (a new array map) lacks it, and the programs then allow everything without counting.
+pub const FLAG_ENFORCE: u64 = 1 << 0;
 /// Count connected UDP sockets as connections (TCP is always counted).
-pub const FLAG_COUNT_UDP: u64 = 1 << 0;
+pub const FLAG_COUNT_UDP: u64 = 1 << 1;
 
 /// Names of the pinned maps and programs, shared so both sides agree.
 pub mod names {

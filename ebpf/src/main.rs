@@ -29,8 +29,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use rlagent_common::{
-    HostConns, Settings, SockCharge, UidConns, FLAG_COUNT_UDP, MAX_UID_CAPS, MAX_UID_CONNS,
-    UNLIMITED,
+    HostConns, Settings, SockCharge, UidConns, FLAG_COUNT_UDP, FLAG_ENFORCE, MAX_UID_CAPS,
+    MAX_UID_CONNS, UNLIMITED,
 };
 
 const ALLOW: i32 = 1;
@@ -98,6 +98,9 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(settings) = RL_SETTINGS.get(0) else {
         return Ok(ALLOW);
     };
+    if settings.flags & FLAG_ENFORCE == 0 {
+        return Ok(ALLOW);
+    }
     // SAFETY: the context pointer is valid for the program's run.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
     let counted = sock_type == SOCK_STREAM

@@ -1,1 +1,167 @@
-fn main() {}
+//! `rlagent`: the enforcement daemon.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rlagent::{
+    bpf::{self, PinnedMaps},
+    config::Config,
+    daemon::{cap_text, Agent},
+};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    name = "rlagent",
+    version,
+    about = "Host-level resource enforcement agent"
+)]
+struct Cli {
+    /// Config file [default: /etc/rlagent/rlagent.toml, or the embedded default if absent]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (the default)
+    Run,
+    /// Validate the config and print what it would enforce
+    CheckConfig,
+    /// Show live connections, denials and caps per UID from the pinned maps
+    Conns,
+    /// Detach the kernel programs and remove their pins (counts are lost)
+    Uninstall,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RLAGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cli.config.as_deref()),
+        Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Conns => conns(cli.config.as_deref()),
+        Command::Uninstall => uninstall(cli.config.as_deref()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rlagent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let mut agent = Agent::start(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!("cannot notify systemd: {e}");
+        }
+        tracing::info!("ready");
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                    match Config::load(config_path) {
+                        Ok(config) => {
+                            if let Err(e) = agent.reload(config) {
+                                tracing::error!("reload failed, keeping the running limits: {e}");
+                            }
+                        }
+                        Err(e) => tracing::error!("reload refused, keeping the running config: {e}"),
+                    }
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        tracing::info!(
+            pins = %agent.config().bpf.pin_path.display(),
+            "stopping; programs stay attached through their pinned links (rlagent uninstall removes them)"
+        );
+        anyhow::Ok(())
+    })
+}
+
+fn check_config(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let limits = rlagent::conn_limits::ConnLimits::from_config(&config);
+    println!("config {}: valid", config.source.display());
+    println!("attach cgroup: /{}", config.bpf.attach_cgroup.display());
+    println!(
+        "default cap (user:*, UID >= {}): {}",
+        limits.uid_min,
+        cap_text(limits.default_cap)
+    );
+    println!("host-wide cap: {}", cap_text(limits.host_cap));
+    for (uid, cap) in &limits.per_uid {
+        println!("user:{uid}: {}", cap_text(*cap));
+    }
+    for (target, fields) in rlagent::conn_limits::unenforced_fields(&config) {
+        println!(
+            "{target}: not enforced by this build yet: {}",
+            fields.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn conns(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let maps = PinnedMaps::open(&config.bpf.pin_path).with_context(|| {
+        format!(
+            "is the agent installed? no maps pinned under {}",
+            config.bpf.pin_path.display()
+        )
+    })?;
+    let stats = maps.stats()?;
+    println!(
+        "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
+        "UID", "LIVE", "CAP", "ADMITTED", "DENIED_CAP", "DENIED_HOST"
+    );
+    for (uid, c) in &stats.per_uid {
+        println!(
+            "{uid:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
+            c.live,
+            cap_text(maps.cap_for(*uid)?),
+            c.admitted,
+            c.denied_cap,
+            c.denied_host
+        );
+    }
+    println!(
+        "host: {} live, {} let through untracked (map full)",
+        stats.host.live, stats.host.untracked
+    );
+    Ok(())
+}
+
+fn uninstall(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    bpf::uninstall(&config.bpf.pin_path)?;
+    println!(
+        "removed programs and pins under {}",
+        config.bpf.pin_path.display()
+    );
+    Ok(())
+}
