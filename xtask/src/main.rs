@@ -1,1 +1,167 @@
-fn main() {}
+//! `cargo xtask <task>`: everything a developer or CI runs, in one place.
+//!
+//! - `setup`: installs what a fresh machine lacks for the eBPF build (nightly's rust-src,
+//!   bpf-linker linked against nightly's own libLLVM, cached under ~/.cache/bpf-tools).
+//! - `test`: setup, then formatting, clippy, the build and every test (unit and privileged).
+//! - `run`: setup, release build, then runs `rlagent` with the given arguments.
+//! - `bench connect`: setup, release build, then the paired A/B connect() benchmark.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain pieces (idempotent)
+    Setup,
+    /// Setup, fmt check, clippy, build, then every test
+    Test,
+    /// Setup, release build, then run rlagent with these arguments
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, release build, then a benchmark (needs root)
+    Bench {
+        /// Which benchmark: connect
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Test => {
+            setup()?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+            // The privileged tests start the real binaries; build them first.
+            run(cargo().args(["build", "--workspace", "--bins"]))?;
+            run(cargo().args(["test", "--workspace"]))
+        }
+        Task::Run { args } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "--bin", "rlagent"]))?;
+            run(Command::new(root.join("target/release/rlagent")).args(args))
+        }
+        Task::Bench { name, args } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            run(Command::new(root.join("target/release/rlagent-bench")).arg(name).args(args))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env("PATH", path_with(&bpf_tools().join("bin")));
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn bpf_tools() -> PathBuf {
+    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    home.join(".cache/bpf-tools")
+}
+
+fn path_with(dir: &Path) -> std::ffi::OsString {
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Some(path) = env::var_os("PATH") {
+        dirs.extend(env::split_paths(&path));
+    }
+    env::join_paths(dirs).unwrap()
+}
+
+/// rust-src for nightly, and bpf-linker built against nightly's libLLVM (see
+/// shared/notes/ebpf-toolchain.md). Rebuilds bpf-linker when nightly's LLVM changes.
+fn setup() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+        .context("the machine's nightly toolchain is needed for the eBPF programs")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    let llvm_major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("nightly rustc does not say its LLVM version")?
+        .to_string();
+    let tools = bpf_tools();
+    let stamp = tools.join("stamp");
+    let want_stamp = format!("bpf-linker {BPF_LINKER_VERSION}\n{version}");
+    let linker = tools.join("bin/bpf-linker");
+    let works = Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success());
+    if works && std::fs::read_to_string(&stamp).is_ok_and(|s| s == want_stamp) {
+        return Ok(());
+    }
+
+    // bpf-linker only needs $LLVM_PREFIX/lib/libLLVM.so plus the soname file.
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let llvm_lib = tools.join("llvm/lib");
+    std::fs::create_dir_all(&llvm_lib)?;
+    let mut found = false;
+    for entry in std::fs::read_dir(Path::new(sysroot.trim()).join("lib"))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("libLLVM.so") || name.starts_with("libLLVM-") {
+            for link in [llvm_lib.join(&name), llvm_lib.join("libLLVM.so")] {
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(&path, &link)?;
+            }
+            found = true;
+        }
+    }
+    if !found {
+        bail!("no libLLVM in nightly's sysroot {}", sysroot.trim());
+    }
+    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        .arg("--root")
+        .arg(&tools)
+        .env("LLVM_PREFIX", tools.join("llvm"))
+        // Debian's llvm-config (LLVM 14) must not be picked up.
+        .env_remove("LLVM_SYS_140_PREFIX"))?;
+    std::fs::write(&stamp, want_stamp)?;
+    Ok(())
+}

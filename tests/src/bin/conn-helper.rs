@@ -1,0 +1,184 @@
+//! Test and benchmark worker: joins a cgroup, becomes a UID, then opens and closes sockets
+//! on command (one command per stdin line, one reply per stdout line).
+//!
+//! Usage: `conn-helper <cgroup dir> <uid>` then commands:
+//!   `connect <tcp4|tcp6|udp4|udp6> <port>` → `ok <id>` | `err <errno> <id>` (socket kept)
+//!   `reconnect <id> <port>`                → `ok` | `err <errno>` (same socket again)
+//!   `burst <kind> <port> <n>`              → `ok <admitted>` (failed sockets closed)
+//!   `close <id>` / `close-all`             → `ok`
+//!   `bench <kind> <port> <iterations>`     → `ok <total ns>` (connect+close loop)
+//!   `exit`                                 → exits with its sockets still open
+//!
+//! The socket's cgroup is fixed when it is created, so the process joins the cgroup first.
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, Write},
+    mem,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 3 {
+        eprintln!("usage: conn-helper <cgroup dir> <uid>");
+        std::process::exit(2);
+    }
+    let uid: u32 = args[2].parse().expect("uid");
+    std::fs::write(format!("{}/cgroup.procs", args[1]), std::process::id().to_string())
+        .expect("joining the cgroup");
+    // SAFETY: plain credential syscalls; failure is checked.
+    unsafe {
+        assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
+        assert_eq!(libc::setgid(uid), 0, "setgid");
+        assert_eq!(libc::setuid(uid), 0, "setuid");
+    }
+    let mut sockets: BTreeMap<u64, i32> = BTreeMap::new();
+    let mut next_id = 0u64;
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    writeln!(out, "ready").unwrap();
+    out.flush().unwrap();
+    for line in io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match words.as_slice() {
+            ["connect", kind, port] => {
+                let fd = new_socket(kind);
+                next_id += 1;
+                sockets.insert(next_id, fd);
+                match connect(fd, kind, port.parse().unwrap()) {
+                    Ok(()) => format!("ok {next_id}"),
+                    Err(errno) => format!("err {errno} {next_id}"),
+                }
+            }
+            ["reconnect", id, port] => {
+                let fd = sockets[&id.parse::<u64>().unwrap()];
+                let kind = socket_kind(fd);
+                match connect(fd, kind, port.parse().unwrap()) {
+                    Ok(()) => "ok".to_string(),
+                    Err(errno) => format!("err {errno}"),
+                }
+            }
+            ["burst", kind, port, n] => {
+                let mut admitted = 0;
+                for _ in 0..n.parse::<u32>().unwrap() {
+                    let fd = new_socket(kind);
+                    if connect(fd, kind, port.parse().unwrap()).is_ok() {
+                        admitted += 1;
+                        next_id += 1;
+                        sockets.insert(next_id, fd);
+                    } else {
+                        close(fd);
+                    }
+                }
+                format!("ok {admitted}")
+            }
+            ["close", id] => {
+                if let Some(fd) = sockets.remove(&id.parse::<u64>().unwrap()) {
+                    close(fd);
+                }
+                "ok".to_string()
+            }
+            ["close-all"] => {
+                for (_, fd) in mem::take(&mut sockets) {
+                    close(fd);
+                }
+                "ok".to_string()
+            }
+            ["bench", kind, port, n] => {
+                let port: u16 = port.parse().unwrap();
+                let start = Instant::now();
+                for _ in 0..n.parse::<u32>().unwrap() {
+                    let fd = new_socket(kind);
+                    connect(fd, kind, port).expect("bench connect");
+                    if kind.starts_with("tcp") {
+                        abort_on_close(fd);
+                    }
+                    close(fd);
+                }
+                format!("ok {}", start.elapsed().as_nanos())
+            }
+            ["exit"] => std::process::exit(0),
+            _ => format!("bad command {line:?}"),
+        };
+        writeln!(out, "{reply}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+fn new_socket(kind: &str) -> i32 {
+    let (domain, ty) = match kind {
+        "tcp4" => (libc::AF_INET, libc::SOCK_STREAM),
+        "tcp6" => (libc::AF_INET6, libc::SOCK_STREAM),
+        "udp4" => (libc::AF_INET, libc::SOCK_DGRAM),
+        "udp6" => (libc::AF_INET6, libc::SOCK_DGRAM),
+        other => panic!("unknown socket kind {other}"),
+    };
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket(): {}", io::Error::last_os_error());
+    fd
+}
+
+fn socket_kind(fd: i32) -> &'static str {
+    let mut domain: libc::c_int = 0;
+    let mut ty: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid out-pointers of the advertised size.
+    unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut i32).cast(), &mut len);
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut i32).cast(), &mut len);
+    }
+    match (domain, ty) {
+        (libc::AF_INET, libc::SOCK_STREAM) => "tcp4",
+        (libc::AF_INET6, libc::SOCK_STREAM) => "tcp6",
+        (libc::AF_INET, _) => "udp4",
+        _ => "udp6",
+    }
+}
+
+fn connect(fd: i32, kind: &str, port: u16) -> Result<(), i32> {
+    // SAFETY: the sockaddr structs are fully initialised and sized correctly.
+    let rc = unsafe {
+        if kind.ends_with('4') {
+            let mut sa: libc::sockaddr_in = mem::zeroed();
+            sa.sin_family = libc::AF_INET as u16;
+            sa.sin_port = port.to_be();
+            sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+            libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), mem::size_of_val(&sa) as u32)
+        } else {
+            let mut sa: libc::sockaddr_in6 = mem::zeroed();
+            sa.sin6_family = libc::AF_INET6 as u16;
+            sa.sin6_port = port.to_be();
+            sa.sin6_addr.s6_addr = Ipv6Addr::LOCALHOST.octets();
+            libc::connect(fd, (&sa as *const libc::sockaddr_in6).cast(), mem::size_of_val(&sa) as u32)
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+    }
+}
+
+/// SO_LINGER 0: close() sends RST and leaves no TIME_WAIT, so long benchmark loops do not
+/// run out of ephemeral ports. Both sides of an A/B run do the same.
+fn abort_on_close(fd: i32) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid option pointer and length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            mem::size_of::<libc::linger>() as u32,
+        )
+    };
+}
+
+fn close(fd: i32) {
+    // SAFETY: `fd` is a socket this process owns and closes once.
+    unsafe { libc::close(fd) };
+}

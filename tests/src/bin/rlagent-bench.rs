@@ -1,0 +1,132 @@
+//! `rlagent-bench connect [--blocks N] [--iters M]` (run through `cargo xtask bench connect`).
+//!
+//! Paired A/B measurement of connect()+close() on loopback: one helper process in a cgroup
+//! with rlagent's programs attached (its UID has a cap, so the full charge path runs), one
+//! in a sibling cgroup without, same UID. Blocks alternate A/B and B/A so drift on a noisy
+//! machine hits both; the report gives medians per side and the median of the per-block
+//! differences, which is the figure quoted in the README.
+use std::time::Instant;
+
+use rlagent_tests::{privileged, Agent, Helper, Listener, Scratch, TestCgroup};
+
+const BENCH_UID: u32 = 61900;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(name) = args.first() else {
+        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M]");
+        std::process::exit(2);
+    };
+    if name != "connect" {
+        eprintln!("rlagent-bench: unknown benchmark {name:?} (known: connect)");
+        std::process::exit(2);
+    }
+    let flag = |flag: &str, default: u32| -> u32 {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse().unwrap_or_else(|_| panic!("{flag} takes a whole number")))
+            .unwrap_or(default)
+    };
+    let blocks = flag("--blocks", 30);
+    let iters = flag("--iters", 2000);
+    if !privileged("bench connect") {
+        std::process::exit(1);
+    }
+    connect(blocks, iters);
+}
+
+/// Run count and total run time of this agent's programs, by name.
+fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let name = p.name_as_str()?.to_string();
+            name.starts_with("rl_")
+                .then(|| (name, (p.run_count(), p.run_time().as_nanos() as u64)))
+        })
+        .fold(Default::default(), |mut m, (name, (c, t))| {
+            let e: &mut (u64, u64) = m.entry(name).or_default();
+            e.0 += c;
+            e.1 += t;
+            m
+        })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn connect(blocks: u32, iters: u32) {
+    let cgroup = TestCgroup::new();
+    let enforced = cgroup.child("enforced");
+    let plain = cgroup.child("plain");
+    let scratch = Scratch::new();
+    let text = format!(
+        "[bpf]\nattach_cgroup = \"{}/enforced\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = 100000\n",
+        cgroup.relative,
+        scratch.pin_path().display()
+    );
+    std::fs::write(scratch.config_path(), text).unwrap();
+    let _agent = Agent::start(&scratch);
+    let listener = Listener::dropping();
+    let mut with = Helper::spawn(&enforced, BENCH_UID);
+    let mut without = Helper::spawn(&plain, BENCH_UID);
+
+    println!("connect()+close() on loopback, {blocks} blocks x {iters} per side, alternating A/B");
+    println!("{:<5} {:>12} {:>12} {:>12} {:>8}", "proto", "with ns/op", "without", "added ns", "ratio");
+    // Per-program run time from the kernel, for as long as this fd is open (nothing global
+    // is left switched on).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let mut in_kernel = Vec::new();
+    let started = Instant::now();
+    for (proto, port) in [("tcp4", listener.port4), ("udp4", 9)] {
+        let before = program_stats();
+        let run = |h: &mut Helper| -> f64 {
+            let reply = h.cmd(&format!("bench {proto} {port} {iters}"));
+            let ns: f64 = reply.strip_prefix("ok ").expect("bench reply").parse().unwrap();
+            ns / f64::from(iters)
+        };
+        // Warm-up, discarded.
+        run(&mut with);
+        run(&mut without);
+        let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+        for block in 0..blocks {
+            let (x, y) = if block % 2 == 0 {
+                let x = run(&mut with);
+                (x, run(&mut without))
+            } else {
+                let y = run(&mut without);
+                (run(&mut with), y)
+            };
+            a.push(x);
+            b.push(y);
+            diff.push(x - y);
+        }
+        let (ma, mb, md) = (median(&mut a), median(&mut b), median(&mut diff));
+        println!("{proto:<5} {ma:>12.0} {mb:>12.0} {md:>12.0} {:>8.3}", ma / mb);
+        let after = program_stats();
+        for (name, (count, ns)) in &after {
+            let (c0, n0) = before.get(name).copied().unwrap_or_default();
+            if count > &c0 {
+                in_kernel.push(format!("{proto} {name} {:.0} ns/run", (ns - n0) as f64 / (count - c0) as f64));
+            }
+        }
+    }
+    println!("time inside the programs (kernel BPF stats): {}", in_kernel.join(", "));
+    let stats = scratch.stats();
+    let uid = stats.per_uid.get(&BENCH_UID).copied().unwrap_or_default();
+    println!(
+        "charged {} connections, {} live at the end, {:.1} s",
+        uid.admitted,
+        uid.live,
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(uid.live, 0, "every benchmark socket was uncharged");
+}
