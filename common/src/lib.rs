@@ -24,7 +24,7 @@ pub mod names {
     pub const UID_CAPS: &str = "RL_UID_CAPS";
     pub const UID_CONNS: &str = "RL_UID_CONNS";
     pub const HOST_CONNS: &str = "RL_HOST_CONNS";
-    pub const SOCK_CHARGE: &str = "RL_SOCK_CHARGE";
+    pub const SOCK_OWNER: &str = "RL_SOCK_OWNER";
 
     pub const PROG_CONNECT4: &str = "rl_connect4";
     pub const PROG_CONNECT6: &str = "rl_connect6";
@@ -35,6 +35,10 @@ pub mod names {
 pub const MAX_UID_CAPS: u32 = 65_536;
 /// Maximum number of UIDs whose connections are counted at the same time.
 pub const MAX_UID_CONNS: u32 = 65_536;
+/// Default size of `RL_SOCK_OWNER` (socket cookie -> charged UID): how many charged sockets
+/// can be live at once before new ones are let through uncounted. Preallocated, about
+/// 64 bytes an entry. `[bpf] max_tracked_sockets` overrides it.
+pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 131_072;
 
 /// Host-wide settings, the single element of the `RL_SETTINGS` array.
 #[repr(C)]
@@ -92,24 +96,10 @@ pub struct HostConns {
     pub untracked: u64,
 }
 
-/// Per-socket charge record, kept in socket-local storage (`RL_SOCK_CHARGE`), so a socket
-/// is charged at most once and uncharged to the UID that was charged.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockCharge {
-    /// 0 = not charged; 1 = claimed by a connect() in progress or charged.
-    pub claimed: u64,
-    /// 1 once the charge is complete and must be undone at release.
-    pub charged: u64,
-    /// UID that was charged.
-    pub uid: u64,
-}
-
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are #[repr(C)] structs of u64 fields: no padding, any bit pattern valid.
+    // SAFETY: all three are #[repr(C)] structs of u64 fields: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::UidConns {}
     unsafe impl aya::Pod for super::HostConns {}
-    unsafe impl aya::Pod for super::SockCharge {}
 }

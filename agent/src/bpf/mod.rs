@@ -44,7 +44,7 @@ const MAPS: [&str; 5] = [
     names::UID_CAPS,
     names::UID_CONNS,
     names::HOST_CONNS,
-    names::SOCK_CHARGE,
+    names::SOCK_OWNER,
 ];
 
 #[derive(Debug, thiserror::Error)]
