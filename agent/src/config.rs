@@ -98,6 +98,8 @@ struct RawBpf {
     uid_min: u32,
     #[serde(default = "default_deny_errno")]
     deny_errno: Spanned<String>,
+    #[serde(default = "default_max_tracked_sockets")]
+    max_tracked_sockets: Spanned<i64>,
 }
 
 impl Default for RawBpf {
@@ -109,6 +111,7 @@ impl Default for RawBpf {
             host_conns: None,
             uid_min: default_uid_min(),
             deny_errno: default_deny_errno(),
+            max_tracked_sockets: default_max_tracked_sockets(),
         }
     }
 }
@@ -121,6 +124,9 @@ fn default_pin_path() -> PathBuf {
 }
 fn default_uid_min() -> u32 {
     1000
+}
+fn default_max_tracked_sockets() -> Spanned<i64> {
+    Spanned::new(0..0, i64::from(rlagent_common::DEFAULT_MAX_TRACKED_SOCKETS))
 }
 fn default_deny_errno() -> Spanned<String> {
     Spanned::new(0..0, "EPERM".to_string())
@@ -202,6 +208,8 @@ pub struct BpfConfig {
     pub uid_min: u32,
     /// errno for a denied connect(), positive.
     pub deny_errno: i32,
+    /// Size of the charged-socket map (fixed when the map is first created).
+    pub max_tracked_sockets: u32,
 }
 
 /// A `[[group]]` placement rule.
@@ -326,6 +334,18 @@ impl Config {
                     &format!("expected one of {}", names.join(", ")),
                 )
             })?;
+        let max_sockets = &raw.bpf.max_tracked_sockets;
+        let max_tracked_sockets = u32::try_from(*max_sockets.get_ref())
+            .ok()
+            .filter(|n| (1024..=1 << 24).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    line_of(max_sockets.span()),
+                    "max_tracked_sockets",
+                    &max_sockets.get_ref().to_string(),
+                    "expected a whole number from 1024 to 16777216",
+                )
+            })?;
         if !raw.bpf.pin_path.is_absolute() {
             return Err(invalid(
                 0,
@@ -422,6 +442,7 @@ impl Config {
                 host_conns,
                 uid_min: raw.bpf.uid_min,
                 deny_errno,
+                max_tracked_sockets,
             },
             control_socket: raw.control.socket,
             metrics_listen,
@@ -561,6 +582,11 @@ conns = "max"
         let e = err("[bpf]\ndeny_errno = \"ENOPE\"\n");
         assert!(
             e.contains("deny_errno") && e.contains("ECONNREFUSED"),
+            "{e}"
+        );
+        let e = err("[bpf]\nmax_tracked_sockets = 10\n");
+        assert!(
+            e.contains("line 2") && e.contains("max_tracked_sockets"),
             "{e}"
         );
         let e = err("[bpf]\nhost_conns = -4\n");

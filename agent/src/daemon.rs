@@ -40,7 +40,7 @@ impl Agent {
                 path: attach_cgroup,
             });
         }
-        let mut limiter = ConnLimiter::load(&config.bpf.pin_path)?;
+        let mut limiter = ConnLimiter::load(&config.bpf.pin_path, config.bpf.max_tracked_sockets)?;
         limiter.apply(&limits)?;
         for (program, action) in limiter.attach(&attach_cgroup)? {
             let what = match action {
@@ -69,9 +69,10 @@ impl Agent {
         let limits = checked_limits(&config)?;
         if config.bpf.attach_cgroup != self.config.bpf.attach_cgroup
             || config.bpf.pin_path != self.config.bpf.pin_path
+            || config.bpf.max_tracked_sockets != self.config.bpf.max_tracked_sockets
         {
             tracing::warn!(
-                "[bpf] attach_cgroup and pin_path take effect at the next start; keeping {}",
+                "[bpf] attach_cgroup, pin_path and max_tracked_sockets take effect at the next start; keeping {}",
                 self.attach_cgroup.display()
             );
         }

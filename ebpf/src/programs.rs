@@ -70,13 +70,17 @@ pub fn rl_sock_release(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn fetch_add(counter: *mut u64, n: u64) -> u64 {
     // SAFETY: `counter` points into a map value the verifier has bounds-checked.
-    unsafe { intrinsics::atomic_xadd::<u64, u64, { intrinsics::AtomicOrdering::SeqCst }>(counter, n) }
+    unsafe {
+        intrinsics::atomic_xadd::<u64, u64, { intrinsics::AtomicOrdering::SeqCst }>(counter, n)
+    }
 }
 
 #[inline(always)]
 fn fetch_sub(counter: *mut u64, n: u64) -> u64 {
     // SAFETY: as for `fetch_add`.
-    unsafe { intrinsics::atomic_xsub::<u64, u64, { intrinsics::AtomicOrdering::SeqCst }>(counter, n) }
+    unsafe {
+        intrinsics::atomic_xsub::<u64, u64, { intrinsics::AtomicOrdering::SeqCst }>(counter, n)
+    }
 }
 
 #[inline(always)]

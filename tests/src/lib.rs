@@ -57,7 +57,11 @@ pub fn target_bin(name: &str) -> PathBuf {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A child cgroup of the cgroup2 mount, removed on drop.
@@ -96,7 +100,12 @@ impl Drop for TestCgroup {
         // Children first; processes in them were started by us and are gone by now, but
         // rmdir can briefly see them (EBUSY) while they exit.
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(&self.path)
-            .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path())
+                    .collect()
+            })
             .unwrap_or_default();
         dirs.push(self.path.clone());
         for dir in dirs {
@@ -118,7 +127,10 @@ pub struct Scratch {
 impl Scratch {
     pub fn new() -> Self {
         Self {
-            dir: tempfile::Builder::new().prefix("rlagent-test").tempdir().expect("tempdir"),
+            dir: tempfile::Builder::new()
+                .prefix("rlagent-test")
+                .tempdir()
+                .expect("tempdir"),
         }
     }
     pub fn pin_path(&self) -> PathBuf {
@@ -155,7 +167,10 @@ impl Scratch {
             if live == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "uid {uid}: live {live}, expected {want}");
+            assert!(
+                Instant::now() < deadline,
+                "uid {uid}: live {live}, expected {want}"
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -167,7 +182,11 @@ impl Scratch {
             .arg("uninstall")
             .output()
             .expect("running rlagent uninstall");
-        assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "uninstall: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -201,7 +220,9 @@ impl Agent {
     pub fn start(scratch: &Scratch) -> Self {
         let notify_path = scratch.dir.path().join(unique("notify"));
         let notify = UnixDatagram::bind(&notify_path).expect("binding notify socket");
-        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let log = scratch.dir.path().join(unique("agent.log"));
         let child = Command::new(target_bin("rlagent"))
             .arg("--config")
@@ -231,14 +252,24 @@ impl Agent {
         let mut buf = [0u8; 256];
         loop {
             if let Ok(n) = self.notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+                {
                     return;
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("rlagent exited ({status}) before READY=1:\n{}", self.log_text());
+                panic!(
+                    "rlagent exited ({status}) before READY=1:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "rlagent not ready in 30 s:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "rlagent not ready in 30 s:\n{}",
+                self.log_text()
+            );
         }
     }
 

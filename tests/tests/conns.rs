@@ -2,7 +2,9 @@
 //! child cgroup of this host's cgroup2 mount. Needs root (skips otherwise, fails under
 //! RLAGENT_REQUIRE_PRIVILEGED=1).
 
-use rlagent_tests::{closed_port, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
+use rlagent_tests::{
+    closed_port, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup,
+};
 
 const EPERM: i32 = libc::EPERM;
 const CAPPED: u32 = 61001;
@@ -44,17 +46,29 @@ fn cap_denies_the_excess_on_ipv4_and_ipv6_and_a_close_frees_a_slot() {
     assert!(h.connect("tcp6", p6).is_ok());
     assert!(h.connect("tcp4", p4).is_ok());
     assert_eq!(s.scratch.live(CAPPED), 3);
-    assert!(matches!(h.connect("tcp4", p4), Connect::Err(EPERM, _)), "4th IPv4 must be denied");
-    assert!(matches!(h.connect("tcp6", p6), Connect::Err(EPERM, _)), "4th IPv6 must be denied");
+    assert!(
+        matches!(h.connect("tcp4", p4), Connect::Err(EPERM, _)),
+        "4th IPv4 must be denied"
+    );
+    assert!(
+        matches!(h.connect("tcp6", p6), Connect::Err(EPERM, _)),
+        "4th IPv6 must be denied"
+    );
     assert_eq!(s.scratch.live(CAPPED), 3);
 
     h.close(first.id());
     s.scratch.wait_live(CAPPED, 2);
-    assert!(h.connect("tcp6", p6).is_ok(), "a closed connection frees a slot");
+    assert!(
+        h.connect("tcp6", p6).is_ok(),
+        "a closed connection frees a slot"
+    );
     assert!(matches!(h.connect("tcp4", p4), Connect::Err(EPERM, _)));
 
     let c = s.scratch.stats().per_uid[&CAPPED];
-    assert_eq!((c.live, c.admitted, c.denied_cap, c.denied_host), (3, 4, 3, 0));
+    assert_eq!(
+        (c.live, c.admitted, c.denied_cap, c.denied_host),
+        (3, 4, 3, 0)
+    );
 }
 
 #[test]
@@ -87,7 +101,9 @@ fn default_cap_applies_to_uids_without_their_own() {
     let port = s.listener.port4;
     let admitted = |uid: u32, tries: usize| {
         let mut h = Helper::spawn(&s.cgroup.path, uid);
-        let ok = (0..tries).filter(|_| h.connect("tcp4", port).is_ok()).count();
+        let ok = (0..tries)
+            .filter(|_| h.connect("tcp4", port).is_ok())
+            .count();
         (h, ok)
     };
     let (_a, ok) = admitted(61012, 5);
@@ -115,7 +131,10 @@ fn host_wide_cap_holds_across_uids_but_never_denies_root() {
     }
     assert!(b.connect("tcp4", port).is_ok());
     assert!(matches!(b.connect("tcp4", port), Connect::Err(EPERM, _)));
-    assert!(matches!(a.connect("tcp6", s.listener.port6), Connect::Err(EPERM, _)));
+    assert!(matches!(
+        a.connect("tcp6", s.listener.port6),
+        Connect::Err(EPERM, _)
+    ));
     let mut root = Helper::spawn(&s.cgroup.path, 0);
     assert!(root.connect("tcp4", port).is_ok(), "root keeps access");
     let stats = s.scratch.stats();
@@ -139,8 +158,15 @@ fn counts_return_to_zero_after_failed_connects_exit_and_sigkill() {
     let refused = h.connect("tcp4", dead);
     assert_eq!(refused, Connect::Err(libc::ECONNREFUSED, refused.id()));
     assert_eq!(h.reconnect(refused.id(), dead), Err(libc::ECONNREFUSED));
-    assert_eq!(s.scratch.live(CAPPED), 1, "a retried connect() on one socket is one charge");
-    assert!(matches!(h.connect("tcp6", dead), Connect::Err(libc::ECONNREFUSED, _)));
+    assert_eq!(
+        s.scratch.live(CAPPED),
+        1,
+        "a retried connect() on one socket is one charge"
+    );
+    assert!(matches!(
+        h.connect("tcp6", dead),
+        Connect::Err(libc::ECONNREFUSED, _)
+    ));
     h.close_all();
     s.scratch.wait_live(CAPPED, 0);
 
@@ -175,16 +201,27 @@ fn racing_processes_never_exceed_the_cap() {
     const ROUNDS: usize = 30;
     let s = setup("", &quota(&format!("user:{CAPPED}"), &CAP.to_string()));
     let _agent = Agent::start(&s.scratch);
-    let mut helpers: Vec<Helper> = (0..PROCS).map(|_| Helper::spawn(&s.cgroup.path, CAPPED)).collect();
+    let mut helpers: Vec<Helper> = (0..PROCS)
+        .map(|_| Helper::spawn(&s.cgroup.path, CAPPED))
+        .collect();
     for round in 0..ROUNDS {
         for h in &mut helpers {
             h.send(&format!("burst tcp4 {} {EACH}", s.listener.port4));
         }
         let admitted: u64 = helpers
             .iter_mut()
-            .map(|h| h.reply().strip_prefix("ok ").unwrap().parse::<u64>().unwrap())
+            .map(|h| {
+                h.reply()
+                    .strip_prefix("ok ")
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
             .sum();
-        assert_eq!(admitted, CAP, "round {round}: {admitted} admitted with cap {CAP}");
+        assert_eq!(
+            admitted, CAP,
+            "round {round}: {admitted} admitted with cap {CAP}"
+        );
         assert_eq!(s.scratch.live(CAPPED), CAP, "round {round}");
         for h in &mut helpers {
             h.close_all();
@@ -194,7 +231,10 @@ fn racing_processes_never_exceed_the_cap() {
     }
     let c = s.scratch.stats().per_uid[&CAPPED];
     assert_eq!(c.admitted, CAP * ROUNDS as u64);
-    assert_eq!(c.denied_cap, (PROCS as u64 * u64::from(EACH) - CAP) * ROUNDS as u64);
+    assert_eq!(
+        c.denied_cap,
+        (PROCS as u64 * u64::from(EACH) - CAP) * ROUNDS as u64
+    );
 }
 
 #[test]
@@ -210,17 +250,27 @@ fn restart_after_sigkill_keeps_counts_and_enforcement() {
     agent.kill9();
 
     // The agent is gone: the pinned programs still enforce and count.
-    assert!(matches!(h.connect("tcp4", port), Connect::Err(EPERM, _)), "enforced while down");
+    assert!(
+        matches!(h.connect("tcp4", port), Connect::Err(EPERM, _)),
+        "enforced while down"
+    );
     h.close(ids[0]);
     s.scratch.wait_live(CAPPED, 2);
 
     let _agent = Agent::start(&s.scratch);
     assert_eq!(s.scratch.live(CAPPED), 2, "counts survive the restart");
     assert!(h.connect("tcp6", s.listener.port6).is_ok());
-    assert!(matches!(h.connect("tcp4", port), Connect::Err(EPERM, _)), "cap after restart");
+    assert!(
+        matches!(h.connect("tcp4", port), Connect::Err(EPERM, _)),
+        "cap after restart"
+    );
     h.close_all();
     s.scratch.wait_live(CAPPED, 0);
-    assert_eq!(s.scratch.stats().host.live, 0, "old and new programs uncharge exactly once");
+    assert_eq!(
+        s.scratch.stats().host.live,
+        0,
+        "old and new programs uncharge exactly once"
+    );
 }
 
 #[test]
@@ -232,22 +282,42 @@ fn sighup_applies_a_new_cap_and_keeps_state_on_a_bad_config() {
     let mut agent = Agent::start(&s.scratch);
     let port = s.listener.port4;
     let mut h = Helper::spawn(&s.cgroup.path, CAPPED);
-    assert_eq!((0..4).filter(|_| h.connect("tcp4", port).is_ok()).count(), 2);
+    assert_eq!(
+        (0..4).filter(|_| h.connect("tcp4", port).is_ok()).count(),
+        2
+    );
 
-    s.scratch.write_config(&s.cgroup, "", &quota(&format!("user:{CAPPED}"), "4"));
+    s.scratch
+        .write_config(&s.cgroup, "", &quota(&format!("user:{CAPPED}"), "4"));
     agent.reload();
-    assert_eq!((0..4).filter(|_| h.connect("tcp4", port).is_ok()).count(), 2, "cap raised to 4");
+    assert_eq!(
+        (0..4).filter(|_| h.connect("tcp4", port).is_ok()).count(),
+        2,
+        "cap raised to 4"
+    );
 
-    s.scratch.write_config(&s.cgroup, "", &quota(&format!("user:{CAPPED}"), "\"lots\""));
+    s.scratch
+        .write_config(&s.cgroup, "", &quota(&format!("user:{CAPPED}"), "\"lots\""));
     agent.reload();
-    assert!(agent.log_text().contains("reload refused"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("reload refused"),
+        "{}",
+        agent.log_text()
+    );
     h.close_all();
     s.scratch.wait_live(CAPPED, 0);
-    assert_eq!((0..6).filter(|_| h.connect("tcp4", port).is_ok()).count(), 4, "old cap kept");
+    assert_eq!(
+        (0..6).filter(|_| h.connect("tcp4", port).is_ok()).count(),
+        4,
+        "old cap kept"
+    );
 
     s.scratch.write_config(&s.cgroup, "", "");
     agent.reload();
-    assert!(h.connect("tcp4", port).is_ok(), "a removed quota removes the cap");
+    assert!(
+        h.connect("tcp4", port).is_ok(),
+        "a removed quota removes the cap"
+    );
     assert!(agent.stop().success(), "SIGTERM exits cleanly");
 }
 
@@ -260,7 +330,10 @@ fn udp_counts_only_when_enabled_and_a_reconnect_is_not_a_new_connection() {
     let _agent_off = Agent::start(&off.scratch);
     let mut h = Helper::spawn(&off.cgroup.path, CAPPED);
     for _ in 0..3 {
-        assert!(h.connect("udp4", 9).is_ok(), "UDP is not counted by default");
+        assert!(
+            h.connect("udp4", 9).is_ok(),
+            "UDP is not counted by default"
+        );
     }
     assert_eq!(off.scratch.live(CAPPED), 0);
 
@@ -269,7 +342,11 @@ fn udp_counts_only_when_enabled_and_a_reconnect_is_not_a_new_connection() {
     let mut h = Helper::spawn(&on.cgroup.path, CAPPED);
     let first = h.connect("udp6", 9);
     assert!(first.is_ok());
-    assert_eq!(h.reconnect(first.id(), 10), Ok(()), "re-connecting one socket is not a new connection");
+    assert_eq!(
+        h.reconnect(first.id(), 10),
+        Ok(()),
+        "re-connecting one socket is not a new connection"
+    );
     assert!(matches!(h.connect("udp4", 9), Connect::Err(EPERM, _)));
     h.close(first.id());
     on.scratch.wait_live(CAPPED, 0);
@@ -281,10 +358,16 @@ fn deny_errno_is_configurable() {
     if !privileged("deny_errno_is_configurable") {
         return;
     }
-    let s = setup("deny_errno = \"ENOBUFS\"", &quota(&format!("user:{CAPPED}"), "0"));
+    let s = setup(
+        "deny_errno = \"ENOBUFS\"",
+        &quota(&format!("user:{CAPPED}"), "0"),
+    );
     let _agent = Agent::start(&s.scratch);
     let mut h = Helper::spawn(&s.cgroup.path, CAPPED);
-    assert!(matches!(h.connect("tcp4", s.listener.port4), Connect::Err(libc::ENOBUFS, _)));
+    assert!(matches!(
+        h.connect("tcp4", s.listener.port4),
+        Connect::Err(libc::ENOBUFS, _)
+    ));
 }
 
 #[test]
@@ -295,10 +378,19 @@ fn uninstall_detaches_and_removes_pins() {
     let s = setup("", &quota(&format!("user:{CAPPED}"), "0"));
     let agent = Agent::start(&s.scratch);
     let mut h = Helper::spawn(&s.cgroup.path, CAPPED);
-    assert!(matches!(h.connect("tcp4", s.listener.port4), Connect::Err(EPERM, _)));
+    assert!(matches!(
+        h.connect("tcp4", s.listener.port4),
+        Connect::Err(EPERM, _)
+    ));
     assert!(agent.stop().success());
-    assert!(matches!(h.connect("tcp4", s.listener.port4), Connect::Err(EPERM, _)), "pinned after stop");
+    assert!(
+        matches!(h.connect("tcp4", s.listener.port4), Connect::Err(EPERM, _)),
+        "pinned after stop"
+    );
     s.scratch.uninstall();
     assert!(!s.scratch.pin_path().exists(), "pins removed");
-    assert!(h.connect("tcp4", s.listener.port4).is_ok(), "programs detached");
+    assert!(
+        h.connect("tcp4", s.listener.port4).is_ok(),
+        "programs detached"
+    );
 }

@@ -52,7 +52,14 @@ fn main() -> Result<()> {
         Task::Test => {
             setup()?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-            run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             // The privileged tests start the real binaries; build them first.
             run(cargo().args(["build", "--workspace", "--bins"]))?;
             run(cargo().args(["test", "--workspace"]))
@@ -65,13 +72,18 @@ fn main() -> Result<()> {
         Task::Bench { name, args } => {
             setup()?;
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-            run(Command::new(root.join("target/release/rlagent-bench")).arg(name).args(args))
+            run(Command::new(root.join("target/release/rlagent-bench"))
+                .arg(name)
+                .args(args))
         }
     }
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -98,7 +110,9 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn bpf_tools() -> PathBuf {
-    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     home.join(".cache/bpf-tools")
 }
 
@@ -113,10 +127,22 @@ fn path_with(dir: &Path) -> std::ffi::OsString {
 /// rust-src for nightly, and bpf-linker built against nightly's libLLVM (see
 /// shared/notes/ebpf-toolchain.md). Rebuilds bpf-linker when nightly's LLVM changes.
 fn setup() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
-        .context("the machine's nightly toolchain is needed for the eBPF programs")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("the machine's nightly toolchain is needed for the eBPF programs")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
@@ -130,13 +156,17 @@ fn setup() -> Result<()> {
     let stamp = tools.join("stamp");
     let want_stamp = format!("bpf-linker {BPF_LINKER_VERSION}\n{version}");
     let linker = tools.join("bin/bpf-linker");
-    let works = Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success());
+    let works = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if works && std::fs::read_to_string(&stamp).is_ok_and(|s| s == want_stamp) {
         return Ok(());
     }
 
     // bpf-linker only needs $LLVM_PREFIX/lib/libLLVM.so plus the soname file.
-    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
     let llvm_lib = tools.join("llvm/lib");
     std::fs::create_dir_all(&llvm_lib)?;
     let mut found = false;
@@ -154,14 +184,25 @@ fn setup() -> Result<()> {
     if !found {
         bail!("no libLLVM in nightly's sysroot {}", sysroot.trim());
     }
-    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
-        .arg("--root")
-        .arg(&tools)
-        .env("LLVM_PREFIX", tools.join("llvm"))
-        // Debian's llvm-config (LLVM 14) must not be picked up.
-        .env_remove("LLVM_SYS_140_PREFIX"))?;
+    run(
+        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
+            .arg("--root")
+            .arg(&tools)
+            .env("LLVM_PREFIX", tools.join("llvm"))
+            // Debian's llvm-config (LLVM 14) must not be picked up.
+            .env_remove("LLVM_SYS_140_PREFIX"),
+    )?;
     std::fs::write(&stamp, want_stamp)?;
     Ok(())
 }

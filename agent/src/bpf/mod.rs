@@ -156,8 +156,9 @@ fn check_kernel() -> Result<(), BpfError> {
 
 impl ConnLimiter {
     /// Loads the programs into the kernel, reusing the maps pinned under `pin_path` (or
-    /// creating and pinning them). Nothing is attached yet.
-    pub fn load(pin_path: &Path) -> Result<Self, BpfError> {
+    /// creating and pinning them). Nothing is attached yet. `max_tracked_sockets` sizes the
+    /// charged-socket map when it is created; a pinned map keeps its size until uninstall.
+    pub fn load(pin_path: &Path, max_tracked_sockets: u32) -> Result<Self, BpfError> {
         check_kernel()?;
         bpffs::ensure_pin_dir(pin_path)?;
         let pins = PinLayout::new(pin_path);
@@ -171,6 +172,7 @@ impl ConnLimiter {
         }
         let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|n| (*n, pins.map(n))).collect();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::SOCK_OWNER, max_tracked_sockets);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -25,8 +25,11 @@ fn main() {
         std::process::exit(2);
     }
     let uid: u32 = args[2].parse().expect("uid");
-    std::fs::write(format!("{}/cgroup.procs", args[1]), std::process::id().to_string())
-        .expect("joining the cgroup");
+    std::fs::write(
+        format!("{}/cgroup.procs", args[1]),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
     // SAFETY: plain credential syscalls; failure is checked.
     unsafe {
         assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
@@ -127,8 +130,20 @@ fn socket_kind(fd: i32) -> &'static str {
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid out-pointers of the advertised size.
     unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut i32).cast(), &mut len);
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut i32).cast(), &mut len);
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut i32).cast(),
+            &mut len,
+        );
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut i32).cast(),
+            &mut len,
+        );
     }
     match (domain, ty) {
         (libc::AF_INET, libc::SOCK_STREAM) => "tcp4",
@@ -146,13 +161,21 @@ fn connect(fd: i32, kind: &str, port: u16) -> Result<(), i32> {
             sa.sin_family = libc::AF_INET as u16;
             sa.sin_port = port.to_be();
             sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
-            libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), mem::size_of_val(&sa) as u32)
+            libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                mem::size_of_val(&sa) as u32,
+            )
         } else {
             let mut sa: libc::sockaddr_in6 = mem::zeroed();
             sa.sin6_family = libc::AF_INET6 as u16;
             sa.sin6_port = port.to_be();
             sa.sin6_addr.s6_addr = Ipv6Addr::LOCALHOST.octets();
-            libc::connect(fd, (&sa as *const libc::sockaddr_in6).cast(), mem::size_of_val(&sa) as u32)
+            libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in6).cast(),
+                mem::size_of_val(&sa) as u32,
+            )
         }
     };
     if rc == 0 {
@@ -165,7 +188,10 @@ fn connect(fd: i32, kind: &str, port: u16) -> Result<(), i32> {
 /// SO_LINGER 0: close() sends RST and leaves no TIME_WAIT, so long benchmark loops do not
 /// run out of ephemeral ports. Both sides of an A/B run do the same.
 fn abort_on_close(fd: i32) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid option pointer and length.
     unsafe {
         libc::setsockopt(
