@@ -2,6 +2,7 @@
 //! and the README for the architecture.
 
 pub mod bpf;
+pub mod cgroup;
 pub mod cgroup2;
 pub mod config;
 pub mod conn_limits;
