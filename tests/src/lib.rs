@@ -39,8 +39,12 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
-/// A binary built into the same target directory as the running executable.
+/// A binary built into the same target directory as the running executable, or in
+/// `$RLAGENT_BIN_DIR` (the qemu guest keeps them in /bin).
 pub fn target_bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("RLAGENT_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("exe dir");
     for candidate in [dir.join(name), dir.join("..").join(name)] {

@@ -5,6 +5,7 @@
 //! - `test`: setup, then formatting, clippy, the build and every test (unit and privileged).
 //! - `run`: setup, release build, then runs `rlagent` with the given arguments.
 //! - `bench connect`: setup, release build, then the paired A/B connect() benchmark.
+//! - `vm-test`: the guest tests in a qemu guest with pure cgroup v2 (see vm.rs).
 use std::{
     env,
     path::{Path, PathBuf},
@@ -13,6 +14,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -27,8 +30,14 @@ struct Cli {
 enum Task {
     /// Install the eBPF toolchain pieces (idempotent)
     Setup,
-    /// Setup, fmt check, clippy, build, then every test
+    /// Setup, fmt check, clippy, build, every host test, then the guest tests
     Test,
+    /// The guest tests in a qemu guest (cgroup v2 quotas, host-wide BPF); extra arguments
+    /// go to the test harness (e.g. a test name filter)
+    VmTest {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Setup, release build, then run rlagent with these arguments
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -62,7 +71,12 @@ fn main() -> Result<()> {
             ]))?;
             // The privileged tests start the real binaries; build them first.
             run(cargo().args(["build", "--workspace", "--bins"]))?;
-            run(cargo().args(["test", "--workspace"]))
+            run(cargo().args(["test", "--workspace"]))?;
+            vm::vm_test(&[])
+        }
+        Task::VmTest { args } => {
+            setup()?;
+            vm::vm_test(&args)
         }
         Task::Run { args } => {
             setup()?;
@@ -79,20 +93,20 @@ fn main() -> Result<()> {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.env("PATH", path_with(&bpf_tools().join("bin")));
     cmd
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
@@ -101,7 +115,7 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -109,11 +123,14 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn bpf_tools() -> PathBuf {
-    let home = env::var_os("HOME")
+pub(crate) fn home() -> PathBuf {
+    env::var_os("HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| "/root".into());
-    home.join(".cache/bpf-tools")
+        .unwrap_or_else(|| "/root".into())
+}
+
+fn bpf_tools() -> PathBuf {
+    home().join(".cache/bpf-tools")
 }
 
 fn path_with(dir: &Path) -> std::ffi::OsString {

@@ -8,9 +8,9 @@ use std::{
 
 use super::BpfError;
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
-fn statfs_type(path: &Path) -> io::Result<i64> {
+fn statfs_type(path: &Path) -> io::Result<u64> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut buf = std::mem::MaybeUninit::<libc::statfs>::zeroed();
@@ -19,7 +19,9 @@ fn statfs_type(path: &Path) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: statfs succeeded and filled the struct.
-    Ok(unsafe { buf.assume_init() }.f_type)
+    // f_type is i64 on glibc and u64 on musl; the magic fits either way.
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    Ok(unsafe { buf.assume_init() }.f_type as u64)
 }
 
 /// True when `path` exists and lies on a bpffs.

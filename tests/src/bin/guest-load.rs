@@ -1,0 +1,85 @@
+//! Workloads for the guest tests, each a plain process the agent places and limits:
+//!   `spin <secs>`            busy loop for <secs> of wall time
+//!   `touch <MiB>`            allocate and touch <MiB> of memory, then print `touched`
+//!   `forkbomb <n> <secs>`    fork up to <n> sleeping children; print `forked <k> errno <e>`
+//!   `become <uid> <secs>`    wait for a line on stdin, setuid(<uid>), print `became`, sleep
+//!   `sleep <secs>`
+use std::{
+    io::{BufRead, Write},
+    time::{Duration, Instant},
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize| -> u64 {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .expect("numeric argument")
+    };
+    match args.first().map(String::as_str) {
+        Some("spin") => {
+            let end = Instant::now() + Duration::from_secs(num(1));
+            let mut x: u64 = 0;
+            while Instant::now() < end {
+                for i in 0..10_000u64 {
+                    x = x.wrapping_mul(31).wrapping_add(i);
+                }
+                std::hint::black_box(x);
+            }
+        }
+        Some("touch") => {
+            let mib = num(1) as usize;
+            let mut chunks: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..mib {
+                let mut chunk = vec![0u8; 1 << 20];
+                for page in chunk.chunks_mut(4096) {
+                    page[0] = 1;
+                }
+                chunks.push(chunk);
+            }
+            println!("touched {}", chunks.len());
+        }
+        Some("forkbomb") => {
+            let (n, secs) = (num(1), num(2));
+            let mut forked = 0;
+            let mut errno = 0;
+            for _ in 0..n {
+                // SAFETY: the child only sleeps and exits.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        std::thread::sleep(Duration::from_secs(secs));
+                        // SAFETY: leave without running the parent's atexit handlers.
+                        unsafe { libc::_exit(0) };
+                    }
+                    -1 => {
+                        errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+                        break;
+                    }
+                    _ => forked += 1,
+                }
+            }
+            println!("forked {forked} errno {errno}");
+            std::io::stdout().flush().unwrap();
+            // SAFETY: reaping our own children.
+            while unsafe { libc::wait(std::ptr::null_mut()) } > 0 {}
+        }
+        Some("become") => {
+            let (uid, secs) = (num(1) as u32, num(2));
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).unwrap();
+            // SAFETY: credential syscalls, checked.
+            unsafe {
+                assert_eq!(libc::setgid(uid), 0);
+                assert_eq!(libc::setuid(uid), 0);
+            }
+            println!("became");
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(Duration::from_secs(secs));
+        }
+        Some("sleep") => std::thread::sleep(Duration::from_secs(num(1))),
+        _ => {
+            eprintln!("usage: guest-load spin|touch|forkbomb|become|sleep ...");
+            std::process::exit(2);
+        }
+    }
+}
