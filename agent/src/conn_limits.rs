@@ -78,10 +78,6 @@ pub fn unenforced_fields(config: &Config) -> Vec<(Target, Vec<&'static str>)> {
     for (target, quota) in &config.quotas {
         let mut fields = Vec::new();
         for (set, name) in [
-            (quota.cpu.is_some(), "cpu"),
-            (quota.memory.is_some(), "memory"),
-            (quota.memory_high.is_some(), "memory_high"),
-            (quota.pids.is_some(), "pids"),
             (quota.conn_rate.is_some(), "conn_rate"),
             (quota.conn_burst.is_some(), "conn_burst"),
         ] {
@@ -149,10 +145,7 @@ memory = "1G"
         let unenforced = unenforced_fields(&config);
         assert_eq!(
             unenforced,
-            vec![
-                (Target::User(UserRef::Uid(3002)), vec!["cpu"]),
-                (Target::Group("batch".into()), vec!["memory", "conns"]),
-            ]
+            vec![(Target::Group("batch".into()), vec!["conns"])]
         );
     }
 

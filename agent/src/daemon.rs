@@ -1,12 +1,17 @@
 //! The running agent: one validated config in, one apply path for start and reload.
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
 
 use crate::{
     bpf::{BpfError, ConnLimiter, LinkAction},
+    cgroup::{driver::CgroupDriver, plan::CgroupPlan, CgroupError, CgroupFs},
     cgroup2::{self, Cgroup2Error},
     config::Config,
     conn_limits::{unenforced_fields, ConnLimits},
+    placement::{self, PlacementError, Placer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +20,10 @@ pub enum DaemonError {
     Cgroup2(#[from] Cgroup2Error),
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
     #[error("attach cgroup {path} does not exist; create it or fix [bpf] attach_cgroup")]
     NoAttachCgroup { path: PathBuf },
     #[error("{count} UIDs have their own connection cap; the kernel map holds at most {max}")]
@@ -25,6 +34,32 @@ pub struct Agent {
     config: Config,
     limiter: ConnLimiter,
     attach_cgroup: PathBuf,
+    mount: PathBuf,
+    placer: Option<Arc<RwLock<Placer>>>,
+}
+
+/// True when the config asks for cgroups at all (a conns-only config touches none).
+fn wants_cgroups(plan: &CgroupPlan) -> bool {
+    !plan.groups.is_empty()
+        || !plan.users.is_empty()
+        || plan.user_default.is_some()
+        || !plan.cgroups.is_empty()
+}
+
+fn driver(mount: &std::path::Path) -> CgroupDriver {
+    CgroupDriver::new(CgroupFs::new(mount))
+}
+
+/// Applies the cgroup plan and logs what could not be enforced.
+fn apply_cgroups(mount: &std::path::Path, plan: &CgroupPlan) -> Result<(), DaemonError> {
+    let report = driver(mount).apply(plan)?;
+    for message in &report.unavailable {
+        tracing::warn!("{message}");
+    }
+    for message in &report.skipped {
+        tracing::warn!("limit not set, its controller is unavailable: {message}");
+    }
+    Ok(())
 }
 
 impl Agent {
@@ -39,6 +74,10 @@ impl Agent {
             return Err(DaemonError::NoAttachCgroup {
                 path: attach_cgroup,
             });
+        }
+        let plan = CgroupPlan::from_config(&config);
+        if wants_cgroups(&plan) {
+            driver(&mount).check(&plan)?;
         }
         let mut limiter = ConnLimiter::load(&config.bpf.pin_path, config.bpf.max_tracked_sockets)?;
         limiter.apply(&limits)?;
@@ -56,10 +95,27 @@ impl Agent {
             host_cap = %cap_text(limits.host_cap),
             "enforcing connection limits"
         );
+        let placer = if wants_cgroups(&plan) {
+            apply_cgroups(&mount, &plan)?;
+            let placer = Arc::new(RwLock::new(Placer::new(plan, driver(&mount))));
+            let report = placer.read().expect("placer lock").scan();
+            tracing::info!(
+                seen = report.seen,
+                moved = report.moved,
+                failed = report.failed,
+                "placed existing processes"
+            );
+            placement::watch(placer.clone())?;
+            Some(placer)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             limiter,
             attach_cgroup,
+            mount,
+            placer,
         })
     }
 
@@ -77,7 +133,34 @@ impl Agent {
             );
         }
         warn_unenforced(&config);
+        let plan = CgroupPlan::from_config(&config);
+        if wants_cgroups(&plan) {
+            driver(&self.mount).check(&plan)?;
+        }
         self.limiter.apply(&limits)?;
+        if wants_cgroups(&plan) || self.placer.is_some() {
+            apply_cgroups(&self.mount, &plan)?;
+            match &self.placer {
+                Some(placer) => placer.write().expect("placer lock").set_plan(plan),
+                None => {
+                    let placer = Arc::new(RwLock::new(Placer::new(plan, driver(&self.mount))));
+                    placement::watch(placer.clone())?;
+                    self.placer = Some(placer);
+                }
+            }
+            let report = self
+                .placer
+                .as_ref()
+                .expect("set above")
+                .read()
+                .expect("placer lock")
+                .scan();
+            tracing::info!(
+                moved = report.moved,
+                failed = report.failed,
+                "re-placed processes"
+            );
+        }
         tracing::info!(
             config = %config.source.display(),
             uid_caps = limits.per_uid.len(),
@@ -116,7 +199,7 @@ fn warn_unenforced(config: &Config) {
         tracing::warn!(
             %target,
             fields = %fields.join(", "),
-            "quota fields accepted but not enforced by this build yet (cgroup quotas, rate limits and group connection caps come later)"
+            "quota fields accepted but not enforced by this build yet (rate limits and group connection caps come later)"
         );
     }
 }

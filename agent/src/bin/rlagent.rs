@@ -32,7 +32,14 @@ enum Command {
     CheckConfig,
     /// Show live connections, denials and caps per UID from the pinned maps
     Conns,
-    /// Detach the kernel programs and remove their pins (counts are lost)
+    /// Usage and limits of every managed cgroup, and connection counters
+    Stats {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the kernel programs, remove their pins (counts are lost), move placed
+    /// processes back to the root cgroup and remove the agent's cgroup subtree
     Uninstall,
 }
 
@@ -50,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Run => run(cli.config.as_deref()),
         Command::CheckConfig => check_config(cli.config.as_deref()),
         Command::Conns => conns(cli.config.as_deref()),
+        Command::Stats { json } => stats(cli.config.as_deref(), json),
         Command::Uninstall => uninstall(cli.config.as_deref()),
     };
     match result {
@@ -172,6 +180,68 @@ fn conns(config_path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let mount = rlagent::cgroup2::find_mount()?;
+    let stats = rlagent::stats::collect(&config, &mount)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:>5} {:>10} {:>9} {:>10} {:>10} {:>9} {:>6} {:>5} {:>5}",
+        "TARGET",
+        "PROCS",
+        "CPU_S",
+        "THROTTLED",
+        "MEM_MIB",
+        "MEM_MAX",
+        "OOM_KILL",
+        "PIDS",
+        "PMAX",
+        "PFAIL"
+    );
+    let mib = |b: u64| format!("{:.1}", b as f64 / (1 << 20) as f64);
+    for t in &stats.targets {
+        let c = &t.cgroup;
+        let cpu = c.cpu.unwrap_or_default();
+        let mem = c.memory.unwrap_or_default();
+        let pids = c.pids.unwrap_or_default();
+        println!(
+            "{:<22} {:>5} {:>10.2} {:>9} {:>10} {:>10} {:>9} {:>6} {:>5} {:>5}",
+            t.target,
+            c.procs,
+            cpu.usage_usec as f64 / 1e6,
+            cpu.nr_throttled,
+            mib(mem.current),
+            mem.max.map_or("max".to_string(), mib),
+            mem.events_oom_kill,
+            pids.current,
+            pids.max.map_or("max".to_string(), |m| m.to_string()),
+            pids.events_max
+        );
+    }
+    if !stats.conns.is_empty() {
+        println!();
+        println!(
+            "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
+            "UID", "LIVE", "CAP", "ADMITTED", "DENIED_CAP", "DENIED_HOST"
+        );
+        for c in &stats.conns {
+            println!(
+                "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
+                c.uid,
+                c.live,
+                c.cap.map_or("none".to_string(), |v| v.to_string()),
+                c.admitted,
+                c.denied_cap,
+                c.denied_host
+            );
+        }
+    }
+    Ok(())
+}
+
 fn uninstall(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     bpf::uninstall(&config.bpf.pin_path)?;
@@ -179,5 +249,15 @@ fn uninstall(config_path: Option<&Path>) -> anyhow::Result<()> {
         "removed programs and pins under {}",
         config.bpf.pin_path.display()
     );
+    let mount = rlagent::cgroup2::find_mount()?;
+    let fs = rlagent::cgroup::CgroupFs::new(&mount);
+    if fs.path(&config.cgroup_root).exists() {
+        let moved = fs.remove_tree(&config.cgroup_root)?;
+        println!(
+            "moved {moved} processes back to {} and removed {}",
+            mount.display(),
+            fs.path(&config.cgroup_root).display()
+        );
+    }
     Ok(())
 }

@@ -8,8 +8,10 @@
 //! the mount as a root path, so unit tests point it at a fake tree in a tempdir.
 
 pub mod cpu;
+pub mod driver;
 pub mod memory;
 pub mod pids;
+pub mod plan;
 pub mod psi;
 
 use std::{
@@ -54,6 +56,8 @@ pub enum CgroupError {
         path: PathBuf,
         available: String,
     },
+    #[error("target {target}: cgroup {path} does not exist")]
+    NoSuchCgroup { target: String, path: PathBuf },
     #[error("{path}: cannot parse {line:?}")]
     Parse { path: PathBuf, line: String },
 }
@@ -248,6 +252,35 @@ impl CgroupFs {
                 })
             })
             .collect()
+    }
+
+    /// Moves every process below `relative` to the mount's root cgroup and removes the
+    /// cgroups, deepest first. Returns how many processes were moved.
+    pub fn remove_tree(&self, relative: &Path) -> Result<usize, CgroupError> {
+        let dir = self.path(relative);
+        if !dir.exists() {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        let children = std::fs::read_dir(&dir).map_err(|source| CgroupError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        for child in children.flatten() {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                moved += self.remove_tree(&relative.join(child.file_name()))?;
+            }
+        }
+        for pid in self.pids(relative)? {
+            match self.move_pid(Path::new(""), pid) {
+                Ok(()) => moved += 1,
+                Err(CgroupError::Write { source, .. })
+                    if source.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.remove(relative)?;
+        Ok(moved)
     }
 
     /// Removes an empty cgroup, retrying while the kernel still sees exiting tasks.

@@ -4,13 +4,20 @@
 //!   `forkbomb <n> <secs>`    fork up to <n> sleeping children; print `forked <k> errno <e>`
 //!   `become <uid> <secs>`    wait for a line on stdin, setuid(<uid>), print `became`, sleep
 //!   `sleep <secs>`
+//! A leading `wait` holds any workload until a line arrives on stdin (so the test can
+//! start measuring once the agent has placed the process).
 use std::{
     io::{BufRead, Write},
     time::{Duration, Instant},
 };
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("wait") {
+        args.remove(0);
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).unwrap();
+    }
     let num = |i: usize| -> u64 {
         args.get(i)
             .and_then(|a| a.parse().ok())

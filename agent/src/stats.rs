@@ -1,0 +1,99 @@
+//! One stats model for every target, read from the cgroup files and the pinned BPF maps.
+//! `rlagent stats` prints it today; the control socket and /metrics will serve the same
+//! type.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{
+    bpf::PinnedMaps,
+    cgroup::{
+        driver::{CgroupDriver, CgroupStats},
+        plan::CgroupPlan,
+        CgroupError, CgroupFs,
+    },
+    config::Config,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetStats {
+    /// `group:<name>`, `user:<uid>` or `cgroup:<path>`.
+    pub target: String,
+    #[serde(flatten)]
+    pub cgroup: CgroupStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UidConnStats {
+    pub uid: u32,
+    pub live: u64,
+    /// `None` = no cap.
+    pub cap: Option<u64>,
+    pub admitted: u64,
+    pub denied_cap: u64,
+    pub denied_host: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub targets: Vec<TargetStats>,
+    /// Per-UID connection counters; empty when the programs are not installed.
+    pub conns: Vec<UidConnStats>,
+}
+
+/// Collects stats for every cgroup the config manages (groups, user cgroups that exist,
+/// cgroup targets) and every UID the connection maps know.
+pub fn collect(config: &Config, mount: &Path) -> Result<Stats, CgroupError> {
+    let plan = CgroupPlan::from_config(config);
+    let driver = CgroupDriver::new(CgroupFs::new(mount));
+    let mut targets = Vec::new();
+    let mut add = |target: String, relative: &Path| -> Result<(), CgroupError> {
+        if mount.join(relative).join("cgroup.procs").exists() {
+            targets.push(TargetStats {
+                target,
+                cgroup: driver.stats(relative)?,
+            });
+        }
+        Ok(())
+    };
+    for name in plan.groups.keys() {
+        add(format!("group:{name}"), &plan.group_cgroup(name))?;
+    }
+    let root = mount.join(&plan.root);
+    let mut uids: Vec<u32> = std::fs::read_dir(&root)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("user-")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    uids.sort_unstable();
+    for uid in uids {
+        add(format!("user:{uid}"), &plan.user_cgroup(uid))?;
+    }
+    for path in plan.cgroups.keys() {
+        add(format!("cgroup:{}", path.display()), path)?;
+    }
+
+    let mut conns = Vec::new();
+    if let Ok(maps) = PinnedMaps::open(&config.bpf.pin_path) {
+        if let Ok(counters) = maps.stats() {
+            for (uid, c) in counters.per_uid {
+                let cap = maps
+                    .cap_for(uid)
+                    .ok()
+                    .filter(|c| *c != rlagent_common::UNLIMITED);
+                conns.push(UidConnStats {
+                    uid,
+                    live: c.live,
+                    cap,
+                    admitted: c.admitted,
+                    denied_cap: c.denied_cap,
+                    denied_host: c.denied_host,
+                });
+            }
+        }
+    }
+    Ok(Stats { targets, conns })
+}
