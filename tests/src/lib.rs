@@ -101,25 +101,25 @@ impl Default for TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        // Children first; processes in them were started by us and are gone by now, but
-        // rmdir can briefly see them (EBUSY) while they exit.
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&self.path)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.path())
-                    .collect()
-            })
-            .unwrap_or_default();
-        dirs.push(self.path.clone());
-        for dir in dirs {
-            for _ in 0..50 {
-                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// Removes a cgroup and its descendants, deepest first. Processes in them were started by
+/// the test and are gone by now, but rmdir can briefly see them (EBUSY) while they exit.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
             }
         }
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

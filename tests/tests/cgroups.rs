@@ -1,0 +1,115 @@
+//! cgroup work that is safe and meaningful on this hybrid host (cgroup2 without the cpu,
+//! memory and pids controllers): placement, which needs no controller, and the report of
+//! controllers that are missing. Quota enforcement itself is tested in the qemu guest
+//! (tests/guest.rs). Every cgroup here lives under a fresh `rlagent-test-*` child and the
+//! rules name only test UIDs, so no other process on the host can be moved.
+
+use std::{
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use rlagent_tests::{privileged, target_bin, Agent, Scratch, TestCgroup};
+
+const PLACED_UID: u32 = 61060;
+
+fn config(scratch: &Scratch, cgroup: &TestCgroup, rest: &str) {
+    let text = format!(
+        "cgroup_root = \"{}/slice\"\n[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{rest}",
+        cgroup.relative,
+        cgroup.relative,
+        scratch.pin_path().display()
+    );
+    std::fs::write(scratch.config_path(), text).unwrap();
+}
+
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::/"))
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_new_process_of_a_rule_uid_is_placed_within_milliseconds() {
+    if !privileged("placement_on_host") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    config(
+        &scratch,
+        &cgroup,
+        &format!("[[group]]\nname = \"batch\"\nuids = [{PLACED_UID}]\n"),
+    );
+    let _agent = Agent::start(&scratch);
+    let want = format!("{}/slice/batch", cgroup.relative);
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let mut child = Command::new(target_bin("conn-helper"))
+            .arg(&cgroup.path) // joins the test cgroup first, like any process started elsewhere
+            .arg(PLACED_UID.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        // conn-helper setuid()s after joining: the uid event places it.
+        while cgroup_of(child.id()) != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "not placed: {}",
+                cgroup_of(child.id())
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        latencies.push(start.elapsed());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    latencies.sort();
+    println!(
+        "placement latency, 20 processes: median {:?}, max {:?}",
+        latencies[10], latencies[19]
+    );
+    // A process started as a UID nobody names is left alone.
+    let mut other = Command::new("sleep").arg("5").uid(61061).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_ne!(cgroup_of(other.id()), want);
+    other.kill().unwrap();
+    other.wait().unwrap();
+}
+
+#[test]
+fn missing_controllers_are_reported_and_the_agent_keeps_running() {
+    if !privileged("missing_controllers_reported") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let available = std::fs::read_to_string(cgroup.path.join("cgroup.controllers")).unwrap();
+    if available.split_whitespace().any(|c| c == "cpu") {
+        eprintln!("SKIP missing_controllers_reported: this host has the cpu controller on cgroup2");
+        return;
+    }
+    let scratch = Scratch::new();
+    config(
+        &scratch,
+        &cgroup,
+        "[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\nconns = 5\n",
+    );
+    let agent = Agent::start(&scratch);
+    let log = agent.log_text();
+    assert!(log.contains("controller cpu is not available"), "{log}");
+    assert!(log.contains("bound to cgroup v1"), "{log}");
+    assert!(
+        log.contains("limit not set") && log.contains("cpu.max"),
+        "{log}"
+    );
+    assert!(
+        cgroup.path.join("slice/batch").is_dir(),
+        "the group exists for placement"
+    );
+}
