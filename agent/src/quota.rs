@@ -82,6 +82,51 @@ pub struct Quota {
     pub conn_burst: Option<u64>,
 }
 
+/// The name of one quota field, as in the config, the socket and rlctl's flags.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    Cpu,
+    Memory,
+    MemoryHigh,
+    Pids,
+    Conns,
+    ConnRate,
+    ConnBurst,
+}
+
+impl Field {
+    pub const ALL: [Self; 7] = [
+        Self::Cpu,
+        Self::Memory,
+        Self::MemoryHigh,
+        Self::Pids,
+        Self::Conns,
+        Self::ConnRate,
+        Self::ConnBurst,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Memory => "memory",
+            Self::MemoryHigh => "memory_high",
+            Self::Pids => "pids",
+            Self::Conns => "conns",
+            Self::ConnRate => "conn_rate",
+            Self::ConnBurst => "conn_burst",
+        }
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Quota {
     /// True when the quota sets a cgroup controller (cpu, memory, pids).
     pub fn has_cgroup_fields(&self) -> bool {
@@ -90,6 +135,91 @@ impl Quota {
             || self.memory_high.is_some()
             || self.pids.is_some()
     }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Sets one field from its text form, with that field's parser. Cross-field rules are
+    /// checked by [`Quota::check`] once all fields are in.
+    pub fn set(&mut self, field: Field, value: &str) -> Result<(), QuotaError> {
+        match field {
+            Field::Cpu => self.cpu = Some(parse_cpu(value)?),
+            Field::Memory => self.memory = Some(parse_bytes("memory", value)?),
+            Field::MemoryHigh => self.memory_high = Some(parse_bytes("memory_high", value)?),
+            Field::Pids => self.pids = Some(parse_count("pids", value, 1)?),
+            Field::Conns => self.conns = Some(parse_count("conns", value, 0)?),
+            Field::ConnRate => self.conn_rate = Some(parse_rate(value)?),
+            Field::ConnBurst => self.conn_burst = Some(parse_burst(value)?),
+        }
+        Ok(())
+    }
+
+    /// Removes one field (as if it had never been set: defaults such as `user:*` apply).
+    pub fn clear(&mut self, field: Field) {
+        match field {
+            Field::Cpu => self.cpu = None,
+            Field::Memory => self.memory = None,
+            Field::MemoryHigh => self.memory_high = None,
+            Field::Pids => self.pids = None,
+            Field::Conns => self.conns = None,
+            Field::ConnRate => self.conn_rate = None,
+            Field::ConnBurst => self.conn_burst = None,
+        }
+    }
+
+    /// A field in the canonical text form the parsers accept (`None` when unset).
+    pub fn text(&self, field: Field) -> Option<String> {
+        fn limit<T: Copy>(l: Option<Limit<T>>, f: impl Fn(T) -> String) -> Option<String> {
+            l.map(|l| l.value().map_or_else(|| "max".to_string(), &f))
+        }
+        match field {
+            Field::Cpu => limit(self.cpu, |c| {
+                let milli = c.quota_us * 100_000 / c.period_us;
+                if milli % 1000 == 0 {
+                    format!("{}%", milli / 1000)
+                } else {
+                    format!("{}%", milli as f64 / 1000.0)
+                }
+            }),
+            Field::Memory => limit(self.memory, bytes_text),
+            Field::MemoryHigh => limit(self.memory_high, bytes_text),
+            Field::Pids => limit(self.pids, |n| n.to_string()),
+            Field::Conns => limit(self.conns, |n| n.to_string()),
+            Field::ConnRate => limit(self.conn_rate, |r| format!("{}/s", r.per_sec)),
+            Field::ConnBurst => self.conn_burst.map(|b| b.to_string()),
+        }
+    }
+
+    /// Rules between fields: a burst needs a rate; memory.high must not exceed memory.max.
+    pub fn check(&self) -> Result<(), QuotaError> {
+        if self.is_empty() {
+            return Err(QuotaError::Empty);
+        }
+        if let (Some(burst), None | Some(Limit::Max)) = (self.conn_burst, self.conn_rate) {
+            return Err(QuotaError::BurstWithoutRate { burst });
+        }
+        if let (Some(Limit::Value(high)), Some(Limit::Value(max))) = (self.memory_high, self.memory)
+        {
+            if high > max {
+                return Err(QuotaError::HighAboveMax {
+                    high: self.text(Field::MemoryHigh).unwrap_or_default(),
+                    max: self.text(Field::Memory).unwrap_or_default(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes with the largest binary unit that divides them exactly.
+fn bytes_text(bytes: u64) -> String {
+    for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes % (1u64 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 /// An integer or a string in the config (`pids = 512` or `pids = "max"`).
@@ -125,42 +255,21 @@ pub struct RawQuota {
 impl RawQuota {
     /// Parses every field; the first invalid one is the error and nothing is returned.
     pub fn validate(&self) -> Result<Quota, QuotaError> {
-        let text = |v: &Option<IntOrString>| v.as_ref().map(ToString::to_string);
-        let quota = Quota {
-            cpu: text(&self.cpu).map(|v| parse_cpu(&v)).transpose()?,
-            memory: text(&self.memory)
-                .map(|v| parse_bytes("memory", &v))
-                .transpose()?,
-            memory_high: text(&self.memory_high)
-                .map(|v| parse_bytes("memory_high", &v))
-                .transpose()?,
-            pids: text(&self.pids)
-                .map(|v| parse_count("pids", &v, 1))
-                .transpose()?,
-            conns: text(&self.conns)
-                .map(|v| parse_count("conns", &v, 0))
-                .transpose()?,
-            conn_rate: text(&self.conn_rate).map(|v| parse_rate(&v)).transpose()?,
-            conn_burst: text(&self.conn_burst)
-                .map(|v| parse_burst(&v))
-                .transpose()?,
-        };
-        if quota == Quota::default() {
-            return Err(QuotaError::Empty);
-        }
-        if let (Some(burst), None | Some(Limit::Max)) = (quota.conn_burst, quota.conn_rate) {
-            return Err(QuotaError::BurstWithoutRate { burst });
-        }
-        if let (Some(Limit::Value(high)), Some(Limit::Value(max))) =
-            (quota.memory_high, quota.memory)
-        {
-            if high > max {
-                return Err(QuotaError::HighAboveMax {
-                    high: text(&self.memory_high).unwrap_or_default(),
-                    max: text(&self.memory).unwrap_or_default(),
-                });
+        let mut quota = Quota::default();
+        for (field, value) in [
+            (Field::Cpu, &self.cpu),
+            (Field::Memory, &self.memory),
+            (Field::MemoryHigh, &self.memory_high),
+            (Field::Pids, &self.pids),
+            (Field::Conns, &self.conns),
+            (Field::ConnRate, &self.conn_rate),
+            (Field::ConnBurst, &self.conn_burst),
+        ] {
+            if let Some(value) = value {
+                quota.set(field, &value.to_string())?;
             }
         }
+        quota.check()?;
         Ok(quota)
     }
 }
@@ -321,6 +430,33 @@ pub fn parse_burst(value: &str) -> Result<u64, QuotaError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn fields_print_in_the_form_the_parser_reads() {
+        let mut q = Quota::default();
+        for (field, text) in [
+            (Field::Cpu, "50%"),
+            (Field::Memory, "2G"),
+            (Field::MemoryHigh, "1536M"),
+            (Field::Pids, "max"),
+            (Field::Conns, "0"),
+            (Field::ConnRate, "20/s"),
+            (Field::ConnBurst, "40"),
+        ] {
+            q.set(field, text).unwrap();
+            assert_eq!(q.text(field).as_deref(), Some(text));
+        }
+        q.set(Field::Cpu, "12.5%").unwrap();
+        assert_eq!(q.text(Field::Cpu).as_deref(), Some("12.5%"));
+        q.set(Field::Memory, "4097").unwrap();
+        assert_eq!(q.text(Field::Memory).as_deref(), Some("4097"));
+        q.clear(Field::Cpu);
+        assert_eq!(q.text(Field::Cpu), None);
+        assert!(
+            matches!(q.check(), Err(QuotaError::HighAboveMax { .. })),
+            "1536M high over a 4097-byte max"
+        );
+    }
+
     fn cpu(quota_us: u64) -> Limit<CpuMax> {
         Limit::Value(CpuMax {
             quota_us,
@@ -474,6 +610,15 @@ mod tests {
         );
 
         assert_eq!(RawQuota::default().validate(), Err(QuotaError::Empty));
+
+        let mut q = Quota::default();
+        q.set(Field::Memory, "1G").unwrap();
+        q.set(Field::MemoryHigh, "1536M").unwrap();
+        let err = q.check().unwrap_err().to_string();
+        assert!(
+            err.contains("memory_high 1536M is above memory 1G"),
+            "{err}"
+        );
         let negative = raw(|q| q.conns = Some(IntOrString::Int(-1)));
         assert!(negative
             .validate()
