@@ -176,7 +176,7 @@ impl Quota {
         match field {
             Field::Cpu => limit(self.cpu, |c| {
                 let milli = c.quota_us * 100_000 / c.period_us;
-                if milli % 1000 == 0 {
+                if milli.is_multiple_of(1000) {
                     format!("{}%", milli / 1000)
                 } else {
                     format!("{}%", milli as f64 / 1000.0)
@@ -215,7 +215,7 @@ impl Quota {
 /// Bytes with the largest binary unit that divides them exactly.
 fn bytes_text(bytes: u64) -> String {
     for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
-        if bytes % (1u64 << shift) == 0 {
+        if bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
