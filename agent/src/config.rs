@@ -137,13 +137,25 @@ fn default_deny_errno() -> Spanned<String> {
 struct RawControl {
     #[serde(default = "default_socket")]
     socket: PathBuf,
+    #[serde(default = "default_socket_mode")]
+    mode: Spanned<String>,
+    #[serde(default = "default_admin_group")]
+    group: String,
 }
 impl Default for RawControl {
     fn default() -> Self {
         Self {
             socket: default_socket(),
+            mode: default_socket_mode(),
+            group: default_admin_group(),
         }
     }
+}
+fn default_socket_mode() -> Spanned<String> {
+    Spanned::new(0..0, "0660".to_string())
+}
+fn default_admin_group() -> String {
+    "rlagent".to_string()
 }
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/rlagent/rlagent.sock")
@@ -231,6 +243,10 @@ pub struct Config {
     pub state_path: PathBuf,
     pub bpf: BpfConfig,
     pub control_socket: PathBuf,
+    /// Permission bits of the socket file (who may connect at all).
+    pub control_mode: u32,
+    /// Members of this group may change quotas through the socket, like root.
+    pub control_group: String,
     pub metrics_listen: SocketAddr,
     pub groups: Vec<GroupRule>,
     pub quotas: BTreeMap<Target, Quota>,
@@ -354,6 +370,18 @@ impl Config {
                 "must be absolute",
             ));
         }
+        let mode = &raw.control.mode;
+        let control_mode = u32::from_str_radix(mode.get_ref(), 8)
+            .ok()
+            .filter(|m| *m <= 0o777 && mode.get_ref().len() >= 3)
+            .ok_or_else(|| {
+                invalid(
+                    line_of(mode.span()),
+                    "mode",
+                    mode.get_ref(),
+                    "expected octal permission bits such as \"0660\"",
+                )
+            })?;
         let metrics_listen = raw.metrics.listen.get_ref().parse().map_err(|_| {
             invalid(
                 line_of(raw.metrics.listen.span()),
@@ -445,6 +473,8 @@ impl Config {
                 max_tracked_sockets,
             },
             control_socket: raw.control.socket,
+            control_mode,
+            control_group: raw.control.group,
             metrics_listen,
             groups,
             quotas,
@@ -584,6 +614,8 @@ conns = "max"
             e.contains("deny_errno") && e.contains("ECONNREFUSED"),
             "{e}"
         );
+        let e = err("[control]\nmode = \"rw\"\n");
+        assert!(e.contains("line 2") && e.contains("octal"), "{e}");
         let e = err("[bpf]\nmax_tracked_sockets = 10\n");
         assert!(
             e.contains("line 2") && e.contains("max_tracked_sockets"),

@@ -1,8 +1,10 @@
 //! The running agent: one validated config in, one apply path for start and reload.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, RwLock},
+    time::Instant,
 };
 
 use crate::{
@@ -12,6 +14,9 @@ use crate::{
     config::Config,
     conn_limits::{unenforced_fields, ConnLimits},
     placement::{self, PlacementError, Placer},
+    quota::Field,
+    state::{Effective, RuntimeState, StateError},
+    target::Target,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,10 @@ pub enum DaemonError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Placement(#[from] PlacementError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("no group named {group:?} (groups come from [[group]] rules and group quotas)")]
+    UnknownGroup { group: String },
     #[error("attach cgroup {path} does not exist; create it or fix [bpf] attach_cgroup")]
     NoAttachCgroup { path: PathBuf },
     #[error("{count} UIDs have their own connection cap; the kernel map holds at most {max}")]
@@ -31,11 +40,17 @@ pub enum DaemonError {
 }
 
 pub struct Agent {
+    /// The config file as loaded.
     config: Config,
+    /// Quotas set through the control socket.
+    runtime: RuntimeState,
+    /// What is enforced: the config with the runtime overrides merged in.
+    effective: Effective,
     limiter: ConnLimiter,
     attach_cgroup: PathBuf,
     mount: PathBuf,
     placer: Option<Arc<RwLock<Placer>>>,
+    started: Instant,
 }
 
 /// True when the config asks for cgroups at all (a conns-only config touches none).
@@ -63,11 +78,13 @@ fn apply_cgroups(mount: &std::path::Path, plan: &CgroupPlan) -> Result<(), Daemo
 }
 
 impl Agent {
-    /// Loads the programs, writes the limits, then attaches (or adopts pinned links), so
-    /// the programs never run with settings from before this config.
+    /// Loads the runtime state and merges it over `config`, loads the programs, writes the
+    /// limits, then attaches (or adopts pinned links), so the programs never run with
+    /// settings from before this config.
     pub fn start(config: Config) -> Result<Self, DaemonError> {
-        let limits = checked_limits(&config)?;
-        warn_unenforced(&config);
+        let runtime = RuntimeState::load(&config.state_path)?;
+        let effective = runtime.merge(&config)?;
+        let limits = checked_limits(&effective.config)?;
         let mount = cgroup2::find_mount()?;
         let attach_cgroup = mount.join(&config.bpf.attach_cgroup);
         if !attach_cgroup.join("cgroup.procs").exists() {
@@ -75,7 +92,7 @@ impl Agent {
                 path: attach_cgroup,
             });
         }
-        let plan = CgroupPlan::from_config(&config);
+        let plan = CgroupPlan::from_config(&effective.config);
         if wants_cgroups(&plan) {
             driver(&mount).check(&plan)?;
         }
@@ -88,55 +105,29 @@ impl Agent {
             };
             tracing::info!(program, cgroup = %attach_cgroup.display(), "{what}");
         }
-        tracing::info!(
-            config = %config.source.display(),
-            uid_caps = limits.per_uid.len(),
-            default_cap = %cap_text(limits.default_cap),
-            host_cap = %cap_text(limits.host_cap),
-            "enforcing connection limits"
-        );
-        let placer = if wants_cgroups(&plan) {
-            apply_cgroups(&mount, &plan)?;
-            let placer = Arc::new(RwLock::new(Placer::new(plan, driver(&mount))));
-            let report = placer.read().expect("placer lock").scan();
-            tracing::info!(
-                seen = report.seen,
-                moved = report.moved,
-                failed = report.failed,
-                "placed existing processes"
-            );
-            placement::watch(placer.clone())?;
-            Some(placer)
-        } else {
-            None
-        };
-        Ok(Self {
+        let mut agent = Self {
             config,
+            runtime,
+            effective: effective.clone(),
             limiter,
             attach_cgroup,
             mount,
-            placer,
-        })
+            placer: None,
+            started: Instant::now(),
+        };
+        agent.apply(&effective.config)?;
+        Ok(agent)
     }
 
-    /// Applies a new, already validated config. Settings that need a restart (attach
-    /// point, pin path) are reported and left as they are.
-    pub fn reload(&mut self, config: Config) -> Result<(), DaemonError> {
-        let limits = checked_limits(&config)?;
-        if config.bpf.attach_cgroup != self.config.bpf.attach_cgroup
-            || config.bpf.pin_path != self.config.bpf.pin_path
-            || config.bpf.max_tracked_sockets != self.config.bpf.max_tracked_sockets
-        {
-            tracing::warn!(
-                "[bpf] attach_cgroup, pin_path and max_tracked_sockets take effect at the next start; keeping {}",
-                self.attach_cgroup.display()
-            );
-        }
-        warn_unenforced(&config);
-        let plan = CgroupPlan::from_config(&config);
+    /// Enforces `effective`: the connection limits and cgroup plan are derived and checked
+    /// before anything is written, then BPF maps, cgroups and placement follow.
+    fn apply(&mut self, effective: &Config) -> Result<(), DaemonError> {
+        let limits = checked_limits(effective)?;
+        let plan = CgroupPlan::from_config(effective);
         if wants_cgroups(&plan) {
             driver(&self.mount).check(&plan)?;
         }
+        warn_unenforced(effective);
         self.limiter.apply(&limits)?;
         if wants_cgroups(&plan) || self.placer.is_some() {
             apply_cgroups(&self.mount, &plan)?;
@@ -156,19 +147,77 @@ impl Agent {
                 .expect("placer lock")
                 .scan();
             tracing::info!(
+                seen = report.seen,
                 moved = report.moved,
                 failed = report.failed,
-                "re-placed processes"
+                "placed processes"
             );
         }
         tracing::info!(
-            config = %config.source.display(),
             uid_caps = limits.per_uid.len(),
             default_cap = %cap_text(limits.default_cap),
             host_cap = %cap_text(limits.host_cap),
-            "reloaded"
+            targets = effective.quotas.len(),
+            "enforcing"
         );
+        Ok(())
+    }
+
+    /// Re-applies what was enforced before a failed change, so a failure in the middle of
+    /// an apply does not leave half of it in force.
+    fn roll_back(&mut self) {
+        let previous = self.effective.config.clone();
+        if let Err(e) = self.apply(&previous) {
+            tracing::error!("rolling back to the previous quotas failed: {e}");
+        }
+    }
+
+    /// Applies a new, already validated config file, keeping the runtime overrides.
+    /// Settings that need a restart (attach point, pin path) are reported and kept.
+    pub fn reload(&mut self, config: Config) -> Result<(), DaemonError> {
+        if config.bpf.attach_cgroup != self.config.bpf.attach_cgroup
+            || config.bpf.pin_path != self.config.bpf.pin_path
+            || config.bpf.max_tracked_sockets != self.config.bpf.max_tracked_sockets
+        {
+            tracing::warn!(
+                "[bpf] attach_cgroup, pin_path and max_tracked_sockets take effect at the next start; keeping {}",
+                self.attach_cgroup.display()
+            );
+        }
+        let effective = self.runtime.merge(&config)?;
+        if let Err(e) = self.apply(&effective.config) {
+            self.roll_back();
+            return Err(e);
+        }
+        tracing::info!(config = %config.source.display(), "reloaded");
         self.config = config;
+        self.effective = effective;
+        Ok(())
+    }
+
+    /// Sets (`Some`) or clears (`None`) quota fields of `target` at runtime. All or
+    /// nothing: the merged result is validated, the new state file is staged durably,
+    /// the quotas are applied, and only then is the state file moved into place. On any
+    /// failure the previous quotas are re-applied and the old state file stays.
+    pub fn change(
+        &mut self,
+        target: &Target,
+        fields: &BTreeMap<Field, Option<String>>,
+    ) -> Result<(), DaemonError> {
+        let next = self.runtime.with(target, fields);
+        let effective = next.merge(&self.config)?;
+        let state_path = self.config.state_path.clone();
+        let staged = next.stage(&state_path)?;
+        let result = self
+            .apply(&effective.config)
+            .and_then(|()| RuntimeState::commit(&staged, &state_path).map_err(DaemonError::from));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&staged);
+            self.roll_back();
+            return Err(e);
+        }
+        self.runtime = next;
+        self.effective = effective;
         Ok(())
     }
 
@@ -176,8 +225,40 @@ impl Agent {
         &self.config
     }
 
+    pub fn effective(&self) -> &Effective {
+        &self.effective
+    }
+
     pub fn limiter(&self) -> &ConnLimiter {
         &self.limiter
+    }
+
+    pub fn mount(&self) -> &std::path::Path {
+        &self.mount
+    }
+
+    pub fn attach_cgroup(&self) -> &std::path::Path {
+        &self.attach_cgroup
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Moves processes into a group's cgroup (for `rlctl move` and `rlctl run`).
+    pub fn move_to_group(&self, group: &str, pids: &[u32]) -> Result<PathBuf, DaemonError> {
+        let plan = CgroupPlan::from_config(&self.effective.config);
+        if !plan.groups.contains_key(group) {
+            return Err(DaemonError::UnknownGroup {
+                group: group.to_string(),
+            });
+        }
+        let relative = plan.group_cgroup(group);
+        let fs = CgroupFs::new(&self.mount);
+        for pid in pids {
+            fs.move_pid(&relative, *pid)?;
+        }
+        Ok(relative)
     }
 }
 

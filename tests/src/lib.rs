@@ -143,11 +143,26 @@ impl Scratch {
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("rlagent.toml")
     }
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("rlagent.sock")
+    }
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.path().join("state.json")
+    }
+    /// `[control]` and `state_path` lines that keep this test's agent to its scratch dir.
+    pub fn private_paths(&self) -> String {
+        format!(
+            "state_path = \"{}\"\n[control]\nsocket = \"{}\"\n",
+            self.state_path().display(),
+            self.socket_path().display()
+        )
+    }
     /// Writes a config attached to `cgroup` with pins in this scratch dir; `extra_bpf` goes
     /// into `[bpf]`, `rest` after it (quotas).
     pub fn write_config(&self, cgroup: &TestCgroup, extra_bpf: &str, rest: &str) {
         let text = format!(
-            "[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{extra_bpf}\n{rest}\n",
+            "{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{extra_bpf}\n{rest}\n",
+            self.private_paths(),
             cgroup.relative,
             self.pin_path().display()
         );

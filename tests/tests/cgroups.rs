@@ -16,8 +16,9 @@ const PLACED_UID: u32 = 61060;
 
 fn config(scratch: &Scratch, cgroup: &TestCgroup, rest: &str) {
     let text = format!(
-        "cgroup_root = \"{}/slice\"\n[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{rest}",
+        "cgroup_root = \"{}/slice\"\n{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{rest}",
         cgroup.relative,
+        scratch.private_paths(),
         cgroup.relative,
         scratch.pin_path().display()
     );

@@ -15,7 +15,8 @@ fn in_guest() {
 
 fn write_config(scratch: &Scratch, text: &str) {
     let full = format!(
-        "[bpf]\npin_path = \"{}\"\n{text}",
+        "{}[bpf]\npin_path = \"{}\"\n{text}",
+        scratch.private_paths(),
         scratch.pin_path().display()
     );
     std::fs::write(scratch.config_path(), full).unwrap();

@@ -3,11 +3,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use rlagent::control::server;
 use rlagent::{
     bpf::{self, PinnedMaps},
     config::Config,
     daemon::{cap_text, Agent},
 };
+use std::sync::{Arc, Mutex};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -87,26 +89,42 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let mut agent = Agent::start(config)?;
+    let admin_gid = rlagent::control::auth::group_gid(&config.control_group);
+    let socket_path = config.control_socket.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
+        // The socket first: "already in use" must fail before anything is loaded.
+        let listener = server::bind(&config)?;
+        let agent = Agent::start(config)?;
+        let shared = Arc::new(server::Shared {
+            agent: Mutex::new(agent),
+            config_path: config_path.map(Path::to_path_buf),
+            admin_gid,
+        });
+        tokio::spawn(server::serve(listener, shared.clone()));
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!("cannot notify systemd: {e}");
         }
-        tracing::info!("ready");
+        tracing::info!(socket = %socket_path.display(), "ready");
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
                     match Config::load(config_path) {
                         Ok(config) => {
-                            if let Err(e) = agent.reload(config) {
+                            let shared = shared.clone();
+                            let result = tokio::task::spawn_blocking(move || {
+                                shared.agent.lock().unwrap_or_else(|p| p.into_inner()).reload(config)
+                            })
+                            .await
+                            .context("reload task")?;
+                            if let Err(e) = result {
                                 tracing::error!("reload failed, keeping the running limits: {e}");
                             }
                         }
@@ -119,10 +137,8 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        tracing::info!(
-            pins = %agent.config().bpf.pin_path.display(),
-            "stopping; programs stay attached through their pinned links (rlagent uninstall removes them)"
-        );
+        let _ = std::fs::remove_file(&socket_path);
+        tracing::info!("stopping; programs stay attached through their pinned links (rlagent uninstall removes them)");
         anyhow::Ok(())
     })
 }

@@ -72,7 +72,8 @@ fn connect(blocks: u32, iters: u32) {
     let plain = cgroup.child("plain");
     let scratch = Scratch::new();
     let text = format!(
-        "[bpf]\nattach_cgroup = \"{}/enforced\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = 100000\n",
+        "{}[bpf]\nattach_cgroup = \"{}/enforced\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = 100000\n",
+        scratch.private_paths(),
         cgroup.relative,
         scratch.pin_path().display()
     );

@@ -1,0 +1,227 @@
+//! The control protocol: one JSON object per line each way, each with `"version": 1`.
+//!
+//! Request:  `{"version":1,"request":"set_quota","target":"agent","quota":{"cpu":"50%"}}`
+//! Response: `{"version":1,"ok":true,"result":{...}}` or
+//!           `{"version":1,"ok":false,"error":{"code":"invalid","message":"..."}}`
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::quota::Field;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line accepted; a longer one is refused and the connection closed.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Variants without fields are written `List {}`: serde checks unknown fields only on
+/// struct variants of an internally tagged enum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Sets fields of a target's quota (values in the config's forms).
+    SetQuota {
+        target: String,
+        quota: BTreeMap<Field, String>,
+    },
+    /// Clears fields of a target's quota (`all` clears every field).
+    ClearQuota {
+        target: String,
+        #[serde(default)]
+        fields: Vec<Field>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Every target's quota, field by field, with where each value comes from.
+    List {},
+    /// Usage and limits, of all targets or one.
+    Stats {
+        #[serde(default)]
+        target: Option<String>,
+    },
+    Status {},
+    /// Moves processes into a group's cgroup (`rlctl run` moves itself, then execs).
+    Move {
+        group: String,
+        pids: Vec<u32>,
+    },
+    /// Re-reads the config file (as SIGHUP does).
+    Reload {},
+}
+
+impl Request {
+    /// True for requests that change state (they need UID 0 or the rlagent group).
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            Self::SetQuota { .. } | Self::ClearQuota { .. } | Self::Move { .. } | Self::Reload {}
+        )
+    }
+}
+
+/// Error codes, stable for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, unknown request or field, wrong version.
+    BadRequest,
+    /// Line over [`MAX_LINE`].
+    TooLarge,
+    /// A value or target that does not validate.
+    Invalid,
+    PermissionDenied,
+    /// A target or group that does not exist.
+    NotFound,
+    /// Valid, but applying it failed; the previous state is kept.
+    Failed,
+    /// The agent is at its client limit.
+    Busy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+
+    /// One line of JSON, newline included.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("responses serialize");
+        line.push('\n');
+        line
+    }
+}
+
+/// A request as one line of JSON, newline included.
+pub fn request_line(request: &Request) -> String {
+    let mut value = serde_json::to_value(request).expect("requests serialize");
+    value
+        .as_object_mut()
+        .expect("requests are objects")
+        .insert("version".into(), PROTOCOL_VERSION.into());
+    let mut line = value.to_string();
+    line.push('\n');
+    line
+}
+
+/// Parses one request line; the error is the response to send.
+pub fn parse_request(line: &str) -> Result<Request, Response> {
+    let bad = |message: String| Response::error(ErrorCode::BadRequest, message);
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(bad("a request is a JSON object".into()));
+    };
+    match object.remove("version") {
+        Some(v) if v == PROTOCOL_VERSION => {}
+        Some(v) => {
+            return Err(bad(format!(
+                "protocol version {v} is not supported (this agent speaks {PROTOCOL_VERSION})"
+            )))
+        }
+        None => {
+            return Err(bad(format!(
+                "missing \"version\" (this agent speaks {PROTOCOL_VERSION})"
+            )))
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let requests = [
+            Request::SetQuota {
+                target: "agent".into(),
+                quota: BTreeMap::from([
+                    (Field::Cpu, "50%".into()),
+                    (Field::ConnRate, "20/s".into()),
+                ]),
+            },
+            Request::ClearQuota {
+                target: "user:1000".into(),
+                fields: vec![Field::Memory],
+                all: false,
+            },
+            Request::List {},
+            Request::Stats { target: None },
+            Request::Status {},
+            Request::Move {
+                group: "batch".into(),
+                pids: vec![1, 2],
+            },
+            Request::Reload {},
+        ];
+        for r in requests {
+            let line = request_line(&r);
+            assert!(
+                line.ends_with('\n') && line.contains("\"version\":1"),
+                "{line}"
+            );
+            assert_eq!(parse_request(line.trim_end()).unwrap(), r);
+        }
+        let line = Response::error(ErrorCode::Invalid, "x").to_line();
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.error.unwrap().code, ErrorCode::Invalid);
+    }
+
+    fn refused(line: &str) -> String {
+        let response = parse_request(line).unwrap_err();
+        let error = response.error.unwrap();
+        assert_eq!(error.code, ErrorCode::BadRequest);
+        error.message
+    }
+
+    #[test]
+    fn malformed_requests_say_what_is_wrong() {
+        assert!(refused("{not json").contains("not JSON"));
+        assert!(refused("[1,2]").contains("JSON object"));
+        assert!(refused(r#"{"request":"list"}"#).contains("missing \"version\""));
+        assert!(refused(r#"{"version":2,"request":"list"}"#).contains("version 2 is not supported"));
+        assert!(refused(r#"{"version":1,"request":"explode"}"#).contains("explode"));
+        assert!(refused(r#"{"version":1,"request":"list","extra":1}"#).contains("extra"));
+        assert!(refused(
+            r#"{"version":1,"request":"set_quota","target":"a","quota":{"cpus":"5%"}}"#
+        )
+        .contains("cpus"));
+        assert!(
+            refused(r#"{"version":1,"request":"move","group":"a","pids":[-1]}"#).contains("-1")
+        );
+    }
+}
