@@ -170,10 +170,7 @@ impl RuntimeState {
         }
         for (target_text, fields) in &self.quotas {
             let target = target_text.parse::<Target>()?.resolve_user()?;
-            let quota = effective
-                .quotas
-                .entry(target.clone())
-                .or_insert_with(Quota::default);
+            let quota = effective.quotas.entry(target.clone()).or_default();
             for (field, value) in fields {
                 match value {
                     Some(v) => {
