@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Config,
-    quota::{Field, Quota, QuotaError},
+    quota::{Field, QuotaError},
     target::{Target, TargetError},
 };
 
