@@ -121,6 +121,7 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
                             let shared = shared.clone();
                             let result = tokio::task::spawn_blocking(move || {
                                 shared.agent.lock().unwrap_or_else(|p| p.into_inner()).reload(config)
+                                .map_err(|e| e.to_string())
                             })
                             .await
                             .context("reload task")?;
