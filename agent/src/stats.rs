@@ -16,7 +16,7 @@ use crate::{
     config::Config,
 };
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TargetStats {
     /// `group:<name>`, `user:<uid>` or `cgroup:<path>`.
     pub target: String,
@@ -24,7 +24,7 @@ pub struct TargetStats {
     pub cgroup: CgroupStats,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct UidConnStats {
     pub uid: u32,
     pub live: u64,
@@ -35,7 +35,7 @@ pub struct UidConnStats {
     pub denied_host: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Stats {
     pub targets: Vec<TargetStats>,
     /// Per-UID connection counters; empty when the programs are not installed.
@@ -96,4 +96,73 @@ pub fn collect(config: &Config, mount: &Path) -> Result<Stats, CgroupError> {
         }
     }
     Ok(Stats { targets, conns })
+}
+
+/// The human-readable form of [`Stats`] (rlagent stats, rlctl stats).
+pub fn table(stats: &Stats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mib = |b: u64| format!("{:.1}", b as f64 / (1 << 20) as f64);
+    if !stats.targets.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<22} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>5} {:>5} {:>6}",
+            "TARGET",
+            "PROCS",
+            "CPU_S",
+            "THROTTLED",
+            "MEM_MIB",
+            "MEM_MAX",
+            "OOM_KILL",
+            "PIDS",
+            "PMAX",
+            "PFAIL"
+        );
+    }
+    for t in &stats.targets {
+        let c = &t.cgroup;
+        let cpu = c.cpu.unwrap_or_default();
+        let mem = c.memory.unwrap_or_default();
+        let pids = c.pids.unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<22} {:>5} {:>9.2} {:>9} {:>9} {:>9} {:>8} {:>5} {:>5} {:>6}",
+            t.target,
+            c.procs,
+            cpu.usage_usec as f64 / 1e6,
+            cpu.nr_throttled,
+            mib(mem.current),
+            mem.max.map_or("max".to_string(), mib),
+            mem.events_oom_kill,
+            pids.current,
+            pids.max.map_or("max".to_string(), |m| m.to_string()),
+            pids.events_max
+        );
+    }
+    if !stats.conns.is_empty() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
+            "UID", "LIVE", "CAP", "ADMITTED", "DENIED_CAP", "DENIED_HOST"
+        );
+        for c in &stats.conns {
+            let _ = writeln!(
+                out,
+                "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
+                c.uid,
+                c.live,
+                c.cap.map_or("none".to_string(), |v| v.to_string()),
+                c.admitted,
+                c.denied_cap,
+                c.denied_host
+            );
+        }
+    }
+    if out.is_empty() {
+        out.push_str("no targets with stats\n");
+    }
+    out
 }

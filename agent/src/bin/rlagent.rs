@@ -205,57 +205,7 @@ fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(());
     }
-    println!(
-        "{:<22} {:>5} {:>10} {:>9} {:>10} {:>10} {:>9} {:>6} {:>5} {:>5}",
-        "TARGET",
-        "PROCS",
-        "CPU_S",
-        "THROTTLED",
-        "MEM_MIB",
-        "MEM_MAX",
-        "OOM_KILL",
-        "PIDS",
-        "PMAX",
-        "PFAIL"
-    );
-    let mib = |b: u64| format!("{:.1}", b as f64 / (1 << 20) as f64);
-    for t in &stats.targets {
-        let c = &t.cgroup;
-        let cpu = c.cpu.unwrap_or_default();
-        let mem = c.memory.unwrap_or_default();
-        let pids = c.pids.unwrap_or_default();
-        println!(
-            "{:<22} {:>5} {:>10.2} {:>9} {:>10} {:>10} {:>9} {:>6} {:>5} {:>5}",
-            t.target,
-            c.procs,
-            cpu.usage_usec as f64 / 1e6,
-            cpu.nr_throttled,
-            mib(mem.current),
-            mem.max.map_or("max".to_string(), mib),
-            mem.events_oom_kill,
-            pids.current,
-            pids.max.map_or("max".to_string(), |m| m.to_string()),
-            pids.events_max
-        );
-    }
-    if !stats.conns.is_empty() {
-        println!();
-        println!(
-            "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
-            "UID", "LIVE", "CAP", "ADMITTED", "DENIED_CAP", "DENIED_HOST"
-        );
-        for c in &stats.conns {
-            println!(
-                "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
-                c.uid,
-                c.live,
-                c.cap.map_or("none".to_string(), |v| v.to_string()),
-                c.admitted,
-                c.denied_cap,
-                c.denied_host
-            );
-        }
-    }
+    print!("{}", rlagent::stats::table(&stats));
     Ok(())
 }
 

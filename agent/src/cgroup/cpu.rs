@@ -43,7 +43,7 @@ pub fn current(cgroup: &Path) -> Result<Option<CpuMax>, CgroupError> {
 
 /// From `cpu.stat`. Usage fields come from the core (always present); throttling fields
 /// only when the cpu controller is enabled for the cgroup.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuStats {
     pub usage_usec: u64,
     pub user_usec: u64,

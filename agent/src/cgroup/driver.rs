@@ -197,7 +197,7 @@ impl CgroupDriver {
 }
 
 /// Usage and limits of one cgroup, as the agent reports them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CgroupStats {
     pub cgroup: PathBuf,
     pub procs: usize,

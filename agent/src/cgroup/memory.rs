@@ -22,7 +22,7 @@ pub fn apply_high(cgroup: &Path, limit: Limit<u64>) -> Result<(), CgroupError> {
     write(&cgroup.join("memory.high"), &limit_text(limit))
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryStats {
     pub current: u64,
     /// `memory.peak` (Linux >= 5.19), `None` where absent.

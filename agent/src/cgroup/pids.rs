@@ -13,7 +13,7 @@ pub fn apply(cgroup: &Path, limit: Limit<u64>) -> Result<(), CgroupError> {
     write(&cgroup.join("pids.max"), &value)
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PidsStats {
     pub current: u64,
     /// `None` = no limit.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::{read_optional, CgroupError};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pressure {
     /// Share of time some task stalled, over 10 s, 60 s and 300 s (percent).
     pub some_avg10: f64,
