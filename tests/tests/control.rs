@@ -1,0 +1,397 @@
+//! The control socket and rlctl against the real agent (programs on a child cgroup of this
+//! host's cgroup2 mount, socket and state file in the test's scratch dir).
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use rlagent_tests::{
+    privileged, target_bin, Agent, Connect, Helper, Listener, Scratch, TestCgroup,
+};
+
+const UID: u32 = 61101;
+
+fn rlctl(scratch: &Scratch, args: &[&str]) -> Output {
+    Command::new(target_bin("rlctl"))
+        .arg("--socket")
+        .arg(scratch.socket_path())
+        .args(args)
+        .output()
+        .expect("running rlctl")
+}
+
+fn rlctl_as(uid: u32, scratch: &Scratch, args: &[&str]) -> Output {
+    Command::new(target_bin("rlctl"))
+        .arg("--socket")
+        .arg(scratch.socket_path())
+        .args(args)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("running rlctl")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn setup(extra: &str) -> (TestCgroup, Scratch) {
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(
+        &cgroup,
+        extra,
+        "[[quota]]\ntarget = \"user:*\"\nconns = 10\n",
+    );
+    (cgroup, scratch)
+}
+
+/// Sends raw bytes and returns the first response line (empty if the agent closed).
+fn raw(scratch: &Scratch, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(scratch.socket_path()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut line = String::new();
+    let _ = BufReader::new(&s).read_line(&mut line);
+    line
+}
+
+#[test]
+fn set_quota_takes_effect_at_once_is_listed_and_survives_a_restart() {
+    if !privileged("control_set_quota") {
+        return;
+    }
+    let (cgroup, scratch) = setup("");
+    let agent = Agent::start(&scratch);
+    let listener = Listener::new();
+    let out = rlctl(
+        &scratch,
+        &["set-quota", &format!("user:{UID}"), "--conns", "2"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("user:{UID}: set conns=2")));
+    let mut h = Helper::spawn(&cgroup.path, UID);
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+    assert!(
+        matches!(
+            h.connect("tcp4", listener.port4),
+            Connect::Err(libc::EPERM, _)
+        ),
+        "applied at once"
+    );
+
+    let list = text(&rlctl(&scratch, &["list"]));
+    assert!(
+        list.lines().any(|l| l.contains(&format!("user:{UID}"))
+            && l.contains("conns")
+            && l.ends_with("runtime")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("user:*") && l.ends_with("config")),
+        "{list}"
+    );
+
+    assert!(agent.stop().success());
+    let _agent = Agent::start(&scratch);
+    let json = text(&rlctl(&scratch, &["list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let target = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == format!("user:{UID}"))
+        .unwrap();
+    assert_eq!(target["fields"]["conns"]["value"], "2");
+    assert_eq!(target["fields"]["conns"]["source"], "runtime");
+    h.close_all();
+    scratch.wait_live(UID, 0);
+    let mut h = Helper::spawn(&cgroup.path, UID);
+    assert_eq!(
+        (0..4)
+            .filter(|_| h.connect("tcp4", listener.port4).is_ok())
+            .count(),
+        2,
+        "cap restored after restart"
+    );
+
+    let out = rlctl(
+        &scratch,
+        &["clear-quota", &format!("user:{UID}"), "--conns"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        (0..10)
+            .filter(|_| h.connect("tcp4", listener.port4).is_ok())
+            .count(),
+        8,
+        "back to the user:* default of 10"
+    );
+}
+
+#[test]
+fn invalid_requests_are_refused_clearly_and_change_nothing() {
+    if !privileged("control_invalid_requests") {
+        return;
+    }
+    let (_cgroup, scratch) = setup("");
+    let _agent = Agent::start(&scratch);
+    let before = std::fs::read(scratch.state_path()).ok();
+    for (args, want) in [
+        (
+            vec!["set-quota", "user:61101", "--conns", "lots"],
+            "invalid conns \"lots\"",
+        ),
+        (
+            vec![
+                "set-quota",
+                "user:61101",
+                "--memory",
+                "1G",
+                "--memory-high",
+                "2G",
+            ],
+            "above memory 1G",
+        ),
+        (
+            vec!["set-quota", "user:no-such-user-x", "--conns", "1"],
+            "unknown user",
+        ),
+        (
+            vec!["set-quota", "cgroup:no/such/cgroup", "--cpu", "10%"],
+            "does not exist",
+        ),
+        (vec!["set-quota", "a b", "--cpu", "10%"], "invalid target"),
+        (vec!["move", "nogroup", "1"], "no group named \"nogroup\""),
+    ] {
+        let out = rlctl(&scratch, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
+    }
+    assert_eq!(
+        std::fs::read(scratch.state_path()).ok(),
+        before,
+        "state file untouched"
+    );
+    let list = text(&rlctl(&scratch, &["list"]));
+    assert!(
+        !list.contains("61101") && !list.contains("no/such"),
+        "{list}"
+    );
+    assert_eq!(
+        rlctl(&scratch, &["set-quota", "x"]).status.code(),
+        Some(2),
+        "usage error"
+    );
+
+    // Raw protocol errors, each answered on its own connection.
+    assert!(raw(&scratch, b"{oops\n").contains("\"bad_request\""));
+    assert!(
+        raw(&scratch, b"{\"version\":1,\"request\":\"list\",\"x\":1}\n").contains("unknown field")
+    );
+    assert!(raw(&scratch, b"{\"version\":9,\"request\":\"list\"}\n").contains("version 9"));
+    let mut big = vec![b'x'; 70 * 1024];
+    big.push(b'\n');
+    assert!(raw(&scratch, &big).contains("\"too_large\""));
+    // Several requests on one connection.
+    let mut s = UnixStream::connect(scratch.socket_path()).unwrap();
+    s.write_all(b"{\"version\":1,\"request\":\"status\"}\n{\"version\":1,\"request\":\"list\"}\n")
+        .unwrap();
+    let mut reader = BufReader::new(&s);
+    for _ in 0..2 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":true"), "{line}");
+    }
+}
+
+#[test]
+fn unprivileged_callers_read_only_their_own_stats() {
+    if !privileged("control_authorisation") {
+        return;
+    }
+    let (cgroup, scratch) = setup("");
+    // The socket may be opened to everyone; the agent still checks every request.
+    let text_cfg = std::fs::read_to_string(scratch.config_path()).unwrap();
+    std::fs::write(
+        scratch.config_path(),
+        text_cfg.replace("[control]\n", "[control]\nmode = \"0666\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(scratch.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _agent = Agent::start(&scratch);
+    let listener = Listener::new();
+    let mut h = Helper::spawn(&cgroup.path, UID);
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+
+    let out = rlctl_as(UID, &scratch, &["set-quota", "user:61101", "--conns", "99"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("permission denied") && text(&out).contains("uid 61101"),
+        "{}",
+        text(&out)
+    );
+    let out = rlctl_as(UID, &scratch, &["stats", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let conns = stats["conns"].as_array().unwrap();
+    assert!(
+        conns.iter().all(|c| c["uid"] == UID) && conns.len() == 1,
+        "own stats only: {stats}"
+    );
+    let out = rlctl_as(UID, &scratch, &["stats", "user:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("permission denied"), "{}", text(&out));
+
+    // With the default mode 0660 a non-member cannot even connect, and says so.
+    std::fs::set_permissions(
+        scratch.socket_path(),
+        std::fs::Permissions::from_mode(0o660),
+    )
+    .unwrap();
+    let out = rlctl_as(UID, &scratch, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("permission denied") && text(&out).contains("rlagent group"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn stuck_and_surplus_clients_are_cut_off_while_others_are_served() {
+    if !privileged("control_robustness") {
+        return;
+    }
+    let (_cgroup, scratch) = setup("");
+    let _agent = Agent::start(&scratch);
+    // 300 clients that connect and say nothing.
+    let stuck: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(scratch.socket_path()).unwrap())
+        .collect();
+    let t = Instant::now();
+    let out = rlctl(&scratch, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "served promptly beside 300 stuck clients"
+    );
+    // Past the client limit, newcomers are told the agent is busy.
+    let surplus: Vec<UnixStream> = (0..250)
+        .map(|_| UnixStream::connect(scratch.socket_path()).unwrap())
+        .collect();
+    let mut busy = 0;
+    for mut s in surplus {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut line = String::new();
+        if BufReader::new(&mut s).read_line(&mut line).is_ok() && line.contains("\"busy\"") {
+            busy += 1;
+        }
+    }
+    assert!(
+        busy >= 250 - (512 - 300) - 1,
+        "{busy} of the surplus clients were told busy"
+    );
+    // Idle clients are cut off after the idle timeout, and the agent serves again.
+    let mut first = stuck.into_iter().next().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        first.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed by the agent"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(rlctl(&scratch, &["status"]).status.success());
+}
+
+#[test]
+fn kill_9_during_a_burst_of_writes_never_corrupts_the_state_file() {
+    if !privileged("control_crash_safety") {
+        return;
+    }
+    let (_cgroup, scratch) = setup("");
+    for round in 0..5 {
+        let agent = Agent::start(&scratch);
+        let socket = scratch.socket_path();
+        let writer = std::thread::spawn(move || {
+            for i in 0..200 {
+                let out = Command::new(target_bin("rlctl"))
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args([
+                        "set-quota",
+                        &format!("user:{}", 62000 + i % 20),
+                        "--conns",
+                        &(i + 1).to_string(),
+                    ])
+                    .output()
+                    .unwrap();
+                if !out.status.success() {
+                    break; // the agent is gone
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(150 + 70 * round));
+        agent.kill9();
+        writer.join().unwrap();
+        let state = rlagent::state::RuntimeState::load(&scratch.state_path())
+            .expect("state file parses after kill -9");
+        assert!(state.quotas.len() <= 20);
+        // The restarted agent loads it.
+        let _agent = Agent::start(&scratch);
+        assert!(rlctl(&scratch, &["list"]).status.success());
+    }
+}
+
+#[test]
+fn run_and_move_place_processes_in_a_group() {
+    if !privileged("control_run_and_move") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    let text_cfg = format!(
+        "cgroup_root = \"{}/slice\"\n{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n[[group]]\nname = \"batch\"\n",
+        cgroup.relative,
+        scratch.private_paths(),
+        cgroup.relative,
+        scratch.pin_path().display()
+    );
+    std::fs::write(scratch.config_path(), text_cfg).unwrap();
+    let _agent = Agent::start(&scratch);
+    let want = format!("0::/{}/slice/batch", cgroup.relative);
+    let out = rlctl(
+        &scratch,
+        &["run", "batch", "--", "cat", "/proc/self/cgroup"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == want),
+        "{}",
+        text(&out)
+    );
+
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(cgroup.path.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let out = rlctl(&scratch, &["move", "batch", &sleeper.id().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let now = std::fs::read_to_string(format!("/proc/{}/cgroup", sleeper.id())).unwrap();
+    assert!(now.lines().any(|l| l == want), "{now}");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
