@@ -349,3 +349,99 @@ fn limits_outlive_the_agent_and_uninstall_moves_processes_back() {
     p.kill().unwrap();
     p.wait().unwrap();
 }
+
+// ---- control socket and rlctl ---------------------------------------------------------
+
+fn rlctl(scratch: &Scratch, args: &[&str]) -> std::process::Output {
+    let out = Command::new(rlagent_tests::target_bin("rlctl"))
+        .arg("--socket")
+        .arg(scratch.socket_path())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rlctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// CPU share of `cgroup` over `window`.
+fn share(cgroup: &str, window: Duration) -> f64 {
+    let (u0, t0) = (usage_usec(cgroup), Instant::now());
+    std::thread::sleep(window);
+    (usage_usec(cgroup) - u0) as f64 / t0.elapsed().as_micros() as f64
+}
+
+#[test]
+fn rlctl_changes_a_running_groups_cpu_share_and_it_survives_a_restart() {
+    in_guest();
+    let scratch = Scratch::new();
+    config_with_root(
+        &scratch,
+        "rl-ctl",
+        "[[group]]\nname = \"batch\"\ncomms = [\"guest-load\"]\n[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n",
+    );
+    let agent = Agent::start(&scratch);
+    let mut spin = load(2010, "wait spin 6");
+    wait_placed(spin.id(), "rl-ctl/batch");
+    go(&mut spin);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = share("rl-ctl/batch", Duration::from_secs(2));
+    rlctl(&scratch, &["set-quota", "batch", "--cpu", "30%"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = share("rl-ctl/batch", Duration::from_secs(2));
+    println!("cpu share of a running group: {before:.3} at 50%, {after:.3} after rlctl set-quota --cpu 30%");
+    assert!((0.45..=0.55).contains(&before), "{before}");
+    assert!((0.25..=0.35).contains(&after), "{after}");
+    assert!(spin.wait().unwrap().success());
+
+    assert!(agent.stop().success());
+    let _agent = Agent::start(&scratch);
+    assert_eq!(
+        read("rl-ctl/batch/cpu.max"),
+        "30000 100000",
+        "the runtime quota survives a restart"
+    );
+    let list = String::from_utf8(rlctl(&scratch, &["list"]).stdout).unwrap();
+    assert!(
+        list.lines().any(|l| l.starts_with("group:batch")
+            && l.contains("cpu")
+            && l.contains("30%")
+            && l.ends_with("runtime")),
+        "{list}"
+    );
+}
+
+#[test]
+fn rlctl_run_places_the_command_and_conns_take_effect_on_the_next_connect() {
+    in_guest();
+    let scratch = Scratch::new();
+    config_with_root(&scratch, "rl-run", "[[group]]\nname = \"batch\"\n");
+    let _agent = Agent::start(&scratch);
+    let out = rlctl(
+        &scratch,
+        &["run", "batch", "--", "cat", "/proc/self/cgroup"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0::/rl-run/batch"
+    );
+
+    let listener = Listener::new();
+    let mut h = Helper::spawn(std::path::Path::new(MOUNT), 2011);
+    for _ in 0..3 {
+        assert!(h.connect("tcp4", listener.port4).is_ok(), "no cap yet");
+    }
+    h.close_all();
+    scratch.wait_live(2011, 0);
+    rlctl(&scratch, &["set-quota", "user:2011", "--conns", "2"]);
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+    assert!(h.connect("tcp6", listener.port6).is_ok());
+    assert!(matches!(
+        h.connect("tcp4", listener.port4),
+        Connect::Err(libc::EPERM, _)
+    ));
+}
