@@ -50,6 +50,9 @@ pub struct Agent {
     attach_cgroup: PathBuf,
     mount: PathBuf,
     placer: Option<Arc<RwLock<Placer>>>,
+    /// The cgroup plan last applied: an unchanged plan (a change of connection caps only)
+    /// skips rewriting every cgroup and rescanning /proc.
+    applied_plan: Option<CgroupPlan>,
     started: Instant,
 }
 
@@ -113,6 +116,7 @@ impl Agent {
             attach_cgroup,
             mount,
             placer: None,
+            applied_plan: None,
             started: Instant::now(),
         };
         agent.apply(&effective.config)?;
@@ -129,12 +133,14 @@ impl Agent {
         }
         warn_unenforced(effective);
         self.limiter.apply(&limits)?;
-        if wants_cgroups(&plan) || self.placer.is_some() {
+        let unchanged = self.applied_plan.as_ref() == Some(&plan);
+        if !unchanged && (wants_cgroups(&plan) || self.placer.is_some()) {
             apply_cgroups(&self.mount, &plan)?;
             match &self.placer {
-                Some(placer) => placer.write().expect("placer lock").set_plan(plan),
+                Some(placer) => placer.write().expect("placer lock").set_plan(plan.clone()),
                 None => {
-                    let placer = Arc::new(RwLock::new(Placer::new(plan, driver(&self.mount))));
+                    let placer =
+                        Arc::new(RwLock::new(Placer::new(plan.clone(), driver(&self.mount))));
                     placement::watch(placer.clone())?;
                     self.placer = Some(placer);
                 }
@@ -153,6 +159,7 @@ impl Agent {
                 "placed processes"
             );
         }
+        self.applied_plan = Some(plan);
         tracing::info!(
             uid_caps = limits.per_uid.len(),
             default_cap = %cap_text(limits.default_cap),

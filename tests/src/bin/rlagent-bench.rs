@@ -1,4 +1,5 @@
-//! `rlagent-bench connect [--blocks N] [--iters M]` (run through `cargo xtask bench connect`).
+//! `rlagent-bench connect [--blocks N] [--iters M]` and `rlagent-bench control [--requests N]
+//! [--targets N]` (run through `cargo xtask bench <name>`).
 //!
 //! Paired A/B measurement of connect()+close() on loopback: one helper process in a cgroup
 //! with rlagent's programs attached (its UID has a cap, so the full charge path runs), one
@@ -13,12 +14,12 @@ const BENCH_UID: u32 = 61900;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(name) = args.first() else {
-        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M]");
+    let Some(name) = args.first().cloned() else {
+        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N]");
         std::process::exit(2);
     };
-    if name != "connect" {
-        eprintln!("rlagent-bench: unknown benchmark {name:?} (known: connect)");
+    if name != "connect" && name != "control" {
+        eprintln!("rlagent-bench: unknown benchmark {name:?} (known: connect, control)");
         std::process::exit(2);
     }
     let flag = |flag: &str, default: u32| -> u32 {
@@ -33,10 +34,117 @@ fn main() {
     };
     let blocks = flag("--blocks", 30);
     let iters = flag("--iters", 2000);
-    if !privileged("bench connect") {
+    if !privileged("bench") {
         std::process::exit(1);
     }
-    connect(blocks, iters);
+    if name == "control" {
+        control(flag("--requests", 500), flag("--targets", 1000));
+    } else {
+        connect(blocks, iters);
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// One request over the control socket; returns the response line.
+fn request(socket: &std::path::Path, request: &rlagent::control::protocol::Request) -> String {
+    use std::io::{BufRead, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(socket).expect("connecting to the agent");
+    stream
+        .write_all(rlagent::control::protocol::request_line(request).as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut line)
+        .unwrap();
+    line
+}
+
+/// set-quota round trip (the response comes after the state file is durable and the
+/// quota is in the kernel map), then stats with `targets` group cgroups.
+fn control(requests: u32, targets: u32) {
+    use rlagent::{control::protocol::Request, quota::Field};
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    let mut text = format!(
+        "cgroup_root = \"{}/slice\"\n{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n",
+        cgroup.relative,
+        scratch.private_paths(),
+        cgroup.relative,
+        scratch.pin_path().display()
+    );
+    for i in 0..targets {
+        text.push_str(&format!("[[group]]\nname = \"g{i:05}\"\n"));
+    }
+    std::fs::write(scratch.config_path(), text).unwrap();
+    let _agent = Agent::start(&scratch);
+    let socket = scratch.socket_path();
+    let maps = scratch.maps();
+
+    let mut round_trips = Vec::new();
+    for i in 0..requests {
+        let cap = u64::from(i % 50 + 1);
+        let set = Request::SetQuota {
+            target: format!("user:{BENCH_UID}"),
+            quota: std::collections::BTreeMap::from([(Field::Conns, cap.to_string())]),
+        };
+        let t = Instant::now();
+        let reply = request(&socket, &set);
+        round_trips.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+        assert_eq!(
+            maps.cap_for(BENCH_UID).unwrap(),
+            cap,
+            "in the kernel map when the reply arrives"
+        );
+    }
+    round_trips.sort_by(f64::total_cmp);
+    println!(
+        "set-quota round trip (request -> state file fsynced -> BPF map written -> reply), {requests} requests: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&round_trips, 0.5),
+        percentile(&round_trips, 0.99),
+        round_trips.last().unwrap()
+    );
+
+    // A cgroup field changes the cgroup plan: every managed cgroup is rewritten and /proc
+    // rescanned before the reply.
+    let mut plan_changes = Vec::new();
+    for i in 0..50u32 {
+        let set = Request::SetQuota {
+            target: "g00000".to_string(),
+            quota: std::collections::BTreeMap::from([(Field::Pids, (100 + i).to_string())]),
+        };
+        let t = Instant::now();
+        let reply = request(&socket, &set);
+        plan_changes.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+    }
+    plan_changes.sort_by(f64::total_cmp);
+    println!(
+        "set-quota of a cgroup field with {targets} managed cgroups (all rewritten, /proc rescanned), 50 requests: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&plan_changes, 0.5),
+        percentile(&plan_changes, 0.99)
+    );
+
+    let mut stats_ms = Vec::new();
+    let mut size = 0;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let reply = request(&socket, &Request::Stats { target: None });
+        stats_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        size = reply.len();
+        assert!(reply.contains("\"ok\":true"));
+    }
+    stats_ms.sort_by(f64::total_cmp);
+    println!(
+        "stats of all {targets} group targets: p50 {:.1} ms, p99 {:.1} ms, {size} bytes of JSON",
+        percentile(&stats_ms, 0.5),
+        percentile(&stats_ms, 0.99)
+    );
 }
 
 /// Run count and total run time of this agent's programs, by name.
