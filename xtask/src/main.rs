@@ -15,6 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod install;
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -37,6 +38,14 @@ enum Task {
     VmTest {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Install binaries, systemd unit, sysusers/tmpfiles entries, default config,
+    /// completions and man page (as root; --destdir to stage into a directory)
+    Install {
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
     },
     /// Setup, release build, then run rlagent with these arguments
     Run {
@@ -73,6 +82,14 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--workspace", "--bins"]))?;
             run(cargo().args(["test", "--workspace"]))?;
             vm::vm_test(&[])
+        }
+        Task::Install { destdir, prefix } => {
+            setup()?;
+            install::install(install::Options {
+                destdir,
+                prefix,
+                bin_dir: None,
+            })
         }
         Task::VmTest { args } => {
             setup()?;
