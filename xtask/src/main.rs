@@ -36,6 +36,10 @@ enum Task {
     /// The guest tests in a qemu guest (cgroup v2 quotas, host-wide BPF); extra arguments
     /// go to the test harness (e.g. a test name filter)
     VmTest {
+        /// Boot a Debian systemd guest instead, install with `xtask install` and check
+        /// the service (READY, socket, rlctl, restart, reload)
+        #[arg(long)]
+        systemd: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -91,9 +95,13 @@ fn main() -> Result<()> {
                 bin_dir: None,
             })
         }
-        Task::VmTest { args } => {
+        Task::VmTest { systemd, args } => {
             setup()?;
-            vm::vm_test(&args)
+            if systemd {
+                vm::vm_test_systemd()
+            } else {
+                vm::vm_test(&args)
+            }
         }
         Task::Run { args } => {
             setup()?;

@@ -250,6 +250,22 @@ fn build_initramfs(busybox: &Path, bins: &[(String, PathBuf)], test_args: &str) 
 
 /// Boots the guest, streams its console, returns the test exit code from the marker line.
 fn boot(vmlinux: &Path, initrd: &Path, timeout: Duration) -> Result<i32> {
+    boot_with(
+        vmlinux,
+        initrd,
+        "2048",
+        "console=ttyS0 quiet loglevel=3 panic=-1",
+        timeout,
+    )
+}
+
+fn boot_with(
+    vmlinux: &Path,
+    initrd: &Path,
+    memory_mib: &str,
+    append: &str,
+    timeout: Duration,
+) -> Result<i32> {
     let mut child = Command::new("qemu-system-x86_64")
         .args([
             "-M",
@@ -257,7 +273,7 @@ fn boot(vmlinux: &Path, initrd: &Path, timeout: Duration) -> Result<i32> {
             "-accel",
             "tcg",
             "-m",
-            "2048",
+            memory_mib,
             "-smp",
             "2",
             "-nographic",
@@ -269,7 +285,7 @@ fn boot(vmlinux: &Path, initrd: &Path, timeout: Duration) -> Result<i32> {
         .arg(vmlinux)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet loglevel=3 panic=-1"])
+        .args(["-append", append])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -330,5 +346,155 @@ pub fn vm_test(test_args: &[String]) -> Result<()> {
     if rc != 0 {
         bail!("guest tests failed (exit code {rc})");
     }
+    Ok(())
+}
+
+// ---- the systemd guest ----------------------------------------------------------------
+
+/// A Debian minbase root with systemd, cached (debootstrap takes a minute or two).
+fn ensure_systemd_rootfs() -> Result<PathBuf> {
+    let rootfs = cache().join("systemd-rootfs");
+    if rootfs.join("lib/systemd/systemd").exists() {
+        return Ok(rootfs);
+    }
+    if !have_cmd("debootstrap") {
+        let opts = apt_options()?;
+        run(Command::new("apt-get")
+            .args(&opts)
+            .args(["install", "-y", "-q", "debootstrap"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let partial = cache().join("systemd-rootfs.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    run(Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=systemd,systemd-sysv,dbus,iproute2",
+            "bookworm",
+        ])
+        .arg(&partial)
+        .arg(debian_mirror()?))?;
+    std::fs::rename(&partial, &rootfs)?;
+    Ok(rootfs)
+}
+
+fn have_cmd(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn debian_mirror() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")?;
+    text.split("\n\n")
+        .find(|stanza| {
+            stanza
+                .lines()
+                .any(|l| l.starts_with("Suites:") && l.split_whitespace().any(|s| s == "bookworm"))
+        })
+        .and_then(|stanza| stanza.lines().find_map(|l| l.strip_prefix("URIs:")))
+        .map(|u| u.trim().to_string())
+        .context("no bookworm mirror in debian.sources")
+}
+
+const CHECK_UNIT: &str = "[Unit]
+Description=rlagent systemd guest check
+After=rlagent.service
+Wants=rlagent.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/bin/rlagent-check
+StandardOutput=journal+console
+StandardError=journal+console
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// Runs inside the guest after rlagent.service is up; its output goes to the console.
+const CHECK_SCRIPT: &str = r#"#!/bin/sh
+fail() { echo "CHECK FAILED: $*"; rc=1; }
+rc=0
+systemctl is-active rlagent >/dev/null || fail "rlagent.service is not active"
+systemctl show -p Type -p ActiveState -p SubState rlagent
+getent group rlagent >/dev/null || fail "sysusers.d did not create the rlagent group"
+[ "$(stat -c '%a %G' /run/rlagent)" = "750 rlagent" ] || fail "/run/rlagent is $(stat -c '%a %G' /run/rlagent)"
+[ "$(stat -c '%a %G' /run/rlagent/rlagent.sock)" = "660 rlagent" ] || fail "socket is $(stat -c '%a %G' /run/rlagent/rlagent.sock)"
+rlctl status || fail "rlctl status"
+rlctl set-quota user:2000 --conns 3 || fail "rlctl set-quota"
+systemctl restart rlagent || fail "systemctl restart rlagent"
+rlctl list | tee /tmp/list
+grep -q 'user:2000.*conns.*3.*runtime' /tmp/list || fail "runtime quota lost across a restart"
+systemctl reload rlagent || fail "systemctl reload rlagent"
+systemctl is-active rlagent >/dev/null || fail "not active after reload"
+echo "@@VM-EXIT rc=$rc"
+exit $rc
+"#;
+
+pub fn vm_test_systemd() -> Result<()> {
+    ensure_qemu()?;
+    let (vmlinux, _busybox) = ensure_guest_kernel()?;
+    let rootfs = ensure_systemd_rootfs()?;
+    build_guest_binaries()?;
+    let stage = cache().join("systemd-stage");
+    let _ = std::fs::remove_dir_all(&stage);
+    run(Command::new("cp").arg("-a").arg(&rootfs).arg(&stage))?;
+    crate::install::install(crate::install::Options {
+        destdir: Some(stage.clone()),
+        prefix: PathBuf::from("/usr/local"),
+        bin_dir: Some(
+            crate::workspace_root()
+                .join("target")
+                .join(MUSL)
+                .join("release"),
+        ),
+    })?;
+    let etc = stage.join("etc/systemd/system");
+    std::fs::create_dir_all(etc.join("multi-user.target.wants"))?;
+    std::fs::write(etc.join("rlagent-check.service"), CHECK_UNIT)?;
+    std::fs::write(stage.join("usr/local/bin/rlagent-check"), CHECK_SCRIPT)?;
+    run(Command::new("chmod")
+        .arg("+x")
+        .arg(stage.join("usr/local/bin/rlagent-check")))?;
+    for unit in ["rlagent.service", "rlagent-check.service"] {
+        let link = etc.join("multi-user.target.wants").join(unit);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), link)?;
+    }
+    // No logins on the serial console: the guest is unattended and powers itself off.
+    for unit in [
+        "serial-getty@ttyS0.service",
+        "getty@tty1.service",
+        "systemd-networkd-wait-online.service",
+    ] {
+        let link = etc.join(unit);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/dev/null", link)?;
+    }
+    std::fs::write(stage.join("etc/hostname"), "rlagent-guest\n")?;
+    let _ = std::fs::remove_file(stage.join("init"));
+    std::os::unix::fs::symlink("/lib/systemd/systemd", stage.join("init"))?;
+    let initrd = cache().join("systemd-initrd.cpio");
+    run(Command::new("sh").current_dir(&stage).args([
+        "-c",
+        &format!("find . | cpio -o -H newc --quiet > {}", initrd.display()),
+    ]))?;
+    let started = Instant::now();
+    let rc = boot_with(
+        &vmlinux,
+        &initrd,
+        "3072",
+        "console=ttyS0 quiet loglevel=3 panic=-1 systemd.show_status=false",
+        Duration::from_secs(600),
+    )?;
+    eprintln!(
+        "xtask: systemd guest finished in {:.1} s with exit code {rc}",
+        started.elapsed().as_secs_f64()
+    );
+    anyhow::ensure!(rc == 0, "systemd guest check failed (exit code {rc})");
     Ok(())
 }
