@@ -39,6 +39,16 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// The cgroup v2 path of `pid` relative to the mount (`""` for the root, or when it exited).
+pub fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::/"))
+        .unwrap_or("")
+        .to_string()
+}
+
 /// A binary built into the same target directory as the running executable, or in
 /// `$RLAGENT_BIN_DIR` (the qemu guest keeps them in /bin).
 pub fn target_bin(name: &str) -> PathBuf {

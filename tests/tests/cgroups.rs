@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rlagent_tests::{privileged, target_bin, Agent, Scratch, TestCgroup};
+use rlagent_tests::{cgroup_of, privileged, target_bin, Agent, Scratch, TestCgroup};
 
 const PLACED_UID: u32 = 61060;
 
@@ -23,15 +23,6 @@ fn config(scratch: &Scratch, cgroup: &TestCgroup, rest: &str) {
         scratch.pin_path().display()
     );
     std::fs::write(scratch.config_path(), text).unwrap();
-}
-
-fn cgroup_of(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("0::/"))
-        .unwrap_or("")
-        .to_string()
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! `test = false`). The guest is throw-away, so here the agent may attach at the root
 //! cgroup and place processes host-wide.
 
-use rlagent_tests::{Agent, Connect, Helper, Listener, Scratch};
+use rlagent_tests::{cgroup_of, Agent, Connect, Helper, Listener, Scratch};
 
 fn in_guest() {
     assert_eq!(
@@ -70,15 +70,6 @@ fn config_with_root(scratch: &Scratch, root: &str, rest: &str) {
         format!("cgroup_root = \"{root}\"\n{text}"),
     )
     .unwrap();
-}
-
-fn cgroup_of(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("0::/"))
-        .unwrap_or("")
-        .to_string()
 }
 
 /// Waits until `pid` is in cgroup `want` (relative to the mount); returns how long it took.

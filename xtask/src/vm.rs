@@ -37,17 +37,7 @@ fn apt_options() -> Result<Vec<String>> {
     let system = Path::new("/etc/apt/sources.list.d/debian.sources");
     let text =
         std::fs::read_to_string(system).with_context(|| format!("reading {}", system.display()))?;
-    // The main archive's URI, from the stanza that lists plain `bookworm`.
-    let uri = text
-        .split("\n\n")
-        .find(|stanza| {
-            stanza
-                .lines()
-                .any(|l| l.starts_with("Suites:") && l.split_whitespace().any(|s| s == "bookworm"))
-        })
-        .and_then(|stanza| stanza.lines().find_map(|l| l.strip_prefix("URIs:")))
-        .map(|u| u.trim().to_string())
-        .context("no bookworm stanza with URIs in debian.sources")?;
+    let uri = debian_mirror()?;
     std::fs::write(parts.join("debian.sources"), &text)?;
     std::fs::write(
         parts.join("backports.sources"),

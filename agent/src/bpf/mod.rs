@@ -292,10 +292,11 @@ fn map_error(name: &'static str) -> impl Fn(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
 }
 
-fn sock_addr_program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, BpfError> {
+/// A loaded program of type `T` (CgroupSockAddr, CgroupSock) by name.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     let prog = ebpf.program_mut(name).ok_or(BpfError::Missing {
         kind: "program",
         name,
@@ -304,16 +305,18 @@ fn sock_addr_program<'a>(
         .map_err(|source| BpfError::Program { name, source })
 }
 
+fn sock_addr_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, BpfError> {
+    program(ebpf, name)
+}
+
 fn sock_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut CgroupSock, BpfError> {
-    let prog = ebpf.program_mut(name).ok_or(BpfError::Missing {
-        kind: "program",
-        name,
-    })?;
-    prog.try_into()
-        .map_err(|source| BpfError::Program { name, source })
+    program(ebpf, name)
 }
 
 fn typed_map<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, BpfError>
