@@ -31,7 +31,8 @@ struct Cli {
 enum Task {
     /// Install the eBPF toolchain pieces (idempotent)
     Setup,
-    /// Setup, fmt check, clippy, build, every host test, then the guest tests
+    /// Setup, fmt check, clippy, build, every host test, the guest tests, then the
+    /// systemd guest
     Test,
     /// The guest tests in a qemu guest (cgroup v2 quotas, host-wide BPF); extra arguments
     /// go to the test harness (e.g. a test name filter)
@@ -85,7 +86,8 @@ fn main() -> Result<()> {
             // The privileged tests start the real binaries; build them first.
             run(cargo().args(["build", "--workspace", "--bins"]))?;
             run(cargo().args(["test", "--workspace"]))?;
-            vm::vm_test(&[])
+            vm::vm_test(&[])?;
+            vm::vm_test_systemd()
         }
         Task::Install { destdir, prefix } => {
             setup()?;

@@ -298,8 +298,9 @@ fn boot_with(
             Ok(line) => {
                 let line = line.trim_end_matches('\r');
                 println!("guest| {line}");
-                if let Some(code) = line.strip_prefix(MARKER) {
-                    rc = code.trim().parse().ok();
+                // Anywhere in the line: journald prefixes what it copies to the console.
+                if let Some(at) = line.find(MARKER) {
+                    rc = line[at + MARKER.len()..].trim().parse().ok();
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -422,6 +423,9 @@ grep -q 'user:2000.*conns.*3.*runtime' /tmp/list || fail "runtime quota lost acr
 systemctl reload rlagent || fail "systemctl reload rlagent"
 systemctl is-active rlagent >/dev/null || fail "not active after reload"
 echo "@@VM-EXIT rc=$rc"
+sync
+# Immediate power off (the unit's SuccessAction did not fire on this systemd).
+systemctl poweroff -ff
 exit $rc
 "#;
 
@@ -479,7 +483,7 @@ pub fn vm_test_systemd() -> Result<()> {
         &initrd,
         "3072",
         "console=ttyS0 quiet loglevel=3 panic=-1 systemd.show_status=false",
-        Duration::from_secs(600),
+        Duration::from_secs(180),
     )?;
     eprintln!(
         "xtask: systemd guest finished in {:.1} s with exit code {rc}",
