@@ -135,6 +135,9 @@ impl Agent {
         self.limiter.apply(&limits)?;
         let unchanged = self.applied_plan.as_ref() == Some(&plan);
         if !unchanged && (wants_cgroups(&plan) || self.placer.is_some()) {
+            // Until this apply completes, nothing is known to be applied: a roll-back after
+            // a failure part-way must rewrite every cgroup, not skip an "unchanged" plan.
+            self.applied_plan = None;
             apply_cgroups(&self.mount, &plan)?;
             match &self.placer {
                 Some(placer) => placer.write().expect("placer lock").set_plan(plan.clone()),

@@ -199,8 +199,10 @@ fn conns(config_path: Option<&Path>) -> anyhow::Result<()> {
 
 fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    // What the agent enforces: the config with the quotas set through rlctl merged in.
+    let effective = rlagent::state::RuntimeState::load(&config.state_path)?.merge(&config)?;
     let mount = rlagent::cgroup2::find_mount()?;
-    let stats = rlagent::stats::collect(&config, &mount)?;
+    let stats = rlagent::stats::collect(&effective.config, &mount)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(());
