@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn_limits;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
 pub mod placement;
 pub mod proc_events;
 pub mod quota;

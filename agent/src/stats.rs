@@ -35,11 +35,22 @@ pub struct UidConnStats {
     pub denied_host: u64,
 }
 
+/// Host-wide connection counters.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub struct HostConnStats {
+    pub live: u64,
+    /// Sockets let through uncounted because a map was full.
+    pub untracked: u64,
+}
+
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Stats {
     pub targets: Vec<TargetStats>,
     /// Per-UID connection counters; empty when the programs are not installed.
     pub conns: Vec<UidConnStats>,
+    /// `None` when the programs are not installed.
+    #[serde(default)]
+    pub host: Option<HostConnStats>,
 }
 
 /// Collects stats for every cgroup the config manages (groups, user cgroups that exist,
@@ -77,8 +88,13 @@ pub fn collect(config: &Config, mount: &Path) -> Result<Stats, CgroupError> {
     }
 
     let mut conns = Vec::new();
+    let mut host = None;
     if let Ok(maps) = PinnedMaps::open(&config.bpf.pin_path) {
         if let Ok(counters) = maps.stats() {
+            host = Some(HostConnStats {
+                live: counters.host.live,
+                untracked: counters.host.untracked,
+            });
             for (uid, c) in counters.per_uid {
                 let cap = maps
                     .cap_for(uid)
@@ -95,7 +111,11 @@ pub fn collect(config: &Config, mount: &Path) -> Result<Stats, CgroupError> {
             }
         }
     }
-    Ok(Stats { targets, conns })
+    Ok(Stats {
+        targets,
+        conns,
+        host,
+    })
 }
 
 /// The human-readable form of [`Stats`] (rlagent stats, rlctl stats).

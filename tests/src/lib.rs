@@ -136,6 +136,8 @@ fn remove_cgroup_tree(dir: &Path) {
 /// A test's scratch directory with a config, the pin directory and logs.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
+    /// A loopback port free when the scratch was made, for this agent's /metrics.
+    pub metrics_port: u16,
 }
 
 impl Scratch {
@@ -145,6 +147,11 @@ impl Scratch {
                 .prefix("rlagent-test")
                 .tempdir()
                 .expect("tempdir"),
+            metrics_port: TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
         }
     }
     pub fn pin_path(&self) -> PathBuf {
@@ -162,9 +169,10 @@ impl Scratch {
     /// `[control]` and `state_path` lines that keep this test's agent to its scratch dir.
     pub fn private_paths(&self) -> String {
         format!(
-            "state_path = \"{}\"\n[control]\nsocket = \"{}\"\n",
+            "state_path = \"{}\"\n[control]\nsocket = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
             self.state_path().display(),
-            self.socket_path().display()
+            self.socket_path().display(),
+            self.metrics_port
         )
     }
     /// Writes a config attached to `cgroup` with pins in this scratch dir; `extra_bpf` goes

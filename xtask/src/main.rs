@@ -85,7 +85,10 @@ fn main() -> Result<()> {
             ]))?;
             // The privileged tests start the real binaries; build them first.
             run(cargo().args(["build", "--workspace", "--bins"]))?;
-            run(cargo().args(["test", "--workspace"]))?;
+            let promtool = vm::ensure_promtool()?;
+            run(cargo()
+                .args(["test", "--workspace"])
+                .env("RLAGENT_PROMTOOL", promtool))?;
             vm::vm_test(&[])?;
             vm::vm_test_systemd()
         }

@@ -492,3 +492,33 @@ pub fn vm_test_systemd() -> Result<()> {
     anyhow::ensure!(rc == 0, "systemd guest check failed (exit code {rc})");
     Ok(())
 }
+
+/// promtool, unpacked from Debian's `prometheus` package into the cache (not installed:
+/// installing would start a Prometheus server through its init script).
+pub fn ensure_promtool() -> Result<PathBuf> {
+    let dir = cache().join("prometheus");
+    let promtool = dir.join("root/usr/bin/promtool");
+    if promtool.exists() {
+        return Ok(promtool);
+    }
+    let opts = apt_options()?;
+    std::fs::create_dir_all(&dir)?;
+    run(Command::new("apt-get")
+        .current_dir(&dir)
+        .args(&opts)
+        .args(["download", "prometheus"]))?;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "deb") {
+            run(Command::new("dpkg")
+                .arg("-x")
+                .arg(&path)
+                .arg(dir.join("root")))?;
+        }
+    }
+    anyhow::ensure!(
+        promtool.exists(),
+        "the prometheus package has no usr/bin/promtool"
+    );
+    Ok(promtool)
+}

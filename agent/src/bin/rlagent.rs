@@ -96,8 +96,12 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        // The socket first: "already in use" must fail before anything is loaded.
+        // The listeners first: "already in use" must fail before anything is loaded.
         let listener = server::bind(&config)?;
+        let metrics_listen = config.metrics_listen;
+        let metrics = tokio::net::TcpListener::bind(metrics_listen)
+            .await
+            .with_context(|| format!("metrics listen address {metrics_listen}"))?;
         let agent = Agent::start(config)?;
         let shared = Arc::new(server::Shared {
             agent: Mutex::new(agent),
@@ -105,13 +109,22 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             admin_gid,
         });
         tokio::spawn(server::serve(listener, shared.clone()));
+        let scrape_from = shared.clone();
+        let collect = Arc::new(move || {
+            let (config, mount) = {
+                let agent = scrape_from.agent.lock().unwrap_or_else(|p| p.into_inner());
+                (agent.effective().config.clone(), agent.mount().to_path_buf())
+            };
+            rlagent::stats::collect(&config, &mount).map_err(|e| e.to_string())
+        });
+        tokio::spawn(rlagent::metrics::serve(metrics, collect));
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!("cannot notify systemd: {e}");
         }
-        tracing::info!(socket = %socket_path.display(), "ready");
+        tracing::info!(socket = %socket_path.display(), metrics = %metrics_listen, "ready");
         loop {
             tokio::select! {
                 _ = hangup.recv() => {
