@@ -251,6 +251,13 @@ impl Agent {
         &self.attach_cgroup
     }
 
+    /// Processes placed since start.
+    pub fn placement_moves(&self) -> u64 {
+        self.placer
+            .as_ref()
+            .map_or(0, |p| p.read().expect("placer lock").moves())
+    }
+
     pub fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()
     }

@@ -265,6 +265,27 @@ pub fn render(stats: &Stats) -> String {
             host.untracked as f64,
         );
     }
+    e.counter(
+        "rlagent_placement_moves_total",
+        "Processes the agent moved into their target's cgroup.",
+        &[],
+        stats.placement_moves as f64,
+    );
+    for p in &stats.programs {
+        let l = [("program", p.program.clone())];
+        e.counter(
+            "rlagent_bpf_program_runs_total",
+            "Runs of the kernel program (with kernel.bpf_stats_enabled).",
+            &l,
+            p.runs as f64,
+        );
+        e.counter(
+            "rlagent_bpf_program_run_seconds_total",
+            "Time spent in the kernel program.",
+            &l,
+            p.run_seconds,
+        );
+    }
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&e.families, &mut out)
@@ -272,11 +293,36 @@ pub fn render(stats: &Stats) -> String {
     String::from_utf8(out).expect("the text format is UTF-8")
 }
 
+/// Keeps per-UID series to UIDs that matter: those with a cap, with live connections, or
+/// whose counters moved within [`UID_ACTIVITY_WINDOW`]. Idle UIDs drop out, so the
+/// number of series follows activity, not history.
+#[derive(Default)]
+pub struct UidActivity {
+    last: HashMap<u32, (u64, std::time::Instant)>,
+}
+
+pub const UID_ACTIVITY_WINDOW: Duration = Duration::from_secs(300);
+
+impl UidActivity {
+    pub fn retain(&mut self, stats: &mut Stats, now: std::time::Instant) {
+        stats.conns.retain(|c| {
+            let total = c.admitted + c.denied_cap + c.denied_host;
+            let changed_at = match self.last.get(&c.uid) {
+                Some((seen, at)) if *seen == total => *at,
+                _ => now,
+            };
+            self.last.insert(c.uid, (total, changed_at));
+            c.cap.is_some() || c.live > 0 || now.duration_since(changed_at) < UID_ACTIVITY_WINDOW
+        });
+    }
+}
+
 /// Serves `/metrics` over HTTP/1.1; `collect` builds the stats for each scrape.
 pub async fn serve<F>(listener: tokio::net::TcpListener, collect: Arc<F>)
 where
     F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
 {
+    let activity = Arc::new(std::sync::Mutex::new(UidActivity::default()));
     loop {
         let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -287,10 +333,12 @@ where
             }
         };
         let collect = collect.clone();
+        let activity = activity.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let collect = collect.clone();
-                async move { Ok::<_, Infallible>(respond(req, collect).await) }
+                let activity = activity.clone();
+                async move { Ok::<_, Infallible>(respond(req, collect, activity).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -301,7 +349,11 @@ where
     }
 }
 
-async fn respond<F>(req: Request<hyper::body::Incoming>, collect: Arc<F>) -> Response<Full<Bytes>>
+async fn respond<F>(
+    req: Request<hyper::body::Incoming>,
+    collect: Arc<F>,
+    activity: Arc<std::sync::Mutex<UidActivity>>,
+) -> Response<Full<Bytes>>
 where
     F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
 {
@@ -313,7 +365,16 @@ where
             .expect("static response parts")
     };
     match req.uri().path() {
-        "/metrics" => match tokio::task::spawn_blocking(move || collect()).await {
+        "/metrics" => match tokio::task::spawn_blocking(move || {
+            let mut stats = collect()?;
+            activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(&mut stats, std::time::Instant::now());
+            Ok::<_, String>(stats)
+        })
+        .await
+        {
             Ok(Ok(stats)) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -390,6 +451,8 @@ mod tests {
                 live: 3,
                 untracked: 0,
             }),
+            placement_moves: 4,
+            programs: vec![],
         };
         let text = render(&stats);
         for line in [
@@ -404,6 +467,7 @@ mod tests {
             "rlagent_connections_denied_total{uid=\"1000\",reason=\"cap\"} 2",
             "# TYPE rlagent_host_connections_live gauge",
             "rlagent_build_info{version=\"0.1.0\"} 1",
+            "rlagent_placement_moves_total 4",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -415,6 +479,60 @@ mod tests {
             text.matches("# TYPE rlagent_connections_denied_total")
                 .count(),
             1
+        );
+    }
+
+    fn uid(uid: u32, live: u64, cap: Option<u64>, admitted: u64) -> UidConnStats {
+        UidConnStats {
+            uid,
+            live,
+            cap,
+            admitted,
+            denied_cap: 0,
+            denied_host: 0,
+        }
+    }
+
+    #[test]
+    fn idle_uids_drop_out_of_the_per_uid_series() {
+        let mut activity = UidActivity::default();
+        let start = std::time::Instant::now();
+        let scrape =
+            |activity: &mut UidActivity, at: std::time::Instant, conns: Vec<UidConnStats>| {
+                let mut stats = Stats {
+                    targets: vec![],
+                    conns,
+                    host: None,
+                    placement_moves: 0,
+                    programs: vec![],
+                };
+                activity.retain(&mut stats, at);
+                stats.conns.iter().map(|c| c.uid).collect::<Vec<_>>()
+            };
+        let all = || {
+            vec![
+                uid(1, 0, None, 5),
+                uid(2, 0, Some(4), 5),
+                uid(3, 2, None, 5),
+            ]
+        };
+        assert_eq!(
+            scrape(&mut activity, start, all()),
+            vec![1, 2, 3],
+            "new activity is shown"
+        );
+        let later = start + UID_ACTIVITY_WINDOW + Duration::from_secs(1);
+        assert_eq!(
+            scrape(&mut activity, later, all()),
+            vec![2, 3],
+            "idle UID 1 drops out; caps and live stay"
+        );
+        let mut busy = all();
+        busy[0].admitted = 6;
+        assert_eq!(
+            scrape(&mut activity, later, busy),
+            vec![1, 2, 3],
+            "it comes back when it connects"
         );
     }
 }

@@ -134,6 +134,8 @@ pub struct Placer {
     plan: CgroupPlan,
     driver: CgroupDriver,
     own_pid: u32,
+    /// Processes moved since start (scan and events).
+    moves: std::sync::atomic::AtomicU64,
 }
 
 /// Counts from one full scan.
@@ -150,7 +152,12 @@ impl Placer {
             plan,
             driver,
             own_pid: std::process::id(),
+            moves: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    pub fn moves(&self) -> u64 {
+        self.moves.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set_plan(&mut self, plan: CgroupPlan) {
@@ -176,7 +183,11 @@ impl Placer {
             return Ok(None);
         }
         match self.driver.fs().move_pid(&target, pid) {
-            Ok(()) => Ok(Some(target)),
+            Ok(()) => {
+                self.moves
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(Some(target))
+            }
             // Exited between the read and the move.
             Err(CgroupError::Write { source, .. })
                 if source.raw_os_error() == Some(libc::ESRCH) =>

@@ -51,6 +51,45 @@ pub struct Stats {
     /// `None` when the programs are not installed.
     #[serde(default)]
     pub host: Option<HostConnStats>,
+    /// Processes the agent placed since it started (0 outside the agent).
+    #[serde(default)]
+    pub placement_moves: u64,
+    /// Run counts of the kernel programs, when the kernel keeps them
+    /// (`kernel.bpf_stats_enabled`); empty otherwise.
+    #[serde(default)]
+    pub programs: Vec<ProgramStats>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ProgramStats {
+    pub program: String,
+    pub runs: u64,
+    pub run_seconds: f64,
+}
+
+/// rlagent's programs with a run count (the kernel counts only while BPF stats are on).
+fn program_stats() -> Vec<ProgramStats> {
+    let mut by_name: std::collections::BTreeMap<String, (u64, f64)> =
+        std::collections::BTreeMap::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if !name.starts_with("rl_") || info.run_count() == 0 {
+            continue;
+        }
+        let entry = by_name.entry(name.to_string()).or_default();
+        entry.0 += info.run_count();
+        entry.1 += info.run_time().as_secs_f64();
+    }
+    by_name
+        .into_iter()
+        .map(|(program, (runs, run_seconds))| ProgramStats {
+            program,
+            runs,
+            run_seconds,
+        })
+        .collect()
 }
 
 /// Collects stats for every cgroup the config manages (groups, user cgroups that exist,
@@ -115,6 +154,8 @@ pub fn collect(config: &Config, mount: &Path) -> Result<Stats, CgroupError> {
         targets,
         conns,
         host,
+        placement_moves: 0,
+        programs: program_stats(),
     })
 }
 

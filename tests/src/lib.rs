@@ -39,6 +39,28 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// GET `path` from this scratch's agent's metrics listener; (status line and headers, body).
+pub fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::Read;
+    let mut s =
+        TcpStream::connect(("127.0.0.1", port)).expect("connecting to the metrics listener");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// The value of one sample line (`name{labels}`) in a Prometheus text body.
+pub fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The cgroup v2 path of `pid` relative to the mount (`""` for the root, or when it exited).
 pub fn cgroup_of(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup"))

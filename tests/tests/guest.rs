@@ -183,6 +183,16 @@ fn cpu_quota_holds_a_busy_loop_to_half_a_cpu() {
         stats["cpu"]["throttled_usec"].as_u64().unwrap() > 500_000,
         "{stats}"
     );
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    let series =
+        |s: &str| rlagent_tests::sample(&body, s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
+    assert!(series("rlagent_cpu_throttled_periods_total{target=\"group:batch\"}") > 10.0);
+    assert!(series("rlagent_cpu_throttled_seconds_total{target=\"group:batch\"}") > 0.5);
+    assert_eq!(
+        series("rlagent_cpu_quota_cores{target=\"group:batch\"}"),
+        0.5
+    );
+    assert!(series("rlagent_placement_moves_total") >= 1.0);
 }
 
 #[test]
@@ -210,6 +220,19 @@ fn memory_max_oom_kills_the_offender_only() {
     let stats = target_stats(&scratch, "group:hog");
     assert_eq!(stats["memory"]["events_oom_kill"], 1, "{stats}");
     assert!(stats["memory"]["max"] == 64 << 20, "{stats}");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    assert_eq!(
+        rlagent_tests::sample(
+            &body,
+            "rlagent_memory_oom_kills_total{target=\"group:hog\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        rlagent_tests::sample(&body, "rlagent_memory_max_bytes{target=\"group:hog\"}"),
+        Some(67108864.0)
+    );
     assert!(
         calm.try_wait().unwrap().is_none(),
         "the other group is unaffected"
@@ -248,6 +271,17 @@ fn pids_max_contains_a_fork_bomb() {
     );
     let stats = target_stats(&scratch, "group:bomb");
     assert_eq!(stats["pids"]["max"], 10, "{stats}");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    assert!(
+        rlagent_tests::sample(&body, "rlagent_pids_denied_total{target=\"group:bomb\"}")
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{body}"
+    );
+    assert_eq!(
+        rlagent_tests::sample(&body, "rlagent_pids_max{target=\"group:bomb\"}"),
+        Some(10.0)
+    );
     assert!(
         stats["pids"]["events_max"].as_u64().unwrap() >= 1,
         "{stats}"

@@ -2,27 +2,15 @@
 //! by Prometheus's own `promtool check metrics`.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
+    io::Write,
     process::{Command, Stdio},
 };
 
-use rlagent_tests::{privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
+use rlagent_tests::{
+    http_get as scrape, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup,
+};
 
 const UID: u32 = 61201;
-
-fn scrape(port: u16, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.to_string(), body.to_string())
-}
 
 #[test]
 fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {

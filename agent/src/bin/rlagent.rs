@@ -111,11 +111,13 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         tokio::spawn(server::serve(listener, shared.clone()));
         let scrape_from = shared.clone();
         let collect = Arc::new(move || {
-            let (config, mount) = {
+            let (config, mount, moves) = {
                 let agent = scrape_from.agent.lock().unwrap_or_else(|p| p.into_inner());
-                (agent.effective().config.clone(), agent.mount().to_path_buf())
+                (agent.effective().config.clone(), agent.mount().to_path_buf(), agent.placement_moves())
             };
-            rlagent::stats::collect(&config, &mount).map_err(|e| e.to_string())
+            let mut stats = rlagent::stats::collect(&config, &mount).map_err(|e| e.to_string())?;
+            stats.placement_moves = moves;
+            Ok(stats)
         });
         tokio::spawn(rlagent::metrics::serve(metrics, collect));
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;

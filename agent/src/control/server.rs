@@ -310,11 +310,12 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
             Response::ok(json!({ "targets": targets }))
         }
         Request::Stats { target } => {
-            let (config, mount) = {
+            let (config, mount, moves) = {
                 let agent = lock();
                 (
                     agent.effective().config.clone(),
                     agent.mount().to_path_buf(),
+                    agent.placement_moves(),
                 )
             };
             let wanted = match target.as_deref().map(parse_target).transpose() {
@@ -331,6 +332,7 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
             }
             match crate::stats::collect(&config, &mount) {
                 Ok(mut stats) => {
+                    stats.placement_moves = moves;
                     let keep = |name: &str| match (&wanted, access) {
                         (Some(t), _) => name == t.to_string(),
                         (None, Access::Admin) => true,
