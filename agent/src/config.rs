@@ -74,6 +74,69 @@ struct RawConfig {
     groups: Vec<Spanned<RawGroup>>,
     #[serde(default, rename = "quota")]
     quotas: Vec<Spanned<RawQuotaEntry>>,
+    #[serde(default)]
+    alerts: RawAlerts,
+    #[serde(default, rename = "alert")]
+    alert_rules: Vec<Spanned<RawAlertRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    #[serde(default = "default_true")]
+    defaults: bool,
+    #[serde(default = "default_alert_interval")]
+    interval: Spanned<String>,
+}
+impl Default for RawAlerts {
+    fn default() -> Self {
+        Self {
+            defaults: true,
+            interval: default_alert_interval(),
+        }
+    }
+}
+fn default_true() -> bool {
+    true
+}
+fn default_alert_interval() -> Spanned<String> {
+    Spanned::new(0..0, "15s".to_string())
+}
+
+/// `[[alert]]`: a rule of the alert engine.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlertRule {
+    name: String,
+    stat: crate::alerts::Stat,
+    op: crate::alerts::Op,
+    threshold: f64,
+    #[serde(default, rename = "for")]
+    for_duration: Option<String>,
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default = "default_severity")]
+    severity: String,
+    summary: String,
+}
+fn default_severity() -> String {
+    "warning".to_string()
+}
+
+/// `30s`, `5m`, `1h`, or `0`.
+fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    if text == "0" {
+        return Some(std::time::Duration::ZERO);
+    }
+    let (number, unit) = text.split_at(text.len().checked_sub(1)?);
+    let n: u64 = number.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
 }
 
 fn default_cgroup_root() -> Spanned<String> {
@@ -235,7 +298,7 @@ pub struct GroupRule {
 }
 
 /// A validated config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where the config came from (a path, or `<embedded default>`).
     pub source: PathBuf,
@@ -250,6 +313,10 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub groups: Vec<GroupRule>,
     pub quotas: BTreeMap<Target, Quota>,
+    /// The alert engine's rules (the defaults unless `[alerts] defaults = false`, then
+    /// every `[[alert]]`).
+    pub alert_rules: Vec<crate::alerts::Rule>,
+    pub alert_interval: std::time::Duration,
 }
 
 /// Connect errnos an operator may choose; each makes sense to a program that connect()s.
@@ -459,6 +526,51 @@ impl Config {
             }
         }
 
+        let interval = &raw.alerts.interval;
+        let alert_interval = parse_duration(interval.get_ref())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                invalid(
+                    line_of(interval.span()),
+                    "interval",
+                    interval.get_ref(),
+                    "expected a duration such as 15s or 1m",
+                )
+            })?;
+        let mut alert_rules = if raw.alerts.defaults {
+            crate::alerts::default_rules()
+        } else {
+            Vec::new()
+        };
+        for rule in &raw.alert_rules {
+            let line = line_of(rule.span());
+            let r = rule.get_ref();
+            let duration = |field: &'static str, text: &Option<String>, default: u64| match text {
+                None => Ok(std::time::Duration::from_secs(default)),
+                Some(t) => parse_duration(t).ok_or_else(|| {
+                    invalid(line, field, t, "expected a duration such as 30s, 5m or 1h")
+                }),
+            };
+            if alert_rules.iter().any(|existing| existing.name == r.name) {
+                return Err(invalid(
+                    line,
+                    "name",
+                    &r.name,
+                    "another alert rule has this name",
+                ));
+            }
+            alert_rules.push(crate::alerts::Rule {
+                name: r.name.clone(),
+                stat: r.stat,
+                op: r.op,
+                threshold: r.threshold,
+                for_duration: duration("for", &r.for_duration, 0)?,
+                window: duration("window", &r.window, 60)?,
+                severity: r.severity.clone(),
+                summary: r.summary.clone(),
+            });
+        }
+
         Ok(Self {
             source: path.to_path_buf(),
             cgroup_root,
@@ -478,6 +590,8 @@ impl Config {
             metrics_listen,
             groups,
             quotas,
+            alert_rules,
+            alert_interval,
         })
     }
 }
@@ -631,6 +745,33 @@ conns = "max"
         assert!(e.contains("kind prefix"), "{e}");
         let e = err("[bpf\n");
         assert!(e.contains("test.toml"), "{e}");
+    }
+
+    #[test]
+    fn alert_rules_from_the_config_join_the_defaults() {
+        let c = parse(
+            "[alerts]\ninterval = \"5s\"\n[[alert]]\nname = \"Busy\"\nstat = \"conns_ratio\"\nop = \">=\"\nthreshold = 0.5\nfor = \"2m\"\nsummary = \"{target} busy\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.alert_interval, std::time::Duration::from_secs(5));
+        assert_eq!(c.alert_rules.len(), 6);
+        let busy = c.alert_rules.last().unwrap();
+        assert_eq!(
+            (busy.for_duration.as_secs(), busy.severity.as_str()),
+            (120, "warning")
+        );
+        let only = parse("[alerts]\ndefaults = false\n").unwrap();
+        assert!(only.alert_rules.is_empty());
+        let e = err("[[alert]]\nname = \"X\"\nstat = \"conns_ratio\"\nop = \">\"\nthreshold = 1\nfor = \"soon\"\nsummary = \"s\"\n");
+        assert!(e.contains("line 1") && e.contains("for = \"soon\""), "{e}");
+        let e = err("[[alert]]\nname = \"X\"\nstat = \"disk\"\nop = \">\"\nthreshold = 1\nsummary = \"s\"\n");
+        assert!(
+            e.contains("disk") && e.contains("memory_usage_ratio"),
+            "{e}"
+        );
+        let e = err("[[alert]]\nname = \"RlagentOomKill\"\nstat = \"oom_kills\"\nop = \">\"\nthreshold = 1\nsummary = \"s\"\n");
+        assert!(e.contains("another alert rule"), "{e}");
+        assert!(err("[alerts]\ninterval = \"0\"\n").contains("interval"));
     }
 
     #[test]

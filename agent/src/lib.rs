@@ -1,6 +1,7 @@
 //! rlagent: host-level resource enforcement. See design.md in the repository's shared notes
 //! and the README for the architecture.
 
+pub mod alerts;
 pub mod bpf;
 pub mod cgroup;
 pub mod cgroup2;

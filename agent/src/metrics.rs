@@ -271,6 +271,12 @@ pub fn render(stats: &Stats) -> String {
         &[],
         stats.placement_moves as f64,
     );
+    e.gauge(
+        "rlagent_alerts_firing",
+        "Alerts of the agent's own engine that are firing.",
+        &[],
+        stats.alerts_firing as f64,
+    );
     for p in &stats.programs {
         let l = [("program", p.program.clone())];
         e.counter(
@@ -452,6 +458,7 @@ mod tests {
                 untracked: 0,
             }),
             placement_moves: 4,
+            alerts_firing: 1,
             programs: vec![],
         };
         let text = render(&stats);
@@ -468,6 +475,7 @@ mod tests {
             "# TYPE rlagent_host_connections_live gauge",
             "rlagent_build_info{version=\"0.1.0\"} 1",
             "rlagent_placement_moves_total 4",
+            "rlagent_alerts_firing 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -504,6 +512,7 @@ mod tests {
                     conns,
                     host: None,
                     placement_moves: 0,
+                    alerts_firing: 0,
                     programs: vec![],
                 };
                 activity.retain(&mut stats, at);

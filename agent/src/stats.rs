@@ -54,6 +54,9 @@ pub struct Stats {
     /// Processes the agent placed since it started (0 outside the agent).
     #[serde(default)]
     pub placement_moves: u64,
+    /// Alerts firing now (0 outside the agent).
+    #[serde(default)]
+    pub alerts_firing: usize,
     /// Run counts of the kernel programs, when the kernel keeps them
     /// (`kernel.bpf_stats_enabled`); empty otherwise.
     #[serde(default)]
@@ -155,6 +158,7 @@ pub fn collect(config: &Config, mount: &Path) -> Result<Stats, CgroupError> {
         conns,
         host,
         placement_moves: 0,
+        alerts_firing: 0,
         programs: program_stats(),
     })
 }

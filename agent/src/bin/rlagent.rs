@@ -103,23 +103,18 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("metrics listen address {metrics_listen}"))?;
         let agent = Agent::start(config)?;
+        let engine = rlagent::alerts::Engine::new(agent.effective().config.alert_rules.clone());
         let shared = Arc::new(server::Shared {
+            alerts: Mutex::new(engine),
             agent: Mutex::new(agent),
             config_path: config_path.map(Path::to_path_buf),
             admin_gid,
         });
         tokio::spawn(server::serve(listener, shared.clone()));
         let scrape_from = shared.clone();
-        let collect = Arc::new(move || {
-            let (config, mount, moves) = {
-                let agent = scrape_from.agent.lock().unwrap_or_else(|p| p.into_inner());
-                (agent.effective().config.clone(), agent.mount().to_path_buf(), agent.placement_moves())
-            };
-            let mut stats = rlagent::stats::collect(&config, &mount).map_err(|e| e.to_string())?;
-            stats.placement_moves = moves;
-            Ok(stats)
-        });
+        let collect = Arc::new(move || collect_stats(&scrape_from));
         tokio::spawn(rlagent::metrics::serve(metrics, collect));
+        tokio::spawn(evaluate_alerts(shared.clone()));
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -133,15 +128,16 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
                     match Config::load(config_path) {
                         Ok(config) => {
-                            let shared = shared.clone();
+                            let reloading = shared.clone();
                             let result = tokio::task::spawn_blocking(move || {
-                                shared.agent.lock().unwrap_or_else(|p| p.into_inner()).reload(config)
+                                reloading.agent.lock().unwrap_or_else(|p| p.into_inner()).reload(config)
                                 .map_err(|e| e.to_string())
                             })
                             .await
                             .context("reload task")?;
-                            if let Err(e) = result {
-                                tracing::error!("reload failed, keeping the running limits: {e}");
+                            match result {
+                                Ok(()) => server::reload_alert_rules(&shared),
+                                Err(e) => tracing::error!("reload failed, keeping the running limits: {e}"),
                             }
                         }
                         Err(e) => tracing::error!("reload refused, keeping the running config: {e}"),
@@ -157,6 +153,56 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         tracing::info!("stopping; programs stay attached through their pinned links (rlagent uninstall removes them)");
         anyhow::Ok(())
     })
+}
+
+/// Stats of everything the agent enforces, with its own counters: for /metrics and the
+/// alert engine. The agent's lock is held only to copy what the collection needs.
+fn collect_stats(shared: &server::Shared) -> Result<rlagent::stats::Stats, String> {
+    let (config, mount, moves) = {
+        let agent = shared.agent.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            agent.effective().config.clone(),
+            agent.mount().to_path_buf(),
+            agent.placement_moves(),
+        )
+    };
+    let mut stats = rlagent::stats::collect(&config, &mount).map_err(|e| e.to_string())?;
+    stats.placement_moves = moves;
+    stats.alerts_firing = shared
+        .alerts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .firing();
+    Ok(stats)
+}
+
+/// Evaluates the alert rules every `[alerts] interval`, logging each transition once.
+async fn evaluate_alerts(shared: Arc<server::Shared>) {
+    let started = std::time::Instant::now();
+    loop {
+        let interval = shared
+            .agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config()
+            .alert_interval;
+        tokio::time::sleep(interval).await;
+        let shared = shared.clone();
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let stats = collect_stats(&shared)?;
+            let transitions = shared
+                .alerts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .evaluate(&stats, started.elapsed());
+            rlagent::alerts::Engine::log(&transitions);
+            Ok::<_, String>(())
+        })
+        .await;
+        if let Ok(Err(e)) = evaluated {
+            tracing::warn!("alert evaluation skipped: {e}");
+        }
+    }
 }
 
 fn check_config(config_path: Option<&Path>) -> anyhow::Result<()> {

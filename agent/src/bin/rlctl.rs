@@ -97,7 +97,7 @@ enum Command {
     Stats { target: Option<String> },
     /// The agent's version, uptime, kernel features and attach point
     Status,
-    /// Alerts (not in this build)
+    /// Alerts of the agent's engine that are pending or firing
     Alerts {
         #[arg(long)]
         watch: bool,
@@ -183,9 +183,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::List => Request::List {},
         Command::Stats { target } => Request::Stats { target },
         Command::Status => Request::Status {},
-        Command::Alerts { .. } => {
-            return Err("this build of rlagent has no alert engine yet".to_string());
+        Command::Alerts { watch: true } => {
+            return Err(
+                "alerts --watch (a live stream) is not in this build; run `rlctl alerts` to list"
+                    .to_string(),
+            );
         }
+        Command::Alerts { watch: false } => Request::Alerts {},
         Command::Run { group, cmd } => {
             let response = call(
                 &cli.socket,
@@ -353,6 +357,29 @@ fn render(request: &Request, result: &serde_json::Value) -> String {
             );
         }
         Request::Reload {} => out.push_str("reloaded\n"),
+        Request::Alerts {} => {
+            let alerts = result["alerts"].as_array().cloned().unwrap_or_default();
+            if alerts.is_empty() {
+                out.push_str("no alerts pending or firing\n");
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<8} {:<9} {:<28} {:<20} SUMMARY",
+                    "STATE", "SEVERITY", "RULE", "TARGET"
+                );
+            }
+            for a in alerts {
+                let _ = writeln!(
+                    out,
+                    "{:<8} {:<9} {:<28} {:<20} {}",
+                    a["state"].as_str().unwrap_or(""),
+                    a["severity"].as_str().unwrap_or(""),
+                    a["rule"].as_str().unwrap_or(""),
+                    a["target"].as_str().unwrap_or(""),
+                    a["summary"].as_str().unwrap_or("")
+                );
+            }
+        }
     }
     out
 }

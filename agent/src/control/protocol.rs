@@ -40,6 +40,8 @@ pub enum Request {
         target: Option<String>,
     },
     Status {},
+    /// Alerts of the agent's engine that are pending or firing.
+    Alerts {},
     /// Moves processes into a group's cgroup (`rlctl run` moves itself, then execs).
     Move {
         group: String,
@@ -182,6 +184,7 @@ mod tests {
             Request::List {},
             Request::Stats { target: None },
             Request::Status {},
+            Request::Alerts {},
             Request::Move {
                 group: "batch".into(),
                 pids: vec![1, 2],

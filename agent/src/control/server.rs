@@ -52,6 +52,8 @@ pub enum ServerError {
 /// What the request handlers share.
 pub struct Shared {
     pub agent: Mutex<Agent>,
+    /// The alert engine, evaluated on its own schedule (see `rlagent run`).
+    pub alerts: Mutex<crate::alerts::Engine>,
     /// The config file the agent was started with (`None`: the embedded default).
     pub config_path: Option<PathBuf>,
     pub admin_gid: Option<u32>,
@@ -360,8 +362,22 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
                 "bpf_pin_path": agent.config().bpf.pin_path,
                 "config": agent.config().source,
                 "targets": agent.effective().config.quotas.len(),
-                "alerts_firing": 0,
+                "alerts_firing": shared.alerts.lock().unwrap_or_else(|p| p.into_inner()).firing(),
             }))
+        }
+        Request::Alerts {} => {
+            let alerts: Vec<crate::alerts::Alert> = shared
+                .alerts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .current()
+                .into_iter()
+                .filter(|a| match access {
+                    Access::Admin => true,
+                    Access::Reader { uid } => a.target == format!("user:{uid}"),
+                })
+                .collect();
+            Response::ok(json!({ "alerts": alerts }))
         }
         Request::Move { group, pids } => match lock().move_to_group(&group, &pids) {
             Ok(cgroup) => Response::ok(json!({ "group": group, "cgroup": cgroup, "moved": pids })),
@@ -373,11 +389,31 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
                 format!("reload refused, keeping the running config: {e}"),
             ),
             Ok(config) => match lock().reload(config) {
-                Ok(()) => Response::ok(json!({ "reloaded": true })),
+                Ok(()) => {
+                    reload_alert_rules(shared);
+                    Response::ok(json!({ "reloaded": true }))
+                }
                 Err(e) => refused(e),
             },
         },
     }
+}
+
+/// Gives the alert engine the rules of the config just loaded.
+pub fn reload_alert_rules(shared: &Shared) {
+    let rules = shared
+        .agent
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .effective()
+        .config
+        .alert_rules
+        .clone();
+    shared
+        .alerts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_rules(rules);
 }
 
 /// A reader sees only its own user target.
