@@ -470,3 +470,49 @@ fn rlctl_run_places_the_command_and_conns_take_effect_on_the_next_connect() {
         Connect::Err(libc::EPERM, _)
     ));
 }
+
+#[test]
+fn the_memory_alert_fires_above_85_percent_of_memory_max() {
+    in_guest();
+    let scratch = Scratch::new();
+    config_with_root(
+        &scratch,
+        "rl-alert",
+        "[[group]]\nname = \"hold\"\nuids = [2012]\n[[quota]]\ntarget = \"hold\"\nmemory = \"64M\"\n\
+         [alerts]\ndefaults = false\ninterval = \"1s\"\n\
+         [[alert]]\nname = \"MemoryNearLimit\"\nstat = \"memory_usage_ratio\"\nop = \">\"\nthreshold = 0.85\nfor = \"2s\"\nsummary = \"{target} uses {value} of its memory limit\"\n",
+    );
+    let _agent = Agent::start(&scratch);
+    let mut p = load(2012, "wait touch 58 20");
+    wait_placed(p.id(), "rl-alert/hold");
+    go(&mut p);
+    assert_eq!(read_line(&mut p), "touched 58");
+    let start = Instant::now();
+    loop {
+        let out = rlctl(&scratch, &["alerts", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let firing = v["alerts"].as_array().unwrap().iter().any(|a| {
+            a["rule"] == "MemoryNearLimit" && a["target"] == "group:hold" && a["state"] == "firing"
+        });
+        if firing {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no firing memory alert: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!(
+        "memory alert fired {} ms after the process reached 58 of 64 MiB",
+        start.elapsed().as_millis()
+    );
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    assert_eq!(
+        rlagent_tests::sample(&body, "rlagent_alerts_firing"),
+        Some(1.0),
+        "{body}"
+    );
+    p.kill().unwrap();
+    p.wait().unwrap();
+}

@@ -1,6 +1,6 @@
 //! Workloads for the guest tests, each a plain process the agent places and limits:
 //!   `spin <secs>`            busy loop for <secs> of wall time
-//!   `touch <MiB>`            allocate and touch <MiB> of memory, then print `touched`
+//!   `touch <MiB> [secs]`     allocate and touch <MiB>, print `touched`, hold it <secs>
 //!   `forkbomb <n> <secs>`    fork up to <n> sleeping children; print `forked <k> errno <e>`
 //!   `become <uid> <secs>`    wait for a line on stdin, setuid(<uid>), print `became`, sleep
 //!   `sleep <secs>`
@@ -45,6 +45,12 @@ fn main() {
                 chunks.push(chunk);
             }
             println!("touched {}", chunks.len());
+            std::io::stdout().flush().unwrap();
+            // Optionally hold the memory (for alerts on usage).
+            if let Some(secs) = args.get(2).and_then(|a| a.parse().ok()) {
+                std::thread::sleep(Duration::from_secs(secs));
+            }
+            drop(chunks);
         }
         Some("forkbomb") => {
             let (n, secs) = (num(1), num(2));
