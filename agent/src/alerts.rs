@@ -174,7 +174,19 @@ struct History(VecDeque<(Duration, f64)>);
 impl History {
     /// Records `value` at `now` and returns the increase over `window` (a counter reset,
     /// such as a recreated cgroup, counts from zero).
-    fn increase(&mut self, now: Duration, value: f64, window: Duration, keep: Duration) -> f64 {
+    /// `new_from_zero`: a series first seen now counts from zero (it appeared since the
+    /// last evaluation), rather than from its current value.
+    fn increase(
+        &mut self,
+        now: Duration,
+        value: f64,
+        window: Duration,
+        keep: Duration,
+        new_from_zero: bool,
+    ) -> f64 {
+        if self.0.is_empty() && new_from_zero {
+            self.0.push_back((now, 0.0));
+        }
         self.0.push_back((now, value));
         while self
             .0
@@ -198,6 +210,9 @@ impl History {
 
 pub struct Engine {
     rules: Vec<Rule>,
+    /// Evaluations so far: series that appear after the first one are new and count from
+    /// zero; at the first, counters may predate the agent (pinned maps survive restarts).
+    evaluations: u64,
     /// (rule, target) → (state, since, last value).
     active: BTreeMap<(String, String), (State, Duration, f64)>,
     history: BTreeMap<String, History>,
@@ -207,6 +222,7 @@ impl Engine {
     pub fn new(rules: Vec<Rule>) -> Self {
         Self {
             rules,
+            evaluations: 0,
             active: BTreeMap::new(),
             history: BTreeMap::new(),
         }
@@ -221,6 +237,7 @@ impl Engine {
         now: Duration,
     ) -> Vec<(String, f64)> {
         let keep = Duration::from_secs(900);
+        let fresh = self.evaluations > 0;
         let mut out = Vec::new();
         match stat {
             Stat::MemoryUsageRatio => {
@@ -247,7 +264,7 @@ impl Engine {
                         .history
                         .entry(key)
                         .or_default()
-                        .increase(now, total, window, keep);
+                        .increase(now, total, window, keep, fresh);
                     out.push((format!("user:{}", c.uid), inc));
                 }
             }
@@ -258,12 +275,12 @@ impl Engine {
                         .history
                         .entry(format!("throttled/{}/{}", t.target, window.as_secs()))
                         .or_default()
-                        .increase(now, cpu.nr_throttled as f64, window, keep);
+                        .increase(now, cpu.nr_throttled as f64, window, keep, fresh);
                     let periods = self
                         .history
                         .entry(format!("periods/{}/{}", t.target, window.as_secs()))
                         .or_default()
-                        .increase(now, cpu.nr_periods as f64, window, keep);
+                        .increase(now, cpu.nr_periods as f64, window, keep, fresh);
                     if periods > 0.0 {
                         out.push((t.target.clone(), throttled / periods));
                     }
@@ -276,7 +293,7 @@ impl Engine {
                         .history
                         .entry(format!("oom/{}/{}", t.target, window.as_secs()))
                         .or_default()
-                        .increase(now, m.events_oom_kill as f64, window, keep);
+                        .increase(now, m.events_oom_kill as f64, window, keep, fresh);
                     out.push((t.target.clone(), inc));
                 }
             }
@@ -339,6 +356,7 @@ impl Engine {
                 }
             }
         }
+        self.evaluations += 1;
         transitions
     }
 
@@ -541,6 +559,30 @@ mod tests {
     }
 
     #[test]
+    fn a_series_that_appears_later_counts_from_zero_but_not_at_the_first_evaluation() {
+        let mut e = Engine::new(default_rules());
+        let mut at_start = stats(0, 0, 9, 0, 0);
+        assert!(
+            e.evaluate(&at_start, s(0)).is_empty(),
+            "counts from before the agent started"
+        );
+        at_start.conns.push(UidConnStats {
+            uid: 2000,
+            live: 0,
+            cap: None,
+            admitted: 0,
+            denied_cap: 1,
+            denied_host: 0,
+        });
+        let t = e.evaluate(&at_start, s(5));
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(
+            (t[0].rule.as_str(), t[0].target.as_str(), t[0].value),
+            ("RlagentConnectionsDenied", "user:2000", 1.0)
+        );
+    }
+
+    #[test]
     fn cpu_throttling_is_a_ratio_of_periods_in_the_window() {
         let mut e = Engine::new(default_rules());
         e.evaluate(&stats(0, 0, 0, 0, 0), s(0));
@@ -550,5 +592,233 @@ mod tests {
             vec![("RlagentCpuThrottled".into(), State::Pending)]
         );
         assert!((t[0].value - 0.6).abs() < 1e-9);
+    }
+}
+
+/// Delivery to an Alertmanager (`POST /api/v2/alerts`). Runs in its own task fed by a
+/// bounded queue: a slow or absent Alertmanager delays only this task, never evaluation
+/// or enforcement. Each batch is retried 3 times with backoff; when the queue is full a
+/// batch is dropped and counted in the log.
+pub mod alertmanager {
+    use std::time::{Duration, SystemTime};
+
+    use serde_json::json;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+        sync::mpsc,
+    };
+
+    use super::{Alert, State};
+
+    /// `http://host:port[/prefix]` (plain HTTP, as Alertmanager listens by default).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Target {
+        pub host_port: String,
+        pub path: String,
+    }
+
+    pub fn parse_url(url: &str) -> Option<Target> {
+        let rest = url.strip_prefix("http://")?;
+        let (host_port, prefix) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+        if host_port.is_empty() || !host_port.contains(':') {
+            return None;
+        }
+        let prefix = prefix.trim_end_matches('/');
+        let path = if prefix.is_empty() {
+            "/api/v2/alerts".to_string()
+        } else {
+            format!("/{prefix}/api/v2/alerts")
+        };
+        Some(Target {
+            host_port: host_port.to_string(),
+            path,
+        })
+    }
+
+    fn rfc3339(at: SystemTime) -> String {
+        let secs = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    }
+
+    /// The Alertmanager v2 body for `alerts` (resolved ones carry `endsAt` = now).
+    pub fn body(alerts: &[Alert], started: SystemTime, now: SystemTime) -> String {
+        let items: Vec<serde_json::Value> = alerts
+            .iter()
+            .filter(|a| a.state != State::Pending)
+            .map(|a| {
+                let starts = started + Duration::from_secs_f64(a.active_since_seconds);
+                let mut item = json!({
+                    "labels": { "alertname": a.rule, "target": a.target, "severity": a.severity, "source": "rlagent" },
+                    "annotations": { "summary": a.summary },
+                    "startsAt": rfc3339(starts),
+                });
+                if a.state == State::Resolved {
+                    item["endsAt"] = json!(rfc3339(now));
+                }
+                item
+            })
+            .collect();
+        serde_json::Value::Array(items).to_string()
+    }
+
+    async fn post(target: &Target, body: &str) -> Result<(), String> {
+        let mut stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            TcpStream::connect(&target.host_port),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        let request = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            target.path,
+            target.host_port,
+            body.len()
+        );
+        let exchange = async {
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let status = String::from_utf8_lossy(&response)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if status
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|code| code.starts_with('2'))
+        {
+            Ok(())
+        } else {
+            Err(format!("answered {status:?}"))
+        }
+    }
+
+    /// Starts the delivery task; send batches of alerts with [`Sender::send`].
+    pub fn start(target: Target) -> Sender {
+        let (tx, mut rx) = mpsc::channel::<String>(64);
+        tokio::spawn(async move {
+            while let Some(body) = rx.recv().await {
+                let mut delay = Duration::from_secs(1);
+                for attempt in 1..=3 {
+                    match post(&target, &body).await {
+                        Ok(()) => break,
+                        Err(e) if attempt == 3 => {
+                            tracing::warn!(alertmanager = %target.host_port, "dropping alerts after 3 attempts: {e}")
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                    }
+                }
+            }
+        });
+        Sender {
+            tx,
+            started: SystemTime::now(),
+        }
+    }
+
+    #[derive(Clone)]
+    pub struct Sender {
+        tx: mpsc::Sender<String>,
+        started: SystemTime,
+    }
+
+    impl Sender {
+        /// Queues firing and resolved alerts; never waits.
+        pub fn send(&self, alerts: &[Alert]) {
+            if alerts.iter().all(|a| a.state == State::Pending) {
+                return;
+            }
+            let body = body(alerts, self.started, SystemTime::now());
+            if self.tx.try_send(body).is_err() {
+                tracing::warn!("Alertmanager queue full; a batch of alerts was dropped");
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn urls_and_bodies() {
+            assert_eq!(
+                parse_url("http://127.0.0.1:9093"),
+                Some(Target {
+                    host_port: "127.0.0.1:9093".into(),
+                    path: "/api/v2/alerts".into()
+                })
+            );
+            assert_eq!(
+                parse_url("http://am:9093/prefix/").unwrap().path,
+                "/prefix/api/v2/alerts"
+            );
+            assert_eq!(parse_url("https://am:9093"), None);
+            assert_eq!(parse_url("http://am"), None);
+            assert_eq!(
+                rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_779_571_096)),
+                "2026-05-23T21:18:16Z"
+            );
+            assert_eq!(
+                rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400)),
+                "2000-02-29T00:00:00Z"
+            );
+            let alert = |state| Alert {
+                rule: "R".into(),
+                target: "user:1".into(),
+                severity: "info".into(),
+                state,
+                value: 1.0,
+                summary: "s".into(),
+                active_since_seconds: 10.0,
+            };
+            let t0 = SystemTime::UNIX_EPOCH;
+            let b: serde_json::Value = serde_json::from_str(&body(
+                &[
+                    alert(State::Firing),
+                    alert(State::Pending),
+                    alert(State::Resolved),
+                ],
+                t0,
+                t0 + Duration::from_secs(60),
+            ))
+            .unwrap();
+            let items = b.as_array().unwrap();
+            assert_eq!(items.len(), 2, "pending alerts are not sent");
+            assert_eq!(items[0]["labels"]["alertname"], "R");
+            assert_eq!(items[0]["startsAt"], "1970-01-01T00:00:10Z");
+            assert!(items[0].get("endsAt").is_none());
+            assert_eq!(items[1]["endsAt"], "1970-01-01T00:01:00Z");
+        }
     }
 }

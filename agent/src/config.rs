@@ -87,12 +87,15 @@ struct RawAlerts {
     defaults: bool,
     #[serde(default = "default_alert_interval")]
     interval: Spanned<String>,
+    #[serde(default)]
+    alertmanager_url: Option<Spanned<String>>,
 }
 impl Default for RawAlerts {
     fn default() -> Self {
         Self {
             defaults: true,
             interval: default_alert_interval(),
+            alertmanager_url: None,
         }
     }
 }
@@ -317,6 +320,8 @@ pub struct Config {
     /// every `[[alert]]`).
     pub alert_rules: Vec<crate::alerts::Rule>,
     pub alert_interval: std::time::Duration,
+    /// Where firing and resolved alerts are POSTed, if anywhere.
+    pub alertmanager: Option<crate::alerts::alertmanager::Target>,
 }
 
 /// Connect errnos an operator may choose; each makes sense to a program that connect()s.
@@ -537,6 +542,19 @@ impl Config {
                     "expected a duration such as 15s or 1m",
                 )
             })?;
+        let alertmanager = match &raw.alerts.alertmanager_url {
+            None => None,
+            Some(url) => Some(
+                crate::alerts::alertmanager::parse_url(url.get_ref()).ok_or_else(|| {
+                    invalid(
+                        line_of(url.span()),
+                        "alertmanager_url",
+                        url.get_ref(),
+                        "expected http://host:port or http://host:port/prefix",
+                    )
+                })?,
+            ),
+        };
         let mut alert_rules = if raw.alerts.defaults {
             crate::alerts::default_rules()
         } else {
@@ -592,6 +610,7 @@ impl Config {
             quotas,
             alert_rules,
             alert_interval,
+            alertmanager,
         })
     }
 }
@@ -772,6 +791,11 @@ conns = "max"
         let e = err("[[alert]]\nname = \"RlagentOomKill\"\nstat = \"oom_kills\"\nop = \">\"\nthreshold = 1\nsummary = \"s\"\n");
         assert!(e.contains("another alert rule"), "{e}");
         assert!(err("[alerts]\ninterval = \"0\"\n").contains("interval"));
+        let e = err("[alerts]\nalertmanager_url = \"am:9093\"\n");
+        assert!(
+            e.contains("line 2") && e.contains("http://host:port"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -118,3 +118,126 @@ fn connection_alerts_go_pending_fire_and_resolve() {
         assert_eq!(log.matches(line).count(), 1, "{line:?} logged once:\n{log}");
     }
 }
+
+/// A real Alertmanager (from Debian's package, path in RLAGENT_ALERTMANAGER) on loopback.
+struct Alertmanager {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn alertmanager() -> Option<Alertmanager> {
+    let Some(bin) = std::env::var_os("RLAGENT_ALERTMANAGER") else {
+        assert_ne!(
+            std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref(),
+            Ok("1"),
+            "RLAGENT_ALERTMANAGER is not set (cargo xtask test sets it)"
+        );
+        eprintln!("SKIP Alertmanager test: RLAGENT_ALERTMANAGER is not set");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("am.yml"),
+        "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(bin)
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("am.yml").display()
+        ))
+        .arg(format!(
+            "--storage.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting Alertmanager");
+    let am = Alertmanager {
+        child,
+        port,
+        _dir: dir,
+    };
+    wait_for("Alertmanager ready", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && http_get(port, "/-/ready").0.starts_with("HTTP/1.1 200")
+    });
+    Some(am)
+}
+
+/// Active alerts named `name` in Alertmanager, as JSON.
+fn am_alerts(port: u16, name: &str) -> Vec<serde_json::Value> {
+    let (_, body) = http_get(port, "/api/v2/alerts");
+    let all: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    all.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|x| x["labels"]["alertname"] == name)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn alertmanager_receives_the_alert_and_its_resolution() {
+    if !privileged("alertmanager_end_to_end") {
+        return;
+    }
+    let Some(am) = alertmanager() else { return };
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(
+        &cgroup,
+        "",
+        &format!(
+            "[alerts]\ndefaults = false\ninterval = \"1s\"\nalertmanager_url = \"http://127.0.0.1:{}\"\n\
+             [[alert]]\nname = \"Denied\"\nstat = \"conn_denials\"\nop = \">\"\nthreshold = 0\nwindow = \"3s\"\nseverity = \"info\"\nsummary = \"{{target}}: {{value}} denied\"\n\
+             [[quota]]\ntarget = \"user:{UID}\"\nconns = 0\n",
+            am.port
+        ),
+    );
+    let _agent = Agent::start(&scratch);
+    let listener = Listener::new();
+    let mut h = Helper::spawn(&cgroup.path, UID);
+    assert!(matches!(
+        h.connect("tcp4", listener.port4),
+        Connect::Err(libc::EPERM, _)
+    ));
+    let took = wait_for("the alert in Alertmanager", || {
+        am_alerts(am.port, "Denied").iter().any(|a| {
+            a["labels"]["target"] == format!("user:{UID}")
+                && a["labels"]["severity"] == "info"
+                && a["status"]["state"] == "active"
+        })
+    });
+    println!(
+        "alert reached Alertmanager {} ms after the denial",
+        took.as_millis()
+    );
+    let alert = am_alerts(am.port, "Denied").remove(0);
+    assert_eq!(
+        alert["annotations"]["summary"],
+        format!("user:{UID}: 1 denied")
+    );
+    // No more denials: after the 3 s window the agent resolves it and tells Alertmanager.
+    wait_for("the resolution in Alertmanager", || {
+        am_alerts(am.port, "Denied").is_empty()
+    });
+}

@@ -86,9 +86,11 @@ fn main() -> Result<()> {
             // The privileged tests start the real binaries; build them first.
             run(cargo().args(["build", "--workspace", "--bins"]))?;
             let promtool = vm::ensure_promtool()?;
+            let alertmanager = vm::ensure_alertmanager()?;
             run(cargo()
                 .args(["test", "--workspace"])
-                .env("RLAGENT_PROMTOOL", promtool))?;
+                .env("RLAGENT_PROMTOOL", promtool)
+                .env("RLAGENT_ALERTMANAGER", alertmanager))?;
             vm::vm_test(&[])?;
             vm::vm_test_systemd()
         }

@@ -522,3 +522,44 @@ pub fn ensure_promtool() -> Result<PathBuf> {
     );
     Ok(promtool)
 }
+
+/// Alertmanager, unpacked from Debian's `prometheus-alertmanager` package. Debian's build
+/// reads its default template from /usr/share/prometheus/alertmanager, so the package's
+/// data files are copied there; the package itself (and its service) is not installed.
+pub fn ensure_alertmanager() -> Result<PathBuf> {
+    let dir = cache().join("alertmanager");
+    let binary = dir.join("root/usr/bin/prometheus-alertmanager");
+    if !binary.exists() {
+        let opts = apt_options()?;
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("apt-get")
+            .current_dir(&dir)
+            .args(&opts)
+            .args(["download", "prometheus-alertmanager"]))?;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "deb") {
+                run(Command::new("dpkg")
+                    .arg("-x")
+                    .arg(&path)
+                    .arg(dir.join("root")))?;
+            }
+        }
+    }
+    let templates = Path::new("/usr/share/prometheus/alertmanager");
+    if !templates.join("default.tmpl").exists() {
+        std::fs::create_dir_all(templates)?;
+        for name in ["default.tmpl", "email.tmpl"] {
+            std::fs::copy(
+                dir.join("root/usr/share/prometheus/alertmanager")
+                    .join(name),
+                templates.join(name),
+            )?;
+        }
+    }
+    anyhow::ensure!(
+        binary.exists(),
+        "the prometheus-alertmanager package has no usr/bin/prometheus-alertmanager"
+    );
+    Ok(binary)
+}

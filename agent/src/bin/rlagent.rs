@@ -114,7 +114,17 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let scrape_from = shared.clone();
         let collect = Arc::new(move || collect_stats(&scrape_from));
         tokio::spawn(rlagent::metrics::serve(metrics, collect));
-        tokio::spawn(evaluate_alerts(shared.clone()));
+        // The engine's baseline, before READY=1: counters that exist now predate this
+        // agent; anything that appears later is new and counts from zero.
+        let alerts_started = std::time::Instant::now();
+        match collect_stats(&shared) {
+            Ok(stats) => {
+                let mut engine = shared.alerts.lock().unwrap_or_else(|p| p.into_inner());
+                rlagent::alerts::Engine::log(&engine.evaluate(&stats, std::time::Duration::ZERO));
+            }
+            Err(e) => tracing::warn!("alert baseline skipped: {e}"),
+        }
+        tokio::spawn(evaluate_alerts(shared.clone(), alerts_started));
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -177,8 +187,15 @@ fn collect_stats(shared: &server::Shared) -> Result<rlagent::stats::Stats, Strin
 }
 
 /// Evaluates the alert rules every `[alerts] interval`, logging each transition once.
-async fn evaluate_alerts(shared: Arc<server::Shared>) {
-    let started = std::time::Instant::now();
+async fn evaluate_alerts(shared: Arc<server::Shared>, started: std::time::Instant) {
+    let target = shared
+        .agent
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .config()
+        .alertmanager
+        .clone();
+    let alertmanager = target.map(rlagent::alerts::alertmanager::start);
     loop {
         let interval = shared
             .agent
@@ -188,14 +205,23 @@ async fn evaluate_alerts(shared: Arc<server::Shared>) {
             .alert_interval;
         tokio::time::sleep(interval).await;
         let shared = shared.clone();
+        let alertmanager = alertmanager.clone();
         let evaluated = tokio::task::spawn_blocking(move || {
             let stats = collect_stats(&shared)?;
-            let transitions = shared
-                .alerts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .evaluate(&stats, started.elapsed());
+            let mut engine = shared.alerts.lock().unwrap_or_else(|p| p.into_inner());
+            let transitions = engine.evaluate(&stats, started.elapsed());
             rlagent::alerts::Engine::log(&transitions);
+            if let Some(am) = &alertmanager {
+                // Firing alerts are re-sent every evaluation (Alertmanager expires alerts
+                // that stop arriving); resolved ones once, with endsAt.
+                let mut batch = engine.current();
+                batch.extend(
+                    transitions
+                        .into_iter()
+                        .filter(|a| a.state == rlagent::alerts::State::Resolved),
+                );
+                am.send(&batch);
+            }
             Ok::<_, String>(())
         })
         .await;
