@@ -7,6 +7,7 @@
 //!   `burst <kind> <port> <n>`              → `ok <admitted>` (failed sockets closed)
 //!   `close <id>` / `close-all`             → `ok`
 //!   `bench <kind> <port> <iterations>`     → `ok <total ns>` (connect+close loop)
+//!   `multi-uid <first> <count> <port>`     → `ok <n>`: one UDP socket per UID (as root)
 //!   `exit`                                 → exits with its sockets still open
 //!
 //! The socket's cgroup is fixed when it is created, so the process joins the cgroup first.
@@ -30,11 +31,13 @@ fn main() {
         std::process::id().to_string(),
     )
     .expect("joining the cgroup");
-    // SAFETY: plain credential syscalls; failure is checked.
-    unsafe {
-        assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
-        assert_eq!(libc::setgid(uid), 0, "setgid");
-        assert_eq!(libc::setuid(uid), 0, "setuid");
+    // SAFETY: plain credential syscalls; failure is checked. UID 0 stays root (multi-uid).
+    if uid != 0 {
+        unsafe {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
+            assert_eq!(libc::setgid(uid), 0, "setgid");
+            assert_eq!(libc::setuid(uid), 0, "setuid");
+        }
     }
     let mut sockets: BTreeMap<u64, i32> = BTreeMap::new();
     let mut next_id = 0u64;
@@ -101,6 +104,33 @@ fn main() {
                     close(fd);
                 }
                 format!("ok {}", start.elapsed().as_nanos())
+            }
+            ["multi-uid", first, count, port] => {
+                // Root only: one connected UDP socket per UID, charged to that UID by
+                // switching the real and effective UID (the saved UID stays 0, so the
+                // process can switch back).
+                let (first, count): (u32, u32) = (first.parse().unwrap(), count.parse().unwrap());
+                let limit = libc::rlimit {
+                    rlim_cur: u64::from(count) + 1024,
+                    rlim_max: u64::from(count) + 1024,
+                };
+                // SAFETY: plain syscalls on our own process; results checked.
+                unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "setrlimit") };
+                let mut admitted = 0;
+                for uid in first..first + count {
+                    let fd = new_socket("udp4");
+                    // SAFETY: as above.
+                    unsafe { assert_eq!(libc::setresuid(uid, uid, 0), 0, "setresuid") };
+                    let ok = connect(fd, "udp4", port.parse().unwrap()).is_ok();
+                    // SAFETY: as above; the saved UID 0 allows this.
+                    unsafe { assert_eq!(libc::setresuid(0, 0, 0), 0, "setresuid back") };
+                    if ok {
+                        admitted += 1;
+                        next_id += 1;
+                        sockets.insert(next_id, fd);
+                    }
+                }
+                format!("ok {admitted}")
             }
             ["exit"] => std::process::exit(0),
             _ => format!("bad command {line:?}"),

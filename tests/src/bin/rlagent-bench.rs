@@ -18,8 +18,8 @@ fn main() {
         eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N]");
         std::process::exit(2);
     };
-    if name != "connect" && name != "control" {
-        eprintln!("rlagent-bench: unknown benchmark {name:?} (known: connect, control)");
+    if name != "connect" && name != "control" && name != "metrics" {
+        eprintln!("rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics)");
         std::process::exit(2);
     }
     let flag = |flag: &str, default: u32| -> u32 {
@@ -37,11 +37,64 @@ fn main() {
     if !privileged("bench") {
         std::process::exit(1);
     }
-    if name == "control" {
+    if name == "metrics" {
+        metrics(flag("--uids", 10_000));
+    } else if name == "control" {
         control(flag("--requests", 500), flag("--targets", 1000));
     } else {
         connect(blocks, iters);
     }
+}
+
+/// /metrics scrape time and size with `uids` UIDs each holding a live connection (one
+/// connected UDP socket per UID, counted with count_udp).
+fn metrics(uids: u32) {
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    let text = format!(
+        "{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:*\"\nconns = 100\n",
+        scratch.private_paths(),
+        cgroup.relative,
+        scratch.pin_path().display()
+    );
+    std::fs::write(scratch.config_path(), text).unwrap();
+    let _agent = Agent::start(&scratch);
+    let mut holder = Helper::spawn(&cgroup.path, 0);
+    let t = Instant::now();
+    let reply = holder.cmd(&format!("multi-uid 100000 {uids} 9"));
+    assert_eq!(reply, format!("ok {uids}"), "every UID holds a connection");
+    println!(
+        "{uids} UIDs each holding a connection, set up in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut times = Vec::new();
+    let mut size = 0;
+    let mut series = 0;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let (head, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        size = body.len();
+        series = body
+            .lines()
+            .filter(|l| l.starts_with("rlagent_connections_live{"))
+            .count();
+    }
+    assert_eq!(series, uids as usize, "one live series per UID");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    assert_eq!(
+        rlagent_tests::sample(&body, "rlagent_host_connections_live"),
+        Some(f64::from(uids)),
+        "every UID's socket is charged"
+    );
+    times.sort_by(f64::total_cmp);
+    println!(
+        "/metrics with {uids} UIDs: p50 {:.0} ms, p99 {:.0} ms, {:.1} MiB, {series} rlagent_connections_live series",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        size as f64 / (1 << 20) as f64
+    );
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
