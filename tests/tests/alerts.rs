@@ -66,6 +66,28 @@ fn connection_alerts_go_pending_fire_and_resolve() {
         ),
     );
     let agent = Agent::start(&scratch);
+    // A watcher from the start: the snapshot, then every transition, as JSON lines.
+    let mut watcher = Command::new(target_bin("rlctl"))
+        .arg("--socket")
+        .arg(scratch.socket_path())
+        .args(["alerts", "--watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watched = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let watched = watched.clone();
+        let stdout = watcher.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                watched.lock().unwrap().push(line);
+            }
+        })
+    };
     let listener = Listener::new();
     let mut h = Helper::spawn(&cgroup.path, UID);
     assert!(h.connect("tcp4", listener.port4).is_ok());
@@ -107,6 +129,44 @@ fn connection_alerts_go_pending_fire_and_resolve() {
     wait_for("both resolved", || {
         state_of(&scratch, "AtCap").is_none() && state_of(&scratch, "Denied").is_none()
     });
+    wait_for("the watcher to see both resolutions", || {
+        watched
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("\"resolved\""))
+            .count()
+            == 2
+    });
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+    reader.join().unwrap();
+    let events: Vec<(String, String)> = watched
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(1) // the snapshot
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let e = &v["result"]["event"];
+            (
+                e["rule"].as_str().unwrap().to_string(),
+                e["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let pos = |rule: &str, state: &str| {
+        events
+            .iter()
+            .position(|e| e.0 == rule && e.1 == state)
+            .unwrap_or_else(|| panic!("{rule} {state} not in {events:?}"))
+    };
+    assert!(
+        pos("AtCap", "pending") < pos("AtCap", "firing")
+            && pos("AtCap", "firing") < pos("AtCap", "resolved")
+    );
+    assert!(pos("Denied", "firing") < pos("Denied", "resolved"));
+    assert_eq!(events.len(), 5, "{events:?}");
     let log = agent.log_text();
     for line in [
         "pending: user:61301 at 100% of its cap",

@@ -106,6 +106,7 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let engine = rlagent::alerts::Engine::new(agent.effective().config.alert_rules.clone());
         let shared = Arc::new(server::Shared {
             alerts: Mutex::new(engine),
+            alert_events: tokio::sync::broadcast::channel(256).0,
             agent: Mutex::new(agent),
             config_path: config_path.map(Path::to_path_buf),
             admin_gid,
@@ -211,6 +212,10 @@ async fn evaluate_alerts(shared: Arc<server::Shared>, started: std::time::Instan
             let mut engine = shared.alerts.lock().unwrap_or_else(|p| p.into_inner());
             let transitions = engine.evaluate(&stats, started.elapsed());
             rlagent::alerts::Engine::log(&transitions);
+            for alert in &transitions {
+                // No watchers is fine.
+                let _ = shared.alert_events.send(alert.clone());
+            }
             if let Some(am) = &alertmanager {
                 // Firing alerts are re-sent every evaluation (Alertmanager expires alerts
                 // that stop arriving); resolved ones once, with endsAt.

@@ -97,7 +97,8 @@ enum Command {
     Stats { target: Option<String> },
     /// The agent's version, uptime, kernel features and attach point
     Status,
-    /// Alerts of the agent's engine that are pending or firing
+    /// Alerts of the agent's engine that are pending or firing (--watch: then every
+    /// transition as it happens)
     Alerts {
         #[arg(long)]
         watch: bool,
@@ -183,12 +184,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::List => Request::List {},
         Command::Stats { target } => Request::Stats { target },
         Command::Status => Request::Status {},
-        Command::Alerts { watch: true } => {
-            return Err(
-                "alerts --watch (a live stream) is not in this build; run `rlctl alerts` to list"
-                    .to_string(),
-            );
-        }
+        Command::Alerts { watch: true } => return watch(&cli.socket, cli.json),
         Command::Alerts { watch: false } => Request::Alerts {},
         Command::Run { group, cmd } => {
             let response = call(
@@ -249,6 +245,48 @@ fn refused(response: &Response, json: bool) -> ExitCode {
         eprintln!("rlctl: {}", error.message);
     }
     ExitCode::FAILURE
+}
+
+/// `rlctl alerts --watch`: the current alerts, then each transition as it happens.
+fn watch(socket: &Path, json: bool) -> Result<ExitCode, String> {
+    let stream = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach {}: {e}", socket.display()))?;
+    (&stream)
+        .write_all(request_line(&Request::WatchAlerts {}).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut first = true;
+    for line in BufReader::new(&stream).lines() {
+        let line = line.map_err(|e| format!("reading from {}: {e}", socket.display()))?;
+        if json {
+            println!("{line}");
+            std::io::stdout().flush().map_err(|e| e.to_string())?;
+            continue;
+        }
+        let response: Response = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        if !response.ok {
+            if let Some(error) = response.error {
+                eprintln!("rlctl: {}", error.message);
+            }
+            continue;
+        }
+        let result = response.result.unwrap_or_default();
+        if first {
+            print!("{}", render(&Request::Alerts {}, &result));
+            first = false;
+        } else {
+            let a = &result["event"];
+            println!(
+                "{:<8} {:<9} {:<28} {:<20} {}",
+                a["state"].as_str().unwrap_or(""),
+                a["severity"].as_str().unwrap_or(""),
+                a["rule"].as_str().unwrap_or(""),
+                a["target"].as_str().unwrap_or(""),
+                a["summary"].as_str().unwrap_or("")
+            );
+        }
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Sends one request and reads one response.
@@ -357,6 +395,7 @@ fn render(request: &Request, result: &serde_json::Value) -> String {
             );
         }
         Request::Reload {} => out.push_str("reloaded\n"),
+        Request::WatchAlerts {} => {}
         Request::Alerts {} => {
             let alerts = result["alerts"].as_array().cloned().unwrap_or_default();
             if alerts.is_empty() {

@@ -42,6 +42,8 @@ pub enum Request {
     Status {},
     /// Alerts of the agent's engine that are pending or firing.
     Alerts {},
+    /// The current alerts, then one line per transition until the client disconnects.
+    WatchAlerts {},
     /// Moves processes into a group's cgroup (`rlctl run` moves itself, then execs).
     Move {
         group: String,
@@ -185,6 +187,7 @@ mod tests {
             Request::Stats { target: None },
             Request::Status {},
             Request::Alerts {},
+            Request::WatchAlerts {},
             Request::Move {
                 group: "batch".into(),
                 pids: vec![1, 2],

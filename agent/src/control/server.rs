@@ -54,6 +54,8 @@ pub struct Shared {
     pub agent: Mutex<Agent>,
     /// The alert engine, evaluated on its own schedule (see `rlagent run`).
     pub alerts: Mutex<crate::alerts::Engine>,
+    /// Every alert transition, for `watch_alerts` clients.
+    pub alert_events: tokio::sync::broadcast::Sender<crate::alerts::Alert>,
     /// The config file the agent was started with (`None`: the embedded default).
     pub config_path: Option<PathBuf>,
     pub admin_gid: Option<u32>,
@@ -181,6 +183,10 @@ async fn client(stream: UnixStream, shared: Arc<Shared>) {
                 Err(_) => Response::error(ErrorCode::BadRequest, "request is not UTF-8"),
                 Ok(line) => match parse_request(line.trim_end()) {
                     Err(response) => response,
+                    Ok(Request::WatchAlerts {}) => {
+                        watch_alerts(&shared, access, &mut write_half).await;
+                        return;
+                    }
                     Ok(request) => {
                         let shared = shared.clone();
                         tokio::task::spawn_blocking(move || handle(&shared, access, request))
@@ -198,6 +204,48 @@ async fn client(stream: UnixStream, shared: Arc<Shared>) {
                 write_half.write_all(response.to_line().as_bytes())
             )
             .await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+}
+
+/// Streams alert transitions to one client until it goes away. No idle cut-off here:
+/// the client only listens.
+async fn watch_alerts(shared: &Shared, access: Access, out: &mut tokio::net::unix::OwnedWriteHalf) {
+    let mine = |a: &crate::alerts::Alert| match access {
+        Access::Admin => true,
+        Access::Reader { uid } => a.target == format!("user:{uid}"),
+    };
+    let mut events = shared.alert_events.subscribe();
+    let current: Vec<crate::alerts::Alert> = shared
+        .alerts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .current()
+        .into_iter()
+        .filter(|a| mine(a))
+        .collect();
+    let first = Response::ok(json!({ "alerts": current }));
+    if !matches!(
+        timeout(WRITE_TIMEOUT, out.write_all(first.to_line().as_bytes())).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    loop {
+        let response = match events.recv().await {
+            Ok(alert) if mine(&alert) => Response::ok(json!({ "event": alert })),
+            Ok(_) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Response::error(
+                ErrorCode::Busy,
+                format!("this watcher fell behind; {n} alert events were skipped"),
+            ),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if !matches!(
+            timeout(WRITE_TIMEOUT, out.write_all(response.to_line().as_bytes())).await,
             Ok(Ok(()))
         ) {
             return;
@@ -378,6 +426,9 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
                 })
                 .collect();
             Response::ok(json!({ "alerts": alerts }))
+        }
+        Request::WatchAlerts {} => {
+            Response::error(ErrorCode::BadRequest, "watch_alerts is served as a stream")
         }
         Request::Move { group, pids } => match lock().move_to_group(&group, &pids) {
             Ok(cgroup) => Response::ok(json!({ "group": group, "cgroup": cgroup, "moved": pids })),
