@@ -89,6 +89,7 @@ fn main() -> Result<()> {
             let alertmanager = vm::ensure_alertmanager()?;
             run(cargo()
                 .args(["test", "--workspace"])
+                .env("RLAGENT_PROMETHEUS", promtool.with_file_name("prometheus"))
                 .env("RLAGENT_PROMTOOL", promtool)
                 .env("RLAGENT_ALERTMANAGER", alertmanager))?;
             vm::vm_test(&[])?;
