@@ -96,6 +96,35 @@ pub fn cgroup_of(pid: u32) -> String {
         .to_string()
 }
 
+/// An external tool named by an environment variable (`cargo xtask test` sets them:
+/// RLAGENT_PROMTOOL, RLAGENT_PROMETHEUS, RLAGENT_ALERTMANAGER). Missing: a skip with a
+/// message, or a failure under RLAGENT_REQUIRE_PRIVILEGED=1.
+pub fn external_tool(var: &str, test: &str) -> Option<std::ffi::OsString> {
+    let tool = std::env::var_os(var);
+    if tool.is_none() {
+        if std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+            panic!("{test}: {var} is not set (cargo xtask test sets it)");
+        }
+        eprintln!("SKIP {test}: {var} is not set");
+    }
+    tool
+}
+
+/// A server process the test started (Prometheus, Alertmanager), with its scratch dir,
+/// killed when dropped.
+pub struct ServerProcess {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A binary built into the same target directory as the running executable, or in
 /// `$RLAGENT_BIN_DIR` (the qemu guest keeps them in /bin).
 pub fn target_bin(name: &str) -> PathBuf {

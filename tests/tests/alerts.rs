@@ -7,7 +7,8 @@ use std::{
 };
 
 use rlagent_tests::{
-    http_get, privileged, sample, target_bin, Agent, Connect, Helper, Listener, Scratch, TestCgroup,
+    http_get, privileged, sample, target_bin, Agent, Connect, Helper, Listener, Scratch,
+    ServerProcess, TestCgroup,
 };
 
 const UID: u32 = 61301;
@@ -180,29 +181,8 @@ fn connection_alerts_go_pending_fire_and_resolve() {
 }
 
 /// A real Alertmanager (from Debian's package, path in RLAGENT_ALERTMANAGER) on loopback.
-struct Alertmanager {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Alertmanager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn alertmanager() -> Option<Alertmanager> {
-    let Some(bin) = std::env::var_os("RLAGENT_ALERTMANAGER") else {
-        assert_ne!(
-            std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref(),
-            Ok("1"),
-            "RLAGENT_ALERTMANAGER is not set (cargo xtask test sets it)"
-        );
-        eprintln!("SKIP Alertmanager test: RLAGENT_ALERTMANAGER is not set");
-        return None;
-    };
+fn alertmanager() -> Option<ServerProcess> {
+    let bin = rlagent_tests::external_tool("RLAGENT_ALERTMANAGER", "alertmanager_end_to_end")?;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("am.yml"),
@@ -229,11 +209,7 @@ fn alertmanager() -> Option<Alertmanager> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("starting Alertmanager");
-    let am = Alertmanager {
-        child,
-        port,
-        _dir: dir,
-    };
+    let am = ServerProcess { child, port, dir };
     wait_for("Alertmanager ready", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             && http_get(port, "/-/ready").0.starts_with("HTTP/1.1 200")

@@ -9,19 +9,6 @@ fn deploy(path: &str) -> PathBuf {
         .join(path)
 }
 
-fn promtool() -> Option<std::ffi::OsString> {
-    let tool = std::env::var_os("RLAGENT_PROMTOOL");
-    if tool.is_none() {
-        assert_ne!(
-            std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref(),
-            Ok("1"),
-            "RLAGENT_PROMTOOL is not set (cargo xtask test sets it)"
-        );
-        eprintln!("SKIP promtool checks: RLAGENT_PROMTOOL is not set");
-    }
-    tool
-}
-
 fn run(tool: &std::ffi::OsStr, args: &[&str]) {
     let out = Command::new(tool)
         .current_dir(deploy("prometheus"))
@@ -38,7 +25,9 @@ fn run(tool: &std::ffi::OsStr, args: &[&str]) {
 
 #[test]
 fn shipped_rules_are_valid_and_pass_their_unit_tests() {
-    let Some(tool) = promtool() else { return };
+    let Some(tool) = rlagent_tests::external_tool("RLAGENT_PROMTOOL", "promtool rules") else {
+        return;
+    };
     run(&tool, &["check", "rules", "rlagent.rules.yml"]);
     run(&tool, &["test", "rules", "rlagent.rules.test.yml"]);
 }

@@ -7,7 +7,8 @@ use std::{
 };
 
 use rlagent_tests::{
-    http_get as scrape, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup,
+    external_tool, http_get as scrape, privileged, Agent, Connect, Helper, Listener, Scratch,
+    TestCgroup,
 };
 
 const UID: u32 = 61201;
@@ -57,32 +58,26 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
     let (head, _) = scrape(scratch.metrics_port, "/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
-    match std::env::var_os("RLAGENT_PROMTOOL") {
-        Some(promtool) => {
-            let mut check = Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("running promtool");
-            check
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(body.as_bytes())
-                .unwrap();
-            let out = check.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        None if std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref() == Ok("1") => {
-            panic!("RLAGENT_PROMTOOL is not set (cargo xtask test sets it)")
-        }
-        None => eprintln!("SKIP promtool check: RLAGENT_PROMTOOL is not set"),
+    if let Some(promtool) = external_tool("RLAGENT_PROMTOOL", "promtool check metrics") {
+        let mut check = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running promtool");
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = check.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -19,19 +19,6 @@ fn deploy(path: &str) -> PathBuf {
         .join(path)
 }
 
-struct Prometheus {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn encode(query: &str) -> String {
     query
         .bytes()
@@ -106,13 +93,8 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
     if !privileged("prometheus_end_to_end") {
         return;
     }
-    let Some(bin) = std::env::var_os("RLAGENT_PROMETHEUS") else {
-        assert_ne!(
-            std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref(),
-            Ok("1"),
-            "RLAGENT_PROMETHEUS is not set (cargo xtask test sets it)"
-        );
-        eprintln!("SKIP Prometheus test: RLAGENT_PROMETHEUS is not set");
+    let Some(bin) = rlagent_tests::external_tool("RLAGENT_PROMETHEUS", "prometheus_end_to_end")
+    else {
         return;
     };
     let cgroup = TestCgroup::new();
@@ -143,7 +125,7 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
         ),
     )
     .unwrap();
-    let prometheus = Prometheus {
+    let prometheus = rlagent_tests::ServerProcess {
         child: Command::new(bin)
             .arg(format!(
                 "--config.file={}",
@@ -159,7 +141,7 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
             .spawn()
             .expect("starting Prometheus"),
         port,
-        _dir: dir,
+        dir,
     };
     let live = format!("rlagent_connections_live{{uid=\"{UID}\"}}");
     wait_for("Prometheus to scrape the agent", || {

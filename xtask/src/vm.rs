@@ -91,6 +91,27 @@ fn ensure_qemu() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Downloads `packages` (without installing them) and unpacks each into `dir/root`.
+fn fetch_debs(dir: &Path, packages: &[&str]) -> Result<()> {
+    let opts = apt_options()?;
+    std::fs::create_dir_all(dir)?;
+    run(Command::new("apt-get")
+        .current_dir(dir)
+        .args(&opts)
+        .arg("download")
+        .args(packages))?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "deb") {
+            run(Command::new("dpkg")
+                .arg("-x")
+                .arg(&path)
+                .arg(dir.join("root")))?;
+        }
+    }
+    Ok(())
+}
+
 /// The Debian kernel (uncompressed vmlinux, for the fast PVH boot) and busybox.
 fn ensure_guest_kernel() -> Result<(PathBuf, PathBuf)> {
     let opts = apt_options()?;
@@ -112,21 +133,7 @@ fn ensure_guest_kernel() -> Result<(PathBuf, PathBuf)> {
     if vmlinux.exists() && busybox.exists() {
         return Ok((vmlinux, busybox));
     }
-    std::fs::create_dir_all(&dir)?;
-    run(Command::new("apt-get").current_dir(&dir).args(&opts).args([
-        "download",
-        &package,
-        "busybox-static",
-    ]))?;
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "deb") {
-            run(Command::new("dpkg")
-                .arg("-x")
-                .arg(&path)
-                .arg(dir.join("root")))?;
-        }
-    }
+    fetch_debs(&dir, &[&package, "busybox-static"])?;
     let vmlinuz = std::fs::read_dir(dir.join("root/boot"))?
         .flatten()
         .map(|e| e.path())
@@ -498,23 +505,8 @@ pub fn vm_test_systemd() -> Result<()> {
 pub fn ensure_promtool() -> Result<PathBuf> {
     let dir = cache().join("prometheus");
     let promtool = dir.join("root/usr/bin/promtool");
-    if promtool.exists() {
-        return Ok(promtool);
-    }
-    let opts = apt_options()?;
-    std::fs::create_dir_all(&dir)?;
-    run(Command::new("apt-get")
-        .current_dir(&dir)
-        .args(&opts)
-        .args(["download", "prometheus"]))?;
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "deb") {
-            run(Command::new("dpkg")
-                .arg("-x")
-                .arg(&path)
-                .arg(dir.join("root")))?;
-        }
+    if !promtool.exists() {
+        fetch_debs(&dir, &["prometheus"])?;
     }
     anyhow::ensure!(
         promtool.exists(),
@@ -530,21 +522,7 @@ pub fn ensure_alertmanager() -> Result<PathBuf> {
     let dir = cache().join("alertmanager");
     let binary = dir.join("root/usr/bin/prometheus-alertmanager");
     if !binary.exists() {
-        let opts = apt_options()?;
-        std::fs::create_dir_all(&dir)?;
-        run(Command::new("apt-get")
-            .current_dir(&dir)
-            .args(&opts)
-            .args(["download", "prometheus-alertmanager"]))?;
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "deb") {
-                run(Command::new("dpkg")
-                    .arg("-x")
-                    .arg(&path)
-                    .arg(dir.join("root")))?;
-            }
-        }
+        fetch_debs(&dir, &["prometheus-alertmanager"])?;
     }
     let templates = Path::new("/usr/share/prometheus/alertmanager");
     if !templates.join("default.tmpl").exists() {
