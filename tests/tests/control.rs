@@ -124,6 +124,20 @@ fn set_quota_takes_effect_at_once_is_listed_and_survives_a_restart() {
         "cap restored after restart"
     );
 
+    // Reload through the socket (what `systemctl reload` runs) answers promptly and the
+    // agent goes on serving (a held lock once deadlocked here).
+    let t = Instant::now();
+    let out = rlctl(&scratch, &["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "reload answers promptly"
+    );
+    assert!(
+        rlctl(&scratch, &["list"]).status.success(),
+        "and the agent still serves"
+    );
+
     let out = rlctl(
         &scratch,
         &["clear-quota", &format!("user:{UID}"), "--conns"],

@@ -439,13 +439,18 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
                 ErrorCode::Invalid,
                 format!("reload refused, keeping the running config: {e}"),
             ),
-            Ok(config) => match lock().reload(config) {
-                Ok(()) => {
-                    reload_alert_rules(shared);
-                    Response::ok(json!({ "reloaded": true }))
+            Ok(config) => {
+                // The agent's lock must be released before the alert rules are updated
+                // (that takes it again): a guard in the match scrutinee would live on.
+                let reloaded = lock().reload(config);
+                match reloaded {
+                    Ok(()) => {
+                        reload_alert_rules(shared);
+                        Response::ok(json!({ "reloaded": true }))
+                    }
+                    Err(e) => refused(e),
                 }
-                Err(e) => refused(e),
-            },
+            }
         },
     }
 }
