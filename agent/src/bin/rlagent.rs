@@ -113,12 +113,12 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         });
         tokio::spawn(server::serve(listener, shared.clone()));
         let scrape_from = shared.clone();
-        let collect = Arc::new(move || collect_stats(&scrape_from));
+        let collect = Arc::new(move || scrape_from.stats().map_err(|e| e.to_string()));
         tokio::spawn(rlagent::metrics::serve(metrics, collect));
         // The engine's baseline, before READY=1: counters that exist now predate this
         // agent; anything that appears later is new and counts from zero.
         let alerts_started = std::time::Instant::now();
-        match collect_stats(&shared) {
+        match shared.stats() {
             Ok(stats) => {
                 let mut engine = shared.alerts.lock().unwrap_or_else(|p| p.into_inner());
                 rlagent::alerts::Engine::log(&engine.evaluate(&stats, std::time::Duration::ZERO));
@@ -166,27 +166,6 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     })
 }
 
-/// Stats of everything the agent enforces, with its own counters: for /metrics and the
-/// alert engine. The agent's lock is held only to copy what the collection needs.
-fn collect_stats(shared: &server::Shared) -> Result<rlagent::stats::Stats, String> {
-    let (config, mount, moves) = {
-        let agent = shared.agent.lock().unwrap_or_else(|p| p.into_inner());
-        (
-            agent.effective().config.clone(),
-            agent.mount().to_path_buf(),
-            agent.placement_moves(),
-        )
-    };
-    let mut stats = rlagent::stats::collect(&config, &mount).map_err(|e| e.to_string())?;
-    stats.placement_moves = moves;
-    stats.alerts_firing = shared
-        .alerts
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .firing();
-    Ok(stats)
-}
-
 /// Evaluates the alert rules every `[alerts] interval`, logging each transition once.
 async fn evaluate_alerts(shared: Arc<server::Shared>, started: std::time::Instant) {
     let target = shared
@@ -208,7 +187,7 @@ async fn evaluate_alerts(shared: Arc<server::Shared>, started: std::time::Instan
         let shared = shared.clone();
         let alertmanager = alertmanager.clone();
         let evaluated = tokio::task::spawn_blocking(move || {
-            let stats = collect_stats(&shared)?;
+            let stats = shared.stats().map_err(|e| e.to_string())?;
             let mut engine = shared.alerts.lock().unwrap_or_else(|p| p.into_inner());
             let transitions = engine.evaluate(&stats, started.elapsed());
             rlagent::alerts::Engine::log(&transitions);

@@ -61,6 +61,30 @@ pub struct Shared {
     pub admin_gid: Option<u32>,
 }
 
+impl Shared {
+    /// Stats of everything the agent enforces, with its own counters (placement moves,
+    /// alerts firing): the one model served to rlctl, /metrics and the alert engine. The
+    /// agent's lock is held only to copy what the collection needs.
+    pub fn stats(&self) -> Result<crate::stats::Stats, CgroupError> {
+        let (config, mount, moves) = {
+            let agent = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                agent.effective().config.clone(),
+                agent.mount().to_path_buf(),
+                agent.placement_moves(),
+            )
+        };
+        let mut stats = crate::stats::collect(&config, &mount)?;
+        stats.placement_moves = moves;
+        stats.alerts_firing = self
+            .alerts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .firing();
+        Ok(stats)
+    }
+}
+
 /// Creates the socket: parent directory, stale socket removed, mode and group set.
 pub fn bind(config: &Config) -> Result<UnixListener, ServerError> {
     let path = &config.control_socket;
@@ -360,14 +384,6 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
             Response::ok(json!({ "targets": targets }))
         }
         Request::Stats { target } => {
-            let (config, mount, moves) = {
-                let agent = lock();
-                (
-                    agent.effective().config.clone(),
-                    agent.mount().to_path_buf(),
-                    agent.placement_moves(),
-                )
-            };
             let wanted = match target.as_deref().map(parse_target).transpose() {
                 Ok(t) => t,
                 Err(r) => return r,
@@ -380,9 +396,8 @@ fn handle(shared: &Shared, access: Access, request: Request) -> Response {
                     );
                 }
             }
-            match crate::stats::collect(&config, &mount) {
+            match shared.stats() {
                 Ok(mut stats) => {
-                    stats.placement_moves = moves;
                     let keep = |name: &str| match (&wanted, access) {
                         (Some(t), _) => name == t.to_string(),
                         (None, Access::Admin) => true,
