@@ -125,6 +125,13 @@ impl Drop for ServerProcess {
     }
 }
 
+/// `rlctl --socket <socket>`, to add arguments (and a UID, or piped output) to.
+pub fn rlctl(socket: &Path) -> Command {
+    let mut cmd = Command::new(target_bin("rlctl"));
+    cmd.arg("--socket").arg(socket);
+    cmd
+}
+
 /// A binary built into the same target directory as the running executable, or in
 /// `$RLAGENT_BIN_DIR` (the qemu guest keeps them in /bin).
 pub fn target_bin(name: &str) -> PathBuf {
@@ -223,11 +230,7 @@ impl Scratch {
                 .prefix("rlagent-test")
                 .tempdir()
                 .expect("tempdir"),
-            metrics_port: TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port(),
+            metrics_port: free_port(),
         }
     }
     pub fn pin_path(&self) -> PathBuf {
@@ -287,6 +290,14 @@ impl Scratch {
             thread::sleep(Duration::from_millis(10));
         }
     }
+    /// rlctl against this scratch's agent.
+    pub fn rlctl(&self, args: &[&str]) -> std::process::Output {
+        rlctl(&self.socket_path())
+            .args(args)
+            .output()
+            .expect("running rlctl")
+    }
+
     /// Runs `rlagent uninstall` for this scratch's config (idempotent).
     pub fn uninstall(&self) {
         let out = Command::new(target_bin("rlagent"))
@@ -487,8 +498,9 @@ impl Drop for Listener {
     }
 }
 
-/// A loopback port with nothing listening on it.
-pub fn closed_port() -> u16 {
+/// A loopback port nothing listens on: free to bind (a test's own server), or refused
+/// when connected to.
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }

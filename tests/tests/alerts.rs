@@ -7,19 +7,14 @@ use std::{
 };
 
 use rlagent_tests::{
-    http_get, privileged, sample, target_bin, Agent, Connect, Helper, Listener, Scratch,
-    ServerProcess, TestCgroup,
+    http_get, privileged, sample, Agent, Connect, Helper, Listener, Scratch, ServerProcess,
+    TestCgroup,
 };
 
 const UID: u32 = 61301;
 
 fn alerts(scratch: &Scratch) -> serde_json::Value {
-    let out = Command::new(target_bin("rlctl"))
-        .arg("--socket")
-        .arg(scratch.socket_path())
-        .args(["alerts", "--json"])
-        .output()
-        .unwrap();
+    let out = scratch.rlctl(&["alerts", "--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -68,9 +63,7 @@ fn connection_alerts_go_pending_fire_and_resolve() {
     );
     let agent = Agent::start(&scratch);
     // A watcher from the start: the snapshot, then every transition, as JSON lines.
-    let mut watcher = Command::new(target_bin("rlctl"))
-        .arg("--socket")
-        .arg(scratch.socket_path())
+    let mut watcher = rlagent_tests::rlctl(&scratch.socket_path())
         .args(["alerts", "--watch", "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -113,12 +106,7 @@ fn connection_alerts_go_pending_fire_and_resolve() {
     });
     let (_, body) = http_get(scratch.metrics_port, "/metrics");
     assert_eq!(sample(&body, "rlagent_alerts_firing"), Some(2.0), "{body}");
-    let table = Command::new(target_bin("rlctl"))
-        .arg("--socket")
-        .arg(scratch.socket_path())
-        .arg("alerts")
-        .output()
-        .unwrap();
+    let table = scratch.rlctl(&["alerts"]);
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(
         table.contains(&format!("user:{UID} at 100% of its cap")),
@@ -189,11 +177,7 @@ fn alertmanager() -> Option<ServerProcess> {
         "route:\n  receiver: 'null'\nreceivers:\n  - name: 'null'\n",
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = rlagent_tests::free_port();
     let child = Command::new(bin)
         .arg(format!(
             "--config.file={}",

@@ -2,9 +2,7 @@
 //! child cgroup of this host's cgroup2 mount. Needs root (skips otherwise, fails under
 //! RLAGENT_REQUIRE_PRIVILEGED=1).
 
-use rlagent_tests::{
-    closed_port, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup,
-};
+use rlagent_tests::{free_port, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const EPERM: i32 = libc::EPERM;
 const CAPPED: u32 = 61001;
@@ -151,7 +149,7 @@ fn counts_return_to_zero_after_failed_connects_exit_and_sigkill() {
     let s = setup("", &quota(&format!("user:{CAPPED}"), "5"));
     let _agent = Agent::start(&s.scratch);
     let port = s.listener.port4;
-    let dead = closed_port();
+    let dead = free_port();
 
     // Refused connects: the socket is charged until it is closed, never twice.
     let mut h = Helper::spawn(&s.cgroup.path, CAPPED);

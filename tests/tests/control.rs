@@ -8,25 +8,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rlagent_tests::{
-    privileged, target_bin, Agent, Connect, Helper, Listener, Scratch, TestCgroup,
-};
+use rlagent_tests::{privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const UID: u32 = 61101;
 
 fn rlctl(scratch: &Scratch, args: &[&str]) -> Output {
-    Command::new(target_bin("rlctl"))
-        .arg("--socket")
-        .arg(scratch.socket_path())
-        .args(args)
-        .output()
-        .expect("running rlctl")
+    scratch.rlctl(args)
 }
 
 fn rlctl_as(uid: u32, scratch: &Scratch, args: &[&str]) -> Output {
-    Command::new(target_bin("rlctl"))
-        .arg("--socket")
-        .arg(scratch.socket_path())
+    rlagent_tests::rlctl(&scratch.socket_path())
         .args(args)
         .uid(uid)
         .gid(uid)
@@ -342,9 +333,7 @@ fn kill_9_during_a_burst_of_writes_never_corrupts_the_state_file() {
         let socket = scratch.socket_path();
         let writer = std::thread::spawn(move || {
             for i in 0..200 {
-                let out = Command::new(target_bin("rlctl"))
-                    .arg("--socket")
-                    .arg(&socket)
+                let out = rlagent_tests::rlctl(&socket)
                     .args([
                         "set-quota",
                         &format!("user:{}", 62000 + i % 20),

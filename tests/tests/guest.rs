@@ -378,12 +378,7 @@ fn limits_outlive_the_agent_and_uninstall_moves_processes_back() {
 // ---- control socket and rlctl ---------------------------------------------------------
 
 fn rlctl(scratch: &Scratch, args: &[&str]) -> std::process::Output {
-    let out = Command::new(rlagent_tests::target_bin("rlctl"))
-        .arg("--socket")
-        .arg(scratch.socket_path())
-        .args(args)
-        .output()
-        .unwrap();
+    let out = scratch.rlctl(args);
     assert!(
         out.status.success(),
         "rlctl {args:?}: {}{}",

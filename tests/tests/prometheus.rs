@@ -111,11 +111,7 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
     assert!(h.connect("tcp6", listener.port6).is_ok());
 
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = rlagent_tests::free_port();
     std::fs::write(
         dir.path().join("prometheus.yml"),
         format!(
