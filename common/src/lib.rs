@@ -58,19 +58,6 @@ pub struct Settings {
     pub deny_errno: u64,
 }
 
-impl Settings {
-    /// The state before the agent has written anything: nothing is denied.
-    pub const fn permissive() -> Self {
-        Self {
-            default_cap: UNLIMITED,
-            default_uid_min: 1000,
-            host_cap: UNLIMITED,
-            flags: 0,
-            deny_errno: 1,
-        }
-    }
-}
-
 /// Per-UID connection counters, values of `RL_UID_CONNS` (key: UID as `u32`).
 /// Updated by the kernel with atomic adds; userspace only reads them.
 #[repr(C)]

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rlagent::bpf::{ConnStats, PinnedMaps};
+use rlagent::kernel::bpf::{ConnStats, PinnedMaps};
 
 /// True when this process may run privileged tests (root, cgroup2 mounted). Otherwise
 /// prints why and returns false, or panics when `RLAGENT_REQUIRE_PRIVILEGED=1` (CI), where
@@ -29,7 +29,9 @@ pub fn privileged(test: &str) -> bool {
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("needs root".to_string())
     } else {
-        rlagent::cgroup2::find_mount().err().map(|e| e.to_string())
+        rlagent::kernel::cgroup::mount::find()
+            .err()
+            .map(|e| e.to_string())
     };
     let Some(why) = why else { return true };
     if std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
@@ -170,7 +172,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new() -> Self {
-        let mount = rlagent::cgroup2::find_mount().expect("cgroup2 mount");
+        let mount = rlagent::kernel::cgroup::mount::find().expect("cgroup2 mount");
         let relative = unique("rlagent-test");
         let path = mount.join(&relative);
         assert_ne!(path, mount, "never the root cgroup");

@@ -350,7 +350,7 @@ fn kill_9_during_a_burst_of_writes_never_corrupts_the_state_file() {
         std::thread::sleep(Duration::from_millis(150 + 70 * round));
         agent.kill9();
         writer.join().unwrap();
-        let state = rlagent::state::RuntimeState::load(&scratch.state_path())
+        let state = rlagent::desired::state::RuntimeState::load(&scratch.state_path())
             .expect("state file parses after kill -9");
         assert!(state.quotas.len() <= 20);
         // The restarted agent loads it.

@@ -47,7 +47,7 @@ fn shipped_rules_match_the_agents_default_alerts() {
             shipped.push((n, sev.to_string()));
         }
     }
-    let defaults: Vec<(String, String)> = rlagent::alerts::default_rules()
+    let defaults: Vec<(String, String)> = rlagent::model::alert::default_rules()
         .into_iter()
         .map(|r| (r.name, r.severity))
         .collect();

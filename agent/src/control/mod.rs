@@ -1,5 +1,7 @@
-//! The control socket: protocol types (shared with rlctl), authorisation, the server.
+//! The control socket: the protocol (typed requests and results, shared with rlctl), who
+//! may do what, the transport, and one handler per request.
 
-pub mod auth;
+pub mod access;
+pub mod handlers;
 pub mod protocol;
 pub mod server;

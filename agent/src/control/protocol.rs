@@ -3,12 +3,19 @@
 //! Request:  `{"version":1,"request":"set_quota","target":"agent","quota":{"cpu":"50%"}}`
 //! Response: `{"version":1,"ok":true,"result":{...}}` or
 //!           `{"version":1,"ok":false,"error":{"code":"invalid","message":"..."}}`
+//!
+//! Requests and each request's result are typed here, and rlctl decodes the same types
+//! the agent encodes.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::quota::Field;
+pub use crate::{agent::Status, observe::stats::Stats};
+use crate::{
+    desired::state::Source,
+    model::{alert::Alert, quota::Field},
+};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted; a longer one is refused and the connection closed.
@@ -88,6 +95,64 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// `set_quota`: the fields set, as given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetQuotaResult {
+    pub target: String,
+    pub set: BTreeMap<Field, String>,
+}
+
+/// `clear_quota`: the fields cleared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClearQuotaResult {
+    pub target: String,
+    pub cleared: Vec<Field>,
+}
+
+/// `list`: every target's effective quota, field by field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListResult {
+    pub targets: Vec<TargetQuota>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetQuota {
+    pub target: String,
+    pub fields: BTreeMap<Field, FieldValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldValue {
+    pub value: String,
+    pub source: Source,
+}
+
+/// `alerts`, and the first line of `watch_alerts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertsResult {
+    pub alerts: Vec<Alert>,
+}
+
+/// Each later line of `watch_alerts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertEvent {
+    pub event: Alert,
+}
+
+/// `move`: where the processes went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveResult {
+    pub group: String,
+    pub cgroup: PathBuf,
+    pub moved: Vec<u32>,
+}
+
+/// `reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    pub reloaded: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub version: u32,
@@ -99,13 +164,19 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn ok(result: serde_json::Value) -> Self {
+    pub fn ok(result: &impl Serialize) -> Self {
         Self {
             version: PROTOCOL_VERSION,
             ok: true,
-            result: Some(result),
+            result: Some(serde_json::to_value(result).expect("results serialize")),
             error: None,
         }
+    }
+
+    /// The result of a successful response, as the type the request answers with.
+    pub fn result<T: DeserializeOwned>(&self) -> Result<T, String> {
+        let value = self.result.clone().unwrap_or_default();
+        serde_json::from_value(value).map_err(|e| format!("the agent's answer is not valid: {e}"))
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -205,6 +276,30 @@ mod tests {
         let line = Response::error(ErrorCode::Invalid, "x").to_line();
         let back: Response = serde_json::from_str(&line).unwrap();
         assert_eq!(back.error.unwrap().code, ErrorCode::Invalid);
+    }
+
+    #[test]
+    fn typed_results_round_trip_through_a_line() {
+        let list = ListResult {
+            targets: vec![TargetQuota {
+                target: "user:1000".into(),
+                fields: BTreeMap::from([(
+                    Field::Conns,
+                    FieldValue {
+                        value: "2".into(),
+                        source: Source::Runtime,
+                    },
+                )]),
+            }],
+        };
+        let line = Response::ok(&list).to_line();
+        assert!(
+            line.contains(r#""conns":{"source":"runtime","value":"2"}"#),
+            "{line}"
+        );
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.result::<ListResult>().unwrap(), list);
+        assert!(back.result::<MoveResult>().is_err());
     }
 
     fn refused(line: &str) -> String {

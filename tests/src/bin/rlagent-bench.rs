@@ -120,7 +120,7 @@ fn request(socket: &std::path::Path, request: &rlagent::control::protocol::Reque
 /// set-quota round trip (the response comes after the state file is durable and the
 /// quota is in the kernel map), then stats with `targets` group cgroups.
 fn control(requests: u32, targets: u32) {
-    use rlagent::{control::protocol::Request, quota::Field};
+    use rlagent::{control::protocol::Request, model::quota::Field};
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
     let mut text = format!(

@@ -1,0 +1,398 @@
+//! The composition root: the agent behind one lock, a snapshot of what it enforces for
+//! readers, the kernel observer, the alert engine and its event stream. Every caller
+//! (SIGHUP, the control socket, /metrics, the alert loop) goes through [`App`], so there is
+//! one reload and one stats path.
+//!
+//! Locking: the agent's lock is only ever taken on the blocking pool ([`App::blocking`]),
+//! because an apply can take long (a cgroup rewrite with a /proc rescan). Readers never
+//! take it: they read the snapshot, which a change replaces whole after it is applied.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::reconcile::{Agent, AgentError};
+use crate::{
+    config::{Config, ConfigError},
+    desired::{
+        state::{RuntimeState, StateError},
+        Desired, DesiredError,
+    },
+    kernel::{self, Enforcer, KernelError, Observer},
+    model::{
+        alert::{Alert, State},
+        error_chain,
+        quota::Field,
+        target::{Target, TargetError},
+        users::UserDb,
+    },
+    observe::{
+        alerts::{alertmanager, Engine},
+        stats::{Stats, TargetStats},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Boxed: a config error carries the file, line, field and value.
+    #[error(transparent)]
+    Config(Box<ConfigError>),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Desired(#[from] DesiredError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("{what} failed inside the agent ({message}); the previous state is kept")]
+    Panicked { what: &'static str, message: String },
+}
+
+impl From<ConfigError> for AppError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(Box::new(e))
+    }
+}
+
+/// How a refusal reads to a client: its input was wrong, something it named does not
+/// exist, or applying failed (and the previous state is in force).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Invalid,
+    NotFound,
+    Failed,
+}
+
+impl AppError {
+    pub fn refusal(&self) -> Refusal {
+        use crate::kernel::cgroup::CgroupError;
+        let desired = |e: &DesiredError| match e {
+            DesiredError::State(StateError::Quota { .. } | StateError::Target(_))
+            | DesiredError::TooManyUidCaps { .. } => Refusal::Invalid,
+            DesiredError::State(_) => Refusal::Failed,
+        };
+        let kernel = |e: &KernelError| match e {
+            KernelError::Cgroup(CgroupError::NoSuchCgroup { .. })
+            | KernelError::UnknownGroup { .. } => Refusal::NotFound,
+            _ => Refusal::Failed,
+        };
+        match self {
+            Self::Config(_) | Self::Target(_) => Refusal::Invalid,
+            Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
+            Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),
+            Self::State(_) | Self::Agent(AgentError::State(_)) | Self::Panicked { .. } => {
+                Refusal::Failed
+            }
+        }
+    }
+}
+
+/// The Stats model of what `desired` manages, read through `observer` (also used by
+/// `rlagent stats` outside the agent).
+pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats, KernelError> {
+    let conns = observer.conn_usage()?.unwrap_or_default();
+    Ok(Stats {
+        targets: observer
+            .cgroup_stats(&desired.cgroups)?
+            .into_iter()
+            .map(|(target, cgroup)| TargetStats { target, cgroup })
+            .collect(),
+        conns: conns.per_uid,
+        host: conns.host,
+        placement_moves: observer.placement_moves(),
+        alerts_firing: 0,
+        programs: observer.program_stats(),
+    })
+}
+
+/// What the agent enforces now, as readers see it.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub desired: Desired,
+}
+
+/// The agent's status (`rlctl status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub kernel: String,
+    pub cgroup2_mount: PathBuf,
+    pub cgroup_controllers: Vec<String>,
+    pub bpf_attach_cgroup: PathBuf,
+    pub bpf_pin_path: PathBuf,
+    pub config: PathBuf,
+    pub targets: usize,
+    pub alerts_firing: usize,
+}
+
+pub struct App {
+    agent: Mutex<Agent<Box<dyn Enforcer>>>,
+    current: RwLock<Arc<Snapshot>>,
+    observer: Arc<dyn Observer>,
+    alerts: Mutex<Engine>,
+    alert_events: tokio::sync::broadcast::Sender<Alert>,
+    /// The config file the agent was started with (`None`: the default location).
+    config_path: Option<PathBuf>,
+    users: Arc<dyn UserDb>,
+    admin_gid: Option<u32>,
+    started: Instant,
+}
+
+impl App {
+    /// Starts enforcement for `config`: the runtime overrides from its state file, the
+    /// desired state, the kernel (programs, maps, cgroups, placement).
+    pub fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+        users: Arc<dyn UserDb>,
+    ) -> Result<Arc<Self>, AppError> {
+        let runtime = RuntimeState::load(&config.state_path)?;
+        let desired = Desired::build(&config, &runtime, users.as_ref())?;
+        let settings = kernel::Settings {
+            attach_cgroup: config.bpf.attach_cgroup.clone(),
+            pin_path: config.bpf.pin_path.clone(),
+            max_tracked_sockets: config.bpf.max_tracked_sockets,
+        };
+        let (system, observer) = kernel::System::start(&settings, &desired)?;
+        let agent = Agent::start(
+            config,
+            runtime,
+            desired,
+            Box::new(system) as Box<dyn Enforcer>,
+            users.clone(),
+        )?;
+        Ok(Self::new(agent, Arc::new(observer), config_path, users))
+    }
+
+    /// An app around an agent that is already enforcing (tests pass fakes here).
+    pub fn new(
+        agent: Agent<Box<dyn Enforcer>>,
+        observer: Arc<dyn Observer>,
+        config_path: Option<PathBuf>,
+        users: Arc<dyn UserDb>,
+    ) -> Arc<Self> {
+        let snapshot = Snapshot {
+            config: agent.config().clone(),
+            desired: agent.desired().clone(),
+        };
+        let admin_gid = match users.gid(&snapshot.config.control_group) {
+            Ok(gid) => gid,
+            Err(e) => {
+                tracing::warn!(group = %snapshot.config.control_group, "cannot look up the control group: {e}");
+                None
+            }
+        };
+        Arc::new(Self {
+            alerts: Mutex::new(Engine::new(snapshot.desired.alert_rules.clone())),
+            alert_events: tokio::sync::broadcast::channel(256).0,
+            current: RwLock::new(Arc::new(snapshot)),
+            agent: Mutex::new(agent),
+            observer,
+            config_path,
+            users,
+            admin_gid,
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs `f` on the blocking pool: the only way async code reaches the agent's lock or
+    /// the kernel. A panic inside is reported as an error, and the agent keeps running.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        what: &'static str,
+        f: impl FnOnce(&App) -> T + Send + 'static,
+    ) -> Result<T, AppError> {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || f(&app))
+            .await
+            .map_err(|e| {
+                let message = match e.try_into_panic() {
+                    Ok(payload) => payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_string()),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!("{what} panicked: {message}");
+                AppError::Panicked { what, message }
+            })
+    }
+
+    /// What the agent enforces now (never waits for a change in progress).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn lock_agent(&self) -> std::sync::MutexGuard<'_, Agent<Box<dyn Enforcer>>> {
+        self.agent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, agent: &Agent<Box<dyn Enforcer>>) {
+        let snapshot = Arc::new(Snapshot {
+            config: agent.config().clone(),
+            desired: agent.desired().clone(),
+        });
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.alerts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The one reload (SIGHUP and `rlctl reload`): re-reads the config file and applies it
+    /// whole, or keeps everything as it is. Blocking.
+    pub fn reload(&self) -> Result<(), AppError> {
+        let config = Config::load(self.config_path.as_deref(), self.users.as_ref())?;
+        let source = config.source.clone();
+        {
+            let mut agent = self.lock_agent();
+            let kept = agent.reload(config)?;
+            if !kept.is_empty() {
+                tracing::warn!(
+                    settings = %kept.join(", "),
+                    "these settings take effect at the next start; keeping the running values"
+                );
+            }
+            self.publish(&agent);
+        }
+        // The agent's lock is released before the engine's is taken.
+        let rules = self.snapshot().desired.alert_rules.clone();
+        self.engine().set_rules(rules);
+        tracing::info!(config = %source.display(), "reloaded");
+        Ok(())
+    }
+
+    /// Sets or clears quota fields at runtime (see [`Agent::change`]). Blocking.
+    pub fn change(
+        &self,
+        target: &Target,
+        fields: &BTreeMap<Field, Option<String>>,
+    ) -> Result<(), AppError> {
+        let mut agent = self.lock_agent();
+        agent.change(target, fields)?;
+        self.publish(&agent);
+        Ok(())
+    }
+
+    /// Moves processes into a group's cgroup. Blocking.
+    pub fn move_to_group(&self, group: &str, pids: &[u32]) -> Result<PathBuf, AppError> {
+        Ok(self.lock_agent().move_to_group(group, pids)?)
+    }
+
+    /// A target as typed by a user, with a user name resolved to its UID.
+    pub fn resolve_target(&self, text: &str) -> Result<Target, TargetError> {
+        text.parse::<Target>()?.resolve_user(self.users.as_ref())
+    }
+
+    pub fn admin_gid(&self) -> Option<u32> {
+        self.admin_gid
+    }
+
+    /// The one Stats model (rlctl stats, /metrics, the alert engine), read from the kernel
+    /// for what the snapshot manages; the agent's lock is not taken. Blocking.
+    pub fn stats(&self) -> Result<Stats, AppError> {
+        let mut stats = collect_stats(self.observer.as_ref(), &self.snapshot().desired)?;
+        stats.alerts_firing = self.engine().firing();
+        Ok(stats)
+    }
+
+    pub fn status(&self) -> Status {
+        let snapshot = self.snapshot();
+        let (mount, controllers) = self.observer.cgroup2();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            bpf_attach_cgroup: mount.join(&snapshot.config.bpf.attach_cgroup),
+            cgroup2_mount: mount,
+            cgroup_controllers: controllers,
+            bpf_pin_path: snapshot.config.bpf.pin_path.clone(),
+            config: snapshot.config.source.clone(),
+            targets: snapshot.desired.quotas.len(),
+            alerts_firing: self.engine().firing(),
+        }
+    }
+
+    /// Alerts pending or firing now.
+    pub fn alerts(&self) -> Vec<Alert> {
+        self.engine().current()
+    }
+
+    /// Every alert transition from now on.
+    pub fn subscribe_alerts(&self) -> tokio::sync::broadcast::Receiver<Alert> {
+        self.alert_events.subscribe()
+    }
+
+    /// Evaluates the rules at `now` (engine time), logs and publishes each transition, and
+    /// returns the transitions. Blocking.
+    pub fn evaluate_alerts(&self, now: Duration) -> Result<Vec<Alert>, AppError> {
+        let stats = self.stats()?;
+        let transitions = self.engine().evaluate(&stats, now);
+        Engine::log(&transitions);
+        for alert in &transitions {
+            // No watchers is fine.
+            let _ = self.alert_events.send(alert.clone());
+        }
+        Ok(transitions)
+    }
+
+    /// The alert loop: a baseline evaluation now (counters that exist predate this agent;
+    /// anything that appears later counts from zero), then one every `[alerts] interval`,
+    /// with firing alerts re-sent to the Alertmanager each time (it expires alerts that
+    /// stop arriving) and resolved ones once.
+    pub async fn run_alerts(self: Arc<Self>) {
+        let started = Instant::now();
+        if let Err(e) = self
+            .blocking("alert evaluation", |app| {
+                app.evaluate_alerts(Duration::ZERO)
+            })
+            .await
+            .and_then(|r| r)
+        {
+            tracing::warn!("alert baseline skipped: {}", error_chain(&e));
+        }
+        let alertmanager = self
+            .snapshot()
+            .config
+            .alertmanager
+            .clone()
+            .map(alertmanager::start);
+        loop {
+            tokio::time::sleep(self.snapshot().config.alert_interval).await;
+            let evaluated = self
+                .blocking("alert evaluation", move |app| {
+                    let transitions = app.evaluate_alerts(started.elapsed())?;
+                    let mut batch = app.alerts();
+                    batch.extend(
+                        transitions
+                            .into_iter()
+                            .filter(|a| a.state == State::Resolved),
+                    );
+                    Ok::<_, AppError>(batch)
+                })
+                .await
+                .and_then(|r| r);
+            match (evaluated, &alertmanager) {
+                (Ok(batch), Some(am)) => am.send(&batch),
+                (Ok(_), None) => {}
+                (Err(e), _) => tracing::warn!("alert evaluation skipped: {}", error_chain(&e)),
+            }
+        }
+    }
+}

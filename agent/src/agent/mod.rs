@@ -1,0 +1,8 @@
+//! The agent: the reconcile loop ([`reconcile::Agent`]) and the composition root
+//! ([`app::App`]) that every entry point goes through.
+
+pub mod app;
+pub mod reconcile;
+
+pub use app::{collect_stats, App, AppError, Refusal, Snapshot, Status};
+pub use reconcile::{cap_text, Agent, AgentError};

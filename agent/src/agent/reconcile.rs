@@ -1,0 +1,189 @@
+//! The reconcile loop: one desired state in, one apply path for start, reload and runtime
+//! changes, with roll-back when an apply fails part-way.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use crate::{
+    config::Config,
+    desired::{
+        cgroups::CgroupPlan,
+        state::{RuntimeState, StateError},
+        Desired, DesiredError,
+    },
+    kernel::{Enforcer, KernelError},
+    model::{quota::Field, target::Target, users::UserDb},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Desired(#[from] DesiredError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// The running agent's enforcement: the config, the runtime overrides, what is enforced,
+/// and the kernel it is enforced through.
+pub struct Agent<E> {
+    /// The config file as loaded (restart-only settings as at start).
+    config: Config,
+    /// Quotas set through the control socket.
+    runtime: RuntimeState,
+    /// What is enforced now.
+    desired: Desired,
+    kernel: E,
+    users: Arc<dyn UserDb>,
+    /// The cgroup plan last written, and whether that write completed. A completed,
+    /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
+    /// rescanning /proc; an incomplete one is what a roll-back must undo.
+    applied_plan: Option<(CgroupPlan, bool)>,
+}
+
+impl<E: Enforcer> Agent<E> {
+    /// Takes over a kernel that already enforces `desired`'s connection limits (see
+    /// `System::start`) and applies the rest.
+    pub fn start(
+        config: Config,
+        runtime: RuntimeState,
+        desired: Desired,
+        kernel: E,
+        users: Arc<dyn UserDb>,
+    ) -> Result<Self, AgentError> {
+        let mut agent = Self {
+            config,
+            runtime,
+            desired: desired.clone(),
+            kernel,
+            users,
+            applied_plan: None,
+        };
+        agent.apply(&desired)?;
+        Ok(agent)
+    }
+
+    /// Enforces `desired`: checks first, then BPF maps, cgroups and placement.
+    fn apply(&mut self, desired: &Desired) -> Result<(), AgentError> {
+        self.kernel.check(desired)?;
+        for (target, fields) in desired.unenforced() {
+            tracing::warn!(
+                %target,
+                fields = %fields.join(", "),
+                "quota fields accepted but not enforced by this build yet (rate limits and group connection caps come later)"
+            );
+        }
+        self.kernel.apply_conns(&desired.conns)?;
+        let complete = self
+            .applied_plan
+            .as_ref()
+            .is_some_and(|(plan, done)| *done && *plan == desired.cgroups);
+        if !complete {
+            // Until this write completes, it is not known what was written: a roll-back
+            // rewrites every cgroup and resets what the failed plan may have set.
+            let previous = self.applied_plan.take().map(|(plan, _)| plan);
+            self.applied_plan = Some((desired.cgroups.clone(), false));
+            let report = self
+                .kernel
+                .apply_cgroups(&desired.cgroups, previous.as_ref())?;
+            for message in &report.unavailable {
+                tracing::warn!("{message}");
+            }
+            for message in &report.skipped {
+                tracing::warn!("limit not set, its controller is unavailable: {message}");
+            }
+            if let Some(placed) = report.placed {
+                tracing::info!(
+                    seen = placed.seen,
+                    moved = placed.moved,
+                    failed = placed.failed,
+                    "placed processes"
+                );
+            }
+        }
+        self.applied_plan = Some((desired.cgroups.clone(), true));
+        tracing::info!(
+            uid_caps = desired.conns.per_uid.len(),
+            default_cap = %cap_text(desired.conns.default_cap),
+            host_cap = %cap_text(desired.conns.host_cap),
+            targets = desired.quotas.len(),
+            "enforcing"
+        );
+        Ok(())
+    }
+
+    /// Re-applies what was enforced before a failed change, so a failure in the middle of
+    /// an apply does not leave half of it in force.
+    fn roll_back(&mut self) {
+        let previous = self.desired.clone();
+        if let Err(e) = self.apply(&previous) {
+            tracing::error!(
+                "rolling back to the previous quotas failed: {}",
+                crate::model::error_chain(&e)
+            );
+        }
+    }
+
+    /// Applies a new, already validated config file, keeping the runtime overrides and the
+    /// settings that only a restart can change (their names are returned, for a warning).
+    pub fn reload(&mut self, mut config: Config) -> Result<Vec<&'static str>, AgentError> {
+        let kept = config.keep_restart_settings(&self.config);
+        let desired = Desired::build(&config, &self.runtime, self.users.as_ref())?;
+        if let Err(e) = self.apply(&desired) {
+            self.roll_back();
+            return Err(e);
+        }
+        self.config = config;
+        self.desired = desired;
+        Ok(kept)
+    }
+
+    /// Sets (`Some`) or clears (`None`) quota fields of `target` at runtime. All or
+    /// nothing: the merged result is validated, the new state file is staged durably,
+    /// the quotas are applied, and only then is the state file moved into place. On any
+    /// failure the previous quotas are re-applied and the old state file stays.
+    pub fn change(
+        &mut self,
+        target: &Target,
+        fields: &BTreeMap<Field, Option<String>>,
+    ) -> Result<(), AgentError> {
+        let next = self.runtime.with(target, fields);
+        let desired = Desired::build(&self.config, &next, self.users.as_ref())?;
+        let state_path = self.config.state_path.clone();
+        let staged = next.stage(&state_path)?;
+        let result = self
+            .apply(&desired)
+            .and_then(|()| RuntimeState::commit(&staged, &state_path).map_err(AgentError::from));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&staged);
+            self.roll_back();
+            return Err(e);
+        }
+        self.runtime = next;
+        self.desired = desired;
+        Ok(())
+    }
+
+    /// Moves processes into a group's cgroup (for `rlctl move` and `rlctl run`).
+    pub fn move_to_group(&self, group: &str, pids: &[u32]) -> Result<PathBuf, AgentError> {
+        Ok(self
+            .kernel
+            .move_to_group(&self.desired.cgroups, group, pids)?)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+}
+
+pub fn cap_text(cap: u64) -> String {
+    if cap == rlagent_common::UNLIMITED {
+        "none".to_string()
+    } else {
+        cap.to_string()
+    }
+}

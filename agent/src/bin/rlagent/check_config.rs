@@ -1,0 +1,35 @@
+//! `rlagent check-config`: validates the config (with the saved runtime overrides) and
+//! prints what it would enforce.
+
+use std::path::Path;
+
+use rlagent::{
+    agent::cap_text,
+    config::Config,
+    desired::{state::RuntimeState, Desired},
+    kernel::nss::SystemUsers,
+};
+
+pub fn check_config(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_path, &SystemUsers)?;
+    let desired = Desired::build(&config, &RuntimeState::default(), &SystemUsers)?;
+    let limits = &desired.conns;
+    println!("config {}: valid", config.source.display());
+    println!("attach cgroup: /{}", config.bpf.attach_cgroup.display());
+    println!(
+        "default cap (user:*, UID >= {}): {}",
+        limits.uid_min,
+        cap_text(limits.default_cap)
+    );
+    println!("host-wide cap: {}", cap_text(limits.host_cap));
+    for (uid, cap) in &limits.per_uid {
+        println!("user:{uid}: {}", cap_text(*cap));
+    }
+    for (target, fields) in desired.unenforced() {
+        println!(
+            "{target}: not enforced by this build yet: {}",
+            fields.join(", ")
+        );
+    }
+    Ok(())
+}

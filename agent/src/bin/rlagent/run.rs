@@ -1,0 +1,63 @@
+//! `rlagent run`: the daemon. Listeners first (so "already in use" fails before anything is
+//! loaded), then enforcement, then READY=1; SIGHUP reloads through the one reload path.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context;
+use rlagent::{
+    agent::App,
+    config::Config,
+    control::server,
+    kernel::nss::SystemUsers,
+    model::{error_chain, users::UserDb},
+    observe::metrics,
+};
+use tokio::signal::unix::{signal, SignalKind};
+
+pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let users: Arc<dyn UserDb> = Arc::new(SystemUsers);
+    let config = Config::load(config_path, users.as_ref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let socket_path = config.control_socket.clone();
+        let admin_gid = users.gid(&config.control_group).ok().flatten();
+        let listener = server::bind(&socket_path, config.control_mode, admin_gid)?;
+        let metrics_listen = config.metrics_listen;
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
+            .await
+            .with_context(|| format!("metrics listen address {metrics_listen}"))?;
+        let app = App::start(config, config_path.map(Path::to_path_buf), users)?;
+        tokio::spawn(server::serve(listener, app.clone()));
+        let scrapes = app.clone();
+        let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
+        tokio::spawn(metrics::serve(metrics_listener, collect));
+        tokio::spawn(app.clone().run_alerts());
+        let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!("cannot notify systemd: {e}");
+        }
+        tracing::info!(socket = %socket_path.display(), metrics = %metrics_listen, "ready");
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                    if let Err(e) = app.blocking("reload", |app| app.reload()).await.and_then(|r| r) {
+                        tracing::error!("reload refused, keeping the running config and limits: {}", error_chain(&e));
+                    }
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        let _ = std::fs::remove_file(&socket_path);
+        tracing::info!("stopping; programs stay attached through their pinned links (rlagent uninstall removes them)");
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,25 @@
+//! `rlagent stats`: the Stats model of what the agent enforces (the config with the
+//! runtime overrides merged), read from the kernel without a running agent.
+
+use std::path::Path;
+
+use rlagent::{
+    agent::collect_stats,
+    config::Config,
+    desired::{state::RuntimeState, Desired},
+    kernel::{nss::SystemUsers, SystemObserver},
+    observe::table,
+};
+
+pub fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_path, &SystemUsers)?;
+    let runtime = RuntimeState::load(&config.state_path)?;
+    let desired = Desired::build(&config, &runtime, &SystemUsers)?;
+    let stats = collect_stats(&SystemObserver::open(&config.bpf.pin_path)?, &desired)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        print!("{}", table::table(&stats));
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! The socket exchange: one request line out, one response line back, and the typed result
+//! or the refusal.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    process::ExitCode,
+    time::Duration,
+};
+
+use rlagent::control::protocol::{request_line, Request, Response};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Connects, with messages that say what to check.
+pub fn connect(socket: &Path) -> Result<UnixStream, String> {
+    UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            format!(
+                "cannot reach {}: {e} (is rlagent running?)",
+                socket.display()
+            )
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied: {} is for root and the rlagent group",
+            socket.display()
+        ),
+        _ => format!("cannot reach {}: {e}", socket.display()),
+    })
+}
+
+/// Sends one request and reads one response.
+pub fn call(socket: &Path, request: &Request) -> Result<Response, String> {
+    let mut stream = connect(socket)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request_line(request).as_bytes())
+        .map_err(|e| format!("sending to {}: {e}", socket.display()))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading from {}: {e}", socket.display()))?;
+    serde_json::from_str(&line).map_err(|e| format!("the agent's answer is not valid: {e}"))
+}
+
+/// The outcome of one request: the typed result, or the exit code of a refusal (already
+/// reported on stderr, and on stdout with `--json`).
+pub enum Outcome<T> {
+    Done(T),
+    Refused(ExitCode),
+}
+
+/// Sends `request` and decodes its result as `T`.
+pub fn request<T: DeserializeOwned>(
+    socket: &Path,
+    json: bool,
+    request: &Request,
+) -> Result<Outcome<T>, String> {
+    let response = call(socket, request)?;
+    if !response.ok {
+        return Ok(Outcome::Refused(refused(&response, json)));
+    }
+    response.result().map(Outcome::Done)
+}
+
+/// Reports a refusal: the message on stderr (and the whole answer with `--json`); exit 1.
+pub fn refused(response: &Response, json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(response).unwrap_or_default()
+        );
+    }
+    if let Some(error) = &response.error {
+        eprintln!("rlctl: {}", error.message);
+    }
+    ExitCode::FAILURE
+}
+
+/// Sends `request` and prints its result: as JSON with `--json`, else with `table`.
+pub fn show<T: DeserializeOwned + Serialize>(
+    socket: &Path,
+    json: bool,
+    req: &Request,
+    table: impl FnOnce(&T) -> String,
+) -> Result<ExitCode, String> {
+    match request::<T>(socket, json, req)? {
+        Outcome::Refused(code) => Ok(code),
+        Outcome::Done(result) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", table(&result));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `rlctl`: the control client. One request per invocation over the agent's socket.
+//! Exit codes: 0 success, 1 refused (or the agent cannot be reached), 2 usage.
+//! One file per command; `client` holds the socket exchange.
+
+mod alerts;
+mod client;
+mod quota;
+mod run;
+mod show;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "rlctl", version, about = "Control client for rlagent")]
+struct Cli {
+    /// The agent's control socket
+    #[arg(long, global = true, default_value = "/run/rlagent/rlagent.sock")]
+    socket: PathBuf,
+    /// Print the agent's JSON answer instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Quota values, in the config file's forms.
+#[derive(clap::Args, Default)]
+pub struct QuotaArgs {
+    /// CPU as a percentage of one CPU (50%, 250%) or max
+    #[arg(long)]
+    cpu: Option<String>,
+    /// memory.max: 512M, 2G, ... or max
+    #[arg(long)]
+    memory: Option<String>,
+    /// memory.high: 512M, 2G, ... or max
+    #[arg(long)]
+    memory_high: Option<String>,
+    /// pids.max or max
+    #[arg(long)]
+    pids: Option<String>,
+    /// Live connections per UID or max
+    #[arg(long)]
+    conns: Option<String>,
+    /// New connections per second (20/s) or max
+    #[arg(long)]
+    conn_rate: Option<String>,
+    /// Connection burst (with --conn-rate)
+    #[arg(long)]
+    conn_burst: Option<String>,
+}
+
+/// Fields to clear.
+#[derive(clap::Args)]
+pub struct ClearArgs {
+    #[arg(long)]
+    cpu: bool,
+    #[arg(long)]
+    memory: bool,
+    #[arg(long)]
+    memory_high: bool,
+    #[arg(long)]
+    pids: bool,
+    #[arg(long)]
+    conns: bool,
+    #[arg(long)]
+    conn_rate: bool,
+    #[arg(long)]
+    conn_burst: bool,
+    /// Every field
+    #[arg(long, conflicts_with_all = ["cpu", "memory", "memory_high", "pids", "conns", "conn_rate", "conn_burst"])]
+    all: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Set quota fields on a target (user:<uid|name>, user:*, <group>, cgroup:<path>)
+    SetQuota {
+        target: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+    /// Clear quota fields of a target (defaults such as user:* apply again)
+    ClearQuota {
+        target: String,
+        #[command(flatten)]
+        fields: ClearArgs,
+    },
+    /// Every target's quota, with where each value comes from (config or runtime)
+    List,
+    /// Usage and limits, of every target or one
+    Stats { target: Option<String> },
+    /// The agent's version, uptime, kernel features and attach point
+    Status,
+    /// Alerts of the agent's engine that are pending or firing (--watch: then every
+    /// transition as it happens)
+    Alerts {
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Run a command in a group: rlctl moves itself into the group, then execs CMD
+    Run {
+        group: String,
+        #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+        cmd: Vec<String>,
+    },
+    /// Move processes into a group
+    Move {
+        group: String,
+        #[arg(required = true)]
+        pids: Vec<u32>,
+    },
+    /// Re-read the agent's config file (as SIGHUP does)
+    Reload,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell)
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff)
+    #[command(hide = true)]
+    Man,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.as_path();
+    let json = cli.json;
+    let result = match cli.command {
+        Command::SetQuota { target, quota } => quota::set(socket, json, target, quota),
+        Command::ClearQuota { target, fields } => quota::clear(socket, json, target, fields),
+        Command::List => show::list(socket, json),
+        Command::Stats { target } => show::stats(socket, json, target),
+        Command::Status => show::status(socket, json),
+        Command::Alerts { watch: false } => alerts::list(socket, json),
+        Command::Alerts { watch: true } => alerts::watch(socket, json),
+        Command::Run { group, cmd } => run::run(socket, json, group, cmd),
+        Command::Move { group, pids } => run::move_pids(socket, json, group, pids),
+        Command::Reload => show::reload(socket, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "rlctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("rlctl: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A usage error: message and exit code 2.
+fn usage(message: &str) -> Result<ExitCode, String> {
+    eprintln!("rlctl: {message}");
+    Ok(ExitCode::from(2))
+}

@@ -1,0 +1,64 @@
+//! `rlctl set-quota` and `rlctl clear-quota`.
+
+use std::{collections::BTreeMap, path::Path, process::ExitCode};
+
+use rlagent::{
+    control::protocol::{ClearQuotaResult, Request, SetQuotaResult},
+    model::quota::Field,
+};
+
+use crate::{client, usage, ClearArgs, QuotaArgs};
+
+pub fn set(socket: &Path, json: bool, target: String, q: QuotaArgs) -> Result<ExitCode, String> {
+    let quota: BTreeMap<Field, String> = [
+        (Field::Cpu, q.cpu),
+        (Field::Memory, q.memory),
+        (Field::MemoryHigh, q.memory_high),
+        (Field::Pids, q.pids),
+        (Field::Conns, q.conns),
+        (Field::ConnRate, q.conn_rate),
+        (Field::ConnBurst, q.conn_burst),
+    ]
+    .into_iter()
+    .filter_map(|(f, v)| Some((f, v?)))
+    .collect();
+    if quota.is_empty() {
+        return usage("set-quota needs at least one of --cpu --memory --memory-high --pids --conns --conn-rate --conn-burst");
+    }
+    client::show(
+        socket,
+        json,
+        &Request::SetQuota { target, quota },
+        |r: &SetQuotaResult| {
+            let fields: Vec<String> = r.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{}: set {}\n", r.target, fields.join(" "))
+        },
+    )
+}
+
+pub fn clear(socket: &Path, json: bool, target: String, f: ClearArgs) -> Result<ExitCode, String> {
+    let fields: Vec<Field> = [
+        (Field::Cpu, f.cpu),
+        (Field::Memory, f.memory),
+        (Field::MemoryHigh, f.memory_high),
+        (Field::Pids, f.pids),
+        (Field::Conns, f.conns),
+        (Field::ConnRate, f.conn_rate),
+        (Field::ConnBurst, f.conn_burst),
+    ]
+    .into_iter()
+    .filter_map(|(field, set)| set.then_some(field))
+    .collect();
+    if fields.is_empty() && !f.all {
+        return usage("clear-quota needs fields (--cpu, --memory, ...) or --all");
+    }
+    let request = Request::ClearQuota {
+        target,
+        fields,
+        all: f.all,
+    };
+    client::show(socket, json, &request, |r: &ClearQuotaResult| {
+        let fields: Vec<&str> = r.cleared.iter().map(|f| f.name()).collect();
+        format!("{}: cleared {}\n", r.target, fields.join(" "))
+    })
+}

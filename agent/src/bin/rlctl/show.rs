@@ -1,0 +1,63 @@
+//! `rlctl list`, `stats`, `status` and `reload`.
+
+use std::{fmt::Write, path::Path, process::ExitCode};
+
+use rlagent::{
+    control::protocol::{ListResult, ReloadResult, Request, Status},
+    observe::table,
+};
+
+use crate::client;
+
+pub fn list(socket: &Path, json: bool) -> Result<ExitCode, String> {
+    client::show(socket, json, &Request::List {}, |r: &ListResult| {
+        let mut out = format!("{:<28} {:<12} {:<10} SOURCE\n", "TARGET", "FIELD", "VALUE");
+        for target in &r.targets {
+            for (field, v) in &target.fields {
+                let source = serde_json::to_value(v.source).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{:<28} {:<12} {:<10} {}",
+                    target.target,
+                    field.name(),
+                    v.value,
+                    source.as_str().unwrap_or_default()
+                );
+            }
+        }
+        out
+    })
+}
+
+pub fn stats(socket: &Path, json: bool, target: Option<String>) -> Result<ExitCode, String> {
+    client::show(socket, json, &Request::Stats { target }, table::table)
+}
+
+pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
+    client::show(socket, json, &Request::Status {}, |s: &Status| {
+        let mut out = String::new();
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(out, "{k:<20} {v}");
+        };
+        row("alerts_firing", s.alerts_firing.to_string());
+        row(
+            "bpf_attach_cgroup",
+            s.bpf_attach_cgroup.display().to_string(),
+        );
+        row("bpf_pin_path", s.bpf_pin_path.display().to_string());
+        row("cgroup2_mount", s.cgroup2_mount.display().to_string());
+        row("cgroup_controllers", s.cgroup_controllers.join(" "));
+        row("config", s.config.display().to_string());
+        row("kernel", s.kernel.clone());
+        row("targets", s.targets.to_string());
+        row("uptime_seconds", s.uptime_seconds.to_string());
+        row("version", s.version.clone());
+        out
+    })
+}
+
+pub fn reload(socket: &Path, json: bool) -> Result<ExitCode, String> {
+    client::show(socket, json, &Request::Reload {}, |_: &ReloadResult| {
+        "reloaded\n".to_string()
+    })
+}

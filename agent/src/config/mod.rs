@@ -1,0 +1,452 @@
+//! The agent's TOML config (the README's "Using it"): TOML → validated [`Config`].
+//! Unknown keys are errors that name the line; a config with any invalid entry is refused
+//! whole. `raw` is what serde reads; each section has its own validator module.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use crate::model::{
+    alert::{AlertmanagerUrl, Rule},
+    quota::{Quota, QuotaError},
+    target::{Target, TargetError},
+    users::UserDb,
+};
+
+mod alerts;
+mod bpf;
+mod control;
+mod quotas;
+mod raw;
+
+/// Where the agent looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/rlagent/rlagent.toml";
+
+/// The config used when there is no file at [`DEFAULT_CONFIG_PATH`]: host-wide attach,
+/// default socket and metrics address, no quotas.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default-config.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}, line {line}: quota for {target:?}")]
+    Quota {
+        path: PathBuf,
+        line: usize,
+        target: String,
+        #[source]
+        source: QuotaError,
+    },
+    #[error("config {path}, line {line}")]
+    Target {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: TargetError,
+    },
+    #[error("config {path}, line {line}: {field} = {value:?}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Validated `[bpf]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfConfig {
+    /// Relative to the cgroup2 mount; empty = the mount's root (host-wide).
+    pub attach_cgroup: PathBuf,
+    pub pin_path: PathBuf,
+    pub count_udp: bool,
+    /// Host-wide cap on live connections; `None` = none.
+    pub host_conns: Option<u64>,
+    /// UIDs below this get no `user:*` default.
+    pub uid_min: u32,
+    /// errno for a denied connect(), positive.
+    pub deny_errno: i32,
+    /// Size of the charged-socket map (fixed when the map is first created).
+    pub max_tracked_sockets: u32,
+}
+
+/// A `[[group]]` placement rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRule {
+    pub name: String,
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub exes: Vec<PathBuf>,
+}
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the config came from (a path, or `<embedded default>`).
+    pub source: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub state_path: PathBuf,
+    pub bpf: BpfConfig,
+    pub control_socket: PathBuf,
+    /// Permission bits of the socket file (who may connect at all).
+    pub control_mode: u32,
+    /// Members of this group may change quotas through the socket, like root.
+    pub control_group: String,
+    pub metrics_listen: SocketAddr,
+    pub groups: Vec<GroupRule>,
+    pub quotas: BTreeMap<Target, Quota>,
+    /// The alert engine's rules (the defaults unless `[alerts] defaults = false`, then
+    /// every `[[alert]]`).
+    pub alert_rules: Vec<Rule>,
+    pub alert_interval: std::time::Duration,
+    /// Where firing and resolved alerts are POSTed, if anywhere.
+    pub alertmanager: Option<AlertmanagerUrl>,
+}
+
+impl Config {
+    /// Loads `path`; with `None`, [`DEFAULT_CONFIG_PATH`] or, when that file does not
+    /// exist, the embedded default. User names in targets are resolved through `users`.
+    pub fn load(path: Option<&Path>, users: &dyn UserDb) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+            None => return Self::embedded_default(),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path, users)
+    }
+
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        // The embedded default names no users, so no look-up can happen.
+        struct NoUsers;
+        impl UserDb for NoUsers {
+            fn uid(&self, _: &str) -> std::io::Result<Option<u32>> {
+                Ok(None)
+            }
+            fn gid(&self, _: &str) -> std::io::Result<Option<u32>> {
+                Ok(None)
+            }
+        }
+        Self::parse(EMBEDDED_DEFAULT, Path::new("<embedded default>"), &NoUsers)
+    }
+
+    /// Parses and validates a whole config; the first error refuses it.
+    pub fn parse(text: &str, path: &Path, users: &dyn UserDb) -> Result<Self, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let at = Source { text, path };
+        let cgroup_root = at.cgroup_path(&raw.cgroup_root, "cgroup_root", false)?;
+        let control = control::validate(&at, &raw.control, &raw.metrics)?;
+        let alerts = alerts::validate(&at, &raw.alerts, &raw.alert_rules)?;
+        Ok(Self {
+            source: path.to_path_buf(),
+            cgroup_root,
+            state_path: raw.state_path,
+            bpf: bpf::validate(&at, &raw.bpf)?,
+            control_socket: control.socket,
+            control_mode: control.mode,
+            control_group: control.group,
+            metrics_listen: control.metrics_listen,
+            groups: quotas::groups(&at, &raw.groups)?,
+            quotas: quotas::quotas(&at, &raw.quotas, users)?,
+            alert_rules: alerts.rules,
+            alert_interval: alerts.interval,
+            alertmanager: alerts.alertmanager,
+        })
+    }
+}
+
+impl Config {
+    /// Keeps `running`'s values of the settings that only a restart can change (where the
+    /// programs attach and pin, the agent's subtree, its state file, socket and listeners,
+    /// the Alertmanager), and returns the names of those that this config would change.
+    pub fn keep_restart_settings(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+, $name:literal) => {
+                if self.$($field).+ != running.$($field).+ {
+                    self.$($field).+ = running.$($field).+.clone();
+                    kept.push($name);
+                }
+            };
+        }
+        keep!(bpf.attach_cgroup, "[bpf] attach_cgroup");
+        keep!(bpf.pin_path, "[bpf] pin_path");
+        keep!(bpf.max_tracked_sockets, "[bpf] max_tracked_sockets");
+        keep!(cgroup_root, "cgroup_root");
+        keep!(state_path, "state_path");
+        keep!(control_socket, "[control] socket");
+        keep!(control_mode, "[control] mode");
+        keep!(control_group, "[control] group");
+        keep!(metrics_listen, "[metrics] listen");
+        keep!(alertmanager, "[alerts] alertmanager_url");
+        kept
+    }
+}
+
+/// The text being validated, for errors that name the file and line.
+struct Source<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Source<'_> {
+    /// 1-based line of a span's start (0 when the value came from a default).
+    fn line(&self, span: std::ops::Range<usize>) -> usize {
+        line_at(self.text, span.start)
+    }
+
+    fn invalid(&self, line: usize, field: &'static str, value: &str, reason: &str) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            field,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A cgroup path relative to the mount; `"/"` (the root) only where `root_ok`.
+    fn cgroup_path(
+        &self,
+        value: &toml::Spanned<String>,
+        field: &'static str,
+        root_ok: bool,
+    ) -> Result<PathBuf, ConfigError> {
+        let line = self.line(value.span());
+        let path = relative_cgroup_path(value.get_ref()).ok_or_else(|| {
+            self.invalid(
+                line,
+                field,
+                value.get_ref(),
+                "expected a path relative to the cgroup2 mount (\"/\" for the root), without '.' or '..' parts",
+            )
+        })?;
+        if path.as_os_str().is_empty() && !root_ok {
+            return Err(self.invalid(
+                line,
+                field,
+                value.get_ref(),
+                "the agent's subtree cannot be the cgroup2 root",
+            ));
+        }
+        Ok(path)
+    }
+}
+
+/// `"/"` → empty; `"/a/b"` or `"a/b/"` → `a/b`; `None` for `.`/`..`/empty parts.
+fn relative_cgroup_path(text: &str) -> Option<PathBuf> {
+    let trimmed = text.trim_matches('/');
+    let mut path = PathBuf::new();
+    if trimmed.is_empty() {
+        return text.starts_with('/').then_some(path);
+    }
+    for part in trimmed.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return None;
+        }
+        path.push(part);
+    }
+    Some(path)
+}
+
+/// 1-based line of byte `offset` in `text` (0 when the value came from a default).
+fn line_at(text: &str, offset: usize) -> usize {
+    if offset == 0 && !text.is_empty() && text.starts_with('#') {
+        return 0;
+    }
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{error_chain, quota::Limit, target::UserRef};
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), &crate::testing::Users)
+    }
+
+    #[test]
+    fn embedded_default_is_host_wide_with_no_quotas() {
+        let c = Config::embedded_default().unwrap();
+        assert_eq!(c.bpf.attach_cgroup, PathBuf::new());
+        assert_eq!(c.bpf.pin_path, PathBuf::from("/sys/fs/bpf/rlagent"));
+        assert_eq!(c.control_socket, PathBuf::from("/run/rlagent/rlagent.sock"));
+        assert_eq!(c.metrics_listen, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(c.cgroup_root, PathBuf::from("rlagent.slice"));
+        assert!(c.quotas.is_empty());
+        assert_eq!(c.bpf.deny_errno, libc::EPERM);
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let c = parse(
+            r#"
+cgroup_root = "rlagent.slice"
+state_path = "/var/lib/rlagent/state.json"
+[bpf]
+attach_cgroup = "/"
+pin_path = "/sys/fs/bpf/rlagent"
+count_udp = true
+host_conns = 10000
+[control]
+socket = "/run/rlagent/rlagent.sock"
+[metrics]
+listen = "127.0.0.1:9464"
+[[group]]
+name = "batch"
+uids = [65534]
+comms = ["stress-*"]
+[[quota]]
+target = "user:65534"
+cpu = "50%"
+memory = "2G"
+memory_high = "1536M"
+pids = 512
+conns = 64
+conn_rate = "20/s"
+conn_burst = 40
+[[quota]]
+target = "user:*"
+conns = 32
+[[quota]]
+target = "user:root"
+conns = "max"
+"#,
+        )
+        .unwrap();
+        assert!(c.bpf.count_udp);
+        assert_eq!(c.bpf.host_conns, Some(10000));
+        assert_eq!(c.groups[0].name, "batch");
+        let q = &c.quotas[&Target::User(UserRef::Uid(65534))];
+        assert_eq!(q.conns, Some(Limit::Value(64)));
+        assert_eq!(q.memory, Some(Limit::Value(2 << 30)));
+        assert_eq!(c.quotas[&Target::AllUsers].conns, Some(Limit::Value(32)));
+        assert_eq!(
+            c.quotas[&Target::User(UserRef::Uid(0))].conns,
+            Some(Limit::Max)
+        );
+    }
+
+    fn err(text: &str) -> String {
+        error_chain(&parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn unknown_keys_name_the_line() {
+        let e = err("cgroup_root = \"x\"\n[bpf]\nattach = \"/\"\n");
+        assert!(e.contains("line 3") && e.contains("attach"), "{e}");
+        let e = err("[[quota]]\ntarget = \"user:1\"\nconns = 3\ncpus = \"5%\"\n");
+        assert!(e.contains("line 4") && e.contains("cpus"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_quota_names_line_target_field_and_value() {
+        let e = err("[[quota]]\ntarget = \"user:1\"\nconns = 3\n\n[[quota]]\ntarget = \"user:2\"\ncpu = \"fast\"\n");
+        assert!(
+            e.contains("line 5") && e.contains("user:2") && e.contains("cpu \"fast\""),
+            "{e}"
+        );
+        let e = err("[[quota]]\ntarget = \"user:nobody-at-all-x\"\nconns = 3\n");
+        assert!(e.contains("unknown user"), "{e}");
+        let e = err("[[quota]]\ntarget = \"user:7\"\nconns = 3\n[[quota]]\ntarget = \"user:7\"\nconns = 4\n");
+        assert!(
+            e.contains("line 4") && e.contains("already has a quota"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_bpf_settings_are_refused() {
+        let e = err("[bpf]\nattach_cgroup = \"../x\"\n");
+        assert!(e.contains("line 2") && e.contains("attach_cgroup"), "{e}");
+        let e = err("[bpf]\ndeny_errno = \"ENOPE\"\n");
+        assert!(
+            e.contains("deny_errno") && e.contains("ECONNREFUSED"),
+            "{e}"
+        );
+        let e = err("[control]\nmode = \"rw\"\n");
+        assert!(e.contains("line 2") && e.contains("octal"), "{e}");
+        let e = err("[bpf]\nmax_tracked_sockets = 10\n");
+        assert!(
+            e.contains("line 2") && e.contains("max_tracked_sockets"),
+            "{e}"
+        );
+        let e = err("[bpf]\nhost_conns = -4\n");
+        assert!(e.contains("host_conns"), "{e}");
+        let e = err("[metrics]\nlisten = \"localhost\"\n");
+        assert!(e.contains("listen"), "{e}");
+        let e = err("cgroup_root = \"/\"\n");
+        assert!(e.contains("cgroup2 root"), "{e}");
+        let e = err("[[group]]\nname = \"user:5\"\n");
+        assert!(e.contains("kind prefix"), "{e}");
+        let e = err("[bpf\n");
+        assert!(e.contains("test.toml"), "{e}");
+    }
+
+    #[test]
+    fn alert_rules_from_the_config_join_the_defaults() {
+        let c = parse(
+            "[alerts]\ninterval = \"5s\"\n[[alert]]\nname = \"Busy\"\nstat = \"conns_ratio\"\nop = \">=\"\nthreshold = 0.5\nfor = \"2m\"\nsummary = \"{target} busy\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.alert_interval, std::time::Duration::from_secs(5));
+        assert_eq!(c.alert_rules.len(), 6);
+        let busy = c.alert_rules.last().unwrap();
+        assert_eq!(
+            (busy.for_duration.as_secs(), busy.severity.as_str()),
+            (120, "warning")
+        );
+        let only = parse("[alerts]\ndefaults = false\n").unwrap();
+        assert!(only.alert_rules.is_empty());
+        let e = err("[[alert]]\nname = \"X\"\nstat = \"conns_ratio\"\nop = \">\"\nthreshold = 1\nfor = \"soon\"\nsummary = \"s\"\n");
+        assert!(e.contains("line 1") && e.contains("for = \"soon\""), "{e}");
+        let e = err("[[alert]]\nname = \"X\"\nstat = \"disk\"\nop = \">\"\nthreshold = 1\nsummary = \"s\"\n");
+        assert!(
+            e.contains("disk") && e.contains("memory_usage_ratio"),
+            "{e}"
+        );
+        let e = err("[[alert]]\nname = \"RlagentOomKill\"\nstat = \"oom_kills\"\nop = \">\"\nthreshold = 1\nsummary = \"s\"\n");
+        assert!(e.contains("another alert rule"), "{e}");
+        assert!(err("[alerts]\ninterval = \"0\"\n").contains("interval"));
+        let e = err("[alerts]\nalertmanager_url = \"am:9093\"\n");
+        assert!(
+            e.contains("line 2") && e.contains("http://host:port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_multi_byte_duration_is_refused_with_a_message() {
+        let e = err("[alerts]\ninterval = \"1é\"\n");
+        assert!(e.contains("line 2") && e.contains("interval"), "{e}");
+        let e = err("[[alert]]\nname = \"X\"\nstat = \"oom_kills\"\nop = \">\"\nthreshold = 1\nfor = \"5€\"\nwindow = \"é\"\nsummary = \"s\"\n");
+        assert!(e.contains("for = \"5€\""), "{e}");
+    }
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(relative_cgroup_path("/"), Some(PathBuf::new()));
+        assert_eq!(relative_cgroup_path("/a/b/"), Some(PathBuf::from("a/b")));
+        assert_eq!(relative_cgroup_path("a"), Some(PathBuf::from("a")));
+        assert_eq!(relative_cgroup_path(""), None);
+        assert_eq!(relative_cgroup_path("a/./b"), None);
+    }
+}

@@ -1,0 +1,212 @@
+//! The config file as serde reads it: every key, with its default and its span (for line
+//! numbers in errors). Validation is in the section modules beside this one.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{
+    alert::{Op, Stat},
+    quota::IntOrString,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default = "default_cgroup_root")]
+    pub(super) cgroup_root: Spanned<String>,
+    #[serde(default = "default_state_path")]
+    pub(super) state_path: PathBuf,
+    #[serde(default)]
+    pub(super) bpf: RawBpf,
+    #[serde(default)]
+    pub(super) control: RawControl,
+    #[serde(default)]
+    pub(super) metrics: RawMetrics,
+    #[serde(default, rename = "group")]
+    pub(super) groups: Vec<Spanned<RawGroup>>,
+    #[serde(default, rename = "quota")]
+    pub(super) quotas: Vec<Spanned<RawQuotaEntry>>,
+    #[serde(default)]
+    pub(super) alerts: RawAlerts,
+    #[serde(default, rename = "alert")]
+    pub(super) alert_rules: Vec<Spanned<RawAlertRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAlerts {
+    #[serde(default = "default_true")]
+    pub(super) defaults: bool,
+    #[serde(default = "default_alert_interval")]
+    pub(super) interval: Spanned<String>,
+    #[serde(default)]
+    pub(super) alertmanager_url: Option<Spanned<String>>,
+}
+impl Default for RawAlerts {
+    fn default() -> Self {
+        Self {
+            defaults: true,
+            interval: default_alert_interval(),
+            alertmanager_url: None,
+        }
+    }
+}
+fn default_true() -> bool {
+    true
+}
+fn default_alert_interval() -> Spanned<String> {
+    Spanned::new(0..0, "15s".to_string())
+}
+
+/// `[[alert]]`: a rule of the alert engine.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAlertRule {
+    pub(super) name: String,
+    pub(super) stat: Stat,
+    pub(super) op: Op,
+    pub(super) threshold: f64,
+    #[serde(default, rename = "for")]
+    pub(super) for_duration: Option<String>,
+    #[serde(default)]
+    pub(super) window: Option<String>,
+    #[serde(default = "default_severity")]
+    pub(super) severity: String,
+    pub(super) summary: String,
+}
+fn default_severity() -> String {
+    "warning".to_string()
+}
+
+fn default_cgroup_root() -> Spanned<String> {
+    Spanned::new(0..0, "rlagent.slice".to_string())
+}
+fn default_state_path() -> PathBuf {
+    PathBuf::from("/var/lib/rlagent/state.json")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBpf {
+    #[serde(default = "default_attach")]
+    pub(super) attach_cgroup: Spanned<String>,
+    #[serde(default = "default_pin_path")]
+    pub(super) pin_path: PathBuf,
+    #[serde(default)]
+    pub(super) count_udp: bool,
+    #[serde(default)]
+    pub(super) host_conns: Option<Spanned<IntOrString>>,
+    #[serde(default = "default_uid_min")]
+    pub(super) uid_min: u32,
+    #[serde(default = "default_deny_errno")]
+    pub(super) deny_errno: Spanned<String>,
+    #[serde(default = "default_max_tracked_sockets")]
+    pub(super) max_tracked_sockets: Spanned<i64>,
+}
+
+impl Default for RawBpf {
+    fn default() -> Self {
+        Self {
+            attach_cgroup: default_attach(),
+            pin_path: default_pin_path(),
+            count_udp: false,
+            host_conns: None,
+            uid_min: default_uid_min(),
+            deny_errno: default_deny_errno(),
+            max_tracked_sockets: default_max_tracked_sockets(),
+        }
+    }
+}
+
+fn default_attach() -> Spanned<String> {
+    Spanned::new(0..0, "/".to_string())
+}
+fn default_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/rlagent")
+}
+fn default_uid_min() -> u32 {
+    1000
+}
+fn default_max_tracked_sockets() -> Spanned<i64> {
+    Spanned::new(0..0, i64::from(rlagent_common::DEFAULT_MAX_TRACKED_SOCKETS))
+}
+fn default_deny_errno() -> Spanned<String> {
+    Spanned::new(0..0, "EPERM".to_string())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawControl {
+    #[serde(default = "default_socket")]
+    pub(super) socket: PathBuf,
+    #[serde(default = "default_socket_mode")]
+    pub(super) mode: Spanned<String>,
+    #[serde(default = "default_admin_group")]
+    pub(super) group: String,
+}
+impl Default for RawControl {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+            mode: default_socket_mode(),
+            group: default_admin_group(),
+        }
+    }
+}
+fn default_socket_mode() -> Spanned<String> {
+    Spanned::new(0..0, "0660".to_string())
+}
+fn default_admin_group() -> String {
+    "rlagent".to_string()
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/rlagent/rlagent.sock")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    #[serde(default = "default_listen")]
+    pub(super) listen: Spanned<String>,
+}
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+fn default_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:9464".to_string())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGroup {
+    pub(super) name: String,
+    #[serde(default)]
+    pub(super) uids: Vec<u32>,
+    #[serde(default)]
+    pub(super) gids: Vec<u32>,
+    #[serde(default)]
+    pub(super) comms: Vec<String>,
+    #[serde(default)]
+    pub(super) exes: Vec<PathBuf>,
+}
+
+/// `[[quota]]`: a target and the quota fields (spelled out, since serde's `flatten` cannot
+/// be combined with `deny_unknown_fields`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQuotaEntry {
+    pub(super) target: String,
+    pub(super) cpu: Option<IntOrString>,
+    pub(super) memory: Option<IntOrString>,
+    pub(super) memory_high: Option<IntOrString>,
+    pub(super) pids: Option<IntOrString>,
+    pub(super) conns: Option<IntOrString>,
+    pub(super) conn_rate: Option<IntOrString>,
+    pub(super) conn_burst: Option<IntOrString>,
+}

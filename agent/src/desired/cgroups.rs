@@ -1,0 +1,216 @@
+//! The cgroup part of the desired state: which cgroups the agent owns or adjusts, and the
+//! effective quota of each, derived from the validated config in one place.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    config::{Config, GroupRule},
+    model::{
+        quota::{CpuMax, Limit, Quota},
+        target::{Target, UserRef},
+    },
+};
+
+/// Every cgroup field resolved: unset means no limit (`max`), so applying a quota also
+/// resets the fields that were removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupQuota {
+    pub cpu: Limit<CpuMax>,
+    pub memory: Limit<u64>,
+    pub memory_high: Limit<u64>,
+    pub pids: Limit<u64>,
+}
+
+impl CgroupQuota {
+    pub const NONE: Self = Self {
+        cpu: Limit::Max,
+        memory: Limit::Max,
+        memory_high: Limit::Max,
+        pids: Limit::Max,
+    };
+
+    /// `own` fields, falling back to `default` field by field (LimitRange-style defaults).
+    fn resolve(own: Option<&Quota>, default: Option<&Quota>) -> Self {
+        let pick = |f: fn(&Quota) -> Option<Limit<u64>>| {
+            own.and_then(f)
+                .or_else(|| default.and_then(f))
+                .unwrap_or(Limit::Max)
+        };
+        Self {
+            cpu: own
+                .and_then(|q| q.cpu)
+                .or_else(|| default.and_then(|q| q.cpu))
+                .unwrap_or(Limit::Max),
+            memory: pick(|q| q.memory),
+            memory_high: pick(|q| q.memory_high),
+            pids: pick(|q| q.pids),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupPlan {
+    /// The agent's subtree, relative to the cgroup2 mount.
+    pub root: PathBuf,
+    /// Named groups: every `[[group]]` and every group that has a quota.
+    pub groups: BTreeMap<String, CgroupQuota>,
+    /// `user:<uid>` targets with cgroup fields of their own.
+    pub users: BTreeMap<u32, CgroupQuota>,
+    /// What a UID >= `uid_min` without its own cgroup fields gets (`user:*`); `None` when
+    /// `user:*` sets no cgroup field, and such users are then not placed.
+    pub user_default: Option<CgroupQuota>,
+    /// `cgroup:<path>` targets: existing cgroups adjusted in place.
+    pub cgroups: BTreeMap<PathBuf, CgroupQuota>,
+    pub rules: Vec<GroupRule>,
+    pub uid_min: u32,
+}
+
+impl CgroupPlan {
+    /// The plan for the effective `quotas` (the config's, with runtime overrides merged)
+    /// under `config`'s subtree, group rules and `uid_min`.
+    pub fn new(config: &Config, quotas: &BTreeMap<Target, Quota>) -> Self {
+        let default = quotas
+            .get(&Target::AllUsers)
+            .filter(|q| q.has_cgroup_fields());
+        let mut plan = Self {
+            root: config.cgroup_root.clone(),
+            groups: BTreeMap::new(),
+            users: BTreeMap::new(),
+            user_default: default.map(|d| CgroupQuota::resolve(None, Some(d))),
+            cgroups: BTreeMap::new(),
+            rules: config.groups.clone(),
+            uid_min: config.bpf.uid_min,
+        };
+        for rule in &config.groups {
+            plan.groups.insert(rule.name.clone(), CgroupQuota::NONE);
+        }
+        for (target, quota) in quotas {
+            match target {
+                Target::Group(name) => {
+                    plan.groups
+                        .insert(name.clone(), CgroupQuota::resolve(Some(quota), None));
+                }
+                Target::User(UserRef::Uid(uid)) if quota.has_cgroup_fields() => {
+                    plan.users
+                        .insert(*uid, CgroupQuota::resolve(Some(quota), default));
+                }
+                Target::Cgroup(path) if quota.has_cgroup_fields() => {
+                    plan.cgroups
+                        .insert(path.clone(), CgroupQuota::resolve(Some(quota), None));
+                }
+                _ => {}
+            }
+        }
+        plan
+    }
+
+    /// True when the plan asks for cgroups at all (a conns-only config touches none).
+    pub fn wants_cgroups(&self) -> bool {
+        !self.groups.is_empty()
+            || !self.users.is_empty()
+            || self.user_default.is_some()
+            || !self.cgroups.is_empty()
+    }
+
+    pub fn group_cgroup(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn user_cgroup(&self, uid: u32) -> PathBuf {
+        self.root.join(format!("user-{uid}"))
+    }
+
+    /// The quota a user cgroup gets, `None` when the UID's processes are not placed.
+    pub fn user_quota(&self, uid: u32) -> Option<CgroupQuota> {
+        if let Some(q) = self.users.get(&uid) {
+            return Some(*q);
+        }
+        (uid >= self.uid_min).then_some(self.user_default).flatten()
+    }
+
+    /// True when `cgroup` (relative to the mount) lies inside a `cgroup:<path>` target,
+    /// whose processes the agent leaves where they are.
+    pub fn inside_cgroup_target(&self, cgroup: &Path) -> bool {
+        self.cgroups.keys().any(|t| cgroup.starts_with(t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::plan;
+
+    #[test]
+    fn fields_resolve_against_the_user_default_one_by_one() {
+        let p = plan(
+            r#"
+[[quota]]
+target = "user:*"
+cpu = "100%"
+memory = "1G"
+conns = 10
+[[quota]]
+target = "user:2000"
+memory = "2G"
+[[quota]]
+target = "user:2001"
+conns = 5
+"#,
+        );
+        let own = p.user_quota(2000).unwrap();
+        assert_eq!(own.memory, Limit::Value(2 << 30));
+        assert_eq!(
+            own.cpu,
+            Limit::Value(CpuMax {
+                quota_us: 100_000,
+                period_us: 100_000
+            })
+        );
+        assert_eq!(own.pids, Limit::Max);
+        // Only conns of its own: the cgroup fields all come from the default.
+        assert_eq!(p.user_quota(2001), p.user_default);
+        assert_eq!(p.user_quota(999), None, "system UIDs are not placed");
+    }
+
+    #[test]
+    fn no_cgroup_fields_in_user_star_means_no_user_placement() {
+        let p = plan("[[quota]]\ntarget = \"user:*\"\nconns = 3\n");
+        assert_eq!(p.user_default, None);
+        assert_eq!(p.user_quota(5000), None);
+    }
+
+    #[test]
+    fn groups_come_from_rules_and_quotas_and_cgroup_targets_are_kept_apart() {
+        let p = plan(
+            r#"
+[[group]]
+name = "batch"
+uids = [65534]
+[[quota]]
+target = "agent"
+cpu = "50%"
+[[quota]]
+target = "cgroup:system.slice/nginx.service"
+memory = "512M"
+"#,
+        );
+        assert_eq!(p.groups["batch"], CgroupQuota::NONE);
+        assert_eq!(
+            p.groups["agent"].cpu,
+            Limit::Value(CpuMax {
+                quota_us: 50_000,
+                period_us: 100_000
+            })
+        );
+        assert_eq!(
+            p.group_cgroup("agent"),
+            PathBuf::from("rlagent.slice/agent")
+        );
+        assert_eq!(p.user_cgroup(7), PathBuf::from("rlagent.slice/user-7"));
+        assert!(p.inside_cgroup_target(Path::new("system.slice/nginx.service/sub")));
+        assert!(!p.inside_cgroup_target(Path::new("system.slice")));
+    }
+}

@@ -1,0 +1,163 @@
+//! The connection-limit part of the desired state: what the kernel programs must enforce,
+//! derived from the validated quotas. One function builds it, whatever the quotas' source.
+
+use std::collections::BTreeMap;
+
+use rlagent_common::{Settings, FLAG_COUNT_UDP, FLAG_ENFORCE, UNLIMITED};
+
+use crate::{
+    config::BpfConfig,
+    model::{
+        quota::{Limit, Quota},
+        target::{Target, UserRef},
+    },
+};
+
+/// Caps the kernel enforces. `u64::MAX` ([`UNLIMITED`]) means no cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// UIDs with a `conns` of their own (`max` is stored as [`UNLIMITED`], which exempts
+    /// the UID from the `user:*` default).
+    pub per_uid: BTreeMap<u32, u64>,
+    /// `user:*` conns: applies to UIDs >= `uid_min` without their own.
+    pub default_cap: u64,
+    pub uid_min: u32,
+    pub host_cap: u64,
+    pub count_udp: bool,
+    pub deny_errno: i32,
+}
+
+impl ConnLimits {
+    /// The limits for the effective `quotas` under the `[bpf]` settings.
+    pub fn new(bpf: &BpfConfig, quotas: &BTreeMap<Target, Quota>) -> Self {
+        let mut per_uid = BTreeMap::new();
+        let mut default_cap = UNLIMITED;
+        for (target, quota) in quotas {
+            let Some(conns) = quota.conns else { continue };
+            let cap = match conns {
+                Limit::Max => UNLIMITED,
+                Limit::Value(n) => n,
+            };
+            match target {
+                Target::User(UserRef::Uid(uid)) => {
+                    per_uid.insert(*uid, cap);
+                }
+                Target::AllUsers => default_cap = cap,
+                // Names are resolved to UIDs when the config is validated; group and
+                // cgroup connection caps are reported by `unenforced_fields`.
+                Target::User(UserRef::Name(_)) | Target::Group(_) | Target::Cgroup(_) => {}
+            }
+        }
+        Self {
+            per_uid,
+            default_cap,
+            uid_min: bpf.uid_min,
+            host_cap: bpf.host_conns.unwrap_or(UNLIMITED),
+            count_udp: bpf.count_udp,
+            deny_errno: bpf.deny_errno,
+        }
+    }
+
+    /// The `RL_SETTINGS` element for these limits.
+    pub fn settings(&self) -> Settings {
+        let mut flags = FLAG_ENFORCE;
+        if self.count_udp {
+            flags |= FLAG_COUNT_UDP;
+        }
+        Settings {
+            default_cap: self.default_cap,
+            default_uid_min: u64::from(self.uid_min),
+            host_cap: self.host_cap,
+            flags,
+            deny_errno: self.deny_errno as u64,
+        }
+    }
+}
+
+/// Quota fields this build accepts but does not enforce yet, per target, so the agent can
+/// say so instead of silently ignoring them.
+pub fn unenforced_fields(quotas: &BTreeMap<Target, Quota>) -> Vec<(Target, Vec<&'static str>)> {
+    let mut out = Vec::new();
+    for (target, quota) in quotas {
+        let mut fields = Vec::new();
+        for (set, name) in [
+            (quota.conn_rate.is_some(), "conn_rate"),
+            (quota.conn_burst.is_some(), "conn_burst"),
+        ] {
+            if set {
+                fields.push(name);
+            }
+        }
+        if quota.conns.is_some() && matches!(target, Target::Group(_) | Target::Cgroup(_)) {
+            fields.push("conns");
+        }
+        if !fields.is_empty() {
+            out.push((target.clone(), fields));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, testing::config};
+
+    #[test]
+    fn limits_follow_the_quotas() {
+        let config = config(
+            r#"
+[bpf]
+host_conns = 500
+count_udp = true
+uid_min = 2000
+deny_errno = "ECONNREFUSED"
+[[quota]]
+target = "user:*"
+conns = 8
+[[quota]]
+target = "user:3000"
+conns = 2
+[[quota]]
+target = "user:3001"
+conns = "max"
+[[quota]]
+target = "user:3002"
+cpu = "50%"
+[[quota]]
+target = "batch"
+conns = 5
+memory = "1G"
+"#,
+        );
+        let limits = ConnLimits::new(&config.bpf, &config.quotas);
+        assert_eq!(
+            limits.per_uid,
+            BTreeMap::from([(3000, 2), (3001, UNLIMITED)])
+        );
+        assert_eq!(limits.default_cap, 8);
+        assert_eq!(limits.host_cap, 500);
+        let s = limits.settings();
+        assert_eq!(s.flags, FLAG_ENFORCE | FLAG_COUNT_UDP);
+        assert_eq!(s.default_uid_min, 2000);
+        assert_eq!(s.deny_errno, libc::ECONNREFUSED as u64);
+
+        let unenforced = unenforced_fields(&config.quotas);
+        assert_eq!(
+            unenforced,
+            vec![(Target::Group("batch".into()), vec!["conns"])]
+        );
+    }
+
+    #[test]
+    fn no_quotas_means_nothing_is_capped() {
+        let c = Config::embedded_default().unwrap();
+        let limits = ConnLimits::new(&c.bpf, &c.quotas);
+        assert!(limits.per_uid.is_empty());
+        assert_eq!(
+            (limits.default_cap, limits.host_cap),
+            (UNLIMITED, UNLIMITED)
+        );
+        assert_eq!(limits.settings().flags, FLAG_ENFORCE);
+    }
+}

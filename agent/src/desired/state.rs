@@ -1,0 +1,288 @@
+//! Quotas set at runtime (through the control socket), kept in a state file.
+//!
+//! Precedence: the config file is the base; each field set at runtime overrides the
+//! config's value for that target and field, and a field cleared at runtime is removed
+//! even if the config sets it. Reloading the config keeps the runtime overrides;
+//! `rlctl clear-quota` is how to drop them. The file is written atomically (temp file,
+//! fsync, rename, fsync of the directory), so a crash at any moment leaves either the old
+//! or the new state, never a torn one.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::Config,
+    model::{
+        quota::{Field, Quota, QuotaError},
+        target::{Target, TargetError},
+        users::UserDb,
+    },
+};
+
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("reading state file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state file {path} is not valid ({message}); move it away to start from the config alone"
+    )]
+    Parse { path: PathBuf, message: String },
+    #[error("writing state file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("quota for {target}")]
+    Quota {
+        target: String,
+        #[source]
+        source: QuotaError,
+    },
+}
+
+/// Per target (canonical string), per field: `Some(value)` set, `None` cleared.
+pub type Overrides = BTreeMap<String, BTreeMap<Field, Option<String>>>;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeState {
+    pub version: u32,
+    pub quotas: Overrides,
+}
+
+/// Where a field's effective value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Config,
+    Runtime,
+}
+
+/// Where each field of each target's effective quota comes from.
+pub type Sources = BTreeMap<(Target, Field), Source>;
+
+/// The merge of config and runtime state: the quotas the agent enforces, per target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merged {
+    pub quotas: BTreeMap<Target, Quota>,
+    pub sources: Sources,
+}
+
+impl RuntimeState {
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let state: Self = serde_json::from_str(&text).map_err(|e| StateError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "version {} (this agent reads version {STATE_VERSION})",
+                    state.version
+                ),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Writes `path.tmp`, fsyncs it and renames it over `path`.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let staged = self.stage(path)?;
+        Self::commit(&staged, path)
+    }
+
+    /// First half of [`save`]: the new state is durable beside `path`, not yet in place.
+    pub fn stage(&self, path: &Path) -> Result<PathBuf, StateError> {
+        let err = |source| StateError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut state = self.clone();
+        state.version = STATE_VERSION;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&tmp).map_err(err)?;
+        let text = serde_json::to_string_pretty(&state).expect("state serializes");
+        file.write_all(text.as_bytes()).map_err(err)?;
+        file.write_all(b"\n").map_err(err)?;
+        file.sync_all().map_err(err)?;
+        Ok(tmp)
+    }
+
+    /// Second half of [`save`]: renames the staged file into place and syncs the directory.
+    pub fn commit(staged: &Path, path: &Path) -> Result<(), StateError> {
+        let err = |source| StateError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::rename(staged, path).map_err(err)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// This state with `fields` of `target` set (`Some`) or cleared (`None`).
+    pub fn with(&self, target: &Target, fields: &BTreeMap<Field, Option<String>>) -> Self {
+        let mut next = self.clone();
+        let entry = next.quotas.entry(target.to_string()).or_default();
+        for (field, value) in fields {
+            entry.insert(*field, value.clone());
+        }
+        next
+    }
+
+    /// Merges over `config`. Every override goes through the same parsers as the config,
+    /// and the merged quotas through the same cross-field checks.
+    pub fn merge(&self, config: &Config, users: &dyn UserDb) -> Result<Merged, StateError> {
+        let mut quotas = config.quotas.clone();
+        let mut sources = BTreeMap::new();
+        for (target, quota) in &config.quotas {
+            for field in Field::ALL {
+                if quota.text(field).is_some() {
+                    sources.insert((target.clone(), field), Source::Config);
+                }
+            }
+        }
+        for (target_text, fields) in &self.quotas {
+            let target = target_text.parse::<Target>()?.resolve_user(users)?;
+            let quota = quotas.entry(target.clone()).or_default();
+            for (field, value) in fields {
+                match value {
+                    Some(v) => {
+                        quota.set(*field, v).map_err(|source| StateError::Quota {
+                            target: target.to_string(),
+                            source,
+                        })?;
+                        sources.insert((target.clone(), *field), Source::Runtime);
+                    }
+                    None => {
+                        quota.clear(*field);
+                        sources.remove(&(target.clone(), *field));
+                    }
+                }
+            }
+        }
+        quotas.retain(|_, q| !q.is_empty());
+        for (target, quota) in &quotas {
+            quota.check().map_err(|source| StateError::Quota {
+                target: target.to_string(),
+                source,
+            })?;
+        }
+        Ok(Merged { quotas, sources })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{error_chain, quota::Limit, target::UserRef},
+        testing::{config, Users},
+    };
+
+    fn fields(list: &[(Field, Option<&str>)]) -> BTreeMap<Field, Option<String>> {
+        list.iter()
+            .map(|(f, v)| (*f, v.map(str::to_string)))
+            .collect()
+    }
+
+    #[test]
+    fn runtime_overrides_config_field_by_field_and_clears_remove() {
+        let base = config("[[quota]]\ntarget = \"agent\"\ncpu = \"50%\"\npids = 100\n");
+        let agent = Target::Group("agent".into());
+        let state = RuntimeState::default()
+            .with(
+                &agent,
+                &fields(&[(Field::Cpu, Some("30%")), (Field::Pids, None)]),
+            )
+            .with(
+                &Target::User(UserRef::Uid(2000)),
+                &fields(&[(Field::Conns, Some("2"))]),
+            );
+        let eff = state.merge(&base, &Users).unwrap();
+        let q = &eff.quotas[&agent];
+        assert_eq!(q.text(Field::Cpu).as_deref(), Some("30%"));
+        assert_eq!(
+            q.pids, None,
+            "cleared at runtime, even though the config sets it"
+        );
+        assert_eq!(eff.sources[&(agent.clone(), Field::Cpu)], Source::Runtime);
+        assert!(!eff.sources.contains_key(&(agent, Field::Pids)));
+        let user = &eff.quotas[&Target::User(UserRef::Uid(2000))];
+        assert_eq!(user.conns, Some(Limit::Value(2)));
+    }
+
+    #[test]
+    fn bad_overrides_and_cross_field_conflicts_are_refused() {
+        let base = config("[[quota]]\ntarget = \"agent\"\nmemory = \"1G\"\n");
+        let agent = Target::Group("agent".into());
+        let bad = RuntimeState::default().with(&agent, &fields(&[(Field::Cpu, Some("fast"))]));
+        assert!(error_chain(&bad.merge(&base, &Users).unwrap_err()).contains("cpu \"fast\""));
+        let high =
+            RuntimeState::default().with(&agent, &fields(&[(Field::MemoryHigh, Some("2G"))]));
+        let err = error_chain(&high.merge(&base, &Users).unwrap_err());
+        assert!(
+            err.contains("group:agent") && err.contains("above memory 1G"),
+            "{err}"
+        );
+        // Clearing every field removes the target.
+        let gone = RuntimeState::default().with(&agent, &fields(&[(Field::Memory, None)]));
+        assert!(!gone
+            .merge(&base, &Users)
+            .unwrap()
+            .quotas
+            .contains_key(&agent));
+    }
+
+    #[test]
+    fn saves_atomically_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.json");
+        assert_eq!(RuntimeState::load(&path).unwrap(), RuntimeState::default());
+        let state = RuntimeState::default().with(
+            &Target::Group("a".into()),
+            &fields(&[(Field::Cpu, Some("5%"))]),
+        );
+        state.save(&path).unwrap();
+        let loaded = RuntimeState::load(&path).unwrap();
+        assert_eq!(loaded.quotas, state.quotas);
+        assert!(!path.with_extension("json.tmp").exists());
+        std::fs::write(&path, "{\"version\":1,\"quotas\":{},\"extra\":1}").unwrap();
+        let err = RuntimeState::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("state.json") && err.contains("move it away"),
+            "{err}"
+        );
+    }
+}

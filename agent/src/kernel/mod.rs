@@ -1,0 +1,322 @@
+//! Adapters to the kernel: they take the desired state (`desired`) and never see the
+//! config. Two traits are the boundary the agent reconciles through, so the reconcile and
+//! roll-back logic is tested against fakes: [`Enforcer`] writes, [`Observer`] reads (and is
+//! shared with stats, /metrics and alerts without the agent's lock). [`System`] and
+//! [`SystemObserver`] are the real ones: BPF maps and links, the cgroupfs driver and
+//! placement.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod nss;
+pub mod placement;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{atomic::AtomicU64, Arc, RwLock},
+};
+
+use crate::{
+    desired::{cgroups::CgroupPlan, conns::ConnLimits, Desired},
+    model::usage::{CgroupStats, HostConnStats, ProgramStats, UidConnStats},
+};
+use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
+use cgroup::{driver::CgroupDriver, mount::MountError, CgroupError, CgroupFs};
+use placement::{PlacementError, Placer, ScanReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// Boxed: aya's errors are large, and this one travels up through every layer.
+    #[error(transparent)]
+    Bpf(Box<BpfError>),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// Boxed, like `Bpf`: it carries a process's name, cgroup and the cgroup error.
+    #[error(transparent)]
+    Placement(Box<PlacementError>),
+    #[error("attach cgroup {path} does not exist; create it or fix [bpf] attach_cgroup")]
+    NoAttachCgroup { path: PathBuf },
+    #[error("no group named {group:?} (groups come from [[group]] rules and group quotas)")]
+    UnknownGroup { group: String },
+}
+
+impl From<BpfError> for KernelError {
+    fn from(e: BpfError) -> Self {
+        Self::Bpf(Box::new(e))
+    }
+}
+
+impl From<PlacementError> for KernelError {
+    fn from(e: PlacementError) -> Self {
+        Self::Placement(Box::new(e))
+    }
+}
+
+/// Where the programs attach and pin: fixed for the agent's lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Relative to the cgroup2 mount; empty = the root (host-wide).
+    pub attach_cgroup: PathBuf,
+    pub pin_path: PathBuf,
+    /// Size of the charged-socket map when it is created.
+    pub max_tracked_sockets: u32,
+}
+
+/// What applying a cgroup plan did.
+#[derive(Debug, Default)]
+pub struct CgroupReport {
+    /// Controllers that cannot be used, and limits skipped for that reason (each message
+    /// names the controller or file and the path).
+    pub unavailable: Vec<String>,
+    pub skipped: Vec<String>,
+    /// The /proc scan that followed, when placement runs.
+    pub placed: Option<ScanReport>,
+}
+
+/// Connection counters as the kernel maps hold them.
+#[derive(Debug, Clone, Default)]
+pub struct ConnUsage {
+    pub host: Option<HostConnStats>,
+    pub per_uid: Vec<UidConnStats>,
+}
+
+/// Writes to the kernel: the only way the agent changes enforcement.
+pub trait Enforcer: Send {
+    /// What can be checked before anything is written (e.g. `cgroup:<path>` targets
+    /// exist).
+    fn check(&self, desired: &Desired) -> Result<(), KernelError>;
+    /// Writes the connection limits into the maps the programs read.
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError>;
+    /// Writes the cgroup plan (resetting what `previous` had and `plan` drops) and places
+    /// processes by it.
+    fn apply_cgroups(
+        &mut self,
+        plan: &CgroupPlan,
+        previous: Option<&CgroupPlan>,
+    ) -> Result<CgroupReport, KernelError>;
+    /// Moves processes into a group's cgroup; returns the cgroup.
+    fn move_to_group(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, KernelError>;
+}
+
+/// Reads from the kernel.
+pub trait Observer: Send + Sync {
+    /// Usage of every cgroup `plan` manages that exists, labelled with its target.
+    fn cgroup_stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError>;
+    /// Connection counters; `None` when no programs are installed.
+    fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError>;
+    /// Run counts of the programs (while `kernel.bpf_stats_enabled`).
+    fn program_stats(&self) -> Vec<ProgramStats>;
+    /// Processes placed since the agent started.
+    fn placement_moves(&self) -> u64;
+    /// The cgroup2 mount and the controllers available at its root.
+    fn cgroup2(&self) -> (PathBuf, Vec<String>);
+}
+
+/// The real enforcer: BPF programs and maps, the cgroupfs driver, placement.
+pub struct System {
+    mount: PathBuf,
+    limiter: ConnLimiter,
+    placer: Option<Arc<RwLock<Placer>>>,
+    moves: Arc<AtomicU64>,
+}
+
+impl System {
+    /// Loads the programs (adopting pinned maps), writes `desired`'s connection limits,
+    /// then attaches, so the programs never run on settings from before; then removes
+    /// other layout versions' pins. Returns the enforcer and its observer.
+    pub fn start(
+        settings: &Settings,
+        desired: &Desired,
+    ) -> Result<(Self, SystemObserver), KernelError> {
+        let mount = cgroup::mount::find()?;
+        let attach_cgroup = mount.join(&settings.attach_cgroup);
+        if !attach_cgroup.join("cgroup.procs").exists() {
+            return Err(KernelError::NoAttachCgroup {
+                path: attach_cgroup,
+            });
+        }
+        let mut system = Self {
+            mount: mount.clone(),
+            limiter: ConnLimiter::load(&settings.pin_path, settings.max_tracked_sockets)?,
+            placer: None,
+            moves: Arc::new(AtomicU64::new(0)),
+        };
+        system.check(desired)?;
+        system.limiter.apply(&desired.conns)?;
+        for (program, action) in system.limiter.attach(&attach_cgroup)? {
+            let what = match action {
+                LinkAction::Attached => "attached",
+                LinkAction::Replaced => "attached, replacing the pinned link of an earlier run",
+            };
+            tracing::info!(program, cgroup = %attach_cgroup.display(), "{what}");
+        }
+        for old in system.limiter.remove_other_versions()? {
+            tracing::warn!(pins = %old.display(), "removed the pins of another map layout version, detaching its programs");
+        }
+        let observer = SystemObserver {
+            mount,
+            maps: Some(PinnedMaps::open(&settings.pin_path)?),
+            moves: system.moves.clone(),
+        };
+        Ok((system, observer))
+    }
+
+    fn driver(&self) -> CgroupDriver {
+        CgroupDriver::new(CgroupFs::new(&self.mount))
+    }
+}
+
+impl Enforcer for System {
+    fn check(&self, desired: &Desired) -> Result<(), KernelError> {
+        if desired.wants_cgroups() {
+            self.driver().check(&desired.cgroups)?;
+        }
+        Ok(())
+    }
+
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {
+        Ok(self.limiter.apply(conns)?)
+    }
+
+    fn apply_cgroups(
+        &mut self,
+        plan: &CgroupPlan,
+        previous: Option<&CgroupPlan>,
+    ) -> Result<CgroupReport, KernelError> {
+        let had_cgroups = previous.is_some_and(CgroupPlan::wants_cgroups);
+        if !plan.wants_cgroups() && !had_cgroups && self.placer.is_none() {
+            return Ok(CgroupReport::default());
+        }
+        let applied = self.driver().apply(plan, previous)?;
+        match &self.placer {
+            Some(placer) => placer
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_plan(plan.clone()),
+            None => {
+                let placer = Arc::new(RwLock::new(Placer::new(
+                    plan.clone(),
+                    self.driver(),
+                    self.moves.clone(),
+                )));
+                placement::watch(placer.clone())?;
+                self.placer = Some(placer);
+            }
+        }
+        let placed = self
+            .placer
+            .as_ref()
+            .map(|p| p.read().unwrap_or_else(|p| p.into_inner()).scan());
+        Ok(CgroupReport {
+            unavailable: applied.unavailable,
+            skipped: applied.skipped,
+            placed,
+        })
+    }
+
+    fn move_to_group(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, KernelError> {
+        if !plan.groups.contains_key(group) {
+            return Err(KernelError::UnknownGroup {
+                group: group.to_string(),
+            });
+        }
+        let relative = plan.group_cgroup(group);
+        let fs = CgroupFs::new(&self.mount);
+        for pid in pids {
+            fs.move_pid(&relative, *pid)?;
+        }
+        Ok(relative)
+    }
+}
+
+/// The real observer: cgroup files under the mount and the pinned maps.
+pub struct SystemObserver {
+    mount: PathBuf,
+    /// `None` when no programs are installed (outside the agent).
+    maps: Option<PinnedMaps>,
+    moves: Arc<AtomicU64>,
+}
+
+impl SystemObserver {
+    /// An observer for a process other than the agent (`rlagent stats`): the maps pinned
+    /// under `pin_path`, if any.
+    pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
+        Ok(Self {
+            mount: cgroup::mount::find()?,
+            maps: PinnedMaps::open(pin_path).ok(),
+            moves: Arc::new(AtomicU64::new(0)),
+        })
+    }
+}
+
+impl Observer for SystemObserver {
+    fn cgroup_stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError> {
+        Ok(CgroupDriver::new(CgroupFs::new(&self.mount)).plan_stats(plan)?)
+    }
+
+    fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError> {
+        let Some(maps) = &self.maps else {
+            return Ok(None);
+        };
+        let (host, per_uid) = maps.usage()?;
+        Ok(Some(ConnUsage {
+            host: Some(host),
+            per_uid,
+        }))
+    }
+
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        bpf::program_stats()
+    }
+
+    fn placement_moves(&self) -> u64 {
+        self.moves.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn cgroup2(&self) -> (PathBuf, Vec<String>) {
+        let controllers = std::fs::read_to_string(self.mount.join("cgroup.controllers"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        (self.mount.clone(), controllers)
+    }
+}
+
+impl<E: Enforcer + ?Sized> Enforcer for Box<E> {
+    fn check(&self, desired: &Desired) -> Result<(), KernelError> {
+        (**self).check(desired)
+    }
+
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {
+        (**self).apply_conns(conns)
+    }
+
+    fn apply_cgroups(
+        &mut self,
+        plan: &CgroupPlan,
+        previous: Option<&CgroupPlan>,
+    ) -> Result<CgroupReport, KernelError> {
+        (**self).apply_cgroups(plan, previous)
+    }
+
+    fn move_to_group(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, KernelError> {
+        (**self).move_to_group(plan, group, pids)
+    }
+}

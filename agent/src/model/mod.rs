@@ -1,0 +1,22 @@
+//! Vocabulary shared by every layer: quotas and their units, targets, durations, alert
+//! rule types, measured usage. No I/O here.
+
+pub mod alert;
+pub mod duration;
+pub mod quota;
+pub mod target;
+pub mod usage;
+pub mod users;
+
+/// An error and its causes joined with ": ". Our errors never repeat their source in their
+/// own message (aya's convention), so this is the whole story exactly once.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}

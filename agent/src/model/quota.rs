@@ -1,0 +1,629 @@
+//! Quota values: the one parser for every quota field, shared by the config file, the
+//! control socket and rlctl (the README's "Targets and quota units").
+//!
+//! A field that is not set is `None`; a field set to `max` is `Some(Limit::Max)` (remove
+//! the limit); anything else is `Some(Limit::Value(_))`. A [`Quota`] is only built by
+//! [`RawQuota::validate`], so holding one means every field was valid.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+/// Errors of this module. Each names the field, the value and the form expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    #[error("invalid {field} {value:?}: expected {expected}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid {field} {value:?}: {reason}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("conn_burst {burst} is set without conn_rate: a burst only makes sense with a rate")]
+    BurstWithoutRate { burst: u64 },
+    #[error("memory_high {high} is above memory {max}: memory.high must not exceed memory.max")]
+    HighAboveMax { high: String, max: String },
+    #[error("a quota needs at least one field (cpu, memory, memory_high, pids, conns, conn_rate)")]
+    Empty,
+}
+
+/// A limit or its explicit removal (`max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit<T> {
+    Max,
+    Value(T),
+}
+
+impl<T: Copy> Limit<T> {
+    pub fn value(self) -> Option<T> {
+        match self {
+            Self::Max => None,
+            Self::Value(v) => Some(v),
+        }
+    }
+}
+
+/// CPU bandwidth as written to `cpu.max`: `quota_us` per `period_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuMax {
+    pub quota_us: u64,
+    pub period_us: u64,
+}
+
+/// The period we write with every CPU quota, the kernel's default (100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// cpu.max refuses quotas below 1 ms.
+const CPU_MIN_QUOTA_US: u64 = 1_000;
+/// 100 000% = 1000 CPUs: far above any host, low enough to catch a typo like `5000000%`.
+const CPU_MAX_PERCENT_X1000: u64 = 100_000 * 1000;
+/// memory.max accepts any byte count, but a limit below one page cannot hold a process.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// New connections per second, with the bucket size (`conn_burst`, default = the rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRate {
+    pub per_sec: u64,
+}
+
+/// A validated quota: every field that is `Some` was parsed and checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub cpu: Option<Limit<CpuMax>>,
+    pub memory: Option<Limit<u64>>,
+    pub memory_high: Option<Limit<u64>>,
+    pub pids: Option<Limit<u64>>,
+    pub conns: Option<Limit<u64>>,
+    pub conn_rate: Option<Limit<ConnRate>>,
+    pub conn_burst: Option<u64>,
+}
+
+/// The name of one quota field, as in the config, the socket and rlctl's flags.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    Cpu,
+    Memory,
+    MemoryHigh,
+    Pids,
+    Conns,
+    ConnRate,
+    ConnBurst,
+}
+
+impl Field {
+    pub const ALL: [Self; 7] = [
+        Self::Cpu,
+        Self::Memory,
+        Self::MemoryHigh,
+        Self::Pids,
+        Self::Conns,
+        Self::ConnRate,
+        Self::ConnBurst,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Memory => "memory",
+            Self::MemoryHigh => "memory_high",
+            Self::Pids => "pids",
+            Self::Conns => "conns",
+            Self::ConnRate => "conn_rate",
+            Self::ConnBurst => "conn_burst",
+        }
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Quota {
+    /// True when the quota sets a cgroup controller (cpu, memory, pids).
+    pub fn has_cgroup_fields(&self) -> bool {
+        self.cpu.is_some()
+            || self.memory.is_some()
+            || self.memory_high.is_some()
+            || self.pids.is_some()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Sets one field from its text form, with that field's parser. Cross-field rules are
+    /// checked by [`Quota::check`] once all fields are in.
+    pub fn set(&mut self, field: Field, value: &str) -> Result<(), QuotaError> {
+        match field {
+            Field::Cpu => self.cpu = Some(parse_cpu(value)?),
+            Field::Memory => self.memory = Some(parse_bytes("memory", value)?),
+            Field::MemoryHigh => self.memory_high = Some(parse_bytes("memory_high", value)?),
+            Field::Pids => self.pids = Some(parse_count("pids", value, 1)?),
+            Field::Conns => self.conns = Some(parse_count("conns", value, 0)?),
+            Field::ConnRate => self.conn_rate = Some(parse_rate(value)?),
+            Field::ConnBurst => self.conn_burst = Some(parse_burst(value)?),
+        }
+        Ok(())
+    }
+
+    /// Removes one field (as if it had never been set: defaults such as `user:*` apply).
+    pub fn clear(&mut self, field: Field) {
+        match field {
+            Field::Cpu => self.cpu = None,
+            Field::Memory => self.memory = None,
+            Field::MemoryHigh => self.memory_high = None,
+            Field::Pids => self.pids = None,
+            Field::Conns => self.conns = None,
+            Field::ConnRate => self.conn_rate = None,
+            Field::ConnBurst => self.conn_burst = None,
+        }
+    }
+
+    /// A field in the canonical text form the parsers accept (`None` when unset).
+    pub fn text(&self, field: Field) -> Option<String> {
+        fn limit<T: Copy>(l: Option<Limit<T>>, f: impl Fn(T) -> String) -> Option<String> {
+            l.map(|l| l.value().map_or_else(|| "max".to_string(), &f))
+        }
+        match field {
+            Field::Cpu => limit(self.cpu, |c| {
+                let milli = c.quota_us * 100_000 / c.period_us;
+                if milli.is_multiple_of(1000) {
+                    format!("{}%", milli / 1000)
+                } else {
+                    format!("{}%", milli as f64 / 1000.0)
+                }
+            }),
+            Field::Memory => limit(self.memory, bytes_text),
+            Field::MemoryHigh => limit(self.memory_high, bytes_text),
+            Field::Pids => limit(self.pids, |n| n.to_string()),
+            Field::Conns => limit(self.conns, |n| n.to_string()),
+            Field::ConnRate => limit(self.conn_rate, |r| format!("{}/s", r.per_sec)),
+            Field::ConnBurst => self.conn_burst.map(|b| b.to_string()),
+        }
+    }
+
+    /// Rules between fields: a burst needs a rate; memory.high must not exceed memory.max.
+    pub fn check(&self) -> Result<(), QuotaError> {
+        if self.is_empty() {
+            return Err(QuotaError::Empty);
+        }
+        if let (Some(burst), None | Some(Limit::Max)) = (self.conn_burst, self.conn_rate) {
+            return Err(QuotaError::BurstWithoutRate { burst });
+        }
+        if let (Some(Limit::Value(high)), Some(Limit::Value(max))) = (self.memory_high, self.memory)
+        {
+            if high > max {
+                return Err(QuotaError::HighAboveMax {
+                    high: self.text(Field::MemoryHigh).unwrap_or_default(),
+                    max: self.text(Field::Memory).unwrap_or_default(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes with the largest binary unit that divides them exactly.
+fn bytes_text(bytes: u64) -> String {
+    for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes.is_multiple_of(1u64 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// An integer or a string in the config (`pids = 512` or `pids = "max"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    Str(String),
+}
+
+impl fmt::Display for IntOrString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Int(i) => write!(f, "{i}"),
+            Self::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A quota as written by a user (config entry, socket request), before validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    pub cpu: Option<IntOrString>,
+    pub memory: Option<IntOrString>,
+    pub memory_high: Option<IntOrString>,
+    pub pids: Option<IntOrString>,
+    pub conns: Option<IntOrString>,
+    pub conn_rate: Option<IntOrString>,
+    pub conn_burst: Option<IntOrString>,
+}
+
+impl RawQuota {
+    /// Parses every field; the first invalid one is the error and nothing is returned.
+    pub fn validate(&self) -> Result<Quota, QuotaError> {
+        let mut quota = Quota::default();
+        for (field, value) in [
+            (Field::Cpu, &self.cpu),
+            (Field::Memory, &self.memory),
+            (Field::MemoryHigh, &self.memory_high),
+            (Field::Pids, &self.pids),
+            (Field::Conns, &self.conns),
+            (Field::ConnRate, &self.conn_rate),
+            (Field::ConnBurst, &self.conn_burst),
+        ] {
+            if let Some(value) = value {
+                quota.set(field, &value.to_string())?;
+            }
+        }
+        quota.check()?;
+        Ok(quota)
+    }
+}
+
+const CPU_EXPECTED: &str = "a percentage of one CPU such as 50% or 250% (at least 1%), or max";
+const BYTES_EXPECTED: &str =
+    "a size with a binary unit K, M, G or T such as 512M or 2G, a byte count of at least 4096, or max";
+const RATE_EXPECTED: &str = "connections per second such as 20/s (at least 1/s), or max";
+
+/// `50%` = half of one CPU (`cpu.max 50000 100000`), `250%` = 2.5 CPUs, `max` = none.
+/// Up to three decimals are accepted (`12.5%`), as systemd's `CPUQuota=` does.
+pub fn parse_cpu(value: &str) -> Result<Limit<CpuMax>, QuotaError> {
+    let invalid = || QuotaError::Invalid {
+        field: "cpu",
+        value: value.to_string(),
+        expected: CPU_EXPECTED,
+    };
+    if value == "max" {
+        return Ok(Limit::Max);
+    }
+    let number = value.strip_suffix('%').ok_or_else(invalid)?;
+    let milli_percent = parse_decimal_milli(number).ok_or_else(invalid)?;
+    if milli_percent > CPU_MAX_PERCENT_X1000 {
+        return Err(QuotaError::OutOfRange {
+            field: "cpu",
+            value: value.to_string(),
+            reason: "more than 100000% (1000 CPUs)".to_string(),
+        });
+    }
+    // quota_us = period * percent / 100, computed in milli-percent to keep decimals exact.
+    let quota_us = CPU_PERIOD_US * milli_percent / 100_000;
+    if quota_us < CPU_MIN_QUOTA_US {
+        return Err(QuotaError::OutOfRange {
+            field: "cpu",
+            value: value.to_string(),
+            reason: "below 1% (cpu.max needs at least 1 ms per 100 ms period)".to_string(),
+        });
+    }
+    Ok(Limit::Value(CpuMax {
+        quota_us,
+        period_us: CPU_PERIOD_US,
+    }))
+}
+
+/// A decimal with at most three fractional digits, in thousandths.
+fn parse_decimal_milli(text: &str) -> Option<u64> {
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) || text.ends_with('.') {
+        return None;
+    }
+    let int: u64 = int.parse().ok()?;
+    let frac_milli: u64 = format!("{frac:0<3}").parse().ok()?;
+    int.checked_mul(1000)?.checked_add(frac_milli)
+}
+
+/// `2G`, `1536M`, `512K`, `1T` (binary units), a bare byte count of at least one page, or
+/// `max`.
+pub fn parse_bytes(field: &'static str, value: &str) -> Result<Limit<u64>, QuotaError> {
+    let invalid = || QuotaError::Invalid {
+        field,
+        value: value.to_string(),
+        expected: BYTES_EXPECTED,
+    };
+    if value == "max" {
+        return Ok(Limit::Max);
+    }
+    let (digits, shift) = match value.as_bytes().last() {
+        Some(b'K') => (&value[..value.len() - 1], 10),
+        Some(b'M') => (&value[..value.len() - 1], 20),
+        Some(b'G') => (&value[..value.len() - 1], 30),
+        Some(b'T') => (&value[..value.len() - 1], 40),
+        _ => (value, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let number: u64 = digits.parse().map_err(|_| invalid())?;
+    let bytes = number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| QuotaError::OutOfRange {
+            field,
+            value: value.to_string(),
+            reason: "does not fit in 64 bits".to_string(),
+        })?;
+    if bytes < PAGE_SIZE {
+        return Err(QuotaError::OutOfRange {
+            field,
+            value: value.to_string(),
+            reason: format!("below one page ({PAGE_SIZE} bytes)"),
+        });
+    }
+    Ok(Limit::Value(bytes))
+}
+
+/// A whole number of at least `min`, or `max`.
+pub fn parse_count(field: &'static str, value: &str, min: u64) -> Result<Limit<u64>, QuotaError> {
+    if value == "max" {
+        return Ok(Limit::Max);
+    }
+    let number = parse_whole(value).ok_or_else(|| QuotaError::Invalid {
+        field,
+        value: value.to_string(),
+        expected: if min == 0 {
+            "a whole number (0 or more), or max"
+        } else {
+            "a whole number (1 or more), or max"
+        },
+    })?;
+    if number < min {
+        return Err(QuotaError::OutOfRange {
+            field,
+            value: value.to_string(),
+            reason: format!("must be at least {min}"),
+        });
+    }
+    Ok(Limit::Value(number))
+}
+
+fn parse_whole(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// `20/s`, or `max`.
+pub fn parse_rate(value: &str) -> Result<Limit<ConnRate>, QuotaError> {
+    if value == "max" {
+        return Ok(Limit::Max);
+    }
+    let per_sec = value
+        .strip_suffix("/s")
+        .and_then(parse_whole)
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| QuotaError::Invalid {
+            field: "conn_rate",
+            value: value.to_string(),
+            expected: RATE_EXPECTED,
+        })?;
+    Ok(Limit::Value(ConnRate { per_sec }))
+}
+
+/// Bucket size for `conn_rate`: a whole number of at least 1.
+pub fn parse_burst(value: &str) -> Result<u64, QuotaError> {
+    parse_whole(value)
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| QuotaError::Invalid {
+            field: "conn_burst",
+            value: value.to_string(),
+            expected: "a whole number of connections (1 or more)",
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_print_in_the_form_the_parser_reads() {
+        let mut q = Quota::default();
+        for (field, text) in [
+            (Field::Cpu, "50%"),
+            (Field::Memory, "2G"),
+            (Field::MemoryHigh, "1536M"),
+            (Field::Pids, "max"),
+            (Field::Conns, "0"),
+            (Field::ConnRate, "20/s"),
+            (Field::ConnBurst, "40"),
+        ] {
+            q.set(field, text).unwrap();
+            assert_eq!(q.text(field).as_deref(), Some(text));
+        }
+        q.set(Field::Cpu, "12.5%").unwrap();
+        assert_eq!(q.text(Field::Cpu).as_deref(), Some("12.5%"));
+        q.set(Field::Memory, "4097").unwrap();
+        assert_eq!(q.text(Field::Memory).as_deref(), Some("4097"));
+        q.clear(Field::Cpu);
+        assert_eq!(q.text(Field::Cpu), None);
+        assert!(
+            matches!(q.check(), Err(QuotaError::HighAboveMax { .. })),
+            "1536M high over a 4097-byte max"
+        );
+    }
+
+    fn cpu(quota_us: u64) -> Limit<CpuMax> {
+        Limit::Value(CpuMax {
+            quota_us,
+            period_us: CPU_PERIOD_US,
+        })
+    }
+
+    #[test]
+    fn cpu_percentages_map_to_cpu_max() {
+        assert_eq!(parse_cpu("50%"), Ok(cpu(50_000)));
+        assert_eq!(parse_cpu("250%"), Ok(cpu(250_000)));
+        assert_eq!(parse_cpu("12.5%"), Ok(cpu(12_500)));
+        assert_eq!(parse_cpu("1%"), Ok(cpu(1_000)));
+        assert_eq!(parse_cpu("max"), Ok(Limit::Max));
+    }
+
+    #[test]
+    fn cpu_rejects_other_forms_naming_field_and_value() {
+        for bad in [
+            "50",
+            "50 %",
+            "%",
+            "-5%",
+            "0.5%",
+            "1.2345%",
+            "abc",
+            "",
+            "5.%",
+            "100000.001%",
+        ] {
+            let err = parse_cpu(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("cpu") && err.contains(&format!("{bad:?}")),
+                "{bad}: {err}"
+            );
+        }
+        assert!(parse_cpu("0%")
+            .unwrap_err()
+            .to_string()
+            .contains("below 1%"));
+        assert!(parse_cpu("100001%")
+            .unwrap_err()
+            .to_string()
+            .contains("1000 CPUs"));
+    }
+
+    #[test]
+    fn bytes_use_binary_units() {
+        assert_eq!(parse_bytes("memory", "2G"), Ok(Limit::Value(2 << 30)));
+        assert_eq!(parse_bytes("memory", "1536M"), Ok(Limit::Value(1536 << 20)));
+        assert_eq!(parse_bytes("memory", "8K"), Ok(Limit::Value(8192)));
+        assert_eq!(parse_bytes("memory", "1T"), Ok(Limit::Value(1 << 40)));
+        assert_eq!(parse_bytes("memory", "4096"), Ok(Limit::Value(4096)));
+        assert_eq!(parse_bytes("memory", "max"), Ok(Limit::Max));
+    }
+
+    #[test]
+    fn bytes_reject_bad_units_small_values_and_overflow() {
+        for bad in ["2g", "2GB", "2 G", "G", "1.5G", "-1G", "", "lots"] {
+            let err = parse_bytes("memory_high", bad).unwrap_err().to_string();
+            assert!(
+                err.contains("memory_high") && err.contains("binary unit"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(parse_bytes("memory", "100")
+            .unwrap_err()
+            .to_string()
+            .contains("one page"));
+        assert!(parse_bytes("memory", "2K")
+            .unwrap_err()
+            .to_string()
+            .contains("one page"));
+        assert!(parse_bytes("memory", "99999999999T")
+            .unwrap_err()
+            .to_string()
+            .contains("64 bits"));
+    }
+
+    #[test]
+    fn counts_and_rates() {
+        assert_eq!(parse_count("pids", "512", 1), Ok(Limit::Value(512)));
+        assert_eq!(parse_count("conns", "0", 0), Ok(Limit::Value(0)));
+        assert!(parse_count("pids", "0", 1)
+            .unwrap_err()
+            .to_string()
+            .contains("at least 1"));
+        assert!(parse_count("pids", "-3", 1).is_err());
+        assert!(parse_count("conns", "12x", 0)
+            .unwrap_err()
+            .to_string()
+            .contains("whole number"));
+        assert_eq!(
+            parse_rate("20/s"),
+            Ok(Limit::Value(ConnRate { per_sec: 20 }))
+        );
+        for bad in ["20", "20/m", "0/s", "/s", "x/s"] {
+            assert!(
+                parse_rate(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("conn_rate"),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_burst("40"), Ok(40));
+        assert!(parse_burst("0").is_err());
+    }
+
+    fn raw(f: impl FnOnce(&mut RawQuota)) -> RawQuota {
+        let mut q = RawQuota::default();
+        f(&mut q);
+        q
+    }
+
+    #[test]
+    fn validate_reports_the_first_bad_field_and_cross_field_rules() {
+        let q = raw(|q| {
+            q.cpu = Some(IntOrString::Str("50%".into()));
+            q.pids = Some(IntOrString::Int(512));
+            q.conns = Some(IntOrString::Int(64));
+        });
+        let quota = q.validate().unwrap();
+        assert_eq!(quota.pids, Some(Limit::Value(512)));
+        assert_eq!(quota.conns, Some(Limit::Value(64)));
+        assert!(quota.has_cgroup_fields());
+
+        let bad = raw(|q| {
+            q.conns = Some(IntOrString::Int(4));
+            q.memory = Some(IntOrString::Str("2X".into()));
+        });
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("memory \"2X\""));
+
+        let high = raw(|q| {
+            q.memory = Some(IntOrString::Str("1G".into()));
+            q.memory_high = Some(IntOrString::Str("2G".into()));
+        });
+        assert!(matches!(
+            high.validate(),
+            Err(QuotaError::HighAboveMax { .. })
+        ));
+
+        let burst = raw(|q| q.conn_burst = Some(IntOrString::Int(40)));
+        assert_eq!(
+            burst.validate(),
+            Err(QuotaError::BurstWithoutRate { burst: 40 })
+        );
+
+        assert_eq!(RawQuota::default().validate(), Err(QuotaError::Empty));
+
+        let mut q = Quota::default();
+        q.set(Field::Memory, "1G").unwrap();
+        q.set(Field::MemoryHigh, "1536M").unwrap();
+        let err = q.check().unwrap_err().to_string();
+        assert!(
+            err.contains("memory_high 1536M is above memory 1G"),
+            "{err}"
+        );
+        let negative = raw(|q| q.conns = Some(IntOrString::Int(-1)));
+        assert!(negative
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("conns \"-1\""));
+    }
+}

@@ -1,0 +1,94 @@
+//! Measured usage and limits: what the kernel adapters read and the Stats model carries.
+//! Plain data, no I/O.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// From `cpu.stat`. Usage fields come from the core (always present); throttling fields
+/// only when the cpu controller is enabled for the cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuStats {
+    pub usage_usec: u64,
+    pub user_usec: u64,
+    pub system_usec: u64,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_usec: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    pub current: u64,
+    /// `memory.peak` (Linux >= 5.19), `None` where absent.
+    pub peak: Option<u64>,
+    /// `None` = no limit.
+    pub max: Option<u64>,
+    pub high: Option<u64>,
+    /// `memory.events`.
+    pub events_high: u64,
+    pub events_max: u64,
+    pub events_oom: u64,
+    pub events_oom_kill: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PidsStats {
+    pub current: u64,
+    /// `None` = no limit.
+    pub max: Option<u64>,
+    /// Forks refused because of pids.max (`pids.events` max).
+    pub events_max: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pressure {
+    /// Share of time some task stalled, over 10 s, 60 s and 300 s (percent).
+    pub some_avg10: f64,
+    pub some_avg60: f64,
+    pub some_avg300: f64,
+    /// Total stall time (µs).
+    pub some_total_usec: u64,
+    /// The same for all non-idle tasks stalled at once (`full`); absent for cpu on old kernels.
+    pub full_total_usec: Option<u64>,
+}
+
+/// Usage and limits of one cgroup, as the agent reports them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CgroupStats {
+    pub cgroup: PathBuf,
+    pub procs: usize,
+    pub cpu: Option<CpuStats>,
+    /// (quota_us, period_us); `None` = no CPU limit.
+    pub cpu_max: Option<(u64, u64)>,
+    pub memory: Option<MemoryStats>,
+    pub pids: Option<PidsStats>,
+    pub cpu_pressure: Option<Pressure>,
+    pub memory_pressure: Option<Pressure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UidConnStats {
+    pub uid: u32,
+    pub live: u64,
+    /// `None` = no cap.
+    pub cap: Option<u64>,
+    pub admitted: u64,
+    pub denied_cap: u64,
+    pub denied_host: u64,
+}
+
+/// Host-wide connection counters.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct HostConnStats {
+    pub live: u64,
+    /// Sockets let through uncounted because a map was full.
+    pub untracked: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramStats {
+    pub program: String,
+    pub runs: u64,
+    pub run_seconds: f64,
+}

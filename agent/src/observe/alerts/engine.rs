@@ -1,0 +1,457 @@
+//! The alert engine: rules evaluated against the Stats model at a fixed interval.
+//!
+//! A rule names a stat, a comparison, a threshold, a `for` duration, a severity and a
+//! summary template. Each (rule, target) pair is an alert: inactive → pending (condition
+//! true) → firing (true for at least `for`) → resolved (false again; reported once).
+//! Counter stats use the increase over a window, kept from earlier evaluations, so "any
+//! denial in the last minute" and "any OOM kill" mean what they say. Time is passed in
+//! (`now`), so the engine is tested with a fake clock.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use super::history::History;
+use crate::{
+    model::alert::{Alert, Rule, Stat, State},
+    observe::stats::Stats,
+};
+
+pub struct Engine {
+    rules: Vec<Rule>,
+    /// Evaluations so far: series that appear after the first one are new and count from
+    /// zero; at the first, counters may predate the agent (pinned maps survive restarts).
+    evaluations: u64,
+    /// (rule, target) → (state, since, last value).
+    active: BTreeMap<(String, String), (State, Duration, f64)>,
+    history: BTreeMap<String, History>,
+    /// Counter series measured in the current evaluation; the others are gone (a target
+    /// removed, a UID no longer reported) and their history is dropped.
+    touched: BTreeSet<String>,
+}
+
+impl Engine {
+    pub fn new(rules: Vec<Rule>) -> Self {
+        Self {
+            rules,
+            evaluations: 0,
+            active: BTreeMap::new(),
+            history: BTreeMap::new(),
+            touched: BTreeSet::new(),
+        }
+    }
+
+    /// The increase of counter series `key` over `window` (see [`History::increase`]).
+    fn increase(&mut self, key: String, now: Duration, value: f64, window: Duration) -> f64 {
+        let fresh = self.evaluations > 0;
+        self.touched.insert(key.clone());
+        self.history
+            .entry(key)
+            .or_default()
+            .increase(now, value, window, fresh)
+    }
+
+    /// Values of `stat` per target at `now`.
+    fn measure(
+        &mut self,
+        stat: Stat,
+        window: Duration,
+        stats: &Stats,
+        now: Duration,
+    ) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        match stat {
+            Stat::MemoryUsageRatio => {
+                for t in &stats.targets {
+                    if let Some(m) = t.cgroup.memory {
+                        if let Some(max) = m.max.filter(|m| *m > 0) {
+                            out.push((t.target.clone(), m.current as f64 / max as f64));
+                        }
+                    }
+                }
+            }
+            Stat::ConnsRatio => {
+                for c in &stats.conns {
+                    if let Some(cap) = c.cap.filter(|c| *c > 0) {
+                        out.push((format!("user:{}", c.uid), c.live as f64 / cap as f64));
+                    }
+                }
+            }
+            Stat::ConnDenials => {
+                for c in &stats.conns {
+                    let key = format!("denials/{}/{}", c.uid, window.as_secs());
+                    let total = (c.denied_cap + c.denied_host) as f64;
+                    let inc = self.increase(key, now, total, window);
+                    out.push((format!("user:{}", c.uid), inc));
+                }
+            }
+            Stat::CpuThrottledRatio => {
+                for t in &stats.targets {
+                    let Some(cpu) = t.cgroup.cpu else { continue };
+                    let throttled = self.increase(
+                        format!("throttled/{}/{}", t.target, window.as_secs()),
+                        now,
+                        cpu.nr_throttled as f64,
+                        window,
+                    );
+                    let periods = self.increase(
+                        format!("periods/{}/{}", t.target, window.as_secs()),
+                        now,
+                        cpu.nr_periods as f64,
+                        window,
+                    );
+                    if periods > 0.0 {
+                        out.push((t.target.clone(), throttled / periods));
+                    }
+                }
+            }
+            Stat::OomKills => {
+                for t in &stats.targets {
+                    let Some(m) = t.cgroup.memory else { continue };
+                    let inc = self.increase(
+                        format!("oom/{}/{}", t.target, window.as_secs()),
+                        now,
+                        m.events_oom_kill as f64,
+                        window,
+                    );
+                    out.push((t.target.clone(), inc));
+                }
+            }
+        }
+        out
+    }
+
+    /// Evaluates every rule; returns the transitions (to pending, firing, resolved).
+    pub fn evaluate(&mut self, stats: &Stats, now: Duration) -> Vec<Alert> {
+        let mut transitions = Vec::new();
+        let rules = self.rules.clone();
+        for rule in &rules {
+            let values = self.measure(rule.stat, rule.window, stats, now);
+            let mut seen = BTreeSet::new();
+            for (target, value) in values {
+                let key = (rule.name.clone(), target.clone());
+                seen.insert(key.clone());
+                let holds = rule.op.holds(value, rule.threshold);
+                let current = self.active.get(&key).copied();
+                let next = match (current, holds) {
+                    (None | Some((State::Resolved, ..)), true) if rule.for_duration.is_zero() => {
+                        Some((State::Firing, now))
+                    }
+                    (None | Some((State::Resolved, ..)), true) => Some((State::Pending, now)),
+                    (Some((State::Pending, since, _)), true)
+                        if now.saturating_sub(since) >= rule.for_duration =>
+                    {
+                        Some((State::Firing, since))
+                    }
+                    (Some((state, since, _)), true) => {
+                        self.active.insert(key.clone(), (state, since, value));
+                        None
+                    }
+                    (Some((State::Firing, since, _)), false) => Some((State::Resolved, since)),
+                    (Some((State::Pending, ..)), false) => {
+                        self.active.remove(&key);
+                        None
+                    }
+                    (Some((State::Resolved, ..)), false) => {
+                        self.active.remove(&key);
+                        None
+                    }
+                    (None, false) => None,
+                };
+                if let Some((state, since)) = next {
+                    self.active.insert(key, (state, since, value));
+                    transitions.push(self.alert(rule, &target, state, since, value));
+                }
+            }
+            // A target that disappeared while firing resolves.
+            let gone: Vec<(String, String)> = self
+                .active
+                .range((rule.name.clone(), String::new())..)
+                .map(|(k, _)| k)
+                .take_while(|k| k.0 == rule.name)
+                .filter(|k| !seen.contains(*k))
+                .cloned()
+                .collect();
+            for key in gone {
+                if let Some((State::Firing, since, value)) = self.active.remove(&key) {
+                    transitions.push(self.alert(rule, &key.1, State::Resolved, since, value));
+                }
+            }
+        }
+        let touched = std::mem::take(&mut self.touched);
+        self.history.retain(|key, _| touched.contains(key));
+        self.evaluations += 1;
+        transitions
+    }
+
+    fn alert(&self, rule: &Rule, target: &str, state: State, since: Duration, value: f64) -> Alert {
+        let shown = if matches!(
+            rule.stat,
+            Stat::MemoryUsageRatio | Stat::ConnsRatio | Stat::CpuThrottledRatio
+        ) {
+            format!("{:.0}%", value * 100.0)
+        } else {
+            format!("{value}")
+        };
+        Alert {
+            rule: rule.name.clone(),
+            target: target.to_string(),
+            severity: rule.severity.clone(),
+            state,
+            value,
+            summary: rule
+                .summary
+                .replace("{target}", target)
+                .replace("{value}", &shown),
+            active_since_seconds: since.as_secs_f64(),
+        }
+    }
+
+    /// Replaces the rules (after a reload), keeping the state of alerts whose rule still
+    /// exists unchanged.
+    pub fn set_rules(&mut self, rules: Vec<Rule>) {
+        self.active.retain(|(name, _), _| {
+            let old = self.rules.iter().find(|r| &r.name == name);
+            old.is_some() && rules.iter().any(|r| Some(r) == old)
+        });
+        self.rules = rules;
+    }
+
+    /// Logs each transition once: firing as a warning, the others as info.
+    pub fn log(transitions: &[Alert]) {
+        for a in transitions {
+            match a.state {
+                State::Firing => {
+                    tracing::warn!(alert = %a.rule, target = %a.target, severity = %a.severity, "firing: {}", a.summary)
+                }
+                State::Pending => {
+                    tracing::info!(alert = %a.rule, target = %a.target, "pending: {}", a.summary)
+                }
+                State::Resolved => {
+                    tracing::info!(alert = %a.rule, target = %a.target, "resolved: {}", a.summary)
+                }
+            }
+        }
+    }
+
+    /// Alerts that are pending or firing now.
+    pub fn current(&self) -> Vec<Alert> {
+        self.active
+            .iter()
+            .filter(|(_, (state, ..))| *state != State::Resolved)
+            .filter_map(|((name, target), (state, since, value))| {
+                let rule = self.rules.iter().find(|r| &r.name == name)?;
+                Some(self.alert(rule, target, *state, *since, *value))
+            })
+            .collect()
+    }
+
+    pub fn firing(&self) -> usize {
+        self.active
+            .values()
+            .filter(|(s, ..)| *s == State::Firing)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{
+            alert::default_rules,
+            usage::{CgroupStats, CpuStats, MemoryStats, UidConnStats},
+        },
+        observe::stats::TargetStats,
+    };
+
+    fn stats(memory_current: u64, oom: u64, denied: u64, throttled: u64, periods: u64) -> Stats {
+        Stats {
+            targets: vec![TargetStats {
+                target: "group:batch".into(),
+                cgroup: CgroupStats {
+                    cgroup: "rlagent.slice/batch".into(),
+                    procs: 1,
+                    cpu: Some(CpuStats {
+                        nr_throttled: throttled,
+                        nr_periods: periods,
+                        ..CpuStats::default()
+                    }),
+                    cpu_max: None,
+                    memory: Some(MemoryStats {
+                        current: memory_current,
+                        max: Some(100),
+                        events_oom_kill: oom,
+                        ..MemoryStats::default()
+                    }),
+                    pids: None,
+                    cpu_pressure: None,
+                    memory_pressure: None,
+                },
+            }],
+            conns: vec![UidConnStats {
+                uid: 1000,
+                live: 1,
+                cap: Some(10),
+                admitted: 1,
+                denied_cap: denied,
+                denied_host: 0,
+            }],
+            host: None,
+            placement_moves: 0,
+            alerts_firing: 0,
+            programs: vec![],
+        }
+    }
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    fn names(alerts: &[Alert]) -> Vec<(String, State)> {
+        alerts.iter().map(|a| (a.rule.clone(), a.state)).collect()
+    }
+
+    #[test]
+    fn memory_goes_pending_then_fires_after_for_then_resolves() {
+        let mut e = Engine::new(default_rules());
+        assert!(e.evaluate(&stats(50, 0, 0, 0, 0), s(0)).is_empty());
+        let t = e.evaluate(&stats(90, 0, 0, 0, 0), s(10));
+        assert_eq!(
+            names(&t),
+            vec![("RlagentMemoryNearLimit".into(), State::Pending)]
+        );
+        assert_eq!(t[0].summary, "group:batch uses 90% of its memory limit");
+        assert!(
+            e.evaluate(&stats(90, 0, 0, 0, 0), s(309)).is_empty(),
+            "not yet 5 minutes"
+        );
+        let t = e.evaluate(&stats(91, 0, 0, 0, 0), s(310));
+        assert_eq!(
+            names(&t),
+            vec![("RlagentMemoryNearLimit".into(), State::Firing)]
+        );
+        assert_eq!(e.firing(), 1);
+        let t = e.evaluate(&stats(10, 0, 0, 0, 0), s(320));
+        assert_eq!(
+            names(&t),
+            vec![("RlagentMemoryNearLimit".into(), State::Resolved)]
+        );
+        assert_eq!(e.firing(), 0);
+        assert!(
+            e.evaluate(&stats(10, 0, 0, 0, 0), s(330)).is_empty(),
+            "resolved is reported once"
+        );
+        assert!(e.current().is_empty());
+    }
+
+    #[test]
+    fn a_pending_alert_that_clears_before_for_never_fires() {
+        let mut e = Engine::new(default_rules());
+        e.evaluate(&stats(90, 0, 0, 0, 0), s(0));
+        assert!(e.evaluate(&stats(10, 0, 0, 0, 0), s(100)).is_empty());
+        assert!(e
+            .evaluate(&stats(90, 0, 0, 0, 0), s(200))
+            .iter()
+            .all(|a| a.state == State::Pending));
+    }
+
+    #[test]
+    fn counter_rules_use_the_increase_over_their_window() {
+        let mut e = Engine::new(default_rules());
+        e.evaluate(&stats(0, 0, 5, 0, 0), s(0));
+        let t = e.evaluate(&stats(0, 1, 7, 0, 0), s(10));
+        let got = names(&t);
+        assert!(
+            got.contains(&("RlagentConnectionsDenied".into(), State::Firing)),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&("RlagentOomKill".into(), State::Firing)),
+            "{got:?}"
+        );
+        let denied = t
+            .iter()
+            .find(|a| a.rule == "RlagentConnectionsDenied")
+            .unwrap();
+        assert_eq!((denied.target.as_str(), denied.value), ("user:1000", 2.0));
+        // No new denials for over a minute: resolved; the OOM kill stays for its 5 minutes.
+        let t = e.evaluate(&stats(0, 1, 7, 0, 0), s(80));
+        assert_eq!(
+            names(&t),
+            vec![("RlagentConnectionsDenied".into(), State::Resolved)]
+        );
+        let t = e.evaluate(&stats(0, 1, 7, 0, 0), s(320));
+        assert_eq!(names(&t), vec![("RlagentOomKill".into(), State::Resolved)]);
+    }
+
+    #[test]
+    fn a_series_that_appears_later_counts_from_zero_but_not_at_the_first_evaluation() {
+        let mut e = Engine::new(default_rules());
+        let mut at_start = stats(0, 0, 9, 0, 0);
+        assert!(
+            e.evaluate(&at_start, s(0)).is_empty(),
+            "counts from before the agent started"
+        );
+        at_start.conns.push(UidConnStats {
+            uid: 2000,
+            live: 0,
+            cap: None,
+            admitted: 0,
+            denied_cap: 1,
+            denied_host: 0,
+        });
+        let t = e.evaluate(&at_start, s(5));
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(
+            (t[0].rule.as_str(), t[0].target.as_str(), t[0].value),
+            ("RlagentConnectionsDenied", "user:2000", 1.0)
+        );
+    }
+
+    #[test]
+    fn cpu_throttling_is_a_ratio_of_periods_in_the_window() {
+        let mut e = Engine::new(default_rules());
+        e.evaluate(&stats(0, 0, 0, 0, 0), s(0));
+        let t = e.evaluate(&stats(0, 0, 0, 60, 100), s(30));
+        assert_eq!(
+            names(&t),
+            vec![("RlagentCpuThrottled".into(), State::Pending)]
+        );
+        assert!((t[0].value - 0.6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn history_is_bounded_per_series_and_dropped_for_vanished_series() {
+        let mut e = Engine::new(default_rules());
+        let mut many = stats(0, 0, 0, 0, 0);
+        many.conns = (0..1000)
+            .map(|uid| UidConnStats {
+                uid,
+                live: 0,
+                cap: None,
+                admitted: 0,
+                denied_cap: 0,
+                denied_host: 0,
+            })
+            .collect();
+        for second in 0..300 {
+            e.evaluate(&many, s(second));
+        }
+        let samples: usize = e.history.values().map(History::len).sum();
+        // 1000 UIDs plus one cgroup target's series, each bounded by its resolution.
+        assert!(
+            samples <= 1004 * (super::super::history::RESOLUTION as usize + 2),
+            "{samples}"
+        );
+        many.conns.truncate(10);
+        e.evaluate(&many, s(300));
+        let denial_series = e
+            .history
+            .keys()
+            .filter(|k| k.starts_with("denials/"))
+            .count();
+        assert_eq!(denial_series, 10, "series of vanished UIDs are dropped");
+    }
+}

@@ -1,0 +1,108 @@
+//! `/metrics`: the same [`Stats`] model the control socket serves, rendered as Prometheus
+//! text with the prometheus crate (metric families built per scrape from the model, so
+//! counters are the kernel's own values, not re-counted here).
+//!
+//! Names are `rlagent_*` in base units (`_seconds_total`, `_bytes`), label `target` on
+//! cgroup series and `uid` on connection series. Per-UID series exist for UIDs the
+//! connection maps know (a UID with a cap or a connection since the maps were created),
+//! so their number is bounded by the map size (65 536).
+
+mod cardinality;
+mod render;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{body::Bytes, Request, Response, StatusCode};
+
+pub use cardinality::{UidActivity, UID_ACTIVITY_WINDOW};
+pub use render::render;
+
+use crate::observe::stats::Stats;
+
+/// Serves `/metrics` over HTTP/1.1; `collect` builds the stats for each scrape.
+pub async fn serve<F>(listener: tokio::net::TcpListener, collect: Arc<F>)
+where
+    F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
+{
+    let activity = Arc::new(std::sync::Mutex::new(UidActivity::default()));
+    loop {
+        let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let collect = collect.clone();
+        let activity = activity.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let collect = collect.clone();
+                let activity = activity.clone();
+                async move { Ok::<_, Infallible>(respond(req, collect, activity).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+async fn respond<F>(
+    req: Request<hyper::body::Incoming>,
+    collect: Arc<F>,
+    activity: Arc<std::sync::Mutex<UidActivity>>,
+) -> Response<Full<Bytes>>
+where
+    F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
+{
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts")
+    };
+    match req.uri().path() {
+        "/metrics" => match tokio::task::spawn_blocking(move || {
+            let mut stats = collect()?;
+            activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(&mut stats, std::time::Instant::now());
+            Ok::<_, String>(stats)
+        })
+        .await
+        {
+            Ok(Ok(stats)) => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                render(&stats),
+            ),
+            Ok(Err(e)) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("collecting stats: {e}\n"),
+            ),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
+        "/" => reply(
+            StatusCode::OK,
+            "text/plain",
+            "rlagent: metrics at /metrics\n".to_string(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; metrics are at /metrics\n".to_string(),
+        ),
+    }
+}

@@ -1,0 +1,373 @@
+//! Prometheus text for the Stats model, with the prometheus crate: metric families built
+//! per scrape from the model, so counters are the kernel's own values, not re-counted here.
+
+use std::collections::HashMap;
+
+use prometheus::{
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    Encoder, TextEncoder,
+};
+
+use crate::observe::stats::Stats;
+
+/// Metric families in the order they were first added.
+#[derive(Default)]
+struct Exposition {
+    families: Vec<MetricFamily>,
+    index: HashMap<&'static str, usize>,
+}
+
+impl Exposition {
+    fn add(
+        &mut self,
+        name: &'static str,
+        help: &str,
+        kind: MetricType,
+        labels: &[(&str, String)],
+        value: f64,
+    ) {
+        let i = *self.index.entry(name).or_insert_with(|| {
+            let mut family = MetricFamily::default();
+            family.set_name(name.to_string());
+            family.set_help(help.to_string());
+            family.set_field_type(kind);
+            self.families.push(family);
+            self.families.len() - 1
+        });
+        let mut metric = Metric::default();
+        metric.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut pair = LabelPair::default();
+                    pair.set_name((*k).to_string());
+                    pair.set_value(v.clone());
+                    pair
+                })
+                .collect(),
+        );
+        match kind {
+            MetricType::COUNTER => {
+                let mut c = Counter::default();
+                c.set_value(value);
+                metric.set_counter(c);
+            }
+            _ => {
+                let mut g = Gauge::default();
+                g.set_value(value);
+                metric.set_gauge(g);
+            }
+        }
+        self.families[i].mut_metric().push(metric);
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &str, labels: &[(&str, String)], value: f64) {
+        self.add(name, help, MetricType::GAUGE, labels, value);
+    }
+
+    fn counter(&mut self, name: &'static str, help: &str, labels: &[(&str, String)], value: f64) {
+        self.add(name, help, MetricType::COUNTER, labels, value);
+    }
+}
+
+/// Prometheus text for `stats`.
+pub fn render(stats: &Stats) -> String {
+    let mut e = Exposition::default();
+    e.gauge(
+        "rlagent_build_info",
+        "rlagent's version (value is always 1).",
+        &[("version", env!("CARGO_PKG_VERSION").to_string())],
+        1.0,
+    );
+    for t in &stats.targets {
+        let l = [("target", t.target.clone())];
+        let c = &t.cgroup;
+        e.gauge(
+            "rlagent_processes",
+            "Processes in the target's cgroup.",
+            &l,
+            c.procs as f64,
+        );
+        if let Some(cpu) = c.cpu {
+            e.counter(
+                "rlagent_cpu_usage_seconds_total",
+                "CPU time used by the target.",
+                &l,
+                cpu.usage_usec as f64 / 1e6,
+            );
+            e.counter(
+                "rlagent_cpu_periods_total",
+                "CPU bandwidth periods with runnable tasks.",
+                &l,
+                cpu.nr_periods as f64,
+            );
+            e.counter(
+                "rlagent_cpu_throttled_periods_total",
+                "CPU bandwidth periods in which the target was throttled.",
+                &l,
+                cpu.nr_throttled as f64,
+            );
+            e.counter(
+                "rlagent_cpu_throttled_seconds_total",
+                "Time the target was throttled by its CPU quota.",
+                &l,
+                cpu.throttled_usec as f64 / 1e6,
+            );
+        }
+        if let Some((quota, period)) = c.cpu_max {
+            e.gauge(
+                "rlagent_cpu_quota_cores",
+                "CPU quota in CPUs (cpu.max quota / period).",
+                &l,
+                quota as f64 / period as f64,
+            );
+        }
+        if let Some(m) = c.memory {
+            e.gauge(
+                "rlagent_memory_current_bytes",
+                "Memory charged to the target.",
+                &l,
+                m.current as f64,
+            );
+            if let Some(peak) = m.peak {
+                e.gauge(
+                    "rlagent_memory_peak_bytes",
+                    "Highest memory charged to the target.",
+                    &l,
+                    peak as f64,
+                );
+            }
+            if let Some(max) = m.max {
+                e.gauge(
+                    "rlagent_memory_max_bytes",
+                    "memory.max of the target.",
+                    &l,
+                    max as f64,
+                );
+            }
+            if let Some(high) = m.high {
+                e.gauge(
+                    "rlagent_memory_high_bytes",
+                    "memory.high of the target.",
+                    &l,
+                    high as f64,
+                );
+            }
+            e.counter(
+                "rlagent_memory_oom_kills_total",
+                "Processes of the target killed by the OOM killer.",
+                &l,
+                m.events_oom_kill as f64,
+            );
+            e.counter(
+                "rlagent_memory_high_events_total",
+                "Times the target was throttled for going over memory.high.",
+                &l,
+                m.events_high as f64,
+            );
+        }
+        if let Some(p) = c.pids {
+            e.gauge(
+                "rlagent_pids_current",
+                "Tasks in the target.",
+                &l,
+                p.current as f64,
+            );
+            if let Some(max) = p.max {
+                e.gauge(
+                    "rlagent_pids_max",
+                    "pids.max of the target.",
+                    &l,
+                    max as f64,
+                );
+            }
+            e.counter(
+                "rlagent_pids_denied_total",
+                "fork/clone calls refused by pids.max.",
+                &l,
+                p.events_max as f64,
+            );
+        }
+        for (resource, pressure) in [("cpu", c.cpu_pressure), ("memory", c.memory_pressure)] {
+            let Some(p) = pressure else { continue };
+            let mut labels = vec![
+                ("target", t.target.clone()),
+                ("resource", resource.to_string()),
+                ("kind", "some".to_string()),
+            ];
+            e.counter(
+                "rlagent_pressure_stall_seconds_total",
+                "Time tasks of the target stalled on the resource (PSI).",
+                &labels,
+                p.some_total_usec as f64 / 1e6,
+            );
+            if let Some(full) = p.full_total_usec {
+                labels[2].1 = "full".to_string();
+                e.counter(
+                    "rlagent_pressure_stall_seconds_total",
+                    "Time tasks of the target stalled on the resource (PSI).",
+                    &labels,
+                    full as f64 / 1e6,
+                );
+            }
+        }
+    }
+    for c in &stats.conns {
+        let l = [("uid", c.uid.to_string())];
+        e.gauge(
+            "rlagent_connections_live",
+            "Live connections of the UID.",
+            &l,
+            c.live as f64,
+        );
+        if let Some(cap) = c.cap {
+            e.gauge(
+                "rlagent_connections_cap",
+                "Connection cap of the UID (own or user:* default).",
+                &l,
+                cap as f64,
+            );
+        }
+        e.counter(
+            "rlagent_connections_admitted_total",
+            "connect() calls admitted and charged.",
+            &l,
+            c.admitted as f64,
+        );
+        for (reason, value) in [("cap", c.denied_cap), ("host_cap", c.denied_host)] {
+            e.counter(
+                "rlagent_connections_denied_total",
+                "connect() calls denied, by reason.",
+                &[("uid", c.uid.to_string()), ("reason", reason.to_string())],
+                value as f64,
+            );
+        }
+    }
+    if let Some(host) = &stats.host {
+        e.gauge(
+            "rlagent_host_connections_live",
+            "Live connections of all UIDs.",
+            &[],
+            host.live as f64,
+        );
+        e.counter(
+            "rlagent_connections_untracked_total",
+            "connect() calls let through uncounted because a map was full.",
+            &[],
+            host.untracked as f64,
+        );
+    }
+    e.counter(
+        "rlagent_placement_moves_total",
+        "Processes the agent moved into their target's cgroup.",
+        &[],
+        stats.placement_moves as f64,
+    );
+    e.gauge(
+        "rlagent_alerts_firing",
+        "Alerts of the agent's own engine that are firing.",
+        &[],
+        stats.alerts_firing as f64,
+    );
+    for p in &stats.programs {
+        let l = [("program", p.program.clone())];
+        e.counter(
+            "rlagent_bpf_program_runs_total",
+            "Runs of the kernel program (with kernel.bpf_stats_enabled).",
+            &l,
+            p.runs as f64,
+        );
+        e.counter(
+            "rlagent_bpf_program_run_seconds_total",
+            "Time spent in the kernel program.",
+            &l,
+            p.run_seconds,
+        );
+    }
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&e.families, &mut out)
+        .expect("text encoding into a Vec");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::usage::{CgroupStats, CpuStats, HostConnStats, MemoryStats, UidConnStats},
+        observe::stats::TargetStats,
+    };
+
+    #[test]
+    fn renders_the_model_with_types_units_and_labels() {
+        let stats = Stats {
+            targets: vec![TargetStats {
+                target: "group:batch".into(),
+                cgroup: CgroupStats {
+                    cgroup: "rlagent.slice/batch".into(),
+                    procs: 2,
+                    cpu: Some(CpuStats {
+                        usage_usec: 1_500_000,
+                        nr_periods: 31,
+                        nr_throttled: 30,
+                        throttled_usec: 250_000,
+                        ..CpuStats::default()
+                    }),
+                    cpu_max: Some((50_000, 100_000)),
+                    memory: Some(MemoryStats {
+                        current: 1 << 20,
+                        max: Some(64 << 20),
+                        events_oom_kill: 1,
+                        ..MemoryStats::default()
+                    }),
+                    pids: None,
+                    cpu_pressure: None,
+                    memory_pressure: None,
+                },
+            }],
+            conns: vec![UidConnStats {
+                uid: 1000,
+                live: 3,
+                cap: Some(3),
+                admitted: 10,
+                denied_cap: 2,
+                denied_host: 0,
+            }],
+            host: Some(HostConnStats {
+                live: 3,
+                untracked: 0,
+            }),
+            placement_moves: 4,
+            alerts_firing: 1,
+            programs: vec![],
+        };
+        let text = render(&stats);
+        for line in [
+            "# TYPE rlagent_cpu_usage_seconds_total counter",
+            "rlagent_cpu_usage_seconds_total{target=\"group:batch\"} 1.5",
+            "rlagent_cpu_quota_cores{target=\"group:batch\"} 0.5",
+            "rlagent_cpu_throttled_periods_total{target=\"group:batch\"} 30",
+            "rlagent_memory_max_bytes{target=\"group:batch\"} 67108864",
+            "rlagent_memory_oom_kills_total{target=\"group:batch\"} 1",
+            "rlagent_connections_live{uid=\"1000\"} 3",
+            "rlagent_connections_cap{uid=\"1000\"} 3",
+            "rlagent_connections_denied_total{uid=\"1000\",reason=\"cap\"} 2",
+            "# TYPE rlagent_host_connections_live gauge",
+            "rlagent_build_info{version=\"0.1.0\"} 1",
+            "rlagent_placement_moves_total 4",
+            "rlagent_alerts_firing 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Each family's samples are together, under one TYPE line.
+        assert_eq!(
+            text.matches("# TYPE rlagent_connections_denied_total")
+                .count(),
+            1
+        );
+    }
+}
