@@ -79,7 +79,7 @@ pub fn install(opts: Options) -> Result<()> {
         put(
             &root,
             "/etc/rlagent/rlagent.toml",
-            &std::fs::read(ws.join("agent/src/default-config.toml"))?,
+            &std::fs::read(ws.join("agent/src/config/default-config.toml"))?,
             0o644,
         )?;
     }
