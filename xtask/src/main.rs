@@ -15,6 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod debs;
 mod install;
 mod vm;
 
@@ -85,8 +86,8 @@ fn main() -> Result<()> {
             ]))?;
             // The privileged tests start the real binaries; build them first.
             run(cargo().args(["build", "--workspace", "--bins"]))?;
-            let promtool = vm::ensure_promtool()?;
-            let alertmanager = vm::ensure_alertmanager()?;
+            let promtool = debs::ensure_promtool()?;
+            let alertmanager = debs::ensure_alertmanager()?;
             run(cargo()
                 .args(["test", "--workspace"])
                 .env("RLAGENT_PROMETHEUS", promtool.with_file_name("prometheus"))

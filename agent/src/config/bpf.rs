@@ -1,7 +1,7 @@
 //! `[bpf]`: where the programs attach, where they pin, and the kernel-side settings.
 
 use super::{raw::RawBpf, BpfConfig, ConfigError, Source};
-use crate::model::quota::parse_count;
+use crate::model::units::parse_count;
 
 /// Connect errnos an operator may choose; each makes sense to a program that connect()s.
 const DENY_ERRNOS: &[(&str, i32)] = &[

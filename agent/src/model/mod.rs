@@ -5,6 +5,7 @@ pub mod alert;
 pub mod duration;
 pub mod quota;
 pub mod target;
+pub mod units;
 pub mod usage;
 pub mod users;
 

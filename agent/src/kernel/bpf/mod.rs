@@ -15,9 +15,14 @@
 //! on the 6.18 kernel we run on, even with the link's own program.)
 
 pub mod bpffs;
+mod maps;
+mod pins;
+
+pub use maps::{program_stats, ConnStats, PinnedMaps};
+use pins::attach_and_pin;
+pub use pins::{uninstall, LinkAction, PinLayout};
 
 use std::{
-    collections::BTreeMap,
     fs::File,
     io,
     path::{Path, PathBuf},
@@ -29,12 +34,9 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use rlagent_common::{names, HostConns, Settings, UidConns, MAPS_LAYOUT_VERSION, UNLIMITED};
+use rlagent_common::{names, Settings};
 
-use crate::{
-    desired::conns::ConnLimits,
-    model::usage::{HostConnStats, ProgramStats, UidConnStats},
-};
+use crate::desired::conns::ConnLimits;
 
 /// The eBPF object built by build.rs from `ebpf/`.
 static EBPF_OBJECT: &[u8] =
@@ -99,46 +101,6 @@ pub enum BpfError {
         kind: &'static str,
         name: &'static str,
     },
-}
-
-/// Where the pins of this map layout live.
-#[derive(Debug, Clone)]
-pub struct PinLayout {
-    pub root: PathBuf,
-}
-
-impl PinLayout {
-    pub fn new(root: &Path) -> Self {
-        Self {
-            root: root.to_path_buf(),
-        }
-    }
-    pub fn version_dir(&self) -> PathBuf {
-        self.root.join(format!("v{MAPS_LAYOUT_VERSION}"))
-    }
-    pub fn map(&self, name: &str) -> PathBuf {
-        self.version_dir().join("maps").join(name)
-    }
-    pub fn link(&self, name: &str) -> PathBuf {
-        self.version_dir().join("links").join(name)
-    }
-}
-
-/// What happened to one program's link at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkAction {
-    /// No pinned link: attached and pinned a new one.
-    Attached,
-    /// A pinned link from an earlier run: attached the new program, then replaced the old
-    /// pin (detaching the old program).
-    Replaced,
-}
-
-/// Counters read from the maps.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ConnStats {
-    pub host: HostConns,
-    pub per_uid: BTreeMap<u32, UidConns>,
 }
 
 pub struct ConnLimiter {
@@ -349,177 +311,4 @@ where
         .map_mut(name)
         .ok_or(BpfError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(map_error(name))
-}
-
-/// Attaches a new link and pins it in place of any old pin, which detaches the old program
-/// once the new one runs.
-fn attach_and_pin(
-    name: &'static str,
-    link_pin: &Path,
-    attach: impl FnOnce() -> Result<FdLink, BpfError>,
-) -> Result<LinkAction, BpfError> {
-    let link_err = |message: String| BpfError::Link {
-        name,
-        path: link_pin.to_path_buf(),
-        message,
-    };
-    let existed = link_pin.exists();
-    let link = attach()?;
-    // Pin beside, then rename over the old pin (bpffs refuses names with a '.').
-    let mut staging = link_pin.as_os_str().to_owned();
-    staging.push("_new");
-    let staging = PathBuf::from(staging);
-    let _ = std::fs::remove_file(&staging);
-    link.pin(&staging)
-        .map_err(|e| link_err(format!("cannot pin: {e}")))?;
-    std::fs::rename(&staging, link_pin)
-        .map_err(|e| link_err(format!("cannot move the new pin in place: {e}")))?;
-    Ok(if existed {
-        LinkAction::Replaced
-    } else {
-        LinkAction::Attached
-    })
-}
-
-fn read_stats<H, U>(
-    host: &Array<H, HostConns>,
-    per_uid: &HashMap<U, u32, UidConns>,
-) -> Result<ConnStats, BpfError>
-where
-    H: std::borrow::Borrow<MapData>,
-    U: std::borrow::Borrow<MapData>,
-{
-    let host = host.get(&0, 0).map_err(map_error(names::HOST_CONNS))?;
-    let mut uids = BTreeMap::new();
-    for item in per_uid.iter() {
-        let (uid, conns) = item.map_err(map_error(names::UID_CONNS))?;
-        uids.insert(uid, conns);
-    }
-    Ok(ConnStats {
-        host,
-        per_uid: uids,
-    })
-}
-
-/// Read-only view of the pinned maps: the agent's stats reader (opened once, on the pins the
-/// agent itself uses), `rlagent stats`/`conns`, and the tests.
-pub struct PinnedMaps {
-    host: Array<MapData, HostConns>,
-    uid_conns: HashMap<MapData, u32, UidConns>,
-    uid_caps: HashMap<MapData, u32, u64>,
-    settings: Array<MapData, Settings>,
-}
-
-impl PinnedMaps {
-    pub fn open(pin_path: &Path) -> Result<Self, BpfError> {
-        let pins = PinLayout::new(pin_path);
-        fn open<T: TryFrom<Map, Error = MapError>>(
-            pins: &PinLayout,
-            name: &'static str,
-        ) -> Result<T, BpfError> {
-            let data = MapData::from_pin(pins.map(name)).map_err(map_error(name))?;
-            let map = Map::from_map_data(data).map_err(map_error(name))?;
-            T::try_from(map).map_err(map_error(name))
-        }
-        Ok(Self {
-            host: open(&pins, names::HOST_CONNS)?,
-            uid_conns: open(&pins, names::UID_CONNS)?,
-            uid_caps: open(&pins, names::UID_CAPS)?,
-            settings: open(&pins, names::SETTINGS)?,
-        })
-    }
-
-    pub fn stats(&self) -> Result<ConnStats, BpfError> {
-        read_stats(&self.host, &self.uid_conns)
-    }
-
-    /// Host counters and every UID's counters with the cap in force for it.
-    pub fn usage(&self) -> Result<(HostConnStats, Vec<UidConnStats>), BpfError> {
-        let counters = self.stats()?;
-        let host = HostConnStats {
-            live: counters.host.live,
-            untracked: counters.host.untracked,
-        };
-        let mut per_uid = Vec::with_capacity(counters.per_uid.len());
-        for (uid, c) in counters.per_uid {
-            let cap = Some(self.cap_for(uid)?).filter(|c| *c != UNLIMITED);
-            per_uid.push(UidConnStats {
-                uid,
-                live: c.live,
-                cap,
-                admitted: c.admitted,
-                denied_cap: c.denied_cap,
-                denied_host: c.denied_host,
-            });
-        }
-        Ok((host, per_uid))
-    }
-
-    /// The cap that applies to `uid` now (own cap, else the default), [`UNLIMITED`] for none.
-    pub fn cap_for(&self, uid: u32) -> Result<u64, BpfError> {
-        match self.uid_caps.get(&uid, 0) {
-            Ok(cap) => return Ok(cap),
-            Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(map_error(names::UID_CAPS)(source)),
-        }
-        let settings = self
-            .settings
-            .get(&0, 0)
-            .map_err(map_error(names::SETTINGS))?;
-        Ok(if u64::from(uid) >= settings.default_uid_min {
-            settings.default_cap
-        } else {
-            UNLIMITED
-        })
-    }
-}
-
-/// rlagent's programs with a run count (the kernel counts only while BPF stats are on).
-pub fn program_stats() -> Vec<ProgramStats> {
-    let mut by_name: std::collections::BTreeMap<String, (u64, f64)> =
-        std::collections::BTreeMap::new();
-    for info in aya::programs::loaded_programs().flatten() {
-        let Some(name) = info.name_as_str() else {
-            continue;
-        };
-        if !name.starts_with("rl_") || info.run_count() == 0 {
-            continue;
-        }
-        let entry = by_name.entry(name.to_string()).or_default();
-        entry.0 += info.run_count();
-        entry.1 += info.run_time().as_secs_f64();
-    }
-    by_name
-        .into_iter()
-        .map(|(program, (runs, run_seconds))| ProgramStats {
-            program,
-            runs,
-            run_seconds,
-        })
-        .collect()
-}
-
-/// Detaches the programs and removes all pins (and the bpffs mount the agent made there).
-/// Connect hooks go first, sock_release last, so no charged socket loses its uncharge.
-pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
-    let pins = PinLayout::new(pin_path);
-    for name in [
-        names::PROG_CONNECT4,
-        names::PROG_CONNECT6,
-        names::PROG_SOCK_RELEASE,
-    ] {
-        let path = pins.link(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(BpfError::Io {
-                    what: "removing link pin",
-                    path,
-                    source,
-                })
-            }
-        }
-    }
-    bpffs::remove_pins(pin_path)
 }

@@ -1,0 +1,135 @@
+//! Reading the maps: the counters, and the cap in force per UID, from the pinned maps (a
+//! read-only view that does not need the programs loaded by this process).
+
+use std::{borrow::Borrow, collections::BTreeMap, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use rlagent_common::{names, HostConns, Settings, UidConns, UNLIMITED};
+
+use super::{map_error, pins::PinLayout, BpfError};
+use crate::model::usage::{HostConnStats, ProgramStats, UidConnStats};
+
+/// Counters read from the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    pub host: HostConns,
+    pub per_uid: BTreeMap<u32, UidConns>,
+}
+
+pub(super) fn read_stats<H, U>(
+    host: &Array<H, HostConns>,
+    per_uid: &HashMap<U, u32, UidConns>,
+) -> Result<ConnStats, BpfError>
+where
+    H: Borrow<MapData>,
+    U: Borrow<MapData>,
+{
+    let host = host.get(&0, 0).map_err(map_error(names::HOST_CONNS))?;
+    let mut uids = BTreeMap::new();
+    for item in per_uid.iter() {
+        let (uid, conns) = item.map_err(map_error(names::UID_CONNS))?;
+        uids.insert(uid, conns);
+    }
+    Ok(ConnStats {
+        host,
+        per_uid: uids,
+    })
+}
+
+/// Read-only view of the pinned maps: the agent's stats reader (opened once, on the pins the
+/// agent itself uses), `rlagent stats`/`conns`, and the tests.
+pub struct PinnedMaps {
+    host: Array<MapData, HostConns>,
+    uid_conns: HashMap<MapData, u32, UidConns>,
+    uid_caps: HashMap<MapData, u32, u64>,
+    settings: Array<MapData, Settings>,
+}
+
+impl PinnedMaps {
+    pub fn open(pin_path: &Path) -> Result<Self, BpfError> {
+        let pins = PinLayout::new(pin_path);
+        fn open<T: TryFrom<Map, Error = MapError>>(
+            pins: &PinLayout,
+            name: &'static str,
+        ) -> Result<T, BpfError> {
+            let data = MapData::from_pin(pins.map(name)).map_err(map_error(name))?;
+            let map = Map::from_map_data(data).map_err(map_error(name))?;
+            T::try_from(map).map_err(map_error(name))
+        }
+        Ok(Self {
+            host: open(&pins, names::HOST_CONNS)?,
+            uid_conns: open(&pins, names::UID_CONNS)?,
+            uid_caps: open(&pins, names::UID_CAPS)?,
+            settings: open(&pins, names::SETTINGS)?,
+        })
+    }
+
+    pub fn stats(&self) -> Result<ConnStats, BpfError> {
+        read_stats(&self.host, &self.uid_conns)
+    }
+
+    /// Host counters and every UID's counters with the cap in force for it.
+    pub fn usage(&self) -> Result<(HostConnStats, Vec<UidConnStats>), BpfError> {
+        let counters = self.stats()?;
+        let host = HostConnStats {
+            live: counters.host.live,
+            untracked: counters.host.untracked,
+        };
+        let mut per_uid = Vec::with_capacity(counters.per_uid.len());
+        for (uid, c) in counters.per_uid {
+            let cap = Some(self.cap_for(uid)?).filter(|c| *c != UNLIMITED);
+            per_uid.push(UidConnStats {
+                uid,
+                live: c.live,
+                cap,
+                admitted: c.admitted,
+                denied_cap: c.denied_cap,
+                denied_host: c.denied_host,
+            });
+        }
+        Ok((host, per_uid))
+    }
+
+    /// The cap that applies to `uid` now (own cap, else the default), [`UNLIMITED`] for none.
+    pub fn cap_for(&self, uid: u32) -> Result<u64, BpfError> {
+        match self.uid_caps.get(&uid, 0) {
+            Ok(cap) => return Ok(cap),
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_error(names::UID_CAPS)(source)),
+        }
+        let settings = self
+            .settings
+            .get(&0, 0)
+            .map_err(map_error(names::SETTINGS))?;
+        Ok(if u64::from(uid) >= settings.default_uid_min {
+            settings.default_cap
+        } else {
+            UNLIMITED
+        })
+    }
+}
+
+/// rlagent's programs with a run count (the kernel counts only while BPF stats are on).
+pub fn program_stats() -> Vec<ProgramStats> {
+    let mut by_name: std::collections::BTreeMap<String, (u64, f64)> =
+        std::collections::BTreeMap::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if !name.starts_with("rl_") || info.run_count() == 0 {
+            continue;
+        }
+        let entry = by_name.entry(name.to_string()).or_default();
+        entry.0 += info.run_count();
+        entry.1 += info.run_time().as_secs_f64();
+    }
+    by_name
+        .into_iter()
+        .map(|(program, (runs, run_seconds))| ProgramStats {
+            program,
+            runs,
+            run_seconds,
+        })
+        .collect()
+}

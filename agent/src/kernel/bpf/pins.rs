@@ -1,0 +1,99 @@
+//! Where the pins live, and pinning links so that a restart never leaves a gap.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::links::FdLink;
+use rlagent_common::{names, MAPS_LAYOUT_VERSION};
+
+use super::{bpffs, BpfError};
+
+/// Where the pins of this map layout live.
+#[derive(Debug, Clone)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn version_dir(&self) -> PathBuf {
+        self.root.join(format!("v{MAPS_LAYOUT_VERSION}"))
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.version_dir().join("maps").join(name)
+    }
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.version_dir().join("links").join(name)
+    }
+}
+
+/// What happened to one program's link at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkAction {
+    /// No pinned link: attached and pinned a new one.
+    Attached,
+    /// A pinned link from an earlier run: attached the new program, then replaced the old
+    /// pin (detaching the old program).
+    Replaced,
+}
+
+/// Attaches a new link and pins it in place of any old pin, which detaches the old program
+/// once the new one runs.
+pub(super) fn attach_and_pin(
+    name: &'static str,
+    link_pin: &Path,
+    attach: impl FnOnce() -> Result<FdLink, BpfError>,
+) -> Result<LinkAction, BpfError> {
+    let link_err = |message: String| BpfError::Link {
+        name,
+        path: link_pin.to_path_buf(),
+        message,
+    };
+    let existed = link_pin.exists();
+    let link = attach()?;
+    // Pin beside, then rename over the old pin (bpffs refuses names with a '.').
+    let mut staging = link_pin.as_os_str().to_owned();
+    staging.push("_new");
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    link.pin(&staging)
+        .map_err(|e| link_err(format!("cannot pin: {e}")))?;
+    std::fs::rename(&staging, link_pin)
+        .map_err(|e| link_err(format!("cannot move the new pin in place: {e}")))?;
+    Ok(if existed {
+        LinkAction::Replaced
+    } else {
+        LinkAction::Attached
+    })
+}
+
+/// Detaches the programs and removes all pins (and the bpffs mount the agent made there).
+/// Connect hooks go first, sock_release last, so no charged socket loses its uncharge.
+pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
+    let pins = PinLayout::new(pin_path);
+    for name in [
+        names::PROG_CONNECT4,
+        names::PROG_CONNECT6,
+        names::PROG_SOCK_RELEASE,
+    ] {
+        let path = pins.link(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(BpfError::Io {
+                    what: "removing link pin",
+                    path,
+                    source,
+                })
+            }
+        }
+    }
+    bpffs::remove_pins(pin_path)
+}

@@ -1,0 +1,205 @@
+//! Loopback listeners and `conn-helper` processes that connect as test UIDs.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::*;
+
+/// TCP listeners on 127.0.0.1 and ::1 that accept and hold every connection.
+pub struct Listener {
+    pub port4: u16,
+    pub port6: u16,
+    stop: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Listener {
+    /// Holds every accepted connection (tests inspect counts while they are open).
+    pub fn new() -> Self {
+        Self::with_hold(true)
+    }
+
+    /// Closes accepted connections at once (benchmarks: flat memory, no fd limit).
+    pub fn dropping() -> Self {
+        Self::with_hold(false)
+    }
+
+    fn with_hold(hold: bool) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let mut ports = Vec::new();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = TcpListener::bind(addr).expect("binding loopback listener");
+            listener.set_nonblocking(true).unwrap();
+            ports.push(listener.local_addr().unwrap().port());
+            let (stop, held) = (stop.clone(), held.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) if hold => held.lock().unwrap().push(stream),
+                        Ok(_) => {}
+                        Err(_) => thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+            });
+        }
+        Self {
+            port4: ports[0],
+            port6: ports[1],
+            stop,
+            held,
+        }
+    }
+
+    /// Drops accepted connections (keeps memory flat in long runs).
+    pub fn forget_accepted(&self) {
+        self.held.lock().unwrap().clear();
+    }
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A loopback port nothing listens on: free to bind (a test's own server), or refused
+/// when connected to.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Outcome of one connect() by a helper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    Ok(u64),
+    Err(i32, u64),
+}
+
+impl Connect {
+    pub fn id(self) -> u64 {
+        match self {
+            Self::Ok(id) | Self::Err(_, id) => id,
+        }
+    }
+    pub fn is_ok(self) -> bool {
+        matches!(self, Self::Ok(_))
+    }
+}
+
+/// A `conn-helper` process in `cgroup`, running as `uid`.
+pub struct Helper {
+    child: Option<Child>,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Helper {
+    pub fn spawn(cgroup: &Path, uid: u32) -> Self {
+        let mut child = Command::new(target_bin("conn-helper"))
+            .arg(cgroup)
+            .arg(uid.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting conn-helper");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut helper = Self {
+            child: Some(child),
+            stdin,
+            stdout,
+        };
+        assert_eq!(helper.read_line(), "ready");
+        helper
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading helper");
+        assert!(!line.is_empty(), "conn-helper exited");
+        line.trim_end().to_string()
+    }
+
+    /// Sends a command without waiting for the reply (to start several helpers at once).
+    pub fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").expect("writing helper");
+        self.stdin.flush().unwrap();
+    }
+
+    pub fn reply(&mut self) -> String {
+        self.read_line()
+    }
+
+    pub fn cmd(&mut self, command: &str) -> String {
+        self.send(command);
+        self.read_line()
+    }
+
+    pub fn connect(&mut self, kind: &str, port: u16) -> Connect {
+        let reply = self.cmd(&format!("connect {kind} {port}"));
+        let words: Vec<&str> = reply.split_whitespace().collect();
+        match words.as_slice() {
+            ["ok", id] => Connect::Ok(id.parse().unwrap()),
+            ["err", errno, id] => Connect::Err(errno.parse().unwrap(), id.parse().unwrap()),
+            _ => panic!("unexpected helper reply {reply:?}"),
+        }
+    }
+
+    /// connect() again on socket `id`; `Ok(())` or the errno.
+    pub fn reconnect(&mut self, id: u64, port: u16) -> Result<(), i32> {
+        let reply = self.cmd(&format!("reconnect {id} {port}"));
+        match reply.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["ok"] => Ok(()),
+            ["err", errno] => Err(errno.parse().unwrap()),
+            _ => panic!("unexpected helper reply {reply:?}"),
+        }
+    }
+
+    pub fn close(&mut self, id: u64) {
+        assert_eq!(self.cmd(&format!("close {id}")), "ok");
+    }
+
+    pub fn close_all(&mut self) {
+        assert_eq!(self.cmd("close-all"), "ok");
+    }
+
+    /// Lets the helper exit by itself, sockets still open.
+    pub fn exit(mut self) {
+        self.send("exit");
+        self.child.take().unwrap().wait().unwrap();
+    }
+
+    /// SIGKILL, sockets still open.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
