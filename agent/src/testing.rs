@@ -92,3 +92,174 @@ pub fn privileged(test: &str) -> bool {
     eprintln!("SKIP {test}: needs root");
     false
 }
+
+/// Fakes of the kernel adapters, recording what the agent asked of them.
+pub mod kernel {
+    use std::{
+        path::PathBuf,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use crate::{
+        desired::{cgroups::CgroupPlan, conns::ConnLimits, Desired},
+        kernel::{cgroup::CgroupError, CgroupReport, ConnUsage, Enforcer, KernelError, Observer},
+        model::usage::{CgroupStats, ProgramStats},
+    };
+
+    /// What the fake enforcer saw, and how it should misbehave.
+    #[derive(Debug, Default)]
+    pub struct Record {
+        /// Every limits write, in order.
+        pub conns: Vec<ConnLimits>,
+        /// Every cgroup plan write, with the `previous` plan it was given.
+        pub cgroups: Vec<(CgroupPlan, Option<CgroupPlan>)>,
+        /// Fail the next cgroup write(s): each `true` is one failure.
+        pub fail_cgroups: Vec<bool>,
+        /// Panic in the next limits write.
+        pub panic_conns: bool,
+        /// Sleep this long in each cgroup write.
+        pub slow_cgroups: Option<Duration>,
+    }
+
+    /// An [`Enforcer`] that records instead of writing; share its record to inspect it.
+    #[derive(Clone, Default)]
+    pub struct FakeEnforcer(pub Arc<Mutex<Record>>);
+
+    impl FakeEnforcer {
+        pub fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    impl Enforcer for FakeEnforcer {
+        fn check(&self, _: &Desired) -> Result<(), KernelError> {
+            Ok(())
+        }
+
+        fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {
+            let mut record = self.record();
+            if std::mem::take(&mut record.panic_conns) {
+                drop(record);
+                panic!("the fake kernel panics");
+            }
+            record.conns.push(conns.clone());
+            Ok(())
+        }
+
+        fn apply_cgroups(
+            &mut self,
+            plan: &CgroupPlan,
+            previous: Option<&CgroupPlan>,
+        ) -> Result<CgroupReport, KernelError> {
+            let slow = self.record().slow_cgroups;
+            if let Some(pause) = slow {
+                std::thread::sleep(pause);
+            }
+            let mut record = self.record();
+            record.cgroups.push((plan.clone(), previous.cloned()));
+            if !record.fail_cgroups.is_empty() && record.fail_cgroups.remove(0) {
+                return Err(KernelError::Cgroup(CgroupError::Write {
+                    path: PathBuf::from("/fake/cpu.max"),
+                    value: "50000 100000".into(),
+                    source: std::io::Error::from_raw_os_error(libc::EACCES),
+                }));
+            }
+            Ok(CgroupReport::default())
+        }
+
+        fn move_to_group(
+            &self,
+            plan: &CgroupPlan,
+            group: &str,
+            _pids: &[u32],
+        ) -> Result<PathBuf, KernelError> {
+            if !plan.groups.contains_key(group) {
+                return Err(KernelError::UnknownGroup {
+                    group: group.to_string(),
+                });
+            }
+            Ok(plan.group_cgroup(group))
+        }
+    }
+
+    /// An [`Observer`] with no cgroups and no programs.
+    pub struct FakeObserver;
+
+    impl Observer for FakeObserver {
+        fn cgroup_stats(&self, _: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError> {
+            Ok(Vec::new())
+        }
+        fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError> {
+            Ok(None)
+        }
+        fn program_stats(&self) -> Vec<ProgramStats> {
+            Vec::new()
+        }
+        fn placement_moves(&self) -> u64 {
+            0
+        }
+        fn cgroup2(&self) -> (PathBuf, Vec<String>) {
+            (
+                PathBuf::from("/sys/fs/cgroup"),
+                vec!["cpu".into(), "memory".into()],
+            )
+        }
+    }
+}
+
+/// An agent on the fake kernel, with its config file and state file in a tempdir.
+pub struct FakeAgent {
+    pub dir: tempfile::TempDir,
+    pub kernel: kernel::FakeEnforcer,
+}
+
+impl FakeAgent {
+    /// The config path and state path for `text` (`state_path` is set to the tempdir).
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            kernel: kernel::FakeEnforcer::default(),
+        }
+    }
+
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("rlagent.toml")
+    }
+
+    pub fn state_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("state.json")
+    }
+
+    /// Writes `text` (with this agent's state path) as the config file.
+    pub fn write_config(&self, text: &str) {
+        let full = format!("state_path = {:?}\n{text}", self.state_path());
+        std::fs::write(self.config_path(), full).unwrap();
+    }
+
+    /// Starts an agent on `text`.
+    pub fn agent(&self, text: &str) -> crate::agent::Agent<Box<dyn crate::kernel::Enforcer>> {
+        self.write_config(text);
+        let config = Config::load(Some(&self.config_path()), &Users).unwrap();
+        let runtime = RuntimeState::default();
+        let desired = Desired::build(&config, &runtime, &Users).unwrap();
+        crate::agent::Agent::start(
+            config,
+            runtime,
+            desired,
+            Box::new(self.kernel.clone()) as Box<dyn crate::kernel::Enforcer>,
+            std::sync::Arc::new(Users),
+        )
+        .unwrap()
+    }
+
+    /// An app around an agent started on `text`.
+    pub fn app(&self, text: &str) -> std::sync::Arc<crate::agent::App> {
+        crate::agent::App::new(
+            self.agent(text),
+            std::sync::Arc::new(kernel::FakeObserver),
+            Some(self.config_path()),
+            std::sync::Arc::new(Users),
+        )
+    }
+}

@@ -207,26 +207,28 @@ impl App {
 
     /// Runs `f` on the blocking pool: the only way async code reaches the agent's lock or
     /// the kernel. A panic inside is reported as an error, and the agent keeps running.
-    pub async fn blocking<T: Send + 'static>(
+    pub fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
         what: &'static str,
         f: impl FnOnce(&App) -> T + Send + 'static,
-    ) -> Result<T, AppError> {
+    ) -> impl std::future::Future<Output = Result<T, AppError>> + Send + 'static {
         let app = self.clone();
-        tokio::task::spawn_blocking(move || f(&app))
-            .await
-            .map_err(|e| {
-                let message = match e.try_into_panic() {
-                    Ok(payload) => payload
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".to_string()),
-                    Err(e) => e.to_string(),
-                };
-                tracing::error!("{what} panicked: {message}");
-                AppError::Panicked { what, message }
-            })
+        async move {
+            tokio::task::spawn_blocking(move || f(&app))
+                .await
+                .map_err(|e| {
+                    let message = match e.try_into_panic() {
+                        Ok(payload) => payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".to_string()),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::error!("{what} panicked: {message}");
+                    AppError::Panicked { what, message }
+                })
+        }
     }
 
     /// What the agent enforces now (never waits for a change in progress).
@@ -394,5 +396,74 @@ impl App {
                 (Err(e), _) => tracing::warn!("alert evaluation skipped: {}", error_chain(&e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::FakeAgent;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panic_inside_a_reload_is_an_error_and_the_agent_goes_on() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[quota]]\ntarget = \"user:*\"\nconns = 5\n");
+        fake.write_config("[[quota]]\ntarget = \"user:*\"\nconns = 6\n");
+        fake.kernel.record().panic_conns = true;
+        let err = app
+            .blocking("reload", |app| app.reload())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AppError::Panicked { what: "reload", message } if message.contains("fake kernel")),
+            "{err}"
+        );
+        // Still serving: stats answer and the next reload applies.
+        app.blocking("stats", |app| app.stats())
+            .await
+            .unwrap()
+            .unwrap();
+        app.blocking("reload", |app| app.reload())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(app.snapshot().desired.conns.default_cap, 6);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn readers_are_not_stalled_by_a_long_apply() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n");
+        fake.kernel.record().slow_cgroups = Some(Duration::from_millis(1500));
+        let target = Target::Group("batch".into());
+        let slow = app.blocking("change", move |app| {
+            app.change(
+                &target,
+                &BTreeMap::from([(Field::Pids, Some("10".to_string()))]),
+            )
+        });
+        let slow = tokio::spawn(slow);
+        // Let the change take the agent's lock.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        app.blocking("stats", |app| app.stats())
+            .await
+            .unwrap()
+            .unwrap();
+        let status = app.blocking("status", |app| app.status()).await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_millis(500),
+            "readers waited {waited:?}"
+        );
+        assert_eq!(status.targets, 1);
+        slow.await.unwrap().unwrap().unwrap();
+        assert!(
+            app.snapshot().desired.quotas[&Target::Group("batch".into())]
+                .pids
+                .is_some()
+        );
     }
 }

@@ -187,3 +187,113 @@ pub fn cap_text(cap: u64) -> String {
         cap.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        model::target::UserRef,
+        testing::{FakeAgent, Users},
+    };
+
+    fn set(field: Field, value: &str) -> BTreeMap<Field, Option<String>> {
+        BTreeMap::from([(field, Some(value.to_string()))])
+    }
+
+    const BATCH: &str = "[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n";
+
+    #[test]
+    fn a_change_of_connection_caps_only_skips_the_cgroup_rewrite() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent(BATCH);
+        assert_eq!(
+            fake.kernel.record().cgroups.len(),
+            1,
+            "start writes the plan once"
+        );
+        agent
+            .change(&Target::User(UserRef::Uid(2000)), &set(Field::Conns, "3"))
+            .unwrap();
+        let record = fake.kernel.record();
+        assert_eq!(
+            record.cgroups.len(),
+            1,
+            "no cgroup write for a conns change"
+        );
+        assert_eq!(record.conns.last().unwrap().per_uid.get(&2000), Some(&3));
+        drop(record);
+        agent
+            .change(&Target::Group("batch".into()), &set(Field::Pids, "10"))
+            .unwrap();
+        assert_eq!(fake.kernel.record().cgroups.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_apply_rolls_back_and_keeps_the_state_file() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent(BATCH);
+        agent
+            .change(&Target::Group("batch".into()), &set(Field::Pids, "10"))
+            .unwrap();
+        let saved = std::fs::read(fake.state_path()).unwrap();
+        let before = agent.desired().clone();
+        fake.kernel.record().fail_cgroups = vec![true];
+        let target = Target::Cgroup("system.slice/db.service".into());
+        let err = agent
+            .change(&target, &set(Field::Memory, "1G"))
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Kernel(_)), "{err}");
+        assert_eq!(agent.desired(), &before, "what is enforced is unchanged");
+        assert_eq!(std::fs::read(fake.state_path()).unwrap(), saved);
+        assert!(!fake.state_path().with_extension("json.tmp").exists());
+        let record = fake.kernel.record();
+        let (failed, _) = &record.cgroups[record.cgroups.len() - 2];
+        let (rolled_back, previous) = record.cgroups.last().unwrap();
+        assert!(failed
+            .cgroups
+            .contains_key(Path::new("system.slice/db.service")));
+        assert_eq!(
+            rolled_back, &before.cgroups,
+            "the roll-back rewrites the old plan"
+        );
+        assert_eq!(
+            previous.as_ref(),
+            Some(failed),
+            "and resets what the failed plan may have written"
+        );
+        assert_eq!(record.conns.last(), Some(&before.conns));
+    }
+
+    #[test]
+    fn a_removed_cgroup_target_reaches_the_kernel_as_dropped() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent("[[quota]]\ntarget = \"cgroup:db.service\"\nmemory = \"1G\"\n");
+        fake.write_config("");
+        let config = Config::load(Some(&fake.config_path()), &Users).unwrap();
+        agent.reload(config).unwrap();
+        let record = fake.kernel.record();
+        let (plan, previous) = record.cgroups.last().unwrap();
+        assert!(plan.cgroups.is_empty());
+        assert!(previous
+            .as_ref()
+            .unwrap()
+            .cgroups
+            .contains_key(Path::new("db.service")));
+    }
+
+    #[test]
+    fn reload_keeps_the_settings_only_a_restart_changes() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent("[bpf]\npin_path = \"/sys/fs/bpf/one\"\n");
+        fake.write_config(
+            "[bpf]\npin_path = \"/sys/fs/bpf/two\"\n[[quota]]\ntarget = \"user:*\"\nconns = 4\n",
+        );
+        let config = Config::load(Some(&fake.config_path()), &Users).unwrap();
+        let kept = agent.reload(config).unwrap();
+        assert_eq!(kept, vec!["[bpf] pin_path"]);
+        assert_eq!(agent.config().bpf.pin_path, Path::new("/sys/fs/bpf/one"));
+        assert_eq!(agent.desired().conns.default_cap, 4, "the rest is applied");
+    }
+}

@@ -181,3 +181,175 @@ fn visible(access: Access, target: &Target) -> bool {
         Access::Reader { uid } => *target == Target::User(UserRef::Uid(uid)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{control::protocol::ErrorBody, testing::FakeAgent};
+
+    const ROOT: Access = Access::Admin;
+    const USER: Access = Access::Reader { uid: 2000 };
+
+    fn error(response: &Response) -> &ErrorBody {
+        response.error.as_ref().expect("a refusal")
+    }
+
+    fn set(target: &str, field: Field, value: &str) -> Request {
+        Request::SetQuota {
+            target: target.into(),
+            quota: BTreeMap::from([(field, value.to_string())]),
+        }
+    }
+
+    #[test]
+    fn set_quota_applies_and_answers_with_what_was_set() {
+        let fake = FakeAgent::new();
+        let app = fake.app("");
+        let r = handle(&app, ROOT, set("user:alice", Field::Conns, "2"));
+        let result: SetQuotaResult = r.result().unwrap();
+        assert_eq!(result.target, "user:1001", "names resolve to UIDs");
+        assert_eq!(fake.kernel.record().conns.last().unwrap().per_uid[&1001], 2);
+        let list: ListResult = handle(&app, ROOT, Request::List {}).result().unwrap();
+        assert_eq!(list.targets[0].fields[&Field::Conns].value, "2");
+        assert_eq!(
+            list.targets[0].fields[&Field::Conns].source,
+            crate::desired::state::Source::Runtime
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_problem_and_change_nothing() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n");
+        let writes = fake.kernel.record().conns.len();
+        let cases = [
+            (
+                set("user:1001", Field::Conns, "lots"),
+                ErrorCode::Invalid,
+                "conns \"lots\"",
+            ),
+            (
+                set("user:nobody-here", Field::Conns, "1"),
+                ErrorCode::Invalid,
+                "unknown user",
+            ),
+            (
+                set("a/b", Field::Cpu, "5%"),
+                ErrorCode::Invalid,
+                "invalid target",
+            ),
+            (
+                Request::Move {
+                    group: "nope".into(),
+                    pids: vec![1],
+                },
+                ErrorCode::NotFound,
+                "no group named \"nope\"",
+            ),
+            (
+                Request::ClearQuota {
+                    target: "batch".into(),
+                    fields: vec![],
+                    all: false,
+                },
+                ErrorCode::Invalid,
+                "needs fields",
+            ),
+        ];
+        for (request, code, text) in cases {
+            let r = handle(&app, ROOT, request.clone());
+            assert_eq!(error(&r).code, code, "{request:?}: {r:?}");
+            assert!(error(&r).message.contains(text), "{request:?}: {r:?}");
+        }
+        // memory_high above memory: set memory first, then the conflicting high.
+        handle(&app, ROOT, set("batch", Field::Memory, "1G"));
+        let r = handle(&app, ROOT, set("batch", Field::MemoryHigh, "2G"));
+        assert_eq!(error(&r).code, ErrorCode::Invalid);
+        assert!(error(&r).message.contains("above memory 1G"), "{r:?}");
+        assert_eq!(
+            fake.kernel.record().conns.len(),
+            writes + 1,
+            "only the valid change"
+        );
+    }
+
+    #[test]
+    fn a_failed_apply_says_the_previous_quotas_stay() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n");
+        fake.kernel.record().fail_cgroups = vec![true];
+        let r = handle(&app, ROOT, set("batch", Field::Cpu, "20%"));
+        assert_eq!(error(&r).code, ErrorCode::Failed);
+        assert!(
+            error(&r).message.contains("/fake/cpu.max")
+                && error(&r).message.contains("Permission denied")
+                && error(&r)
+                    .message
+                    .ends_with("the previous quotas are still in force"),
+            "the whole cause, once: {r:?}"
+        );
+        assert_eq!(error(&r).message.matches("Permission denied").count(), 1);
+    }
+
+    #[test]
+    fn readers_may_read_only_their_own() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[quota]]\ntarget = \"user:2000\"\nconns = 1\n[[quota]]\ntarget = \"user:3000\"\nconns = 1\n");
+        let r = handle(&app, USER, set("user:2000", Field::Conns, "9"));
+        assert_eq!(error(&r).code, ErrorCode::PermissionDenied);
+        let r = handle(&app, USER, Request::Reload {});
+        assert_eq!(error(&r).code, ErrorCode::PermissionDenied);
+        let r = handle(
+            &app,
+            USER,
+            Request::Stats {
+                target: Some("user:3000".into()),
+            },
+        );
+        assert_eq!(error(&r).code, ErrorCode::PermissionDenied);
+        let list: ListResult = handle(&app, USER, Request::List {}).result().unwrap();
+        let targets: Vec<&str> = list.targets.iter().map(|t| t.target.as_str()).collect();
+        assert_eq!(targets, ["user:2000"]);
+        let list: ListResult = handle(&app, ROOT, Request::List {}).result().unwrap();
+        assert_eq!(list.targets.len(), 2);
+    }
+
+    #[test]
+    fn reload_applies_the_file_or_refuses_it_whole() {
+        let fake = FakeAgent::new();
+        let app = fake.app("");
+        fake.write_config("[[quota]]\ntarget = \"user:*\"\nconns = 7\n");
+        let r = handle(&app, ROOT, Request::Reload {});
+        assert!(r.result::<ReloadResult>().unwrap().reloaded);
+        assert_eq!(app.snapshot().desired.conns.default_cap, 7);
+        fake.write_config("[[quota]]\ntarget = \"user:*\"\nconns = \"many\"\n");
+        let r = handle(&app, ROOT, Request::Reload {});
+        assert_eq!(error(&r).code, ErrorCode::Invalid);
+        assert!(error(&r)
+            .message
+            .starts_with("reload refused, keeping the running config"));
+        assert_eq!(app.snapshot().desired.conns.default_cap, 7);
+    }
+
+    #[test]
+    fn status_and_moves_answer_typed() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[group]]\nname = \"batch\"\n");
+        let status: crate::agent::Status = handle(&app, ROOT, Request::Status {}).result().unwrap();
+        assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(status.cgroup_controllers, ["cpu", "memory"]);
+        let moved: MoveResult = handle(
+            &app,
+            ROOT,
+            Request::Move {
+                group: "batch".into(),
+                pids: vec![42],
+            },
+        )
+        .result()
+        .unwrap();
+        assert_eq!(moved.cgroup, std::path::Path::new("rlagent.slice/batch"));
+        let alerts: AlertsResult = handle(&app, USER, Request::Alerts {}).result().unwrap();
+        assert!(alerts.alerts.is_empty());
+    }
+}
