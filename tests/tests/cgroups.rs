@@ -10,6 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rlagent::{
+    config::Config,
+    desired::{state::RuntimeState, Desired},
+    kernel::{
+        cgroup::{driver::CgroupDriver, mount, CgroupFs},
+        nss::SystemUsers,
+        placement::Placer,
+    },
+};
 use rlagent_tests::{cgroup_of, privileged, target_bin, Agent, Scratch, TestCgroup};
 
 const PLACED_UID: u32 = 61060;
@@ -67,6 +76,12 @@ fn a_new_process_of_a_rule_uid_is_placed_within_milliseconds() {
         "placement latency, 20 processes: median {:?}, max {:?}",
         latencies[10], latencies[19]
     );
+    // About 1 ms here (spawn, join, setuid, event, move): 50 ms would be a regression.
+    assert!(
+        latencies[10] < Duration::from_millis(50),
+        "median placement latency {:?}",
+        latencies[10]
+    );
     // A process started as a UID nobody names is left alone.
     let mut other = Command::new("sleep").arg("5").uid(61061).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -104,4 +119,77 @@ fn missing_controllers_are_reported_and_the_agent_keeps_running() {
         cgroup.path.join("slice/batch").is_dir(),
         "the group exists for placement"
     );
+}
+
+/// The children a process forked before it was moved (between its exec or setuid event and
+/// the move) follow it, each by its own rules, however deep.
+#[test]
+fn children_forked_before_the_move_follow_their_parent() {
+    if !privileged("children_follow_their_parent") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    config(
+        &scratch,
+        &cgroup,
+        &format!("[[group]]\nname = \"batch\"\nuids = [{PLACED_UID}]\n"),
+    );
+    let config = Config::load(Some(&scratch.config_path()), &SystemUsers).unwrap();
+    let desired = Desired::build(&config, &RuntimeState::default(), &SystemUsers).unwrap();
+    let fs = CgroupFs::new(mount::find().unwrap());
+    let batch = desired.cgroups.group_cgroup("batch");
+    std::fs::create_dir_all(fs.path(&batch)).unwrap();
+    // A parent with a child and a grandchild, all of the rule's UID, in the test cgroup.
+    let procs = cgroup.path.join("cgroup.procs");
+    let mut parent = Command::new("sh");
+    parent
+        .args(["-c", "(sleep 30 & sleep 30) & sleep 30"])
+        .stdout(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        parent.pre_exec(move || {
+            std::fs::write(&procs, b"0")?;
+            if libc::setgid(PLACED_UID) != 0 || libc::setuid(PLACED_UID) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut parent = parent.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tree = |root: u32| -> Vec<u32> {
+        let mut all = vec![root];
+        let mut i = 0;
+        while i < all.len() {
+            let children =
+                std::fs::read_to_string(format!("/proc/{}/task/{}/children", all[i], all[i]))
+                    .unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+            i += 1;
+        }
+        all
+    };
+    while tree(parent.id()).len() < 3 {
+        assert!(Instant::now() < deadline, "the process tree did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let placer = Placer::new(
+        desired.cgroups.clone(),
+        CgroupDriver::new(fs.clone()),
+        Default::default(),
+    );
+    placer.place(parent.id()).unwrap();
+    let want = batch.display().to_string();
+    for pid in tree(parent.id()) {
+        assert_eq!(cgroup_of(pid), want, "pid {pid} stayed behind");
+    }
+    for pid in tree(parent.id()).into_iter().rev() {
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    parent.wait().unwrap();
 }

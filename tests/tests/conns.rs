@@ -392,3 +392,37 @@ fn uninstall_detaches_and_removes_pins() {
         "programs detached"
     );
 }
+
+#[test]
+fn links_pinned_by_another_map_layout_version_are_detached_at_start() {
+    if !privileged("links_pinned_by_another_map_layout_version") {
+        return;
+    }
+    let s = setup("", &quota(&format!("user:{CAPPED}"), "1"));
+    Agent::start(&s.scratch).stop();
+    // What an agent of an older map layout leaves behind: its programs attached through
+    // pinned links, enforcing the caps in its own maps (here: cap 1).
+    let current = rlagent::kernel::bpf::PinLayout::new(&s.scratch.pin_path()).version_dir();
+    let older = s.scratch.pin_path().join("v0");
+    std::fs::rename(&current, &older).unwrap();
+    s.scratch
+        .write_config(&s.cgroup, "", &quota(&format!("user:{CAPPED}"), "3"));
+    let agent = Agent::start(&s.scratch);
+    assert!(!older.exists(), "the older version's pins are removed");
+    assert!(
+        agent.log_text().contains("another map layout version"),
+        "{}",
+        agent.log_text()
+    );
+    let mut h = Helper::spawn(&s.cgroup.path, CAPPED);
+    for i in 0..3 {
+        assert!(
+            h.connect("tcp4", s.listener.port4).is_ok(),
+            "connect {i}: the older programs' cap of 1 must no longer apply"
+        );
+    }
+    assert!(matches!(
+        h.connect("tcp4", s.listener.port4),
+        Connect::Err(EPERM, _)
+    ));
+}

@@ -331,7 +331,10 @@ fn kill_9_during_a_burst_of_writes_never_corrupts_the_state_file() {
     for round in 0..5 {
         let agent = Agent::start(&scratch);
         let socket = scratch.socket_path();
+        // Write i sets user:<62000 + i % 20> to i + 1; `acked` counts the writes the agent
+        // acknowledged before it died.
         let writer = std::thread::spawn(move || {
+            let mut acked = 0;
             for i in 0..200 {
                 let out = rlagent_tests::rlctl(&socket)
                     .args([
@@ -345,14 +348,35 @@ fn kill_9_during_a_burst_of_writes_never_corrupts_the_state_file() {
                 if !out.status.success() {
                     break; // the agent is gone
                 }
+                acked = i + 1;
             }
+            acked
         });
         std::thread::sleep(Duration::from_millis(150 + 70 * round));
         agent.kill9();
-        writer.join().unwrap();
+        let acked = writer.join().unwrap();
+        assert!(
+            acked > 0,
+            "round {round}: no write was acknowledged before the kill"
+        );
         let state = rlagent::desired::state::RuntimeState::load(&scratch.state_path())
             .expect("state file parses after kill -9");
         assert!(state.quotas.len() <= 20);
+        // Every acknowledged write is in the file; the one in flight at the kill (write
+        // `acked`) may or may not be.
+        for uid in 0..20u32.min(acked as u32) {
+            let target = format!("user:{}", 62000 + uid);
+            let last_acked = (0..acked).filter(|i| i % 20 == uid as usize).max().unwrap();
+            let mut allowed = vec![(last_acked + 1).to_string()];
+            if acked % 20 == uid as usize {
+                allowed.push((acked + 1).to_string());
+            }
+            let saved = state.quotas[&target][&rlagent::model::quota::Field::Conns].clone();
+            assert!(
+                saved.as_ref().is_some_and(|v| allowed.contains(v)),
+                "round {round}: {target} saved {saved:?}, acknowledged {allowed:?}"
+            );
+        }
         // The restarted agent loads it.
         let _agent = Agent::start(&scratch);
         assert!(rlctl(&scratch, &["list"]).status.success());

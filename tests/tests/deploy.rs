@@ -32,24 +32,104 @@ fn shipped_rules_are_valid_and_pass_their_unit_tests() {
     run(&tool, &["test", "rules", "rlagent.rules.test.yml"]);
 }
 
+/// One alert of the shipped rules file, read line by line: enough of YAML for this file.
+#[derive(Debug, PartialEq)]
+struct ShippedRule {
+    name: String,
+    severity: String,
+    /// The number after the expression's last `>`.
+    threshold: f64,
+    /// `for:`, 0 when absent.
+    for_secs: u64,
+    /// The range of the expression's `increase(...[w])`, if any.
+    window_secs: Option<u64>,
+}
+
+fn duration_secs(text: &str) -> u64 {
+    let (number, unit) = text.split_at(text.len() - 1);
+    let n: u64 = number.parse().unwrap();
+    match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => panic!("duration {text:?}"),
+    }
+}
+
+fn shipped_rules(text: &str) -> Vec<ShippedRule> {
+    let mut rules: Vec<ShippedRule> = Vec::new();
+    let mut expr: Option<String> = None;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix("- alert: ") {
+            rules.push(ShippedRule {
+                name: name.to_string(),
+                severity: String::new(),
+                threshold: f64::NAN,
+                for_secs: 0,
+                window_secs: None,
+            });
+            expr = None;
+            continue;
+        }
+        let Some(rule) = rules.last_mut() else {
+            continue; // the header before the first alert
+        };
+        if let Some(e) = trimmed.strip_prefix("expr:") {
+            expr = Some(e.trim().trim_start_matches('>').to_string());
+        } else if let Some(e) = expr.as_mut().filter(|_| line.starts_with("          ")) {
+            e.push(' ');
+            e.push_str(trimmed);
+        } else {
+            if let Some(e) = expr.take() {
+                let (_, threshold) = e.rsplit_once('>').expect("a comparison");
+                rule.threshold = threshold.trim().parse().unwrap();
+                rule.window_secs = e
+                    .split_once('[')
+                    .map(|(_, rest)| duration_secs(rest.split_once(']').unwrap().0));
+            }
+            if let Some(f) = trimmed.strip_prefix("for: ") {
+                rule.for_secs = duration_secs(f);
+            } else if let Some(sev) = trimmed.strip_prefix("severity: ") {
+                rule.severity = sev.to_string();
+            }
+        }
+    }
+    rules
+}
+
 #[test]
 fn shipped_rules_match_the_agents_default_alerts() {
     let text = std::fs::read_to_string(deploy("prometheus/rlagent.rules.yml")).unwrap();
-    let mut shipped = Vec::new();
-    let mut name = None;
-    for line in text.lines().map(str::trim) {
-        if let Some(n) = line.strip_prefix("- alert: ") {
-            name = Some(n.to_string());
-        } else if let Some(sev) = line.strip_prefix("severity: ") {
-            let n = name
-                .take()
-                .expect("a severity belongs to the alert above it");
-            shipped.push((n, sev.to_string()));
-        }
-    }
-    let defaults: Vec<(String, String)> = rlagent::model::alert::default_rules()
+    let shipped = shipped_rules(&text);
+    let defaults: Vec<ShippedRule> = rlagent::model::alert::default_rules()
         .into_iter()
-        .map(|r| (r.name, r.severity))
+        .map(|r| {
+            let counter = matches!(
+                r.stat,
+                rlagent::model::alert::Stat::ConnDenials
+                    | rlagent::model::alert::Stat::CpuThrottledRatio
+                    | rlagent::model::alert::Stat::OomKills
+            );
+            ShippedRule {
+                name: r.name,
+                severity: r.severity,
+                threshold: r.threshold,
+                for_secs: r.for_duration.as_secs(),
+                window_secs: counter.then_some(r.window.as_secs()),
+            }
+        })
         .collect();
     assert_eq!(shipped, defaults);
+}
+
+#[test]
+fn the_rules_reader_sees_a_changed_threshold() {
+    let text = std::fs::read_to_string(deploy("prometheus/rlagent.rules.yml")).unwrap();
+    let changed = text
+        .replace("> 0.85", "> 0.8")
+        .replace("for: 1m", "for: 2m");
+    let rules = shipped_rules(&changed);
+    assert_eq!(rules[0].threshold, 0.8);
+    assert_eq!(rules[1].for_secs, 120);
 }
