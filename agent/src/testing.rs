@@ -120,6 +120,8 @@ pub mod kernel {
         pub panic_conns: bool,
         /// Sleep this long in each cgroup write.
         pub slow_cgroups: Option<Duration>,
+        /// Every move: the cgroup and the PIDs.
+        pub moved: Vec<(PathBuf, Vec<u32>)>,
     }
 
     /// An [`Enforcer`] that records instead of writing; share its record to inspect it.
@@ -168,18 +170,11 @@ pub mod kernel {
             Ok(CgroupReport::default())
         }
 
-        fn move_to_group(
-            &self,
-            plan: &CgroupPlan,
-            group: &str,
-            _pids: &[u32],
-        ) -> Result<PathBuf, KernelError> {
-            if !plan.groups.contains_key(group) {
-                return Err(KernelError::UnknownGroup {
-                    group: group.to_string(),
-                });
-            }
-            Ok(plan.group_cgroup(group))
+        fn move_pids(&self, cgroup: &std::path::Path, pids: &[u32]) -> Result<(), KernelError> {
+            self.record()
+                .moved
+                .push((cgroup.to_path_buf(), pids.to_vec()));
+            Ok(())
         }
     }
 
@@ -238,7 +233,7 @@ impl FakeAgent {
     }
 
     /// Starts an agent on `text`.
-    pub fn agent(&self, text: &str) -> crate::agent::Agent<Box<dyn crate::kernel::Enforcer>> {
+    pub fn agent(&self, text: &str) -> crate::agent::Agent {
         self.write_config(text);
         let config = Config::load(Some(&self.config_path()), &Users).unwrap();
         let runtime = RuntimeState::default();
@@ -247,7 +242,7 @@ impl FakeAgent {
             config,
             runtime,
             desired,
-            Box::new(self.kernel.clone()) as Box<dyn crate::kernel::Enforcer>,
+            Box::new(self.kernel.clone()),
             std::sync::Arc::new(Users),
         )
         .unwrap()
@@ -261,5 +256,45 @@ impl FakeAgent {
             Some(self.config_path()),
             std::sync::Arc::new(Users),
         )
+    }
+}
+
+/// A group target's stats with `cpu` and `memory` (the other controllers off).
+pub fn group_stats(
+    name: &str,
+    procs: usize,
+    cpu: crate::model::usage::CpuStats,
+    memory: crate::model::usage::MemoryStats,
+) -> crate::observe::stats::TargetStats {
+    crate::observe::stats::TargetStats {
+        target: format!("group:{name}"),
+        cgroup: crate::model::usage::CgroupStats {
+            cgroup: format!("rlagent.slice/{name}").into(),
+            procs,
+            cpu: Some(cpu),
+            cpu_max: None,
+            memory: Some(memory),
+            pids: None,
+            cpu_pressure: None,
+            memory_pressure: None,
+        },
+    }
+}
+
+/// One UID's connection counters (no host-cap denials).
+pub fn uid_stats(
+    uid: u32,
+    live: u64,
+    cap: Option<u64>,
+    admitted: u64,
+    denied_cap: u64,
+) -> crate::model::usage::UidConnStats {
+    crate::model::usage::UidConnStats {
+        uid,
+        live,
+        cap,
+        admitted,
+        denied_cap,
+        denied_host: 0,
     }
 }

@@ -80,14 +80,14 @@ impl AppError {
             DesiredError::State(_) => Refusal::Failed,
         };
         let kernel = |e: &KernelError| match e {
-            KernelError::Cgroup(CgroupError::NoSuchCgroup { .. })
-            | KernelError::UnknownGroup { .. } => Refusal::NotFound,
+            KernelError::Cgroup(CgroupError::NoSuchCgroup { .. }) => Refusal::NotFound,
             _ => Refusal::Failed,
         };
         match self {
             Self::Config(_) | Self::Target(_) => Refusal::Invalid,
             Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
             Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),
+            Self::Agent(AgentError::UnknownGroup { .. }) => Refusal::NotFound,
             Self::State(_) | Self::Agent(AgentError::State(_)) | Self::Panicked { .. } => {
                 Refusal::Failed
             }
@@ -136,7 +136,7 @@ pub struct Status {
 }
 
 pub struct App {
-    agent: Mutex<Agent<Box<dyn Enforcer>>>,
+    agent: Mutex<Agent>,
     current: RwLock<Arc<Snapshot>>,
     observer: Arc<dyn Observer>,
     alerts: Mutex<Engine>,
@@ -176,7 +176,7 @@ impl App {
 
     /// An app around an agent that is already enforcing (tests pass fakes here).
     pub fn new(
-        agent: Agent<Box<dyn Enforcer>>,
+        agent: Agent,
         observer: Arc<dyn Observer>,
         config_path: Option<PathBuf>,
         users: Arc<dyn UserDb>,
@@ -239,11 +239,11 @@ impl App {
             .clone()
     }
 
-    fn lock_agent(&self) -> std::sync::MutexGuard<'_, Agent<Box<dyn Enforcer>>> {
+    fn lock_agent(&self) -> std::sync::MutexGuard<'_, Agent> {
         self.agent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish(&self, agent: &Agent<Box<dyn Enforcer>>) {
+    fn publish(&self, agent: &Agent) {
         let snapshot = Arc::new(Snapshot {
             config: agent.config().clone(),
             desired: agent.desired().clone(),

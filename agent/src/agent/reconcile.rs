@@ -22,18 +22,20 @@ pub enum AgentError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("no group named {group:?} (groups come from [[group]] rules and group quotas)")]
+    UnknownGroup { group: String },
 }
 
 /// The running agent's enforcement: the config, the runtime overrides, what is enforced,
 /// and the kernel it is enforced through.
-pub struct Agent<E> {
+pub struct Agent {
     /// The config file as loaded (restart-only settings as at start).
     config: Config,
     /// Quotas set through the control socket.
     runtime: RuntimeState,
     /// What is enforced now.
     desired: Desired,
-    kernel: E,
+    kernel: Box<dyn Enforcer>,
     users: Arc<dyn UserDb>,
     /// The cgroup plan last written, and whether that write completed. A completed,
     /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
@@ -41,14 +43,14 @@ pub struct Agent<E> {
     applied_plan: Option<(CgroupPlan, bool)>,
 }
 
-impl<E: Enforcer> Agent<E> {
+impl Agent {
     /// Takes over a kernel that already enforces `desired`'s connection limits (see
     /// `System::start`) and applies the rest.
     pub fn start(
         config: Config,
         runtime: RuntimeState,
         desired: Desired,
-        kernel: E,
+        kernel: Box<dyn Enforcer>,
         users: Arc<dyn UserDb>,
     ) -> Result<Self, AgentError> {
         let mut agent = Self {
@@ -166,9 +168,14 @@ impl<E: Enforcer> Agent<E> {
 
     /// Moves processes into a group's cgroup (for `rlctl move` and `rlctl run`).
     pub fn move_to_group(&self, group: &str, pids: &[u32]) -> Result<PathBuf, AgentError> {
-        Ok(self
-            .kernel
-            .move_to_group(&self.desired.cgroups, group, pids)?)
+        if !self.desired.cgroups.groups.contains_key(group) {
+            return Err(AgentError::UnknownGroup {
+                group: group.to_string(),
+            });
+        }
+        let cgroup = self.desired.cgroups.group_cgroup(group);
+        self.kernel.move_pids(&cgroup, pids)?;
+        Ok(cgroup)
     }
 
     pub fn config(&self) -> &Config {

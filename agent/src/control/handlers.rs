@@ -349,6 +349,10 @@ mod tests {
         .result()
         .unwrap();
         assert_eq!(moved.cgroup, std::path::Path::new("rlagent.slice/batch"));
+        assert_eq!(
+            fake.kernel.record().moved,
+            [(moved.cgroup.clone(), vec![42])]
+        );
         let alerts: AlertsResult = handle(&app, USER, Request::Alerts {}).result().unwrap();
         assert!(alerts.alerts.is_empty());
     }

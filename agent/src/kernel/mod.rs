@@ -37,8 +37,6 @@ pub enum KernelError {
     Placement(Box<PlacementError>),
     #[error("attach cgroup {path} does not exist; create it or fix [bpf] attach_cgroup")]
     NoAttachCgroup { path: PathBuf },
-    #[error("no group named {group:?} (groups come from [[group]] rules and group quotas)")]
-    UnknownGroup { group: String },
 }
 
 impl From<BpfError> for KernelError {
@@ -95,13 +93,8 @@ pub trait Enforcer: Send {
         plan: &CgroupPlan,
         previous: Option<&CgroupPlan>,
     ) -> Result<CgroupReport, KernelError>;
-    /// Moves processes into a group's cgroup; returns the cgroup.
-    fn move_to_group(
-        &self,
-        plan: &CgroupPlan,
-        group: &str,
-        pids: &[u32],
-    ) -> Result<PathBuf, KernelError>;
+    /// Moves processes into `cgroup` (relative to the mount).
+    fn move_pids(&self, cgroup: &Path, pids: &[u32]) -> Result<(), KernelError>;
 }
 
 /// Reads from the kernel.
@@ -220,23 +213,12 @@ impl Enforcer for System {
         })
     }
 
-    fn move_to_group(
-        &self,
-        plan: &CgroupPlan,
-        group: &str,
-        pids: &[u32],
-    ) -> Result<PathBuf, KernelError> {
-        if !plan.groups.contains_key(group) {
-            return Err(KernelError::UnknownGroup {
-                group: group.to_string(),
-            });
-        }
-        let relative = plan.group_cgroup(group);
+    fn move_pids(&self, cgroup: &Path, pids: &[u32]) -> Result<(), KernelError> {
         let fs = CgroupFs::new(&self.mount);
         for pid in pids {
-            fs.move_pid(&relative, *pid)?;
+            fs.move_pid(cgroup, *pid)?;
         }
-        Ok(relative)
+        Ok(())
     }
 }
 
@@ -291,32 +273,5 @@ impl Observer for SystemObserver {
             .map(str::to_string)
             .collect();
         (self.mount.clone(), controllers)
-    }
-}
-
-impl<E: Enforcer + ?Sized> Enforcer for Box<E> {
-    fn check(&self, desired: &Desired) -> Result<(), KernelError> {
-        (**self).check(desired)
-    }
-
-    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {
-        (**self).apply_conns(conns)
-    }
-
-    fn apply_cgroups(
-        &mut self,
-        plan: &CgroupPlan,
-        previous: Option<&CgroupPlan>,
-    ) -> Result<CgroupReport, KernelError> {
-        (**self).apply_cgroups(plan, previous)
-    }
-
-    fn move_to_group(
-        &self,
-        plan: &CgroupPlan,
-        group: &str,
-        pids: &[u32],
-    ) -> Result<PathBuf, KernelError> {
-        (**self).move_to_group(plan, group, pids)
     }
 }

@@ -177,29 +177,25 @@ impl ConnLimiter {
                 source,
             }
         };
-        let mut actions = Vec::new();
-
-        let name = names::PROG_SOCK_RELEASE;
-        let prog = sock_program(&mut self.ebpf, name)?;
-        let action = attach_and_pin(name, &self.pins.link(name), || {
-            let id = prog
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(attach_err(name))?;
-            let link = prog.take_link(id).map_err(attach_err(name))?;
-            FdLink::try_from(link).map_err(|e| link_error(name, cgroup, e))
-        })?;
-        actions.push((name, action));
-
+        // CgroupSock and CgroupSockAddr share no trait for attach and take_link.
+        macro_rules! attach {
+            ($prog:expr, $name:expr) => {{
+                let name = $name;
+                let prog = $prog;
+                let action = attach_and_pin(name, &self.pins.link(name), || {
+                    let id = prog
+                        .attach(&cgroup_dir, CgroupAttachMode::Single)
+                        .map_err(attach_err(name))?;
+                    let link = prog.take_link(id).map_err(attach_err(name))?;
+                    FdLink::try_from(link).map_err(|e| link_error(name, cgroup, e))
+                })?;
+                (name, action)
+            }};
+        }
+        let release = names::PROG_SOCK_RELEASE;
+        let mut actions = vec![attach!(sock_program(&mut self.ebpf, release)?, release)];
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            let prog = sock_addr_program(&mut self.ebpf, name)?;
-            let action = attach_and_pin(name, &self.pins.link(name), || {
-                let id = prog
-                    .attach(&cgroup_dir, CgroupAttachMode::Single)
-                    .map_err(attach_err(name))?;
-                let link = prog.take_link(id).map_err(attach_err(name))?;
-                FdLink::try_from(link).map_err(|e| link_error(name, cgroup, e))
-            })?;
-            actions.push((name, action));
+            actions.push(attach!(sock_addr_program(&mut self.ebpf, name)?, name));
         }
         Ok(actions)
     }

@@ -261,47 +261,27 @@ mod tests {
     use crate::{
         model::{
             alert::default_rules,
-            usage::{CgroupStats, CpuStats, MemoryStats, UidConnStats},
+            usage::{CpuStats, MemoryStats},
         },
-        observe::stats::TargetStats,
+        testing::{group_stats, uid_stats},
     };
 
     fn stats(memory_current: u64, oom: u64, denied: u64, throttled: u64, periods: u64) -> Stats {
+        let cpu = CpuStats {
+            nr_throttled: throttled,
+            nr_periods: periods,
+            ..CpuStats::default()
+        };
+        let memory = MemoryStats {
+            current: memory_current,
+            max: Some(100),
+            events_oom_kill: oom,
+            ..MemoryStats::default()
+        };
         Stats {
-            targets: vec![TargetStats {
-                target: "group:batch".into(),
-                cgroup: CgroupStats {
-                    cgroup: "rlagent.slice/batch".into(),
-                    procs: 1,
-                    cpu: Some(CpuStats {
-                        nr_throttled: throttled,
-                        nr_periods: periods,
-                        ..CpuStats::default()
-                    }),
-                    cpu_max: None,
-                    memory: Some(MemoryStats {
-                        current: memory_current,
-                        max: Some(100),
-                        events_oom_kill: oom,
-                        ..MemoryStats::default()
-                    }),
-                    pids: None,
-                    cpu_pressure: None,
-                    memory_pressure: None,
-                },
-            }],
-            conns: vec![UidConnStats {
-                uid: 1000,
-                live: 1,
-                cap: Some(10),
-                admitted: 1,
-                denied_cap: denied,
-                denied_host: 0,
-            }],
-            host: None,
-            placement_moves: 0,
-            alerts_firing: 0,
-            programs: vec![],
+            targets: vec![group_stats("batch", 1, cpu, memory)],
+            conns: vec![uid_stats(1000, 1, Some(10), 1, denied)],
+            ..Stats::default()
         }
     }
 
@@ -394,14 +374,7 @@ mod tests {
             e.evaluate(&at_start, s(0)).is_empty(),
             "counts from before the agent started"
         );
-        at_start.conns.push(UidConnStats {
-            uid: 2000,
-            live: 0,
-            cap: None,
-            admitted: 0,
-            denied_cap: 1,
-            denied_host: 0,
-        });
+        at_start.conns.push(uid_stats(2000, 0, None, 0, 1));
         let t = e.evaluate(&at_start, s(5));
         assert_eq!(t.len(), 1, "{t:?}");
         assert_eq!(
@@ -426,16 +399,7 @@ mod tests {
     fn history_is_bounded_per_series_and_dropped_for_vanished_series() {
         let mut e = Engine::new(default_rules());
         let mut many = stats(0, 0, 0, 0, 0);
-        many.conns = (0..1000)
-            .map(|uid| UidConnStats {
-                uid,
-                live: 0,
-                cap: None,
-                admitted: 0,
-                denied_cap: 0,
-                denied_host: 0,
-            })
-            .collect();
+        many.conns = (0..1000).map(|uid| uid_stats(uid, 0, None, 0, 0)).collect();
         for second in 0..300 {
             e.evaluate(&many, s(second));
         }

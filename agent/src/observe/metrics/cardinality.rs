@@ -31,17 +31,10 @@ impl UidActivity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::usage::UidConnStats;
+    use crate::{model::usage::UidConnStats, testing::uid_stats};
 
     fn uid(uid: u32, live: u64, cap: Option<u64>, admitted: u64) -> UidConnStats {
-        UidConnStats {
-            uid,
-            live,
-            cap,
-            admitted,
-            denied_cap: 0,
-            denied_host: 0,
-        }
+        uid_stats(uid, live, cap, admitted, 0)
     }
 
     #[test]
@@ -51,12 +44,8 @@ mod tests {
         let scrape =
             |activity: &mut UidActivity, at: std::time::Instant, conns: Vec<UidConnStats>| {
                 let mut stats = Stats {
-                    targets: vec![],
                     conns,
-                    host: None,
-                    placement_moves: 0,
-                    alerts_firing: 0,
-                    programs: vec![],
+                    ..Stats::default()
                 };
                 activity.retain(&mut stats, at);
                 stats.conns.iter().map(|c| c.uid).collect::<Vec<_>>()

@@ -295,45 +295,30 @@ pub fn render(stats: &Stats) -> String {
 mod tests {
     use super::*;
     use crate::{
-        model::usage::{CgroupStats, CpuStats, HostConnStats, MemoryStats, UidConnStats},
-        observe::stats::TargetStats,
+        model::usage::{CpuStats, HostConnStats, MemoryStats},
+        testing::{group_stats, uid_stats},
     };
 
     #[test]
     fn renders_the_model_with_types_units_and_labels() {
+        let cpu = CpuStats {
+            usage_usec: 1_500_000,
+            nr_periods: 31,
+            nr_throttled: 30,
+            throttled_usec: 250_000,
+            ..CpuStats::default()
+        };
+        let memory = MemoryStats {
+            current: 1 << 20,
+            max: Some(64 << 20),
+            events_oom_kill: 1,
+            ..MemoryStats::default()
+        };
+        let mut batch = group_stats("batch", 2, cpu, memory);
+        batch.cgroup.cpu_max = Some((50_000, 100_000));
         let stats = Stats {
-            targets: vec![TargetStats {
-                target: "group:batch".into(),
-                cgroup: CgroupStats {
-                    cgroup: "rlagent.slice/batch".into(),
-                    procs: 2,
-                    cpu: Some(CpuStats {
-                        usage_usec: 1_500_000,
-                        nr_periods: 31,
-                        nr_throttled: 30,
-                        throttled_usec: 250_000,
-                        ..CpuStats::default()
-                    }),
-                    cpu_max: Some((50_000, 100_000)),
-                    memory: Some(MemoryStats {
-                        current: 1 << 20,
-                        max: Some(64 << 20),
-                        events_oom_kill: 1,
-                        ..MemoryStats::default()
-                    }),
-                    pids: None,
-                    cpu_pressure: None,
-                    memory_pressure: None,
-                },
-            }],
-            conns: vec![UidConnStats {
-                uid: 1000,
-                live: 3,
-                cap: Some(3),
-                admitted: 10,
-                denied_cap: 2,
-                denied_host: 0,
-            }],
+            targets: vec![batch],
+            conns: vec![uid_stats(1000, 3, Some(3), 10, 2)],
             host: Some(HostConnStats {
                 live: 3,
                 untracked: 0,
@@ -342,6 +327,10 @@ mod tests {
             alerts_firing: 1,
             programs: vec![],
         };
+        let build_info = format!(
+            "rlagent_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         let text = render(&stats);
         for line in [
             "# TYPE rlagent_cpu_usage_seconds_total counter",
@@ -354,7 +343,7 @@ mod tests {
             "rlagent_connections_cap{uid=\"1000\"} 3",
             "rlagent_connections_denied_total{uid=\"1000\",reason=\"cap\"} 2",
             "# TYPE rlagent_host_connections_live gauge",
-            "rlagent_build_info{version=\"0.1.0\"} 1",
+            &build_info,
             "rlagent_placement_moves_total 4",
             "rlagent_alerts_firing 1",
         ] {
