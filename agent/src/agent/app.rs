@@ -467,3 +467,58 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod error_tests {
+    use std::{io, path::PathBuf};
+
+    use crate::{
+        config::ConfigError,
+        desired::state::StateError,
+        kernel::{bpf::BpfError, cgroup::CgroupError, placement::PlacementError},
+        model::error_chain,
+    };
+
+    /// Our errors name what failed and leave the cause to `source()`: the chain then says
+    /// each thing once.
+    #[test]
+    fn errors_do_not_repeat_their_source() {
+        let io = || io::Error::from_raw_os_error(libc::EACCES);
+        let path = PathBuf::from("/x/cpu.max");
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(ConfigError::Read {
+                path: path.clone(),
+                source: io(),
+            }),
+            Box::new(StateError::Write {
+                path: path.clone(),
+                source: io(),
+            }),
+            Box::new(CgroupError::Write {
+                path: path.clone(),
+                value: "max".into(),
+                source: io(),
+            }),
+            Box::new(BpfError::Io {
+                what: "opening",
+                path: path.clone(),
+                source: io(),
+            }),
+            Box::new(PlacementError::Move {
+                pid: 7,
+                comm: "sh".into(),
+                cgroup: path.clone(),
+                source: CgroupError::Write {
+                    path,
+                    value: "7".into(),
+                    source: io(),
+                },
+            }),
+        ];
+        for e in errors {
+            let chain = error_chain(e.as_ref());
+            assert_eq!(chain.matches("Permission denied").count(), 1, "{chain}");
+            assert!(!e.to_string().contains("Permission denied"), "{e}");
+        }
+    }
+}
