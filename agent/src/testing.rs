@@ -102,7 +102,7 @@ pub mod kernel {
     };
 
     use crate::{
-        desired::{cgroups::CgroupPlan, conns::ConnLimits, Desired},
+        desired::{cgroups::CgroupPlan, conns::ConnLimits},
         kernel::{cgroup::CgroupError, CgroupReport, ConnUsage, Enforcer, KernelError, Observer},
         model::usage::{CgroupStats, ProgramStats},
     };
@@ -122,6 +122,8 @@ pub mod kernel {
         pub slow_cgroups: Option<Duration>,
         /// Every move: the cgroup and the PIDs.
         pub moved: Vec<(PathBuf, Vec<u32>)>,
+        /// `cgroup:<path>` targets that do not exist.
+        pub missing: Vec<PathBuf>,
     }
 
     /// An [`Enforcer`] that records instead of writing; share its record to inspect it.
@@ -135,8 +137,13 @@ pub mod kernel {
     }
 
     impl Enforcer for FakeEnforcer {
-        fn check(&self, _: &Desired) -> Result<(), KernelError> {
-            Ok(())
+        fn missing_cgroups(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
+            let record = self.record();
+            plan.cgroups
+                .keys()
+                .filter(|p| record.missing.contains(p))
+                .cloned()
+                .collect()
         }
 
         fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {

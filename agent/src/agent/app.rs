@@ -87,7 +87,9 @@ impl AppError {
             Self::Config(_) | Self::Target(_) => Refusal::Invalid,
             Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
             Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),
-            Self::Agent(AgentError::UnknownGroup { .. }) => Refusal::NotFound,
+            Self::Agent(AgentError::UnknownGroup { .. } | AgentError::NoSuchCgroup { .. }) => {
+                Refusal::NotFound
+            }
             Self::State(_) | Self::Agent(AgentError::State(_)) | Self::Panicked { .. } => {
                 Refusal::Failed
             }
@@ -109,6 +111,7 @@ pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats
         host: conns.host,
         placement_moves: observer.placement_moves(),
         alerts_firing: 0,
+        skipped_targets: 0,
         programs: observer.program_stats(),
     })
 }
@@ -118,6 +121,18 @@ pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats
 pub struct Snapshot {
     pub config: Config,
     pub desired: Desired,
+    /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
+    pub skipped: Vec<Target>,
+}
+
+impl Snapshot {
+    fn of(agent: &Agent) -> Self {
+        Self {
+            config: agent.config().clone(),
+            desired: agent.desired().clone(),
+            skipped: agent.skipped().to_vec(),
+        }
+    }
 }
 
 /// The agent's status (`rlctl status`).
@@ -133,6 +148,9 @@ pub struct Status {
     pub config: PathBuf,
     pub targets: usize,
     pub alerts_firing: usize,
+    /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
+    #[serde(default)]
+    pub skipped_targets: Vec<String>,
 }
 
 pub struct App {
@@ -158,6 +176,12 @@ impl App {
     ) -> Result<Arc<Self>, AppError> {
         let runtime = RuntimeState::load(&config.state_path)?;
         let desired = Desired::build(&config, &runtime, users.as_ref())?;
+        // A cgroup target of the config that is missing refuses the start before anything
+        // is loaded; runtime ones that vanished are skipped by the agent.
+        let mount = kernel::cgroup::mount::find().map_err(KernelError::from)?;
+        let driver =
+            kernel::cgroup::driver::CgroupDriver::new(kernel::cgroup::CgroupFs::new(&mount));
+        super::reconcile::skip_vanished(&config, driver.missing(&desired.cgroups))?;
         let settings = kernel::Settings {
             attach_cgroup: config.bpf.attach_cgroup.clone(),
             pin_path: config.bpf.pin_path.clone(),
@@ -181,10 +205,7 @@ impl App {
         config_path: Option<PathBuf>,
         users: Arc<dyn UserDb>,
     ) -> Arc<Self> {
-        let snapshot = Snapshot {
-            config: agent.config().clone(),
-            desired: agent.desired().clone(),
-        };
+        let snapshot = Snapshot::of(&agent);
         let admin_gid = match users.gid(&snapshot.config.control_group) {
             Ok(gid) => gid,
             Err(e) => {
@@ -244,10 +265,7 @@ impl App {
     }
 
     fn publish(&self, agent: &Agent) {
-        let snapshot = Arc::new(Snapshot {
-            config: agent.config().clone(),
-            desired: agent.desired().clone(),
-        });
+        let snapshot = Arc::new(Snapshot::of(agent));
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
     }
 
@@ -307,8 +325,10 @@ impl App {
     /// The one Stats model (rlctl stats, /metrics, the alert engine), read from the kernel
     /// for what the snapshot manages; the agent's lock is not taken. Blocking.
     pub fn stats(&self) -> Result<Stats, AppError> {
-        let mut stats = collect_stats(self.observer.as_ref(), &self.snapshot().desired)?;
+        let snapshot = self.snapshot();
+        let mut stats = collect_stats(self.observer.as_ref(), &snapshot.desired)?;
         stats.alerts_firing = self.engine().firing();
+        stats.skipped_targets = snapshot.skipped.len();
         Ok(stats)
     }
 
@@ -328,6 +348,7 @@ impl App {
             config: snapshot.config.source.clone(),
             targets: snapshot.desired.quotas.len(),
             alerts_firing: self.engine().firing(),
+            skipped_targets: snapshot.skipped.iter().map(ToString::to_string).collect(),
         }
     }
 

@@ -24,6 +24,24 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("no group named {group:?} (groups come from [[group]] rules and group quotas)")]
     UnknownGroup { group: String },
+    #[error("target {target}: the cgroup does not exist (a cgroup:<path> target names an existing cgroup, relative to the cgroup2 mount)")]
+    NoSuchCgroup { target: String },
+}
+
+/// Of the `missing` cgroup targets, the ones to skip (set at runtime, their cgroup gone
+/// since); a missing one that the config file names refuses the apply.
+pub fn skip_vanished(config: &Config, missing: Vec<PathBuf>) -> Result<Vec<Target>, AgentError> {
+    let mut skipped = Vec::new();
+    for path in missing {
+        let target = Target::Cgroup(path);
+        if config.quotas.contains_key(&target) {
+            return Err(AgentError::NoSuchCgroup {
+                target: target.to_string(),
+            });
+        }
+        skipped.push(target);
+    }
+    Ok(skipped)
 }
 
 /// The running agent's enforcement: the config, the runtime overrides, what is enforced,
@@ -37,6 +55,8 @@ pub struct Agent {
     desired: Desired,
     kernel: Box<dyn Enforcer>,
     users: Arc<dyn UserDb>,
+    /// Runtime `cgroup:<path>` targets whose cgroup is gone: skipped, not enforced.
+    skipped: Vec<Target>,
     /// The cgroup plan last written, and whether that write completed. A completed,
     /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
     /// rescanning /proc; an incomplete one is what a roll-back must undo.
@@ -59,15 +79,31 @@ impl Agent {
             desired: desired.clone(),
             kernel,
             users,
+            skipped: Vec::new(),
             applied_plan: None,
         };
-        agent.apply(&desired)?;
+        let config = agent.config.clone();
+        agent.desired = agent.apply(&config, desired)?;
         Ok(agent)
     }
 
-    /// Enforces `desired`: checks first, then BPF maps, cgroups and placement.
-    fn apply(&mut self, desired: &Desired) -> Result<(), AgentError> {
-        self.kernel.check(desired)?;
+    /// Enforces `desired` under `config`: checks first, then BPF maps, cgroups and
+    /// placement. Returns what is enforced: `desired` less the runtime `cgroup:<path>`
+    /// targets whose cgroup is gone (skipped and reported, so a stopped service does not
+    /// block every later change).
+    fn apply(&mut self, config: &Config, mut desired: Desired) -> Result<Desired, AgentError> {
+        let missing = self.kernel.missing_cgroups(&desired.cgroups);
+        let skipped = skip_vanished(config, missing)?;
+        for target in &skipped {
+            if let Target::Cgroup(path) = target {
+                desired.cgroups.cgroups.remove(path);
+            }
+            if !self.skipped.contains(target) {
+                tracing::warn!(%target, "skipped: the cgroup no longer exists (its quota set through rlctl stays saved; clear it with rlctl clear-quota)");
+            }
+        }
+        self.skipped = skipped;
+        let desired = desired;
         for (target, fields) in desired.unenforced() {
             tracing::warn!(
                 %target,
@@ -111,14 +147,15 @@ impl Agent {
             targets = desired.quotas.len(),
             "enforcing"
         );
-        Ok(())
+        Ok(desired)
     }
 
     /// Re-applies what was enforced before a failed change, so a failure in the middle of
     /// an apply does not leave half of it in force.
     fn roll_back(&mut self) {
         let previous = self.desired.clone();
-        if let Err(e) = self.apply(&previous) {
+        let config = self.config.clone();
+        if let Err(e) = self.apply(&config, previous) {
             tracing::error!(
                 "rolling back to the previous quotas failed: {}",
                 crate::model::error_chain(&e)
@@ -131,13 +168,17 @@ impl Agent {
     pub fn reload(&mut self, mut config: Config) -> Result<Vec<&'static str>, AgentError> {
         let kept = config.keep_restart_settings(&self.config);
         let desired = Desired::build(&config, &self.runtime, self.users.as_ref())?;
-        if let Err(e) = self.apply(&desired) {
-            self.roll_back();
-            return Err(e);
+        match self.apply(&config, desired) {
+            Ok(applied) => {
+                self.config = config;
+                self.desired = applied;
+                Ok(kept)
+            }
+            Err(e) => {
+                self.roll_back();
+                Err(e)
+            }
         }
-        self.config = config;
-        self.desired = desired;
-        Ok(kept)
     }
 
     /// Sets (`Some`) or clears (`None`) quota fields of `target` at runtime. All or
@@ -149,21 +190,37 @@ impl Agent {
         target: &Target,
         fields: &BTreeMap<Field, Option<String>>,
     ) -> Result<(), AgentError> {
-        let next = self.runtime.with(target, fields);
+        let next = self.runtime.with(target, fields).pruned(&self.config);
         let desired = Desired::build(&self.config, &next, self.users.as_ref())?;
-        let state_path = self.config.state_path.clone();
-        let staged = next.stage(&state_path)?;
-        let result = self
-            .apply(&desired)
-            .and_then(|()| RuntimeState::commit(&staged, &state_path).map_err(AgentError::from));
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&staged);
-            self.roll_back();
-            return Err(e);
+        // The target being changed must exist; other vanished ones are skipped.
+        if let Target::Cgroup(path) = target {
+            if fields.values().any(Option::is_some)
+                && self.kernel.missing_cgroups(&desired.cgroups).contains(path)
+            {
+                return Err(AgentError::NoSuchCgroup {
+                    target: target.to_string(),
+                });
+            }
         }
-        self.runtime = next;
-        self.desired = desired;
-        Ok(())
+        let config = self.config.clone();
+        let state_path = config.state_path.clone();
+        let staged = next.stage(&state_path)?;
+        let result = self.apply(&config, desired).and_then(|applied| {
+            RuntimeState::commit(&staged, &state_path)?;
+            Ok(applied)
+        });
+        match result {
+            Ok(applied) => {
+                self.runtime = next;
+                self.desired = applied;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&staged);
+                self.roll_back();
+                Err(e)
+            }
+        }
     }
 
     /// Moves processes into a group's cgroup (for `rlctl move` and `rlctl run`).
@@ -184,6 +241,11 @@ impl Agent {
 
     pub fn desired(&self) -> &Desired {
         &self.desired
+    }
+
+    /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
+    pub fn skipped(&self) -> &[Target] {
+        &self.skipped
     }
 }
 
@@ -302,5 +364,46 @@ mod tests {
         assert_eq!(kept, vec!["[bpf] pin_path"]);
         assert_eq!(agent.config().bpf.pin_path, Path::new("/sys/fs/bpf/one"));
         assert_eq!(agent.desired().conns.default_cap, 4, "the rest is applied");
+    }
+
+    #[test]
+    fn a_vanished_runtime_cgroup_target_is_skipped_and_blocks_nothing() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent("");
+        let db = Target::Cgroup("db.service".into());
+        agent.change(&db, &set(Field::Memory, "1G")).unwrap();
+        fake.kernel.record().missing = vec!["db.service".into()];
+        agent
+            .change(&Target::Group("batch".into()), &set(Field::Cpu, "10%"))
+            .unwrap();
+        assert_eq!(agent.skipped(), std::slice::from_ref(&db));
+        assert!(!agent
+            .desired()
+            .cgroups
+            .cgroups
+            .contains_key(Path::new("db.service")));
+        let err = agent.change(&db, &set(Field::Cpu, "5%")).unwrap_err();
+        assert!(matches!(err, AgentError::NoSuchCgroup { .. }), "{err}");
+        agent
+            .change(&db, &BTreeMap::from([(Field::Memory, None)]))
+            .unwrap();
+        assert!(agent.skipped().is_empty(), "clearing it ends the skip");
+        let saved = std::fs::read_to_string(fake.state_path()).unwrap();
+        assert!(!saved.contains("db.service"), "{saved}");
+    }
+
+    #[test]
+    fn a_missing_cgroup_target_of_the_config_is_still_refused() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent("");
+        fake.kernel.record().missing = vec!["gone.slice".into()];
+        fake.write_config("[[quota]]\ntarget = \"cgroup:gone.slice\"\ncpu = \"5%\"\n");
+        let config = Config::load(Some(&fake.config_path()), &Users).unwrap();
+        let err = agent.reload(config).unwrap_err();
+        assert!(matches!(err, AgentError::NoSuchCgroup { .. }), "{err}");
+        assert!(
+            agent.desired().quotas.is_empty(),
+            "the running state is kept"
+        );
     }
 }

@@ -44,6 +44,8 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("state directory {path} is writable by others (mode {mode:o}); the agent writes its state only where no one else can")]
+    UnsafeDir { path: PathBuf, mode: u32 },
     #[error(transparent)]
     Target(#[from] TargetError),
     #[error("quota for {target}")]
@@ -117,7 +119,10 @@ impl RuntimeState {
     }
 
     /// First half of [`save`]: the new state is durable beside `path`, not yet in place.
+    /// The temporary is created afresh (O_EXCL, O_NOFOLLOW: a planted file or symlink is
+    /// removed, never written through), in a directory no one else may write to.
     pub fn stage(&self, path: &Path) -> Result<PathBuf, StateError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let err = |source| StateError::Write {
             path: path.to_path_buf(),
             source,
@@ -126,9 +131,27 @@ impl RuntimeState {
         state.version = STATE_VERSION;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
+            let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode();
+            if mode & 0o022 != 0 {
+                return Err(StateError::UnsafeDir {
+                    path: dir.to_path_buf(),
+                    mode: mode & 0o7777,
+                });
+            }
         }
         let tmp = path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(err)?;
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(err(source)),
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(err)?;
         let text = serde_json::to_string_pretty(&state).expect("state serializes");
         file.write_all(text.as_bytes()).map_err(err)?;
         file.write_all(b"\n").map_err(err)?;
@@ -159,6 +182,22 @@ impl RuntimeState {
             entry.insert(*field, value.clone());
         }
         next
+    }
+
+    /// This state without overrides that change nothing: a clear of a field `config` does
+    /// not set, and targets left with no fields (so set/clear pairs leave no trace).
+    pub fn pruned(mut self, config: &Config) -> Self {
+        for (target_text, fields) in &mut self.quotas {
+            let in_config = target_text
+                .parse::<Target>()
+                .ok()
+                .and_then(|t| config.quotas.get(&t));
+            fields.retain(|field, value| {
+                value.is_some() || in_config.is_some_and(|q| q.text(*field).is_some())
+            });
+        }
+        self.quotas.retain(|_, fields| !fields.is_empty());
+        self
     }
 
     /// Merges over `config`. Every override goes through the same parsers as the config,
@@ -283,6 +322,57 @@ mod tests {
         assert!(
             err.contains("state.json") && err.contains("move it away"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_planted_symlink_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, path.with_extension("json.tmp")).unwrap();
+        let state = RuntimeState::default().with(
+            &Target::Group("a".into()),
+            &fields(&[(Field::Cpu, Some("5%"))]),
+        );
+        state.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(RuntimeState::load(&path).unwrap().quotas, state.quotas);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = RuntimeState::default()
+            .save(&dir.path().join("state.json"))
+            .unwrap_err();
+        assert!(matches!(err, StateError::UnsafeDir { .. }), "{err}");
+    }
+
+    #[test]
+    fn set_and_clear_pairs_leave_nothing_behind() {
+        let base = config("[[quota]]\ntarget = \"agent\"\ncpu = \"50%\"\n");
+        let mut state = RuntimeState::default();
+        for uid in 0..150 {
+            let user = Target::User(UserRef::Uid(3000 + uid));
+            state = state
+                .with(&user, &fields(&[(Field::Conns, Some("2"))]))
+                .pruned(&base);
+            state = state
+                .with(&user, &fields(&[(Field::Conns, None)]))
+                .pruned(&base);
+        }
+        assert!(state.quotas.is_empty(), "{:?}", state.quotas);
+        // A clear of a field the config sets is kept: it removes the config's value.
+        let agent = Target::Group("agent".into());
+        let cleared = state.with(&agent, &fields(&[(Field::Cpu, None), (Field::Pids, None)]));
+        let cleared = cleared.pruned(&base);
+        assert_eq!(
+            cleared.quotas["group:agent"],
+            BTreeMap::from([(Field::Cpu, None)])
         );
     }
 }

@@ -81,9 +81,9 @@ pub struct ConnUsage {
 
 /// Writes to the kernel: the only way the agent changes enforcement.
 pub trait Enforcer: Send {
-    /// What can be checked before anything is written (e.g. `cgroup:<path>` targets
-    /// exist).
-    fn check(&self, desired: &Desired) -> Result<(), KernelError>;
+    /// The `cgroup:<path>` targets of `plan` that do not exist (a stopped service's
+    /// cgroup is gone).
+    fn missing_cgroups(&self, plan: &CgroupPlan) -> Vec<PathBuf>;
     /// Writes the connection limits into the maps the programs read.
     fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError>;
     /// Writes the cgroup plan (resetting what `previous` had and `plan` drops) and places
@@ -140,7 +140,6 @@ impl System {
             placer: None,
             moves: Arc::new(AtomicU64::new(0)),
         };
-        system.check(desired)?;
         system.limiter.apply(&desired.conns)?;
         for (program, action) in system.limiter.attach(&attach_cgroup)? {
             let what = match action {
@@ -166,11 +165,8 @@ impl System {
 }
 
 impl Enforcer for System {
-    fn check(&self, desired: &Desired) -> Result<(), KernelError> {
-        if desired.wants_cgroups() {
-            self.driver().check(&desired.cgroups)?;
-        }
-        Ok(())
+    fn missing_cgroups(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
+        self.driver().missing(plan)
     }
 
     fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {

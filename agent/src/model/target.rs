@@ -39,6 +39,13 @@ pub enum Target {
 }
 
 const MAX_NAME_LEN: usize = 64;
+/// The longest path the kernel resolves (PATH_MAX) and the longest name of one component.
+const MAX_PATH_LEN: usize = 4096;
+const MAX_COMPONENT_LEN: usize = 255;
+/// The prefixes of cgroup interface files (`cgroup.procs`, `cpu.max`, `pids.max`, ...).
+const INTERFACE_PREFIXES: &[&str] = &[
+    "cgroup", "cpu", "cpuset", "io", "memory", "pids", "hugetlb", "rdma", "misc", "irq",
+];
 
 fn invalid(target: &str, reason: &'static str) -> TargetError {
     TargetError::Invalid {
@@ -106,6 +113,14 @@ fn parse_group(text: &str, name: &str) -> Result<Target, TargetError> {
             "group names are letters, digits, '_', '.', '-' (up to 64, not starting with '.')",
         ));
     }
+    // Group cgroups are directories beside the kernel's interface files.
+    let prefix = name.split('.').next().unwrap_or_default();
+    if name.contains('.') && INTERFACE_PREFIXES.contains(&prefix) {
+        return Err(invalid(
+            text,
+            "group names must not look like cgroup interface files (such as cgroup.kill or pids.max)",
+        ));
+    }
     // Group cgroups sit beside `user-<uid>` ones under the agent's subtree.
     if name.starts_with("user-") {
         return Err(invalid(
@@ -124,6 +139,12 @@ fn parse_cgroup(text: &str, path: &str) -> Result<Target, TargetError> {
             "the root cgroup cannot take quotas; name a child cgroup",
         ));
     }
+    if relative.len() > MAX_PATH_LEN || relative.chars().any(char::is_control) {
+        return Err(invalid(
+            text,
+            "cgroup paths are at most 4096 bytes, without control characters",
+        ));
+    }
     let mut clean = PathBuf::new();
     for part in relative.trim_end_matches('/').split('/') {
         if part.is_empty() || part == "." || part == ".." {
@@ -131,6 +152,9 @@ fn parse_cgroup(text: &str, path: &str) -> Result<Target, TargetError> {
                 text,
                 "cgroup paths must not contain empty, '.' or '..' parts",
             ));
+        }
+        if part.len() > MAX_COMPONENT_LEN {
+            return Err(invalid(text, "a cgroup name is at most 255 bytes"));
         }
         clean.push(part);
     }
@@ -220,10 +244,25 @@ mod tests {
             "cgroup:a/../b",
             "cgroup:a//b",
             "pod:x",
+            "cgroup.kill",
+            "group:pids.max",
+            "memory.high",
+            "cgroup:a\nb",
+            "cgroup:a\0b",
+            "agent\nINFO forged",
+            "user:bob\n",
         ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn long_paths_are_refused_and_dotted_names_that_are_not_interface_files_allowed() {
+        assert!(parse(&format!("cgroup:{}", "a/".repeat(3000))).is_err());
+        assert!(parse(&format!("cgroup:{}", "x".repeat(256))).is_err());
+        assert!(parse(&format!("cgroup:a/{}", "x".repeat(255))).is_ok());
+        assert_eq!(parse("team.a"), Ok(Target::Group("team.a".into())));
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Stats {
     /// Alerts firing now (0 outside the agent).
     #[serde(default)]
     pub alerts_firing: usize,
+    /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
+    #[serde(default)]
+    pub skipped_targets: usize,
     /// Run counts of the kernel programs, when the kernel keeps them
     /// (`kernel.bpf_stats_enabled`); empty otherwise.
     #[serde(default)]

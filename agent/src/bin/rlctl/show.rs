@@ -50,6 +50,9 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
         row("config", s.config.display().to_string());
         row("kernel", s.kernel.clone());
         row("targets", s.targets.to_string());
+        if !s.skipped_targets.is_empty() {
+            row("skipped_targets", s.skipped_targets.join(" "));
+        }
         row("uptime_seconds", s.uptime_seconds.to_string());
         row("version", s.version.clone());
         out

@@ -33,18 +33,24 @@ impl CgroupDriver {
         &self.fs
     }
 
+    /// The `cgroup:<path>` targets of `plan` that do not exist.
+    pub fn missing(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
+        plan.cgroups
+            .keys()
+            .filter(|path| !self.fs.path(path).join("cgroup.procs").exists())
+            .cloned()
+            .collect()
+    }
+
     /// Everything that can be checked before writing: `cgroup:<path>` targets exist.
     pub fn check(&self, plan: &CgroupPlan) -> Result<(), CgroupError> {
-        for path in plan.cgroups.keys() {
-            let dir = self.fs.path(path);
-            if !dir.join("cgroup.procs").exists() {
-                return Err(CgroupError::NoSuchCgroup {
-                    target: format!("cgroup:{}", path.display()),
-                    path: dir,
-                });
-            }
+        match self.missing(plan).into_iter().next() {
+            None => Ok(()),
+            Some(path) => Err(CgroupError::NoSuchCgroup {
+                target: format!("cgroup:{}", path.display()),
+                path: self.fs.path(&path),
+            }),
         }
-        Ok(())
     }
 
     /// Creates the subtree and the cgroups of `plan`, and writes every quota. Cgroups under

@@ -264,6 +264,12 @@ pub fn render(stats: &Stats) -> String {
         stats.placement_moves as f64,
     );
     e.gauge(
+        "rlagent_targets_skipped",
+        "Quota targets set at runtime whose cgroup is gone, skipped until cleared.",
+        &[],
+        stats.skipped_targets as f64,
+    );
+    e.gauge(
         "rlagent_alerts_firing",
         "Alerts of the agent's own engine that are firing.",
         &[],
@@ -325,6 +331,7 @@ mod tests {
             }),
             placement_moves: 4,
             alerts_firing: 1,
+            skipped_targets: 0,
             programs: vec![],
         };
         let build_info = format!(
