@@ -54,6 +54,8 @@ pub enum AppError {
     Target(#[from] TargetError),
     #[error("{what} failed inside the agent ({message}); the previous state is kept")]
     Panicked { what: &'static str, message: String },
+    #[error("cannot move pid {pid}: {reason}")]
+    NotMovable { pid: u32, reason: String },
 }
 
 impl From<ConfigError> for AppError {
@@ -84,7 +86,7 @@ impl AppError {
             _ => Refusal::Failed,
         };
         match self {
-            Self::Config(_) | Self::Target(_) => Refusal::Invalid,
+            Self::Config(_) | Self::Target(_) | Self::NotMovable { .. } => Refusal::Invalid,
             Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
             Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),
             Self::Agent(AgentError::UnknownGroup { .. } | AgentError::NoSuchCgroup { .. }) => {
@@ -135,12 +137,20 @@ impl Snapshot {
     }
 }
 
-/// The agent's status (`rlctl status`).
+/// The agent's status (`rlctl status`). Callers who may read only their own UID's data
+/// get the first three fields; the host's layout is for root and operators.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
     pub uptime_seconds: u64,
     pub kernel: String,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostStatus>,
+}
+
+/// Where the agent attaches, pins and reads its config, and what it enforces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostStatus {
     pub cgroup2_mount: PathBuf,
     pub cgroup_controllers: Vec<String>,
     pub bpf_attach_cgroup: PathBuf,
@@ -163,6 +173,9 @@ pub struct App {
     config_path: Option<PathBuf>,
     users: Arc<dyn UserDb>,
     admin_gid: Option<u32>,
+    /// Cgroups operators may never limit (relative to the mount): the attach cgroup, the
+    /// agent's own, PID 1's.
+    protected: Vec<PathBuf>,
     started: Instant,
 }
 
@@ -213,7 +226,14 @@ impl App {
                 None
             }
         };
+        let mut protected = vec![snapshot.config.bpf.attach_cgroup.clone()];
+        for pid in [std::process::id(), 1] {
+            if let Some(process) = kernel::placement::read_proc(pid) {
+                protected.push(process.cgroup);
+            }
+        }
         Arc::new(Self {
+            protected,
             alerts: Mutex::new(Engine::new(snapshot.desired.alert_rules.clone())),
             alert_events: tokio::sync::broadcast::channel(256).0,
             current: RwLock::new(Arc::new(snapshot)),
@@ -308,9 +328,44 @@ impl App {
         Ok(())
     }
 
-    /// Moves processes into a group's cgroup. Blocking.
-    pub fn move_to_group(&self, group: &str, pids: &[u32]) -> Result<PathBuf, AppError> {
+    /// Moves processes into a group's cgroup. Never PID 1, a kernel thread or the agent;
+    /// a process of a UID below `uid_min` only when `by_root`. Blocking.
+    pub fn move_to_group(
+        &self,
+        group: &str,
+        pids: &[u32],
+        by_root: bool,
+    ) -> Result<PathBuf, AppError> {
+        let snapshot = self.snapshot();
+        if !snapshot.desired.cgroups.groups.contains_key(group) {
+            return Err(AgentError::UnknownGroup {
+                group: group.to_string(),
+            }
+            .into());
+        }
+        let uid_min = snapshot.config.bpf.uid_min;
+        for &pid in pids {
+            let refuse = |reason: String| AppError::NotMovable { pid, reason };
+            let process = kernel::placement::read_proc(pid)
+                .ok_or_else(|| refuse("no such process".into()))?;
+            if pid == 1 || process.kernel_thread || pid == std::process::id() {
+                return Err(refuse(
+                    "PID 1, kernel threads and the agent itself stay where they are".into(),
+                ));
+            }
+            if process.uid < uid_min && !by_root {
+                return Err(refuse(format!(
+                    "it belongs to uid {}, below uid_min ({uid_min}); only root moves system processes",
+                    process.uid
+                )));
+            }
+        }
         Ok(self.lock_agent().move_to_group(group, pids)?)
+    }
+
+    /// Cgroups operators may never limit (the README's "Security model").
+    pub fn protected_cgroups(&self) -> &[PathBuf] {
+        &self.protected
     }
 
     /// A target as typed by a user, with a user name resolved to its UID.
@@ -332,23 +387,29 @@ impl App {
         Ok(stats)
     }
 
-    pub fn status(&self) -> Status {
+    /// The status; with `host`, also the host's layout and what is enforced.
+    pub fn status(&self, host: bool) -> Status {
         let snapshot = self.snapshot();
-        let (mount, controllers) = self.observer.cgroup2();
+        let host = host.then(|| {
+            let (mount, controllers) = self.observer.cgroup2();
+            HostStatus {
+                bpf_attach_cgroup: mount.join(&snapshot.config.bpf.attach_cgroup),
+                cgroup2_mount: mount,
+                cgroup_controllers: controllers,
+                bpf_pin_path: snapshot.config.bpf.pin_path.clone(),
+                config: snapshot.config.source.clone(),
+                targets: snapshot.desired.quotas.len(),
+                alerts_firing: self.engine().firing(),
+                skipped_targets: snapshot.skipped.iter().map(ToString::to_string).collect(),
+            }
+        });
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs(),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            bpf_attach_cgroup: mount.join(&snapshot.config.bpf.attach_cgroup),
-            cgroup2_mount: mount,
-            cgroup_controllers: controllers,
-            bpf_pin_path: snapshot.config.bpf.pin_path.clone(),
-            config: snapshot.config.source.clone(),
-            targets: snapshot.desired.quotas.len(),
-            alerts_firing: self.engine().firing(),
-            skipped_targets: snapshot.skipped.iter().map(ToString::to_string).collect(),
+            host,
         }
     }
 
@@ -473,13 +534,16 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let status = app.blocking("status", |app| app.status()).await.unwrap();
+        let status = app
+            .blocking("status", |app| app.status(true))
+            .await
+            .unwrap();
         let waited = started.elapsed();
         assert!(
             waited < Duration::from_millis(500),
             "readers waited {waited:?}"
         );
-        assert_eq!(status.targets, 1);
+        assert_eq!(status.host.unwrap().targets, 1);
         slow.await.unwrap().unwrap().unwrap();
         assert!(
             app.snapshot().desired.quotas[&Target::Group("batch".into())]

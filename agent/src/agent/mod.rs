@@ -4,5 +4,5 @@
 pub mod app;
 pub mod reconcile;
 
-pub use app::{collect_stats, App, AppError, Refusal, Snapshot, Status};
+pub use app::{collect_stats, App, AppError, HostStatus, Refusal, Snapshot, Status};
 pub use reconcile::{cap_text, Agent, AgentError};

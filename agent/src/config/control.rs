@@ -11,6 +11,7 @@ pub(super) struct Control {
     pub socket: PathBuf,
     pub mode: u32,
     pub group: String,
+    pub operator_cgroups: Vec<PathBuf>,
     pub metrics_listen: SocketAddr,
 }
 
@@ -40,10 +41,16 @@ pub(super) fn validate(
             "expected an address:port such as 127.0.0.1:9464",
         )
     })?;
+    let operator_cgroups = control
+        .operator_cgroups
+        .iter()
+        .map(|path| at.cgroup_path(path, "operator_cgroups", false))
+        .collect::<Result<_, _>>()?;
     Ok(Control {
         socket: control.socket.clone(),
         mode: socket_mode,
         group: control.group.clone(),
+        operator_cgroups,
         metrics_listen,
     })
 }

@@ -101,8 +101,11 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Permission bits of the socket file (who may connect at all).
     pub control_mode: u32,
-    /// Members of this group may change quotas through the socket, like root.
+    /// Members of this group are operators: they may change quotas within the limits of
+    /// the README's "Security model".
     pub control_group: String,
+    /// `cgroup:<path>` targets operators may change (each path and the cgroups below it).
+    pub operator_cgroups: Vec<std::path::PathBuf>,
     pub metrics_listen: SocketAddr,
     pub groups: Vec<GroupRule>,
     pub quotas: BTreeMap<Target, Quota>,
@@ -162,6 +165,7 @@ impl Config {
             control_socket: control.socket,
             control_mode: control.mode,
             control_group: control.group,
+            operator_cgroups: control.operator_cgroups,
             metrics_listen: control.metrics_listen,
             groups: quotas::groups(&at, &raw.groups)?,
             quotas: quotas::quotas(&at, &raw.quotas, users)?,
@@ -243,7 +247,7 @@ impl Source<'_> {
                 line,
                 field,
                 value.get_ref(),
-                "the agent's subtree cannot be the cgroup2 root",
+                "the cgroup2 root is not allowed here; name a child cgroup",
             ));
         }
         Ok(path)

@@ -145,6 +145,8 @@ pub(super) struct RawControl {
     pub(super) mode: Spanned<String>,
     #[serde(default = "default_admin_group")]
     pub(super) group: String,
+    #[serde(default)]
+    pub(super) operator_cgroups: Vec<Spanned<String>>,
 }
 impl Default for RawControl {
     fn default() -> Self {
@@ -152,6 +154,7 @@ impl Default for RawControl {
             socket: default_socket(),
             mode: default_socket_mode(),
             group: default_admin_group(),
+            operator_cgroups: Vec::new(),
         }
     }
 }

@@ -15,39 +15,40 @@ use crate::{
     model::{
         error_chain,
         quota::{Field, Quota},
-        target::{Target, UserRef},
+        target::Target,
     },
 };
 
 pub fn handle(app: &App, access: Access, request: Request) -> Response {
     if let (true, Access::Reader { uid }) = (request.writes(), access) {
-        return Response::error(
-            ErrorCode::PermissionDenied,
-            format!("permission denied: changing quotas needs root or the admin group (you are uid {uid})"),
-        );
+        return denied(format!(
+            "permission denied: changing quotas needs root or the control group (you are uid {uid})"
+        ));
     }
     let result = match request {
-        Request::SetQuota { target, quota } => set_quota(app, &target, quota),
+        Request::SetQuota { target, quota } => set_quota(app, access, &target, quota),
         Request::ClearQuota {
             target,
             fields,
             all,
-        } => clear_quota(app, &target, fields, all),
+        } => clear_quota(app, access, &target, fields, all),
         Request::List {} => Ok(list(app, access)),
         Request::Stats { target } => stats(app, access, target.as_deref()),
-        Request::Status {} => Ok(Response::ok(&app.status())),
+        Request::Status {} => Ok(Response::ok(&app.status(access.reads_all()))),
         Request::Alerts {} => Ok(alerts(app, access)),
         Request::WatchAlerts {} => Ok(Response::error(
             ErrorCode::BadRequest,
             "watch_alerts is served as a stream",
         )),
-        Request::Move { group, pids } => app.move_to_group(&group, &pids).map(|cgroup| {
-            Response::ok(&MoveResult {
-                group,
-                cgroup,
-                moved: pids,
-            })
-        }),
+        Request::Move { group, pids } => app
+            .move_to_group(&group, &pids, access == Access::Root)
+            .map(|cgroup| {
+                Response::ok(&MoveResult {
+                    group,
+                    cgroup,
+                    moved: pids,
+                })
+            }),
         Request::Reload {} => app
             .reload()
             .map(|()| Response::ok(&ReloadResult { reloaded: true })),
@@ -76,12 +77,34 @@ fn invalid(message: impl Into<String>) -> Response {
     Response::error(ErrorCode::Invalid, message)
 }
 
+fn denied(message: impl Into<String>) -> Response {
+    Response::error(ErrorCode::PermissionDenied, message)
+}
+
+/// `target` resolved, if `access` may change it.
+fn changeable(
+    app: &App,
+    access: Access,
+    target: &str,
+) -> Result<Result<Target, Response>, AppError> {
+    let target = app.resolve_target(target)?;
+    let config = &app.snapshot().config;
+    Ok(access
+        .may_change(&target, config, app.protected_cgroups())
+        .map(|()| target)
+        .map_err(denied))
+}
+
 fn set_quota(
     app: &App,
+    access: Access,
     target: &str,
     quota: BTreeMap<Field, String>,
 ) -> Result<Response, AppError> {
-    let target = app.resolve_target(target)?;
+    let target = match changeable(app, access, target)? {
+        Ok(target) => target,
+        Err(refusal) => return Ok(refusal),
+    };
     if quota.is_empty() {
         return Ok(invalid("set_quota needs at least one field"));
     }
@@ -104,11 +127,15 @@ fn set_quota(
 
 fn clear_quota(
     app: &App,
+    access: Access,
     target: &str,
     fields: Vec<Field>,
     all: bool,
 ) -> Result<Response, AppError> {
-    let target = app.resolve_target(target)?;
+    let target = match changeable(app, access, target)? {
+        Ok(target) => target,
+        Err(refusal) => return Ok(refusal),
+    };
     let fields: Vec<Field> = if all { Field::ALL.to_vec() } else { fields };
     if fields.is_empty() {
         return Ok(invalid("clear_quota needs fields or \"all\": true"));
@@ -127,7 +154,7 @@ fn list(app: &App, access: Access) -> Response {
     let targets = desired
         .quotas
         .iter()
-        .filter(|(target, _)| visible(access, target))
+        .filter(|(target, _)| access.sees(target))
         .map(|(target, quota)| TargetQuota {
             target: target.to_string(),
             fields: Field::ALL
@@ -146,18 +173,16 @@ fn list(app: &App, access: Access) -> Response {
 fn stats(app: &App, access: Access, target: Option<&str>) -> Result<Response, AppError> {
     let wanted = target.map(|t| app.resolve_target(t)).transpose()?;
     if let Some(t) = &wanted {
-        if !visible(access, t) {
-            return Ok(Response::error(
-                ErrorCode::PermissionDenied,
-                format!("permission denied: you may read only your own stats, not {t}"),
-            ));
+        if !access.sees(t) {
+            return Ok(denied(format!(
+                "permission denied: you may read only your own stats, not {t}"
+            )));
         }
     }
     let mut stats = app.stats()?;
-    stats.retain(|name| match (&wanted, access) {
-        (Some(t), _) => name == t.to_string(),
-        (None, Access::Admin) => true,
-        (None, Access::Reader { uid }) => name == format!("user:{uid}"),
+    stats.retain(|name| match &wanted {
+        Some(t) => name == t.to_string(),
+        None => access.sees_name(name),
     });
     Ok(Response::ok(&stats))
 }
@@ -166,20 +191,9 @@ fn alerts(app: &App, access: Access) -> Response {
     let alerts = app
         .alerts()
         .into_iter()
-        .filter(|a| match access {
-            Access::Admin => true,
-            Access::Reader { uid } => a.target == format!("user:{uid}"),
-        })
+        .filter(|a| access.sees_name(&a.target))
         .collect();
     Response::ok(&AlertsResult { alerts })
-}
-
-/// A reader sees only its own user target.
-fn visible(access: Access, target: &Target) -> bool {
-    match access {
-        Access::Admin => true,
-        Access::Reader { uid } => *target == Target::User(UserRef::Uid(uid)),
-    }
 }
 
 #[cfg(test)]
@@ -187,7 +201,8 @@ mod tests {
     use super::*;
     use crate::{control::protocol::ErrorBody, testing::FakeAgent};
 
-    const ROOT: Access = Access::Admin;
+    const ROOT: Access = Access::Root;
+    const OPERATOR: Access = Access::Operator;
     const USER: Access = Access::Reader { uid: 2000 };
 
     fn error(response: &Response) -> &ErrorBody {
@@ -337,23 +352,100 @@ mod tests {
         let app = fake.app("[[group]]\nname = \"batch\"\n");
         let status: crate::agent::Status = handle(&app, ROOT, Request::Status {}).result().unwrap();
         assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(status.cgroup_controllers, ["cpu", "memory"]);
+        assert_eq!(status.host.unwrap().cgroup_controllers, ["cpu", "memory"]);
+        let theirs: crate::agent::Status = handle(&app, USER, Request::Status {}).result().unwrap();
+        assert_eq!(theirs.host, None, "users do not see the host's layout");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let moved: MoveResult = handle(
             &app,
             ROOT,
             Request::Move {
                 group: "batch".into(),
-                pids: vec![42],
+                pids: vec![child.id()],
             },
         )
         .result()
         .unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
         assert_eq!(moved.cgroup, std::path::Path::new("rlagent.slice/batch"));
         assert_eq!(
             fake.kernel.record().moved,
-            [(moved.cgroup.clone(), vec![42])]
+            [(moved.cgroup.clone(), vec![child.id()])]
         );
         let alerts: AlertsResult = handle(&app, USER, Request::Alerts {}).result().unwrap();
         assert!(alerts.alerts.is_empty());
+    }
+
+    #[test]
+    fn operators_are_held_to_their_role() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[group]]\nname = \"batch\"\n[control]\noperator_cgroups = [\"system.slice/web.service\"]\n");
+        let ok = |r: Response| assert!(r.ok, "{r:?}");
+        ok(handle(&app, OPERATOR, set("user:2000", Field::Conns, "3")));
+        ok(handle(&app, OPERATOR, set("batch", Field::Pids, "100")));
+        for (request, why) in [
+            (set("user:0", Field::Pids, "1"), "system user"),
+            (set("user:root", Field::Cpu, "1%"), "system user"),
+            (
+                set("cgroup:system.slice/db.service", Field::Memory, "4096"),
+                "operator_cgroups",
+            ),
+            (
+                set("cgroup:rlagent.slice/batch", Field::Pids, "1"),
+                "agent's subtree",
+            ),
+        ] {
+            let r = handle(&app, OPERATOR, request.clone());
+            assert_eq!(error(&r).code, ErrorCode::PermissionDenied, "{request:?}");
+            assert!(error(&r).message.contains(why), "{request:?}: {r:?}");
+        }
+        // The agent's own cgroup and PID 1's are protected whatever the allow-list says.
+        let own = crate::kernel::placement::read_proc(std::process::id())
+            .unwrap()
+            .cgroup;
+        if !own.as_os_str().is_empty() {
+            let r = handle(
+                &app,
+                OPERATOR,
+                set(&format!("cgroup:{}", own.display()), Field::Pids, "1"),
+            );
+            assert_eq!(error(&r).code, ErrorCode::PermissionDenied, "{r:?}");
+        }
+        let move_pids = |access, pids: Vec<u32>| {
+            handle(
+                &app,
+                access,
+                Request::Move {
+                    group: "batch".into(),
+                    pids,
+                },
+            )
+        };
+        for pid in [1, std::process::id()] {
+            let r = move_pids(ROOT, vec![pid]);
+            assert_eq!(error(&r).code, ErrorCode::Invalid, "{r:?}");
+            assert!(error(&r).message.contains("stay where they are"), "{r:?}");
+        }
+        let kthreadd = move_pids(ROOT, vec![2]);
+        assert!(
+            error(&kthreadd).message.contains("stay where they are"),
+            "{kthreadd:?}"
+        );
+        // A process of a system UID: root may move it, an operator may not.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        if nix::unistd::getuid().as_raw() < 1000 {
+            let r = move_pids(OPERATOR, vec![child.id()]);
+            assert!(error(&r).message.contains("below uid_min"), "{r:?}");
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(fake.kernel.record().moved.is_empty());
     }
 }

@@ -197,10 +197,7 @@ async fn watch_alerts(
     mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     out: &mut OwnedWriteHalf,
 ) {
-    let mine = move |a: &Alert| match access {
-        Access::Admin => true,
-        Access::Reader { uid } => a.target == format!("user:{uid}"),
-    };
+    let mine = move |a: &Alert| access.sees_name(&a.target);
     let mut events = app.subscribe_alerts();
     let current = match app.blocking("alerts", |app| app.alerts()).await {
         Ok(alerts) => alerts.into_iter().filter(|a| mine(a)).collect(),

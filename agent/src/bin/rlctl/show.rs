@@ -39,19 +39,23 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
         let mut row = |k: &str, v: String| {
             let _ = writeln!(out, "{k:<20} {v}");
         };
-        row("alerts_firing", s.alerts_firing.to_string());
-        row(
-            "bpf_attach_cgroup",
-            s.bpf_attach_cgroup.display().to_string(),
-        );
-        row("bpf_pin_path", s.bpf_pin_path.display().to_string());
-        row("cgroup2_mount", s.cgroup2_mount.display().to_string());
-        row("cgroup_controllers", s.cgroup_controllers.join(" "));
-        row("config", s.config.display().to_string());
+        if let Some(h) = &s.host {
+            row("alerts_firing", h.alerts_firing.to_string());
+            row(
+                "bpf_attach_cgroup",
+                h.bpf_attach_cgroup.display().to_string(),
+            );
+            row("bpf_pin_path", h.bpf_pin_path.display().to_string());
+            row("cgroup2_mount", h.cgroup2_mount.display().to_string());
+            row("cgroup_controllers", h.cgroup_controllers.join(" "));
+            row("config", h.config.display().to_string());
+        }
         row("kernel", s.kernel.clone());
-        row("targets", s.targets.to_string());
-        if !s.skipped_targets.is_empty() {
-            row("skipped_targets", s.skipped_targets.join(" "));
+        if let Some(h) = &s.host {
+            if !h.skipped_targets.is_empty() {
+                row("skipped_targets", h.skipped_targets.join(" "));
+            }
+            row("targets", h.targets.to_string());
         }
         row("uptime_seconds", s.uptime_seconds.to_string());
         row("version", s.version.clone());
