@@ -33,6 +33,7 @@ use crate::{
     },
     observe::{
         alerts::{alertmanager, Engine},
+        budget::Budgets,
         stats::{Stats, TargetStats},
     },
 };
@@ -114,6 +115,7 @@ pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats
         placement_moves: observer.placement_moves(),
         alerts_firing: 0,
         skipped_targets: 0,
+        budget_exhausted: Default::default(),
         programs: observer.program_stats(),
     })
 }
@@ -176,6 +178,7 @@ pub struct App {
     /// Cgroups operators may never limit (relative to the mount): the attach cgroup, the
     /// agent's own, PID 1's.
     protected: Vec<PathBuf>,
+    budgets: Arc<Budgets>,
     started: Instant,
 }
 
@@ -234,6 +237,7 @@ impl App {
         }
         Arc::new(Self {
             protected,
+            budgets: Arc::default(),
             alerts: Mutex::new(Engine::new(snapshot.desired.alert_rules.clone())),
             alert_events: tokio::sync::broadcast::channel(256).0,
             current: RwLock::new(Arc::new(snapshot)),
@@ -377,6 +381,11 @@ impl App {
         self.admin_gid
     }
 
+    /// The budget counters the control socket and the metrics listener report into.
+    pub fn budgets(&self) -> Arc<Budgets> {
+        self.budgets.clone()
+    }
+
     /// The one Stats model (rlctl stats, /metrics, the alert engine), read from the kernel
     /// for what the snapshot manages; the agent's lock is not taken. Blocking.
     pub fn stats(&self) -> Result<Stats, AppError> {
@@ -384,6 +393,7 @@ impl App {
         let mut stats = collect_stats(self.observer.as_ref(), &snapshot.desired)?;
         stats.alerts_firing = self.engine().firing();
         stats.skipped_targets = snapshot.skipped.len();
+        stats.budget_exhausted = self.budgets.refused();
         Ok(stats)
     }
 

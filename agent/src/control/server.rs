@@ -1,8 +1,10 @@
 //! The control socket's transport. Each client gets its own task; a client that sends
 //! garbage, a line over 64 KiB, or nothing for [`IDLE_TIMEOUT`], is answered (when it can
 //! be) and cut off without affecting anyone else. At most [`MAX_CLIENTS`] are served at
-//! once; the next one is told the agent is busy. Requests run on the blocking pool through
-//! [`App::blocking`] (see `handlers`), so no request stalls the runtime.
+//! once, of which [`RESERVED_CLIENTS`] are kept for root and operators, so users cannot
+//! lock them out; the next one is told the agent is busy, and the refusal is counted.
+//! Requests run on the blocking pool through [`App::blocking`] (see `handlers`), so no
+//! request stalls the runtime.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -23,9 +25,11 @@ use super::{
     handlers,
     protocol::{parse_request, AlertEvent, AlertsResult, ErrorCode, Request, Response, MAX_LINE},
 };
-use crate::{agent::App, model::alert::Alert};
+use crate::{agent::App, model::alert::Alert, observe::budget::Budget};
 
 pub const MAX_CLIENTS: usize = 512;
+/// Of [`MAX_CLIENTS`], the slots only root and operators may take.
+pub const RESERVED_CLIENTS: usize = 64;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -72,7 +76,9 @@ pub fn bind(path: &Path, mode: u32, admin_gid: Option<u32>) -> Result<UnixListen
 }
 
 pub async fn serve(listener: UnixListener, app: Arc<App>) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let shared = Arc::new(Semaphore::new(MAX_CLIENTS - RESERVED_CLIENTS));
+    let reserve = Arc::new(Semaphore::new(RESERVED_CLIENTS));
+    let budgets = app.budgets();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -82,20 +88,41 @@ pub async fn serve(listener: UnixListener, app: Arc<App>) {
                 continue;
             }
         };
-        match slots.clone().try_acquire_owned() {
+        let access = match Peer::of(&stream) {
+            Ok(peer) => peer.access(app.admin_gid()),
+            Err(e) => {
+                tracing::warn!("control socket: no peer credentials: {e}");
+                continue;
+            }
+        };
+        // Users share the general slots; root and operators fall back on the reserve.
+        let permit = shared.clone().try_acquire_owned().or_else(|e| {
+            if access.reads_all() {
+                reserve.clone().try_acquire_owned()
+            } else {
+                Err(e)
+            }
+        });
+        match permit {
             Ok(permit) => {
                 let app = app.clone();
                 tokio::spawn(async move {
-                    client(stream, app).await;
+                    client(stream, access, app).await;
                     drop(permit);
                 });
             }
             Err(_) => {
+                let (budget, limit) = if access.reads_all() {
+                    (Budget::ControlReserve, MAX_CLIENTS)
+                } else {
+                    (Budget::ControlClients, MAX_CLIENTS - RESERVED_CLIENTS)
+                };
+                budgets.exhausted(budget, limit);
                 tokio::spawn(async move {
                     let mut stream = stream;
                     let busy = Response::error(
                         ErrorCode::Busy,
-                        format!("the agent is serving {MAX_CLIENTS} clients; try again"),
+                        format!("the agent is serving {limit} clients; try again"),
                     );
                     let _ = send(&mut stream, &busy).await;
                 });
@@ -144,14 +171,7 @@ async fn send(out: &mut (impl AsyncWriteExt + Unpin), response: &Response) -> bo
     )
 }
 
-async fn client(stream: UnixStream, app: Arc<App>) {
-    let access = match Peer::of(&stream) {
-        Ok(peer) => peer.access(app.admin_gid()),
-        Err(e) => {
-            tracing::warn!("control socket: no peer credentials: {e}");
-            return;
-        }
-    };
+async fn client(stream: UnixStream, access: Access, app: Arc<App>) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
     loop {

@@ -3,6 +3,7 @@
 //! assembles the stats from the kernel adapters and hands them in.
 
 pub mod alerts;
+pub mod budget;
 pub mod metrics;
 pub mod stats;
 pub mod table;

@@ -31,6 +31,10 @@ pub struct Stats {
     /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
     #[serde(default)]
     pub skipped_targets: usize,
+    /// Connections refused because a budget was exhausted, by budget (see
+    /// `observe::budget`); empty outside the agent.
+    #[serde(default)]
+    pub budget_exhausted: std::collections::BTreeMap<String, u64>,
     /// Run counts of the kernel programs, when the kernel keeps them
     /// (`kernel.bpf_stats_enabled`); empty otherwise.
     #[serde(default)]

@@ -33,7 +33,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         tokio::spawn(server::serve(listener, app.clone()));
         let scrapes = app.clone();
         let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
-        tokio::spawn(metrics::serve(metrics_listener, collect));
+        tokio::spawn(metrics::serve(metrics_listener, collect, app.budgets()));
         tokio::spawn(app.clone().run_alerts());
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

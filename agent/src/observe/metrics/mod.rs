@@ -18,14 +18,26 @@ use hyper::{body::Bytes, Request, Response, StatusCode};
 pub use cardinality::{UidActivity, UID_ACTIVITY_WINDOW};
 pub use render::render;
 
-use crate::observe::stats::Stats;
+use crate::observe::{
+    budget::{Budget, Budgets},
+    stats::Stats,
+};
 
-/// Serves `/metrics` over HTTP/1.1; `collect` builds the stats for each scrape.
-pub async fn serve<F>(listener: tokio::net::TcpListener, collect: Arc<F>)
+/// Connections served at once; more are accepted and closed at once (and counted), so a
+/// flood of idle connections holds at most this many descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request, and the longest a connection lives.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Serves `/metrics` over HTTP/1.1, one request per connection; `collect` builds the stats
+/// for each scrape. Runs on its own connection budget, apart from the control socket's.
+pub async fn serve<F>(listener: tokio::net::TcpListener, collect: Arc<F>, budgets: Arc<Budgets>)
 where
     F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
 {
     let activity = Arc::new(std::sync::Mutex::new(UidActivity::default()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -34,6 +46,11 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            budgets.exhausted(Budget::MetricsConnections, MAX_CONNECTIONS);
+            drop(stream);
+            continue;
         };
         let collect = collect.clone();
         let activity = activity.clone();
@@ -45,9 +62,11 @@ where
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
         });
     }
 }

@@ -263,6 +263,14 @@ pub fn render(stats: &Stats) -> String {
         &[],
         stats.placement_moves as f64,
     );
+    for (budget, refused) in &stats.budget_exhausted {
+        e.counter(
+            "rlagent_budget_exhausted_total",
+            "Connections refused because a budget (clients, connections) was exhausted.",
+            &[("budget", budget.clone())],
+            *refused as f64,
+        );
+    }
     e.gauge(
         "rlagent_targets_skipped",
         "Quota targets set at runtime whose cgroup is gone, skipped until cleared.",
@@ -332,6 +340,7 @@ mod tests {
             placement_moves: 4,
             alerts_firing: 1,
             skipped_targets: 0,
+            budget_exhausted: [("metrics_connections".to_string(), 5)].into(),
             programs: vec![],
         };
         let build_info = format!(
@@ -353,6 +362,7 @@ mod tests {
             &build_info,
             "rlagent_placement_moves_total 4",
             "rlagent_alerts_firing 1",
+            "rlagent_budget_exhausted_total{budget=\"metrics_connections\"} 5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
