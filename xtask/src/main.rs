@@ -6,6 +6,7 @@
 //! - `run`: setup, release build, then runs `rlagent` with the given arguments.
 //! - `bench connect`: setup, release build, then the paired A/B connect() benchmark.
 //! - `vm-test`: the guest tests in a qemu guest with pure cgroup v2 (see vm.rs).
+//! - `fuzz`: the cargo-fuzz targets in fuzz/ (see fuzz.rs); `test` runs them briefly.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -16,10 +17,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod debs;
+mod fuzz;
 mod install;
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// How long `cargo xtask test` runs each fuzz target (`cargo xtask fuzz` runs longer).
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -58,6 +62,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The fuzz targets (config, value parsers, protocol) for a while each, from the
+    /// committed corpus; a crash fails
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
     /// Setup, release build, then a benchmark (needs root)
     Bench {
         /// Which benchmark: connect
@@ -93,8 +104,13 @@ fn main() -> Result<()> {
                 .env("RLAGENT_PROMETHEUS", promtool.with_file_name("prometheus"))
                 .env("RLAGENT_PROMTOOL", promtool)
                 .env("RLAGENT_ALERTMANAGER", alertmanager))?;
+            fuzz::fuzz(FUZZ_SECONDS_IN_TEST)?;
             vm::vm_test(&[])?;
             vm::vm_test_systemd()
+        }
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz::fuzz(seconds)
         }
         Task::Install { destdir, prefix } => {
             setup()?;
