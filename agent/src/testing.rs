@@ -201,6 +201,9 @@ pub mod kernel {
         fn placement_moves(&self) -> u64 {
             0
         }
+        fn pins_missing(&self) -> Vec<PathBuf> {
+            Vec::new()
+        }
         fn cgroup2(&self) -> (PathBuf, Vec<String>) {
             (
                 PathBuf::from("/sys/fs/cgroup"),

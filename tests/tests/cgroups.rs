@@ -105,7 +105,7 @@ fn missing_controllers_are_reported_and_the_agent_keeps_running() {
     config(
         &scratch,
         &cgroup,
-        "[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\nconns = 5\n",
+        "[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n",
     );
     let agent = Agent::start(&scratch);
     let log = agent.log_text();
@@ -192,4 +192,72 @@ fn children_forked_before_the_move_follow_their_parent() {
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
     parent.wait().unwrap();
+}
+
+/// On this host cgroup2 has no cpu, memory or pids controller: a change of those is saved
+/// but not enforced, and rlctl says so with exit code 3; fields no code enforces are
+/// refused.
+#[test]
+fn a_change_that_cannot_be_enforced_says_so() {
+    if !privileged("a_change_that_cannot_be_enforced") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let available = std::fs::read_to_string(cgroup.path.join("cgroup.controllers")).unwrap();
+    if available
+        .split_whitespace()
+        .any(|c| c == "cpu" || c == "pids")
+    {
+        eprintln!("SKIP a_change_that_cannot_be_enforced: cgroup2 here has cpu or pids");
+        return;
+    }
+    let scratch = Scratch::new();
+    config(&scratch, &cgroup, "[[group]]\nname = \"batch\"\n");
+    let _agent = Agent::start(&scratch);
+    let out = scratch.rlctl(&["set-quota", "batch", "--cpu", "50%", "--pids", "10"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("warning: group:batch cpu is not enforced")
+            && text.contains("cpu controller is not available"),
+        "{text}"
+    );
+    // Part of a change in force: exit 0, with the warning.
+    let out = scratch.rlctl(&["set-quota", "user:61070", "--conns", "2", "--cpu", "20%"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cpu is not enforced"));
+    let list = String::from_utf8_lossy(&scratch.rlctl(&["list"]).stdout).into_owned();
+    assert!(
+        list.lines().any(|l| l.contains("group:batch")
+            && l.contains("cpu")
+            && l.contains("no: the cpu controller")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.contains("user:61070") && l.contains("conns") && l.ends_with("yes")),
+        "{list}"
+    );
+    let stats =
+        String::from_utf8_lossy(&scratch.rlctl(&["stats", "group:batch"]).stdout).into_owned();
+    assert!(
+        !stats.contains(" max "),
+        "a limit not in force is not shown as max: {stats}"
+    );
+    for (args, field) in [
+        (vec!["set-quota", "batch", "--conns", "3"], "conns"),
+        (
+            vec!["set-quota", "user:61070", "--conn-rate", "20/s"],
+            "conn_rate",
+        ),
+    ] {
+        let out = scratch.rlctl(&args);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{field} not supported yet")), "{err}");
+    }
 }

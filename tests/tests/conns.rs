@@ -426,3 +426,83 @@ fn links_pinned_by_another_map_layout_version_are_detached_at_start() {
         Connect::Err(EPERM, _)
     ));
 }
+
+#[test]
+fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
+    if !privileged("uninstall_refuses_under_a_running_agent") {
+        return;
+    }
+    let s = setup(
+        "",
+        &format!(
+            "{}[alerts]\ninterval = \"1s\"\n",
+            quota(&format!("user:{CAPPED}"), "1")
+        ),
+    );
+    let agent = Agent::start(&s.scratch);
+    let uninstall = |force: bool| {
+        let mut cmd = std::process::Command::new(rlagent_tests::target_bin("rlagent"));
+        cmd.arg("--config")
+            .arg(s.scratch.config_path())
+            .arg("uninstall");
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let out = uninstall(false);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("an agent is running") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(s.scratch.pin_path().exists(), "nothing was removed");
+    // Forced, the programs go; the running agent notices within its alert interval.
+    assert!(uninstall(true).status.success());
+    let start = std::time::Instant::now();
+    let status = loop {
+        let out = s.scratch.rlctl(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if status["pins_missing"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
+            break status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        status["pins_missing"].as_array().unwrap().len(),
+        8,
+        "{status}"
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let alerts = String::from_utf8_lossy(&s.scratch.rlctl(&["alerts"]).stdout).into_owned();
+        if alerts.contains("RlagentPinsMissing") && alerts.contains("firing") {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{alerts}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        agent
+            .log_text()
+            .contains("connection caps are not enforced"),
+        "{}",
+        agent.log_text()
+    );
+    let (_, body) = rlagent_tests::http_get(s.scratch.metrics_port, "/metrics");
+    assert_eq!(
+        rlagent_tests::sample(&body, "rlagent_pins_missing"),
+        Some(8.0)
+    );
+}

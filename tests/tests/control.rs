@@ -83,12 +83,13 @@ fn set_quota_takes_effect_at_once_is_listed_and_survives_a_restart() {
     assert!(
         list.lines().any(|l| l.contains(&format!("user:{UID}"))
             && l.contains("conns")
-            && l.ends_with("runtime")),
+            && l.contains(" runtime ")
+            && l.ends_with(" yes")),
         "{list}"
     );
     assert!(
         list.lines()
-            .any(|l| l.starts_with("user:*") && l.ends_with("config")),
+            .any(|l| l.starts_with("user:*") && l.contains(" config ")),
         "{list}"
     );
 

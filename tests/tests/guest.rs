@@ -430,7 +430,8 @@ fn rlctl_changes_a_running_groups_cpu_share_and_it_survives_a_restart() {
         list.lines().any(|l| l.starts_with("group:batch")
             && l.contains("cpu")
             && l.contains("30%")
-            && l.ends_with("runtime")),
+            && l.contains(" runtime ")
+            && l.ends_with(" yes")),
         "{list}"
     );
 }

@@ -115,6 +115,7 @@ pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats
         placement_moves: observer.placement_moves(),
         alerts_firing: 0,
         skipped_targets: 0,
+        pins_missing: None,
         budget_exhausted: Default::default(),
         programs: observer.program_stats(),
     })
@@ -127,6 +128,8 @@ pub struct Snapshot {
     pub desired: Desired,
     /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
     pub skipped: Vec<Target>,
+    /// Limits set but not in force, and why.
+    pub not_enforced: super::reconcile::NotEnforced,
 }
 
 impl Snapshot {
@@ -135,6 +138,7 @@ impl Snapshot {
             config: agent.config().clone(),
             desired: agent.desired().clone(),
             skipped: agent.skipped().to_vec(),
+            not_enforced: agent.not_enforced(),
         }
     }
 }
@@ -163,6 +167,10 @@ pub struct HostStatus {
     /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
     #[serde(default)]
     pub skipped_targets: Vec<String>,
+    /// Pins of the agent's programs and maps that are gone: while any is, connection caps
+    /// are not enforced.
+    #[serde(default)]
+    pub pins_missing: Vec<PathBuf>,
 }
 
 pub struct App {
@@ -179,6 +187,8 @@ pub struct App {
     /// agent's own, PID 1's.
     protected: Vec<PathBuf>,
     budgets: Arc<Budgets>,
+    /// Missing pins at the last evaluation, to log each change once.
+    pins_missing: std::sync::atomic::AtomicUsize,
     started: Instant,
 }
 
@@ -238,6 +248,7 @@ impl App {
         Arc::new(Self {
             protected,
             budgets: Arc::default(),
+            pins_missing: Default::default(),
             alerts: Mutex::new(Engine::new(snapshot.desired.alert_rules.clone())),
             alert_events: tokio::sync::broadcast::channel(256).0,
             current: RwLock::new(Arc::new(snapshot)),
@@ -391,6 +402,7 @@ impl App {
     pub fn stats(&self) -> Result<Stats, AppError> {
         let snapshot = self.snapshot();
         let mut stats = collect_stats(self.observer.as_ref(), &snapshot.desired)?;
+        stats.pins_missing = Some(self.observer.pins_missing().len());
         stats.alerts_firing = self.engine().firing();
         stats.skipped_targets = snapshot.skipped.len();
         stats.budget_exhausted = self.budgets.refused();
@@ -411,6 +423,7 @@ impl App {
                 targets: snapshot.desired.quotas.len(),
                 alerts_firing: self.engine().firing(),
                 skipped_targets: snapshot.skipped.iter().map(ToString::to_string).collect(),
+                pins_missing: self.observer.pins_missing(),
             }
         });
         Status {
@@ -437,6 +450,19 @@ impl App {
     /// returns the transitions. Blocking.
     pub fn evaluate_alerts(&self, now: Duration) -> Result<Vec<Alert>, AppError> {
         let stats = self.stats()?;
+        let missing = stats.pins_missing.unwrap_or(0);
+        let before = self
+            .pins_missing
+            .swap(missing, std::sync::atomic::Ordering::Relaxed);
+        if missing > 0 && before == 0 {
+            tracing::error!(
+                missing,
+                paths = ?self.observer.pins_missing(),
+                "pinned programs or maps of the agent are gone: connection caps are not enforced; restart rlagent to attach again"
+            );
+        } else if missing == 0 && before > 0 {
+            tracing::info!("the agent's pins are all in place again");
+        }
         let transitions = self.engine().evaluate(&stats, now);
         Engine::log(&transitions);
         for alert in &transitions {

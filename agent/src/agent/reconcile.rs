@@ -10,7 +10,7 @@ use crate::{
         state::{RuntimeState, StateError},
         Desired, DesiredError,
     },
-    kernel::{Enforcer, KernelError},
+    kernel::{cgroup::driver::Skipped, Enforcer, KernelError},
     model::{quota::Field, target::Target, users::UserDb},
 };
 
@@ -27,6 +27,9 @@ pub enum AgentError {
     #[error("target {target}: the cgroup does not exist (a cgroup:<path> target names an existing cgroup, relative to the cgroup2 mount)")]
     NoSuchCgroup { target: String },
 }
+
+/// Limits set but not in force, by target and field, with the reason.
+pub type NotEnforced = BTreeMap<(Target, Field), String>;
 
 /// Of the `missing` cgroup targets, the ones to skip (set at runtime, their cgroup gone
 /// since); a missing one that the config file names refuses the apply.
@@ -57,6 +60,10 @@ pub struct Agent {
     users: Arc<dyn UserDb>,
     /// Runtime `cgroup:<path>` targets whose cgroup is gone: skipped, not enforced.
     skipped: Vec<Target>,
+    /// From the last cgroup write: controllers the agent's subtree lacks, and limits that
+    /// could not be set.
+    subtree_missing: Vec<String>,
+    limits_skipped: Vec<Skipped>,
     /// The cgroup plan last written, and whether that write completed. A completed,
     /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
     /// rescanning /proc; an incomplete one is what a roll-back must undo.
@@ -80,6 +87,8 @@ impl Agent {
             kernel,
             users,
             skipped: Vec::new(),
+            subtree_missing: Vec::new(),
+            limits_skipped: Vec::new(),
             applied_plan: None,
         };
         let config = agent.config.clone();
@@ -105,10 +114,11 @@ impl Agent {
         self.skipped = skipped;
         let desired = desired;
         for (target, fields) in desired.unenforced() {
+            let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
             tracing::warn!(
                 %target,
-                fields = %fields.join(", "),
-                "quota fields accepted but not enforced by this build yet (rate limits and group connection caps come later)"
+                fields = %names.join(", "),
+                "saved quota fields that this build does not enforce (clear them with rlctl clear-quota)"
             );
         }
         self.kernel.apply_conns(&desired.conns)?;
@@ -127,9 +137,15 @@ impl Agent {
             for message in &report.unavailable {
                 tracing::warn!("{message}");
             }
-            for message in &report.skipped {
-                tracing::warn!("limit not set, its controller is unavailable: {message}");
+            for skipped in &report.skipped {
+                tracing::warn!("limit not set, its controller is unavailable: {skipped}");
             }
+            self.subtree_missing = report
+                .subtree_missing
+                .iter()
+                .map(|c| c.name().to_string())
+                .collect();
+            self.limits_skipped = report.skipped;
             if let Some(placed) = report.placed {
                 tracing::info!(
                     seen = placed.seen,
@@ -246,6 +262,46 @@ impl Agent {
     /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
     pub fn skipped(&self) -> &[Target] {
         &self.skipped
+    }
+
+    /// The limits set but not in force, and why: nothing is reported as applied that the
+    /// kernel does not enforce.
+    pub fn not_enforced(&self) -> NotEnforced {
+        let mut out = NotEnforced::new();
+        for (target, fields) in self.desired.unenforced() {
+            for field in fields {
+                out.insert((target.clone(), field), "not supported yet".to_string());
+            }
+        }
+        for (target, quota) in &self.desired.quotas {
+            for field in Field::ALL {
+                let Some(controller) = field.controller().filter(|_| quota.limits(field)) else {
+                    continue;
+                };
+                let reason = match target {
+                    Target::Cgroup(path) => self
+                        .limits_skipped
+                        .iter()
+                        .find(|s| s.cgroup == *path && s.field == field)
+                        .map(ToString::to_string)
+                        .or_else(|| {
+                            self.skipped.contains(target).then(|| {
+                                "the cgroup no longer exists".to_string()
+                            })
+                        }),
+                    _ => self.subtree_missing.iter().any(|c| c == controller).then(|| {
+                        format!(
+                            "the {controller} controller is not available to the agent's subtree /{} (on a hybrid host it is bound to cgroup v1)",
+                            self.config.cgroup_root.display()
+                        )
+                    }),
+                };
+                if let Some(reason) = reason {
+                    out.insert((target.clone(), field), reason);
+                }
+            }
+        }
+        out
     }
 }
 

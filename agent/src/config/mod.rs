@@ -281,7 +281,7 @@ fn line_at(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{error_chain, quota::Limit, target::UserRef};
+    use crate::model::{alert::default_rules, error_chain, quota::Limit, target::UserRef};
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"), &crate::testing::Users)
@@ -325,8 +325,6 @@ memory = "2G"
 memory_high = "1536M"
 pids = 512
 conns = 64
-conn_rate = "20/s"
-conn_burst = 40
 [[quota]]
 target = "user:*"
 conns = 32
@@ -351,6 +349,21 @@ conns = "max"
 
     fn err(text: &str) -> String {
         error_chain(&parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn fields_no_code_enforces_yet_are_refused() {
+        let e = err(
+            "[[quota]]\ntarget = \"user:7\"\nconns = 3\nconn_rate = \"20/s\"\nconn_burst = 40\n",
+        );
+        assert!(
+            e.contains("line 1") && e.contains("conn_rate, conn_burst not supported yet"),
+            "{e}"
+        );
+        let e = err("[[quota]]\ntarget = \"batch\"\nconns = 3\n");
+        assert!(e.contains("group:batch: conns not supported yet"), "{e}");
+        let e = err("[[quota]]\ntarget = \"cgroup:a.slice\"\nconns = 3\n");
+        assert!(e.contains("conns not supported yet"), "{e}");
     }
 
     #[test]
@@ -412,7 +425,7 @@ conns = "max"
         )
         .unwrap();
         assert_eq!(c.alert_interval, std::time::Duration::from_secs(5));
-        assert_eq!(c.alert_rules.len(), 6);
+        assert_eq!(c.alert_rules.len(), default_rules().len() + 1);
         let busy = c.alert_rules.last().unwrap();
         assert_eq!(
             (busy.for_duration.as_secs(), busy.severity.as_str()),

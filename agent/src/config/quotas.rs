@@ -9,7 +9,7 @@ use super::{
     ConfigError, GroupRule, Source,
 };
 use crate::model::{
-    quota::{Quota, RawQuota},
+    quota::{not_supported_yet, unsupported_fields, Quota, RawQuota},
     target::Target,
     users::UserDb,
 };
@@ -83,6 +83,15 @@ pub(super) fn quotas(
             target: e.target.clone(),
             source,
         })?;
+        let unsupported = unsupported_fields(&target, &quota);
+        if !unsupported.is_empty() {
+            return Err(at.invalid(
+                line,
+                unsupported[0].name(),
+                &e.target,
+                &not_supported_yet(&target, &unsupported),
+            ));
+        }
         if quotas.insert(target.clone(), quota).is_some() {
             return Err(at.invalid(
                 line,

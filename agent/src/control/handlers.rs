@@ -14,7 +14,7 @@ use crate::{
     agent::{App, AppError, Refusal},
     model::{
         error_chain,
-        quota::{Field, Quota},
+        quota::{not_supported_yet, unsupported_fields, Field, Quota},
         target::Target,
     },
 };
@@ -116,12 +116,25 @@ fn set_quota(
             return Ok(invalid(e.to_string()));
         }
     }
+    let unsupported = unsupported_fields(&target, &probe);
+    if !unsupported.is_empty() {
+        return Ok(invalid(not_supported_yet(&target, &unsupported)));
+    }
     let fields: BTreeMap<Field, Option<String>> =
         quota.iter().map(|(f, v)| (*f, Some(v.clone()))).collect();
     app.change(&target, &fields)?;
+    let snapshot = app.snapshot();
+    let not_enforced = quota
+        .keys()
+        .filter_map(|f| {
+            let reason = snapshot.not_enforced.get(&(target.clone(), *f))?;
+            Some((*f, reason.clone()))
+        })
+        .collect();
     Ok(Response::ok(&SetQuotaResult {
         target: target.to_string(),
         set: quota,
+        not_enforced,
     }))
 }
 
@@ -162,7 +175,15 @@ fn list(app: &App, access: Access) -> Response {
                 .filter_map(|f| {
                     let value = quota.text(*f)?;
                     let source = desired.source(target, *f);
-                    Some((*f, FieldValue { value, source }))
+                    let not_enforced = snapshot.not_enforced.get(&(target.clone(), *f)).cloned();
+                    Some((
+                        *f,
+                        FieldValue {
+                            value,
+                            source,
+                            not_enforced,
+                        },
+                    ))
                 })
                 .collect(),
         })

@@ -95,11 +95,14 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-/// `set_quota`: the fields set, as given.
+/// `set_quota`: the fields set, as given, and those of them that are not in force, with
+/// the reason (a missing controller, a cgroup without it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetQuotaResult {
     pub target: String,
     pub set: BTreeMap<Field, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub not_enforced: BTreeMap<Field, String>,
 }
 
 /// `clear_quota`: the fields cleared.
@@ -125,6 +128,9 @@ pub struct TargetQuota {
 pub struct FieldValue {
     pub value: String,
     pub source: Source,
+    /// Why this limit is not in force, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_enforced: Option<String>,
 }
 
 /// `alerts`, and the first line of `watch_alerts`.
@@ -288,6 +294,7 @@ mod tests {
                     FieldValue {
                         value: "2".into(),
                         source: Source::Runtime,
+                        not_enforced: None,
                     },
                 )]),
             }],

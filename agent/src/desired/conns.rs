@@ -8,7 +8,7 @@ use rlagent_common::{Settings, FLAG_COUNT_UDP, FLAG_ENFORCE, UNLIMITED};
 use crate::{
     config::BpfConfig,
     model::{
-        quota::{Limit, Quota},
+        quota::{unsupported_fields, Field, Limit, Quota},
         target::{Target, UserRef},
     },
 };
@@ -74,28 +74,14 @@ impl ConnLimits {
     }
 }
 
-/// Quota fields this build accepts but does not enforce yet, per target, so the agent can
-/// say so instead of silently ignoring them.
-pub fn unenforced_fields(quotas: &BTreeMap<Target, Quota>) -> Vec<(Target, Vec<&'static str>)> {
-    let mut out = Vec::new();
-    for (target, quota) in quotas {
-        let mut fields = Vec::new();
-        for (set, name) in [
-            (quota.conn_rate.is_some(), "conn_rate"),
-            (quota.conn_burst.is_some(), "conn_burst"),
-        ] {
-            if set {
-                fields.push(name);
-            }
-        }
-        if quota.conns.is_some() && matches!(target, Target::Group(_) | Target::Cgroup(_)) {
-            fields.push("conns");
-        }
-        if !fields.is_empty() {
-            out.push((target.clone(), fields));
-        }
-    }
-    out
+/// Quota fields no code enforces yet, per target (see [`unsupported_fields`]): the config
+/// and rlctl refuse them; a state file from an older agent may still hold some.
+pub fn unenforced_fields(quotas: &BTreeMap<Target, Quota>) -> Vec<(Target, Vec<Field>)> {
+    quotas
+        .iter()
+        .map(|(target, quota)| (target.clone(), unsupported_fields(target, quota)))
+        .filter(|(_, fields)| !fields.is_empty())
+        .collect()
 }
 
 #[cfg(test)]
@@ -126,7 +112,6 @@ target = "user:3002"
 cpu = "50%"
 [[quota]]
 target = "batch"
-conns = 5
 memory = "1G"
 "#,
         );
@@ -142,11 +127,12 @@ memory = "1G"
         assert_eq!(s.default_uid_min, 2000);
         assert_eq!(s.deny_errno, libc::ECONNREFUSED as u64);
 
-        let unenforced = unenforced_fields(&config.quotas);
-        assert_eq!(
-            unenforced,
-            vec![(Target::Group("batch".into()), vec!["conns"])]
-        );
+        assert!(unenforced_fields(&config.quotas).is_empty());
+        // A state file from an older agent can still carry them.
+        let mut old = config.quotas.clone();
+        let batch = Target::Group("batch".into());
+        old.get_mut(&batch).unwrap().set(Field::Conns, "5").unwrap();
+        assert_eq!(unenforced_fields(&old), vec![(batch, vec![Field::Conns])]);
     }
 
     #[test]

@@ -70,8 +70,9 @@ impl Desired {
             .unwrap_or(Source::Config)
     }
 
-    /// Quota fields accepted but not enforced by this build, per target.
-    pub fn unenforced(&self) -> Vec<(Target, Vec<&'static str>)> {
+    /// Quota fields no code enforces yet, per target (only a state file from an older
+    /// agent can hold them: the config and rlctl refuse them).
+    pub fn unenforced(&self) -> Vec<(Target, Vec<Field>)> {
         conns::unenforced_fields(&self.quotas)
     }
 

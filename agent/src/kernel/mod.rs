@@ -11,6 +11,7 @@ pub mod nss;
 pub mod placement;
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::{atomic::AtomicU64, Arc, RwLock},
 };
@@ -20,7 +21,11 @@ use crate::{
     model::usage::{CgroupStats, HostConnStats, ProgramStats, UidConnStats},
 };
 use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
-use cgroup::{driver::CgroupDriver, mount::MountError, CgroupError, CgroupFs};
+use cgroup::{
+    driver::{CgroupDriver, Skipped},
+    mount::MountError,
+    CgroupError, CgroupFs, Controller,
+};
 use placement::{PlacementError, Placer, ScanReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +69,12 @@ pub struct Settings {
 /// What applying a cgroup plan did.
 #[derive(Debug, Default)]
 pub struct CgroupReport {
-    /// Controllers that cannot be used, and limits skipped for that reason (each message
-    /// names the controller or file and the path).
+    /// Controllers that cannot be used (each message names the controller and the path).
     pub unavailable: Vec<String>,
-    pub skipped: Vec<String>,
+    /// Controllers the agent's subtree lacks, so no group or user limit of theirs holds.
+    pub subtree_missing: BTreeSet<Controller>,
+    /// Limits of `cgroup:<path>` targets (or any cgroup) that could not be set.
+    pub skipped: Vec<Skipped>,
     /// The /proc scan that followed, when placement runs.
     pub placed: Option<ScanReport>,
 }
@@ -109,6 +116,9 @@ pub trait Observer: Send + Sync {
     fn placement_moves(&self) -> u64;
     /// The cgroup2 mount and the controllers available at its root.
     fn cgroup2(&self) -> (PathBuf, Vec<String>);
+    /// Pins of the programs' links and maps that are gone (someone removed them, or ran
+    /// `rlagent uninstall` under the agent): empty while all is in place.
+    fn pins_missing(&self) -> Vec<PathBuf>;
 }
 
 /// The real enforcer: BPF programs and maps, the cgroupfs driver, placement.
@@ -154,6 +164,7 @@ impl System {
         let observer = SystemObserver {
             mount,
             maps: Some(PinnedMaps::open(&settings.pin_path)?),
+            pins: Some(bpf::PinLayout::new(&settings.pin_path)),
             moves: system.moves.clone(),
         };
         Ok((system, observer))
@@ -204,6 +215,7 @@ impl Enforcer for System {
             .map(|p| p.read().unwrap_or_else(|p| p.into_inner()).scan());
         Ok(CgroupReport {
             unavailable: applied.unavailable,
+            subtree_missing: applied.subtree_missing,
             skipped: applied.skipped,
             placed,
         })
@@ -223,6 +235,8 @@ pub struct SystemObserver {
     mount: PathBuf,
     /// `None` when no programs are installed (outside the agent).
     maps: Option<PinnedMaps>,
+    /// The agent's own pins, watched for removal (`None` outside the agent).
+    pins: Option<bpf::PinLayout>,
     moves: Arc<AtomicU64>,
 }
 
@@ -233,6 +247,7 @@ impl SystemObserver {
         Ok(Self {
             mount: cgroup::mount::find()?,
             maps: PinnedMaps::open(pin_path).ok(),
+            pins: None,
             moves: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -260,6 +275,13 @@ impl Observer for SystemObserver {
 
     fn placement_moves(&self) -> u64 {
         self.moves.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn pins_missing(&self) -> Vec<PathBuf> {
+        self.pins
+            .as_ref()
+            .map(|pins| pins.all().into_iter().filter(|p| !p.exists()).collect())
+            .unwrap_or_default()
     }
 
     fn cgroup2(&self) -> (PathBuf, Vec<String>) {

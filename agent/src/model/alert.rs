@@ -19,6 +19,9 @@ pub enum Stat {
     CpuThrottledRatio,
     /// OOM kills over the window.
     OomKills,
+    /// Pins of the agent's programs and maps that are gone (target `agent`): enforcement
+    /// and counting stop with them.
+    PinsMissing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +124,15 @@ pub fn default_rules() -> Vec<Rule> {
                 "{target} had {value} OOM kills",
             )
         },
+        rule(
+            "RlagentPinsMissing",
+            Stat::PinsMissing,
+            Op::Gt,
+            0.0,
+            0,
+            "critical",
+            "{value} of the agent's pinned programs and maps are gone: connection caps are not enforced (restart rlagent)",
+        ),
     ]
 }
 

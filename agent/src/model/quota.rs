@@ -9,7 +9,10 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::units::{parse_burst, parse_bytes, parse_count, parse_cpu, parse_rate};
+use super::{
+    target::Target,
+    units::{parse_burst, parse_bytes, parse_count, parse_cpu, parse_rate},
+};
 
 /// Errors of this module. Each names the field, the value and the form expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +109,16 @@ impl Field {
         Self::ConnBurst,
     ];
 
+    /// The cgroup v2 controller that enforces this field, if a controller does.
+    pub fn controller(self) -> Option<&'static str> {
+        match self {
+            Self::Cpu => Some("cpu"),
+            Self::Memory | Self::MemoryHigh => Some("memory"),
+            Self::Pids => Some("pids"),
+            Self::Conns | Self::ConnRate | Self::ConnBurst => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Cpu => "cpu",
@@ -126,6 +139,19 @@ impl fmt::Display for Field {
 }
 
 impl Quota {
+    /// True when `field` holds a limit (set, and not `max`).
+    pub fn limits(&self, field: Field) -> bool {
+        match field {
+            Field::Cpu => matches!(self.cpu, Some(Limit::Value(_))),
+            Field::Memory => matches!(self.memory, Some(Limit::Value(_))),
+            Field::MemoryHigh => matches!(self.memory_high, Some(Limit::Value(_))),
+            Field::Pids => matches!(self.pids, Some(Limit::Value(_))),
+            Field::Conns => matches!(self.conns, Some(Limit::Value(_))),
+            Field::ConnRate => matches!(self.conn_rate, Some(Limit::Value(_))),
+            Field::ConnBurst => self.conn_burst.is_some(),
+        }
+    }
+
     /// True when the quota sets a cgroup controller (cpu, memory, pids).
     pub fn has_cgroup_fields(&self) -> bool {
         self.cpu.is_some()
@@ -208,6 +234,31 @@ impl Quota {
         }
         Ok(())
     }
+}
+
+/// The fields of `quota` on `target` that no code enforces yet: connection rates and
+/// bursts, and connection caps on groups and cgroups (only UIDs are counted so far).
+pub fn unsupported_fields(target: &Target, quota: &Quota) -> Vec<Field> {
+    let mut fields = Vec::new();
+    if quota.conn_rate.is_some() {
+        fields.push(Field::ConnRate);
+    }
+    if quota.conn_burst.is_some() {
+        fields.push(Field::ConnBurst);
+    }
+    if quota.conns.is_some() && matches!(target, Target::Group(_) | Target::Cgroup(_)) {
+        fields.push(Field::Conns);
+    }
+    fields
+}
+
+/// The refusal for [`unsupported_fields`].
+pub fn not_supported_yet(target: &Target, fields: &[Field]) -> String {
+    let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+    format!(
+        "{target}: {} not supported yet: this build enforces connection caps per UID only, and no connection rates; nothing was applied",
+        names.join(", ")
+    )
 }
 
 /// Bytes with the largest binary unit that divides them exactly.

@@ -31,6 +31,9 @@ pub struct Stats {
     /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
     #[serde(default)]
     pub skipped_targets: usize,
+    /// Pins of the agent's programs and maps that are gone (`None` outside the agent).
+    #[serde(default)]
+    pub pins_missing: Option<usize>,
     /// Connections refused because a budget was exhausted, by budget (see
     /// `observe::budget`); empty outside the agent.
     #[serde(default)]

@@ -24,11 +24,13 @@ pub fn table(stats: &Stats) -> String {
             "PFAIL"
         );
     }
+    // A controller that is not enabled for the cgroup shows "-", never "max": the limit
+    // is not in force, which is not the same as no limit.
+    let dash = || "-".to_string();
     for t in &stats.targets {
         let c = &t.cgroup;
         let cpu = c.cpu.unwrap_or_default();
-        let mem = c.memory.unwrap_or_default();
-        let pids = c.pids.unwrap_or_default();
+        let (mem, pids) = (c.memory.as_ref(), c.pids.as_ref());
         let _ = writeln!(
             out,
             "{:<22} {:>5} {:>9.2} {:>9} {:>9} {:>9} {:>8} {:>5} {:>5} {:>6}",
@@ -36,12 +38,12 @@ pub fn table(stats: &Stats) -> String {
             c.procs,
             cpu.usage_usec as f64 / 1e6,
             cpu.nr_throttled,
-            mib(mem.current),
-            mem.max.map_or("max".to_string(), mib),
-            mem.events_oom_kill,
-            pids.current,
-            pids.max.map_or("max".to_string(), |m| m.to_string()),
-            pids.events_max
+            mem.map_or_else(dash, |m| mib(m.current)),
+            mem.map_or_else(dash, |m| m.max.map_or("max".to_string(), mib)),
+            mem.map_or_else(dash, |m| m.events_oom_kill.to_string()),
+            pids.map_or_else(dash, |p| p.current.to_string()),
+            pids.map_or_else(dash, |p| p.max.map_or("max".to_string(), |m| m.to_string())),
+            pids.map_or_else(dash, |p| p.events_max.to_string())
         );
     }
     if !stats.conns.is_empty() {

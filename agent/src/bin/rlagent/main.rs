@@ -39,8 +39,13 @@ enum Command {
         json: bool,
     },
     /// Detach the kernel programs, remove their pins (counts are lost), move placed
-    /// processes back to the root cgroup and remove the agent's cgroup subtree
-    Uninstall,
+    /// processes back to the root cgroup and remove the agent's cgroup subtree. Refused
+    /// while an agent answers on the control socket (stop it first)
+    Uninstall {
+        /// Uninstall even under a running agent (its enforcement stops)
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,7 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::CheckConfig => check_config::check_config(config),
         Command::Conns => conns::conns(config),
         Command::Stats { json } => stats::stats(config, json),
-        Command::Uninstall => uninstall::uninstall(config),
+        Command::Uninstall { force } => uninstall::uninstall(config, force),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! `rlagent uninstall`: detaches the programs, removes their pins, moves placed processes
-//! back to the root cgroup and removes the agent's subtree.
+//! back to the root cgroup and removes the agent's subtree. Refused while an agent
+//! answers on the control socket, unless `--force`.
 
 use std::path::Path;
 
@@ -12,8 +13,15 @@ use rlagent::{
     },
 };
 
-pub fn uninstall(config_path: Option<&Path>) -> anyhow::Result<()> {
+pub fn uninstall(config_path: Option<&Path>, force: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path, &SystemUsers)?;
+    let socket = &config.control_socket;
+    if !force && std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!(
+            "an agent is running (it answers on {}): uninstalling under it would switch enforcement off while it looks healthy; stop it first (systemctl stop rlagent), or pass --force",
+            socket.display()
+        );
+    }
     bpf::uninstall(&config.bpf.pin_path)?;
     println!(
         "removed programs and pins under {}",

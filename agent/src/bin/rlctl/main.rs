@@ -1,5 +1,6 @@
 //! `rlctl`: the control client. One request per invocation over the agent's socket.
-//! Exit codes: 0 success, 1 refused (or the agent cannot be reached), 2 usage.
+//! Exit codes: 0 success, 1 refused (or the agent cannot be reached), 2 usage,
+//! 3 a change that was saved but of which nothing is enforced (the warnings say why).
 //! One file per command; `client` holds the socket exchange.
 
 mod alerts;
@@ -153,6 +154,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The exit code of a change that was saved but of which nothing is enforced.
+pub const NOT_ENFORCED: u8 = 3;
 
 /// A usage error: message and exit code 2.
 fn usage(message: &str) -> Result<ExitCode, String> {

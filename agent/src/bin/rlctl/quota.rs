@@ -7,7 +7,10 @@ use rlagent::{
     model::quota::Field,
 };
 
-use crate::{client, usage, ClearArgs, QuotaArgs};
+use crate::{
+    client::{self, Outcome},
+    usage, ClearArgs, QuotaArgs,
+};
 
 pub fn set(socket: &Path, json: bool, target: String, q: QuotaArgs) -> Result<ExitCode, String> {
     let quota: BTreeMap<Field, String> = [
@@ -25,15 +28,31 @@ pub fn set(socket: &Path, json: bool, target: String, q: QuotaArgs) -> Result<Ex
     if quota.is_empty() {
         return usage("set-quota needs at least one of --cpu --memory --memory-high --pids --conns --conn-rate --conn-burst");
     }
-    client::show(
-        socket,
-        json,
-        &Request::SetQuota { target, quota },
-        |r: &SetQuotaResult| {
-            let fields: Vec<String> = r.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("{}: set {}\n", r.target, fields.join(" "))
-        },
-    )
+    let request = Request::SetQuota { target, quota };
+    let r = match client::request::<SetQuotaResult>(socket, json, &request)? {
+        Outcome::Refused(code) => return Ok(code),
+        Outcome::Done(r) => r,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+    } else {
+        let fields: Vec<String> = r.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{}: set {}", r.target, fields.join(" "));
+    }
+    for (field, reason) in &r.not_enforced {
+        eprintln!(
+            "rlctl: warning: {} {field} is not enforced: {reason}",
+            r.target
+        );
+    }
+    // Saved, but none of it holds: a distinct exit code, so scripts notice.
+    if !r.not_enforced.is_empty() && r.not_enforced.len() == r.set.len() {
+        return Ok(ExitCode::from(crate::NOT_ENFORCED));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn clear(socket: &Path, json: bool, target: String, f: ClearArgs) -> Result<ExitCode, String> {

@@ -11,13 +11,20 @@ use crate::client;
 
 pub fn list(socket: &Path, json: bool) -> Result<ExitCode, String> {
     client::show(socket, json, &Request::List {}, |r: &ListResult| {
-        let mut out = format!("{:<28} {:<12} {:<10} SOURCE\n", "TARGET", "FIELD", "VALUE");
+        let mut out = format!(
+            "{:<28} {:<12} {:<10} {:<8} ENFORCED\n",
+            "TARGET", "FIELD", "VALUE", "SOURCE"
+        );
         for target in &r.targets {
             for (field, v) in &target.fields {
                 let source = serde_json::to_value(v.source).unwrap_or_default();
+                let enforced = match &v.not_enforced {
+                    None => "yes".to_string(),
+                    Some(reason) => format!("no: {reason}"),
+                };
                 let _ = writeln!(
                     out,
-                    "{:<28} {:<12} {:<10} {}",
+                    "{:<28} {:<12} {:<10} {:<8} {enforced}",
                     target.target,
                     field.name(),
                     v.value,
@@ -49,6 +56,14 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
             row("cgroup2_mount", h.cgroup2_mount.display().to_string());
             row("cgroup_controllers", h.cgroup_controllers.join(" "));
             row("config", h.config.display().to_string());
+            if !h.pins_missing.is_empty() {
+                let missing: Vec<String> = h
+                    .pins_missing
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                row("pins_missing", missing.join(" "));
+            }
         }
         row("kernel", s.kernel.clone());
         if let Some(h) = &s.host {

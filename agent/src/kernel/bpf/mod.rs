@@ -46,7 +46,7 @@ static EBPF_OBJECT: &[u8] =
 /// (5.9), bpf_get_socket_cookie in cgroup/sock (5.11), bpf_set_retval (5.18).
 const MIN_KERNEL: (u32, u32) = (5, 18);
 
-const MAPS: [&str; 5] = [
+pub(super) const MAPS: [&str; 5] = [
     names::SETTINGS,
     names::UID_CAPS,
     names::UID_CONNS,

@@ -31,6 +31,18 @@ impl PinLayout {
     pub fn link(&self, name: &str) -> PathBuf {
         self.version_dir().join("links").join(name)
     }
+
+    /// Every pin the agent keeps: the three links and the maps.
+    pub fn all(&self) -> Vec<PathBuf> {
+        let links = [
+            names::PROG_SOCK_RELEASE,
+            names::PROG_CONNECT4,
+            names::PROG_CONNECT6,
+        ]
+        .map(|n| self.link(n));
+        let maps = super::MAPS.map(|n| self.map(n));
+        links.into_iter().chain(maps).collect()
+    }
 }
 
 /// What happened to one program's link at start.

@@ -8,16 +8,43 @@ use std::{
 use super::{cpu, memory, pids, psi, CgroupError, CgroupFs, Controller};
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
-    model::{quota::Limit, usage::CgroupStats},
+    model::{
+        quota::{Field, Limit},
+        usage::CgroupStats,
+    },
 };
 
-/// What one apply did, for the log.
+/// What one apply did: what could not be enforced, and why.
 #[derive(Debug, Default)]
 pub struct ApplyReport {
     /// Controllers that cannot be used (each message names the controller and the path).
     pub unavailable: Vec<String>,
-    /// Limits that could not be set because their controller is unavailable.
-    pub skipped: Vec<String>,
+    /// Controllers not available to the agent's subtree: no group or user limit of theirs
+    /// is in force.
+    pub subtree_missing: BTreeSet<Controller>,
+    /// Limits that could not be set because their interface file does not exist.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A limit that was not set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The cgroup, relative to the mount.
+    pub cgroup: PathBuf,
+    pub field: Field,
+    pub file: &'static str,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} not set in /{} ({} does not exist: its controller is not enabled there)",
+            self.field,
+            self.cgroup.display(),
+            self.file
+        )
+    }
 }
 
 pub struct CgroupDriver {
@@ -67,6 +94,9 @@ impl CgroupDriver {
         let mut ensure = |relative: &Path, report: &mut ApplyReport| -> Result<(), CgroupError> {
             for e in self.fs.ensure(relative, &Controller::ALL)? {
                 if let CgroupError::Unavailable { controller, .. } = &e {
+                    if relative == plan.root {
+                        report.subtree_missing.insert(*controller);
+                    }
                     if seen_unavailable.insert(*controller) {
                         report.unavailable.push(e.to_string());
                     }
@@ -153,31 +183,41 @@ impl CgroupDriver {
         report: &mut ApplyReport,
     ) -> Result<(), CgroupError> {
         let dir = self.fs.path(relative);
-        let mut field =
-            |file: &str, set: bool, write: &dyn Fn(&Path) -> Result<(), CgroupError>| {
-                if dir.join(file).exists() {
-                    write(&dir)
-                } else {
-                    if set {
-                        report
-                            .skipped
-                            .push(format!("{} ({file} does not exist)", dir.display()));
-                    }
-                    Ok(())
+        let mut field = |file: &'static str,
+                         name: Field,
+                         set: bool,
+                         write: &dyn Fn(&Path) -> Result<(), CgroupError>| {
+            if dir.join(file).exists() {
+                write(&dir)
+            } else {
+                if set {
+                    report.skipped.push(Skipped {
+                        cgroup: relative.to_path_buf(),
+                        field: name,
+                        file,
+                    });
                 }
-            };
+                Ok(())
+            }
+        };
         let is_set = |l: Limit<u64>| matches!(l, Limit::Value(_));
-        field("cpu.max", matches!(quota.cpu, Limit::Value(_)), &|d| {
-            cpu::apply(d, quota.cpu)
-        })?;
+        field(
+            "cpu.max",
+            Field::Cpu,
+            matches!(quota.cpu, Limit::Value(_)),
+            &|d| cpu::apply(d, quota.cpu),
+        )?;
         // memory.high first when lowering both, so the throttle point never sits above max.
-        field("memory.high", is_set(quota.memory_high), &|d| {
-            memory::apply_high(d, quota.memory_high)
-        })?;
-        field("memory.max", is_set(quota.memory), &|d| {
+        field(
+            "memory.high",
+            Field::MemoryHigh,
+            is_set(quota.memory_high),
+            &|d| memory::apply_high(d, quota.memory_high),
+        )?;
+        field("memory.max", Field::Memory, is_set(quota.memory), &|d| {
             memory::apply_max(d, quota.memory)
         })?;
-        field("pids.max", is_set(quota.pids), &|d| {
+        field("pids.max", Field::Pids, is_set(quota.pids), &|d| {
             pids::apply(d, quota.pids)
         })?;
         Ok(())
@@ -303,7 +343,12 @@ mod tests {
         assert_eq!(report.unavailable.len(), 3, "{report:?}");
         assert!(report.unavailable[0].contains("not available"));
         assert_eq!(report.skipped.len(), 1);
-        assert!(report.skipped[0].contains("memory.max"), "{report:?}");
+        assert_eq!(report.skipped[0].field, Field::Memory);
+        assert!(
+            report.skipped[0].to_string().contains("memory.max"),
+            "{report:?}"
+        );
+        assert_eq!(report.subtree_missing, BTreeSet::from(Controller::ALL));
     }
 
     #[test]

@@ -106,6 +106,11 @@ impl Engine {
                     }
                 }
             }
+            Stat::PinsMissing => {
+                if let Some(missing) = stats.pins_missing {
+                    out.push(("agent".to_string(), missing as f64));
+                }
+            }
             Stat::OomKills => {
                 for t in &stats.targets {
                     let Some(m) = t.cgroup.memory else { continue };

@@ -263,6 +263,14 @@ pub fn render(stats: &Stats) -> String {
         &[],
         stats.placement_moves as f64,
     );
+    if let Some(missing) = stats.pins_missing {
+        e.gauge(
+            "rlagent_pins_missing",
+            "Pinned programs and maps of the agent that are gone (enforcement stops with them).",
+            &[],
+            missing as f64,
+        );
+    }
     for (budget, refused) in &stats.budget_exhausted {
         e.counter(
             "rlagent_budget_exhausted_total",
@@ -340,6 +348,7 @@ mod tests {
             placement_moves: 4,
             alerts_firing: 1,
             skipped_targets: 0,
+            pins_missing: Some(0),
             budget_exhausted: [("metrics_connections".to_string(), 5)].into(),
             programs: vec![],
         };
@@ -362,6 +371,7 @@ mod tests {
             &build_info,
             "rlagent_placement_moves_total 4",
             "rlagent_alerts_firing 1",
+            "rlagent_pins_missing 0",
             "rlagent_budget_exhausted_total{budget=\"metrics_connections\"} 5",
         ] {
             assert!(
