@@ -357,6 +357,28 @@ rlctl list | tee /tmp/list
 grep -q 'user:2000.*conns.*3.*runtime' /tmp/list || fail "runtime quota lost across a restart"
 systemctl reload rlagent || fail "systemctl reload rlagent"
 systemctl is-active rlagent >/dev/null || fail "not active after reload"
+# The brief's first command, as installed: a CPU share for a group, enforced.
+rlctl set-quota agent --cpu 50% || fail "rlctl set-quota agent --cpu 50% (exit $?)"
+rlctl run agent -- sh -c 'while :; do :; done' &
+busy=$!
+sleep 1
+cg=/sys/fs/cgroup/rlagent.slice/agent
+u0=$(awk '/^usage_usec/ {print $2}' $cg/cpu.stat)
+sleep 3
+u1=$(awk '/^usage_usec/ {print $2}' $cg/cpu.stat)
+kill $busy
+share=$(awk -v a="$u0" -v b="$u1" 'BEGIN { printf "%.3f", (b - a) / 3e6 }')
+echo "rlctl run agent: a busy loop used $share of a CPU under cpu=50%"
+awk -v s="$share" 'BEGIN { exit !(s >= 0.40 && s <= 0.60) }' || fail "cpu share $share, expected about 0.5"
+# A config with cpu, memory and pids quotas starts and stays up.
+printf '[[quota]]\ntarget = "batch"\ncpu = "25%%"\nmemory = "256M"\npids = 100\n' >> /etc/rlagent/rlagent.toml
+systemctl restart rlagent || fail "restart with cgroup quotas in the config"
+sleep 2
+[ "$(systemctl show -p NRestarts --value rlagent)" = "0" ] || fail "NRestarts=$(systemctl show -p NRestarts --value rlagent)"
+systemctl is-active rlagent >/dev/null || fail "not active with cgroup quotas in the config"
+[ "$(cat /sys/fs/cgroup/rlagent.slice/batch/pids.max)" = "100" ] || fail "pids.max of batch is $(cat /sys/fs/cgroup/rlagent.slice/batch/pids.max)"
+# Uninstall refuses under the running agent.
+rlagent --config /etc/rlagent/rlagent.toml uninstall && fail "uninstall ran under a running agent"
 echo "@@VM-EXIT rc=$rc"
 sync
 # Immediate power off (the unit's SuccessAction did not fire on this systemd).
