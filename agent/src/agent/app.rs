@@ -53,10 +53,8 @@ pub enum AppError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Target(#[from] TargetError),
-    #[error("{what} failed inside the agent ({message}); the previous state is kept")]
+    #[error("{what} failed inside the agent ({message}); what was in force before was re-applied")]
     Panicked { what: &'static str, message: String },
-    #[error("cannot move pid {pid}: {reason}")]
-    NotMovable { pid: u32, reason: String },
 }
 
 impl From<ConfigError> for AppError {
@@ -87,7 +85,9 @@ impl AppError {
             _ => Refusal::Failed,
         };
         match self {
-            Self::Config(_) | Self::Target(_) | Self::NotMovable { .. } => Refusal::Invalid,
+            Self::Config(_) | Self::Target(_) | Self::Agent(AgentError::NotMovable { .. }) => {
+                Refusal::Invalid
+            }
             Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
             Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),
             Self::Agent(AgentError::UnknownGroup { .. } | AgentError::NoSuchCgroup { .. }) => {
@@ -98,6 +98,15 @@ impl AppError {
             }
         }
     }
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
 }
 
 /// The Stats model of what `desired` manages, read through `observer` (also used by
@@ -167,8 +176,8 @@ pub struct HostStatus {
     /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
     #[serde(default)]
     pub skipped_targets: Vec<String>,
-    /// Pins of the agent's programs and maps that are gone: while any is, connection caps
-    /// are not enforced.
+    /// Pins of the agent's programs and maps that are gone: a program whose link pin is
+    /// gone is detached; a map whose pin is gone loses its counts at the next start.
     #[serde(default)]
     pub pins_missing: Vec<PathBuf>,
 }
@@ -182,7 +191,7 @@ pub struct App {
     /// The config file the agent was started with (`None`: the default location).
     config_path: Option<PathBuf>,
     users: Arc<dyn UserDb>,
-    admin_gid: Option<u32>,
+    control_gid: Option<u32>,
     /// Cgroups operators may never limit (relative to the mount): the attach cgroup, the
     /// agent's own, PID 1's.
     protected: Vec<PathBuf>,
@@ -232,7 +241,7 @@ impl App {
         users: Arc<dyn UserDb>,
     ) -> Arc<Self> {
         let snapshot = Snapshot::of(&agent);
-        let admin_gid = match users.gid(&snapshot.config.control_group) {
+        let control_gid = match users.gid(&snapshot.config.control_group) {
             Ok(gid) => gid,
             Err(e) => {
                 tracing::warn!(group = %snapshot.config.control_group, "cannot look up the control group: {e}");
@@ -256,7 +265,7 @@ impl App {
             observer,
             config_path,
             users,
-            admin_gid,
+            control_gid,
             started: Instant::now(),
         })
     }
@@ -274,11 +283,7 @@ impl App {
                 .await
                 .map_err(|e| {
                     let message = match e.try_into_panic() {
-                        Ok(payload) => payload
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| payload.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a panic".to_string()),
+                        Ok(payload) => panic_message(payload.as_ref()),
                         Err(e) => e.to_string(),
                     };
                     tracing::error!("{what} panicked: {message}");
@@ -313,16 +318,12 @@ impl App {
     pub fn reload(&self) -> Result<(), AppError> {
         let config = Config::load(self.config_path.as_deref(), self.users.as_ref())?;
         let source = config.source.clone();
-        {
-            let mut agent = self.lock_agent();
-            let kept = agent.reload(config)?;
-            if !kept.is_empty() {
-                tracing::warn!(
-                    settings = %kept.join(", "),
-                    "these settings take effect at the next start; keeping the running values"
-                );
-            }
-            self.publish(&agent);
+        let kept = self.with_agent("reload", |agent| agent.reload(config))?;
+        if !kept.is_empty() {
+            tracing::warn!(
+                settings = %kept.join(", "),
+                "these settings take effect at the next start; keeping the running values"
+            );
         }
         // The agent's lock is released before the engine's is taken.
         let rules = self.snapshot().desired.alert_rules.clone();
@@ -337,45 +338,42 @@ impl App {
         target: &Target,
         fields: &BTreeMap<Field, Option<String>>,
     ) -> Result<(), AppError> {
-        let mut agent = self.lock_agent();
-        agent.change(target, fields)?;
-        self.publish(&agent);
-        Ok(())
+        self.with_agent("change", |agent| agent.change(target, fields))
     }
 
-    /// Moves processes into a group's cgroup. Never PID 1, a kernel thread or the agent;
-    /// a process of a UID below `uid_min` only when `by_root`. Blocking.
+    /// Runs `f` on the agent under its lock and publishes what is enforced afterwards.
+    /// A panic inside is caught: what was enforced before is re-applied, and the caller
+    /// gets an error, so a bug cannot leave half a change in force behind an old snapshot.
+    fn with_agent<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&mut Agent) -> Result<T, AgentError>,
+    ) -> Result<T, AppError> {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        let mut agent = self.lock_agent();
+        let result = match catch_unwind(AssertUnwindSafe(|| f(&mut agent))) {
+            Ok(result) => result.map_err(AppError::from),
+            Err(payload) => {
+                let message = panic_message(payload.as_ref());
+                tracing::error!("{what} panicked: {message}; re-applying what was in force");
+                if catch_unwind(AssertUnwindSafe(|| agent.roll_back())).is_err() {
+                    tracing::error!("re-applying after the panic panicked too");
+                }
+                Err(AppError::Panicked { what, message })
+            }
+        };
+        self.publish(&agent);
+        result
+    }
+
+    /// Moves processes into a group's cgroup (see [`Agent::move_to_group`]). Blocking.
     pub fn move_to_group(
         &self,
         group: &str,
         pids: &[u32],
         by_root: bool,
     ) -> Result<PathBuf, AppError> {
-        let snapshot = self.snapshot();
-        if !snapshot.desired.cgroups.groups.contains_key(group) {
-            return Err(AgentError::UnknownGroup {
-                group: group.to_string(),
-            }
-            .into());
-        }
-        let uid_min = snapshot.config.bpf.uid_min;
-        for &pid in pids {
-            let refuse = |reason: String| AppError::NotMovable { pid, reason };
-            let process = kernel::placement::read_proc(pid)
-                .ok_or_else(|| refuse("no such process".into()))?;
-            if pid == 1 || process.kernel_thread || pid == std::process::id() {
-                return Err(refuse(
-                    "PID 1, kernel threads and the agent itself stay where they are".into(),
-                ));
-            }
-            if process.uid < uid_min && !by_root {
-                return Err(refuse(format!(
-                    "it belongs to uid {}, below uid_min ({uid_min}); only root moves system processes",
-                    process.uid
-                )));
-            }
-        }
-        Ok(self.lock_agent().move_to_group(group, pids)?)
+        self.with_agent("move", |agent| agent.move_to_group(group, pids, by_root))
     }
 
     /// Cgroups operators may never limit (the README's "Security model").
@@ -388,8 +386,8 @@ impl App {
         text.parse::<Target>()?.resolve_user(self.users.as_ref())
     }
 
-    pub fn admin_gid(&self) -> Option<u32> {
-        self.admin_gid
+    pub fn control_gid(&self) -> Option<u32> {
+        self.control_gid
     }
 
     /// The budget counters the control socket and the metrics listener report into.
@@ -458,7 +456,7 @@ impl App {
             tracing::error!(
                 missing,
                 paths = ?self.observer.pins_missing(),
-                "pinned programs or maps of the agent are gone: connection caps are not enforced; restart rlagent to attach again"
+                "pinned programs or maps of the agent are gone: connection caps may no longer be enforced; restart rlagent to attach again"
             );
         } else if missing == 0 && before > 0 {
             tracing::info!("the agent's pins are all in place again");
@@ -533,11 +531,15 @@ mod tests {
         let err = app
             .blocking("reload", |app| app.reload())
             .await
+            .unwrap()
             .unwrap_err();
         assert!(
             matches!(&err, AppError::Panicked { what: "reload", message } if message.contains("fake kernel")),
             "{err}"
         );
+        // What was in force before is written again, and readers see it.
+        assert_eq!(fake.kernel.record().conns.last().unwrap().default_cap, 5);
+        assert_eq!(app.snapshot().desired.conns.default_cap, 5);
         // Still serving: stats answer and the next reload applies.
         app.blocking("stats", |app| app.stats())
             .await

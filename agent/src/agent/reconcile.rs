@@ -24,8 +24,16 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("no group named {group:?} (groups come from [[group]] rules and group quotas)")]
     UnknownGroup { group: String },
+    #[error("cannot move pid {pid}: {reason}")]
+    NotMovable { pid: u32, reason: String },
     #[error("target {target}: the cgroup does not exist (a cgroup:<path> target names an existing cgroup, relative to the cgroup2 mount)")]
     NoSuchCgroup { target: String },
+}
+
+/// What an apply does with a `cgroup:<path>` target of the config whose cgroup is missing.
+enum Vanished {
+    Refuse,
+    Skip,
 }
 
 /// Limits set but not in force, by target and field, with the reason.
@@ -92,7 +100,7 @@ impl Agent {
             applied_plan: None,
         };
         let config = agent.config.clone();
-        agent.desired = agent.apply(&config, desired)?;
+        agent.desired = agent.apply_with(&config, desired, Vanished::Refuse)?;
         Ok(agent)
     }
 
@@ -100,15 +108,30 @@ impl Agent {
     /// placement. Returns what is enforced: `desired` less the runtime `cgroup:<path>`
     /// targets whose cgroup is gone (skipped and reported, so a stopped service does not
     /// block every later change).
-    fn apply(&mut self, config: &Config, mut desired: Desired) -> Result<Desired, AgentError> {
+    fn apply(&mut self, config: &Config, desired: Desired) -> Result<Desired, AgentError> {
+        self.apply_with(config, desired, Vanished::Skip)
+    }
+
+    /// [`Self::apply`], refusing a config that names a missing cgroup (`Vanished::Refuse`,
+    /// for a reload: the file was just written) or skipping it like the runtime ones
+    /// (`Vanished::Skip`: a service stopped since, which must not block other changes).
+    fn apply_with(
+        &mut self,
+        config: &Config,
+        mut desired: Desired,
+        vanished: Vanished,
+    ) -> Result<Desired, AgentError> {
         let missing = self.kernel.missing_cgroups(&desired.cgroups);
-        let skipped = skip_vanished(config, missing)?;
+        let skipped = match vanished {
+            Vanished::Refuse => skip_vanished(config, missing)?,
+            Vanished::Skip => missing.into_iter().map(Target::Cgroup).collect(),
+        };
         for target in &skipped {
             if let Target::Cgroup(path) = target {
                 desired.cgroups.cgroups.remove(path);
             }
             if !self.skipped.contains(target) {
-                tracing::warn!(%target, "skipped: the cgroup no longer exists (its quota set through rlctl stays saved; clear it with rlctl clear-quota)");
+                tracing::warn!(%target, "skipped: the cgroup no longer exists (the quota stays as configured and applies again at the next change or reload after the cgroup is back)");
             }
         }
         self.skipped = skipped;
@@ -168,7 +191,7 @@ impl Agent {
 
     /// Re-applies what was enforced before a failed change, so a failure in the middle of
     /// an apply does not leave half of it in force.
-    fn roll_back(&mut self) {
+    pub fn roll_back(&mut self) {
         let previous = self.desired.clone();
         let config = self.config.clone();
         if let Err(e) = self.apply(&config, previous) {
@@ -184,7 +207,7 @@ impl Agent {
     pub fn reload(&mut self, mut config: Config) -> Result<Vec<&'static str>, AgentError> {
         let kept = config.keep_restart_settings(&self.config);
         let desired = Desired::build(&config, &self.runtime, self.users.as_ref())?;
-        match self.apply(&config, desired) {
+        match self.apply_with(&config, desired, Vanished::Refuse) {
             Ok(applied) => {
                 self.config = config;
                 self.desired = applied;
@@ -206,7 +229,10 @@ impl Agent {
         target: &Target,
         fields: &BTreeMap<Field, Option<String>>,
     ) -> Result<(), AgentError> {
-        let next = self.runtime.with(target, fields).pruned(&self.config);
+        let next = self
+            .runtime
+            .with(target, fields)
+            .pruned(target, &self.config);
         let desired = Desired::build(&self.config, &next, self.users.as_ref())?;
         // The target being changed must exist; other vanished ones are skipped.
         if let Target::Cgroup(path) = target {
@@ -239,14 +265,57 @@ impl Agent {
         }
     }
 
-    /// Moves processes into a group's cgroup (for `rlctl move` and `rlctl run`).
-    pub fn move_to_group(&self, group: &str, pids: &[u32]) -> Result<PathBuf, AgentError> {
-        if !self.desired.cgroups.groups.contains_key(group) {
+    /// Moves processes into a group's cgroup (for `rlctl move` and `rlctl run`). Every
+    /// PID is checked first, and nothing moves if one is refused: never PID 1, a kernel
+    /// thread or the agent; and unless `by_root`, no process of a UID below `uid_min`,
+    /// none inside a `cgroup:<path>` target (placement leaves those alone), and none that
+    /// the move would take out of the cgroup the connection programs are attached to.
+    pub fn move_to_group(
+        &self,
+        group: &str,
+        pids: &[u32],
+        by_root: bool,
+    ) -> Result<PathBuf, AgentError> {
+        let plan = &self.desired.cgroups;
+        if !plan.groups.contains_key(group) {
             return Err(AgentError::UnknownGroup {
                 group: group.to_string(),
             });
         }
-        let cgroup = self.desired.cgroups.group_cgroup(group);
+        let cgroup = plan.group_cgroup(group);
+        let attach = &self.config.bpf.attach_cgroup;
+        let uid_min = self.config.bpf.uid_min;
+        for &pid in pids {
+            let refuse = |reason: String| AgentError::NotMovable { pid, reason };
+            let process = crate::kernel::placement::read_proc(pid)
+                .ok_or_else(|| refuse("no such process".into()))?;
+            if pid == 1 || process.kernel_thread || pid == std::process::id() {
+                return Err(refuse(
+                    "PID 1, kernel threads and the agent itself stay where they are".into(),
+                ));
+            }
+            if by_root {
+                continue;
+            }
+            if process.uid < uid_min {
+                return Err(refuse(format!(
+                    "it belongs to uid {}, below uid_min ({uid_min}); only root moves system processes",
+                    process.uid
+                )));
+            }
+            if plan.inside_cgroup_target(&process.cgroup) {
+                return Err(refuse(format!(
+                    "it is inside a cgroup:<path> target (/{}); only root moves it out",
+                    process.cgroup.display()
+                )));
+            }
+            if process.cgroup.starts_with(attach) && !cgroup.starts_with(attach) {
+                return Err(refuse(format!(
+                    "the move would take it out of /{}, where connections are capped; only root may",
+                    attach.display()
+                )));
+            }
+        }
         self.kernel.move_pids(&cgroup, pids)?;
         Ok(cgroup)
     }
@@ -461,5 +530,20 @@ mod tests {
             agent.desired().quotas.is_empty(),
             "the running state is kept"
         );
+    }
+
+    #[test]
+    fn a_config_cgroup_target_that_vanishes_blocks_no_other_change() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent("[[quota]]\ntarget = \"cgroup:web.service\"\nmemory = \"1G\"\n");
+        fake.kernel.record().missing = vec!["web.service".into()];
+        agent
+            .change(&Target::User(UserRef::Uid(2000)), &set(Field::Conns, "3"))
+            .unwrap();
+        assert_eq!(agent.skipped(), [Target::Cgroup("web.service".into())]);
+        assert_eq!(agent.desired().conns.per_uid.get(&2000), Some(&3));
+        let not_enforced = agent.not_enforced();
+        let reason = &not_enforced[&(Target::Cgroup("web.service".into()), Field::Memory)];
+        assert!(reason.contains("no longer exists"), "{reason}");
     }
 }

@@ -87,7 +87,7 @@ pub(super) fn quotas(
         if !unsupported.is_empty() {
             return Err(at.invalid(
                 line,
-                unsupported[0].name(),
+                "target",
                 &e.target,
                 &not_supported_yet(&target, &unsupported),
             ));

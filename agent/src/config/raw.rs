@@ -143,7 +143,7 @@ pub(super) struct RawControl {
     pub(super) socket: PathBuf,
     #[serde(default = "default_socket_mode")]
     pub(super) mode: Spanned<String>,
-    #[serde(default = "default_admin_group")]
+    #[serde(default = "default_control_group")]
     pub(super) group: String,
     #[serde(default)]
     pub(super) operator_cgroups: Vec<Spanned<String>>,
@@ -153,7 +153,7 @@ impl Default for RawControl {
         Self {
             socket: default_socket(),
             mode: default_socket_mode(),
-            group: default_admin_group(),
+            group: default_control_group(),
             operator_cgroups: Vec::new(),
         }
     }
@@ -161,7 +161,7 @@ impl Default for RawControl {
 fn default_socket_mode() -> Spanned<String> {
     Spanned::new(0..0, "0660".to_string())
 }
-fn default_admin_group() -> String {
+fn default_control_group() -> String {
     "rlagent".to_string()
 }
 fn default_socket() -> PathBuf {

@@ -40,15 +40,17 @@ pub fn handle(app: &App, access: Access, request: Request) -> Response {
             ErrorCode::BadRequest,
             "watch_alerts is served as a stream",
         )),
-        Request::Move { group, pids } => app
-            .move_to_group(&group, &pids, access == Access::Root)
-            .map(|cgroup| {
-                Response::ok(&MoveResult {
+        Request::Move { group, pids } => {
+            return match app.move_to_group(&group, &pids, access == Access::Root) {
+                Ok(cgroup) => Response::ok(&MoveResult {
                     group,
                     cgroup,
                     moved: pids,
-                })
-            }),
+                }),
+                // A move changes no quota: no word about the quotas in force.
+                Err(e) => refused_with(&e, false),
+            };
+        }
         Request::Reload {} => app
             .reload()
             .map(|()| Response::ok(&ReloadResult { reloaded: true })),
@@ -58,6 +60,10 @@ pub fn handle(app: &App, access: Access, request: Request) -> Response {
 
 /// The response for a refused request: the error's whole chain, and what is in force.
 pub fn refused(e: &AppError) -> Response {
+    refused_with(e, true)
+}
+
+fn refused_with(e: &AppError, about_quotas: bool) -> Response {
     let message = error_chain(e);
     match (e.refusal(), e) {
         (Refusal::Invalid, AppError::Config(_)) => Response::error(
@@ -66,10 +72,11 @@ pub fn refused(e: &AppError) -> Response {
         ),
         (Refusal::Invalid, _) => Response::error(ErrorCode::Invalid, message),
         (Refusal::NotFound, _) => Response::error(ErrorCode::NotFound, message),
-        (Refusal::Failed, _) => Response::error(
+        (Refusal::Failed, _) if about_quotas => Response::error(
             ErrorCode::Failed,
             format!("{message}; the previous quotas are still in force"),
         ),
+        (Refusal::Failed, _) => Response::error(ErrorCode::Failed, message),
     }
 }
 
@@ -205,6 +212,14 @@ fn stats(app: &App, access: Access, target: Option<&str>) -> Result<Response, Ap
         Some(t) => name == t.to_string(),
         None => access.sees_name(name),
     });
+    if !access.reads_all() {
+        // The host's own numbers are for root and operators.
+        stats = crate::observe::stats::Stats {
+            targets: stats.targets,
+            conns: stats.conns,
+            ..Default::default()
+        };
+    }
     Ok(Response::ok(&stats))
 }
 

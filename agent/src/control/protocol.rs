@@ -61,7 +61,7 @@ pub enum Request {
 }
 
 impl Request {
-    /// True for requests that change state (they need UID 0 or the rlagent group).
+    /// True for requests that change state (they need root or the control group).
     pub fn writes(&self) -> bool {
         matches!(
             self,
@@ -85,7 +85,7 @@ pub enum ErrorCode {
     NotFound,
     /// Valid, but applying it failed; the previous state is kept.
     Failed,
-    /// The agent is at its client limit.
+    /// The agent is at its client limit, or a watcher fell behind the events.
     Busy,
 }
 

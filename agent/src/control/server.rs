@@ -46,8 +46,8 @@ pub enum ServerError {
 }
 
 /// Creates the socket: parent directory, stale socket removed, mode set, and group
-/// `admin_gid` when there is one.
-pub fn bind(path: &Path, mode: u32, admin_gid: Option<u32>) -> Result<UnixListener, ServerError> {
+/// `control_gid` when there is one.
+pub fn bind(path: &Path, mode: u32, control_gid: Option<u32>) -> Result<UnixListener, ServerError> {
     let io = |source| ServerError::Io {
         path: path.to_path_buf(),
         source,
@@ -65,7 +65,7 @@ pub fn bind(path: &Path, mode: u32, admin_gid: Option<u32>) -> Result<UnixListen
     }
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
-    match admin_gid {
+    match control_gid {
         Some(gid) => std::os::unix::fs::chown(path, None, Some(gid)).map_err(io)?,
         None => tracing::warn!(
             "the control group does not exist; only root can change quotas through {}",
@@ -89,7 +89,7 @@ pub async fn serve(listener: UnixListener, app: Arc<App>) {
             }
         };
         let access = match Peer::of(&stream) {
-            Ok(peer) => peer.access(app.admin_gid()),
+            Ok(peer) => peer.access(app.control_gid()),
             Err(e) => {
                 tracing::warn!("control socket: no peer credentials: {e}");
                 continue;

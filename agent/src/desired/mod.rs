@@ -75,11 +75,6 @@ impl Desired {
     pub fn unenforced(&self) -> Vec<(Target, Vec<Field>)> {
         conns::unenforced_fields(&self.quotas)
     }
-
-    /// True when the plan asks for cgroups at all (a conns-only config touches none).
-    pub fn wants_cgroups(&self) -> bool {
-        self.cgroups.wants_cgroups()
-    }
 }
 
 /// Refuses limits the kernel maps could not hold.
@@ -112,7 +107,7 @@ mod tests {
         let batch = Target::Group("batch".into());
         assert_eq!(d.source(&batch, Field::Cpu), Source::Config);
         assert_eq!(d.source(&batch, Field::Pids), Source::Runtime);
-        assert!(d.wants_cgroups());
+        assert!(d.cgroups.wants_cgroups());
     }
 
     #[test]

@@ -166,10 +166,12 @@ impl RuntimeState {
             source,
         };
         std::fs::rename(staged, path).map_err(err)?;
+        // The new state is in place from here on: a failed directory sync only weakens
+        // its durability across a crash, it does not undo the change.
         if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(err)?;
+            if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(path = %path.display(), "syncing the state directory: {e}");
+            }
         }
         Ok(())
     }
@@ -184,19 +186,21 @@ impl RuntimeState {
         next
     }
 
-    /// This state without overrides that change nothing: a clear of a field `config` does
-    /// not set, and targets left with no fields (so set/clear pairs leave no trace).
-    pub fn pruned(mut self, config: &Config) -> Self {
-        for (target_text, fields) in &mut self.quotas {
-            let in_config = target_text
-                .parse::<Target>()
-                .ok()
-                .and_then(|t| config.quotas.get(&t));
+    /// This state without the overrides of `target` that change nothing: a clear of a
+    /// field `config` does not set, and the target itself when no field is left (so
+    /// set/clear pairs leave no trace). Other targets are left as they are: a clear made
+    /// while the config set the field stays, whatever the config says later.
+    pub fn pruned(mut self, target: &Target, config: &Config) -> Self {
+        let key = target.to_string();
+        let in_config = config.quotas.get(target);
+        if let Some(fields) = self.quotas.get_mut(&key) {
             fields.retain(|field, value| {
                 value.is_some() || in_config.is_some_and(|q| q.text(*field).is_some())
             });
+            if fields.is_empty() {
+                self.quotas.remove(&key);
+            }
         }
-        self.quotas.retain(|_, fields| !fields.is_empty());
         self
     }
 
@@ -360,16 +364,16 @@ mod tests {
             let user = Target::User(UserRef::Uid(3000 + uid));
             state = state
                 .with(&user, &fields(&[(Field::Conns, Some("2"))]))
-                .pruned(&base);
+                .pruned(&user, &base);
             state = state
                 .with(&user, &fields(&[(Field::Conns, None)]))
-                .pruned(&base);
+                .pruned(&user, &base);
         }
         assert!(state.quotas.is_empty(), "{:?}", state.quotas);
         // A clear of a field the config sets is kept: it removes the config's value.
         let agent = Target::Group("agent".into());
         let cleared = state.with(&agent, &fields(&[(Field::Cpu, None), (Field::Pids, None)]));
-        let cleared = cleared.pruned(&base);
+        let cleared = cleared.pruned(&agent, &base);
         assert_eq!(
             cleared.quotas["group:agent"],
             BTreeMap::from([(Field::Cpu, None)])

@@ -224,7 +224,12 @@ impl Enforcer for System {
     fn move_pids(&self, cgroup: &Path, pids: &[u32]) -> Result<(), KernelError> {
         let fs = CgroupFs::new(&self.mount);
         for pid in pids {
-            fs.move_pid(cgroup, *pid)?;
+            match fs.move_pid(cgroup, *pid) {
+                // Exited since it was checked: nothing left to move.
+                Err(CgroupError::Write { source, .. })
+                    if source.raw_os_error() == Some(libc::ESRCH) => {}
+                result => result?,
+            }
         }
         Ok(())
     }

@@ -19,8 +19,8 @@ pub enum Stat {
     CpuThrottledRatio,
     /// OOM kills over the window.
     OomKills,
-    /// Pins of the agent's programs and maps that are gone (target `agent`): enforcement
-    /// and counting stop with them.
+    /// Pins of the agent's programs and maps that are gone (target `agent`): with a link's
+    /// pin, its program is detached; with a map's, the counts are lost at the next start.
     PinsMissing,
 }
 
@@ -131,7 +131,7 @@ pub fn default_rules() -> Vec<Rule> {
             0.0,
             0,
             "critical",
-            "{value} of the agent's pinned programs and maps are gone: connection caps are not enforced (restart rlagent)",
+            "{value} of the agent's pinned programs and maps are gone: connection caps may no longer be enforced (restart rlagent)",
         ),
     ]
 }

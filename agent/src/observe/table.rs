@@ -24,8 +24,9 @@ pub fn table(stats: &Stats) -> String {
             "PFAIL"
         );
     }
-    // A controller that is not enabled for the cgroup shows "-", never "max": the limit
-    // is not in force, which is not the same as no limit.
+    // Memory and pids columns of a controller that is not enabled for the cgroup show
+    // "-", never "max": the limit is not in force, which is not the same as no limit.
+    // (CPU usage comes from the core and is always there.)
     let dash = || "-".to_string();
     for t in &stats.targets {
         let c = &t.cgroup;

@@ -1,5 +1,5 @@
-//! `rlagent check-config`: validates the config (with the saved runtime overrides) and
-//! prints what it would enforce.
+//! `rlagent check-config`: validates the config file on its own (without the runtime
+//! overrides in the state file) and prints the connection limits it would enforce.
 
 use std::path::Path;
 

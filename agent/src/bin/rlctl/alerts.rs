@@ -50,12 +50,19 @@ pub fn watch(socket: &Path, json: bool) -> Result<ExitCode, String> {
     let mut first = true;
     for line in BufReader::new(&stream).lines() {
         let line = line.map_err(|e| format!("reading from {}: {e}", socket.display()))?;
+        let response: Response = serde_json::from_str(&line).map_err(|e| e.to_string())?;
         if json {
             println!("{line}");
+            if first && !response.ok {
+                return Ok(ExitCode::FAILURE);
+            }
         } else {
-            let response: Response = serde_json::from_str(&line).map_err(|e| e.to_string())?;
             if !response.ok {
-                client::refused(&response, false);
+                let code = client::refused(&response, false);
+                if first {
+                    // Refused outright (busy, not allowed): the watch never started.
+                    return Ok(code);
+                }
             } else if first {
                 print!("{}", table(&response.result::<AlertsResult>()?));
             } else {

@@ -22,7 +22,7 @@ pub fn connect(socket: &Path) -> Result<UnixStream, String> {
             )
         }
         std::io::ErrorKind::PermissionDenied => format!(
-            "permission denied: {} is for root and the rlagent group",
+            "permission denied: {} is for root and the agent's control group",
             socket.display()
         ),
         _ => format!("cannot reach {}: {e}", socket.display()),

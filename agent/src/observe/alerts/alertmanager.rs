@@ -11,7 +11,8 @@ use tokio::{net::TcpStream, sync::mpsc};
 
 use crate::model::alert::{Alert, AlertmanagerUrl, State};
 
-/// How long connecting, sending and reading the reply's head may each take.
+/// How long connecting may take, and then sending the request and reading the reply's
+/// head together.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn rfc3339(at: SystemTime) -> String {
@@ -41,7 +42,7 @@ pub fn body(alerts: &[Alert], started: SystemTime, now: SystemTime) -> String {
 
 /// POSTs `body` and reads only the reply's status line and headers (hyper bounds their
 /// size); the body is never read, so a hostile or broken peer cannot make the agent buffer
-/// a large reply. Every step has its own timeout.
+/// a large reply. Connecting, then the exchange, each have [`STEP_TIMEOUT`].
 async fn post(target: &AlertmanagerUrl, body: String) -> Result<(), String> {
     let stream = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(&target.host_port))
         .await

@@ -266,7 +266,7 @@ pub fn render(stats: &Stats) -> String {
     if let Some(missing) = stats.pins_missing {
         e.gauge(
             "rlagent_pins_missing",
-            "Pinned programs and maps of the agent that are gone (enforcement stops with them).",
+            "Pinned programs and maps of the agent that are gone (a link's pin gone: its program is detached).",
             &[],
             missing as f64,
         );
