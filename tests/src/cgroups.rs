@@ -4,8 +4,23 @@ use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+/// Waits until `pid` is in cgroup `want` (relative to the mount), up to 5 s; how long it
+/// took.
+pub fn wait_placed(pid: u32, want: &str) -> Duration {
+    let start = Instant::now();
+    while cgroup_of(pid) != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "pid {pid} not placed in {want}: it is in {}",
+            cgroup_of(pid)
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    start.elapsed()
+}
 
 /// The cgroup v2 path of `pid` relative to the mount (`""` for the root, or when it exited).
 pub fn cgroup_of(pid: u32) -> String {

@@ -19,9 +19,11 @@ use rlagent::{
         placement::Placer,
     },
 };
-use rlagent_tests::{cgroup_of, privileged, target_bin, Agent, Scratch, TestCgroup};
+use rlagent_tests::{cgroup_of, privileged, target_bin, wait_placed, Agent, Scratch, TestCgroup};
 
 const PLACED_UID: u32 = 61060;
+/// Its own UID: another test's agent places PLACED_UID's processes host-wide.
+const TREE_UID: u32 = 61062;
 
 fn config(scratch: &Scratch, cgroup: &TestCgroup, rest: &str) {
     let text = format!(
@@ -32,6 +34,19 @@ fn config(scratch: &Scratch, cgroup: &TestCgroup, rest: &str) {
         scratch.pin_path().display()
     );
     std::fs::write(scratch.config_path(), text).unwrap();
+}
+
+/// True (and says the test skips) when cgroup2 here has any of `controllers`: these tests
+/// are about the hybrid host, where it has none of them.
+fn has_any_controller(cgroup: &TestCgroup, controllers: &[&str], test: &str) -> bool {
+    let available = std::fs::read_to_string(cgroup.path.join("cgroup.controllers")).unwrap();
+    let found = available
+        .split_whitespace()
+        .any(|c| controllers.contains(&c));
+    if found {
+        eprintln!("SKIP {test}: cgroup2 here has one of {controllers:?}");
+    }
+    found
 }
 
 #[test]
@@ -57,17 +72,8 @@ fn a_new_process_of_a_rule_uid_is_placed_within_milliseconds() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let start = Instant::now();
         // conn-helper setuid()s after joining: the uid event places it.
-        while cgroup_of(child.id()) != want {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "not placed: {}",
-                cgroup_of(child.id())
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        latencies.push(start.elapsed());
+        latencies.push(wait_placed(child.id(), &want));
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -96,9 +102,7 @@ fn missing_controllers_are_reported_and_the_agent_keeps_running() {
         return;
     }
     let cgroup = TestCgroup::new();
-    let available = std::fs::read_to_string(cgroup.path.join("cgroup.controllers")).unwrap();
-    if available.split_whitespace().any(|c| c == "cpu") {
-        eprintln!("SKIP missing_controllers_reported: this host has the cpu controller on cgroup2");
+    if has_any_controller(&cgroup, &["cpu"], "missing_controllers_reported") {
         return;
     }
     let scratch = Scratch::new();
@@ -133,7 +137,7 @@ fn children_forked_before_the_move_follow_their_parent() {
     config(
         &scratch,
         &cgroup,
-        &format!("[[group]]\nname = \"batch\"\nuids = [{PLACED_UID}]\n"),
+        &format!("[[group]]\nname = \"batch\"\nuids = [{TREE_UID}]\n"),
     );
     let config = Config::load(Some(&scratch.config_path()), &SystemUsers).unwrap();
     let desired = Desired::build(&config, &RuntimeState::default(), &SystemUsers).unwrap();
@@ -150,7 +154,7 @@ fn children_forked_before_the_move_follow_their_parent() {
     unsafe {
         parent.pre_exec(move || {
             std::fs::write(&procs, b"0")?;
-            if libc::setgid(PLACED_UID) != 0 || libc::setuid(PLACED_UID) != 0 {
+            if libc::setgid(TREE_UID) != 0 || libc::setuid(TREE_UID) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -203,12 +207,11 @@ fn a_change_that_cannot_be_enforced_says_so() {
         return;
     }
     let cgroup = TestCgroup::new();
-    let available = std::fs::read_to_string(cgroup.path.join("cgroup.controllers")).unwrap();
-    if available
-        .split_whitespace()
-        .any(|c| c == "cpu" || c == "pids")
-    {
-        eprintln!("SKIP a_change_that_cannot_be_enforced: cgroup2 here has cpu or pids");
+    if has_any_controller(
+        &cgroup,
+        &["cpu", "pids"],
+        "a_change_that_cannot_be_enforced",
+    ) {
         return;
     }
     let scratch = Scratch::new();

@@ -496,7 +496,7 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
     assert!(
         agent
             .log_text()
-            .contains("connection caps are not enforced"),
+            .contains("connection caps may no longer be enforced"),
         "{}",
         agent.log_text()
     );

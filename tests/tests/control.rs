@@ -267,7 +267,7 @@ fn unprivileged_callers_read_only_their_own_stats() {
     let out = rlctl_as(UID, &scratch, &["status"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out).contains("permission denied") && text(&out).contains("rlagent group"),
+        text(&out).contains("permission denied") && text(&out).contains("control group"),
         "{}",
         text(&out)
     );

@@ -16,7 +16,7 @@ use std::{
 };
 
 use rlagent_tests::{
-    cgroup_of, privileged, target_bin, Agent, Helper, Listener, Scratch, TestCgroup,
+    privileged, target_bin, wait_placed, Agent, Helper, Listener, Scratch, TestCgroup,
 };
 
 const USER: u32 = 61201;
@@ -181,16 +181,7 @@ fn a_flood_of_idle_metrics_connections_leaves_control_and_placement_working() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let want = format!("{}/slice/batch", cgroup.relative);
-    let start = Instant::now();
-    while cgroup_of(child.id()) != want {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "not placed: {}",
-            cgroup_of(child.id())
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_placed(child.id(), &format!("{}/slice/batch", cgroup.relative));
     child.kill().unwrap();
     child.wait().unwrap();
     let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
