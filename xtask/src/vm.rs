@@ -379,6 +379,17 @@ systemctl is-active rlagent >/dev/null || fail "not active with cgroup quotas in
 [ "$(cat /sys/fs/cgroup/rlagent.slice/batch/pids.max)" = "100" ] || fail "pids.max of batch is $(cat /sys/fs/cgroup/rlagent.slice/batch/pids.max)"
 # Uninstall refuses under the running agent.
 rlagent --config /etc/rlagent/rlagent.toml uninstall && fail "uninstall ran under a running agent"
+# systemd's services stay where systemd put them, even with a user:* cpu quota that would
+# place their UID (a DynamicUser= UID is above uid_min), and stopping one leaves nothing.
+rlctl set-quota 'user:*' --cpu 80% || fail "rlctl set-quota user:* --cpu 80%"
+systemd-run -q -p DynamicUser=yes --unit=rlagent-dyn sleep 1000 || fail "systemd-run DynamicUser"
+sleep 2
+dyn=$(systemctl show -p MainPID --value rlagent-dyn)
+grep -q 'rlagent-dyn.service' /proc/$dyn/cgroup || fail "the DynamicUser service was moved: $(cat /proc/$dyn/cgroup)"
+systemctl stop rlagent-dyn
+sleep 1
+kill -0 $dyn 2>/dev/null && fail "the DynamicUser service's process outlived systemctl stop"
+rlctl clear-quota 'user:*' --cpu || fail "rlctl clear-quota user:* --cpu"
 echo "@@VM-EXIT rc=$rc"
 sync
 # Immediate power off (the unit's SuccessAction did not fire on this systemd).

@@ -88,14 +88,21 @@ pub enum Decision {
 
 /// The placement rules, in order:
 /// 1. never: kernel threads, PID 1, the agent itself, processes inside a `cgroup:<path>`
-///    target;
+///    target, and processes of a systemd service (a cgroup named `*.service`, which
+///    includes every user's `user@<uid>.service` and `DynamicUser=` services): systemd
+///    tracks, accounts and stops those by their cgroup, so they stay where it put them;
 /// 2. the first `[[group]]` rule that matches: by `uids` or `gids` (any UID, these name
 ///    users explicitly), or by `comms` glob / `exes` path (only UIDs >= uid_min, so a
 ///    broad pattern can never sweep up system services);
 /// 3. the user's own cgroup, when its UID has cgroup quota fields (own or `user:*`);
 /// 4. otherwise, leave it where it is.
 pub fn decide(plan: &CgroupPlan, p: &ProcInfo, own_pid: u32) -> Decision {
-    if p.kernel_thread || p.pid == 1 || p.pid == own_pid || plan.inside_cgroup_target(&p.cgroup) {
+    if p.kernel_thread
+        || p.pid == 1
+        || p.pid == own_pid
+        || plan.inside_cgroup_target(&p.cgroup)
+        || in_service(&p.cgroup)
+    {
         return Decision::Leave;
     }
     let system = p.uid < plan.uid_min;
@@ -112,6 +119,15 @@ pub fn decide(plan: &CgroupPlan, p: &ProcInfo, own_pid: u32) -> Decision {
         return Decision::User(p.uid);
     }
     Decision::Leave
+}
+
+/// True when `cgroup` lies in a systemd service's cgroup (a component named `*.service`).
+pub fn in_service(cgroup: &Path) -> bool {
+    cgroup.components().any(|c| {
+        c.as_os_str()
+            .to_str()
+            .is_some_and(|c| c.ends_with(".service"))
+    })
 }
 
 /// `*` (any run) and `?` (any one character) globs, as for comm names.
@@ -404,6 +420,20 @@ memory = "1G"
         let mut in_target = proc(60, 2000, "stress-x");
         in_target.cgroup = PathBuf::from("system.slice/db.service");
         assert_eq!(decide(&p, &in_target, 1), Decision::Leave);
+        // systemd's own: a user's manager, a DynamicUser service, any service's children.
+        for cgroup in [
+            "user.slice/user-2000.slice/user@2000.service/app.slice/x.service",
+            "user.slice/user-2000.slice/user@2000.service/init.scope",
+            "system.slice/run-u7.service",
+        ] {
+            let mut service = proc(70, 62000, "stress-ng");
+            service.cgroup = PathBuf::from(cgroup);
+            assert_eq!(decide(&p, &service, 1), Decision::Leave, "{cgroup}");
+        }
+        // A login session's processes are placed by the rules.
+        let mut session = proc(71, 2000, "stress-ng");
+        session.cgroup = PathBuf::from("user.slice/user-2000.slice/session-3.scope");
+        assert_eq!(decide(&p, &session, 1), Decision::Group("batch".into()));
     }
 
     #[test]
