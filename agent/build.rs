@@ -2,7 +2,7 @@
 //! and bpf-linker, so that a plain `cargo build` of the agent embeds them.
 //!
 //! Not aya-build: it hard-codes the eBPF RUSTFLAGS, and we need `-C target-cpu=v3`
-//! (fetch-add with a used result does not link on v1; see shared/notes/ebpf-toolchain.md).
+//! (with the default v1 CPU, a fetch-add whose result is used fails to link).
 use std::{
     env,
     path::{Path, PathBuf},

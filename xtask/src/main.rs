@@ -191,8 +191,8 @@ fn path_with(dir: &Path) -> std::ffi::OsString {
     env::join_paths(dirs).unwrap()
 }
 
-/// rust-src for nightly, and bpf-linker built against nightly's libLLVM (see
-/// shared/notes/ebpf-toolchain.md). Rebuilds bpf-linker when nightly's LLVM changes.
+/// rust-src for nightly, and bpf-linker built against nightly's own libLLVM (Debian's LLVM
+/// is too old to read nightly's bitcode). Rebuilds bpf-linker when nightly's LLVM changes.
 fn setup() -> Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",

@@ -1,7 +1,8 @@
 //! `cargo xtask vm-test`: runs the guest tests (tests/tests/guest.rs) inside a throw-away
 //! qemu guest with a Debian kernel and pure cgroup v2, where cpu/memory/pids controllers
 //! and host-wide BPF attach are real (this host's cgroups are hybrid).
-//! See shared/notes/vm-testing.md for the measured facts behind each step.
+//! KVM is not usable here (the host's /dev/kvm runs only its own guest kernels), so the
+//! guest runs under TCG, booting the uncompressed vmlinux for the fast PVH entry.
 //!
 //! Everything fetched is cached under ~/.cache/rlagent-vm, keyed by package version:
 //! qemu (from bookworm-backports, because the image's qemu-utils comes from there), the

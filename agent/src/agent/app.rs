@@ -14,15 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-
-use super::reconcile::{Agent, AgentError};
+use super::{
+    error::{panic_message, AppError},
+    reconcile::{Agent, AgentError},
+    status::{HostStatus, Status},
+};
 use crate::{
-    config::{Config, ConfigError},
-    desired::{
-        state::{RuntimeState, StateError},
-        Desired, DesiredError,
-    },
+    config::Config,
+    desired::{state::RuntimeState, Desired},
     kernel::{self, Enforcer, KernelError, Observer},
     model::{
         alert::{Alert, State},
@@ -37,77 +36,6 @@ use crate::{
         stats::{Stats, TargetStats},
     },
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    /// Boxed: a config error carries the file, line, field and value.
-    #[error(transparent)]
-    Config(Box<ConfigError>),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Desired(#[from] DesiredError),
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-    #[error(transparent)]
-    Kernel(#[from] KernelError),
-    #[error(transparent)]
-    Target(#[from] TargetError),
-    #[error("{what} failed inside the agent ({message}); what was in force before was re-applied")]
-    Panicked { what: &'static str, message: String },
-}
-
-impl From<ConfigError> for AppError {
-    fn from(e: ConfigError) -> Self {
-        Self::Config(Box::new(e))
-    }
-}
-
-/// How a refusal reads to a client: its input was wrong, something it named does not
-/// exist, or applying failed (and the previous state is in force).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    Invalid,
-    NotFound,
-    Failed,
-}
-
-impl AppError {
-    pub fn refusal(&self) -> Refusal {
-        use crate::kernel::cgroup::CgroupError;
-        let desired = |e: &DesiredError| match e {
-            DesiredError::State(StateError::Quota { .. } | StateError::Target(_))
-            | DesiredError::TooManyUidCaps { .. } => Refusal::Invalid,
-            DesiredError::State(_) => Refusal::Failed,
-        };
-        let kernel = |e: &KernelError| match e {
-            KernelError::Cgroup(CgroupError::NoSuchCgroup { .. }) => Refusal::NotFound,
-            _ => Refusal::Failed,
-        };
-        match self {
-            Self::Config(_) | Self::Target(_) | Self::Agent(AgentError::NotMovable { .. }) => {
-                Refusal::Invalid
-            }
-            Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
-            Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),
-            Self::Agent(AgentError::UnknownGroup { .. } | AgentError::NoSuchCgroup { .. }) => {
-                Refusal::NotFound
-            }
-            Self::State(_) | Self::Agent(AgentError::State(_)) | Self::Panicked { .. } => {
-                Refusal::Failed
-            }
-        }
-    }
-}
-
-/// The text of a panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".to_string())
-}
 
 /// The Stats model of what `desired` manages, read through `observer` (also used by
 /// `rlagent stats` outside the agent).
@@ -150,36 +78,6 @@ impl Snapshot {
             not_enforced: agent.not_enforced(),
         }
     }
-}
-
-/// The agent's status (`rlctl status`). Callers who may read only their own UID's data
-/// get the first three fields; the host's layout is for root and operators.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Status {
-    pub version: String,
-    pub uptime_seconds: u64,
-    pub kernel: String,
-    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<HostStatus>,
-}
-
-/// Where the agent attaches, pins and reads its config, and what it enforces.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HostStatus {
-    pub cgroup2_mount: PathBuf,
-    pub cgroup_controllers: Vec<String>,
-    pub bpf_attach_cgroup: PathBuf,
-    pub bpf_pin_path: PathBuf,
-    pub config: PathBuf,
-    pub targets: usize,
-    pub alerts_firing: usize,
-    /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
-    #[serde(default)]
-    pub skipped_targets: Vec<String>,
-    /// Pins of the agent's programs and maps that are gone: a program whose link pin is
-    /// gone is detached; a map whose pin is gone loses its counts at the next start.
-    #[serde(default)]
-    pub pins_missing: Vec<PathBuf>,
 }
 
 pub struct App {
@@ -588,60 +486,5 @@ mod tests {
                 .pids
                 .is_some()
         );
-    }
-}
-
-#[cfg(test)]
-mod error_tests {
-    use std::{io, path::PathBuf};
-
-    use crate::{
-        config::ConfigError,
-        desired::state::StateError,
-        kernel::{bpf::BpfError, cgroup::CgroupError, placement::PlacementError},
-        model::error_chain,
-    };
-
-    /// Our errors name what failed and leave the cause to `source()`: the chain then says
-    /// each thing once.
-    #[test]
-    fn errors_do_not_repeat_their_source() {
-        let io = || io::Error::from_raw_os_error(libc::EACCES);
-        let path = PathBuf::from("/x/cpu.max");
-        let errors: Vec<Box<dyn std::error::Error>> = vec![
-            Box::new(ConfigError::Read {
-                path: path.clone(),
-                source: io(),
-            }),
-            Box::new(StateError::Write {
-                path: path.clone(),
-                source: io(),
-            }),
-            Box::new(CgroupError::Write {
-                path: path.clone(),
-                value: "max".into(),
-                source: io(),
-            }),
-            Box::new(BpfError::Io {
-                what: "opening",
-                path: path.clone(),
-                source: io(),
-            }),
-            Box::new(PlacementError::Move {
-                pid: 7,
-                comm: "sh".into(),
-                cgroup: path.clone(),
-                source: CgroupError::Write {
-                    path,
-                    value: "7".into(),
-                    source: io(),
-                },
-            }),
-        ];
-        for e in errors {
-            let chain = error_chain(e.as_ref());
-            assert_eq!(chain.matches("Permission denied").count(), 1, "{chain}");
-            assert!(!e.to_string().contains("Permission denied"), "{e}");
-        }
     }
 }

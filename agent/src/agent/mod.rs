@@ -2,7 +2,11 @@
 //! ([`app::App`]) that every entry point goes through.
 
 pub mod app;
+pub mod error;
 pub mod reconcile;
+pub mod status;
 
-pub use app::{collect_stats, App, AppError, HostStatus, Refusal, Snapshot, Status};
+pub use app::{collect_stats, App, Snapshot};
+pub use error::{AppError, Refusal};
 pub use reconcile::{cap_text, Agent, AgentError};
+pub use status::{HostStatus, Status};
