@@ -423,3 +423,70 @@ fn run_and_move_place_processes_in_a_group() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }
+
+#[test]
+fn under_journald_lines_carry_priorities_and_every_change_an_audit_line() {
+    if !privileged("journald_priorities_and_audit") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let (_cgroup, scratch) = setup("");
+    let log_path = scratch.dir.path().join("journal.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let meta = log.metadata().unwrap();
+    let mut agent = Command::new(rlagent_tests::target_bin("rlagent"))
+        .arg("--config")
+        .arg(scratch.config_path())
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !rlctl(&scratch, &["status"]).status.success() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the agent did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        rlctl(&scratch, &["set-quota", "user:61110", "--conns", "4"])
+            .status
+            .success()
+    );
+    assert!(
+        !rlctl(&scratch, &["set-quota", "user:61110", "--conns", "x"])
+            .status
+            .success()
+    );
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    agent.wait().unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    for line in text.lines() {
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"]
+                .iter()
+                .any(|p| line.starts_with(p)),
+            "no priority: {line}"
+        );
+        assert!(
+            !line.contains("2026-") && !line.contains("Z "),
+            "a timestamp: {line}"
+        );
+    }
+    assert!(text.contains("<6>") && text.contains("ready"), "{text}");
+    let audit: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("rlagent::audit"))
+        .collect();
+    assert_eq!(audit.len(), 2, "{text}");
+    assert!(
+        audit[0].contains("uid=0")
+            && audit[0].contains("SetQuota")
+            && audit[0].contains("accepted"),
+        "{}",
+        audit[0]
+    );
+    assert!(audit[1].contains("refused (Invalid)"), "{}", audit[1]);
+}

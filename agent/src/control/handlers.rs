@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{
-    access::Access,
+    access::{Access, Peer},
     protocol::{
         AlertsResult, ClearQuotaResult, ErrorCode, FieldValue, ListResult, MoveResult,
         ReloadResult, Request, Response, SetQuotaResult, TargetQuota,
@@ -19,7 +19,26 @@ use crate::{
     },
 };
 
-pub fn handle(app: &App, access: Access, request: Request) -> Response {
+/// Answers `request` from `peer`, and writes the audit line: every change, accepted or
+/// refused, at info level with the peer's UID and PID (target `rlagent::audit`); reads at
+/// debug level.
+pub fn handle(app: &App, peer: &Peer, access: Access, request: Request) -> Response {
+    let writes = request.writes();
+    let described = format!("{request:?}");
+    let response = answer(app, access, request);
+    let outcome = match &response.error {
+        None => "accepted".to_string(),
+        Some(e) => format!("refused ({:?}): {}", e.code, e.message),
+    };
+    if writes {
+        tracing::info!(target: "rlagent::audit", uid = peer.uid, pid = peer.pid.unwrap_or(0), request = %described, "{outcome}");
+    } else {
+        tracing::debug!(target: "rlagent::audit", uid = peer.uid, pid = peer.pid.unwrap_or(0), request = %described, "{outcome}");
+    }
+    response
+}
+
+fn answer(app: &App, access: Access, request: Request) -> Response {
     if let (true, Access::Reader { uid }) = (request.writes(), access) {
         return denied(format!(
             "permission denied: changing quotas needs root or the control group (you are uid {uid})"
@@ -256,11 +275,11 @@ mod tests {
     fn set_quota_applies_and_answers_with_what_was_set() {
         let fake = FakeAgent::new();
         let app = fake.app("");
-        let r = handle(&app, ROOT, set("user:alice", Field::Conns, "2"));
+        let r = answer(&app, ROOT, set("user:alice", Field::Conns, "2"));
         let result: SetQuotaResult = r.result().unwrap();
         assert_eq!(result.target, "user:1001", "names resolve to UIDs");
         assert_eq!(fake.kernel.record().conns.last().unwrap().per_uid[&1001], 2);
-        let list: ListResult = handle(&app, ROOT, Request::List {}).result().unwrap();
+        let list: ListResult = answer(&app, ROOT, Request::List {}).result().unwrap();
         assert_eq!(list.targets[0].fields[&Field::Conns].value, "2");
         assert_eq!(
             list.targets[0].fields[&Field::Conns].source,
@@ -308,13 +327,13 @@ mod tests {
             ),
         ];
         for (request, code, text) in cases {
-            let r = handle(&app, ROOT, request.clone());
+            let r = answer(&app, ROOT, request.clone());
             assert_eq!(error(&r).code, code, "{request:?}: {r:?}");
             assert!(error(&r).message.contains(text), "{request:?}: {r:?}");
         }
         // memory_high above memory: set memory first, then the conflicting high.
-        handle(&app, ROOT, set("batch", Field::Memory, "1G"));
-        let r = handle(&app, ROOT, set("batch", Field::MemoryHigh, "2G"));
+        answer(&app, ROOT, set("batch", Field::Memory, "1G"));
+        let r = answer(&app, ROOT, set("batch", Field::MemoryHigh, "2G"));
         assert_eq!(error(&r).code, ErrorCode::Invalid);
         assert!(error(&r).message.contains("above memory 1G"), "{r:?}");
         assert_eq!(
@@ -329,7 +348,7 @@ mod tests {
         let fake = FakeAgent::new();
         let app = fake.app("[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n");
         fake.kernel.record().fail_cgroups = vec![true];
-        let r = handle(&app, ROOT, set("batch", Field::Cpu, "20%"));
+        let r = answer(&app, ROOT, set("batch", Field::Cpu, "20%"));
         assert_eq!(error(&r).code, ErrorCode::Failed);
         assert!(
             error(&r).message.contains("/fake/cpu.max")
@@ -346,11 +365,11 @@ mod tests {
     fn readers_may_read_only_their_own() {
         let fake = FakeAgent::new();
         let app = fake.app("[[quota]]\ntarget = \"user:2000\"\nconns = 1\n[[quota]]\ntarget = \"user:3000\"\nconns = 1\n");
-        let r = handle(&app, USER, set("user:2000", Field::Conns, "9"));
+        let r = answer(&app, USER, set("user:2000", Field::Conns, "9"));
         assert_eq!(error(&r).code, ErrorCode::PermissionDenied);
-        let r = handle(&app, USER, Request::Reload {});
+        let r = answer(&app, USER, Request::Reload {});
         assert_eq!(error(&r).code, ErrorCode::PermissionDenied);
-        let r = handle(
+        let r = answer(
             &app,
             USER,
             Request::Stats {
@@ -358,10 +377,10 @@ mod tests {
             },
         );
         assert_eq!(error(&r).code, ErrorCode::PermissionDenied);
-        let list: ListResult = handle(&app, USER, Request::List {}).result().unwrap();
+        let list: ListResult = answer(&app, USER, Request::List {}).result().unwrap();
         let targets: Vec<&str> = list.targets.iter().map(|t| t.target.as_str()).collect();
         assert_eq!(targets, ["user:2000"]);
-        let list: ListResult = handle(&app, ROOT, Request::List {}).result().unwrap();
+        let list: ListResult = answer(&app, ROOT, Request::List {}).result().unwrap();
         assert_eq!(list.targets.len(), 2);
     }
 
@@ -370,11 +389,11 @@ mod tests {
         let fake = FakeAgent::new();
         let app = fake.app("");
         fake.write_config("[[quota]]\ntarget = \"user:*\"\nconns = 7\n");
-        let r = handle(&app, ROOT, Request::Reload {});
+        let r = answer(&app, ROOT, Request::Reload {});
         assert!(r.result::<ReloadResult>().unwrap().reloaded);
         assert_eq!(app.snapshot().desired.conns.default_cap, 7);
         fake.write_config("[[quota]]\ntarget = \"user:*\"\nconns = \"many\"\n");
-        let r = handle(&app, ROOT, Request::Reload {});
+        let r = answer(&app, ROOT, Request::Reload {});
         assert_eq!(error(&r).code, ErrorCode::Invalid);
         assert!(error(&r)
             .message
@@ -386,16 +405,16 @@ mod tests {
     fn status_and_moves_answer_typed() {
         let fake = FakeAgent::new();
         let app = fake.app("[[group]]\nname = \"batch\"\n");
-        let status: crate::agent::Status = handle(&app, ROOT, Request::Status {}).result().unwrap();
+        let status: crate::agent::Status = answer(&app, ROOT, Request::Status {}).result().unwrap();
         assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(status.host.unwrap().cgroup_controllers, ["cpu", "memory"]);
-        let theirs: crate::agent::Status = handle(&app, USER, Request::Status {}).result().unwrap();
+        let theirs: crate::agent::Status = answer(&app, USER, Request::Status {}).result().unwrap();
         assert_eq!(theirs.host, None, "users do not see the host's layout");
         let mut child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
             .unwrap();
-        let moved: MoveResult = handle(
+        let moved: MoveResult = answer(
             &app,
             ROOT,
             Request::Move {
@@ -412,7 +431,7 @@ mod tests {
             fake.kernel.record().moved,
             [(moved.cgroup.clone(), vec![child.id()])]
         );
-        let alerts: AlertsResult = handle(&app, USER, Request::Alerts {}).result().unwrap();
+        let alerts: AlertsResult = answer(&app, USER, Request::Alerts {}).result().unwrap();
         assert!(alerts.alerts.is_empty());
     }
 
@@ -421,8 +440,8 @@ mod tests {
         let fake = FakeAgent::new();
         let app = fake.app("[[group]]\nname = \"batch\"\n[control]\noperator_cgroups = [\"system.slice/web.service\"]\n");
         let ok = |r: Response| assert!(r.ok, "{r:?}");
-        ok(handle(&app, OPERATOR, set("user:2000", Field::Conns, "3")));
-        ok(handle(&app, OPERATOR, set("batch", Field::Pids, "100")));
+        ok(answer(&app, OPERATOR, set("user:2000", Field::Conns, "3")));
+        ok(answer(&app, OPERATOR, set("batch", Field::Pids, "100")));
         for (request, why) in [
             (set("user:0", Field::Pids, "1"), "system user"),
             (set("user:root", Field::Cpu, "1%"), "system user"),
@@ -435,7 +454,7 @@ mod tests {
                 "agent's subtree",
             ),
         ] {
-            let r = handle(&app, OPERATOR, request.clone());
+            let r = answer(&app, OPERATOR, request.clone());
             assert_eq!(error(&r).code, ErrorCode::PermissionDenied, "{request:?}");
             assert!(error(&r).message.contains(why), "{request:?}: {r:?}");
         }
@@ -444,7 +463,7 @@ mod tests {
             .unwrap()
             .cgroup;
         if !own.as_os_str().is_empty() {
-            let r = handle(
+            let r = answer(
                 &app,
                 OPERATOR,
                 set(&format!("cgroup:{}", own.display()), Field::Pids, "1"),
@@ -452,7 +471,7 @@ mod tests {
             assert_eq!(error(&r).code, ErrorCode::PermissionDenied, "{r:?}");
         }
         let move_pids = |access, pids: Vec<u32>| {
-            handle(
+            answer(
                 &app,
                 access,
                 Request::Move {

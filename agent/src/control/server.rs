@@ -88,13 +88,14 @@ pub async fn serve(listener: UnixListener, app: Arc<App>) {
                 continue;
             }
         };
-        let access = match Peer::of(&stream) {
-            Ok(peer) => peer.access(app.control_gid()),
+        let peer = match Peer::of(&stream) {
+            Ok(peer) => peer,
             Err(e) => {
                 tracing::warn!("control socket: no peer credentials: {e}");
                 continue;
             }
         };
+        let access = peer.access(app.control_gid());
         // Users share the general slots; root and operators fall back on the reserve.
         let permit = shared.clone().try_acquire_owned().or_else(|e| {
             if access.reads_all() {
@@ -107,7 +108,7 @@ pub async fn serve(listener: UnixListener, app: Arc<App>) {
             Ok(permit) => {
                 let app = app.clone();
                 tokio::spawn(async move {
-                    client(stream, access, app).await;
+                    client(stream, peer, access, app).await;
                     drop(permit);
                 });
             }
@@ -171,7 +172,7 @@ async fn send(out: &mut (impl AsyncWriteExt + Unpin), response: &Response) -> bo
     )
 }
 
-async fn client(stream: UnixStream, access: Access, app: Arc<App>) {
+async fn client(stream: UnixStream, peer: Peer, access: Access, app: Arc<App>) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
     loop {
@@ -195,7 +196,10 @@ async fn client(stream: UnixStream, access: Access, app: Arc<App>) {
                         return;
                     }
                     Ok(request) => app
-                        .blocking("request", move |app| handlers::handle(app, access, request))
+                        .blocking("request", {
+                            let peer = peer.clone();
+                            move |app| handlers::handle(app, &peer, access, request)
+                        })
                         .await
                         .unwrap_or_else(|e| handlers::refused(&e)),
                 },

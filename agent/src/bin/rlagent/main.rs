@@ -2,6 +2,7 @@
 
 mod check_config;
 mod conns;
+mod log;
 mod run;
 mod stats;
 mod uninstall;
@@ -49,14 +50,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RLAGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    log::init();
     let cli = Cli::parse();
     let config = cli.config.as_deref();
     let result = match cli.command.unwrap_or(Command::Run) {
