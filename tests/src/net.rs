@@ -6,7 +6,7 @@ use std::{
     path::Path,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex,
     },
     thread,
@@ -80,10 +80,23 @@ impl Drop for Listener {
 }
 
 /// A loopback port nothing listens on: free to bind (a test's own server), or refused
-/// when connected to.
+/// when connected to. Taken below the kernel's ephemeral range (32768 and up by default),
+/// so no outgoing connection of another process takes it meanwhile, and never the same
+/// twice in one test binary, where tests run in parallel.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each test binary starts at its own place in 20000..32000.
+    let base = 20_000 + (std::process::id() % 600) * 20;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        let port = u16::try_from(port).expect("below 32000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// Outcome of one connect() by a helper.
