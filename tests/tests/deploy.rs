@@ -133,3 +133,64 @@ fn the_rules_reader_sees_a_changed_threshold() {
     assert_eq!(rules[0].threshold, 0.8);
     assert_eq!(rules[1].for_secs, 120);
 }
+
+/// The example config is valid as shipped, and names every section and every quota field
+/// (a key the parser gained but the example lacks fails here).
+#[test]
+fn the_example_config_is_valid_and_shows_every_key() {
+    let path = deploy("rlagent.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config = rlagent::config::Config::parse(&text, &path, &rlagent::kernel::nss::SystemUsers)
+        .unwrap_or_else(|e| panic!("{}", rlagent::model::error_chain(&e)));
+    assert!(!config.quotas.is_empty() && !config.groups.is_empty());
+    for key in [
+        "cgroup_root",
+        "state_path",
+        "[bpf]",
+        "attach_cgroup",
+        "pin_path",
+        "count_udp",
+        "uid_min",
+        "deny_errno",
+        "max_tracked_sockets",
+        "host_conns",
+        "[control]",
+        "socket",
+        "mode",
+        "group =",
+        "operator_cgroups",
+        "[metrics]",
+        "listen",
+        "[alerts]",
+        "defaults",
+        "interval",
+        "alertmanager_url",
+        "[[alert]]",
+        "stat",
+        "op",
+        "threshold",
+        "for =",
+        "window",
+        "severity",
+        "summary",
+        "[[group]]",
+        "uids",
+        "gids",
+        "comms",
+        "exes",
+        "[[quota]]",
+    ] {
+        assert!(
+            text.contains(key),
+            "deploy/rlagent.toml does not show {key}"
+        );
+    }
+    for field in rlagent::model::quota::Field::ALL {
+        assert!(
+            text.contains(&format!("{} ", field.name()))
+                || text.contains(&format!("{},", field.name())),
+            "deploy/rlagent.toml does not show the quota field {}",
+            field.name()
+        );
+    }
+}
