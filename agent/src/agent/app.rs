@@ -37,6 +37,19 @@ use crate::{
     },
 };
 
+/// The GID of the control group (`[control] group`), `None` when there is none or the
+/// look-up fails (logged). The socket's group (at bind) and the operator check ask through
+/// here, so both treat a failed look-up alike.
+pub fn control_gid(users: &dyn UserDb, group: &str) -> Option<u32> {
+    match users.gid(group) {
+        Ok(gid) => gid,
+        Err(e) => {
+            tracing::warn!(%group, "cannot look up the control group: {e}");
+            None
+        }
+    }
+}
+
 /// The Stats model of what `desired` manages, read through `observer` (also used by
 /// `rlagent stats` outside the agent).
 pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats, KernelError> {
@@ -116,6 +129,7 @@ impl App {
             kernel::cgroup::driver::CgroupDriver::new(kernel::cgroup::CgroupFs::new(&mount));
         super::reconcile::skip_vanished(&config, driver.missing(&desired.cgroups))?;
         let settings = kernel::Settings {
+            mount,
             attach_cgroup: config.bpf.attach_cgroup.clone(),
             pin_path: config.bpf.pin_path.clone(),
             max_tracked_sockets: config.bpf.max_tracked_sockets,
@@ -139,13 +153,7 @@ impl App {
         users: Arc<dyn UserDb>,
     ) -> Arc<Self> {
         let snapshot = Snapshot::of(&agent);
-        let control_gid = match users.gid(&snapshot.config.control_group) {
-            Ok(gid) => gid,
-            Err(e) => {
-                tracing::warn!(group = %snapshot.config.control_group, "cannot look up the control group: {e}");
-                None
-            }
-        };
+        let control_gid = control_gid(users.as_ref(), &snapshot.config.control_group);
         let mut protected = vec![snapshot.config.bpf.attach_cgroup.clone()];
         for pid in [std::process::id(), 1] {
             if let Some(process) = kernel::placement::read_proc(pid) {

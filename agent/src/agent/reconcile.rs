@@ -289,7 +289,7 @@ impl Agent {
             let refuse = |reason: String| AgentError::NotMovable { pid, reason };
             let process = crate::kernel::placement::read_proc(pid)
                 .ok_or_else(|| refuse("no such process".into()))?;
-            if pid == 1 || process.kernel_thread || pid == std::process::id() {
+            if crate::kernel::placement::never_moved(&process, std::process::id()) {
                 return Err(refuse(
                     "PID 1, kernel threads and the agent itself stay where they are".into(),
                 ));

@@ -59,6 +59,8 @@ impl From<PlacementError> for KernelError {
 /// Where the programs attach and pin: fixed for the agent's lifetime.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
+    /// The cgroup2 mount.
+    pub mount: PathBuf,
     /// Relative to the cgroup2 mount; empty = the root (host-wide).
     pub attach_cgroup: PathBuf,
     pub pin_path: PathBuf,
@@ -137,7 +139,7 @@ impl System {
         settings: &Settings,
         desired: &Desired,
     ) -> Result<(Self, SystemObserver), KernelError> {
-        let mount = cgroup::mount::find()?;
+        let mount = settings.mount.clone();
         let attach_cgroup = mount.join(&settings.attach_cgroup);
         if !attach_cgroup.join("cgroup.procs").exists() {
             return Err(KernelError::NoAttachCgroup {

@@ -23,7 +23,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async {
         let socket_path = config.control_socket.clone();
-        let control_gid = users.gid(&config.control_group).ok().flatten();
+        let control_gid = rlagent::agent::app::control_gid(users.as_ref(), &config.control_group);
         let listener = server::bind(&socket_path, config.control_mode, control_gid)?;
         let metrics_listen = config.metrics_listen;
         let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)

@@ -97,12 +97,7 @@ pub enum Decision {
 /// 3. the user's own cgroup, when its UID has cgroup quota fields (own or `user:*`);
 /// 4. otherwise, leave it where it is.
 pub fn decide(plan: &CgroupPlan, p: &ProcInfo, own_pid: u32) -> Decision {
-    if p.kernel_thread
-        || p.pid == 1
-        || p.pid == own_pid
-        || plan.inside_cgroup_target(&p.cgroup)
-        || in_service(&p.cgroup)
-    {
+    if never_moved(p, own_pid) || plan.inside_cgroup_target(&p.cgroup) || in_service(&p.cgroup) {
         return Decision::Leave;
     }
     let system = p.uid < plan.uid_min;
@@ -119,6 +114,12 @@ pub fn decide(plan: &CgroupPlan, p: &ProcInfo, own_pid: u32) -> Decision {
         return Decision::User(p.uid);
     }
     Decision::Leave
+}
+
+/// True for the processes nothing moves, whoever asks: kernel threads, PID 1 and the agent
+/// (`own_pid`).
+pub fn never_moved(p: &ProcInfo, own_pid: u32) -> bool {
+    p.kernel_thread || p.pid == 1 || p.pid == own_pid
 }
 
 /// True when `cgroup` lies in a systemd service's cgroup (a component named `*.service`).
