@@ -177,11 +177,15 @@ pub mod kernel {
             Ok(CgroupReport::default())
         }
 
-        fn move_pids(&self, cgroup: &std::path::Path, pids: &[u32]) -> Result<(), KernelError> {
-            self.record()
-                .moved
-                .push((cgroup.to_path_buf(), pids.to_vec()));
-            Ok(())
+        fn move_pids(
+            &self,
+            plan: &CgroupPlan,
+            group: &str,
+            pids: &[u32],
+        ) -> Result<std::path::PathBuf, KernelError> {
+            let cgroup = plan.group_cgroup(group);
+            self.record().moved.push((cgroup.clone(), pids.to_vec()));
+            Ok(cgroup)
         }
     }
 

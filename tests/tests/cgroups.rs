@@ -16,7 +16,7 @@ use rlagent::{
     kernel::{
         cgroup::{driver::CgroupDriver, mount, CgroupFs},
         nss::SystemUsers,
-        placement::Placer,
+        placement::{CgroupfsMover, Placer},
     },
 };
 use rlagent_tests::{cgroup_of, privileged, target_bin, wait_placed, Agent, Scratch, TestCgroup};
@@ -184,7 +184,9 @@ fn children_forked_before_the_move_follow_their_parent() {
     }
     let placer = Placer::new(
         desired.cgroups.clone(),
-        CgroupDriver::new(fs.clone()),
+        Box::new(CgroupfsMover {
+            driver: CgroupDriver::new(fs.clone()),
+        }),
         Default::default(),
     );
     placer.place(parent.id()).unwrap();

@@ -144,6 +144,7 @@ fn the_example_config_is_valid_and_shows_every_key() {
         .unwrap_or_else(|e| panic!("{}", rlagent::model::error_chain(&e)));
     assert!(!config.quotas.is_empty() && !config.groups.is_empty());
     for key in [
+        "cgroup_driver",
         "cgroup_root",
         "state_path",
         "[bpf]",

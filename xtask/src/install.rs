@@ -58,6 +58,13 @@ pub fn install(opts: Options) -> Result<()> {
         unit.as_bytes(),
         0o644,
     )?;
+    // Not active: the drop-in for hosts that set cgroup_driver = "cgroupfs".
+    put(
+        &root,
+        &format!("{prefix}/share/rlagent/cgroupfs-driver.conf"),
+        &std::fs::read(ws.join("systemd/cgroupfs-driver.conf"))?,
+        0o644,
+    )?;
     put(
         &root,
         "/usr/lib/sysusers.d/rlagent.conf",

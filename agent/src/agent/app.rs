@@ -116,15 +116,17 @@ impl App {
     /// Starts enforcement for `config`: the runtime overrides from its state file, the
     /// desired state, the kernel (programs, maps, cgroups, placement).
     pub fn start(
-        config: Config,
+        mut config: Config,
         config_path: Option<PathBuf>,
         users: Arc<dyn UserDb>,
     ) -> Result<Arc<Self>, AppError> {
+        let mount = kernel::cgroup::mount::find().map_err(KernelError::from)?;
+        config.resolve_driver(kernel::systemd::systemd_host(&mount));
+        tracing::info!(driver = %config.driver, "cgroup driver");
         let runtime = RuntimeState::load(&config.state_path)?;
         let desired = Desired::build(&config, &runtime, users.as_ref())?;
         // A cgroup target of the config that is missing refuses the start before anything
         // is loaded; runtime ones that vanished are skipped by the agent.
-        let mount = kernel::cgroup::mount::find().map_err(KernelError::from)?;
         let driver =
             kernel::cgroup::driver::CgroupDriver::new(kernel::cgroup::CgroupFs::new(&mount));
         super::reconcile::skip_vanished(&config, driver.missing(&desired.cgroups))?;
@@ -133,6 +135,11 @@ impl App {
             attach_cgroup: config.bpf.attach_cgroup.clone(),
             pin_path: config.bpf.pin_path.clone(),
             max_tracked_sockets: config.bpf.max_tracked_sockets,
+            driver: config.driver,
+            systemd_record: config
+                .control_socket
+                .parent()
+                .map(|dir| dir.join("systemd-units")),
         };
         let (system, observer) = kernel::System::start(&settings, &desired)?;
         let agent = Agent::start(
@@ -320,6 +327,7 @@ impl App {
             let (mount, controllers) = self.observer.cgroup2();
             HostStatus {
                 bpf_attach_cgroup: mount.join(&snapshot.config.bpf.attach_cgroup),
+                cgroup_driver: snapshot.config.driver.to_string(),
                 cgroup2_mount: mount,
                 cgroup_controllers: controllers,
                 bpf_pin_path: snapshot.config.bpf.pin_path.clone(),

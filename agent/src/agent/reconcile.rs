@@ -11,7 +11,7 @@ use crate::{
         Desired, DesiredError,
     },
     kernel::{cgroup::driver::Skipped, Enforcer, KernelError},
-    model::{quota::Field, target::Target, users::UserDb},
+    model::{layout::Driver, quota::Field, target::Target, users::UserDb},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -316,8 +316,7 @@ impl Agent {
                 )));
             }
         }
-        self.kernel.move_pids(&cgroup, pids)?;
-        Ok(cgroup)
+        Ok(self.kernel.move_pids(plan, group, pids)?)
     }
 
     pub fn config(&self) -> &Config {
@@ -359,10 +358,15 @@ impl Agent {
                             })
                         }),
                     _ => self.subtree_missing.iter().any(|c| c == controller).then(|| {
-                        format!(
-                            "the {controller} controller is not available to the agent's subtree /{} (on a hybrid host it is bound to cgroup v1)",
-                            self.config.cgroup_root.display()
-                        )
+                        match self.config.driver {
+                            Driver::Cgroupfs => format!(
+                                "the {controller} controller is not available to the agent's subtree /{} (on a hybrid host it is bound to cgroup v1)",
+                                self.config.cgroup_root.display()
+                            ),
+                            Driver::Systemd => format!(
+                                "the {controller} controller is not available at the cgroup2 root (disabled on the kernel command line, or bound to cgroup v1): systemd cannot enforce it"
+                            ),
+                        }
                     }),
                 };
                 if let Some(reason) = reason {

@@ -18,6 +18,9 @@ pub struct Status {
 /// Where the agent attaches, pins and reads its config, and what it enforces.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostStatus {
+    /// The cgroup driver in use: `systemd` or `cgroupfs`.
+    #[serde(default)]
+    pub cgroup_driver: String,
     pub cgroup2_mount: PathBuf,
     pub cgroup_controllers: Vec<String>,
     pub bpf_attach_cgroup: PathBuf,

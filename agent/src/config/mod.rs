@@ -10,6 +10,7 @@ use std::{
 
 use crate::model::{
     alert::{AlertmanagerUrl, Rule},
+    layout::{Driver, DriverSetting, Layout},
     quota::{Quota, QuotaError},
     target::{Target, TargetError},
     users::UserDb,
@@ -95,7 +96,14 @@ pub struct GroupRule {
 pub struct Config {
     /// Where the config came from (a path, or `<embedded default>`).
     pub source: PathBuf,
+    /// The agent's subtree under the cgroupfs driver (the systemd driver uses
+    /// `rlagent.slice`).
     pub cgroup_root: PathBuf,
+    /// `cgroup_driver` as written.
+    pub cgroup_driver: DriverSetting,
+    /// The driver in use: `cgroup_driver` resolved against the host by
+    /// [`Config::resolve_driver`] (until then `auto` means cgroupfs).
+    pub driver: Driver,
     pub state_path: PathBuf,
     pub bpf: BpfConfig,
     pub control_socket: PathBuf,
@@ -160,6 +168,8 @@ impl Config {
         Ok(Self {
             source: path.to_path_buf(),
             cgroup_root,
+            cgroup_driver: raw.cgroup_driver,
+            driver: raw.cgroup_driver.resolve(false),
             state_path: raw.state_path,
             bpf: bpf::validate(&at, &raw.bpf)?,
             control_socket: control.socket,
@@ -177,6 +187,17 @@ impl Config {
 }
 
 impl Config {
+    /// Decides `auto` for this host: systemd when `systemd_host` (PID 1 is systemd and
+    /// cgroup2 is unified).
+    pub fn resolve_driver(&mut self, systemd_host: bool) {
+        self.driver = self.cgroup_driver.resolve(systemd_host);
+    }
+
+    /// Where the agent's cgroups lie under the driver in use.
+    pub fn layout(&self) -> Layout {
+        Layout::new(self.driver, &self.cgroup_root)
+    }
+
     /// Keeps `running`'s values of the settings that only a restart can change (where the
     /// programs attach and pin, the agent's subtree, its state file, socket and listeners,
     /// the Alertmanager), and returns the names of those that this config would change.
@@ -194,6 +215,9 @@ impl Config {
         keep!(bpf.pin_path, "[bpf] pin_path");
         keep!(bpf.max_tracked_sockets, "[bpf] max_tracked_sockets");
         keep!(cgroup_root, "cgroup_root");
+        keep!(cgroup_driver, "cgroup_driver");
+        // Decided once at start, never by a reload.
+        self.driver = running.driver;
         keep!(state_path, "state_path");
         keep!(control_socket, "[control] socket");
         keep!(control_mode, "[control] mode");
@@ -285,6 +309,31 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"), &crate::testing::Users)
+    }
+
+    #[test]
+    fn the_cgroup_driver_is_decided_once_at_start() {
+        let mut running = parse("").unwrap();
+        assert_eq!(running.cgroup_driver, DriverSetting::Auto);
+        assert_eq!(running.driver, Driver::Cgroupfs, "auto before resolving");
+        running.resolve_driver(true);
+        assert_eq!(running.driver, Driver::Systemd);
+        assert_eq!(running.layout().root, PathBuf::from("rlagent.slice"));
+        // A reload never switches drivers: the same setting keeps the resolved driver...
+        let mut same = parse("").unwrap();
+        assert!(same.keep_restart_settings(&running).is_empty());
+        assert_eq!(same.driver, Driver::Systemd);
+        // ...and another setting is reported as needing a restart.
+        let mut other = parse("cgroup_driver = \"cgroupfs\"\n").unwrap();
+        assert_eq!(other.keep_restart_settings(&running), ["cgroup_driver"]);
+        assert_eq!(other.driver, Driver::Systemd);
+        let e = parse("cgroup_driver = \"docker\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown variant") && e.contains("systemd"),
+            "{e}"
+        );
     }
 
     #[test]

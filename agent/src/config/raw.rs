@@ -8,6 +8,7 @@ use toml::Spanned;
 
 use crate::model::{
     alert::{Op, Stat},
+    layout::DriverSetting,
     quota::IntOrString,
 };
 
@@ -16,6 +17,8 @@ use crate::model::{
 pub(super) struct RawConfig {
     #[serde(default = "default_cgroup_root")]
     pub(super) cgroup_root: Spanned<String>,
+    #[serde(default = "default_cgroup_driver")]
+    pub(super) cgroup_driver: DriverSetting,
     #[serde(default = "default_state_path")]
     pub(super) state_path: PathBuf,
     #[serde(default)]
@@ -80,6 +83,9 @@ fn default_severity() -> String {
     "warning".to_string()
 }
 
+fn default_cgroup_driver() -> DriverSetting {
+    DriverSetting::Auto
+}
 fn default_cgroup_root() -> Spanned<String> {
     Spanned::new(0..0, "rlagent.slice".to_string())
 }

@@ -81,7 +81,7 @@ impl Access {
                         show(p)
                     ));
                 }
-                if path.starts_with(&config.cgroup_root) {
+                if path.starts_with(config.layout().root) {
                     return denied(format!(
                         "{target} is inside the agent's subtree; change its group instead"
                     ));

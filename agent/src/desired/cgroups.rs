@@ -9,6 +9,7 @@ use std::{
 use crate::{
     config::{Config, GroupRule},
     model::{
+        layout::Layout,
         quota::{CpuMax, Limit, Quota},
         target::{Target, UserRef},
     },
@@ -53,8 +54,9 @@ impl CgroupQuota {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupPlan {
-    /// The agent's subtree, relative to the cgroup2 mount.
-    pub root: PathBuf,
+    /// Where the driver in use puts groups and users; `layout.root` is the agent's subtree,
+    /// relative to the cgroup2 mount.
+    pub layout: Layout,
     /// Named groups: every `[[group]]` and every group that has a quota.
     pub groups: BTreeMap<String, CgroupQuota>,
     /// `user:<uid>` targets with cgroup fields of their own.
@@ -76,7 +78,7 @@ impl CgroupPlan {
             .get(&Target::AllUsers)
             .filter(|q| q.has_cgroup_fields());
         let mut plan = Self {
-            root: config.cgroup_root.clone(),
+            layout: config.layout(),
             groups: BTreeMap::new(),
             users: BTreeMap::new(),
             user_default: default.map(|d| CgroupQuota::resolve(None, Some(d))),
@@ -115,12 +117,17 @@ impl CgroupPlan {
             || !self.cgroups.is_empty()
     }
 
+    /// The agent's subtree, relative to the cgroup2 mount.
+    pub fn root(&self) -> &Path {
+        &self.layout.root
+    }
+
     pub fn group_cgroup(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+        self.layout.group_cgroup(name)
     }
 
     pub fn user_cgroup(&self, uid: u32) -> PathBuf {
-        self.root.join(format!("user-{uid}"))
+        self.layout.user_cgroup(uid)
     }
 
     /// The quota a user cgroup gets, `None` when the UID's processes are not placed.

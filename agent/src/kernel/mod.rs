@@ -2,13 +2,14 @@
 //! config. Two traits are the boundary the agent reconciles through, so the reconcile and
 //! roll-back logic is tested against fakes: [`Enforcer`] writes, [`Observer`] reads (and is
 //! shared with stats, /metrics and alerts without the agent's lock). [`System`] and
-//! [`SystemObserver`] are the real ones: BPF maps and links, the cgroupfs driver and
-//! placement.
+//! [`SystemObserver`] are the real ones: BPF maps and links, the cgroup driver (cgroupfs,
+//! or systemd over D-Bus: [`systemd`]) and placement.
 
 pub mod bpf;
 pub mod cgroup;
 pub mod nss;
 pub mod placement;
+pub mod systemd;
 
 use std::{
     collections::BTreeSet,
@@ -18,7 +19,10 @@ use std::{
 
 use crate::{
     desired::{cgroups::CgroupPlan, conns::ConnLimits, Desired},
-    model::usage::{CgroupStats, HostConnStats, ProgramStats, UidConnStats},
+    model::{
+        layout::Driver,
+        usage::{CgroupStats, HostConnStats, ProgramStats, UidConnStats},
+    },
 };
 use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
 use cgroup::{
@@ -26,7 +30,8 @@ use cgroup::{
     mount::MountError,
     CgroupError, CgroupFs, Controller,
 };
-use placement::{PlacementError, Placer, ScanReport};
+use placement::{CgroupfsMover, Mover, PlacementError, Placer, ScanReport, SystemdMover};
+use systemd::{SystemdDriver, SystemdError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -40,6 +45,8 @@ pub enum KernelError {
     /// Boxed, like `Bpf`: it carries a process's name, cgroup and the cgroup error.
     #[error(transparent)]
     Placement(Box<PlacementError>),
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
     #[error("attach cgroup {path} does not exist; create it or fix [bpf] attach_cgroup")]
     NoAttachCgroup { path: PathBuf },
 }
@@ -66,6 +73,11 @@ pub struct Settings {
     pub pin_path: PathBuf,
     /// Size of the charged-socket map when it is created.
     pub max_tracked_sockets: u32,
+    /// Who writes the cgroup tree.
+    pub driver: Driver,
+    /// Where the systemd driver records the unit properties it set (beside the control
+    /// socket, so it is gone at reboot like the properties themselves).
+    pub systemd_record: Option<PathBuf>,
 }
 
 /// What applying a cgroup plan did.
@@ -102,8 +114,14 @@ pub trait Enforcer: Send {
         plan: &CgroupPlan,
         previous: Option<&CgroupPlan>,
     ) -> Result<CgroupReport, KernelError>;
-    /// Moves processes into `cgroup` (relative to the mount).
-    fn move_pids(&self, cgroup: &Path, pids: &[u32]) -> Result<(), KernelError>;
+    /// Moves processes into `group`; returns the cgroup they are in now (relative to the
+    /// mount).
+    fn move_pids(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, KernelError>;
 }
 
 /// Reads from the kernel.
@@ -123,10 +141,12 @@ pub trait Observer: Send + Sync {
     fn pins_missing(&self) -> Vec<PathBuf>;
 }
 
-/// The real enforcer: BPF programs and maps, the cgroupfs driver, placement.
+/// The real enforcer: BPF programs and maps, the cgroup driver, placement.
 pub struct System {
     mount: PathBuf,
     limiter: ConnLimiter,
+    /// `Some` under the systemd driver.
+    systemd: Option<Arc<SystemdDriver>>,
     placer: Option<Arc<RwLock<Placer>>>,
     moves: Arc<AtomicU64>,
 }
@@ -146,9 +166,23 @@ impl System {
                 path: attach_cgroup,
             });
         }
+        let systemd = match settings.driver {
+            Driver::Cgroupfs => None,
+            Driver::Systemd => {
+                let bus = systemd::dbus::SystemBus::connect()?;
+                let driver = Arc::new(SystemdDriver::new(
+                    bus.clone() as Arc<dyn systemd::Bus>,
+                    &mount,
+                    settings.systemd_record.clone(),
+                ));
+                systemd::watch_new_users(bus, driver.clone());
+                Some(driver)
+            }
+        };
         let mut system = Self {
             mount: mount.clone(),
             limiter: ConnLimiter::load(&settings.pin_path, settings.max_tracked_sockets)?,
+            systemd,
             placer: None,
             moves: Arc::new(AtomicU64::new(0)),
         };
@@ -192,24 +226,43 @@ impl Enforcer for System {
         previous: Option<&CgroupPlan>,
     ) -> Result<CgroupReport, KernelError> {
         let had_cgroups = previous.is_some_and(CgroupPlan::wants_cgroups);
-        if !plan.wants_cgroups() && !had_cgroups && self.placer.is_none() {
+        // Under systemd the driver always runs: its record may hold limits of an earlier
+        // run that this plan drops.
+        if !plan.wants_cgroups() && !had_cgroups && self.placer.is_none() && self.systemd.is_none()
+        {
             return Ok(CgroupReport::default());
         }
-        let applied = self.driver().apply(plan, previous)?;
+        let (applied, mover): (_, Box<dyn Mover>) = match &self.systemd {
+            Some(driver) => (
+                driver.apply(plan)?,
+                Box::new(SystemdMover {
+                    driver: driver.clone(),
+                }),
+            ),
+            None => (
+                self.driver().apply(plan, previous)?,
+                Box::new(CgroupfsMover {
+                    driver: self.driver(),
+                }),
+            ),
+        };
+        // Under systemd only group rules move processes; with none, nothing is watched.
+        let placing = self.systemd.is_none() || !plan.rules.is_empty();
         match &self.placer {
             Some(placer) => placer
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .set_plan(plan.clone()),
-            None => {
+            None if placing => {
                 let placer = Arc::new(RwLock::new(Placer::new(
                     plan.clone(),
-                    self.driver(),
+                    mover,
                     self.moves.clone(),
                 )));
                 placement::watch(placer.clone())?;
                 self.placer = Some(placer);
             }
+            None => {}
         }
         let placed = self
             .placer
@@ -223,17 +276,26 @@ impl Enforcer for System {
         })
     }
 
-    fn move_pids(&self, cgroup: &Path, pids: &[u32]) -> Result<(), KernelError> {
+    fn move_pids(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, KernelError> {
+        if let Some(driver) = &self.systemd {
+            return Ok(driver.start_scope(plan, group, pids)?);
+        }
         let fs = CgroupFs::new(&self.mount);
+        let cgroup = plan.group_cgroup(group);
         for pid in pids {
-            match fs.move_pid(cgroup, *pid) {
+            match fs.move_pid(&cgroup, *pid) {
                 // Exited since it was checked: nothing left to move.
                 Err(CgroupError::Write { source, .. })
                     if source.raw_os_error() == Some(libc::ESRCH) => {}
                 result => result?,
             }
         }
-        Ok(())
+        Ok(cgroup)
     }
 }
 

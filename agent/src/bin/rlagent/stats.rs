@@ -7,12 +7,13 @@ use rlagent::{
     agent::collect_stats,
     config::Config,
     desired::{state::RuntimeState, Desired},
-    kernel::{nss::SystemUsers, SystemObserver},
+    kernel::{cgroup::mount, nss::SystemUsers, systemd, SystemObserver},
     observe::table,
 };
 
 pub fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let config = Config::load(config_path, &SystemUsers)?;
+    let mut config = Config::load(config_path, &SystemUsers)?;
+    config.resolve_driver(systemd::systemd_host(&mount::find()?));
     let runtime = RuntimeState::load(&config.state_path)?;
     let desired = Desired::build(&config, &runtime, &SystemUsers)?;
     let stats = collect_stats(&SystemObserver::open(&config.bpf.pin_path)?, &desired)?;

@@ -1,6 +1,8 @@
-//! `rlagent uninstall`: detaches the programs, removes their pins, moves placed processes
-//! back to the root cgroup and removes the agent's subtree. Refused while an agent
-//! answers on the control socket, unless `--force`.
+//! `rlagent uninstall`: detaches the programs, removes their pins, and undoes the cgroup
+//! driver's work: under cgroupfs it moves placed processes back to the root cgroup and
+//! removes the agent's subtree; under systemd it resets every unit property the agent set
+//! (processes stay in their scopes, now unlimited). Refused while an agent answers on the
+//! control socket, unless `--force`.
 
 use std::path::Path;
 
@@ -10,11 +12,13 @@ use rlagent::{
         bpf,
         cgroup::{mount, CgroupFs},
         nss::SystemUsers,
+        systemd,
     },
+    model::layout::Driver,
 };
 
 pub fn uninstall(config_path: Option<&Path>, force: bool) -> anyhow::Result<()> {
-    let config = Config::load(config_path, &SystemUsers)?;
+    let mut config = Config::load(config_path, &SystemUsers)?;
     let socket = &config.control_socket;
     if !force && std::os::unix::net::UnixStream::connect(socket).is_ok() {
         anyhow::bail!(
@@ -28,6 +32,18 @@ pub fn uninstall(config_path: Option<&Path>, force: bool) -> anyhow::Result<()> 
         config.bpf.pin_path.display()
     );
     let mount = mount::find()?;
+    config.resolve_driver(systemd::systemd_host(&mount));
+    if config.driver == Driver::Systemd {
+        let bus = systemd::dbus::SystemBus::connect()?;
+        let record = config
+            .control_socket
+            .parent()
+            .map(|dir| dir.join("systemd-units"));
+        let driver = systemd::SystemdDriver::new(bus, &mount, record);
+        let units = driver.reset_all()?;
+        println!("reset the limits rlagent had set on {units} systemd units");
+        return Ok(());
+    }
     let fs = CgroupFs::new(&mount);
     if fs.path(&config.cgroup_root).exists() {
         let moved = fs.remove_tree(&config.cgroup_root)?;

@@ -53,6 +53,7 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
                 h.bpf_attach_cgroup.display().to_string(),
             );
             row("bpf_pin_path", h.bpf_pin_path.display().to_string());
+            row("cgroup_driver", h.cgroup_driver.clone());
             row("cgroup2_mount", h.cgroup2_mount.display().to_string());
             row("cgroup_controllers", h.cgroup_controllers.join(" "));
             row("config", h.config.display().to_string());

@@ -9,6 +9,7 @@ use super::{cpu, memory, pids, psi, CgroupError, CgroupFs, Controller};
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
     model::{
+        layout::Driver,
         quota::{Field, Limit},
         usage::CgroupStats,
     },
@@ -94,7 +95,7 @@ impl CgroupDriver {
         let mut ensure = |relative: &Path, report: &mut ApplyReport| -> Result<(), CgroupError> {
             for e in self.fs.ensure(relative, &Controller::ALL)? {
                 if let CgroupError::Unavailable { controller, .. } = &e {
-                    if relative == plan.root {
+                    if relative == plan.root() {
                         report.subtree_missing.insert(*controller);
                     }
                     if seen_unavailable.insert(*controller) {
@@ -104,7 +105,7 @@ impl CgroupDriver {
             }
             Ok(())
         };
-        ensure(&plan.root, &mut report)?;
+        ensure(plan.root(), &mut report)?;
         for (name, quota) in &plan.groups {
             let dir = plan.group_cgroup(name);
             ensure(&dir, &mut report)?;
@@ -117,7 +118,7 @@ impl CgroupDriver {
         }
         // Existing children of the subtree that the plan does not name explicitly: user
         // cgroups made on demand (default quota, or none now) and removed groups.
-        for child in self.children(&plan.root)? {
+        for child in self.children(plan.root())? {
             let name = child.to_string_lossy().into_owned();
             let quota = match name
                 .strip_prefix("user-")
@@ -128,7 +129,7 @@ impl CgroupDriver {
                 None if plan.groups.contains_key(&name) => continue,
                 None => CgroupQuota::NONE,
             };
-            self.write_quota(&plan.root.join(&child), &quota, &mut report)?;
+            self.write_quota(&plan.root().join(&child), &quota, &mut report)?;
         }
         for (path, quota) in &plan.cgroups {
             self.write_quota(path, quota, &mut report)?;
@@ -236,14 +237,18 @@ impl CgroupDriver {
         for name in plan.groups.keys() {
             add(format!("group:{name}"), &plan.group_cgroup(name))?;
         }
-        let mut uids: Vec<u32> = std::fs::read_dir(self.fs.path(&plan.root))
+        let mut uids: Vec<u32> = std::fs::read_dir(self.fs.path(&plan.layout.users_dir()))
             .map(|rd| {
                 rd.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("user-")?.parse().ok())
+                    .filter_map(|e| plan.layout.uid_of(e.file_name().to_str()?))
                     .collect()
             })
             .unwrap_or_default();
         uids.sort_unstable();
+        // Under systemd, user.slice holds every logged-in user: show those the plan limits.
+        uids.retain(|uid| {
+            plan.layout.driver == Driver::Cgroupfs || plan.user_quota(*uid).is_some()
+        });
         for uid in uids {
             add(format!("user:{uid}"), &plan.user_cgroup(uid))?;
         }

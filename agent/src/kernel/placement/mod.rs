@@ -20,7 +20,10 @@ use std::{
 
 use crate::{
     desired::cgroups::CgroupPlan,
-    kernel::cgroup::{driver::CgroupDriver, CgroupError},
+    kernel::{
+        cgroup::{driver::CgroupDriver, CgroupError},
+        systemd::{SystemdDriver, SystemdError},
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,14 @@ pub enum PlacementError {
         cgroup: PathBuf,
         #[source]
         source: CgroupError,
+    },
+    #[error("placing pid {pid} ({comm}) into group {group} through systemd")]
+    Scope {
+        pid: u32,
+        comm: String,
+        group: String,
+        #[source]
+        source: SystemdError,
     },
     #[error("listening for process events (netlink proc connector): {message}")]
     Events { message: String },
@@ -154,10 +165,158 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// How a driver moves a process: the cgroupfs driver writes `cgroup.procs`, the systemd
+/// driver starts a transient scope.
+pub trait Mover: Send + Sync {
+    /// Whether placement may take a process out of `cgroup` at all.
+    fn eligible(&self, plan: &CgroupPlan, cgroup: &Path) -> bool;
+    /// Moves `info` where `decision` sends it; `None` when it is already there or the
+    /// driver leaves it.
+    fn place(
+        &self,
+        plan: &CgroupPlan,
+        info: &ProcInfo,
+        decision: &Decision,
+    ) -> Result<Option<Moved>, PlacementError>;
+}
+
+/// Where a process went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub to: PathBuf,
+    /// The children it had went along (the systemd driver moves a whole tree at once).
+    pub with_children: bool,
+}
+
+/// The cgroupfs driver's mover: one `cgroup.procs` write per process; a user's cgroup is
+/// created on their first process.
+pub struct CgroupfsMover {
+    pub driver: CgroupDriver,
+}
+
+impl Mover for CgroupfsMover {
+    fn eligible(&self, _: &CgroupPlan, _: &Path) -> bool {
+        true
+    }
+
+    fn place(
+        &self,
+        plan: &CgroupPlan,
+        info: &ProcInfo,
+        decision: &Decision,
+    ) -> Result<Option<Moved>, PlacementError> {
+        let move_error = |target: &Path, source| PlacementError::Move {
+            pid: info.pid,
+            comm: info.comm.clone(),
+            cgroup: self.driver.fs().path(target),
+            source,
+        };
+        let target = match decision {
+            Decision::Leave => return Ok(None),
+            Decision::Group(name) => plan.group_cgroup(name),
+            Decision::User(uid) => {
+                let quota = plan.user_quota(*uid).expect("decided on a user quota");
+                self.driver
+                    .ensure_user(plan, *uid, &quota)
+                    .map_err(|source| move_error(&plan.user_cgroup(*uid), source))?
+            }
+        };
+        if info.cgroup == target {
+            return Ok(None);
+        }
+        match self.driver.fs().move_pid(&target, info.pid) {
+            Ok(()) => Ok(Some(Moved {
+                to: target,
+                with_children: false,
+            })),
+            // Exited between the read and the move.
+            Err(CgroupError::Write { source, .. })
+                if source.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(move_error(&target, source)),
+        }
+    }
+}
+
+/// The systemd driver's mover. Users are never moved (their limits are properties of
+/// their slice); group rules take processes only out of login session scopes (or from one
+/// of the agent's groups to another), each process tree into a transient scope of its
+/// own in the group's slice, so systemd knows it and stopping the slice stops it.
+pub struct SystemdMover {
+    pub driver: Arc<SystemdDriver>,
+}
+
+/// True for `user.slice/user-<uid>.slice/session-<id>.scope` and below.
+pub fn in_session_scope(cgroup: &Path) -> bool {
+    let parts: Vec<&str> = cgroup.iter().filter_map(|c| c.to_str()).collect();
+    matches!(parts.as_slice(), ["user.slice", user, session, ..]
+        if user.starts_with("user-") && user.ends_with(".slice")
+            && session.starts_with("session-") && session.ends_with(".scope"))
+}
+
+impl Mover for SystemdMover {
+    fn eligible(&self, plan: &CgroupPlan, cgroup: &Path) -> bool {
+        in_session_scope(cgroup) || cgroup.starts_with(plan.root())
+    }
+
+    fn place(
+        &self,
+        plan: &CgroupPlan,
+        info: &ProcInfo,
+        decision: &Decision,
+    ) -> Result<Option<Moved>, PlacementError> {
+        let Decision::Group(name) = decision else {
+            return Ok(None);
+        };
+        let slice = plan.group_cgroup(name);
+        if info.cgroup.starts_with(&slice) {
+            return Ok(None);
+        }
+        let mut pids = vec![info.pid];
+        pids.extend(descendants_in(info.pid, &info.cgroup));
+        let to = self
+            .driver
+            .start_scope(plan, name, &pids)
+            .map_err(|source| PlacementError::Scope {
+                pid: info.pid,
+                comm: info.comm.clone(),
+                group: name.clone(),
+                source,
+            })?;
+        Ok(Some(Moved {
+            to,
+            with_children: true,
+        }))
+    }
+}
+
+/// The descendants of `pid` that are still in `cgroup` (bounded, like
+/// [`Placer::place_children`]).
+fn descendants_in(pid: u32, cgroup: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut pending = vec![pid];
+    while let Some(parent) = pending.pop() {
+        for child in children(parent) {
+            if out.len() == MAX_FOLLOWED {
+                return out;
+            }
+            if read_proc(child).is_some_and(|c| c.cgroup == cgroup) {
+                out.push(child);
+                pending.push(child);
+            }
+        }
+    }
+    out
+}
+
+const MAX_FOLLOWED: usize = 4096;
+
 /// Applies [`decide`] to processes.
 pub struct Placer {
     plan: CgroupPlan,
-    driver: CgroupDriver,
+    mover: Box<dyn Mover>,
     own_pid: u32,
     /// Processes moved since start (scan and events), shared with the stats reader.
     moves: Arc<AtomicU64>,
@@ -172,10 +331,10 @@ pub struct ScanReport {
 }
 
 impl Placer {
-    pub fn new(plan: CgroupPlan, driver: CgroupDriver, moves: Arc<AtomicU64>) -> Self {
+    pub fn new(plan: CgroupPlan, mover: Box<dyn Mover>, moves: Arc<AtomicU64>) -> Self {
         Self {
             plan,
-            driver,
+            mover,
             own_pid: std::process::id(),
             moves,
         }
@@ -190,8 +349,10 @@ impl Placer {
     pub fn place(&self, pid: u32) -> Result<Option<PathBuf>, PlacementError> {
         let moved = self.place_one(pid)?;
         if let Some((from, to)) = &moved {
-            self.place_children(pid, from);
-            return Ok(Some(to.clone()));
+            if !to.with_children {
+                self.place_children(pid, from);
+            }
+            return Ok(Some(to.to.clone()));
         }
         Ok(None)
     }
@@ -203,7 +364,6 @@ impl Placer {
     /// rules, and its children after it, until the whole tree has followed. Bounded, so a
     /// fork bomb cannot keep this loop going.
     fn place_children(&self, pid: u32, from: &Path) {
-        const MAX_FOLLOWED: usize = 4096;
         let mut pending = vec![pid];
         let mut followed = 0;
         while let Some(parent) = pending.pop() {
@@ -226,45 +386,19 @@ impl Placer {
     }
 
     /// Places one process; returns where it was and where it went, if it was moved.
-    fn place_one(&self, pid: u32) -> Result<Option<(PathBuf, PathBuf)>, PlacementError> {
+    fn place_one(&self, pid: u32) -> Result<Option<(PathBuf, Moved)>, PlacementError> {
         let Some(info) = read_proc(pid) else {
             return Ok(None);
         };
-        let target = match decide(&self.plan, &info, self.own_pid) {
-            Decision::Leave => return Ok(None),
-            Decision::Group(name) => self.plan.group_cgroup(&name),
-            Decision::User(uid) => {
-                let quota = self.plan.user_quota(uid).expect("decided on a user quota");
-                self.driver
-                    .ensure_user(&self.plan, uid, &quota)
-                    .map_err(|source| self.move_error(&info, &self.plan.user_cgroup(uid), source))?
-            }
-        };
-        if info.cgroup == target {
+        if !self.mover.eligible(&self.plan, &info.cgroup) {
             return Ok(None);
         }
-        match self.driver.fs().move_pid(&target, pid) {
-            Ok(()) => {
-                self.moves.fetch_add(1, Ordering::Relaxed);
-                Ok(Some((info.cgroup, target)))
-            }
-            // Exited between the read and the move.
-            Err(CgroupError::Write { source, .. })
-                if source.raw_os_error() == Some(libc::ESRCH) =>
-            {
-                Ok(None)
-            }
-            Err(source) => Err(self.move_error(&info, &target, source)),
-        }
-    }
-
-    fn move_error(&self, info: &ProcInfo, target: &Path, source: CgroupError) -> PlacementError {
-        PlacementError::Move {
-            pid: info.pid,
-            comm: info.comm.clone(),
-            cgroup: self.driver.fs().path(target),
-            source,
-        }
+        let decision = decide(&self.plan, &info, self.own_pid);
+        let moved = self.mover.place(&self.plan, &info, &decision)?;
+        Ok(moved.map(|m| {
+            self.moves.fetch_add(1, Ordering::Relaxed);
+            (info.cgroup, m)
+        }))
     }
 
     /// Places every process in /proc.
@@ -435,6 +569,27 @@ memory = "1G"
         let mut session = proc(71, 2000, "stress-ng");
         session.cgroup = PathBuf::from("user.slice/user-2000.slice/session-3.scope");
         assert_eq!(decide(&p, &session, 1), Decision::Group("batch".into()));
+    }
+
+    #[test]
+    fn only_session_scopes_are_eligible_under_systemd() {
+        for (cgroup, eligible) in [
+            ("user.slice/user-1001.slice/session-3.scope", true),
+            ("user.slice/user-1001.slice/session-c2.scope/sub", true),
+            (
+                "user.slice/user-1001.slice/user@1001.service/app.slice/x.service",
+                false,
+            ),
+            (
+                "user.slice/user-1001.slice/user-runtime-dir@1001.service",
+                false,
+            ),
+            ("system.slice/cron.service", false),
+            ("init.scope", false),
+            ("user.slice", false),
+        ] {
+            assert_eq!(in_session_scope(Path::new(cgroup)), eligible, "{cgroup}");
+        }
     }
 
     #[test]

@@ -1,0 +1,579 @@
+//! The systemd cgroup driver: on a systemd host systemd is the single writer of the cgroup
+//! tree, so every limit is a unit property set over D-Bus and every process the agent
+//! places joins a unit systemd knows.
+//!
+//! - `user:<uid>` (and `user:*`, field by field) → `user-<uid>.slice`; users' processes are
+//!   never moved, they stay in their session scopes and `user@<uid>.service`.
+//! - a named group → `rlagent-<group>.slice` (systemd nests it under `rlagent.slice`);
+//!   processes join it in a transient scope per placed process tree.
+//! - `cgroup:<path>` → the unit whose cgroup that is (`GetUnitByControlGroup`).
+//!
+//! Properties are set with `runtime = true` (drop-ins under /run/systemd/system.control, gone
+//! at reboot), so a restarted agent re-applies them and `rlagent uninstall` resets them. The
+//! driver records which fields it set on which unit in a file beside the control socket, so
+//! a field that a later config drops is reset even across agent restarts, and fields the
+//! agent never set (an operator's own `systemctl set-property`) are left alone.
+
+pub mod dbus;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    desired::cgroups::{CgroupPlan, CgroupQuota},
+    kernel::cgroup::{
+        driver::{ApplyReport, Skipped},
+        Controller,
+    },
+    model::{
+        layout::{group_slice, user_slice},
+        quota::{Field, Limit},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error("connecting to systemd on the system bus (is dbus running?)")]
+    Connect {
+        #[source]
+        source: Box<zbus::Error>,
+    },
+    #[error("D-Bus {call} for {unit}")]
+    Call {
+        call: &'static str,
+        unit: String,
+        #[source]
+        source: Box<zbus::Error>,
+    },
+    #[error(
+        "target cgroup:{}: no systemd unit owns this cgroup{}",
+        path.display(),
+        owner.as_ref().map(|u| format!(" (it lies inside {u}; target that unit's cgroup instead)")).unwrap_or_default()
+    )]
+    NotAUnit {
+        path: PathBuf,
+        owner: Option<String>,
+    },
+    #[error("pid {pid} was not in {scope} {waited_ms} ms after systemd started it")]
+    ScopeTimeout {
+        pid: u32,
+        scope: String,
+        waited_ms: u128,
+    },
+    #[error("writing {path}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A cgroup property of a unit, as systemd's D-Bus API names it (all of type `t`; `u64::MAX`
+/// is infinity, which for the CPU period means the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Property {
+    CpuQuotaPerSec(u64),
+    CpuQuotaPeriod(u64),
+    MemoryMax(u64),
+    MemoryHigh(u64),
+    TasksMax(u64),
+}
+
+pub const INFINITY: u64 = u64::MAX;
+
+impl Property {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CpuQuotaPerSec(_) => "CPUQuotaPerSecUSec",
+            Self::CpuQuotaPeriod(_) => "CPUQuotaPeriodUSec",
+            Self::MemoryMax(_) => "MemoryMax",
+            Self::MemoryHigh(_) => "MemoryHigh",
+            Self::TasksMax(_) => "TasksMax",
+        }
+    }
+
+    pub fn value(self) -> u64 {
+        match self {
+            Self::CpuQuotaPerSec(v)
+            | Self::CpuQuotaPeriod(v)
+            | Self::MemoryMax(v)
+            | Self::MemoryHigh(v)
+            | Self::TasksMax(v) => v,
+        }
+    }
+}
+
+/// The cgroup fields a unit property carries.
+const FIELDS: [Field; 4] = [Field::Cpu, Field::Memory, Field::MemoryHigh, Field::Pids];
+
+/// The properties that set `field` of `quota` (its `max` is infinity).
+pub fn properties(field: Field, quota: &CgroupQuota) -> Vec<Property> {
+    let bytes = |l: Limit<u64>| match l {
+        Limit::Value(v) => v,
+        Limit::Max => INFINITY,
+    };
+    match field {
+        Field::Cpu => match quota.cpu {
+            // cpu.max = CPUQuotaPerSecUSec × period / 1 s: the same quota and period.
+            Limit::Value(c) => vec![
+                Property::CpuQuotaPerSec(c.quota_us * 1_000_000 / c.period_us),
+                Property::CpuQuotaPeriod(c.period_us),
+            ],
+            Limit::Max => vec![
+                Property::CpuQuotaPerSec(INFINITY),
+                Property::CpuQuotaPeriod(INFINITY),
+            ],
+        },
+        Field::Memory => vec![Property::MemoryMax(bytes(quota.memory))],
+        Field::MemoryHigh => vec![Property::MemoryHigh(bytes(quota.memory_high))],
+        Field::Pids => vec![Property::TasksMax(bytes(quota.pids))],
+        _ => Vec::new(),
+    }
+}
+
+fn limited(field: Field, quota: &CgroupQuota) -> bool {
+    match field {
+        Field::Cpu => matches!(quota.cpu, Limit::Value(_)),
+        Field::Memory => matches!(quota.memory, Limit::Value(_)),
+        Field::MemoryHigh => matches!(quota.memory_high, Limit::Value(_)),
+        Field::Pids => matches!(quota.pids, Limit::Value(_)),
+        _ => false,
+    }
+}
+
+/// What the driver asks of systemd; [`dbus::SystemBus`] is the real one, unit tests use a
+/// fake that records the calls.
+pub trait Bus: Send + Sync {
+    /// `SetUnitProperties(unit, runtime = true, properties)`.
+    fn set_properties(&self, unit: &str, properties: &[Property]) -> Result<(), SystemdError>;
+    /// `StartUnit(unit, "replace")`.
+    fn start_unit(&self, unit: &str) -> Result<(), SystemdError>;
+    /// The unit owning `cgroup` (an absolute cgroup path) or the nearest cgroup above it;
+    /// `None` when no unit does.
+    fn unit_of_cgroup(&self, cgroup: &str) -> Result<Option<String>, SystemdError>;
+    /// `StartTransientUnit` of scope `name` in `slice` holding `pids`.
+    fn start_scope(
+        &self,
+        name: &str,
+        slice: &str,
+        description: &str,
+        pids: &[u32],
+    ) -> Result<(), SystemdError>;
+}
+
+/// True when systemd can drive this host's cgroups: PID 1 is systemd (sd_booted(3):
+/// /run/systemd/system exists) and cgroup2 is the unified hierarchy at /sys/fs/cgroup.
+pub fn systemd_host(mount: &Path) -> bool {
+    Path::new("/run/systemd/system").is_dir() && mount == Path::new("/sys/fs/cgroup")
+}
+
+/// The fields the agent has set on each unit (and so must reset when they are dropped).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Record(BTreeMap<String, BTreeSet<Field>>);
+
+impl Record {
+    fn parse(text: &str) -> Self {
+        let mut record = Self::default();
+        for line in text.lines() {
+            let Some((unit, fields)) = line.split_once('\t') else {
+                continue;
+            };
+            let fields: BTreeSet<Field> = fields
+                .split(',')
+                .filter_map(|f| FIELDS.into_iter().find(|x| x.name() == f))
+                .collect();
+            if !fields.is_empty() {
+                record.0.insert(unit.to_string(), fields);
+            }
+        }
+        record
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (unit, fields) in &self.0 {
+            let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+            out.push_str(&format!("{unit}\t{}\n", names.join(",")));
+        }
+        out
+    }
+}
+
+/// One unit the plan limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UnitTarget {
+    /// Its cgroup, relative to the mount.
+    cgroup: PathBuf,
+    quota: CgroupQuota,
+    /// A `cgroup:<path>` target (its skipped limits are reported per cgroup).
+    adjusted: bool,
+}
+
+struct State {
+    record: Record,
+    /// The quota last written per unit: unchanged units are not written again.
+    written: BTreeMap<String, CgroupQuota>,
+    /// The plan in force, for users that log in later.
+    plan: Option<CgroupPlan>,
+}
+
+pub struct SystemdDriver {
+    bus: Arc<dyn Bus>,
+    mount: PathBuf,
+    record_path: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+impl SystemdDriver {
+    /// A driver over `bus`, with the record of earlier runs read from `record_path`.
+    pub fn new(bus: Arc<dyn Bus>, mount: &Path, record_path: Option<PathBuf>) -> Self {
+        let record = record_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| Record::parse(&t))
+            .unwrap_or_default();
+        Self {
+            bus,
+            mount: mount.to_path_buf(),
+            record_path,
+            state: Mutex::new(State {
+                record,
+                written: BTreeMap::new(),
+                plan: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `cgroup:<path>` targets of `plan` that do not exist.
+    pub fn missing(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
+        plan.cgroups
+            .keys()
+            .filter(|path| !self.mount.join(path).join("cgroup.procs").exists())
+            .cloned()
+            .collect()
+    }
+
+    /// The UIDs with a `user-<uid>.slice` cgroup now.
+    fn present_users(&self, plan: &CgroupPlan) -> Vec<u32> {
+        std::fs::read_dir(self.mount.join(plan.layout.users_dir()))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| plan.layout.uid_of(e.file_name().to_str()?))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every unit `plan` limits, by name. Resolves `cgroup:<path>` targets to their units
+    /// first, so a plan with a path no unit owns is refused before anything is written.
+    fn units(
+        &self,
+        plan: &CgroupPlan,
+        record: &Record,
+    ) -> Result<BTreeMap<String, UnitTarget>, SystemdError> {
+        let mut units = BTreeMap::new();
+        for (path, quota) in &plan.cgroups {
+            let absolute = format!("/{}", path.display());
+            let owner = self.bus.unit_of_cgroup(&absolute)?;
+            let name = path.file_name().and_then(|n| n.to_str());
+            match owner {
+                Some(unit) if Some(unit.as_str()) == name => {
+                    units.insert(
+                        unit,
+                        UnitTarget {
+                            cgroup: path.clone(),
+                            quota: *quota,
+                            adjusted: true,
+                        },
+                    );
+                }
+                owner => {
+                    return Err(SystemdError::NotAUnit {
+                        path: path.clone(),
+                        owner,
+                    })
+                }
+            }
+        }
+        for (name, quota) in &plan.groups {
+            units.insert(
+                group_slice(name),
+                UnitTarget {
+                    cgroup: plan.group_cgroup(name),
+                    quota: *quota,
+                    adjusted: false,
+                },
+            );
+        }
+        let mut uids: BTreeSet<u32> = plan.users.keys().copied().collect();
+        if plan.user_default.is_some() {
+            uids.extend(self.present_users(plan));
+            // Users limited before who are logged out now: the default's changes reach
+            // their slices too (the runtime drop-ins outlive the session).
+            uids.extend(record.0.keys().filter_map(|u| plan.layout.uid_of(u)));
+        }
+        for uid in uids {
+            if let Some(quota) = plan.user_quota(uid) {
+                units.insert(
+                    user_slice(uid),
+                    UnitTarget {
+                        cgroup: plan.user_cgroup(uid),
+                        quota,
+                        adjusted: false,
+                    },
+                );
+            }
+        }
+        Ok(units)
+    }
+
+    /// Controllers missing at the cgroup2 root: no unit can have their limits.
+    fn missing_controllers(&self) -> BTreeSet<Controller> {
+        let available =
+            std::fs::read_to_string(self.mount.join("cgroup.controllers")).unwrap_or_default();
+        let available: Vec<&str> = available.split_whitespace().collect();
+        Controller::ALL
+            .into_iter()
+            .filter(|c| !available.contains(&c.name()))
+            .collect()
+    }
+
+    /// Sets every unit's properties by `plan`, resets the fields the agent set before that
+    /// `plan` drops, and starts the group slices (so their cgroups exist for stats).
+    pub fn apply(&self, plan: &CgroupPlan) -> Result<ApplyReport, SystemdError> {
+        let mut state = self.lock();
+        let units = self.units(plan, &state.record)?;
+        let missing = self.missing_controllers();
+        let mut report = ApplyReport {
+            subtree_missing: missing.clone(),
+            ..ApplyReport::default()
+        };
+        for controller in &missing {
+            report.unavailable.push(format!(
+                "controller {controller} is not available at the cgroup2 root {} (disabled on the kernel command line, or bound to cgroup v1)",
+                self.mount.display()
+            ));
+        }
+        let mut result = Ok(());
+        for (unit, target) in &units {
+            if let Err(e) = self.write(&mut state, unit, &target.quota) {
+                result = Err(e);
+                break;
+            }
+            if target.adjusted {
+                for field in FIELDS {
+                    let controller = field_controller(field);
+                    if limited(field, &target.quota) && missing.contains(&controller) {
+                        report.skipped.push(Skipped {
+                            cgroup: target.cgroup.clone(),
+                            field,
+                            file: interface_file(field),
+                        });
+                    }
+                }
+            }
+        }
+        if result.is_ok() {
+            // Units limited before that the plan no longer names: lift what the agent set.
+            let dropped: Vec<String> = state
+                .record
+                .0
+                .keys()
+                .filter(|u| !units.contains_key(*u))
+                .cloned()
+                .collect();
+            for unit in dropped {
+                if let Err(e) = self.write(&mut state, &unit, &CgroupQuota::NONE) {
+                    // A service that is gone has nothing left to reset.
+                    tracing::warn!("resetting {unit}: {}", crate::model::error_chain(&e));
+                    state.record.0.remove(&unit);
+                }
+                state.written.remove(&unit);
+            }
+            for name in plan.groups.keys() {
+                if let Err(e) = self.bus.start_unit(&group_slice(name)) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        state.plan = Some(plan.clone());
+        let saved = self.save(&state.record);
+        result?;
+        saved?;
+        Ok(report)
+    }
+
+    /// Writes the fields of `quota` that limit, and resets those the agent set before
+    /// that `quota` leaves unlimited.
+    fn write(
+        &self,
+        state: &mut State,
+        unit: &str,
+        quota: &CgroupQuota,
+    ) -> Result<(), SystemdError> {
+        if state.written.get(unit) == Some(quota) {
+            return Ok(());
+        }
+        let before = state.record.0.get(unit).cloned().unwrap_or_default();
+        let mut props = Vec::new();
+        let mut now = BTreeSet::new();
+        for field in FIELDS {
+            if limited(field, quota) {
+                now.insert(field);
+                props.extend(properties(field, quota));
+            } else if before.contains(&field) {
+                props.extend(properties(field, quota));
+            }
+        }
+        if !props.is_empty() {
+            self.bus.set_properties(unit, &props)?;
+        }
+        if now.is_empty() {
+            state.record.0.remove(unit);
+        } else {
+            state.record.0.insert(unit.to_string(), now);
+        }
+        state.written.insert(unit.to_string(), *quota);
+        Ok(())
+    }
+
+    fn save(&self, record: &Record) -> Result<(), SystemdError> {
+        let Some(path) = &self.record_path else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, record.render())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| SystemdError::Record {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// A user logind just started: their slice gets the plan's quota for them (`user:*`),
+    /// if any.
+    pub fn user_appeared(&self, uid: u32) {
+        let mut state = self.lock();
+        let Some(quota) = state.plan.as_ref().and_then(|p| p.user_quota(uid)) else {
+            return;
+        };
+        let unit = user_slice(uid);
+        match self.write(&mut state, &unit, &quota) {
+            Ok(()) => tracing::info!(uid, unit, "applied the user quota to a new user's slice"),
+            Err(e) => tracing::error!(uid, "{}", crate::model::error_chain(&e)),
+        }
+        if let Err(e) = self.save(&state.record) {
+            tracing::error!("{}", crate::model::error_chain(&e));
+        }
+    }
+
+    /// Resets every field the agent has set on any unit (`rlagent uninstall`).
+    pub fn reset_all(&self) -> Result<usize, SystemdError> {
+        let mut state = self.lock();
+        let units: Vec<String> = state.record.0.keys().cloned().collect();
+        for unit in &units {
+            state.written.remove(unit);
+            if let Err(e) = self.write(&mut state, unit, &CgroupQuota::NONE) {
+                tracing::warn!("resetting {unit}: {}", crate::model::error_chain(&e));
+                state.record.0.remove(unit);
+            }
+        }
+        self.save(&state.record)?;
+        Ok(units.len())
+    }
+
+    /// Puts `pids` (a process and its children) into a new transient scope in `group`'s
+    /// slice, and waits until the kernel shows them there.
+    pub fn start_scope(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, SystemdError> {
+        let Some(&first) = pids.first() else {
+            return Ok(plan.group_cgroup(group));
+        };
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Unique across agent restarts, so a scope of a process still alive never clashes.
+        let scope = format!("rlagent-{first}-{started}-{n}.scope");
+        let slice = group_slice(group);
+        self.bus.start_scope(
+            &scope,
+            &slice,
+            &format!("rlagent group {group}: pid {first} and its children"),
+            pids,
+        )?;
+        let cgroup = plan.group_cgroup(group).join(&scope);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let begun = Instant::now();
+        for &pid in pids {
+            loop {
+                match crate::kernel::placement::read_proc(pid) {
+                    None => break,
+                    Some(p) if p.cgroup == cgroup => break,
+                    Some(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Some(_) => {
+                        return Err(SystemdError::ScopeTimeout {
+                            pid,
+                            scope,
+                            waited_ms: begun.elapsed().as_millis(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(cgroup)
+    }
+}
+
+fn field_controller(field: Field) -> Controller {
+    match field {
+        Field::Cpu => Controller::Cpu,
+        Field::Pids => Controller::Pids,
+        _ => Controller::Memory,
+    }
+}
+
+fn interface_file(field: Field) -> &'static str {
+    match field {
+        Field::Cpu => "cpu.max",
+        Field::Memory => "memory.max",
+        Field::MemoryHigh => "memory.high",
+        _ => "pids.max",
+    }
+}
+
+/// Listens for new users on its own thread, for the life of the agent.
+pub fn watch_new_users(bus: Arc<dbus::SystemBus>, driver: Arc<SystemdDriver>) {
+    std::thread::Builder::new()
+        .name("rlagent-logind".into())
+        .spawn(move || {
+            if let Err(e) = bus.watch_new_users(|uid| driver.user_appeared(uid)) {
+                tracing::error!(
+                    "new users' slices will get user:* quotas only at the next change: {}",
+                    crate::model::error_chain(&e)
+                );
+            }
+        })
+        .map(drop)
+        .unwrap_or_else(|e| tracing::error!("starting the logind watcher: {e}"));
+}
+
+#[cfg(test)]
+mod tests;
