@@ -441,6 +441,9 @@ systemctl status --no-pager rlagent-agent.slice | grep -q 'rlagent-.*\.scope' ||
 s=$(share $cg)
 echo "rlctl run agent: a busy loop used $s of a CPU under cpu=50%"
 within "$s" 0.45 0.55 || fail "cpu share $s, expected 0.45-0.55"
+# Stats read the slice's own cgroup files.
+rlctl stats > /tmp/stats || fail "rlctl stats"
+grep -q 'group:agent' /tmp/stats || fail "rlctl stats has no group:agent: $(cat /tmp/stats)"
 
 # Round trip of a quota change through the agent and the systemd driver, beside
 # systemctl set-property doing the same on the same slice, alternating.
@@ -493,6 +496,7 @@ sleep 1
 s=$(share /sys/fs/cgroup/user.slice/user-1001.slice)
 echo "alice's busy loop (systemd-run --user) used $s of a CPU under cpu=40%"
 within "$s" 0.35 0.45 || fail "alice's cpu share $s, expected 0.35-0.45"
+rlctl --json stats | grep -q 'user:1001' || fail "rlctl stats has no user:1001"
 mgr=$(pgrep -u alice -x systemd)
 grep -q '/user.slice/user-1001.slice/user@1001.service/init.scope' /proc/$mgr/cgroup || fail "alice's systemd --user is in $(cat /proc/$mgr/cgroup)"
 systemd-run --user -M alice@ -q --wait true || fail "systemd-run --user no longer works for alice"
