@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Pinned maps live in a directory named after it, so an
 /// agent with a different layout never reinterprets another layout's bytes.
-pub const MAPS_LAYOUT_VERSION: u32 = 1;
+pub const MAPS_LAYOUT_VERSION: u32 = 2;
 
 /// A cap that never denies.
 pub const UNLIMITED: u64 = u64::MAX;
@@ -17,6 +17,13 @@ pub const UNLIMITED: u64 = u64::MAX;
 pub const FLAG_ENFORCE: u64 = 1 << 0;
 /// Count connected UDP sockets as connections (TCP is always counted).
 pub const FLAG_COUNT_UDP: u64 = 1 << 1;
+/// When a map is full and a capped UID connects, allow it uncounted (`[bpf] on_full =
+/// "allow"`) instead of denying it (the default).
+pub const FLAG_ON_FULL_ALLOW: u64 = 1 << 2;
+
+/// Set in an `RL_SOCK_OWNER` value (above the UID in the low 32 bits) when the socket's
+/// UID had no cap when it was charged: it counts against the uncapped budget.
+pub const OWNER_UNCAPPED: u64 = 1 << 32;
 
 /// Names of the pinned maps and programs, shared so both sides agree.
 pub mod names {
@@ -25,16 +32,22 @@ pub mod names {
     pub const UID_CONNS: &str = "RL_UID_CONNS";
     pub const HOST_CONNS: &str = "RL_HOST_CONNS";
     pub const SOCK_OWNER: &str = "RL_SOCK_OWNER";
+    pub const GENERATION: &str = "RL_GENERATION";
 
     pub const PROG_CONNECT4: &str = "rl_connect4";
     pub const PROG_CONNECT6: &str = "rl_connect6";
     pub const PROG_SOCK_RELEASE: &str = "rl_sock_release";
+
+    /// The programs' global holding their generation (set at load time).
+    pub const GLOBAL_GENERATION: &str = "RL_PROGRAM_GENERATION";
 }
 
 /// Maximum number of UIDs that can hold their own cap.
 pub const MAX_UID_CAPS: u32 = 65_536;
-/// Maximum number of UIDs whose connections are counted at the same time.
-pub const MAX_UID_CONNS: u32 = 65_536;
+/// Maximum number of UIDs with counters. Entries are never removed by the programs (see
+/// the README's "Connection accounting, precisely"); half of them are reserved for UIDs
+/// that have a cap.
+pub const MAX_UID_CONNS: u32 = 262_144;
 /// Default size of `RL_SOCK_OWNER` (socket cookie -> charged UID): how many charged sockets
 /// can be live at once before new ones are let through uncounted. Preallocated, about
 /// 64 bytes an entry. `[bpf] max_tracked_sockets` overrides it.
@@ -56,6 +69,11 @@ pub struct Settings {
     pub flags: u64,
     /// errno a denied connect() fails with (positive, e.g. 1 for EPERM).
     pub deny_errno: u64,
+    /// Charged sockets of UIDs without a cap may take at most this many `RL_SOCK_OWNER`
+    /// entries; the rest of the map is kept for capped UIDs.
+    pub uncapped_socket_budget: u64,
+    /// UIDs without a cap may create at most this many `RL_UID_CONNS` entries.
+    pub uncapped_uid_budget: u64,
 }
 
 /// Per-UID connection counters, values of `RL_UID_CONNS` (key: UID as `u32`).
@@ -79,8 +97,15 @@ pub struct UidConns {
 pub struct HostConns {
     /// All charged, unreleased sockets.
     pub live: u64,
-    /// connect() calls let through uncounted because a map was full (fail-open).
+    /// connect() calls let through uncounted: an uncapped UID over its budget, or a
+    /// capped one when a map was full and `on_full = "allow"`.
     pub untracked: u64,
+    /// connect() calls of capped UIDs denied because a map was full (`on_full = "deny"`).
+    pub denied_full: u64,
+    /// Charged sockets of uncapped UIDs (`RL_SOCK_OWNER` entries within their budget).
+    pub uncapped_sockets: u64,
+    /// `RL_UID_CONNS` entries created by the programs for UIDs without a cap.
+    pub uncapped_uids: u64,
 }
 
 #[cfg(feature = "user")]

@@ -34,12 +34,39 @@ impl Listener {
         Self::with_hold(false)
     }
 
+    /// MPTCP listeners (`IPPROTO_MPTCP`) that close accepted connections at once.
+    pub fn mptcp() -> Self {
+        Self::build(false, |addr| {
+            use std::os::fd::FromRawFd;
+            let v6 = addr.starts_with('[');
+            let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+            // SAFETY: plain syscalls on a socket this function owns; results checked.
+            unsafe {
+                let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 262);
+                assert!(fd >= 0, "MPTCP socket: {}", std::io::Error::last_os_error());
+                let listener = TcpListener::from_raw_fd(fd);
+                let sa: std::net::SocketAddr = addr.parse().unwrap();
+                let sock = nix::sys::socket::SockaddrStorage::from(sa);
+                nix::sys::socket::bind(fd, &sock).expect("binding MPTCP listener");
+                nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(1024).unwrap())
+                    .expect("listen");
+                listener
+            }
+        })
+    }
+
     fn with_hold(hold: bool) -> Self {
+        Self::build(hold, |addr| {
+            TcpListener::bind(addr).expect("binding loopback listener")
+        })
+    }
+
+    fn build(hold: bool, bind: impl Fn(&str) -> TcpListener) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(Mutex::new(Vec::new()));
         let mut ports = Vec::new();
         for addr in ["127.0.0.1:0", "[::1]:0"] {
-            let listener = TcpListener::bind(addr).expect("binding loopback listener");
+            let listener = bind(addr);
             listener.set_nonblocking(true).unwrap();
             ports.push(listener.local_addr().unwrap().port());
             let (stop, held) = (stop.clone(), held.clone());

@@ -154,6 +154,7 @@ fn the_example_config_is_valid_and_shows_every_key() {
         "uid_min",
         "deny_errno",
         "max_tracked_sockets",
+        "on_full",
         "host_conns",
         "[control]",
         "socket",

@@ -67,5 +67,6 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
         uid_min: raw.uid_min,
         deny_errno,
         max_tracked_sockets,
+        on_full: raw.on_full,
     })
 }

@@ -11,7 +11,7 @@ use std::{
 use crate::model::{
     alert::{AlertmanagerUrl, Rule},
     layout::{Driver, DriverSetting, Layout},
-    quota::{Quota, QuotaError},
+    quota::{OnFull, Quota, QuotaError},
     target::{Target, TargetError},
     users::UserDb,
 };
@@ -79,6 +79,8 @@ pub struct BpfConfig {
     pub deny_errno: i32,
     /// Size of the charged-socket map (fixed when the map is first created).
     pub max_tracked_sockets: u32,
+    /// What a capped UID's connect() gets when a map is full.
+    pub on_full: OnFull,
 }
 
 /// A `[[group]]` placement rule.
@@ -309,6 +311,15 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"), &crate::testing::Users)
+    }
+
+    #[test]
+    fn on_full_is_deny_unless_set() {
+        assert_eq!(parse("").unwrap().bpf.on_full, OnFull::Deny);
+        let c = parse("[bpf]\non_full = \"allow\"\n").unwrap();
+        assert_eq!(c.bpf.on_full, OnFull::Allow);
+        let e = error_chain(&parse("[bpf]\non_full = \"maybe\"\n").unwrap_err());
+        assert!(e.contains("unknown variant") && e.contains("deny"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::model::{
     alert::{Op, Stat},
     layout::DriverSetting,
     quota::IntOrString,
+    quota::OnFull,
 };
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +111,8 @@ pub(super) struct RawBpf {
     pub(super) deny_errno: Spanned<String>,
     #[serde(default = "default_max_tracked_sockets")]
     pub(super) max_tracked_sockets: Spanned<i64>,
+    #[serde(default)]
+    pub(super) on_full: OnFull,
 }
 
 impl Default for RawBpf {
@@ -122,6 +125,7 @@ impl Default for RawBpf {
             uid_min: default_uid_min(),
             deny_errno: default_deny_errno(),
             max_tracked_sockets: default_max_tracked_sockets(),
+            on_full: OnFull::Deny,
         }
     }
 }

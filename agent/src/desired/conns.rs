@@ -3,12 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use rlagent_common::{Settings, FLAG_COUNT_UDP, FLAG_ENFORCE, UNLIMITED};
+use rlagent_common::{
+    Settings, FLAG_COUNT_UDP, FLAG_ENFORCE, FLAG_ON_FULL_ALLOW, MAX_UID_CONNS, UNLIMITED,
+};
 
 use crate::{
     config::BpfConfig,
     model::{
-        quota::{unsupported_fields, Field, Limit, Quota},
+        quota::{unsupported_fields, Field, Limit, OnFull, Quota},
         target::{Target, UserRef},
     },
 };
@@ -25,6 +27,7 @@ pub struct ConnLimits {
     pub host_cap: u64,
     pub count_udp: bool,
     pub deny_errno: i32,
+    pub on_full: OnFull,
 }
 
 impl ConnLimits {
@@ -55,14 +58,20 @@ impl ConnLimits {
             host_cap: bpf.host_conns.unwrap_or(UNLIMITED),
             count_udp: bpf.count_udp,
             deny_errno: bpf.deny_errno,
+            on_full: bpf.on_full,
         }
     }
 
-    /// The `RL_SETTINGS` element for these limits.
-    pub fn settings(&self) -> Settings {
+    /// The `RL_SETTINGS` element for these limits, with a charged-socket map of
+    /// `socket_capacity` entries: UIDs without a cap get half of it, and half of the UID
+    /// counters, so they can never take the capacity capped UIDs need.
+    pub fn settings(&self, socket_capacity: u32) -> Settings {
         let mut flags = FLAG_ENFORCE;
         if self.count_udp {
             flags |= FLAG_COUNT_UDP;
+        }
+        if self.on_full == OnFull::Allow {
+            flags |= FLAG_ON_FULL_ALLOW;
         }
         Settings {
             default_cap: self.default_cap,
@@ -70,6 +79,8 @@ impl ConnLimits {
             host_cap: self.host_cap,
             flags,
             deny_errno: self.deny_errno as u64,
+            uncapped_socket_budget: u64::from(socket_capacity / 2),
+            uncapped_uid_budget: u64::from(MAX_UID_CONNS / 2),
         }
     }
 }
@@ -122,10 +133,13 @@ memory = "1G"
         );
         assert_eq!(limits.default_cap, 8);
         assert_eq!(limits.host_cap, 500);
-        let s = limits.settings();
+        let s = limits.settings(1024);
         assert_eq!(s.flags, FLAG_ENFORCE | FLAG_COUNT_UDP);
         assert_eq!(s.default_uid_min, 2000);
         assert_eq!(s.deny_errno, libc::ECONNREFUSED as u64);
+        // UIDs without a cap get half of each map.
+        assert_eq!(s.uncapped_socket_budget, 512);
+        assert_eq!(s.uncapped_uid_budget, u64::from(MAX_UID_CONNS / 2));
 
         assert!(unenforced_fields(&config.quotas).is_empty());
         // A state file from an older agent can still carry them.
@@ -144,6 +158,12 @@ memory = "1G"
             (limits.default_cap, limits.host_cap),
             (UNLIMITED, UNLIMITED)
         );
-        assert_eq!(limits.settings().flags, FLAG_ENFORCE);
+        assert_eq!(limits.settings(1024).flags, FLAG_ENFORCE);
+        let mut allow = c.bpf.clone();
+        allow.on_full = OnFull::Allow;
+        assert_eq!(
+            ConnLimits::new(&allow, &c.quotas).settings(1024).flags,
+            FLAG_ENFORCE | FLAG_ON_FULL_ALLOW
+        );
     }
 }

@@ -22,6 +22,8 @@ pub enum Stat {
     /// Pins of the agent's programs and maps that are gone (target `agent`): with a link's
     /// pin, its program is detached; with a map's, the counts are lost at the next start.
     PinsMissing,
+    /// Entries / capacity of each kernel map (target: the map's name).
+    MapFillRatio,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +134,15 @@ pub fn default_rules() -> Vec<Rule> {
             0,
             "critical",
             "{value} of the agent's pinned programs and maps are gone: connection caps may no longer be enforced (restart rlagent)",
+        ),
+        rule(
+            "RlagentBpfMapFilling",
+            Stat::MapFillRatio,
+            Op::Gt,
+            0.9,
+            0,
+            "warning",
+            "kernel map {target} is {value} full: when it is full, capped UIDs are denied (on_full = deny) or let through uncounted",
         ),
     ]
 }

@@ -37,6 +37,19 @@ pub enum QuotaError {
     Empty,
 }
 
+/// What a capped UID's connect() gets when a kernel map has no room to count it
+/// (`[bpf] on_full`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Refused, and counted (`rlagent_connections_denied_full_total`): a cap never stops
+    /// holding.
+    #[default]
+    Deny,
+    /// Let through uncounted (`rlagent_connections_untracked_total`).
+    Allow,
+}
+
 /// A limit or its explicit removal (`max`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit<T> {

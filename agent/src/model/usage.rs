@@ -79,11 +79,36 @@ pub struct UidConnStats {
 }
 
 /// Host-wide connection counters.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostConnStats {
     pub live: u64,
-    /// Sockets let through uncounted because a map was full.
+    /// connect() calls let through uncounted: UIDs without a cap over their share of the
+    /// maps, or capped ones when a map was full and `on_full = "allow"`.
     pub untracked: u64,
+    /// connect() calls of capped UIDs denied because a map was full (`on_full = "deny"`).
+    #[serde(default)]
+    pub denied_full: u64,
+    /// How full each kernel map is.
+    #[serde(default)]
+    pub maps: Vec<MapFill>,
+}
+
+/// Entries in one kernel map against its capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+impl MapFill {
+    pub fn ratio(&self) -> f64 {
+        if self.capacity == 0 {
+            0.0
+        } else {
+            self.entries as f64 / self.capacity as f64
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

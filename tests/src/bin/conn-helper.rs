@@ -2,12 +2,17 @@
 //! on command (one command per stdin line, one reply per stdout line).
 //!
 //! Usage: `conn-helper <cgroup dir> <uid>` then commands:
-//!   `connect <tcp4|tcp6|udp4|udp6> <port>` → `ok <id>` | `err <errno> <id>` (socket kept)
+//!   `connect <tcp4|tcp6|udp4|udp6|mptcp4|mptcp6> <port>`
+//!                                          → `ok <id>` | `err <errno> <id>` (socket kept)
 //!   `reconnect <id> <port>`                → `ok` | `err <errno>` (same socket again)
 //!   `burst <kind> <port> <n>`              → `ok <admitted>` (failed sockets closed)
+//!   `hold <kind> <port> <n>`               → `ok <succeeded> <failed>` (all sockets kept)
+//!   `cycles <kind> <port> <n>`             → `ok <admitted> <last errno>`: socket, connect,
+//!                                            close, n times
 //!   `close <id>` / `close-all`             → `ok`
 //!   `bench <kind> <port> <iterations>`     → `ok <total ns>` (connect+close loop)
 //!   `multi-uid <first> <count> <port>`     → `ok <n>`: one UDP socket per UID (as root)
+//!   `multi-uid-once <first> <count> <port>` → `ok <n>`: the same, each closed at once
 //!   `exit`                                 → exits with its sockets still open
 //!
 //! The socket's cgroup is fixed when it is created, so the process joins the cgroup first.
@@ -80,6 +85,31 @@ fn main() {
                 }
                 format!("ok {admitted}")
             }
+            ["hold", kind, port, n] => {
+                let (mut ok, mut failed) = (0, 0);
+                for _ in 0..n.parse::<u32>().unwrap() {
+                    let fd = new_socket(kind);
+                    next_id += 1;
+                    sockets.insert(next_id, fd);
+                    match connect(fd, kind, port.parse().unwrap()) {
+                        Ok(()) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                format!("ok {ok} {failed}")
+            }
+            ["cycles", kind, port, n] => {
+                let (mut admitted, mut last) = (0, 0);
+                for _ in 0..n.parse::<u32>().unwrap() {
+                    let fd = new_socket(kind);
+                    match connect(fd, kind, port.parse().unwrap()) {
+                        Ok(()) => admitted += 1,
+                        Err(errno) => last = errno,
+                    }
+                    close(fd);
+                }
+                format!("ok {admitted} {last}")
+            }
             ["close", id] => {
                 if let Some(fd) = sockets.remove(&id.parse::<u64>().unwrap()) {
                     close(fd);
@@ -104,6 +134,23 @@ fn main() {
                     close(fd);
                 }
                 format!("ok {}", start.elapsed().as_nanos())
+            }
+            ["multi-uid-once", first, count, port] => {
+                let (first, count): (u32, u32) = (first.parse().unwrap(), count.parse().unwrap());
+                let mut admitted = 0;
+                for uid in first..first + count {
+                    let fd = new_socket("udp4");
+                    // SAFETY: plain credential syscalls; the saved UID 0 allows switching
+                    // back.
+                    unsafe { assert_eq!(libc::setresuid(uid, uid, 0), 0, "setresuid") };
+                    if connect(fd, "udp4", port.parse().unwrap()).is_ok() {
+                        admitted += 1;
+                    }
+                    // SAFETY: as above.
+                    unsafe { assert_eq!(libc::setresuid(0, 0, 0), 0, "setresuid back") };
+                    close(fd);
+                }
+                format!("ok {admitted}")
             }
             ["multi-uid", first, count, port] => {
                 // Root only: one connected UDP socket per UID, charged to that UID by
@@ -140,16 +187,21 @@ fn main() {
     }
 }
 
+/// IPPROTO_MPTCP (linux/in.h).
+const IPPROTO_MPTCP: i32 = 262;
+
 fn new_socket(kind: &str) -> i32 {
-    let (domain, ty) = match kind {
-        "tcp4" => (libc::AF_INET, libc::SOCK_STREAM),
-        "tcp6" => (libc::AF_INET6, libc::SOCK_STREAM),
-        "udp4" => (libc::AF_INET, libc::SOCK_DGRAM),
-        "udp6" => (libc::AF_INET6, libc::SOCK_DGRAM),
+    let (domain, ty, protocol) = match kind {
+        "tcp4" => (libc::AF_INET, libc::SOCK_STREAM, 0),
+        "tcp6" => (libc::AF_INET6, libc::SOCK_STREAM, 0),
+        "udp4" => (libc::AF_INET, libc::SOCK_DGRAM, 0),
+        "udp6" => (libc::AF_INET6, libc::SOCK_DGRAM, 0),
+        "mptcp4" => (libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP),
+        "mptcp6" => (libc::AF_INET6, libc::SOCK_STREAM, IPPROTO_MPTCP),
         other => panic!("unknown socket kind {other}"),
     };
     // SAFETY: plain syscall.
-    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
     assert!(fd >= 0, "socket(): {}", io::Error::last_os_error());
     fd
 }

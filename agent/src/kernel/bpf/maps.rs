@@ -4,10 +4,20 @@
 use std::{borrow::Borrow, collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use rlagent_common::{names, HostConns, Settings, UidConns, UNLIMITED};
+use rlagent_common::{
+    names, HostConns, Settings, UidConns, MAX_UID_CAPS, MAX_UID_CONNS, UNLIMITED,
+};
 
 use super::{map_error, pins::PinLayout, BpfError};
-use crate::model::usage::{HostConnStats, ProgramStats, UidConnStats};
+use crate::model::usage::{HostConnStats, MapFill, ProgramStats, UidConnStats};
+
+fn fill(map: &str, entries: u64, capacity: u64) -> MapFill {
+    MapFill {
+        map: map.to_string(),
+        entries,
+        capacity,
+    }
+}
 
 /// Counters read from the maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +49,8 @@ where
 /// Read-only view of the pinned maps: the agent's stats reader (opened once, on the pins the
 /// agent itself uses), `rlagent stats`/`conns`, and the tests.
 pub struct PinnedMaps {
+    /// Capacity of `RL_SOCK_OWNER` (fixed when it was created).
+    socket_capacity: u64,
     host: Array<MapData, HostConns>,
     uid_conns: HashMap<MapData, u32, UidConns>,
     uid_caps: HashMap<MapData, u32, u64>,
@@ -56,7 +68,13 @@ impl PinnedMaps {
             let map = Map::from_map_data(data).map_err(map_error(name))?;
             T::try_from(map).map_err(map_error(name))
         }
+        let owner = names::SOCK_OWNER;
+        let socket_capacity = MapData::from_pin(pins.map(owner))
+            .and_then(|m| m.info())
+            .map_err(map_error(owner))?
+            .max_entries();
         Ok(Self {
+            socket_capacity: u64::from(socket_capacity),
             host: open(&pins, names::HOST_CONNS)?,
             uid_conns: open(&pins, names::UID_CONNS)?,
             uid_caps: open(&pins, names::UID_CAPS)?,
@@ -71,9 +89,21 @@ impl PinnedMaps {
     /// Host counters and every UID's counters with the cap in force for it.
     pub fn usage(&self) -> Result<(HostConnStats, Vec<UidConnStats>), BpfError> {
         let counters = self.stats()?;
+        let caps = self.uid_caps.keys().count() as u64;
         let host = HostConnStats {
             live: counters.host.live,
             untracked: counters.host.untracked,
+            denied_full: counters.host.denied_full,
+            // Every charged socket has one RL_SOCK_OWNER entry.
+            maps: vec![
+                fill(names::SOCK_OWNER, counters.host.live, self.socket_capacity),
+                fill(
+                    names::UID_CONNS,
+                    counters.per_uid.len() as u64,
+                    u64::from(MAX_UID_CONNS),
+                ),
+                fill(names::UID_CAPS, caps, u64::from(MAX_UID_CAPS)),
+            ],
         };
         let mut per_uid = Vec::with_capacity(counters.per_uid.len());
         for (uid, c) in counters.per_uid {

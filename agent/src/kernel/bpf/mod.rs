@@ -34,7 +34,7 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use rlagent_common::{names, Settings};
+use rlagent_common::{names, Settings, UidConns, UNLIMITED};
 
 use crate::desired::conns::ConnLimits;
 
@@ -43,11 +43,16 @@ static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rlagent-ebpf.o"));
 
 /// Oldest kernel with everything the programs use: cgroup bpf_link (5.7), sock_release
-/// (5.9), bpf_get_socket_cookie in cgroup/sock (5.11), bpf_set_retval (5.18).
-const MIN_KERNEL: (u32, u32) = (5, 18);
+/// (5.9), bpf_get_socket_cookie in cgroup/sock (5.11), bpf_set_retval (5.18),
+/// bpf_skc_to_mptcp_sock (5.19).
+const MIN_KERNEL: (u32, u32) = (5, 19);
 
-pub(super) const MAPS: [&str; 5] = [
+/// `BPF_NOEXIST` of linux/bpf.h: create only.
+const BPF_NOEXIST: u64 = 1;
+
+pub(super) const MAPS: [&str; 6] = [
     names::SETTINGS,
+    names::GENERATION,
     names::UID_CAPS,
     names::UID_CONNS,
     names::HOST_CONNS,
@@ -106,6 +111,8 @@ pub enum BpfError {
 pub struct ConnLimiter {
     ebpf: Ebpf,
     pins: PinLayout,
+    /// This program set's generation: one more than the pinned maps' active one.
+    generation: u64,
 }
 
 fn check_kernel() -> Result<(), BpfError> {
@@ -138,8 +145,10 @@ impl ConnLimiter {
             })?;
         }
         let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|n| (*n, pins.map(n))).collect();
+        let generation = active_generation(&pins.map(names::GENERATION))? + 1;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::SOCK_OWNER, max_tracked_sockets);
+        loader.override_global(names::GLOBAL_GENERATION, &generation, true);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -158,7 +167,18 @@ impl ConnLimiter {
                 name: names::PROG_SOCK_RELEASE,
                 source,
             })?;
-        Ok(Self { ebpf, pins })
+        Ok(Self {
+            ebpf,
+            pins,
+            generation,
+        })
+    }
+
+    /// Makes this program set's generation the one that charges and denies.
+    fn activate(&mut self) -> Result<(), BpfError> {
+        let mut map: Array<&mut MapData, u64> = typed_map_mut(&mut self.ebpf, names::GENERATION)?;
+        map.set(0, self.generation, 0)
+            .map_err(map_error(names::GENERATION))
     }
 
     /// Attaches the programs to `cgroup` (absolute path), adopting pinned links.
@@ -194,8 +214,18 @@ impl ConnLimiter {
         }
         let release = names::PROG_SOCK_RELEASE;
         let mut actions = vec![attach!(sock_program(&mut self.ebpf, release)?, release)];
+        // First start (no earlier generation): enforce from the first attached program.
+        // Otherwise the earlier generation goes on enforcing until the new programs are
+        // all attached, and only then hands over.
+        let fresh = self.generation == 1;
+        if fresh {
+            self.activate()?;
+        }
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
             actions.push(attach!(sock_addr_program(&mut self.ebpf, name)?, name));
+        }
+        if !fresh {
+            self.activate()?;
         }
         Ok(actions)
     }
@@ -203,7 +233,19 @@ impl ConnLimiter {
     /// Writes `limits` into the maps: settings first, then per-UID caps (added or changed,
     /// then removed). Each map write is atomic per entry.
     pub fn apply(&mut self, limits: &ConnLimits) -> Result<(), BpfError> {
-        let settings = limits.settings();
+        let capacity = self
+            .ebpf
+            .map(names::SOCK_OWNER)
+            .and_then(|m| match m {
+                Map::HashMap(data) => data.info().ok(),
+                _ => None,
+            })
+            .map(|info| info.max_entries())
+            .ok_or(BpfError::Missing {
+                kind: "map",
+                name: names::SOCK_OWNER,
+            })?;
+        let settings = limits.settings(capacity);
         let mut settings_map: Array<&mut MapData, Settings> =
             typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
         settings_map
@@ -227,6 +269,18 @@ impl ConnLimiter {
             match caps.remove(&uid) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(source) => return Err(map_error(names::UID_CAPS)(source)),
+            }
+        }
+        // Counters for every UID with a cap of its own, made now: such a UID is counted
+        // however many other UIDs have connected since (an error here names a full map).
+        let mut conns: HashMap<&mut MapData, u32, UidConns> =
+            typed_map_mut(&mut self.ebpf, names::UID_CONNS)?;
+        for (uid, _) in limits.per_uid.iter().filter(|(_, cap)| **cap != UNLIMITED) {
+            match conns.insert(uid, UidConns::default(), BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => return Err(map_error(names::UID_CONNS)(source)),
             }
         }
         Ok(())
@@ -307,4 +361,15 @@ where
         .map_mut(name)
         .ok_or(BpfError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(map_error(name))
+}
+
+/// The generation that enforces in the maps pinned at `pin` (0 when there are none yet).
+fn active_generation(pin: &Path) -> Result<u64, BpfError> {
+    if !pin.exists() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(pin).map_err(map_error(names::GENERATION))?;
+    let map: Array<MapData, u64> =
+        Array::try_from(Map::Array(data)).map_err(map_error(names::GENERATION))?;
+    map.get(&0, 0).map_err(map_error(names::GENERATION))
 }

@@ -111,6 +111,11 @@ impl Engine {
                     out.push(("agent".to_string(), missing as f64));
                 }
             }
+            Stat::MapFillRatio => {
+                for m in stats.host.iter().flat_map(|h| &h.maps) {
+                    out.push((m.map.clone(), m.ratio()));
+                }
+            }
             Stat::OomKills => {
                 for t in &stats.targets {
                     let Some(m) = t.cgroup.memory else { continue };

@@ -252,10 +252,30 @@ pub fn render(stats: &Stats) -> String {
         );
         e.counter(
             "rlagent_connections_untracked_total",
-            "connect() calls let through uncounted because a map was full.",
+            "connect() calls let through uncounted (a UID without a cap over its share of the maps, or on_full = allow).",
             &[],
             host.untracked as f64,
         );
+        e.counter(
+            "rlagent_connections_denied_full_total",
+            "connect() calls of capped UIDs denied because a kernel map was full (on_full = deny).",
+            &[],
+            host.denied_full as f64,
+        );
+        for m in &host.maps {
+            e.gauge(
+                "rlagent_bpf_map_entries",
+                "Entries in a kernel map.",
+                &[("map", m.map.clone())],
+                m.entries as f64,
+            );
+            e.gauge(
+                "rlagent_bpf_map_capacity",
+                "Capacity of a kernel map.",
+                &[("map", m.map.clone())],
+                m.capacity as f64,
+            );
+        }
     }
     e.counter(
         "rlagent_placement_moves_total",
@@ -344,6 +364,8 @@ mod tests {
             host: Some(HostConnStats {
                 live: 3,
                 untracked: 0,
+                denied_full: 0,
+                maps: vec![],
             }),
             placement_moves: 4,
             alerts_firing: 1,
