@@ -21,9 +21,16 @@ pub const FLAG_COUNT_UDP: u64 = 1 << 1;
 /// "allow"`) instead of denying it (the default).
 pub const FLAG_ON_FULL_ALLOW: u64 = 1 << 2;
 
+/// Set while connections that predate the agent's first start are still open: the
+/// programs then add `RL_UID_SEEDED` to the UIDs' live counts.
+pub const FLAG_SEEDED: u64 = 1 << 3;
+
 /// Set in an `RL_SOCK_OWNER` value (above the UID in the low 32 bits) when the socket's
 /// UID had no cap when it was charged: it counts against the uncapped budget.
 pub const OWNER_UNCAPPED: u64 = 1 << 32;
+/// Set in an `RL_SOCK_OWNER` value for a connection the agent found open at its first
+/// start: its release decrements `RL_UID_SEEDED` and `HostConns::seeded` instead of `live`.
+pub const OWNER_SEEDED: u64 = 1 << 33;
 
 /// Names of the pinned maps and programs, shared so both sides agree.
 pub mod names {
@@ -33,6 +40,8 @@ pub mod names {
     pub const HOST_CONNS: &str = "RL_HOST_CONNS";
     pub const SOCK_OWNER: &str = "RL_SOCK_OWNER";
     pub const GENERATION: &str = "RL_GENERATION";
+    pub const UID_SEEDED: &str = "RL_UID_SEEDED";
+    pub const UID_SEEDED_GONE: &str = "RL_UID_SEEDED_GONE";
 
     pub const PROG_CONNECT4: &str = "rl_connect4";
     pub const PROG_CONNECT6: &str = "rl_connect6";
@@ -74,6 +83,9 @@ pub struct Settings {
     pub uncapped_socket_budget: u64,
     /// UIDs without a cap may create at most this many `RL_UID_CONNS` entries.
     pub uncapped_uid_budget: u64,
+    /// Seeded connections the agent found closed without a release (written by the agent
+    /// only; the programs subtract it from `HostConns::seeded`).
+    pub seeded_gone: u64,
 }
 
 /// Per-UID connection counters, values of `RL_UID_CONNS` (key: UID as `u32`).
@@ -106,6 +118,9 @@ pub struct HostConns {
     pub uncapped_sockets: u64,
     /// `RL_UID_CONNS` entries created by the programs for UIDs without a cap.
     pub uncapped_uids: u64,
+    /// Connections found open at the agent's first start and not yet released (set by the
+    /// agent before any program runs, then only decremented by the programs).
+    pub seeded: u64,
 }
 
 #[cfg(feature = "user")]

@@ -26,7 +26,8 @@ use aya_ebpf::{
 };
 use rlagent_common::{
     HostConns, Settings, UidConns, DEFAULT_MAX_TRACKED_SOCKETS, FLAG_COUNT_UDP, FLAG_ENFORCE,
-    FLAG_ON_FULL_ALLOW, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_UNCAPPED, UNLIMITED,
+    FLAG_ON_FULL_ALLOW, FLAG_SEEDED, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED, OWNER_UNCAPPED,
+    UNLIMITED,
 };
 
 const ALLOW: i32 = 1;
@@ -65,6 +66,26 @@ static RL_UID_CONNS: HashMap<
 
 #[btf_map]
 static RL_HOST_CONNS: Array<HostConns, 1> = Array::new();
+
+/// Connections each UID held when the agent first started and still holds. The agent
+/// writes it before any program runs; after that only the programs decrement it.
+#[btf_map]
+static RL_UID_SEEDED: HashMap<
+    u32,
+    u64,
+    { MAX_UID_CONNS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Of those, how many the agent found closed without a release (written by the agent
+/// only, so no write of it races a program's).
+#[btf_map]
+static RL_UID_SEEDED_GONE: HashMap<
+    u32,
+    u64,
+    { MAX_UID_CONNS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Socket cookie -> charged UID (low 32 bits) and `OWNER_UNCAPPED`.
 #[btf_map]
@@ -236,16 +257,21 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
             fetch_add(uncapped_sockets, 1);
         }
         let live = &raw mut (*conns).live;
+        let (seeded, host_seeded) = if settings.flags & FLAG_SEEDED != 0 {
+            seeded_for(uid, settings, host)
+        } else {
+            (0, 0)
+        };
         // Add first, then compare the value displaced: racing connect() calls each see a
         // distinct old value, so no more than `cap` can be admitted.
-        if fetch_add(live, 1) >= cap {
+        if fetch_add(live, 1).saturating_add(seeded) >= cap {
             fetch_sub(live, 1);
             fetch_add(&raw mut (*conns).denied_cap, 1);
             let _ = RL_SOCK_OWNER.remove(&cookie);
             return Err(deny(settings));
         }
         let host_live = &raw mut (*host).live;
-        if fetch_add(host_live, 1) >= settings.host_cap && uid != 0 {
+        if fetch_add(host_live, 1).saturating_add(host_seeded) >= settings.host_cap && uid != 0 {
             fetch_sub(host_live, 1);
             fetch_sub(live, 1);
             if uncapped {
@@ -275,6 +301,21 @@ fn full(settings: &Settings, host: *mut HostConns, uncapped: bool) -> Result<i32
     // SAFETY: as above.
     fetch_add(unsafe { &raw mut (*host).denied_full }, 1);
     Err(deny(settings))
+}
+
+/// Connections of `uid`, and of the host, found open at the agent's first start and still
+/// open.
+#[inline(always)]
+fn seeded_for(uid: u32, settings: &Settings, host: *mut HostConns) -> (u64, u64) {
+    // SAFETY: lookups return pointers valid for this program run; plain loads of values
+    // others update atomically.
+    let seeded = unsafe { RL_UID_SEEDED.get(&uid).copied().unwrap_or(0) };
+    let gone = unsafe { RL_UID_SEEDED_GONE.get(&uid).copied().unwrap_or(0) };
+    let host_seeded = read(unsafe { &raw const (*host).seeded });
+    (
+        seeded.saturating_sub(gone),
+        host_seeded.saturating_sub(settings.seeded_gone),
+    )
 }
 
 #[inline(always)]
@@ -339,14 +380,24 @@ fn release(cookie: u64) {
         return;
     }
     let uid = owner as u32;
-    if let Some(conns) = RL_UID_CONNS.get_ptr_mut(&uid) {
+    let seeded = owner & OWNER_SEEDED != 0;
+    if seeded {
+        if let Some(count) = RL_UID_SEEDED.get_ptr_mut(&uid) {
+            // SAFETY: pointer from a successful lookup.
+            fetch_sub(count, 1);
+        }
+    } else if let Some(conns) = RL_UID_CONNS.get_ptr_mut(&uid) {
         // SAFETY: pointer from a successful lookup.
         fetch_sub(unsafe { &raw mut (*conns).live }, 1);
     }
     if let Some(host) = RL_HOST_CONNS.get_ptr_mut(0) {
         // SAFETY: as above.
         unsafe {
-            fetch_sub(&raw mut (*host).live, 1);
+            if seeded {
+                fetch_sub(&raw mut (*host).seeded, 1);
+            } else {
+                fetch_sub(&raw mut (*host).live, 1);
+            }
             if owner & OWNER_UNCAPPED != 0 {
                 fetch_sub(&raw mut (*host).uncapped_sockets, 1);
             }

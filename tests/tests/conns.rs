@@ -478,7 +478,7 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
     };
     assert_eq!(
         status["pins_missing"].as_array().unwrap().len(),
-        9,
+        11,
         "{status}"
     );
     let start = std::time::Instant::now();
@@ -503,6 +503,6 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
     let (_, body) = rlagent_tests::http_get(s.scratch.metrics_port, "/metrics");
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_pins_missing"),
-        Some(9.0)
+        Some(11.0)
     );
 }

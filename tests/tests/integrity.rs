@@ -254,3 +254,49 @@ fn a_full_socket_map_denies_capped_uids_or_lets_them_through_as_on_full_says() {
         scratch.uninstall();
     }
 }
+
+#[test]
+fn connections_open_before_the_first_start_count_against_the_cap() {
+    if !privileged("connections_open_before_the_first_start_count_against_the_cap") {
+        return;
+    }
+    const SEEDER: u32 = 61109;
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(&cgroup, "", &quota(&format!("user:{SEEDER}"), "2"));
+    let listener = Listener::new();
+    let mut h = Helper::spawn(&cgroup.path, SEEDER);
+    let ids: Vec<u64> = (0..5)
+        .map(|_| h.connect("tcp4", listener.port4).id())
+        .collect();
+    let agent = Agent::start(&scratch);
+    assert_eq!(
+        scratch.live(SEEDER),
+        5,
+        "the 5 open connections are counted"
+    );
+    assert!(matches!(
+        h.connect("tcp6", listener.port6),
+        Connect::Err(EPERM, _)
+    ));
+    for id in &ids[..4] {
+        h.close(*id);
+    }
+    scratch.wait_live(SEEDER, 1);
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+    assert!(matches!(
+        h.connect("tcp4", listener.port4),
+        Connect::Err(EPERM, _)
+    ));
+    // A restart adopts the counts; it does not count the open connections again.
+    agent.stop();
+    let _agent = Agent::start(&scratch);
+    assert_eq!(scratch.live(SEEDER), 2);
+    assert!(matches!(
+        h.connect("tcp4", listener.port4),
+        Connect::Err(EPERM, _)
+    ));
+    h.close_all();
+    scratch.wait_live(SEEDER, 0);
+    assert_eq!(scratch.stats().host.live, 0);
+}

@@ -62,6 +62,15 @@ impl ConnLimits {
         }
     }
 
+    /// The cap of `uid`: its own, else the `user:*` default from `uid_min` up.
+    pub fn cap_for(&self, uid: u32) -> u64 {
+        match self.per_uid.get(&uid) {
+            Some(cap) => *cap,
+            None if uid >= self.uid_min => self.default_cap,
+            None => UNLIMITED,
+        }
+    }
+
     /// The `RL_SETTINGS` element for these limits, with a charged-socket map of
     /// `socket_capacity` entries: UIDs without a cap get half of it, and half of the UID
     /// counters, so they can never take the capacity capped UIDs need.
@@ -81,6 +90,8 @@ impl ConnLimits {
             deny_errno: self.deny_errno as u64,
             uncapped_socket_budget: u64::from(socket_capacity / 2),
             uncapped_uid_budget: u64::from(MAX_UID_CONNS / 2),
+            // Kernel state, not desired state: the limiter keeps it.
+            seeded_gone: 0,
         }
     }
 }

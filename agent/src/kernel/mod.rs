@@ -187,12 +187,29 @@ impl System {
             moves: Arc::new(AtomicU64::new(0)),
         };
         system.limiter.apply(&desired.conns)?;
+        let seeded = system.limiter.seed(
+            cgroup_ids(&attach_cgroup, &settings.attach_cgroup).as_ref(),
+            &desired.conns,
+        )?;
+        if seeded > 0 {
+            tracing::info!(
+                seeded,
+                "counted the connections open before the first start"
+            );
+        }
         for (program, action) in system.limiter.attach(&attach_cgroup)? {
             let what = match action {
                 LinkAction::Attached => "attached",
                 LinkAction::Replaced => "attached, replacing the pinned link of an earlier run",
             };
             tracing::info!(program, cgroup = %attach_cgroup.display(), "{what}");
+        }
+        let gone = system.limiter.settle_seeded(desired.conns.count_udp)?;
+        if gone > 0 {
+            tracing::info!(
+                gone,
+                "seeded connections that closed before the programs were attached"
+            );
         }
         for old in system.limiter.remove_other_versions()? {
             tracing::warn!(pins = %old.display(), "removed the pins of another map layout version, detaching its programs");
@@ -297,6 +314,28 @@ impl Enforcer for System {
         }
         Ok(cgroup)
     }
+}
+
+/// The cgroup ids (cgroup2 directory inodes) of `dir` and every cgroup below it; `None`
+/// when `relative` is the root (host-wide: every socket is in scope).
+fn cgroup_ids(dir: &Path, relative: &Path) -> Option<std::collections::HashSet<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    if relative.as_os_str().is_empty() {
+        return None;
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        if let Ok(meta) = std::fs::metadata(&d) {
+            ids.insert(meta.ino());
+        }
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Some(ids)
 }
 
 /// The real observer: cgroup files under the mount and the pinned maps.

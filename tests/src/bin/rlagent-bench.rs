@@ -1,5 +1,6 @@
-//! `rlagent-bench connect [--blocks N] [--iters M]` and `rlagent-bench control [--requests N]
-//! [--targets N]` (run through `cargo xtask bench <name>`).
+//! `rlagent-bench connect [--blocks N] [--iters M]`, `rlagent-bench control [--requests N]
+//! [--targets N]`, `rlagent-bench metrics [--uids N]` and `rlagent-bench integrity
+//! [--cycles N]` (run through `cargo xtask bench <name>`).
 //!
 //! Paired A/B measurement of connect()+close() on loopback: one helper process in a cgroup
 //! with rlagent's programs attached (its UID has a cap, so the full charge path runs), one
@@ -18,8 +19,10 @@ fn main() {
         eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N]");
         std::process::exit(2);
     };
-    if name != "connect" && name != "control" && name != "metrics" {
-        eprintln!("rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics)");
+    if !["connect", "control", "metrics", "integrity"].contains(&name.as_str()) {
+        eprintln!(
+            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity)"
+        );
         std::process::exit(2);
     }
     let flag = |flag: &str, default: u32| -> u32 {
@@ -37,7 +40,9 @@ fn main() {
     if !privileged("bench") {
         std::process::exit(1);
     }
-    if name == "metrics" {
+    if name == "integrity" {
+        integrity(flag("--cycles", 1_000_000));
+    } else if name == "metrics" {
         metrics(flag("--uids", 10_000));
     } else if name == "control" {
         control(flag("--requests", 500), flag("--targets", 1000));
@@ -95,6 +100,102 @@ fn metrics(uids: u32) {
         percentile(&times, 0.99),
         size as f64 / (1 << 20) as f64
     );
+}
+
+/// `cycles` mixed connect() cycles by four capped UIDs: TCP and MPTCP connect+close,
+/// connects refused by the peer, connected UDP, and processes that exit or are SIGKILLed
+/// while holding sockets (some over their cap). Prints the rate and the final counts,
+/// which must be exactly zero once nothing is open.
+fn integrity(cycles: u32) {
+    const UIDS: [u32; 4] = [61910, 61911, 61912, 61913];
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(
+        &cgroup,
+        "count_udp = true\n",
+        "[[quota]]\ntarget = \"user:*\"\nconns = 4\n",
+    );
+    let _agent = Agent::start(&scratch);
+    let tcp = Listener::dropping();
+    let mptcp = Listener::mptcp();
+    let closed = rlagent_tests::free_port();
+    let mut workers: Vec<Helper> = UIDS
+        .iter()
+        .map(|u| Helper::spawn(&cgroup.path, *u))
+        .collect();
+    let kinds = [
+        ("tcp4", tcp.port4),
+        ("tcp6", tcp.port6),
+        ("mptcp4", mptcp.port4),
+        ("mptcp6", tcp.port6), // MPTCP falling back to TCP
+        ("tcp4", closed),
+        ("udp4", tcp.port4),
+    ];
+    const BATCH: u32 = 500;
+    let (mut done, mut admitted, mut exits, mut kills) = (0u64, 0u64, 0u32, 0u32);
+    let start = Instant::now();
+    let mut round = 0usize;
+    while done < u64::from(cycles) {
+        for (i, worker) in workers.iter_mut().enumerate() {
+            let (kind, port) = kinds[(round + i) % kinds.len()];
+            let reply = worker.cmd(&format!("cycles {kind} {port} {BATCH}"));
+            let n: u64 = reply.split_whitespace().nth(1).unwrap().parse().unwrap();
+            admitted += n;
+            done += u64::from(BATCH);
+        }
+        // Every 20 rounds, each UID's process ends holding sockets (6 tries against a
+        // cap of 4): half exit, half are SIGKILLed; a fresh one takes its place.
+        if round % 20 == 19 {
+            for (i, uid) in UIDS.iter().enumerate() {
+                let mut holder = Helper::spawn(&cgroup.path, *uid);
+                holder.cmd(&format!("hold tcp4 {} 6", tcp.port4));
+                done += 6;
+                if i % 2 == 0 {
+                    holder.exit();
+                    exits += 1;
+                } else {
+                    holder.kill9();
+                    kills += 1;
+                }
+            }
+        }
+        round += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    for w in workers.drain(..) {
+        w.exit();
+    }
+    // Releases run as the sockets are freed: give them a moment, then read.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let stats = loop {
+        let stats = scratch.stats();
+        let live: u64 = stats.per_uid.values().map(|c| c.live).sum();
+        if (live == 0 && stats.host.live == 0) || Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    println!(
+        "{done} cycles in {elapsed:.1} s ({:.0} per second): {admitted} admitted, {exits} exits and {kills} SIGKILLs holding sockets",
+        done as f64 / elapsed
+    );
+    for uid in UIDS {
+        let c = stats.per_uid.get(&uid).copied().unwrap_or_default();
+        println!(
+            "uid {uid}: live {} admitted {} denied_cap {}",
+            c.live, c.admitted, c.denied_cap
+        );
+    }
+    println!(
+        "host: live {}, untracked {}, denied_full {}, uncapped_sockets {}",
+        stats.host.live, stats.host.untracked, stats.host.denied_full, stats.host.uncapped_sockets
+    );
+    let leaked: u64 = stats.per_uid.values().map(|c| c.live).sum::<u64>() + stats.host.live;
+    if leaked != 0 {
+        eprintln!("FAILED: {leaked} charges left with nothing open");
+        std::process::exit(1);
+    }
+    println!("all counts are back to 0");
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -54,6 +54,8 @@ pub struct PinnedMaps {
     host: Array<MapData, HostConns>,
     uid_conns: HashMap<MapData, u32, UidConns>,
     uid_caps: HashMap<MapData, u32, u64>,
+    uid_seeded: HashMap<MapData, u32, u64>,
+    uid_seeded_gone: HashMap<MapData, u32, u64>,
     settings: Array<MapData, Settings>,
 }
 
@@ -78,12 +80,27 @@ impl PinnedMaps {
             host: open(&pins, names::HOST_CONNS)?,
             uid_conns: open(&pins, names::UID_CONNS)?,
             uid_caps: open(&pins, names::UID_CAPS)?,
+            uid_seeded: open(&pins, names::UID_SEEDED)?,
+            uid_seeded_gone: open(&pins, names::UID_SEEDED_GONE)?,
             settings: open(&pins, names::SETTINGS)?,
         })
     }
 
+    /// The counters, with the connections found open at the first start (and not closed
+    /// since) counted in `live`, as the programs count them against the caps.
     pub fn stats(&self) -> Result<ConnStats, BpfError> {
-        read_stats(&self.host, &self.uid_conns)
+        let mut stats = read_stats(&self.host, &self.uid_conns)?;
+        let settings = self
+            .settings
+            .get(&0, 0)
+            .map_err(map_error(names::SETTINGS))?;
+        stats.host.live += stats.host.seeded.saturating_sub(settings.seeded_gone);
+        for item in self.uid_seeded.iter() {
+            let (uid, seeded) = item.map_err(map_error(names::UID_SEEDED))?;
+            let gone = self.uid_seeded_gone.get(&uid, 0).unwrap_or(0);
+            stats.per_uid.entry(uid).or_default().live += seeded.saturating_sub(gone);
+        }
+        Ok(stats)
     }
 
     /// Host counters and every UID's counters with the cap in force for it.

@@ -17,6 +17,7 @@
 pub mod bpffs;
 mod maps;
 mod pins;
+pub mod seed;
 
 pub use maps::{program_stats, ConnStats, PinnedMaps};
 use pins::attach_and_pin;
@@ -34,7 +35,7 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use rlagent_common::{names, Settings, UidConns, UNLIMITED};
+use rlagent_common::{names, HostConns, Settings, UidConns, FLAG_SEEDED, OWNER_SEEDED, UNLIMITED};
 
 use crate::desired::conns::ConnLimits;
 
@@ -50,9 +51,11 @@ const MIN_KERNEL: (u32, u32) = (5, 19);
 /// `BPF_NOEXIST` of linux/bpf.h: create only.
 const BPF_NOEXIST: u64 = 1;
 
-pub(super) const MAPS: [&str; 6] = [
+pub(super) const MAPS: [&str; 8] = [
     names::SETTINGS,
     names::GENERATION,
+    names::UID_SEEDED,
+    names::UID_SEEDED_GONE,
     names::UID_CAPS,
     names::UID_CONNS,
     names::HOST_CONNS,
@@ -61,6 +64,8 @@ pub(super) const MAPS: [&str; 6] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
+    #[error(transparent)]
+    Seed(#[from] seed::SeedError),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -113,6 +118,11 @@ pub struct ConnLimiter {
     pins: PinLayout,
     /// This program set's generation: one more than the pinned maps' active one.
     generation: u64,
+    /// Connections found open at the first start (see [`Self::seed`]), until settled.
+    seeded: Vec<seed::OpenConnection>,
+    /// Of the seeded connections, those found closed without a release (kept in the
+    /// settings the agent writes).
+    seeded_gone: u64,
 }
 
 fn check_kernel() -> Result<(), BpfError> {
@@ -167,11 +177,125 @@ impl ConnLimiter {
                 name: names::PROG_SOCK_RELEASE,
                 source,
             })?;
+        // Written only by agents: an earlier run's count carries over.
+        let seeded_gone =
+            typed_map_mut::<Array<&mut MapData, Settings>>(&mut ebpf, names::SETTINGS)?
+                .get(&0, 0)
+                .map_or(0, |s| s.seeded_gone);
         Ok(Self {
             ebpf,
             pins,
             generation,
+            seeded: Vec::new(),
+            seeded_gone,
         })
+    }
+
+    /// On the first start (new maps, no program attached yet), charges the connections
+    /// already open in `cgroups` (`None`: host-wide) to their owners, so a UID over its cap
+    /// gets nothing new until it is back under. Only UIDs a cap concerns are seeded (all of
+    /// them with a host cap). A restart adopts the pinned maps and seeds nothing.
+    pub fn seed(
+        &mut self,
+        cgroups: Option<&std::collections::HashSet<u64>>,
+        limits: &ConnLimits,
+    ) -> Result<usize, BpfError> {
+        if self.generation != 1 {
+            return Ok(0);
+        }
+        let found = seed::open_connections(limits.count_udp, cgroups)?;
+        let concerned = |uid: u32| limits.host_cap != UNLIMITED || limits.cap_for(uid) != UNLIMITED;
+        let mut owners: HashMap<&mut MapData, u64, u64> =
+            typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
+        let mut per_uid: std::collections::BTreeMap<u32, u64> = Default::default();
+        for c in found.into_iter().filter(|c| concerned(c.uid)) {
+            match owners.insert(c.cookie, u64::from(c.uid) | OWNER_SEEDED, BPF_NOEXIST) {
+                Ok(()) => {
+                    *per_uid.entry(c.uid).or_default() += 1;
+                    self.seeded.push(c);
+                }
+                // A full map: that connection goes uncounted, like any when full.
+                Err(e) => tracing::warn!(cookie = c.cookie, uid = c.uid, "not seeded: {e}"),
+            }
+        }
+        let mut seeded: HashMap<&mut MapData, u32, u64> =
+            typed_map_mut(&mut self.ebpf, names::UID_SEEDED)?;
+        for (uid, n) in &per_uid {
+            seeded
+                .insert(uid, n, 0)
+                .map_err(map_error(names::UID_SEEDED))?;
+        }
+        let mut host: Array<&mut MapData, HostConns> =
+            typed_map_mut(&mut self.ebpf, names::HOST_CONNS)?;
+        let mut counters = host.get(&0, 0).map_err(map_error(names::HOST_CONNS))?;
+        counters.seeded = self.seeded.len() as u64;
+        host.set(0, counters, 0)
+            .map_err(map_error(names::HOST_CONNS))?;
+        self.write_seeded_settings()?;
+        Ok(self.seeded.len())
+    }
+
+    /// After the programs are attached: a seeded connection that closed before
+    /// sock_release was attached was never released. Such a one is claimed here (its
+    /// charge record deleted) and counted as gone in maps only the agent writes, so no
+    /// update races a program's.
+    pub fn settle_seeded(&mut self, udp: bool) -> Result<usize, BpfError> {
+        if self.seeded.is_empty() {
+            return Ok(0);
+        }
+        let open: std::collections::HashSet<u64> = seed::open_connections(udp, None)?
+            .into_iter()
+            .map(|c| c.cookie)
+            .collect();
+        let mut owners: HashMap<&mut MapData, u64, u64> =
+            typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
+        let mut gone_per_uid: std::collections::BTreeMap<u32, u64> = Default::default();
+        for c in std::mem::take(&mut self.seeded) {
+            if !open.contains(&c.cookie) && owners.remove(&c.cookie).is_ok() {
+                *gone_per_uid.entry(c.uid).or_default() += 1;
+            }
+        }
+        let mut gone: HashMap<&mut MapData, u32, u64> =
+            typed_map_mut(&mut self.ebpf, names::UID_SEEDED_GONE)?;
+        let mut total = 0;
+        for (uid, n) in &gone_per_uid {
+            let before = gone.get(uid, 0).unwrap_or(0);
+            gone.insert(uid, before + n, 0)
+                .map_err(map_error(names::UID_SEEDED_GONE))?;
+            total += n;
+        }
+        self.seeded_gone += total;
+        self.write_seeded_settings()?;
+        Ok(total as usize)
+    }
+
+    /// Rewrites the settings element with the seeded state (see [`Self::seeded_settings`]).
+    fn write_seeded_settings(&mut self) -> Result<(), BpfError> {
+        let map: Array<&mut MapData, Settings> = typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
+        let current = map.get(&0, 0).map_err(map_error(names::SETTINGS))?;
+        let updated = self.seeded_settings(current)?;
+        let mut map: Array<&mut MapData, Settings> =
+            typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
+        map.set(0, updated, 0).map_err(map_error(names::SETTINGS))
+    }
+
+    /// `settings` with the seeded connections taken into account: `FLAG_SEEDED` while
+    /// some are open (the programs then read the seeded counts), and the gone count.
+    fn seeded_settings(&mut self, mut settings: Settings) -> Result<Settings, BpfError> {
+        let host: Array<&mut MapData, HostConns> =
+            typed_map_mut(&mut self.ebpf, names::HOST_CONNS)?;
+        let open = host
+            .get(&0, 0)
+            .map_err(map_error(names::HOST_CONNS))?
+            .seeded
+            .saturating_sub(self.seeded_gone);
+        settings.seeded_gone = self.seeded_gone;
+        if open > 0 {
+            settings.flags |= FLAG_SEEDED;
+        } else {
+            settings.flags &= !FLAG_SEEDED;
+        }
+        Ok(settings)
     }
 
     /// Makes this program set's generation the one that charges and denies.
@@ -245,7 +369,7 @@ impl ConnLimiter {
                 kind: "map",
                 name: names::SOCK_OWNER,
             })?;
-        let settings = limits.settings(capacity);
+        let settings = self.seeded_settings(limits.settings(capacity))?;
         let mut settings_map: Array<&mut MapData, Settings> =
             typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
         settings_map
