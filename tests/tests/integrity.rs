@@ -300,3 +300,61 @@ fn connections_open_before_the_first_start_count_against_the_cap() {
     scratch.wait_live(SEEDER, 0);
     assert_eq!(scratch.stats().host.live, 0);
 }
+
+/// Every other way to open a connection meets the same cap, and gives its charge back.
+#[test]
+fn the_cap_holds_against_every_connect_vector() {
+    if !privileged("the_cap_holds_against_every_connect_vector") {
+        return;
+    }
+    const VECTOR_USER: u32 = 61110;
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(&cgroup, "", &quota(&format!("user:{VECTOR_USER}"), "2"));
+    let _agent = Agent::start(&scratch);
+    let listener = Listener::new();
+    let mut h = Helper::spawn(&cgroup.path, VECTOR_USER);
+    for vector in [
+        "tfo-sendto",
+        "tfo-connect",
+        "io-uring",
+        "v4-mapped",
+        "nonblock",
+    ] {
+        for _ in 0..2 {
+            let reply = h.cmd(&format!("vector {vector} {}", listener.port4));
+            assert!(reply.starts_with("ok"), "{vector}: {reply}");
+        }
+        let reply = h.cmd(&format!("vector {vector} {}", listener.port4));
+        assert!(
+            reply.starts_with(&format!("err {EPERM}")),
+            "{vector}: a third connection got {reply}"
+        );
+        assert_eq!(scratch.live(VECTOR_USER), 2, "{vector}");
+        h.close_all();
+        scratch.wait_live(VECTOR_USER, 0);
+    }
+    // Non-blocking connect storms from several processes at once: never more than the cap.
+    let mut storm: Vec<Helper> = (0..4)
+        .map(|_| Helper::spawn(&cgroup.path, VECTOR_USER))
+        .collect();
+    for round in 0..10 {
+        for w in storm.iter_mut() {
+            w.send(&format!("vector nonblock {}", listener.port4));
+        }
+        let admitted = storm
+            .iter_mut()
+            .map(|w| w.reply())
+            .filter(|r| r.starts_with("ok"))
+            .count();
+        assert!(
+            admitted <= 2,
+            "round {round}: {admitted} admitted against cap 2"
+        );
+        assert!(scratch.live(VECTOR_USER) <= 2);
+        for w in storm.iter_mut() {
+            w.close_all();
+        }
+        scratch.wait_live(VECTOR_USER, 0);
+    }
+}

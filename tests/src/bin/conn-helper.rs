@@ -13,6 +13,10 @@
 //!   `bench <kind> <port> <iterations>`     → `ok <total ns>` (connect+close loop)
 //!   `multi-uid <first> <count> <port>`     → `ok <n>`: one UDP socket per UID (as root)
 //!   `multi-uid-once <first> <count> <port>` → `ok <n>`: the same, each closed at once
+//!   `vector <name> <port>`                 → `ok <id>` | `err <errno> <id>` (socket kept):
+//!       a TCP connection to 127.0.0.1 made another way: `tfo-sendto` (sendto with
+//!       MSG_FASTOPEN), `tfo-connect` (TCP_FASTOPEN_CONNECT), `io-uring` (IORING_OP_CONNECT),
+//!       `v4-mapped` (an IPv6 socket to ::ffff:127.0.0.1), `nonblock` (EINPROGRESS is ok)
 //!   `exit`                                 → exits with its sockets still open
 //!
 //! The socket's cgroup is fixed when it is created, so the process joins the cgroup first.
@@ -179,6 +183,15 @@ fn main() {
                 }
                 format!("ok {admitted}")
             }
+            ["vector", name, port] => {
+                let (fd, result) = vector(name, port.parse().unwrap());
+                next_id += 1;
+                sockets.insert(next_id, fd);
+                match result {
+                    Ok(()) => format!("ok {next_id}"),
+                    Err(errno) => format!("err {errno} {next_id}"),
+                }
+            }
             ["exit"] => std::process::exit(0),
             _ => format!("bad command {line:?}"),
         };
@@ -264,6 +277,95 @@ fn connect(fd: i32, kind: &str, port: u16) -> Result<(), i32> {
         Ok(())
     } else {
         Err(io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+    }
+}
+
+fn sockaddr_v4(port: u16) -> libc::sockaddr_in {
+    // SAFETY: all-zero is a valid sockaddr_in.
+    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
+    sa.sin_family = libc::AF_INET as u16;
+    sa.sin_port = port.to_be();
+    sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+    sa
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+}
+
+/// Opens a TCP connection to 127.0.0.1:`port` by the vector `name`; returns the socket.
+fn vector(name: &str, port: u16) -> (i32, Result<(), i32>) {
+    let sa = sockaddr_v4(port);
+    let sa_ptr = (&sa as *const libc::sockaddr_in).cast::<libc::sockaddr>();
+    let sa_len = mem::size_of_val(&sa) as u32;
+    // SAFETY: plain syscalls on sockets this process owns; every pointer is valid and
+    // sized correctly.
+    unsafe {
+        match name {
+            "tfo-sendto" => {
+                let fd = new_socket("tcp4");
+                let rc = libc::sendto(
+                    fd,
+                    b"x".as_ptr().cast(),
+                    1,
+                    libc::MSG_FASTOPEN,
+                    sa_ptr,
+                    sa_len,
+                );
+                (fd, if rc >= 0 { Ok(()) } else { Err(errno()) })
+            }
+            "tfo-connect" => {
+                let fd = new_socket("tcp4");
+                let on: libc::c_int = 1;
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_FASTOPEN_CONNECT,
+                    (&on as *const libc::c_int).cast(),
+                    mem::size_of::<libc::c_int>() as u32,
+                );
+                let rc = libc::connect(fd, sa_ptr, sa_len);
+                (fd, if rc == 0 { Ok(()) } else { Err(errno()) })
+            }
+            "io-uring" => {
+                let fd = new_socket("tcp4");
+                let mut ring = io_uring::IoUring::new(2).expect("io_uring_setup");
+                let entry =
+                    io_uring::opcode::Connect::new(io_uring::types::Fd(fd), sa_ptr, sa_len).build();
+                ring.submission().push(&entry).expect("submission queue");
+                ring.submit_and_wait(1).expect("io_uring_enter");
+                let res = ring.completion().next().expect("a completion").result();
+                (fd, if res == 0 { Ok(()) } else { Err(-res) })
+            }
+            "v4-mapped" => {
+                let fd = new_socket("tcp6");
+                let mut sa6: libc::sockaddr_in6 = mem::zeroed();
+                sa6.sin6_family = libc::AF_INET6 as u16;
+                sa6.sin6_port = port.to_be();
+                sa6.sin6_addr.s6_addr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+                let rc = libc::connect(
+                    fd,
+                    (&sa6 as *const libc::sockaddr_in6).cast(),
+                    mem::size_of_val(&sa6) as u32,
+                );
+                (fd, if rc == 0 { Ok(()) } else { Err(errno()) })
+            }
+            "nonblock" => {
+                let fd = libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                );
+                assert!(fd >= 0, "socket(): {}", io::Error::last_os_error());
+                let rc = libc::connect(fd, sa_ptr, sa_len);
+                let result = match (rc, errno()) {
+                    (0, _) | (_, libc::EINPROGRESS) => Ok(()),
+                    (_, e) => Err(e),
+                };
+                (fd, result)
+            }
+            other => panic!("unknown vector {other}"),
+        }
     }
 }
 
