@@ -42,6 +42,7 @@ pub mod names {
     pub const GENERATION: &str = "RL_GENERATION";
     pub const UID_SEEDED: &str = "RL_UID_SEEDED";
     pub const UID_SEEDED_GONE: &str = "RL_UID_SEEDED_GONE";
+    pub const MPTCP: &str = "RL_MPTCP";
 
     pub const PROG_CONNECT4: &str = "rl_connect4";
     pub const PROG_CONNECT6: &str = "rl_connect6";

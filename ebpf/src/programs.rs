@@ -36,6 +36,7 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const EPERM: u64 = 1;
 const EEXIST: i32 = -17;
+const IPPROTO_MPTCP: u32 = 262;
 
 /// This program set's generation, written by the loader. Of two generations attached side
 /// by side (an agent restart attaches the new programs before it detaches the old), only
@@ -122,8 +123,12 @@ pub fn rl_connect6(ctx: SockAddrContext) -> i32 {
 pub fn rl_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the helper accepts the sock context.
     release(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
-    // An MPTCP socket: release the charge of its subflow (see RL_MPTCP). Other sockets
-    // have no storage there, and the lookup without F_CREATE returns null.
+    // An MPTCP socket: release the charge of its subflow (see RL_MPTCP). Only MPTCP
+    // sockets have storage there; the protocol check spares every other socket the lookup.
+    // SAFETY: the context's socket is valid for the program's run.
+    if unsafe { (*ctx.sock).protocol } != IPPROTO_MPTCP {
+        return ALLOW;
+    }
     // SAFETY: the helper accepts the context's socket; the value pointer is checked.
     let subflow = unsafe {
         bpf_sk_storage_get(
@@ -252,10 +257,6 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: `conns` points at this UID's counters in RL_UID_CONNS, `host` at the array
     // element; nothing deletes UID entries while programs run.
     unsafe {
-        let uncapped_sockets = &raw mut (*host).uncapped_sockets;
-        if uncapped {
-            fetch_add(uncapped_sockets, 1);
-        }
         let live = &raw mut (*conns).live;
         let (seeded, host_seeded) = if settings.flags & FLAG_SEEDED != 0 {
             seeded_for(uid, settings, host)
@@ -274,14 +275,14 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
         if fetch_add(host_live, 1).saturating_add(host_seeded) >= settings.host_cap && uid != 0 {
             fetch_sub(host_live, 1);
             fetch_sub(live, 1);
-            if uncapped {
-                fetch_sub(uncapped_sockets, 1);
-            }
             fetch_add(&raw mut (*conns).denied_host, 1);
             let _ = RL_SOCK_OWNER.remove(&cookie);
             return Err(deny(settings));
         }
         fetch_add(&raw mut (*conns).admitted, 1);
+        if uncapped {
+            fetch_add(&raw mut (*host).uncapped_sockets, 1);
+        }
         if !keeper.is_null() {
             *keeper = cookie;
         }

@@ -440,6 +440,10 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
         ),
     );
     let agent = Agent::start(&s.scratch);
+    // Every link and map pin the agent keeps.
+    let pins = rlagent::kernel::bpf::PinLayout::new(&s.scratch.pin_path())
+        .all()
+        .len();
     let uninstall = |force: bool| {
         let mut cmd = std::process::Command::new(rlagent_tests::target_bin("rlagent"));
         cmd.arg("--config")
@@ -478,7 +482,7 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
     };
     assert_eq!(
         status["pins_missing"].as_array().unwrap().len(),
-        11,
+        pins,
         "{status}"
     );
     let start = std::time::Instant::now();
@@ -503,6 +507,6 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
     let (_, body) = rlagent_tests::http_get(s.scratch.metrics_port, "/metrics");
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_pins_missing"),
-        Some(11.0)
+        Some(pins as f64)
     );
 }

@@ -46,7 +46,7 @@ fn mptcp_connections_release_their_charge_when_closed() {
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
     scratch.write_config(&cgroup, "", &quota(&format!("user:{MPTCP_USER}"), "3"));
-    let _agent = Agent::start(&scratch);
+    let agent = Agent::start(&scratch);
     let plain = Listener::dropping();
     let mptcp = Listener::mptcp();
     let mut h = Helper::spawn(&cgroup.path, MPTCP_USER);
@@ -76,6 +76,10 @@ fn mptcp_connections_release_their_charge_when_closed() {
         h.connect("tcp4", plain.port4),
         Connect::Err(EPERM, _)
     ));
+    // Across a restart: the new programs release what the old ones charged.
+    agent.stop();
+    let _agent = Agent::start(&scratch);
+    assert_eq!(scratch.live(MPTCP_USER), 3);
     h.close_all();
     scratch.wait_live(MPTCP_USER, 0);
     h.exit();

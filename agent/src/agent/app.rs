@@ -136,10 +136,7 @@ impl App {
             pin_path: config.bpf.pin_path.clone(),
             max_tracked_sockets: config.bpf.max_tracked_sockets,
             driver: config.driver,
-            systemd_record: config
-                .control_socket
-                .parent()
-                .map(|dir| dir.join("systemd-units")),
+            systemd_record: config.systemd_record(),
         };
         let (system, observer) = kernel::System::start(&settings, &desired)?;
         let agent = Agent::start(

@@ -195,6 +195,14 @@ impl Config {
         self.driver = self.cgroup_driver.resolve(systemd_host);
     }
 
+    /// Where the systemd driver records the unit properties it set: beside the control
+    /// socket, in a runtime directory, so it is gone at reboot like the properties.
+    pub fn systemd_record(&self) -> Option<PathBuf> {
+        self.control_socket
+            .parent()
+            .map(|dir| dir.join("systemd-units"))
+    }
+
     /// Where the agent's cgroups lie under the driver in use.
     pub fn layout(&self) -> Layout {
         Layout::new(self.driver, &self.cgroup_root)

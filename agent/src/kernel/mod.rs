@@ -187,15 +187,24 @@ impl System {
             moves: Arc::new(AtomicU64::new(0)),
         };
         system.limiter.apply(&desired.conns)?;
-        let seeded = system.limiter.seed(
+        // Without sock_diag (inet_diag not loadable, as in a guest without modules) the
+        // agent still starts; it says what it could not count.
+        match system.limiter.seed(
             cgroup_ids(&attach_cgroup, &settings.attach_cgroup).as_ref(),
             &desired.conns,
-        )?;
-        if seeded > 0 {
-            tracing::info!(
-                seeded,
-                "counted the connections open before the first start"
-            );
+        ) {
+            Ok(0) => {}
+            Ok(seeded) => {
+                tracing::info!(
+                    seeded,
+                    "counted the connections open before the first start"
+                )
+            }
+            Err(BpfError::Seed(e)) => tracing::warn!(
+                "connections open before the first start are not counted: {}",
+                crate::model::error_chain(&e)
+            ),
+            Err(e) => return Err(e.into()),
         }
         for (program, action) in system.limiter.attach(&attach_cgroup)? {
             let what = match action {
@@ -204,12 +213,17 @@ impl System {
             };
             tracing::info!(program, cgroup = %attach_cgroup.display(), "{what}");
         }
-        let gone = system.limiter.settle_seeded(desired.conns.count_udp)?;
-        if gone > 0 {
-            tracing::info!(
+        match system.limiter.settle_seeded(desired.conns.count_udp) {
+            Ok(0) => {}
+            Ok(gone) => tracing::info!(
                 gone,
                 "seeded connections that closed before the programs were attached"
-            );
+            ),
+            Err(BpfError::Seed(e)) => tracing::warn!(
+                "seeded connections that closed before the programs were attached stay counted until rlagent uninstall: {}",
+                crate::model::error_chain(&e)
+            ),
+            Err(e) => return Err(e.into()),
         }
         for old in system.limiter.remove_other_versions()? {
             tracing::warn!(pins = %old.display(), "removed the pins of another map layout version, detaching its programs");

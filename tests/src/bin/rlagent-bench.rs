@@ -16,7 +16,7 @@ const BENCH_UID: u32 = 61900;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(name) = args.first().cloned() else {
-        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N]");
+        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N]");
         std::process::exit(2);
     };
     if !["connect", "control", "metrics", "integrity"].contains(&name.as_str()) {

@@ -35,11 +35,7 @@ pub fn uninstall(config_path: Option<&Path>, force: bool) -> anyhow::Result<()> 
     config.resolve_driver(systemd::systemd_host(&mount));
     if config.driver == Driver::Systemd {
         let bus = systemd::dbus::SystemBus::connect()?;
-        let record = config
-            .control_socket
-            .parent()
-            .map(|dir| dir.join("systemd-units"));
-        let driver = systemd::SystemdDriver::new(bus, &mount, record);
+        let driver = systemd::SystemdDriver::new(bus, &mount, config.systemd_record());
         let units = driver.reset_all()?;
         println!("reset the limits rlagent had set on {units} systemd units");
         return Ok(());

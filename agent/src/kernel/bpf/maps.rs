@@ -24,6 +24,8 @@ fn fill(map: &str, entries: u64, capacity: u64) -> MapFill {
 pub struct ConnStats {
     pub host: HostConns,
     pub per_uid: BTreeMap<u32, UidConns>,
+    /// Entries in `RL_UID_CONNS`.
+    pub uid_entries: usize,
 }
 
 pub(super) fn read_stats<H, U>(
@@ -42,6 +44,7 @@ where
     }
     Ok(ConnStats {
         host,
+        uid_entries: uids.len(),
         per_uid: uids,
     })
 }
@@ -116,7 +119,7 @@ impl PinnedMaps {
                 fill(names::SOCK_OWNER, counters.host.live, self.socket_capacity),
                 fill(
                     names::UID_CONNS,
-                    counters.per_uid.len() as u64,
+                    counters.uid_entries as u64,
                     u64::from(MAX_UID_CONNS),
                 ),
                 fill(names::UID_CAPS, caps, u64::from(MAX_UID_CAPS)),

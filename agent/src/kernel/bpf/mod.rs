@@ -20,7 +20,7 @@ mod pins;
 pub mod seed;
 
 pub use maps::{program_stats, ConnStats, PinnedMaps};
-use pins::attach_and_pin;
+use pins::{attach_staged, Staged};
 pub use pins::{uninstall, LinkAction, PinLayout};
 
 use std::{
@@ -51,8 +51,11 @@ const MIN_KERNEL: (u32, u32) = (5, 19);
 /// `BPF_NOEXIST` of linux/bpf.h: create only.
 const BPF_NOEXIST: u64 = 1;
 
-pub(super) const MAPS: [&str; 8] = [
+/// Every map is pinned, so all program generations share it (RL_MPTCP too: a charge kept
+/// on an MPTCP socket by one generation is released by the next).
+pub(super) const MAPS: [&str; 9] = [
     names::SETTINGS,
+    names::MPTCP,
     names::GENERATION,
     names::UID_SEEDED,
     names::UID_SEEDED_GONE,
@@ -118,6 +121,8 @@ pub struct ConnLimiter {
     pins: PinLayout,
     /// This program set's generation: one more than the pinned maps' active one.
     generation: u64,
+    /// The maps were created by this load (none were pinned): the first start.
+    new_maps: bool,
     /// Connections found open at the first start (see [`Self::seed`]), until settled.
     seeded: Vec<seed::OpenConnection>,
     /// Of the seeded connections, those found closed without a release (kept in the
@@ -156,6 +161,7 @@ impl ConnLimiter {
         }
         let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|n| (*n, pins.map(n))).collect();
         let generation = active_generation(&pins.map(names::GENERATION))? + 1;
+        let new_maps = !pins.map(names::SOCK_OWNER).exists();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::SOCK_OWNER, max_tracked_sockets);
         loader.override_global(names::GLOBAL_GENERATION, &generation, true);
@@ -186,6 +192,7 @@ impl ConnLimiter {
             ebpf,
             pins,
             generation,
+            new_maps,
             seeded: Vec::new(),
             seeded_gone,
         })
@@ -194,13 +201,14 @@ impl ConnLimiter {
     /// On the first start (new maps, no program attached yet), charges the connections
     /// already open in `cgroups` (`None`: host-wide) to their owners, so a UID over its cap
     /// gets nothing new until it is back under. Only UIDs a cap concerns are seeded (all of
-    /// them with a host cap). A restart adopts the pinned maps and seeds nothing.
+    /// them with a host cap). A restart adopts the pinned maps and seeds nothing, also after
+    /// a first start that failed half-way.
     pub fn seed(
         &mut self,
         cgroups: Option<&std::collections::HashSet<u64>>,
         limits: &ConnLimits,
     ) -> Result<usize, BpfError> {
-        if self.generation != 1 {
+        if !self.new_maps {
             return Ok(0);
         }
         let found = seed::open_connections(limits.count_udp, cgroups)?;
@@ -326,32 +334,32 @@ impl ConnLimiter {
             ($prog:expr, $name:expr) => {{
                 let name = $name;
                 let prog = $prog;
-                let action = attach_and_pin(name, &self.pins.link(name), || {
+                attach_staged(name, &self.pins.link(name), || {
                     let id = prog
                         .attach(&cgroup_dir, CgroupAttachMode::Single)
                         .map_err(attach_err(name))?;
                     let link = prog.take_link(id).map_err(attach_err(name))?;
                     FdLink::try_from(link).map_err(|e| link_error(name, cgroup, e))
-                })?;
-                (name, action)
+                })?
             }};
         }
+        // First start (no earlier generation): enforce from the first connect program on.
+        // Otherwise the earlier generation goes on enforcing while the new programs are
+        // attached beside it, hands over once they all run, and only then are the old ones
+        // detached (their pins replaced): there is no moment without a counting program.
         let release = names::PROG_SOCK_RELEASE;
-        let mut actions = vec![attach!(sock_program(&mut self.ebpf, release)?, release)];
-        // First start (no earlier generation): enforce from the first attached program.
-        // Otherwise the earlier generation goes on enforcing until the new programs are
-        // all attached, and only then hands over.
+        let mut staged = vec![attach!(sock_program(&mut self.ebpf, release)?, release)];
         let fresh = self.generation == 1;
         if fresh {
             self.activate()?;
         }
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            actions.push(attach!(sock_addr_program(&mut self.ebpf, name)?, name));
+            staged.push(attach!(sock_addr_program(&mut self.ebpf, name)?, name));
         }
         if !fresh {
             self.activate()?;
         }
-        Ok(actions)
+        staged.into_iter().map(Staged::commit).collect()
     }
 
     /// Writes `limits` into the maps: settings first, then per-UID caps (added or changed,

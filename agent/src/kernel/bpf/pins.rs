@@ -55,34 +55,57 @@ pub enum LinkAction {
     Replaced,
 }
 
-/// Attaches a new link and pins it in place of any old pin, which detaches the old program
-/// once the new one runs.
-pub(super) fn attach_and_pin(
+/// A new link pinned beside the old one (`<pin>_new`): both programs run until
+/// [`Staged::commit`] moves the new pin over the old, which detaches the old program.
+pub(super) struct Staged {
+    name: &'static str,
+    staging: PathBuf,
+    link_pin: PathBuf,
+    existed: bool,
+}
+
+/// Attaches a new link and pins it beside any old pin (a stale staging pin of an agent
+/// that died between the two steps is removed, which detaches its link).
+pub(super) fn attach_staged(
     name: &'static str,
     link_pin: &Path,
     attach: impl FnOnce() -> Result<FdLink, BpfError>,
-) -> Result<LinkAction, BpfError> {
-    let link_err = |message: String| BpfError::Link {
-        name,
-        path: link_pin.to_path_buf(),
-        message,
-    };
+) -> Result<Staged, BpfError> {
     let existed = link_pin.exists();
-    let link = attach()?;
-    // Pin beside, then rename over the old pin (bpffs refuses names with a '.').
+    // bpffs refuses names with a '.'.
     let mut staging = link_pin.as_os_str().to_owned();
     staging.push("_new");
     let staging = PathBuf::from(staging);
     let _ = std::fs::remove_file(&staging);
-    link.pin(&staging)
-        .map_err(|e| link_err(format!("cannot pin: {e}")))?;
-    std::fs::rename(&staging, link_pin)
-        .map_err(|e| link_err(format!("cannot move the new pin in place: {e}")))?;
-    Ok(if existed {
-        LinkAction::Replaced
-    } else {
-        LinkAction::Attached
+    let link = attach()?;
+    link.pin(&staging).map_err(|e| BpfError::Link {
+        name,
+        path: staging.clone(),
+        message: format!("cannot pin: {e}"),
+    })?;
+    Ok(Staged {
+        name,
+        staging,
+        link_pin: link_pin.to_path_buf(),
+        existed,
     })
+}
+
+impl Staged {
+    /// Moves the new pin in place of the old one.
+    pub(super) fn commit(self) -> Result<(&'static str, LinkAction), BpfError> {
+        std::fs::rename(&self.staging, &self.link_pin).map_err(|e| BpfError::Link {
+            name: self.name,
+            path: self.link_pin.clone(),
+            message: format!("cannot move the new pin in place: {e}"),
+        })?;
+        let action = if self.existed {
+            LinkAction::Replaced
+        } else {
+            LinkAction::Attached
+        };
+        Ok((self.name, action))
+    }
 }
 
 /// Detaches the programs and removes all pins (and the bpffs mount the agent made there).

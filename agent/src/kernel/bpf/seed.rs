@@ -2,8 +2,15 @@
 //! NETLINK_SOCK_DIAG dump `ss` uses), which reports each socket's owner UID, its cookie
 //! (the same one the programs key their charges by) and its cgroup.
 //!
-//! Only sockets that a connect() made are counted: accepted sockets (whose local port is
-//! a listening port of the same family) and listening sockets are not, as for new ones.
+//! Only sockets that a connect() made and that a sock_release will end are counted:
+//! - not accepted sockets (whose local port is a listening port of the same family) nor
+//!   listening ones, as for new connections;
+//! - not orphans (closed by their process, still in FIN_WAIT or LAST_ACK: inode 0), whose
+//!   sock_release has already run;
+//! - not MPTCP subflows (TCP sockets with the "mptcp" ULP) nor root's sockets, which
+//!   include kernel sockets: kernel sockets never pass sock_release, so their charge
+//!   would never be released.
+//!
 //! sock_diag sees the agent's own network namespace only.
 
 use std::collections::{BTreeSet, HashSet};
@@ -20,6 +27,9 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
 /// `INET_DIAG_CGROUP_ID` (linux/inet_diag.h): the socket's cgroup v2 id (Linux >= 5.7).
 const INET_DIAG_CGROUP_ID: u16 = 21;
+/// `INET_DIAG_ULP_INFO`: nested, `INET_ULP_INFO_NAME` (1) is the ULP's name.
+const INET_DIAG_ULP_INFO: u16 = 19;
+const INET_ULP_INFO_NAME: u16 = 1;
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
 const TCP_TIME_WAIT: u8 = 6;
@@ -54,7 +64,10 @@ struct DiagSocket {
     local_port: u16,
     cookie: u64,
     uid: u32,
+    inode: u32,
     cgroup: Option<u64>,
+    /// The socket's upper-layer protocol ("mptcp" on an MPTCP subflow).
+    ulp: Option<String>,
 }
 
 /// Connected TCP sockets (and connected UDP ones with `udp`) whose cgroup is one of
@@ -92,6 +105,7 @@ fn select(all: &[(u8, DiagSocket)], cgroups: Option<&HashSet<u64>>) -> Vec<OpenC
             }
             _ => s.state == TCP_ESTABLISHED,
         })
+        .filter(|(_, s)| s.inode != 0 && s.uid != 0 && s.ulp.as_deref() != Some("mptcp"))
         .filter(|(_, s)| match (cgroups, s.cgroup) {
             (None, _) => true,
             (Some(set), Some(id)) => set.contains(&id),
@@ -120,7 +134,8 @@ fn dump(family: u8, protocol: u8, tag: u8) -> Result<Vec<(u8, DiagSocket)>, Seed
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol,
-            extensions: ExtensionFlags::empty(),
+            // INFO brings INET_DIAG_ULP_INFO (the ULP name needs no privilege).
+            extensions: ExtensionFlags::INFO,
             states: StateFlags::all(),
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
@@ -163,6 +178,14 @@ fn dump(family: u8, protocol: u8, tag: u8) -> Result<Vec<(u8, DiagSocket)>, Seed
                         }
                         _ => None,
                     });
+                    let ulp = r.nlas.iter().find_map(|nla| match nla {
+                        Nla::Other(other) if other.kind() == INET_DIAG_ULP_INFO => {
+                            let mut value = vec![0u8; other.value_len()];
+                            other.emit_value(&mut value);
+                            ulp_name(&value)
+                        }
+                        _ => None,
+                    });
                     out.push((
                         tag,
                         DiagSocket {
@@ -172,7 +195,9 @@ fn dump(family: u8, protocol: u8, tag: u8) -> Result<Vec<(u8, DiagSocket)>, Seed
                             // idiag_cookie is two u32 in host order, low word first.
                             cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
                             uid: r.header.uid,
+                            inode: r.header.inode,
                             cgroup,
+                            ulp,
                         },
                     ));
                 }
@@ -192,6 +217,25 @@ fn dump(family: u8, protocol: u8, tag: u8) -> Result<Vec<(u8, DiagSocket)>, Seed
     }
 }
 
+/// The name in a nested `INET_DIAG_ULP_INFO` payload (netlink attributes: u16 length,
+/// u16 type, value, padded to 4 bytes).
+fn ulp_name(mut nested: &[u8]) -> Option<String> {
+    while nested.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([nested[0], nested[1]]));
+        let kind = u16::from_ne_bytes([nested[2], nested[3]]) & 0x3fff;
+        if len < 4 || len > nested.len() {
+            return None;
+        }
+        if kind == INET_ULP_INFO_NAME {
+            let value = &nested[4..len];
+            let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+            return String::from_utf8(value[..end].to_vec()).ok();
+        }
+        nested = &nested[len.next_multiple_of(4).min(nested.len())..];
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,8 +247,44 @@ mod tests {
             local_port: port,
             cookie,
             uid: 1000 + cookie as u32,
+            inode: 7000 + cookie as u32,
             cgroup,
+            ulp: None,
         }
+    }
+
+    #[test]
+    fn orphans_root_and_mptcp_subflows_are_not_seeded() {
+        let orphan = DiagSocket {
+            inode: 0,
+            ..sock(AF_INET, 4 /* FIN_WAIT1 */, 40000, 1, None)
+        };
+        let root = DiagSocket {
+            uid: 0,
+            ..sock(AF_INET, TCP_ESTABLISHED, 40001, 2, None)
+        };
+        let subflow = DiagSocket {
+            ulp: Some("mptcp".into()),
+            ..sock(AF_INET, TCP_ESTABLISHED, 40002, 3, None)
+        };
+        let tls = DiagSocket {
+            ulp: Some("tls".into()),
+            ..sock(AF_INET, TCP_ESTABLISHED, 40003, 4, None)
+        };
+        let all = [orphan, root, subflow, tls].map(|s| (IPPROTO_TCP, s));
+        let cookies: Vec<u64> = select(&all, None).iter().map(|c| c.cookie).collect();
+        assert_eq!(cookies, [4]);
+    }
+
+    #[test]
+    fn reads_the_ulp_name() {
+        // INET_ULP_INFO_NAME "mptcp\0", then another attribute.
+        let mut nested = vec![10, 0, 1, 0];
+        nested.extend(b"mptcp\0");
+        nested.extend([0, 0, 8, 0, 2, 0, 1, 2, 3, 4]);
+        assert_eq!(ulp_name(&nested).as_deref(), Some("mptcp"));
+        assert_eq!(ulp_name(&[3, 0]), None);
+        assert_eq!(ulp_name(&[200, 0, 1, 0, b'x']), None);
     }
 
     #[test]
@@ -270,21 +350,30 @@ mod tests {
     }
 
     #[test]
-    fn finds_a_connection_of_this_process() {
+    fn the_dump_reports_cookie_owner_inode_and_ports_as_the_kernel_knows_them() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let cookie = cookie_of(&client);
-        let found = open_connections(false, None).unwrap();
-        let me = nix::unistd::getuid().as_raw();
-        assert!(
-            found.contains(&OpenConnection { cookie, uid: me }),
-            "cookie {cookie} not among {} connections",
-            found.len()
-        );
-        // The accepted side is not a connection of ours.
         let (server, _) = listener.accept().unwrap();
-        let server_cookie = cookie_of(&server);
-        let found = open_connections(false, None).unwrap();
-        assert!(!found.iter().any(|c| c.cookie == server_cookie));
+        let all = dump(AF_INET, IPPROTO_TCP, IPPROTO_TCP).unwrap();
+        let find = |cookie: u64| {
+            all.iter()
+                .map(|(_, s)| s)
+                .find(|s| s.cookie == cookie)
+                .unwrap_or_else(|| panic!("cookie {cookie} not among {} sockets", all.len()))
+        };
+        let me = nix::unistd::getuid().as_raw();
+        let c = find(cookie_of(&client));
+        assert_eq!(
+            (c.uid, c.state, c.ulp.as_deref()),
+            (me, TCP_ESTABLISHED, None)
+        );
+        assert_ne!(c.inode, 0);
+        assert!(c.cgroup.is_some(), "INET_DIAG_CGROUP_ID");
+        // The accepted side has the listener's port, so it is never taken for a client.
+        assert_eq!(find(cookie_of(&server)).local_port, port);
+        assert!(all
+            .iter()
+            .any(|(_, s)| s.state == TCP_LISTEN && s.local_port == port));
     }
 }

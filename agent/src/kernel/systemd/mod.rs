@@ -85,6 +85,18 @@ pub enum Property {
 
 pub const INFINITY: u64 = u64::MAX;
 
+impl SystemdError {
+    /// True when systemd answered that the unit does not exist (any more).
+    pub fn no_such_unit(&self) -> bool {
+        matches!(self, Self::Call { source, .. } if matches!(
+            source.as_ref(),
+            zbus::Error::MethodError(name, _, _)
+                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit"
+                    || name.as_str() == "org.freedesktop.systemd1.LoadFailed"
+        ))
+    }
+}
+
 impl Property {
     pub fn name(self) -> &'static str {
         match self {
@@ -252,15 +264,6 @@ impl SystemdDriver {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The `cgroup:<path>` targets of `plan` that do not exist.
-    pub fn missing(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
-        plan.cgroups
-            .keys()
-            .filter(|path| !self.mount.join(path).join("cgroup.procs").exists())
-            .cloned()
-            .collect()
-    }
-
     /// The UIDs with a `user-<uid>.slice` cgroup now.
     fn present_users(&self, plan: &CgroupPlan) -> Vec<u32> {
         std::fs::read_dir(self.mount.join(plan.layout.users_dir()))
@@ -391,12 +394,7 @@ impl SystemdDriver {
                 .cloned()
                 .collect();
             for unit in dropped {
-                if let Err(e) = self.write(&mut state, &unit, &CgroupQuota::NONE) {
-                    // A service that is gone has nothing left to reset.
-                    tracing::warn!("resetting {unit}: {}", crate::model::error_chain(&e));
-                    state.record.0.remove(&unit);
-                }
-                state.written.remove(&unit);
+                self.reset(&mut state, &unit);
             }
             for name in plan.groups.keys() {
                 if let Err(e) = self.bus.start_unit(&group_slice(name)) {
@@ -476,19 +474,31 @@ impl SystemdDriver {
         }
     }
 
-    /// Resets every field the agent has set on any unit (`rlagent uninstall`).
+    /// Lifts the fields the agent set on `unit`. A unit that no longer exists has nothing
+    /// left to reset and leaves the record; any other failure keeps it there, so the next
+    /// apply tries again. Returns whether the fields were reset.
+    fn reset(&self, state: &mut State, unit: &str) -> bool {
+        state.written.remove(unit);
+        match self.write(state, unit, &CgroupQuota::NONE) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("resetting {unit}: {}", crate::model::error_chain(&e));
+                if e.no_such_unit() {
+                    state.record.0.remove(unit);
+                }
+                false
+            }
+        }
+    }
+
+    /// Resets every field the agent has set on any unit (`rlagent uninstall`); returns how
+    /// many units were reset.
     pub fn reset_all(&self) -> Result<usize, SystemdError> {
         let mut state = self.lock();
         let units: Vec<String> = state.record.0.keys().cloned().collect();
-        for unit in &units {
-            state.written.remove(unit);
-            if let Err(e) = self.write(&mut state, unit, &CgroupQuota::NONE) {
-                tracing::warn!("resetting {unit}: {}", crate::model::error_chain(&e));
-                state.record.0.remove(unit);
-            }
-        }
+        let reset = units.iter().filter(|u| self.reset(&mut state, u)).count();
         self.save(&state.record)?;
-        Ok(units.len())
+        Ok(reset)
     }
 
     /// Puts `pids` (a process and its children) into a new transient scope in `group`'s
@@ -511,16 +521,22 @@ impl SystemdDriver {
         // Unique across agent restarts, so a scope of a process still alive never clashes.
         let scope = format!("rlagent-{first}-{started}-{n}.scope");
         let slice = group_slice(group);
-        self.bus.start_scope(
-            &scope,
-            &slice,
-            &format!("rlagent group {group}: pid {first} and its children"),
-            pids,
-        )?;
+        let description = format!("rlagent group {group}: pid {first} and its children");
+        let mut pids = pids.to_vec();
+        if let Err(e) = self.bus.start_scope(&scope, &slice, &description, &pids) {
+            // systemd refuses the whole scope if one PID is gone: a child that exited since
+            // the tree was read. Once more with the live ones.
+            let before = pids.len();
+            pids.retain(|p| crate::kernel::placement::read_proc(*p).is_some());
+            if pids.is_empty() || pids.len() == before {
+                return Err(e);
+            }
+            self.bus.start_scope(&scope, &slice, &description, &pids)?;
+        }
         let cgroup = plan.group_cgroup(group).join(&scope);
         let deadline = Instant::now() + Duration::from_secs(5);
         let begun = Instant::now();
-        for &pid in pids {
+        for &pid in &pids {
             loop {
                 match crate::kernel::placement::read_proc(pid) {
                     None => break,
