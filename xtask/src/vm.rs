@@ -532,6 +532,12 @@ for i in $(seq 20); do
 done
 rlctl alerts | grep RlagentPinsMissing || fail "no RlagentPinsMissing alert after removing the pins"
 rlctl status | grep -q pins_missing || fail "rlctl status does not show the missing pins"
+# Uninstall, with the agent stopped, gives back every limit it set through systemd.
+systemctl stop rlagent
+rlagent --config /etc/rlagent/rlagent.toml uninstall || fail "rlagent uninstall"
+for p in CPUQuotaPerSecUSec MemoryMax; do
+    [ "$(prop rlagent-batch.slice $p)" = infinity ] || fail "uninstall left rlagent-batch.slice $p=$(prop rlagent-batch.slice $p)"
+done
 echo "@@VM-EXIT rc=$rc"
 sync
 # Immediate power off (the unit's SuccessAction did not fire on this systemd).

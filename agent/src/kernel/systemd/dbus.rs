@@ -38,6 +38,20 @@ trait Manager {
     ) -> zbus::Result<OwnedObjectPath>;
 
     fn get_unit_by_control_group(&self, cgroup: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+}
+
+/// The interface that carries a unit type's cgroup properties.
+fn cgroup_interface(unit: &str) -> &'static str {
+    match unit.rsplit('.').next() {
+        Some("slice") => "org.freedesktop.systemd1.Slice",
+        Some("scope") => "org.freedesktop.systemd1.Scope",
+        Some("socket") => "org.freedesktop.systemd1.Socket",
+        Some("mount") => "org.freedesktop.systemd1.Mount",
+        Some("swap") => "org.freedesktop.systemd1.Swap",
+        _ => "org.freedesktop.systemd1.Service",
+    }
 }
 
 #[zbus::proxy(
@@ -123,6 +137,28 @@ impl Bus for SystemBus {
         self.manager()?
             .set_unit_properties(unit, true, &values)
             .map_err(call_error("SetUnitProperties", unit))
+    }
+
+    fn get_properties(&self, unit: &str, names: &[&str]) -> Result<Vec<u64>, SystemdError> {
+        let path = self
+            .manager()?
+            .load_unit(unit)
+            .map_err(call_error("LoadUnit", unit))?;
+        let proxy = zbus::blocking::Proxy::new(
+            &self.connection,
+            "org.freedesktop.systemd1",
+            path,
+            cgroup_interface(unit),
+        )
+        .map_err(call_error("reading properties of", unit))?;
+        names
+            .iter()
+            .map(|name| {
+                proxy
+                    .get_property::<u64>(name)
+                    .map_err(call_error("reading a property of", unit))
+            })
+            .collect()
     }
 
     fn start_unit(&self, unit: &str) -> Result<(), SystemdError> {

@@ -147,6 +147,30 @@ pub fn properties(field: Field, quota: &CgroupQuota) -> Vec<Property> {
     }
 }
 
+/// The D-Bus properties that carry `field`.
+fn property_names(field: Field) -> &'static [&'static str] {
+    match field {
+        Field::Cpu => &["CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec"],
+        Field::Memory => &["MemoryMax"],
+        Field::MemoryHigh => &["MemoryHigh"],
+        _ => &["TasksMax"],
+    }
+}
+
+/// The properties that put `field` back to `values` (as [`property_names`] lists them).
+fn restore(field: Field, values: &[u64]) -> Vec<Property> {
+    let at = |i: usize| values.get(i).copied().unwrap_or(INFINITY);
+    match field {
+        Field::Cpu => vec![
+            Property::CpuQuotaPerSec(at(0)),
+            Property::CpuQuotaPeriod(at(1)),
+        ],
+        Field::Memory => vec![Property::MemoryMax(at(0))],
+        Field::MemoryHigh => vec![Property::MemoryHigh(at(0))],
+        _ => vec![Property::TasksMax(at(0))],
+    }
+}
+
 fn limited(field: Field, quota: &CgroupQuota) -> bool {
     match field {
         Field::Cpu => matches!(quota.cpu, Limit::Value(_)),
@@ -164,6 +188,8 @@ pub trait Bus: Send + Sync {
     fn set_properties(&self, unit: &str, properties: &[Property]) -> Result<(), SystemdError>;
     /// `StartUnit(unit, "replace")`.
     fn start_unit(&self, unit: &str) -> Result<(), SystemdError>;
+    /// The current values of `unit`'s properties `names` (all of type `t`).
+    fn get_properties(&self, unit: &str, names: &[&str]) -> Result<Vec<u64>, SystemdError>;
     /// The unit owning `cgroup` (an absolute cgroup path) or the nearest cgroup above it;
     /// `None` when no unit does.
     fn unit_of_cgroup(&self, cgroup: &str) -> Result<Option<String>, SystemdError>;
@@ -185,18 +211,31 @@ pub fn systemd_host(mount: &Path) -> bool {
 
 /// The fields the agent has set on each unit (and so must reset when they are dropped).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Record(BTreeMap<String, BTreeSet<Field>>);
+/// Per unit, each field the agent set and the values its properties had before (what a
+/// reset restores: a distribution's `TasksMax=33%` on user slices, an operator's
+/// `systemctl set-property --runtime`).
+struct Record(BTreeMap<String, BTreeMap<Field, Vec<u64>>>);
 
 impl Record {
+    /// Lines of `unit<TAB>field=value,value;field=value`; anything else is skipped.
     fn parse(text: &str) -> Self {
         let mut record = Self::default();
         for line in text.lines() {
             let Some((unit, fields)) = line.split_once('\t') else {
                 continue;
             };
-            let fields: BTreeSet<Field> = fields
-                .split(',')
-                .filter_map(|f| FIELDS.into_iter().find(|x| x.name() == f))
+            let fields: BTreeMap<Field, Vec<u64>> = fields
+                .split(';')
+                .filter_map(|f| {
+                    let (name, values) = f.split_once('=')?;
+                    let field = FIELDS.into_iter().find(|x| x.name() == name)?;
+                    let values: Vec<u64> = values
+                        .split(',')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .ok()?;
+                    (values.len() == property_names(field).len()).then_some((field, values))
+                })
                 .collect();
             if !fields.is_empty() {
                 record.0.insert(unit.to_string(), fields);
@@ -208,8 +247,14 @@ impl Record {
     fn render(&self) -> String {
         let mut out = String::new();
         for (unit, fields) in &self.0 {
-            let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
-            out.push_str(&format!("{unit}\t{}\n", names.join(",")));
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(field, values)| {
+                    let values: Vec<String> = values.iter().map(u64::to_string).collect();
+                    format!("{}={}", field.name(), values.join(","))
+                })
+                .collect();
+            out.push_str(&format!("{unit}\t{}\n", fields.join(";")));
         }
         out
     }
@@ -423,13 +468,21 @@ impl SystemdDriver {
         }
         let before = state.record.0.get(unit).cloned().unwrap_or_default();
         let mut props = Vec::new();
-        let mut now = BTreeSet::new();
+        let mut now = BTreeMap::new();
         for field in FIELDS {
-            if limited(field, quota) {
-                now.insert(field);
-                props.extend(properties(field, quota));
-            } else if before.contains(&field) {
-                props.extend(properties(field, quota));
+            match (limited(field, quota), before.get(&field)) {
+                (true, Some(original)) => {
+                    now.insert(field, original.clone());
+                    props.extend(properties(field, quota));
+                }
+                (true, None) => {
+                    // First time: remember what the unit had, for the reset.
+                    let original = self.bus.get_properties(unit, property_names(field))?;
+                    now.insert(field, original);
+                    props.extend(properties(field, quota));
+                }
+                (false, Some(original)) => props.extend(restore(field, original)),
+                (false, None) => {}
             }
         }
         if !props.is_empty() {

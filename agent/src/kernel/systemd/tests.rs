@@ -3,11 +3,13 @@ use std::sync::Mutex;
 use super::*;
 use crate::testing::plan;
 
-/// Records the calls; `owners` answers `unit_of_cgroup`.
+/// Records the calls; `owners` answers `unit_of_cgroup`, `current` `get_properties`
+/// (infinity for any property not there).
 #[derive(Default)]
 struct FakeBus {
     calls: Mutex<Vec<String>>,
     owners: BTreeMap<String, String>,
+    current: BTreeMap<(String, String), u64>,
 }
 
 impl FakeBus {
@@ -30,6 +32,18 @@ impl Bus for FakeBus {
             .unwrap()
             .push(format!("set {unit} {}", props.join(" ")));
         Ok(())
+    }
+
+    fn get_properties(&self, unit: &str, names: &[&str]) -> Result<Vec<u64>, SystemdError> {
+        Ok(names
+            .iter()
+            .map(|n| {
+                self.current
+                    .get(&(unit.to_string(), n.to_string()))
+                    .copied()
+                    .unwrap_or(INFINITY)
+            })
+            .collect())
     }
 
     fn start_unit(&self, unit: &str) -> Result<(), SystemdError> {
@@ -244,15 +258,39 @@ fn the_record_round_trips() {
     let mut r = Record::default();
     r.0.insert(
         "user-1001.slice".into(),
-        BTreeSet::from([Field::Cpu, Field::MemoryHigh]),
+        BTreeMap::from([
+            (Field::Cpu, vec![INFINITY, INFINITY]),
+            (Field::MemoryHigh, vec![1 << 30]),
+        ]),
     );
     r.0.insert(
         "rlagent-a\\x2db.slice".into(),
-        BTreeSet::from([Field::Pids]),
+        BTreeMap::from([(Field::Pids, vec![10813])]),
     );
     assert_eq!(Record::parse(&r.render()), r);
     assert_eq!(
-        Record::parse("garbage\nx\tnot-a-field\n"),
-        Record::default()
+        Record::parse("garbage\nx\tnot-a-field=1\ny\tcpu=1\n"),
+        Record::default(),
+        "unknown fields and a cpu value without its period are skipped"
+    );
+}
+
+#[test]
+fn a_reset_restores_what_the_unit_had_before() {
+    let tmp = mount(&[1001]);
+    let mut fake = FakeBus::default();
+    // Debian's user-.slice.d/10-defaults.conf: TasksMax=33%, read back as a number.
+    fake.current
+        .insert(("user-1001.slice".into(), "TasksMax".into()), 10813);
+    let bus = Arc::new(fake);
+    let d = driver(&bus, tmp.path(), None);
+    d.apply(&sd_plan("[[quota]]\ntarget = \"user:*\"\npids = 100\n"))
+        .unwrap();
+    assert_eq!(bus.take(), ["set user-1001.slice TasksMax=100"]);
+    d.apply(&sd_plan("")).unwrap();
+    assert_eq!(
+        bus.take(),
+        ["set user-1001.slice TasksMax=10813"],
+        "the distribution's limit comes back, not infinity"
     );
 }
