@@ -55,15 +55,12 @@ static RL_GENERATION: Array<u64, 1> = Array::new();
 #[btf_map]
 static RL_UID_CAPS: HashMap<u32, u64, { MAX_UID_CAPS as usize }> = HashMap::new();
 
-/// Allocated on demand: the map is large so that a tenant with a range of subordinate
-/// UIDs cannot fill it, and unused capacity costs nothing.
+/// A per-UID map, allocated on demand: large, so that a tenant with a range of
+/// subordinate UIDs cannot fill it, while unused capacity costs nothing.
+type PerUid<V> = HashMap<u32, V, { MAX_UID_CONNS as usize }, { BPF_F_NO_PREALLOC as usize }>;
+
 #[btf_map]
-static RL_UID_CONNS: HashMap<
-    u32,
-    UidConns,
-    { MAX_UID_CONNS as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+static RL_UID_CONNS: PerUid<UidConns> = HashMap::new();
 
 #[btf_map]
 static RL_HOST_CONNS: Array<HostConns, 1> = Array::new();
@@ -71,22 +68,12 @@ static RL_HOST_CONNS: Array<HostConns, 1> = Array::new();
 /// Connections each UID held when the agent first started and still holds. The agent
 /// writes it before any program runs; after that only the programs decrement it.
 #[btf_map]
-static RL_UID_SEEDED: HashMap<
-    u32,
-    u64,
-    { MAX_UID_CONNS as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+static RL_UID_SEEDED: PerUid<u64> = HashMap::new();
 
 /// Of those, how many the agent found closed without a release (written by the agent
 /// only, so no write of it races a program's).
 #[btf_map]
-static RL_UID_SEEDED_GONE: HashMap<
-    u32,
-    u64,
-    { MAX_UID_CONNS as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+static RL_UID_SEEDED_GONE: PerUid<u64> = HashMap::new();
 
 /// Socket cookie -> charged UID (low 32 bits) and `OWNER_UNCAPPED`.
 #[btf_map]
