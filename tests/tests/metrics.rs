@@ -49,6 +49,13 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
         format!("rlagent_connections_denied_total{{uid=\"{UID}\",reason=\"cap\"}} 1"),
         "rlagent_host_connections_live 2".to_string(),
         "# TYPE rlagent_connections_denied_total counter".to_string(),
+        // How full each kernel map is: two charged sockets, one UID's counters and cap.
+        "rlagent_bpf_map_entries{map=\"RL_SOCK_OWNER\"} 2".to_string(),
+        "rlagent_bpf_map_capacity{map=\"RL_SOCK_OWNER\"} 131072".to_string(),
+        "rlagent_bpf_map_entries{map=\"RL_UID_CONNS\"} 1".to_string(),
+        "rlagent_bpf_map_capacity{map=\"RL_UID_CONNS\"} 262144".to_string(),
+        "rlagent_bpf_map_entries{map=\"RL_UID_CAPS\"} 1".to_string(),
+        "rlagent_connections_denied_full_total 0".to_string(),
     ] {
         assert!(
             body.lines().any(|l| l == line),
