@@ -221,34 +221,46 @@ fn alertmanager_receives_the_alert_and_its_resolution() {
         return;
     }
     let Some(am) = alertmanager() else { return };
-    let cgroup = TestCgroup::new();
-    let scratch = Scratch::new();
-    scratch.write_config(
-        &cgroup,
-        "",
-        &format!(
-            "[alerts]\ndefaults = false\ninterval = \"1s\"\nalertmanager_url = \"http://127.0.0.1:{}\"\n\
-             [[alert]]\nname = \"Denied\"\nstat = \"conn_denials\"\nop = \">\"\nthreshold = 0\nwindow = \"3s\"\nseverity = \"info\"\nsummary = \"{{target}}: {{value}} denied\"\n\
-             [[quota]]\ntarget = \"user:{UID}\"\nconns = 0\n",
-            am.port
-        ),
-    );
-    let _agent = Agent::start(&scratch);
+    // Two hosts (two agents) raise the same alert for the same target: Alertmanager keeps
+    // them apart by their instance label.
     let listener = Listener::new();
-    let mut h = Helper::spawn(&cgroup.path, UID);
-    assert!(matches!(
-        h.connect("tcp4", listener.port4),
-        Connect::Err(libc::EPERM, _)
-    ));
-    let took = wait_for("the alert in Alertmanager", || {
-        am_alerts(am.port, "Denied").iter().any(|a| {
-            a["labels"]["target"] == format!("user:{UID}")
-                && a["labels"]["severity"] == "info"
-                && a["status"]["state"] == "active"
+    let mut hosts = Vec::new();
+    for instance in ["login07", "login08"] {
+        let cgroup = TestCgroup::new();
+        let scratch = Scratch::new();
+        scratch.write_config(
+            &cgroup,
+            "",
+            &format!(
+                "[alerts]\ndefaults = false\ninterval = \"1s\"\nalertmanager_url = \"http://127.0.0.1:{}\"\n\
+                 instance = \"{instance}\"\nlabels = {{ site = \"lab\" }}\n\
+                 [[alert]]\nname = \"Denied\"\nstat = \"conn_denials\"\nop = \">\"\nthreshold = 0\nwindow = \"3s\"\nseverity = \"info\"\nsummary = \"{{target}}: {{value}} denied\"\n\
+                 [[quota]]\ntarget = \"user:{UID}\"\nconns = 0\n",
+                am.port
+            ),
+        );
+        let agent = Agent::start(&scratch);
+        let mut h = Helper::spawn(&cgroup.path, UID);
+        assert!(matches!(
+            h.connect("tcp4", listener.port4),
+            Connect::Err(libc::EPERM, _)
+        ));
+        hosts.push((cgroup, scratch, agent, h));
+    }
+    let took = wait_for("both hosts' alerts in Alertmanager", || {
+        let alerts = am_alerts(am.port, "Denied");
+        ["login07", "login08"].iter().all(|instance| {
+            alerts.iter().any(|a| {
+                a["labels"]["instance"] == *instance
+                    && a["labels"]["site"] == "lab"
+                    && a["labels"]["target"] == format!("user:{UID}")
+                    && a["labels"]["severity"] == "info"
+                    && a["status"]["state"] == "active"
+            })
         })
     });
     println!(
-        "alert reached Alertmanager {} ms after the denial",
+        "alerts reached Alertmanager {} ms after the denials",
         took.as_millis()
     );
     let alert = am_alerts(am.port, "Denied").remove(0);
@@ -256,8 +268,8 @@ fn alertmanager_receives_the_alert_and_its_resolution() {
         alert["annotations"]["summary"],
         format!("user:{UID}: 1 denied")
     );
-    // No more denials: after the 3 s window the agent resolves it and tells Alertmanager.
-    wait_for("the resolution in Alertmanager", || {
+    // No more denials: after the 3 s window the agents resolve them and tell Alertmanager.
+    wait_for("the resolutions in Alertmanager", || {
         am_alerts(am.port, "Denied").is_empty()
     });
 }

@@ -36,23 +36,64 @@ fn query(port: u16, q: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{q}: not JSON ({e}): {body}"))
 }
 
-/// The `expr` of every dashboard target.
+fn dashboard() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(deploy("grafana/rlagent.json")).unwrap()).unwrap()
+}
+
+/// The `expr` of every dashboard target, with the dashboard's variables ($instance,
+/// $target, $uid) at "All".
 fn dashboard_queries() -> Vec<String> {
-    let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(deploy("grafana/rlagent.json")).unwrap())
-            .unwrap();
-    dash["panels"]
+    dashboard()["panels"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .map(|t| {
+            let mut q = t["expr"].as_str().unwrap().to_string();
+            for var in ["$instance", "$target", "$uid"] {
+                q = q.replace(var, ".*");
+            }
+            q
+        })
         .collect()
 }
 
-/// The `expr` of every rule (single-line or a folded `>` block).
-fn rule_queries() -> Vec<String> {
-    let text = std::fs::read_to_string(deploy("prometheus/rlagent.rules.yml")).unwrap();
+#[test]
+fn every_dashboard_panel_says_what_it_shows_and_filters_by_host() {
+    let dash = dashboard();
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "instance", "target", "uid"]);
+    for panel in dash["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            continue;
+        }
+        let title = &panel["title"];
+        assert!(
+            panel["description"].as_str().is_some_and(|d| d.len() > 20),
+            "{title}: no description"
+        );
+        assert!(
+            panel["fieldConfig"]["defaults"]["unit"].is_string(),
+            "{title}: no unit"
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(
+                expr.contains("$instance"),
+                "{title}: {expr} ignores the host"
+            );
+        }
+    }
+}
+
+/// The `expr` of every rule of a rules file (single-line or a folded `>` block).
+fn rule_queries(file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(deploy(&format!("prometheus/{file}"))).unwrap();
     let mut out = Vec::new();
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
@@ -97,27 +138,37 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
     else {
         return;
     };
-    let cgroup = TestCgroup::new();
-    let scratch = Scratch::new();
-    scratch.write_config(
-        &cgroup,
-        "",
-        &format!("[[quota]]\ntarget = \"user:{UID}\"\nconns = 2\n"),
-    );
-    let _agent = Agent::start(&scratch);
+    // Two hosts: two agents, each with its cgroup, scraped as two instances.
     let listener = Listener::new();
-    let mut h = Helper::spawn(&cgroup.path, UID);
-    assert!(h.connect("tcp4", listener.port4).is_ok());
-    assert!(h.connect("tcp6", listener.port6).is_ok());
+    let mut hosts = Vec::new();
+    for uid in [UID, UID + 1] {
+        let cgroup = TestCgroup::new();
+        let scratch = Scratch::new();
+        scratch.write_config(
+            &cgroup,
+            "",
+            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\n"),
+        );
+        let agent = Agent::start(&scratch);
+        let mut h = Helper::spawn(&cgroup.path, uid);
+        assert!(h.connect("tcp4", listener.port4).is_ok());
+        assert!(h.connect("tcp6", listener.port6).is_ok());
+        hosts.push((cgroup, scratch, agent, h));
+    }
+    let targets: Vec<String> = hosts
+        .iter()
+        .map(|(_, s, _, _)| format!("\"127.0.0.1:{}\"", s.metrics_port))
+        .collect();
 
     let dir = tempfile::tempdir().unwrap();
     let port = rlagent_tests::free_port();
     std::fs::write(
         dir.path().join("prometheus.yml"),
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: rlagent\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n  - {}\nscrape_configs:\n  - job_name: rlagent\n    static_configs:\n      - targets: [{}]\n",
             deploy("prometheus/rlagent.rules.yml").display(),
-            scratch.metrics_port
+            deploy("prometheus/rlagent-fleet.rules.yml").display(),
+            targets.join(", ")
         ),
     )
     .unwrap();
@@ -144,8 +195,14 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             && query(port, &live)["data"]["result"][0]["value"][1] == "2"
     });
+    wait_for("both agents scraped as two instances", || {
+        query(port, "count(count by (instance) (rlagent_build_info))")["data"]["result"][0]["value"]
+            [1]
+            == "2"
+    });
     // A denial after scraping began, so rates and the denial rule see an increase.
     std::thread::sleep(Duration::from_secs(2));
+    let h = &mut hosts[0].3;
     assert!(matches!(
         h.connect("tcp4", listener.port4),
         Connect::Err(libc::EPERM, _)
@@ -162,21 +219,39 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
 
     let queries: Vec<String> = dashboard_queries()
         .into_iter()
-        .chain(rule_queries())
+        .chain(rule_queries("rlagent.rules.yml"))
+        .chain(rule_queries("rlagent-fleet.rules.yml"))
         .collect();
     assert_eq!(
-        rule_queries().len(),
+        rule_queries("rlagent.rules.yml").len(),
         rlagent::model::alert::default_rules().len()
+    );
+    // The host panels show one series per instance.
+    let per_host = query(
+        port,
+        "sum by (instance) (rlagent_host_connections_live{instance=~\".*\"})",
+    );
+    assert_eq!(
+        per_host["data"]["result"].as_array().unwrap().len(),
+        2,
+        "{per_host}"
     );
     assert!(queries.len() >= 25, "{queries:?}");
     for q in &queries {
         let answer = query(prometheus.port, q);
         assert_eq!(answer["status"], "success", "{q}: {answer}");
-        let connection_series = q.contains("connections") || q.contains("ALERTS");
+        // The series a query reads exist (a rule's comparison may rightly hold for none:
+        // nothing here is untracked or down).
+        let series = [" > ", " == "]
+            .iter()
+            .find_map(|op| q.rsplit_once(op).map(|(left, _)| left.to_string()))
+            .unwrap_or_else(|| q.clone());
+        let connection_series = series.contains("connections") || series.contains("ALERTS");
         if connection_series {
+            let answer = query(prometheus.port, &series);
             assert!(
                 !answer["data"]["result"].as_array().unwrap().is_empty(),
-                "{q} returned no data"
+                "{series} returned no data"
             );
         }
     }

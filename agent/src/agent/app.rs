@@ -396,12 +396,18 @@ impl App {
         {
             tracing::warn!("alert baseline skipped: {}", error_chain(&e));
         }
-        let alertmanager = self
-            .snapshot()
-            .config
-            .alertmanager
-            .clone()
-            .map(alertmanager::start);
+        let config = &self.snapshot().config;
+        let alertmanager = config.alertmanager.clone().map(|url| {
+            // Alerts of many hosts meet in one Alertmanager: each says which host it is.
+            let mut labels = config.alert_labels.clone();
+            let instance = config.alert_instance.clone().unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "unknown".to_string())
+            });
+            labels.insert("instance".to_string(), instance);
+            alertmanager::start(url, labels)
+        });
         loop {
             tokio::time::sleep(self.snapshot().config.alert_interval).await;
             let evaluated = self

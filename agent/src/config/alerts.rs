@@ -1,6 +1,6 @@
 //! `[alerts]` and `[[alert]]`: the engine's rules, interval and Alertmanager.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use toml::Spanned;
 
@@ -17,6 +17,26 @@ pub(super) struct Alerts {
     pub rules: Vec<Rule>,
     pub interval: Duration,
     pub alertmanager: Option<AlertmanagerUrl>,
+    pub instance: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Labels every alert carries already; `[alerts] labels` may not replace them.
+const RESERVED_LABELS: [&str; 5] = ["alertname", "target", "severity", "source", "instance"];
+
+/// A Prometheus label name: `[a-zA-Z_][a-zA-Z0-9_]*`, and not `__`-prefixed (reserved).
+fn label_name_ok(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__")
+}
+
+/// A label value or instance name: 1 to 255 bytes, no control characters.
+fn label_value_ok(value: &str) -> bool {
+    !value.is_empty() && value.len() <= 255 && !value.chars().any(char::is_control)
 }
 
 pub(super) fn validate(
@@ -46,6 +66,39 @@ pub(super) fn validate(
             )
         })?),
     };
+    let instance =
+        match &raw.instance {
+            None => None,
+            Some(v) if label_value_ok(v.get_ref()) => Some(v.get_ref().clone()),
+            Some(v) => return Err(at.invalid(
+                at.line(v.span()),
+                "instance",
+                v.get_ref(),
+                "expected 1 to 255 characters without control characters (default: the host name)",
+            )),
+        };
+    let labels_line = at.line(raw.labels.span());
+    for (name, value) in raw.labels.get_ref() {
+        if !label_name_ok(name) || RESERVED_LABELS.contains(&name.as_str()) {
+            return Err(at.invalid(
+                labels_line,
+                "labels",
+                name,
+                &format!(
+                    "expected a label name ([a-zA-Z_][a-zA-Z0-9_]*, not __-prefixed) other than {}",
+                    RESERVED_LABELS.join(", ")
+                ),
+            ));
+        }
+        if !label_value_ok(value) {
+            return Err(at.invalid(
+                labels_line,
+                "labels",
+                value,
+                "expected a value of 1 to 255 characters without control characters",
+            ));
+        }
+    }
     let mut rules = if raw.defaults {
         default_rules()
     } else {
@@ -78,5 +131,7 @@ pub(super) fn validate(
         rules,
         interval: alert_interval,
         alertmanager,
+        instance,
+        labels: raw.labels.get_ref().clone(),
     })
 }

@@ -125,6 +125,10 @@ pub struct Config {
     pub alert_interval: std::time::Duration,
     /// Where firing and resolved alerts are POSTed, if anywhere.
     pub alertmanager: Option<AlertmanagerUrl>,
+    /// The `instance` label of the alerts sent there (`None`: the host name).
+    pub alert_instance: Option<String>,
+    /// More labels every alert sent there carries (a fleet's team, site, role...).
+    pub alert_labels: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -184,6 +188,8 @@ impl Config {
             alert_rules: alerts.rules,
             alert_interval: alerts.interval,
             alertmanager: alerts.alertmanager,
+            alert_instance: alerts.instance,
+            alert_labels: alerts.labels,
         })
     }
 }
@@ -234,6 +240,8 @@ impl Config {
         keep!(control_group, "[control] group");
         keep!(metrics_listen, "[metrics] listen");
         keep!(alertmanager, "[alerts] alertmanager_url");
+        keep!(alert_instance, "[alerts] instance");
+        keep!(alert_labels, "[alerts] labels");
         kept
     }
 }
@@ -319,6 +327,29 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"), &crate::testing::Users)
+    }
+
+    #[test]
+    fn alert_labels_and_instance_are_checked() {
+        let c = parse(
+            "[alerts]\ninstance = \"login07\"\nlabels = { team = \"hpc\", site_2 = \"b\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.alert_instance.as_deref(), Some("login07"));
+        assert_eq!(c.alert_labels.len(), 2);
+        assert_eq!(parse("").unwrap().alert_instance, None, "the host name");
+        for (text, needle) in [
+            ("labels = { alertname = \"x\" }", "alertname"),
+            ("labels = { instance = \"x\" }", "instance"),
+            ("labels = { \"bad-name\" = \"x\" }", "bad-name"),
+            ("labels = { __meta = \"x\" }", "__meta"),
+            ("labels = { team = \"\" }", "1 to 255"),
+            ("instance = \"\"", "instance"),
+            ("instance = \"a\\nb\"", "control"),
+        ] {
+            let e = error_chain(&parse(&format!("[alerts]\n{text}\n")).unwrap_err());
+            assert!(e.contains("line 2") && e.contains(needle), "{text}: {e}");
+        }
     }
 
     #[test]

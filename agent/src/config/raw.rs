@@ -47,6 +47,10 @@ pub(super) struct RawAlerts {
     pub(super) interval: Spanned<String>,
     #[serde(default)]
     pub(super) alertmanager_url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) instance: Option<Spanned<String>>,
+    #[serde(default = "default_labels")]
+    pub(super) labels: Spanned<std::collections::BTreeMap<String, String>>,
 }
 impl Default for RawAlerts {
     fn default() -> Self {
@@ -54,8 +58,13 @@ impl Default for RawAlerts {
             defaults: true,
             interval: default_alert_interval(),
             alertmanager_url: None,
+            instance: None,
+            labels: default_labels(),
         }
     }
+}
+fn default_labels() -> Spanned<std::collections::BTreeMap<String, String>> {
+    Spanned::new(0..0, Default::default())
 }
 fn default_true() -> bool {
     true

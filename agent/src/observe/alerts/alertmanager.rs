@@ -2,7 +2,10 @@
 //! bounded queue: a slow or absent Alertmanager delays only this task, never evaluation
 //! or enforcement. Each batch is retried 3 times with backoff; when the queue is full a
 //! batch is dropped and counted in the log.
-use std::time::{Duration, SystemTime};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -19,15 +22,30 @@ fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
-/// The Alertmanager v2 body for `alerts` (resolved ones carry `endsAt` = now).
-pub fn body(alerts: &[Alert], started: SystemTime, now: SystemTime) -> String {
+/// The Alertmanager v2 body for `alerts` (resolved ones carry `endsAt` = now), each with
+/// the host's `labels` (`instance` and the configured ones) besides its own.
+pub fn body(
+    alerts: &[Alert],
+    labels: &BTreeMap<String, String>,
+    started: SystemTime,
+    now: SystemTime,
+) -> String {
     let items: Vec<serde_json::Value> = alerts
         .iter()
         .filter(|a| a.state != State::Pending)
         .map(|a| {
             let starts = started + Duration::from_secs_f64(a.active_since_seconds);
+            let mut all = json!(labels);
+            for (k, v) in [
+                ("alertname", &a.rule),
+                ("target", &a.target),
+                ("severity", &a.severity),
+            ] {
+                all[k] = json!(v);
+            }
+            all["source"] = json!("rlagent");
             let mut item = json!({
-                "labels": { "alertname": a.rule, "target": a.target, "severity": a.severity, "source": "rlagent" },
+                "labels": all,
                 "annotations": { "summary": a.summary },
                 "startsAt": rfc3339(starts),
             });
@@ -73,7 +91,7 @@ async fn post(target: &AlertmanagerUrl, body: String) -> Result<(), String> {
 }
 
 /// Starts the delivery task; send batches of alerts with [`Sender::send`].
-pub fn start(target: AlertmanagerUrl) -> Sender {
+pub fn start(target: AlertmanagerUrl, labels: BTreeMap<String, String>) -> Sender {
     let (tx, mut rx) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
         while let Some(body) = rx.recv().await {
@@ -94,6 +112,7 @@ pub fn start(target: AlertmanagerUrl) -> Sender {
     });
     Sender {
         tx,
+        labels,
         started: SystemTime::now(),
     }
 }
@@ -101,6 +120,7 @@ pub fn start(target: AlertmanagerUrl) -> Sender {
 #[derive(Clone)]
 pub struct Sender {
     tx: mpsc::Sender<String>,
+    labels: BTreeMap<String, String>,
     started: SystemTime,
 }
 
@@ -110,7 +130,7 @@ impl Sender {
         if alerts.iter().all(|a| a.state == State::Pending) {
             return;
         }
-        let body = body(alerts, self.started, SystemTime::now());
+        let body = body(alerts, &self.labels, self.started, SystemTime::now());
         if self.tx.try_send(body).is_err() {
             tracing::warn!("Alertmanager queue full; a batch of alerts was dropped");
         }
@@ -147,6 +167,10 @@ mod tests {
                 alert(State::Pending),
                 alert(State::Resolved),
             ],
+            &BTreeMap::from([
+                ("instance".to_string(), "node7".to_string()),
+                ("team".to_string(), "hpc".to_string()),
+            ]),
             t0,
             t0 + Duration::from_secs(60),
         ))
@@ -154,6 +178,9 @@ mod tests {
         let items = b.as_array().unwrap();
         assert_eq!(items.len(), 2, "pending alerts are not sent");
         assert_eq!(items[0]["labels"]["alertname"], "R");
+        assert_eq!(items[0]["labels"]["instance"], "node7");
+        assert_eq!(items[0]["labels"]["team"], "hpc");
+        assert_eq!(items[0]["labels"]["source"], "rlagent");
         assert_eq!(items[0]["startsAt"], "1970-01-01T00:00:10Z");
         assert!(items[0].get("endsAt").is_none());
         assert_eq!(items[1]["endsAt"], "1970-01-01T00:01:00Z");
