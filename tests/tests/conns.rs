@@ -510,3 +510,66 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
         Some(pins as f64)
     );
 }
+
+/// Drop-ins beside the config file apply at start and whenever one changes on disk (no
+/// signal needed); a bad one is refused whole and the running caps stay.
+#[test]
+fn drop_ins_apply_at_start_and_on_change_and_a_bad_one_keeps_the_running_caps() {
+    if !privileged("drop_ins_apply_at_start_and_on_change") {
+        return;
+    }
+    const FLEET_USER: u32 = 61020;
+    let s = setup("", "");
+    let drop_ins = s.scratch.config_path().with_file_name("rlagent.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    std::fs::write(
+        drop_ins.join("10-cap.toml"),
+        quota(&format!("user:{FLEET_USER}"), "2"),
+    )
+    .unwrap();
+    let agent = Agent::start(&s.scratch);
+    let cap = || s.scratch.maps().cap_for(FLEET_USER).unwrap();
+    assert_eq!(cap(), 2, "a drop-in present at start applies");
+    let wait_cap = |want: u64| {
+        let start = std::time::Instant::now();
+        while cap() != want {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "cap {} after 5 s, expected {want}",
+                cap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // Written as config management does: a temporary file renamed into place.
+    let tmp = drop_ins.join(".20-more.tmp");
+    std::fs::write(&tmp, quota(&format!("user:{FLEET_USER}"), "3")).unwrap();
+    std::fs::rename(&tmp, drop_ins.join("20-more.toml")).unwrap();
+    wait_cap(3);
+    // A bad drop-in: refused whole, the running caps stay, the log names file and line.
+    std::fs::write(
+        drop_ins.join("30-bad.toml"),
+        format!("\n{}", quota(&format!("user:{FLEET_USER}"), "\"lots\"")),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    while !agent.log_text().contains("30-bad.toml") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{}",
+            agent.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        agent.log_text().contains("reload refused"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("line 2"), "{}", agent.log_text());
+    assert_eq!(cap(), 3);
+    // Removing a drop-in takes its quota away again.
+    std::fs::remove_file(drop_ins.join("30-bad.toml")).unwrap();
+    std::fs::remove_file(drop_ins.join("20-more.toml")).unwrap();
+    wait_cap(2);
+}

@@ -104,6 +104,26 @@ pub(super) fn validate(
     } else {
         Vec::new()
     };
+    add_rules(at, raw_rules, &mut rules, false)?;
+    Ok(Alerts {
+        rules,
+        interval: alert_interval,
+        alertmanager,
+        instance,
+        labels: raw.labels.get_ref().clone(),
+    })
+}
+
+/// Validates `raw_rules` into `rules`. A name already there is refused, unless `replace`
+/// (a drop-in may restate a rule of the main file or a default, by name).
+pub(super) fn add_rules(
+    at: &Source,
+    raw_rules: &[Spanned<RawAlertRule>],
+    rules: &mut Vec<Rule>,
+    replace: bool,
+) -> Result<(), ConfigError> {
+    // Rules before this index come from earlier files (or the defaults).
+    let mut first_own = rules.len();
     for rule in raw_rules {
         let line = at.line(rule.span());
         let r = rule.get_ref();
@@ -113,8 +133,16 @@ pub(super) fn validate(
                 at.invalid(line, field, t, "expected a duration such as 30s, 5m or 1h")
             }),
         };
-        if rules.iter().any(|existing| existing.name == r.name) {
-            return Err(at.invalid(line, "name", &r.name, "another alert rule has this name"));
+        let existing = rules.iter().position(|existing| existing.name == r.name);
+        match existing {
+            Some(i) if replace && i < first_own => {
+                rules.remove(i);
+                first_own -= 1;
+            }
+            Some(_) => {
+                return Err(at.invalid(line, "name", &r.name, "another alert rule has this name"))
+            }
+            None => {}
         }
         rules.push(Rule {
             name: r.name.clone(),
@@ -127,11 +155,5 @@ pub(super) fn validate(
             summary: r.summary.clone(),
         });
     }
-    Ok(Alerts {
-        rules,
-        interval: alert_interval,
-        alertmanager,
-        instance,
-        labels: raw.labels.get_ref().clone(),
-    })
+    Ok(())
 }

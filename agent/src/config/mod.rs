@@ -25,6 +25,10 @@ mod raw;
 /// Where the agent looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rlagent/rlagent.toml";
 
+/// Drop-ins: `*.toml` files in this directory beside the config file, merged over it in
+/// name order (`[[quota]]`, `[[group]]` and `[[alert]]` only).
+pub const DROP_IN_DIR: &str = "rlagent.d";
+
 /// The config used when there is no file at [`DEFAULT_CONFIG_PATH`]: host-wide attach,
 /// default socket and metrics address, no quotas.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default-config.toml");
@@ -140,11 +144,80 @@ impl Config {
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
             None => return Self::embedded_default(),
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let mut config = Self::parse(&read(&path)?, &path, users)?;
+        for drop_in in Self::drop_ins(&path)? {
+            config.merge_drop_in(&read(&drop_in)?, &drop_in, users)?;
+        }
+        Ok(config)
+    }
+
+    /// The drop-in directory of the config file at `path`.
+    pub fn drop_in_dir(path: &Path) -> PathBuf {
+        path.parent().unwrap_or(Path::new(".")).join(DROP_IN_DIR)
+    }
+
+    /// The drop-ins of the config file at `path`, in the order they apply (by name).
+    pub fn drop_ins(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+        let dir = Self::drop_in_dir(path);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(ConfigError::Read { path: dir, source }),
+        };
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Layers one drop-in over this config: its quotas field by field over the same
+    /// targets', its groups beside the others (a name already defined is refused), its
+    /// alert rules beside the others (replacing an earlier rule of the same name). Errors
+    /// name the drop-in and the line.
+    pub fn merge_drop_in(
+        &mut self,
+        text: &str,
+        path: &Path,
+        users: &dyn UserDb,
+    ) -> Result<(), ConfigError> {
+        let raw: raw::RawDropIn = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} (a drop-in holds only [[quota]], [[group]] and [[alert]])",
+                e.to_string().trim_end()
+            ),
         })?;
-        Self::parse(&text, &path, users)
+        let at = Source { text, path };
+        let groups = quotas::groups(&at, &raw.groups)?;
+        for (group, raw_group) in groups.iter().zip(&raw.groups) {
+            if self.groups.iter().any(|g| g.name == group.name) {
+                return Err(at.invalid(
+                    at.line(raw_group.span()),
+                    "name",
+                    &group.name,
+                    "this group is already defined by the main file or an earlier drop-in",
+                ));
+            }
+        }
+        let quotas = quotas::quotas(&at, &raw.quotas, users)?;
+        let mut rules = self.alert_rules.clone();
+        alerts::add_rules(&at, &raw.alert_rules, &mut rules, true)?;
+        // Everything checked: apply.
+        self.groups.extend(groups);
+        for (target, quota) in quotas {
+            self.quotas.entry(target).or_default().overlay(&quota);
+        }
+        self.alert_rules = rules;
+        Ok(())
     }
 
     pub fn embedded_default() -> Result<Self, ConfigError> {
@@ -327,6 +400,70 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"), &crate::testing::Users)
+    }
+
+    /// A config file with drop-ins, loaded as the agent does.
+    fn with_drop_ins(main: &str, drop_ins: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rlagent.toml");
+        std::fs::write(&path, main).unwrap();
+        std::fs::create_dir(dir.path().join(DROP_IN_DIR)).unwrap();
+        for (name, text) in drop_ins {
+            std::fs::write(dir.path().join(DROP_IN_DIR).join(name), text).unwrap();
+        }
+        Config::load(Some(&path), &crate::testing::Users)
+    }
+
+    #[test]
+    fn drop_ins_layer_over_the_main_file_in_name_order() {
+        let c = with_drop_ins(
+            "[[quota]]\ntarget = \"user:2000\"\nconns = 3\ncpu = \"50%\"\n",
+            &[
+                // Applied second: name order, not creation order.
+                ("20-late.toml", "[[quota]]\ntarget = \"user:2000\"\nconns = 7\n"),
+                (
+                    "10-early.toml",
+                    "[[quota]]\ntarget = \"user:2000\"\nconns = 5\n[[group]]\nname = \"batch\"\nuids = [3000]\n\
+                     [[alert]]\nname = \"RlagentConnectionsDenied\"\nstat = \"conn_denials\"\nop = \">\"\nthreshold = 10\nsummary = \"x\"\n",
+                ),
+                ("README", "not toml, and not a .toml file: ignored"),
+            ],
+        )
+        .unwrap();
+        let q = &c.quotas[&Target::User(UserRef::Uid(2000))];
+        assert_eq!(q.conns, Some(Limit::Value(7)));
+        assert!(q.cpu.is_some(), "fields a drop-in does not name stay");
+        assert_eq!(c.groups[0].name, "batch");
+        let denied: Vec<&Rule> = c
+            .alert_rules
+            .iter()
+            .filter(|r| r.name == "RlagentConnectionsDenied")
+            .collect();
+        assert_eq!(denied.len(), 1, "the drop-in's rule replaces the default");
+        assert_eq!(denied[0].threshold, 10.0);
+    }
+
+    #[test]
+    fn a_bad_drop_in_is_refused_with_its_file_and_line() {
+        for (text, needle) in [
+            ("[bpf]\ncount_udp = true\n", "only [[quota]], [[group]] and [[alert]]"),
+            ("\n[[quota]]\ntarget = \"user:2000\"\nconns = \"lots\"\n", "line 2"),
+            ("[[group]]\nname = \"batch\"\n", "already defined"),
+            (
+                "[[alert]]\nname = \"A\"\nstat = \"oom_kills\"\nop = \">\"\nthreshold = 0\nsummary = \"x\"\n\
+                 [[alert]]\nname = \"A\"\nstat = \"oom_kills\"\nop = \">\"\nthreshold = 0\nsummary = \"x\"\n",
+                "another alert rule has this name",
+            ),
+        ] {
+            let e = error_chain(
+                &with_drop_ins(
+                    "[[group]]\nname = \"batch\"\n",
+                    &[("50-bad.toml", text)],
+                )
+                .unwrap_err(),
+            );
+            assert!(e.contains("50-bad.toml") && e.contains(needle), "{text}: {e}");
+        }
     }
 
     #[test]

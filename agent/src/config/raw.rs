@@ -38,6 +38,18 @@ pub(super) struct RawConfig {
     pub(super) alert_rules: Vec<Spanned<RawAlertRule>>,
 }
 
+/// A drop-in (`rlagent.d/*.toml`): only what a fleet layers over the main file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDropIn {
+    #[serde(default, rename = "group")]
+    pub(super) groups: Vec<Spanned<RawGroup>>,
+    #[serde(default, rename = "quota")]
+    pub(super) quotas: Vec<Spanned<RawQuotaEntry>>,
+    #[serde(default, rename = "alert")]
+    pub(super) alert_rules: Vec<Spanned<RawAlertRule>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAlerts {

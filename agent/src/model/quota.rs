@@ -179,6 +179,14 @@ impl Quota {
 
     /// Sets one field from its text form, with that field's parser. Cross-field rules are
     /// checked by [`Quota::check`] once all fields are in.
+    /// `other`'s fields over these: each field `other` sets replaces this one's.
+    pub fn overlay(&mut self, other: &Quota) {
+        macro_rules! over {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        over!(cpu, memory, memory_high, pids, conns, conn_rate, conn_burst);
+    }
+
     pub fn set(&mut self, field: Field, value: &str) -> Result<(), QuotaError> {
         match field {
             Field::Cpu => self.cpu = Some(parse_cpu(value)?),

@@ -15,6 +15,11 @@ pub fn check_config(config_path: Option<&Path>) -> anyhow::Result<()> {
     let desired = Desired::build(&config, &RuntimeState::default(), &SystemUsers)?;
     let limits = &desired.conns;
     println!("config {}: valid", config.source.display());
+    if config.source.is_file() {
+        for drop_in in Config::drop_ins(&config.source)? {
+            println!("  with drop-in {}", drop_in.display());
+        }
+    }
     println!("attach cgroup: /{}", config.bpf.attach_cgroup.display());
     println!(
         "default cap (user:*, UID >= {}): {}",

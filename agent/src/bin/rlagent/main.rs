@@ -6,6 +6,7 @@ mod log;
 mod run;
 mod stats;
 mod uninstall;
+mod watch;
 
 use std::path::PathBuf;
 

@@ -1,5 +1,6 @@
 //! `rlagent run`: the daemon. Listeners first (so "already in use" fails before anything is
-//! loaded), then enforcement, then READY=1; SIGHUP reloads through the one reload path.
+//! loaded), then enforcement, then READY=1; SIGHUP, and a change of the config file or a
+//! drop-in on disk, reload through the one reload path.
 
 use std::{path::Path, sync::Arc};
 
@@ -38,17 +39,39 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let watched = config_path
+            .map(Path::to_path_buf)
+            .or_else(|| {
+                let default = Path::new(rlagent::config::DEFAULT_CONFIG_PATH);
+                default.exists().then(|| default.to_path_buf())
+            });
+        let mut changes = match watched.as_deref().map(crate::watch::spawn) {
+            Some(Ok(rx)) => Some(rx),
+            Some(Err(e)) => {
+                tracing::warn!("not watching the config for changes ({e}); reload with SIGHUP or rlctl reload");
+                None
+            }
+            None => None,
+        };
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!("cannot notify systemd: {e}");
         }
         tracing::info!(socket = %socket_path.display(), metrics = %metrics_listen, "ready");
         loop {
+            let changed = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                Some(()) = changed => {
+                    tracing::info!("the config changed on disk; reloading");
+                    reload(&app).await;
+                }
                 _ = hangup.recv() => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                    if let Err(e) = app.blocking("reload", |app| app.reload()).await.and_then(|r| r) {
-                        tracing::error!("reload refused, keeping the running config and limits: {}", error_chain(&e));
-                    }
+                    reload(&app).await;
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 }
                 _ = terminate.recv() => break,
@@ -60,4 +83,18 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         tracing::info!("stopping; programs stay attached through their pinned links (rlagent uninstall removes them)");
         anyhow::Ok(())
     })
+}
+
+/// The one reload path; a refused config leaves the running one in force.
+async fn reload(app: &Arc<App>) {
+    if let Err(e) = app
+        .blocking("reload", |app| app.reload())
+        .await
+        .and_then(|r| r)
+    {
+        tracing::error!(
+            "reload refused, keeping the running config and limits: {}",
+            error_chain(&e)
+        );
+    }
 }
