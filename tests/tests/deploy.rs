@@ -200,3 +200,81 @@ fn the_example_config_is_valid_and_shows_every_key() {
         );
     }
 }
+
+/// Every Kubernetes manifest is valid against the Kubernetes schemas (kubernetes-validate,
+/// strict: unknown fields are errors). The ServiceMonitor is a CRD the validator does not
+/// know; it is not checked.
+#[test]
+fn kubernetes_manifests_are_valid() {
+    let Some(validate) =
+        rlagent_tests::external_tool("RLAGENT_KUBERNETES_VALIDATE", "kubernetes manifests")
+    else {
+        return;
+    };
+    let dir = deploy("kubernetes");
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| !p.ends_with("servicemonitor.yaml"))
+        .collect();
+    manifests.sort();
+    assert_eq!(manifests.len(), 4, "{manifests:?}");
+    let out = Command::new(&validate)
+        .arg("--strict")
+        .args(&manifests)
+        .output()
+        .expect("running kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The config the DaemonSet mounts (the ConfigMap's files, laid out as its items say)
+/// loads as the agent loads it.
+#[test]
+fn the_kubernetes_config_loads() {
+    let text = std::fs::read_to_string(deploy("kubernetes/configmap.yaml")).unwrap();
+    // The block scalars under `data:`: `  <key>: |` then lines indented by 4.
+    let mut files: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(key) = line
+            .strip_prefix("  ")
+            .and_then(|l| l.strip_suffix(": |"))
+            .filter(|k| !k.starts_with(' '))
+        {
+            files.push((key.to_string(), String::new()));
+        } else if let Some((_, body)) = files.last_mut() {
+            if let Some(content) = line.strip_prefix("    ") {
+                body.push_str(content);
+                body.push('\n');
+            } else if line.is_empty() {
+                body.push('\n');
+            }
+        }
+    }
+    let keys: Vec<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["rlagent.toml", "10-fleet.toml"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rlagent.d")).unwrap();
+    std::fs::write(dir.path().join("rlagent.toml"), &files[0].1).unwrap();
+    std::fs::write(dir.path().join("rlagent.d/10-fleet.toml"), &files[1].1).unwrap();
+    let daemonset = std::fs::read_to_string(deploy("kubernetes/daemonset.yaml")).unwrap();
+    assert!(daemonset.contains("path: rlagent.d/10-fleet.toml"));
+    let config = rlagent::config::Config::load(
+        Some(&dir.path().join("rlagent.toml")),
+        &rlagent::kernel::nss::SystemUsers,
+    )
+    .unwrap_or_else(|e| panic!("{}", rlagent::model::error_chain(&e)));
+    assert!(
+        config
+            .quotas
+            .contains_key(&rlagent::model::target::Target::AllUsers),
+        "the drop-in's user:* quota"
+    );
+    assert_eq!(config.metrics_listen.port(), 9464);
+}

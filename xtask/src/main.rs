@@ -99,11 +99,13 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--workspace", "--bins"]))?;
             let promtool = debs::ensure_promtool()?;
             let alertmanager = debs::ensure_alertmanager()?;
+            let validate = ensure_kubernetes_validate()?;
             run(cargo()
                 .args(["test", "--workspace"])
                 .env("RLAGENT_PROMETHEUS", promtool.with_file_name("prometheus"))
                 .env("RLAGENT_PROMTOOL", promtool)
-                .env("RLAGENT_ALERTMANAGER", alertmanager))?;
+                .env("RLAGENT_ALERTMANAGER", alertmanager)
+                .env("RLAGENT_KUBERNETES_VALIDATE", validate))?;
             fuzz::fuzz(FUZZ_SECONDS_IN_TEST)?;
             vm::vm_test(&[])?;
             vm::vm_test_systemd()
@@ -141,6 +143,25 @@ fn main() -> Result<()> {
                 .args(args))
         }
     }
+}
+
+/// kubernetes-validate (from PyPI; it carries the Kubernetes schemas, so validation needs
+/// no cluster or network) in a venv under the cache.
+fn ensure_kubernetes_validate() -> Result<PathBuf> {
+    const VERSION: &str = "1.37.0";
+    let venv = debs::cache().join(format!("kubernetes-validate-{VERSION}"));
+    let bin = venv.join("bin/kubernetes-validate");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        &format!("kubernetes-validate=={VERSION}"),
+    ]))?;
+    Ok(bin)
 }
 
 pub(crate) fn workspace_root() -> PathBuf {

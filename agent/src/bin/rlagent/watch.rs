@@ -3,7 +3,8 @@
 //! with the same refuse-whole semantics.
 //!
 //! The directories are watched, not the files: editors and config management replace a
-//! file by renaming a new one over it, which a watch on the old file would miss.
+//! file by renaming a new one over it, which a watch on the old file would miss. A
+//! Kubernetes ConfigMap volume changes by swapping its `..data` link, which counts too.
 
 use std::{
     ffi::OsStr,
@@ -14,6 +15,9 @@ use std::{
 use inotify::{Inotify, WatchMask};
 use rlagent::config::{Config, DROP_IN_DIR};
 use tokio::sync::mpsc;
+
+/// The link a Kubernetes ConfigMap volume swaps to publish new contents.
+const CONFIGMAP_DATA: &str = "..data";
 
 /// Edits come as bursts of events (write, rename): one reload after the burst settles.
 const SETTLE: Duration = Duration::from_millis(300);
@@ -59,7 +63,9 @@ pub fn spawn(config: &Path) -> anyhow::Result<mpsc::Receiver<()>> {
                 for event in events {
                     let name = event.name.map(OsStr::to_os_string);
                     if event.wd == dir_watch {
-                        if name.is_some() && name == file_name {
+                        if name.is_some() && name == file_name
+                            || name.as_deref() == Some(OsStr::new(CONFIGMAP_DATA))
+                        {
                             changed = true;
                         } else if name.as_deref() == Some(OsStr::new(DROP_IN_DIR)) {
                             changed = true;
