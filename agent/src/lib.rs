@@ -24,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod desired;
 pub mod kernel;
+pub mod manpage;
 pub mod model;
 pub mod observe;
 

@@ -278,3 +278,49 @@ fn the_kubernetes_config_loads() {
     );
     assert_eq!(config.metrics_listen.port(), 9464);
 }
+
+/// rlagent(8) and rlctl(1) have examples, every command inline, and name no manual page
+/// that is not installed or part of systemd.
+#[test]
+fn man_pages_have_examples_and_name_only_pages_that_exist() {
+    let known = [
+        "rlctl(1)",
+        "rlagent(8)",
+        "systemd.resource-control(5)",
+        "systemd-run(1)",
+    ];
+    for (bin, section) in [("rlctl", "1"), ("rlagent", "8")] {
+        let out = Command::new(rlagent_tests::target_bin(bin))
+            .arg("man")
+            .output()
+            .expect("running the binary");
+        assert!(out.status.success());
+        let page = String::from_utf8(out.stdout).unwrap();
+        assert!(page.contains(&format!("\n.TH {bin} {section} ")), "{page}");
+        for heading in [".SH EXAMPLES", ".SH COMMANDS", ".SH SEE ALSO"] {
+            assert!(page.contains(heading), "{bin}: no {heading}");
+        }
+        // Every `name(section)` reference, hyphens unescaped.
+        let text = page.replace("\\-", "-");
+        for (i, _) in text.match_indices('(') {
+            let section_ok = text[i + 1..]
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+                && text[i + 2..].starts_with(')');
+            if !section_ok {
+                continue;
+            }
+            let start = text[..i]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_'))
+                .map_or(0, |p| p + 1);
+            let reference = &text[start..i + 3];
+            if start < i {
+                assert!(
+                    known.contains(&reference),
+                    "{bin}({section}) refers to {reference}, which is not installed"
+                );
+            }
+        }
+    }
+}

@@ -115,6 +115,12 @@ pub fn install(opts: Options) -> Result<()> {
         &generated(&rlctl, &["man"])?,
         0o644,
     )?;
+    put(
+        &root,
+        &format!("{prefix}/share/man/man8/rlagent.8"),
+        &generated(&bin_dir.join("rlagent"), &["man"])?,
+        0o644,
+    )?;
 
     if opts.destdir.is_none() && Path::new("/run/systemd/system").exists() {
         run(&mut Command::new("systemd-sysusers"))?;

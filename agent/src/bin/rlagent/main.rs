@@ -48,6 +48,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print the manual page (roff)
+    #[command(hide = true)]
+    Man,
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Conns => conns::conns(config),
         Command::Stats { json } => stats::stats(config, json),
         Command::Uninstall { force } => uninstall::uninstall(config, force),
+        Command::Man => man(&mut std::io::stdout()).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -69,4 +73,68 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// rlagent(8).
+fn man(w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use rlagent::manpage::{render, Section};
+    render(
+        Cli::command(),
+        "8",
+        &[
+            Section {
+                heading: "EXAMPLES",
+                items: &[
+                    ("systemctl enable --now rlagent", "Run it as the service it is meant to be."),
+                    (
+                        "rlagent --config /etc/rlagent/rlagent.toml check-config",
+                        "Validate the config and its drop-ins, and print the connection limits they give.",
+                    ),
+                    ("rlagent conns", "Live connections, caps and denials per UID, from the pinned maps."),
+                    ("rlagent stats --json", "Usage and limits of every managed cgroup, without a running agent."),
+                    (
+                        "systemctl stop rlagent && rlagent uninstall",
+                        "Switch enforcement off: detach the programs and give back every limit.",
+                    ),
+                ],
+            },
+            Section {
+                heading: "FILES",
+                items: &[
+                    ("/etc/rlagent/rlagent.toml", "The config (an embedded default when absent)."),
+                    (
+                        "/etc/rlagent/rlagent.d/*.toml",
+                        "Drop-ins merged over it in name order; a change reloads the agent.",
+                    ),
+                    ("/run/rlagent/rlagent.sock", "The control socket rlctl(1) talks to."),
+                    ("/var/lib/rlagent/state.json", "Quotas set through rlctl, kept across restarts."),
+                    ("/sys/fs/bpf/rlagent", "The pinned programs and maps: enforcement outlives the agent."),
+                    (
+                        "/run/rlagent/systemd-units",
+                        "The unit properties the systemd driver set, and what they were before.",
+                    ),
+                ],
+            },
+            Section {
+                heading: "ENVIRONMENT",
+                items: &[(
+                    "RLAGENT_LOG",
+                    "Log filter in tracing's syntax (default info), e.g. debug or rlagent::kernel=debug.",
+                )],
+            },
+            Section {
+                heading: "SIGNALS",
+                items: &[
+                    ("SIGHUP", "Reload the config; a bad one is refused whole and the running limits stay."),
+                    ("SIGTERM", "Stop; the programs stay attached and keep enforcing."),
+                ],
+            },
+            Section {
+                heading: "SEE ALSO",
+                items: &[("", "rlctl(1), systemd.resource-control(5), systemd-run(1)")],
+            },
+        ],
+        w,
+    )
 }

@@ -141,8 +141,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "rlctl", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
+        Command::Man => man(&mut std::io::stdout())
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| e.to_string()),
     };
@@ -162,4 +161,54 @@ pub const NOT_ENFORCED: u8 = 3;
 fn usage(message: &str) -> Result<ExitCode, String> {
     eprintln!("rlctl: {message}");
     Ok(ExitCode::from(2))
+}
+
+/// rlctl(1).
+fn man(w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use rlagent::manpage::{render, Section};
+    render(
+        Cli::command(),
+        "1",
+        &[
+            Section {
+                heading: "EXAMPLES",
+                items: &[
+                    ("rlctl set-quota agent --cpu 50%", "Hold the group agent to half a CPU."),
+                    ("rlctl run agent -- make -j8", "Run a command in the group agent."),
+                    (
+                        "rlctl set-quota user:alice --conns 64 --memory 8G",
+                        "Cap alice's live connections at 64 and her memory at 8 GiB.",
+                    ),
+                    (
+                        "rlctl set-quota 'user:*' --conns 256",
+                        "A default for every UID from uid_min up that has no cap of its own.",
+                    ),
+                    ("rlctl clear-quota user:alice --memory", "Lift one field again."),
+                    (
+                        "rlctl list",
+                        "Every quota with its source (config or runtime) and whether the kernel enforces it.",
+                    ),
+                    ("rlctl stats --json", "Usage, limits and connection counters."),
+                    ("rlctl alerts --watch", "The firing alerts, then each change as it happens."),
+                ],
+            },
+            Section {
+                heading: "EXIT STATUS",
+                items: &[
+                    ("0", "Done."),
+                    ("1", "Refused, or the agent could not be reached; the message says why."),
+                    ("2", "Bad usage."),
+                    (
+                        "3",
+                        "A change was saved but none of it is enforced (a controller is missing, for example); the warnings say why.",
+                    ),
+                ],
+            },
+            Section {
+                heading: "SEE ALSO",
+                items: &[("", "rlagent(8), systemd.resource-control(5)")],
+            },
+        ],
+        w,
+    )
 }
