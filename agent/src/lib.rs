@@ -1,5 +1,5 @@
 //! rlagent: host-level resource enforcement (cgroup v2 quotas, per-UID connection caps in
-//! eBPF). The README's "Architecture" section shows the data flow.
+//! eBPF). docs/architecture.md shows the data flow.
 //!
 //! Layers, each a folder, in the order the data flows:
 //!

@@ -6,7 +6,7 @@
 //! with rlagent's programs attached (its UID has a cap, so the full charge path runs), one
 //! in a sibling cgroup without, same UID. Blocks alternate A/B and B/A so drift on a noisy
 //! machine hits both; the report gives medians per side and the median of the per-block
-//! differences, which is the figure quoted in the README.
+//! differences, which is the figure quoted in docs/benchmarks.md.
 use std::time::Instant;
 
 use rlagent_tests::{privileged, Agent, Helper, Listener, Scratch, TestCgroup};
