@@ -9,15 +9,16 @@ fn deploy(path: &str) -> PathBuf {
         .join(path)
 }
 
-fn run(tool: &std::ffi::OsStr, args: &[&str]) {
+/// Runs an external checker in `dir` (under deploy/); its output is the failure message.
+fn run(tool: &std::ffi::OsStr, dir: &str, args: &[&str]) {
     let out = Command::new(tool)
-        .current_dir(deploy("prometheus"))
+        .current_dir(deploy(dir))
         .args(args)
         .output()
-        .expect("running promtool");
+        .unwrap_or_else(|e| panic!("running {tool:?}: {e}"));
     assert!(
         out.status.success(),
-        "promtool {args:?}:\n{}{}",
+        "{tool:?} {args:?}:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -29,8 +30,16 @@ fn shipped_rules_are_valid_and_pass_their_unit_tests() {
         return;
     };
     for rules in ["rlagent.rules", "rlagent-fleet.rules"] {
-        run(&tool, &["check", "rules", &format!("{rules}.yml")]);
-        run(&tool, &["test", "rules", &format!("{rules}.test.yml")]);
+        run(
+            &tool,
+            "prometheus",
+            &["check", "rules", &format!("{rules}.yml")],
+        );
+        run(
+            &tool,
+            "prometheus",
+            &["test", "rules", &format!("{rules}.test.yml")],
+        );
     }
 }
 
@@ -211,27 +220,17 @@ fn kubernetes_manifests_are_valid() {
     else {
         return;
     };
-    let dir = deploy("kubernetes");
-    let mut manifests: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let mut manifests: Vec<String> = std::fs::read_dir(deploy("kubernetes"))
         .unwrap()
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .filter(|p| !p.ends_with("servicemonitor.yaml"))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".yaml") && n != "servicemonitor.yaml")
         .collect();
     manifests.sort();
     assert_eq!(manifests.len(), 4, "{manifests:?}");
-    let out = Command::new(&validate)
-        .arg("--strict")
-        .args(&manifests)
-        .output()
-        .expect("running kubernetes-validate");
-    assert!(
-        out.status.success(),
-        "kubernetes-validate:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args = vec!["--strict"];
+    args.extend(manifests.iter().map(String::as_str));
+    run(&validate, "kubernetes", &args);
 }
 
 /// The config the DaemonSet mounts (the ConfigMap's files, laid out as its items say)
