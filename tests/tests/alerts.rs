@@ -245,7 +245,8 @@ fn alertmanager_receives_the_alert_and_its_resolution() {
             h.connect("tcp4", listener.port4),
             Connect::Err(libc::EPERM, _)
         ));
-        hosts.push((cgroup, scratch, agent, h));
+        // Dropped in this order: the helper and the agent leave the cgroup before it goes.
+        hosts.push((h, agent, scratch, cgroup));
     }
     let took = wait_for("both hosts' alerts in Alertmanager", || {
         let alerts = am_alerts(am.port, "Denied");

@@ -153,11 +153,12 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
         let mut h = Helper::spawn(&cgroup.path, uid);
         assert!(h.connect("tcp4", listener.port4).is_ok());
         assert!(h.connect("tcp6", listener.port6).is_ok());
-        hosts.push((cgroup, scratch, agent, h));
+        // Dropped in this order: the helper and the agent leave the cgroup before it goes.
+        hosts.push((h, agent, scratch, cgroup));
     }
     let targets: Vec<String> = hosts
         .iter()
-        .map(|(_, s, _, _)| format!("\"127.0.0.1:{}\"", s.metrics_port))
+        .map(|(_, _, s, _)| format!("\"127.0.0.1:{}\"", s.metrics_port))
         .collect();
 
     let dir = tempfile::tempdir().unwrap();
@@ -202,7 +203,7 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
     });
     // A denial after scraping began, so rates and the denial rule see an increase.
     std::thread::sleep(Duration::from_secs(2));
-    let h = &mut hosts[0].3;
+    let h = &mut hosts[0].0;
     assert!(matches!(
         h.connect("tcp4", listener.port4),
         Connect::Err(libc::EPERM, _)
