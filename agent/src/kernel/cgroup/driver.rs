@@ -237,14 +237,7 @@ impl CgroupDriver {
         for name in plan.groups.keys() {
             add(format!("group:{name}"), &plan.group_cgroup(name))?;
         }
-        let mut uids: Vec<u32> = std::fs::read_dir(self.fs.path(&plan.layout.users_dir()))
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| plan.layout.uid_of(e.file_name().to_str()?))
-                    .collect()
-            })
-            .unwrap_or_default();
-        uids.sort_unstable();
+        let mut uids = self.fs.user_cgroups(&plan.layout);
         // Under systemd, user.slice holds every logged-in user: show those the plan limits.
         uids.retain(|uid| {
             plan.layout.driver == Driver::Cgroupfs || plan.user_quota(*uid).is_some()

@@ -20,6 +20,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::model::layout::Layout;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("reading {path}")]
@@ -170,6 +172,20 @@ impl CgroupFs {
     /// Absolute path of the cgroup at `relative` (relative to the mount).
     pub fn path(&self, relative: &Path) -> PathBuf {
         self.mount.join(relative)
+    }
+
+    /// The UIDs that have a user cgroup where `layout` puts them (`user-<uid>` under the
+    /// agent's subtree, or logind's `user-<uid>.slice`), in order.
+    pub fn user_cgroups(&self, layout: &Layout) -> Vec<u32> {
+        let mut uids: Vec<u32> = std::fs::read_dir(self.path(&layout.users_dir()))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| layout.uid_of(e.file_name().to_str()?))
+                    .collect()
+            })
+            .unwrap_or_default();
+        uids.sort_unstable();
+        uids
     }
 
     /// Controllers listed in `cgroup.controllers` of `relative`.

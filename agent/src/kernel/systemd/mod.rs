@@ -27,7 +27,7 @@ use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
     kernel::cgroup::{
         driver::{ApplyReport, Skipped},
-        Controller,
+        CgroupFs, Controller,
     },
     model::{
         layout::{group_slice, user_slice},
@@ -280,7 +280,7 @@ struct State {
 
 pub struct SystemdDriver {
     bus: Arc<dyn Bus>,
-    mount: PathBuf,
+    fs: CgroupFs,
     record_path: Option<PathBuf>,
     state: Mutex<State>,
 }
@@ -295,7 +295,7 @@ impl SystemdDriver {
             .unwrap_or_default();
         Self {
             bus,
-            mount: mount.to_path_buf(),
+            fs: CgroupFs::new(mount),
             record_path,
             state: Mutex::new(State {
                 record,
@@ -307,17 +307,6 @@ impl SystemdDriver {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The UIDs with a `user-<uid>.slice` cgroup now.
-    fn present_users(&self, plan: &CgroupPlan) -> Vec<u32> {
-        std::fs::read_dir(self.mount.join(plan.layout.users_dir()))
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| plan.layout.uid_of(e.file_name().to_str()?))
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 
     /// Every unit `plan` limits, by name. Resolves `cgroup:<path>` targets to their units
@@ -363,7 +352,7 @@ impl SystemdDriver {
         }
         let mut uids: BTreeSet<u32> = plan.users.keys().copied().collect();
         if plan.user_default.is_some() {
-            uids.extend(self.present_users(plan));
+            uids.extend(self.fs.user_cgroups(&plan.layout));
             // Users limited before who are logged out now: the default's changes reach
             // their slices too (the runtime drop-ins outlive the session).
             uids.extend(record.0.keys().filter_map(|u| plan.layout.uid_of(u)));
@@ -385,12 +374,11 @@ impl SystemdDriver {
 
     /// Controllers missing at the cgroup2 root: no unit can have their limits.
     fn missing_controllers(&self) -> BTreeSet<Controller> {
-        let available =
-            std::fs::read_to_string(self.mount.join("cgroup.controllers")).unwrap_or_default();
-        let available: Vec<&str> = available.split_whitespace().collect();
+        // Unreadable: none is available.
+        let available = self.fs.controllers(Path::new("")).unwrap_or_default();
         Controller::ALL
             .into_iter()
-            .filter(|c| !available.contains(&c.name()))
+            .filter(|c| !available.contains(c.name()))
             .collect()
     }
 
@@ -407,7 +395,7 @@ impl SystemdDriver {
         for controller in &missing {
             report.unavailable.push(format!(
                 "controller {controller} is not available at the cgroup2 root {} (disabled on the kernel command line, or bound to cgroup v1)",
-                self.mount.display()
+                self.fs.path(Path::new("")).display()
             ));
         }
         let mut result = Ok(());
