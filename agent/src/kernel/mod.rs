@@ -187,25 +187,14 @@ impl System {
             moves: Arc::new(AtomicU64::new(0)),
         };
         system.limiter.apply(&desired.conns)?;
-        // Without sock_diag (inet_diag not loadable, as in a guest without modules) the
-        // agent still starts; it says what it could not count.
-        match system.limiter.seed(
-            cgroup_ids(&attach_cgroup, &settings.attach_cgroup).as_ref(),
-            &desired.conns,
-        ) {
-            Ok(0) => {}
-            Ok(seeded) => {
-                tracing::info!(
-                    seeded,
-                    "counted the connections open before the first start"
-                )
-            }
-            Err(BpfError::Seed(e)) => tracing::warn!(
-                "connections open before the first start are not counted: {}",
-                crate::model::error_chain(&e)
-            ),
-            Err(e) => return Err(e.into()),
-        }
+        let host_wide = settings.attach_cgroup.as_os_str().is_empty();
+        seeding(
+            system
+                .limiter
+                .seed(&attach_cgroup, host_wide, &desired.conns),
+            "counted the connections open before the first start",
+            "connections open before the first start are not counted",
+        )?;
         for (program, action) in system.limiter.attach(&attach_cgroup)? {
             let what = match action {
                 LinkAction::Attached => "attached",
@@ -213,18 +202,11 @@ impl System {
             };
             tracing::info!(program, cgroup = %attach_cgroup.display(), "{what}");
         }
-        match system.limiter.settle_seeded(desired.conns.count_udp) {
-            Ok(0) => {}
-            Ok(gone) => tracing::info!(
-                gone,
-                "seeded connections that closed before the programs were attached"
-            ),
-            Err(BpfError::Seed(e)) => tracing::warn!(
-                "seeded connections that closed before the programs were attached stay counted until rlagent uninstall: {}",
-                crate::model::error_chain(&e)
-            ),
-            Err(e) => return Err(e.into()),
-        }
+        seeding(
+            system.limiter.settle_seeded(desired.conns.count_udp),
+            "seeded connections that closed before the programs were attached",
+            "seeded connections that closed before the programs were attached stay counted until rlagent uninstall",
+        )?;
         for old in system.limiter.remove_other_versions()? {
             tracing::warn!(pins = %old.display(), "removed the pins of another map layout version, detaching its programs");
         }
@@ -239,6 +221,18 @@ impl System {
 
     fn driver(&self) -> CgroupDriver {
         CgroupDriver::new(CgroupFs::new(&self.mount))
+    }
+
+    /// How placement moves processes under the driver in use.
+    fn mover(&self) -> Box<dyn Mover> {
+        match &self.systemd {
+            Some(driver) => Box::new(SystemdMover {
+                driver: driver.clone(),
+            }),
+            None => Box::new(CgroupfsMover {
+                driver: self.driver(),
+            }),
+        }
     }
 }
 
@@ -263,19 +257,9 @@ impl Enforcer for System {
         {
             return Ok(CgroupReport::default());
         }
-        let (applied, mover): (_, Box<dyn Mover>) = match &self.systemd {
-            Some(driver) => (
-                driver.apply(plan)?,
-                Box::new(SystemdMover {
-                    driver: driver.clone(),
-                }),
-            ),
-            None => (
-                self.driver().apply(plan, previous)?,
-                Box::new(CgroupfsMover {
-                    driver: self.driver(),
-                }),
-            ),
+        let applied = match &self.systemd {
+            Some(driver) => driver.apply(plan)?,
+            None => self.driver().apply(plan, previous)?,
         };
         // Under systemd only group rules move processes; with none, nothing is watched.
         let placing = self.systemd.is_none() || !plan.rules.is_empty();
@@ -287,7 +271,7 @@ impl Enforcer for System {
             None if placing => {
                 let placer = Arc::new(RwLock::new(Placer::new(
                     plan.clone(),
-                    mover,
+                    self.mover(),
                     self.moves.clone(),
                 )));
                 placement::watch(placer.clone())?;
@@ -330,26 +314,22 @@ impl Enforcer for System {
     }
 }
 
-/// The cgroup ids (cgroup2 directory inodes) of `dir` and every cgroup below it; `None`
-/// when `relative` is the root (host-wide: every socket is in scope).
-fn cgroup_ids(dir: &Path, relative: &Path) -> Option<std::collections::HashSet<u64>> {
-    use std::os::unix::fs::MetadataExt;
-    if relative.as_os_str().is_empty() {
-        return None;
-    }
-    let mut ids = std::collections::HashSet::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        if let Ok(meta) = std::fs::metadata(&d) {
-            ids.insert(meta.ino());
+/// Logs one step of counting the connections open at the first start. Without sock_diag
+/// (inet_diag not loadable, as in a guest without modules) the agent still starts, and
+/// says what it could not count; any other error refuses the start.
+fn seeding(step: Result<usize, BpfError>, done: &str, skipped: &str) -> Result<(), KernelError> {
+    match step {
+        Ok(0) => Ok(()),
+        Ok(sockets) => {
+            tracing::info!(sockets, "{done}");
+            Ok(())
         }
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                pending.push(entry.path());
-            }
+        Err(BpfError::Seed(e)) => {
+            tracing::warn!("{skipped}: {}", crate::model::error_chain(&e));
+            Ok(())
         }
+        Err(e) => Err(e.into()),
     }
-    Some(ids)
 }
 
 /// The real observer: cgroup files under the mount and the pinned maps.

@@ -28,6 +28,15 @@ pub struct ConnStats {
     pub uid_entries: usize,
 }
 
+/// The capacity of the charged-socket map `owner` (fixed when it was created: a pinned
+/// map keeps its size until uninstall, whatever the config says now).
+pub(super) fn socket_capacity(owner: &MapData) -> Result<u32, BpfError> {
+    Ok(owner
+        .info()
+        .map_err(map_error(names::SOCK_OWNER))?
+        .max_entries())
+}
+
 pub(super) fn read_stats<H, U>(
     host: &Array<H, HostConns>,
     per_uid: &HashMap<U, u32, UidConns>,
@@ -74,10 +83,8 @@ impl PinnedMaps {
             T::try_from(map).map_err(map_error(name))
         }
         let owner = names::SOCK_OWNER;
-        let socket_capacity = MapData::from_pin(pins.map(owner))
-            .and_then(|m| m.info())
-            .map_err(map_error(owner))?
-            .max_entries();
+        let socket_capacity =
+            socket_capacity(&MapData::from_pin(pins.map(owner)).map_err(map_error(owner))?)?;
         Ok(Self {
             socket_capacity: u64::from(socket_capacity),
             host: open(&pins, names::HOST_CONNS)?,

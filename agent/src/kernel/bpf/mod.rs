@@ -123,6 +123,8 @@ pub struct ConnLimiter {
     generation: u64,
     /// The maps were created by this load (none were pinned): the first start.
     new_maps: bool,
+    /// Entries `RL_SOCK_OWNER` holds (see [`maps::socket_capacity`]).
+    socket_capacity: u32,
     /// Connections found open at the first start (see [`Self::seed`]), until settled.
     seeded: Vec<seed::OpenConnection>,
     /// Of the seeded connections, those found closed without a release (kept in the
@@ -188,30 +190,43 @@ impl ConnLimiter {
             typed_map_mut::<Array<&mut MapData, Settings>>(&mut ebpf, names::SETTINGS)?
                 .get(&0, 0)
                 .map_or(0, |s| s.seeded_gone);
+        let socket_capacity = match ebpf.map(names::SOCK_OWNER) {
+            Some(Map::HashMap(data)) => maps::socket_capacity(data)?,
+            _ => {
+                return Err(BpfError::Missing {
+                    kind: "map",
+                    name: names::SOCK_OWNER,
+                })
+            }
+        };
         Ok(Self {
             ebpf,
             pins,
             generation,
             new_maps,
+            socket_capacity,
             seeded: Vec::new(),
             seeded_gone,
         })
     }
 
     /// On the first start (new maps, no program attached yet), charges the connections
-    /// already open in `cgroups` (`None`: host-wide) to their owners, so a UID over its cap
-    /// gets nothing new until it is back under. Only UIDs a cap concerns are seeded (all of
-    /// them with a host cap). A restart adopts the pinned maps and seeds nothing, also after
-    /// a first start that failed half-way.
+    /// already open in the cgroups at and below `attach_cgroup` (all of them when
+    /// `host_wide`) to their owners, so a UID over its cap gets nothing new until it is
+    /// back under. Only UIDs a cap concerns are seeded (all of them with a host cap). A
+    /// restart adopts the pinned maps and seeds nothing, also after a first start that
+    /// failed half-way.
     pub fn seed(
         &mut self,
-        cgroups: Option<&std::collections::HashSet<u64>>,
+        attach_cgroup: &Path,
+        host_wide: bool,
         limits: &ConnLimits,
     ) -> Result<usize, BpfError> {
         if !self.new_maps {
             return Ok(0);
         }
-        let found = seed::open_connections(limits.count_udp, cgroups)?;
+        let cgroups = (!host_wide).then(|| seed::cgroup_ids(attach_cgroup));
+        let found = seed::open_connections(limits.count_udp, cgroups.as_ref())?;
         let concerned = |uid: u32| limits.host_cap != UNLIMITED || limits.cap_for(uid) != UNLIMITED;
         let mut owners: HashMap<&mut MapData, u64, u64> =
             typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
@@ -365,19 +380,7 @@ impl ConnLimiter {
     /// Writes `limits` into the maps: settings first, then per-UID caps (added or changed,
     /// then removed). Each map write is atomic per entry.
     pub fn apply(&mut self, limits: &ConnLimits) -> Result<(), BpfError> {
-        let capacity = self
-            .ebpf
-            .map(names::SOCK_OWNER)
-            .and_then(|m| match m {
-                Map::HashMap(data) => data.info().ok(),
-                _ => None,
-            })
-            .map(|info| info.max_entries())
-            .ok_or(BpfError::Missing {
-                kind: "map",
-                name: names::SOCK_OWNER,
-            })?;
-        let settings = self.seeded_settings(limits.settings(capacity))?;
+        let settings = self.seeded_settings(limits.settings(self.socket_capacity))?;
         let mut settings_map: Array<&mut MapData, Settings> =
             typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
         settings_map

@@ -13,7 +13,10 @@
 //!
 //! sock_diag sees the agent's own network namespace only.
 
-use std::collections::{BTreeSet, HashSet};
+use std::{
+    collections::{BTreeSet, HashSet},
+    path::Path,
+};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _, NLM_F_DUMP, NLM_F_REQUEST,
@@ -68,6 +71,24 @@ struct DiagSocket {
     cgroup: Option<u64>,
     /// The socket's upper-layer protocol ("mptcp" on an MPTCP subflow).
     ulp: Option<String>,
+}
+
+/// The cgroup ids (cgroup2 directory inodes) of `dir` and every cgroup below it.
+pub fn cgroup_ids(dir: &Path) -> HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut ids = HashSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        if let Ok(meta) = std::fs::metadata(&d) {
+            ids.insert(meta.ino());
+        }
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+        }
+    }
+    ids
 }
 
 /// Connected TCP sockets (and connected UDP ones with `udp`) whose cgroup is one of
