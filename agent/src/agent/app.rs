@@ -112,6 +112,15 @@ pub struct App {
     started: Instant,
 }
 
+/// Finds the cgroup2 mount and decides `config`'s `cgroup_driver = "auto"` for this host,
+/// as every entry point that acts on cgroups must before it builds the desired state.
+/// Returns the mount.
+pub fn resolve_driver(config: &mut Config) -> Result<PathBuf, KernelError> {
+    let mount = kernel::cgroup::mount::find()?;
+    config.resolve_driver(kernel::systemd::systemd_host(&mount));
+    Ok(mount)
+}
+
 impl App {
     /// Starts enforcement for `config`: the runtime overrides from its state file, the
     /// desired state, the kernel (programs, maps, cgroups, placement).
@@ -120,8 +129,7 @@ impl App {
         config_path: Option<PathBuf>,
         users: Arc<dyn UserDb>,
     ) -> Result<Arc<Self>, AppError> {
-        let mount = kernel::cgroup::mount::find().map_err(KernelError::from)?;
-        config.resolve_driver(kernel::systemd::systemd_host(&mount));
+        let mount = resolve_driver(&mut config)?;
         tracing::info!(driver = %config.driver, "cgroup driver");
         let runtime = RuntimeState::load(&config.state_path)?;
         let desired = Desired::build(&config, &runtime, users.as_ref())?;

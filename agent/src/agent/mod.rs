@@ -6,7 +6,7 @@ pub mod error;
 pub mod reconcile;
 pub mod status;
 
-pub use app::{collect_stats, App, Snapshot};
+pub use app::{collect_stats, resolve_driver, App, Snapshot};
 pub use error::{AppError, Refusal};
 pub use reconcile::{cap_text, Agent, AgentError};
 pub use status::{HostStatus, Status};

@@ -4,16 +4,16 @@
 use std::path::Path;
 
 use rlagent::{
-    agent::collect_stats,
+    agent::{collect_stats, resolve_driver},
     config::Config,
     desired::{state::RuntimeState, Desired},
-    kernel::{cgroup::mount, nss::SystemUsers, systemd, SystemObserver},
+    kernel::{nss::SystemUsers, SystemObserver},
     observe::table,
 };
 
 pub fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let mut config = Config::load(config_path, &SystemUsers)?;
-    config.resolve_driver(systemd::systemd_host(&mount::find()?));
+    resolve_driver(&mut config)?;
     let runtime = RuntimeState::load(&config.state_path)?;
     let desired = Desired::build(&config, &runtime, &SystemUsers)?;
     let stats = collect_stats(&SystemObserver::open(&config.bpf.pin_path)?, &desired)?;

@@ -7,13 +7,9 @@
 use std::path::Path;
 
 use rlagent::{
+    agent::resolve_driver,
     config::Config,
-    kernel::{
-        bpf,
-        cgroup::{mount, CgroupFs},
-        nss::SystemUsers,
-        systemd,
-    },
+    kernel::{bpf, cgroup::CgroupFs, nss::SystemUsers, systemd},
     model::layout::Driver,
 };
 
@@ -31,8 +27,7 @@ pub fn uninstall(config_path: Option<&Path>, force: bool) -> anyhow::Result<()> 
         "removed programs and pins under {}",
         config.bpf.pin_path.display()
     );
-    let mount = mount::find()?;
-    config.resolve_driver(systemd::systemd_host(&mount));
+    let mount = resolve_driver(&mut config)?;
     if config.driver == Driver::Systemd {
         let bus = systemd::dbus::SystemBus::connect()?;
         let driver = systemd::SystemdDriver::new(bus, &mount, config.systemd_record());
