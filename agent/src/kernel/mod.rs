@@ -303,12 +303,8 @@ impl Enforcer for System {
         let fs = CgroupFs::new(&self.mount);
         let cgroup = plan.group_cgroup(group);
         for pid in pids {
-            match fs.move_pid(&cgroup, *pid) {
-                // Exited since it was checked: nothing left to move.
-                Err(CgroupError::Write { source, .. })
-                    if source.raw_os_error() == Some(libc::ESRCH) => {}
-                result => result?,
-            }
+            // A process that exited since it was checked has nothing left to move.
+            fs.move_pid(&cgroup, *pid)?;
         }
         Ok(cgroup)
     }

@@ -247,9 +247,18 @@ impl CgroupFs {
         Ok(unavailable)
     }
 
-    /// Moves one process (all its threads) into `relative`.
-    pub fn move_pid(&self, relative: &Path, pid: u32) -> Result<(), CgroupError> {
-        write(&self.path(relative).join("cgroup.procs"), &pid.to_string())
+    /// Moves one process (all its threads) into `relative`. Returns false when the process
+    /// has exited (ESRCH): there is nothing left to move, which every caller accepts.
+    pub fn move_pid(&self, relative: &Path, pid: u32) -> Result<bool, CgroupError> {
+        match write(&self.path(relative).join("cgroup.procs"), &pid.to_string()) {
+            Ok(()) => Ok(true),
+            Err(CgroupError::Write { source, .. })
+                if source.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// PIDs in `relative` (not its children).
@@ -284,11 +293,8 @@ impl CgroupFs {
             }
         }
         for pid in self.pids(relative)? {
-            match self.move_pid(Path::new(""), pid) {
-                Ok(()) => moved += 1,
-                Err(CgroupError::Write { source, .. })
-                    if source.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => return Err(e),
+            if self.move_pid(Path::new(""), pid)? {
+                moved += 1;
             }
         }
         self.remove(relative)?;

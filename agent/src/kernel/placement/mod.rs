@@ -225,16 +225,12 @@ impl Mover for CgroupfsMover {
             return Ok(None);
         }
         match self.driver.fs().move_pid(&target, info.pid) {
-            Ok(()) => Ok(Some(Moved {
+            Ok(true) => Ok(Some(Moved {
                 to: target,
                 with_children: false,
             })),
             // Exited between the read and the move.
-            Err(CgroupError::Write { source, .. })
-                if source.raw_os_error() == Some(libc::ESRCH) =>
-            {
-                Ok(None)
-            }
+            Ok(false) => Ok(None),
             Err(source) => Err(move_error(&target, source)),
         }
     }
