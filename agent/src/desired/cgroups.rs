@@ -10,7 +10,7 @@ use crate::{
     config::{Config, GroupRule},
     model::{
         layout::Layout,
-        quota::{CpuMax, Limit, Quota},
+        quota::{CpuMax, Field, Limit, Quota},
         target::{Target, UserRef},
     },
 };
@@ -32,6 +32,17 @@ impl CgroupQuota {
         memory_high: Limit::Max,
         pids: Limit::Max,
     };
+
+    /// True when `field` holds a limit (false for `max` and for fields no cgroup carries).
+    pub fn limits(&self, field: Field) -> bool {
+        match field {
+            Field::Cpu => matches!(self.cpu, Limit::Value(_)),
+            Field::Memory => matches!(self.memory, Limit::Value(_)),
+            Field::MemoryHigh => matches!(self.memory_high, Limit::Value(_)),
+            Field::Pids => matches!(self.pids, Limit::Value(_)),
+            Field::Conns | Field::ConnRate | Field::ConnBurst => false,
+        }
+    }
 
     /// `own` fields, falling back to `default` field by field (LimitRange-style defaults).
     fn resolve(own: Option<&Quota>, default: Option<&Quota>) -> Self {

@@ -8,11 +8,7 @@ use std::{
 use super::{cpu, memory, pids, psi, CgroupError, CgroupFs, Controller};
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
-    model::{
-        layout::Driver,
-        quota::{Field, Limit},
-        usage::CgroupStats,
-    },
+    model::{layout::Driver, quota::Field, usage::CgroupStats},
 };
 
 /// What one apply did: what could not be enforced, and why.
@@ -45,6 +41,18 @@ impl std::fmt::Display for Skipped {
             self.cgroup.display(),
             self.file
         )
+    }
+}
+
+/// The interface file that carries a cgroup field (whose existence says its controller is
+/// enabled for the cgroup); none for the connection fields, which no cgroup file carries.
+pub fn interface_file(field: Field) -> &'static str {
+    match field {
+        Field::Cpu => "cpu.max",
+        Field::Memory => "memory.max",
+        Field::MemoryHigh => "memory.high",
+        Field::Pids => "pids.max",
+        Field::Conns | Field::ConnRate | Field::ConnBurst => "",
     }
 }
 
@@ -184,14 +192,12 @@ impl CgroupDriver {
         report: &mut ApplyReport,
     ) -> Result<(), CgroupError> {
         let dir = self.fs.path(relative);
-        let mut field = |file: &'static str,
-                         name: Field,
-                         set: bool,
-                         write: &dyn Fn(&Path) -> Result<(), CgroupError>| {
+        let mut field = |name: Field, write: &dyn Fn(&Path) -> Result<(), CgroupError>| {
+            let file = interface_file(name);
             if dir.join(file).exists() {
                 write(&dir)
             } else {
-                if set {
+                if quota.limits(name) {
                     report.skipped.push(Skipped {
                         cgroup: relative.to_path_buf(),
                         field: name,
@@ -201,26 +207,13 @@ impl CgroupDriver {
                 Ok(())
             }
         };
-        let is_set = |l: Limit<u64>| matches!(l, Limit::Value(_));
-        field(
-            "cpu.max",
-            Field::Cpu,
-            matches!(quota.cpu, Limit::Value(_)),
-            &|d| cpu::apply(d, quota.cpu),
-        )?;
+        field(Field::Cpu, &|d| cpu::apply(d, quota.cpu))?;
         // memory.high first when lowering both, so the throttle point never sits above max.
-        field(
-            "memory.high",
-            Field::MemoryHigh,
-            is_set(quota.memory_high),
-            &|d| memory::apply_high(d, quota.memory_high),
-        )?;
-        field("memory.max", Field::Memory, is_set(quota.memory), &|d| {
-            memory::apply_max(d, quota.memory)
+        field(Field::MemoryHigh, &|d| {
+            memory::apply_high(d, quota.memory_high)
         })?;
-        field("pids.max", Field::Pids, is_set(quota.pids), &|d| {
-            pids::apply(d, quota.pids)
-        })?;
+        field(Field::Memory, &|d| memory::apply_max(d, quota.memory))?;
+        field(Field::Pids, &|d| pids::apply(d, quota.pids))?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use std::{
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
     kernel::cgroup::{
-        driver::{ApplyReport, Skipped},
+        driver::{interface_file, ApplyReport, Skipped},
         CgroupFs, Controller,
     },
     model::{
@@ -168,16 +168,6 @@ fn restore(field: Field, values: &[u64]) -> Vec<Property> {
         Field::Memory => vec![Property::MemoryMax(at(0))],
         Field::MemoryHigh => vec![Property::MemoryHigh(at(0))],
         _ => vec![Property::TasksMax(at(0))],
-    }
-}
-
-fn limited(field: Field, quota: &CgroupQuota) -> bool {
-    match field {
-        Field::Cpu => matches!(quota.cpu, Limit::Value(_)),
-        Field::Memory => matches!(quota.memory, Limit::Value(_)),
-        Field::MemoryHigh => matches!(quota.memory_high, Limit::Value(_)),
-        Field::Pids => matches!(quota.pids, Limit::Value(_)),
-        _ => false,
     }
 }
 
@@ -398,26 +388,25 @@ impl SystemdDriver {
                 self.fs.path(Path::new("")).display()
             ));
         }
-        let mut result = Ok(());
-        for (unit, target) in &units {
-            if let Err(e) = self.write(&mut state, unit, &target.quota) {
-                result = Err(e);
-                break;
-            }
-            if target.adjusted {
-                for field in FIELDS {
-                    let controller = field_controller(field);
-                    if limited(field, &target.quota) && missing.contains(&controller) {
-                        report.skipped.push(Skipped {
-                            cgroup: target.cgroup.clone(),
-                            field,
-                            file: interface_file(field),
-                        });
+        // The record is saved and the plan kept whatever happens half-way: what was set
+        // stays known, to be lifted later.
+        let outcome = (|| {
+            for (unit, target) in &units {
+                self.write(&mut state, unit, &target.quota)?;
+                if target.adjusted {
+                    for field in FIELDS {
+                        let unavailable =
+                            missing.iter().any(|c| field.controller() == Some(c.name()));
+                        if target.quota.limits(field) && unavailable {
+                            report.skipped.push(Skipped {
+                                cgroup: target.cgroup.clone(),
+                                field,
+                                file: interface_file(field),
+                            });
+                        }
                     }
                 }
             }
-        }
-        if result.is_ok() {
             // Units limited before that the plan no longer names: lift what the agent set.
             let dropped: Vec<String> = state
                 .record
@@ -430,15 +419,13 @@ impl SystemdDriver {
                 self.reset(&mut state, &unit);
             }
             for name in plan.groups.keys() {
-                if let Err(e) = self.bus.start_unit(&group_slice(name)) {
-                    result = Err(e);
-                    break;
-                }
+                self.bus.start_unit(&group_slice(name))?;
             }
-        }
+            Ok(())
+        })();
         state.plan = Some(plan.clone());
         let saved = self.save(&state.record);
-        result?;
+        outcome?;
         saved?;
         Ok(report)
     }
@@ -458,7 +445,7 @@ impl SystemdDriver {
         let mut props = Vec::new();
         let mut now = BTreeMap::new();
         for field in FIELDS {
-            match (limited(field, quota), before.get(&field)) {
+            match (quota.limits(field), before.get(&field)) {
                 (true, Some(original)) => {
                     now.insert(field, original.clone());
                     props.extend(properties(field, quota));
@@ -596,23 +583,6 @@ impl SystemdDriver {
             }
         }
         Ok(cgroup)
-    }
-}
-
-fn field_controller(field: Field) -> Controller {
-    match field {
-        Field::Cpu => Controller::Cpu,
-        Field::Pids => Controller::Pids,
-        _ => Controller::Memory,
-    }
-}
-
-fn interface_file(field: Field) -> &'static str {
-    match field {
-        Field::Cpu => "cpu.max",
-        Field::Memory => "memory.max",
-        Field::MemoryHigh => "memory.high",
-        _ => "pids.max",
     }
 }
 
