@@ -128,37 +128,31 @@ pub fn properties(field: Field, quota: &CgroupQuota) -> Vec<Property> {
         Limit::Value(v) => v,
         Limit::Max => INFINITY,
     };
-    match field {
+    let values = match field {
         Field::Cpu => match quota.cpu {
             // cpu.max = CPUQuotaPerSecUSec × period / 1 s: the same quota and period.
-            Limit::Value(c) => vec![
-                Property::CpuQuotaPerSec(c.quota_us * 1_000_000 / c.period_us),
-                Property::CpuQuotaPeriod(c.period_us),
-            ],
-            Limit::Max => vec![
-                Property::CpuQuotaPerSec(INFINITY),
-                Property::CpuQuotaPeriod(INFINITY),
-            ],
+            Limit::Value(c) => vec![c.quota_us * 1_000_000 / c.period_us, c.period_us],
+            Limit::Max => vec![INFINITY, INFINITY],
         },
-        Field::Memory => vec![Property::MemoryMax(bytes(quota.memory))],
-        Field::MemoryHigh => vec![Property::MemoryHigh(bytes(quota.memory_high))],
-        Field::Pids => vec![Property::TasksMax(bytes(quota.pids))],
-        _ => Vec::new(),
-    }
+        Field::Memory => vec![bytes(quota.memory)],
+        Field::MemoryHigh => vec![bytes(quota.memory_high)],
+        Field::Pids => vec![bytes(quota.pids)],
+        Field::Conns | Field::ConnRate | Field::ConnBurst => return Vec::new(),
+    };
+    with_values(field, &values)
 }
 
-/// The D-Bus properties that carry `field`.
-fn property_names(field: Field) -> &'static [&'static str] {
-    match field {
-        Field::Cpu => &["CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec"],
-        Field::Memory => &["MemoryMax"],
-        Field::MemoryHigh => &["MemoryHigh"],
-        _ => &["TasksMax"],
-    }
+/// The D-Bus properties that carry `field`, in the order [`with_values`] takes values.
+fn property_names(field: Field) -> Vec<&'static str> {
+    with_values(field, &[])
+        .into_iter()
+        .map(Property::name)
+        .collect()
 }
 
-/// The properties that put `field` back to `values` (as [`property_names`] lists them).
-fn restore(field: Field, values: &[u64]) -> Vec<Property> {
+/// The properties that set `field` to `values` (as [`property_names`] lists them; a
+/// missing one is infinity).
+fn with_values(field: Field, values: &[u64]) -> Vec<Property> {
     let at = |i: usize| values.get(i).copied().unwrap_or(INFINITY);
     match field {
         Field::Cpu => vec![
@@ -167,7 +161,8 @@ fn restore(field: Field, values: &[u64]) -> Vec<Property> {
         ],
         Field::Memory => vec![Property::MemoryMax(at(0))],
         Field::MemoryHigh => vec![Property::MemoryHigh(at(0))],
-        _ => vec![Property::TasksMax(at(0))],
+        Field::Pids => vec![Property::TasksMax(at(0))],
+        Field::Conns | Field::ConnRate | Field::ConnBurst => Vec::new(),
     }
 }
 
@@ -452,11 +447,11 @@ impl SystemdDriver {
                 }
                 (true, None) => {
                     // First time: remember what the unit had, for the reset.
-                    let original = self.bus.get_properties(unit, property_names(field))?;
+                    let original = self.bus.get_properties(unit, &property_names(field))?;
                     now.insert(field, original);
                     props.extend(properties(field, quota));
                 }
-                (false, Some(original)) => props.extend(restore(field, original)),
+                (false, Some(original)) => props.extend(with_values(field, original)),
                 (false, None) => {}
             }
         }
