@@ -249,43 +249,41 @@ fn socket_kind(fd: i32) -> &'static str {
 }
 
 fn connect(fd: i32, kind: &str, port: u16) -> Result<(), i32> {
-    // SAFETY: the sockaddr structs are fully initialised and sized correctly.
-    let rc = unsafe {
-        if kind.ends_with('4') {
-            let mut sa: libc::sockaddr_in = mem::zeroed();
-            sa.sin_family = libc::AF_INET as u16;
-            sa.sin_port = port.to_be();
-            sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
-            libc::connect(
-                fd,
-                (&sa as *const libc::sockaddr_in).cast(),
-                mem::size_of_val(&sa) as u32,
-            )
-        } else {
-            let mut sa: libc::sockaddr_in6 = mem::zeroed();
-            sa.sin6_family = libc::AF_INET6 as u16;
-            sa.sin6_port = port.to_be();
-            sa.sin6_addr.s6_addr = Ipv6Addr::LOCALHOST.octets();
-            libc::connect(
-                fd,
-                (&sa as *const libc::sockaddr_in6).cast(),
-                mem::size_of_val(&sa) as u32,
-            )
-        }
-    };
-    if rc == 0 {
-        Ok(())
+    if kind.ends_with('4') {
+        connect_to(fd, &sockaddr_v4(port))
     } else {
-        Err(io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+        connect_to(fd, &sockaddr_v6(port, Ipv6Addr::LOCALHOST))
     }
 }
 
+/// connect() to a `sockaddr_in` or `sockaddr_in6`: done, or the errno.
+fn connect_to<T>(fd: i32, sa: &T) -> Result<(), i32> {
+    // SAFETY: `sa` is a fully initialised socket address of its type's size.
+    let rc = unsafe { libc::connect(fd, (sa as *const T).cast(), mem::size_of::<T>() as u32) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// 127.0.0.1:`port`.
 fn sockaddr_v4(port: u16) -> libc::sockaddr_in {
     // SAFETY: all-zero is a valid sockaddr_in.
     let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
     sa.sin_family = libc::AF_INET as u16;
     sa.sin_port = port.to_be();
     sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+    sa
+}
+
+/// `[addr]:port`.
+fn sockaddr_v6(port: u16, addr: Ipv6Addr) -> libc::sockaddr_in6 {
+    // SAFETY: all-zero is a valid sockaddr_in6.
+    let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+    sa.sin6_family = libc::AF_INET6 as u16;
+    sa.sin6_port = port.to_be();
+    sa.sin6_addr.s6_addr = addr.octets();
     sa
 }
 
@@ -324,8 +322,7 @@ fn vector(name: &str, port: u16) -> (i32, Result<(), i32>) {
                     (&on as *const libc::c_int).cast(),
                     mem::size_of::<libc::c_int>() as u32,
                 );
-                let rc = libc::connect(fd, sa_ptr, sa_len);
-                (fd, if rc == 0 { Ok(()) } else { Err(errno()) })
+                (fd, connect_to(fd, &sa))
             }
             "io-uring" => {
                 let fd = new_socket("tcp4");
@@ -339,16 +336,8 @@ fn vector(name: &str, port: u16) -> (i32, Result<(), i32>) {
             }
             "v4-mapped" => {
                 let fd = new_socket("tcp6");
-                let mut sa6: libc::sockaddr_in6 = mem::zeroed();
-                sa6.sin6_family = libc::AF_INET6 as u16;
-                sa6.sin6_port = port.to_be();
-                sa6.sin6_addr.s6_addr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
-                let rc = libc::connect(
-                    fd,
-                    (&sa6 as *const libc::sockaddr_in6).cast(),
-                    mem::size_of_val(&sa6) as u32,
-                );
-                (fd, if rc == 0 { Ok(()) } else { Err(errno()) })
+                let mapped = sockaddr_v6(port, Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+                (fd, connect_to(fd, &mapped))
             }
             "nonblock" => {
                 let fd = libc::socket(
@@ -357,10 +346,9 @@ fn vector(name: &str, port: u16) -> (i32, Result<(), i32>) {
                     0,
                 );
                 assert!(fd >= 0, "socket(): {}", io::Error::last_os_error());
-                let rc = libc::connect(fd, sa_ptr, sa_len);
-                let result = match (rc, errno()) {
-                    (0, _) | (_, libc::EINPROGRESS) => Ok(()),
-                    (_, e) => Err(e),
+                let result = match connect_to(fd, &sa) {
+                    Err(libc::EINPROGRESS) => Ok(()),
+                    other => other,
                 };
                 (fd, result)
             }
