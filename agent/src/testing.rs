@@ -146,14 +146,26 @@ pub mod kernel {
                 .collect()
         }
 
-        fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {
+        fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<String>, KernelError> {
             let mut record = self.record();
             if std::mem::take(&mut record.panic_conns) {
                 drop(record);
                 panic!("the fake kernel panics");
             }
             record.conns.push(conns.clone());
-            Ok(())
+            // A group's cgroup exists once the cgroups were applied with it.
+            let pending = conns
+                .groups
+                .keys()
+                .filter(|g| {
+                    !record
+                        .cgroups
+                        .last()
+                        .is_some_and(|(p, _)| p.groups.contains_key(*g))
+                })
+                .cloned()
+                .collect();
+            Ok(pending)
         }
 
         fn apply_cgroups(
@@ -307,8 +319,14 @@ pub fn uid_stats(
         uid,
         live,
         cap,
+        rate: None,
+        monitor: false,
         admitted,
-        denied_cap,
-        denied_host: 0,
+        denied: crate::model::usage::ByReason {
+            cap: denied_cap,
+            ..Default::default()
+        },
+        would_deny: Default::default(),
+        events_dropped: 0,
     }
 }

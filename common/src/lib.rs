@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Pinned maps live in a directory named after it, so an
 /// agent with a different layout never reinterprets another layout's bytes.
-pub const MAPS_LAYOUT_VERSION: u32 = 2;
+pub const MAPS_LAYOUT_VERSION: u32 = 3;
 
 /// A cap that never denies.
 pub const UNLIMITED: u64 = u64::MAX;
@@ -25,12 +25,50 @@ pub const FLAG_ON_FULL_ALLOW: u64 = 1 << 2;
 /// programs then add `RL_UID_SEEDED` to the UIDs' live counts.
 pub const FLAG_SEEDED: u64 = 1 << 3;
 
+/// The host cap (`[bpf] mode`) is in monitor mode: a connect() it would deny is let
+/// through and counted as a would-deny.
+pub const FLAG_MONITOR_HOST: u64 = 1 << 4;
+
+/// In a [`Policy`]: the policy is in monitor mode (violations are counted and reported as
+/// would-deny, never denied).
+pub const POLICY_MONITOR: u64 = 1 << 0;
+
+/// Why a connect() was (or, in monitor mode, would have been) denied: indexes of
+/// [`Conns::denied`] and [`Conns::would_deny`], and [`DenyEvent::reason`].
+pub mod reason {
+    /// The UID's own cap, or the `user:*` default.
+    pub const CAP: usize = 0;
+    /// The host-wide cap.
+    pub const HOST_CAP: usize = 1;
+    /// The UID's connection rate (its token bucket was empty).
+    pub const RATE: usize = 2;
+    /// The cap of the group whose cgroup the process is in.
+    pub const GROUP: usize = 3;
+    /// The connection rate of that group.
+    pub const GROUP_RATE: usize = 4;
+    /// A kernel map had no room to count the connection (`[bpf] on_full = "deny"`).
+    pub const FULL: usize = 5;
+    /// How many reasons there are.
+    pub const COUNT: usize = 6;
+    /// Names, as metrics labels and events carry them.
+    pub const NAMES: [&str; COUNT] = ["cap", "host_cap", "rate", "group", "group_rate", "full"];
+}
+
 /// Set in an `RL_SOCK_OWNER` value (above the UID in the low 32 bits) when the socket's
 /// UID had no cap when it was charged: it counts against the uncapped budget.
 pub const OWNER_UNCAPPED: u64 = 1 << 32;
 /// Set in an `RL_SOCK_OWNER` value for a connection the agent found open at its first
 /// start: its release decrements `RL_UID_SEEDED` and `HostConns::seeded` instead of `live`.
 pub const OWNER_SEEDED: u64 = 1 << 33;
+
+/// Deepest cgroup level at which a group's cgroup can sit (levels count from the cgroup2
+/// root, which is level 0); [`Settings::group_levels`] is a bit mask of levels below this.
+pub const MAX_GROUP_LEVEL: u32 = 16;
+/// Maximum number of groups (cgroups) with connection limits.
+pub const MAX_GROUPS: u32 = 4096;
+/// Size of the denial event ring buffer in bytes (a power of two, a multiple of the page
+/// size): room for about 3,000 events.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// Names of the pinned maps and programs, shared so both sides agree.
 pub mod names {
@@ -43,6 +81,9 @@ pub mod names {
     pub const UID_SEEDED: &str = "RL_UID_SEEDED";
     pub const UID_SEEDED_GONE: &str = "RL_UID_SEEDED_GONE";
     pub const MPTCP: &str = "RL_MPTCP";
+    pub const GROUP_POLICY: &str = "RL_GROUP_POLICY";
+    pub const GROUP_CONNS: &str = "RL_GROUP_CONNS";
+    pub const EVENTS: &str = "RL_EVENTS";
 
     pub const PROG_CONNECT4: &str = "rl_connect4";
     pub const PROG_CONNECT6: &str = "rl_connect6";
@@ -67,10 +108,7 @@ pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 131_072;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// Cap for UIDs at or above `default_uid_min` that have no cap of their own
-    /// (`user:*`); [`UNLIMITED`] for none.
-    pub default_cap: u64,
-    /// UIDs below this get no default cap (system users), like `UID_MIN` in login.defs.
+    /// UIDs below this get no default policy (system users), like `UID_MIN` in login.defs.
     pub default_uid_min: u64,
     /// Cap on live connections of all UIDs together; [`UNLIMITED`] for none. UID 0 is
     /// counted but never denied by it, so the host stays administrable.
@@ -87,21 +125,113 @@ pub struct Settings {
     /// Seeded connections the agent found closed without a release (written by the agent
     /// only; the programs subtract it from `HostConns::seeded`).
     pub seeded_gone: u64,
+    /// The `user:*` policy: applies to UIDs at or above `default_uid_min` that have no
+    /// policy of their own in `RL_UID_CAPS`.
+    pub default_policy: Policy,
+    /// Denial events per UID: one every `event_interval_ns` (0: no limit), at most
+    /// `event_window_ns / event_interval_ns` at once; denials beyond that are counted in
+    /// [`Conns::events_dropped`].
+    pub event_interval_ns: u64,
+    pub event_window_ns: u64,
+    /// Bit L set: some group's cgroup sits at level L of the cgroup2 hierarchy.
+    pub group_levels: u64,
 }
 
-/// Per-UID connection counters, values of `RL_UID_CONNS` (key: UID as `u32`).
-/// Updated by the kernel with atomic adds; userspace only reads them.
+/// Connection limits of one UID (`RL_UID_CAPS`) or one group (`RL_GROUP_POLICY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Live connections allowed; [`UNLIMITED`] for no cap.
+    pub cap: u64,
+    /// The token bucket: one new connection every `rate_interval_ns` (0: no rate limit),
+    /// at most `burst` at once; `rate_window_ns` is `burst * rate_interval_ns` (saturating),
+    /// computed by the agent because BPF has no overflow-checked multiply.
+    pub rate_interval_ns: u64,
+    pub rate_window_ns: u64,
+    pub burst: u64,
+    /// `POLICY_*` bits.
+    pub flags: u64,
+}
+
+impl Policy {
+    /// No cap, no rate, enforcing.
+    pub const NONE: Self = Self {
+        cap: UNLIMITED,
+        rate_interval_ns: 0,
+        rate_window_ns: 0,
+        burst: 0,
+        flags: 0,
+    };
+
+    /// True when the policy limits anything.
+    pub fn limits(&self) -> bool {
+        self.cap != UNLIMITED || self.rate_interval_ns != 0
+    }
+}
+
+/// Connection counters of one UID (`RL_UID_CONNS`, key: UID as `u32`) or one group
+/// (`RL_GROUP_CONNS`, key: the group's cgroup id). Updated by the programs with atomic
+/// operations; the agent creates zeroed entries and otherwise only reads them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UidConns {
-    /// Sockets of this UID that are charged and not yet released.
+pub struct Conns {
+    /// Sockets charged and not yet released.
     pub live: u64,
     /// connect() calls admitted and charged (a counter).
     pub admitted: u64,
-    /// connect() calls denied by this UID's own or default cap.
-    pub denied_cap: u64,
-    /// connect() calls denied by the host-wide cap.
-    pub denied_host: u64,
+    /// The token bucket's theoretical arrival time (GCRA): the bucket is full when this is
+    /// at or before now, and each admitted connect() moves it one interval later. Changed
+    /// only by compare-and-swap.
+    pub rate_tat: u64,
+    /// The same for denial events of a UID (unused for groups).
+    pub event_tat: u64,
+    /// Denials and would-denies whose event was not sent: over the per-UID event rate, or
+    /// the ring buffer was full.
+    pub events_dropped: u64,
+    /// connect() calls denied, by `reason::*`.
+    pub denied: [u64; reason::COUNT],
+    /// connect() calls a monitor-mode limit would have denied, by `reason::*`.
+    pub would_deny: [u64; reason::COUNT],
+}
+
+/// A charged socket's record in `RL_SOCK_OWNER` (key: socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOwner {
+    /// The UID (low 32 bits) with `OWNER_*` bits.
+    pub owner: u64,
+    /// The group charged too (its cgroup id), 0 for none: the release goes to the group
+    /// charged, wherever the process is by then.
+    pub group: u64,
+}
+
+/// One denial (or would-deny) as the programs report it on the `RL_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// The group's cgroup id (0: none).
+    pub group: u64,
+    /// The limit in force: the cap, or for a rate the burst.
+    pub limit: u64,
+    pub uid: u32,
+    /// The calling process (thread group id).
+    pub pid: u32,
+    /// errno the connect() failed with (0 for a would-deny).
+    pub errno: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// `reason::*`.
+    pub reason: u8,
+    /// 1: monitor mode (would deny), 0: denied.
+    pub monitor: u8,
+    pub _pad: [u8; 6],
+    pub comm: [u8; 16],
+    /// IPv4 in the first four bytes, or IPv6, network byte order.
+    pub addr: [u8; 16],
 }
 
 /// Host-wide counters, the single element of `RL_HOST_CONNS`.
@@ -122,12 +252,20 @@ pub struct HostConns {
     /// Connections found open at the agent's first start and not yet released (set by the
     /// agent before any program runs, then only decremented by the programs).
     pub seeded: u64,
+    /// Events not sent because the ring buffer was full (also counted per UID).
+    pub events_lost: u64,
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are #[repr(C)] structs of u64 fields: no padding, any bit pattern valid.
+    // SAFETY: #[repr(C)] structs of u64 fields (and arrays of them): no padding, any bit
+    // pattern valid.
     unsafe impl aya::Pod for super::Settings {}
-    unsafe impl aya::Pod for super::UidConns {}
+    unsafe impl aya::Pod for super::Policy {}
+    unsafe impl aya::Pod for super::Conns {}
+    unsafe impl aya::Pod for super::SockOwner {}
     unsafe impl aya::Pod for super::HostConns {}
+    // SAFETY: #[repr(C)], fields laid out without implicit padding (explicit `_pad`), any
+    // bit pattern valid.
+    unsafe impl aya::Pod for super::DenyEvent {}
 }

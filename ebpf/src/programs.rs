@@ -13,11 +13,12 @@ use core::intrinsics;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
-    btf_maps::{Array, HashMap, SkStorage},
+    btf_maps::{Array, HashMap, RingBuf, SkStorage},
     helpers::{
-        bpf_get_current_uid_gid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_set_retval, bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
         },
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
@@ -25,9 +26,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 use rlagent_common::{
-    HostConns, Settings, UidConns, DEFAULT_MAX_TRACKED_SOCKETS, FLAG_COUNT_UDP, FLAG_ENFORCE,
-    FLAG_ON_FULL_ALLOW, FLAG_SEEDED, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED, OWNER_UNCAPPED,
-    UNLIMITED,
+    reason, Conns, DenyEvent, HostConns, Policy, Settings, SockOwner, DEFAULT_MAX_TRACKED_SOCKETS,
+    EVENTS_RING_BYTES, FLAG_COUNT_UDP, FLAG_ENFORCE, FLAG_MONITOR_HOST, FLAG_ON_FULL_ALLOW,
+    FLAG_SEEDED, MAX_GROUPS, MAX_GROUP_LEVEL, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED,
+    OWNER_UNCAPPED, POLICY_MONITOR,
 };
 
 const ALLOW: i32 = 1;
@@ -37,6 +39,11 @@ const SOCK_DGRAM: u32 = 2;
 const EPERM: u64 = 1;
 const EEXIST: i32 = -17;
 const IPPROTO_MPTCP: u32 = 262;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// Compare-and-swap attempts on a token bucket before it counts as empty (two racing
+/// CPUs rarely need a second).
+const CAS_TRIES: u32 = 8;
 
 /// This program set's generation, written by the loader. Of two generations attached side
 /// by side (an agent restart attaches the new programs before it detaches the old), only
@@ -52,15 +59,28 @@ static RL_SETTINGS: Array<Settings, 1> = Array::new();
 #[btf_map]
 static RL_GENERATION: Array<u64, 1> = Array::new();
 
+/// UIDs with a policy of their own (the `user:*` default merged in field by field).
 #[btf_map]
-static RL_UID_CAPS: HashMap<u32, u64, { MAX_UID_CAPS as usize }> = HashMap::new();
+static RL_UID_CAPS: HashMap<u32, Policy, { MAX_UID_CAPS as usize }> = HashMap::new();
 
 /// A per-UID map, allocated on demand: large, so that a tenant with a range of
 /// subordinate UIDs cannot fill it, while unused capacity costs nothing.
 type PerUid<V> = HashMap<u32, V, { MAX_UID_CONNS as usize }, { BPF_F_NO_PREALLOC as usize }>;
 
 #[btf_map]
-static RL_UID_CONNS: PerUid<UidConns> = HashMap::new();
+static RL_UID_CONNS: PerUid<Conns> = HashMap::new();
+
+/// Groups with connection limits, by the id of the group's cgroup (written by the agent).
+#[btf_map]
+static RL_GROUP_POLICY: HashMap<u64, Policy, { MAX_GROUPS as usize }> = HashMap::new();
+
+/// Their counters (entries created by the agent with the policy, updated by the programs).
+#[btf_map]
+static RL_GROUP_CONNS: HashMap<u64, Conns, { MAX_GROUPS as usize }> = HashMap::new();
+
+/// Denial events (`DenyEvent`), read by the agent.
+#[btf_map]
+static RL_EVENTS: RingBuf<DenyEvent, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
 
 #[btf_map]
 static RL_HOST_CONNS: Array<HostConns, 1> = Array::new();
@@ -75,9 +95,10 @@ static RL_UID_SEEDED: PerUid<u64> = HashMap::new();
 #[btf_map]
 static RL_UID_SEEDED_GONE: PerUid<u64> = HashMap::new();
 
-/// Socket cookie -> charged UID (low 32 bits) and `OWNER_UNCAPPED`.
+/// Socket cookie -> charged UID (with `OWNER_*` bits) and group.
 #[btf_map]
-static RL_SOCK_OWNER: HashMap<u64, u64, { DEFAULT_MAX_TRACKED_SOCKETS as usize }> = HashMap::new();
+static RL_SOCK_OWNER: HashMap<u64, SockOwner, { DEFAULT_MAX_TRACKED_SOCKETS as usize }> =
+    HashMap::new();
 
 /// On an MPTCP socket: the cookie of the subflow its connect() charged (0: none yet).
 ///
@@ -94,14 +115,14 @@ static RL_MPTCP: SkStorage<u64> = SkStorage::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn rl_connect4(ctx: SockAddrContext) -> i32 {
-    match try_charge(&ctx) {
+    match try_charge::<false>(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn rl_connect6(ctx: SockAddrContext) -> i32 {
-    match try_charge(&ctx) {
+    match try_charge::<true>(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }
@@ -165,8 +186,98 @@ fn read(counter: *const u64) -> u64 {
     unsafe { core::ptr::read_volatile(counter) }
 }
 
+/// What a connect() has taken so far, so a denial can give it all back.
+struct Charge {
+    cookie: u64,
+    uid: u32,
+    host: *mut HostConns,
+    conns: *mut Conns,
+    /// The group's id and counters (null: not in a group with limits).
+    group: u64,
+    group_conns: *mut Conns,
+    uid_live: bool,
+    group_live: bool,
+    host_live: bool,
+    /// The interval of the UID token taken (0: none).
+    uid_token: u64,
+}
+
+impl Charge {
+    /// Gives back everything taken and drops the claim on the socket.
+    #[inline(always)]
+    fn undo(&self) {
+        // SAFETY: the pointers come from successful lookups in this program run.
+        unsafe {
+            if self.uid_live {
+                fetch_sub(&raw mut (*self.conns).live, 1);
+            }
+            if self.group_live {
+                fetch_sub(&raw mut (*self.group_conns).live, 1);
+            }
+            if self.host_live {
+                fetch_sub(&raw mut (*self.host).live, 1);
+            }
+            if self.uid_token != 0 {
+                // GCRA: moving the arrival time back one interval returns the token.
+                fetch_sub(&raw mut (*self.conns).rate_tat, self.uid_token);
+            }
+        }
+        let _ = RL_SOCK_OWNER.remove(&self.cookie);
+    }
+
+    /// A limit was exceeded. Monitor mode counts a would-deny and lets the connect() go on
+    /// (`Ok`); enforce mode gives everything back, counts the denial and denies (`Err`).
+    /// Either way an event reports it.
+    #[inline(always)]
+    fn exceeded(
+        &self,
+        dest: &Destination,
+        settings: &Settings,
+        reason: usize,
+        monitor: bool,
+        limit: u64,
+    ) -> Result<(), i32> {
+        let group_reason = reason == reason::GROUP || reason == reason::GROUP_RATE;
+        // SAFETY: as in `undo`; `reason` is a constant below `reason::COUNT`.
+        unsafe {
+            if monitor {
+                fetch_add(&raw mut (*self.conns).would_deny[reason], 1);
+                if group_reason {
+                    fetch_add(&raw mut (*self.group_conns).would_deny[reason], 1);
+                }
+            } else {
+                self.undo();
+                fetch_add(&raw mut (*self.conns).denied[reason], 1);
+                if group_reason {
+                    fetch_add(&raw mut (*self.group_conns).denied[reason], 1);
+                }
+            }
+        }
+        let errno = if monitor { 0 } else { settings.deny_errno };
+        report(
+            dest,
+            settings,
+            self.host,
+            self.conns,
+            Subject {
+                uid: self.uid,
+                group: self.group,
+                reason,
+                monitor,
+                limit,
+                errno,
+            },
+        );
+        if monitor {
+            Ok(())
+        } else {
+            Err(deny(settings))
+        }
+    }
+}
+
 #[inline(always)]
-fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
+fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: a global the loader writes before the program is loaded.
     let generation = unsafe { core::ptr::read_volatile(&RL_PROGRAM_GENERATION) };
     if RL_GENERATION.get(0).copied() != Some(generation) {
@@ -189,10 +300,11 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     };
     let uid = bpf_get_current_uid_gid() as u32;
-    let cap = cap_for(uid, settings);
-    // Sockets of UIDs without a cap are counted (for stats and the host cap) only within
-    // their budget, so they can never take the capacity capped UIDs need.
-    let uncapped = cap == UNLIMITED;
+    let policy = uid_policy(uid, settings);
+    let (group, group_policy, group_conns) = find_group(settings);
+    // Sockets of UIDs that nothing limits are counted (for stats and the host cap) only
+    // within their budget, so they can never take the capacity limited UIDs need.
+    let uncapped = !policy.limits() && group == 0;
     // SAFETY: `host` points at the array's single element.
     let untracked = unsafe { &raw mut (*host).untracked };
     if uncapped
@@ -203,7 +315,11 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
     }
     // SAFETY: the helper accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let owner = u64::from(uid) | if uncapped { OWNER_UNCAPPED } else { 0 };
+    let dest = destination::<V6>(ctx);
+    let owner = SockOwner {
+        owner: u64::from(uid) | if uncapped { OWNER_UNCAPPED } else { 0 },
+        group,
+    };
 
     // An MPTCP subflow: its MPTCP socket keeps the charge (see RL_MPTCP).
     // SAFETY: the context's socket is valid for the program's run; the helper returns the
@@ -222,7 +338,7 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
         }
         .cast::<u64>();
         if keeper.is_null() {
-            return full(settings, host, uncapped);
+            return full(&dest, settings, host, uncapped, uid, group);
         }
         // SAFETY: non-null storage of the MPTCP socket.
         if unsafe { *keeper } != 0 {
@@ -235,38 +351,104 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
     match RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         Err(err) if err == EEXIST => return Ok(ALLOW),
-        Err(_) => return full(settings, host, uncapped),
+        Err(_) => return full(&dest, settings, host, uncapped, uid, group),
     }
     let Some(conns) = uid_conns(uid, uncapped, settings, host) else {
         let _ = RL_SOCK_OWNER.remove(&cookie);
-        return full(settings, host, uncapped);
+        return full(&dest, settings, host, uncapped, uid, group);
     };
-    // SAFETY: `conns` points at this UID's counters in RL_UID_CONNS, `host` at the array
-    // element; nothing deletes UID entries while programs run.
+    let mut charge = Charge {
+        cookie,
+        uid,
+        host,
+        conns,
+        group,
+        group_conns,
+        uid_live: false,
+        group_live: false,
+        host_live: false,
+        uid_token: 0,
+    };
+    let monitor = policy.flags & POLICY_MONITOR != 0;
+    let group_monitor = group_policy.flags & POLICY_MONITOR != 0;
+    // Caps: add first, then compare the value displaced: racing connect() calls each see a
+    // distinct old value, so no more than the cap can be admitted.
+    // SAFETY: `conns` points at this UID's counters in RL_UID_CONNS, `group_conns` (when
+    // `group` is set) at the group's, `host` at the array element; nothing deletes them
+    // while programs run.
     unsafe {
-        let live = &raw mut (*conns).live;
         let (seeded, host_seeded) = if settings.flags & FLAG_SEEDED != 0 {
             seeded_for(uid, settings, host)
         } else {
             (0, 0)
         };
-        // Add first, then compare the value displaced: racing connect() calls each see a
-        // distinct old value, so no more than `cap` can be admitted.
-        if fetch_add(live, 1).saturating_add(seeded) >= cap {
-            fetch_sub(live, 1);
-            fetch_add(&raw mut (*conns).denied_cap, 1);
-            let _ = RL_SOCK_OWNER.remove(&cookie);
-            return Err(deny(settings));
+        charge.uid_live = true;
+        if fetch_add(&raw mut (*conns).live, 1).saturating_add(seeded) >= policy.cap {
+            charge.exceeded(&dest, settings, reason::CAP, monitor, policy.cap)?;
         }
-        let host_live = &raw mut (*host).live;
-        if fetch_add(host_live, 1).saturating_add(host_seeded) >= settings.host_cap && uid != 0 {
-            fetch_sub(host_live, 1);
-            fetch_sub(live, 1);
-            fetch_add(&raw mut (*conns).denied_host, 1);
-            let _ = RL_SOCK_OWNER.remove(&cookie);
-            return Err(deny(settings));
+        if group != 0 {
+            charge.group_live = true;
+            if fetch_add(&raw mut (*group_conns).live, 1) >= group_policy.cap {
+                charge.exceeded(
+                    &dest,
+                    settings,
+                    reason::GROUP,
+                    group_monitor,
+                    group_policy.cap,
+                )?;
+            }
         }
+        charge.host_live = true;
+        if fetch_add(&raw mut (*host).live, 1).saturating_add(host_seeded) >= settings.host_cap
+            && uid != 0
+        {
+            let host_monitor = settings.flags & FLAG_MONITOR_HOST != 0;
+            charge.exceeded(
+                &dest,
+                settings,
+                reason::HOST_CAP,
+                host_monitor,
+                settings.host_cap,
+            )?;
+        }
+    }
+    // Rates last, so a connect() a cap refuses takes no token.
+    if policy.rate_interval_ns != 0 || group_policy.rate_interval_ns != 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if policy.rate_interval_ns != 0 {
+            // SAFETY: as above.
+            let tat = unsafe { &raw mut (*conns).rate_tat };
+            if take(tat, now, policy.rate_interval_ns, policy.rate_window_ns) {
+                charge.uid_token = policy.rate_interval_ns;
+            } else {
+                charge.exceeded(&dest, settings, reason::RATE, monitor, policy.burst)?;
+            }
+        }
+        if group != 0 && group_policy.rate_interval_ns != 0 {
+            // SAFETY: as above.
+            let tat = unsafe { &raw mut (*group_conns).rate_tat };
+            if !take(
+                tat,
+                now,
+                group_policy.rate_interval_ns,
+                group_policy.rate_window_ns,
+            ) {
+                charge.exceeded(
+                    &dest,
+                    settings,
+                    reason::GROUP_RATE,
+                    group_monitor,
+                    group_policy.burst,
+                )?;
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
         fetch_add(&raw mut (*conns).admitted, 1);
+        if group != 0 {
+            fetch_add(&raw mut (*group_conns).admitted, 1);
+        }
         if uncapped {
             fetch_add(&raw mut (*host).uncapped_sockets, 1);
         }
@@ -277,10 +459,160 @@ fn try_charge(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
-/// A map had no room: an uncapped UID goes through uncounted; a capped one as `on_full`
-/// says (deny by default), so a cap never silently stops holding.
+/// Takes one token from the bucket whose state is the arrival time at `tat` (GCRA: one
+/// token every `interval` ns, at most `window / interval` (the burst) at once). Exact under concurrency: the new
+/// arrival time is written by compare-and-swap against the value it was computed from, so
+/// racing callers each take a distinct token, and over any span of time no more than
+/// `burst + span / interval` are taken. After a few lost races in a row it reports the
+/// bucket as empty: the bound holds, at the price of a rare early refusal.
 #[inline(always)]
-fn full(settings: &Settings, host: *mut HostConns, uncapped: bool) -> Result<i32, i32> {
+fn take(tat: *mut u64, now: u64, interval: u64, window: u64) -> bool {
+    if interval == 0 {
+        return true;
+    }
+    let mut tries = 0;
+    while tries < CAS_TRIES {
+        let old = read(tat);
+        let start = if old > now { old } else { now };
+        let next = start.saturating_add(interval);
+        if next - now > window {
+            return false;
+        }
+        if compare_and_swap(tat, old, next) {
+            return true;
+        }
+        tries += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn compare_and_swap(counter: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: `counter` points into a map value the verifier has bounds-checked.
+    unsafe {
+        intrinsics::atomic_cxchg::<
+            u64,
+            { intrinsics::AtomicOrdering::SeqCst },
+            { intrinsics::AtomicOrdering::SeqCst },
+        >(counter, old, new)
+        .1
+    }
+}
+
+/// What a denial event reports.
+struct Subject {
+    uid: u32,
+    group: u64,
+    reason: usize,
+    monitor: bool,
+    limit: u64,
+    errno: u64,
+}
+
+/// Sends a denial event, within the UID's event rate (`conns` null: no UID counters,
+/// only the ring's room limits it). An event not sent is counted, so none is lost
+/// silently.
+#[inline(always)]
+fn report(
+    dest: &Destination,
+    settings: &Settings,
+    host: *mut HostConns,
+    conns: *mut Conns,
+    subject: Subject,
+) {
+    if !conns.is_null() {
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: a pointer from a successful lookup in this program run.
+        let tat = unsafe { &raw mut (*conns).event_tat };
+        if !take(
+            tat,
+            now,
+            settings.event_interval_ns,
+            settings.event_window_ns,
+        ) {
+            fetch_add(unsafe { &raw mut (*conns).events_dropped }, 1);
+            return;
+        }
+    }
+    let Some(mut entry) = RL_EVENTS.reserve(0) else {
+        // SAFETY: as above; `host` points at the array's single element.
+        unsafe {
+            if !conns.is_null() {
+                fetch_add(&raw mut (*conns).events_dropped, 1);
+            }
+            fetch_add(&raw mut (*host).events_lost, 1);
+        }
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    entry.write(DenyEvent {
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        group: subject.group,
+        limit: subject.limit,
+        uid: subject.uid,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        errno: subject.errno as u32,
+        port: dest.port,
+        family: dest.family,
+        reason: subject.reason as u8,
+        monitor: u8::from(subject.monitor),
+        _pad: [0; 6],
+        comm,
+        addr: dest.addr,
+    });
+    entry.submit(0);
+}
+
+/// Where a connect() goes, for its denial event.
+struct Destination {
+    family: u16,
+    /// Host byte order.
+    port: u16,
+    addr: [u8; 16],
+}
+
+/// The destination of this connect(): connect4's address (`V6` false) or connect6's. The
+/// verifier refuses connect4 programs that read the IPv6 fields, even on a path never
+/// taken, so the choice is made at compile time.
+#[inline(always)]
+fn destination<const V6: bool>(ctx: &SockAddrContext) -> Destination {
+    let mut addr = [0u8; 16];
+    // SAFETY: the context pointer is valid for the program's run; every field read is a
+    // 4-byte context load, as the verifier requires.
+    unsafe {
+        let sa = ctx.sock_addr;
+        if V6 {
+            let words = [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ];
+            for (i, word) in words.iter().enumerate() {
+                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+        } else {
+            addr[..4].copy_from_slice(&(*sa).user_ip4.to_ne_bytes());
+        }
+        Destination {
+            family: if V6 { AF_INET6 } else { AF_INET },
+            port: u16::from_be((*sa).user_port as u16),
+            addr,
+        }
+    }
+}
+
+/// A map had no room: an uncapped UID goes through uncounted; a limited one as `on_full`
+/// says (deny by default), so a limit never silently stops holding.
+#[inline(always)]
+fn full(
+    dest: &Destination,
+    settings: &Settings,
+    host: *mut HostConns,
+    uncapped: bool,
+    uid: u32,
+    group: u64,
+) -> Result<i32, i32> {
     if uncapped || settings.flags & FLAG_ON_FULL_ALLOW != 0 {
         // SAFETY: `host` points at the array's single element.
         fetch_add(unsafe { &raw mut (*host).untracked }, 1);
@@ -288,6 +620,20 @@ fn full(settings: &Settings, host: *mut HostConns, uncapped: bool) -> Result<i32
     }
     // SAFETY: as above.
     fetch_add(unsafe { &raw mut (*host).denied_full }, 1);
+    report(
+        dest,
+        settings,
+        host,
+        core::ptr::null_mut(),
+        Subject {
+            uid,
+            group,
+            reason: reason::FULL,
+            monitor: false,
+            limit: 0,
+            errno: settings.deny_errno,
+        },
+    );
     Err(deny(settings))
 }
 
@@ -306,17 +652,50 @@ fn seeded_for(uid: u32, settings: &Settings, host: *mut HostConns) -> (u64, u64)
     )
 }
 
+/// The policy of `uid`: its own, else the `user:*` default from `default_uid_min` up.
 #[inline(always)]
-fn cap_for(uid: u32, settings: &Settings) -> u64 {
+fn uid_policy(uid: u32, settings: &Settings) -> Policy {
     // SAFETY: hash map lookups return a pointer valid for this program run.
-    if let Some(cap) = unsafe { RL_UID_CAPS.get(&uid) } {
-        return *cap;
+    if let Some(policy) = unsafe { RL_UID_CAPS.get(&uid) } {
+        return *policy;
     }
     if u64::from(uid) >= settings.default_uid_min {
-        settings.default_cap
+        settings.default_policy
     } else {
-        UNLIMITED
+        Policy::NONE
     }
+}
+
+/// The group of the calling process: the first of its cgroup's ancestors (from the root
+/// down, at the levels where groups sit) that has a policy. Returns its id (0: none), its
+/// policy and its counters. The caller's cgroup, not the socket's: connect() by a process
+/// in the group is what the group's limits are about.
+#[inline(always)]
+fn find_group(settings: &Settings) -> (u64, Policy, *mut Conns) {
+    let none = (0, Policy::NONE, core::ptr::null_mut());
+    let levels = settings.group_levels;
+    let mut level = 1;
+    while level < MAX_GROUP_LEVEL {
+        if levels >> level == 0 {
+            return none;
+        }
+        if levels & (1 << level) != 0 {
+            // SAFETY: the helper takes any level; it returns 0 above the caller's depth.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id == 0 {
+                return none;
+            }
+            // SAFETY: hash map lookups return a pointer valid for this program run.
+            if let Some(policy) = unsafe { RL_GROUP_POLICY.get(&id) } {
+                let Some(conns) = RL_GROUP_CONNS.get_ptr_mut(&id) else {
+                    return none;
+                };
+                return (id, *policy, conns);
+            }
+        }
+        level += 1;
+    }
+    none
 }
 
 #[inline(always)]
@@ -325,7 +704,7 @@ fn uid_conns(
     uncapped: bool,
     settings: &Settings,
     host: *mut HostConns,
-) -> Option<*mut UidConns> {
+) -> Option<*mut Conns> {
     if let Some(conns) = RL_UID_CONNS.get_ptr_mut(&uid) {
         return Some(conns);
     }
@@ -338,7 +717,7 @@ fn uid_conns(
     // racing creator's entry; either way the lookup below finds the one entry, and only
     // the creator counts it.
     if RL_UID_CONNS
-        .insert(&uid, &UidConns::default(), u64::from(BPF_NOEXIST))
+        .insert(&uid, &Conns::default(), u64::from(BPF_NOEXIST))
         .is_ok()
         && uncapped
     {
@@ -361,11 +740,17 @@ fn deny(settings: &Settings) -> i32 {
 #[inline(always)]
 fn release(cookie: u64) {
     // SAFETY: the value is copied out before the entry is deleted.
-    let Some(owner) = (unsafe { RL_SOCK_OWNER.get(&cookie) }).copied() else {
+    let Some(SockOwner { owner, group }) = (unsafe { RL_SOCK_OWNER.get(&cookie) }).copied() else {
         return;
     };
     if RL_SOCK_OWNER.remove(&cookie).is_err() {
         return;
+    }
+    if group != 0 {
+        if let Some(conns) = RL_GROUP_CONNS.get_ptr_mut(&group) {
+            // SAFETY: pointer from a successful lookup.
+            fetch_sub(unsafe { &raw mut (*conns).live }, 1);
+        }
     }
     let uid = owner as u32;
     let seeded = owner & OWNER_SEEDED != 0;

@@ -2,6 +2,7 @@
 //! child cgroup of this host's cgroup2 mount. Needs root (skips otherwise, fails under
 //! RLAGENT_REQUIRE_PRIVILEGED=1).
 
+use rlagent_common::reason;
 use rlagent_tests::{free_port, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const EPERM: i32 = libc::EPERM;
@@ -64,7 +65,12 @@ fn cap_denies_the_excess_on_ipv4_and_ipv6_and_a_close_frees_a_slot() {
 
     let c = s.scratch.stats().per_uid[&CAPPED];
     assert_eq!(
-        (c.live, c.admitted, c.denied_cap, c.denied_host),
+        (
+            c.live,
+            c.admitted,
+            c.denied[reason::CAP],
+            c.denied[reason::HOST_CAP]
+        ),
         (3, 4, 3, 0)
     );
 }
@@ -137,8 +143,8 @@ fn host_wide_cap_holds_across_uids_but_never_denies_root() {
     assert!(root.connect("tcp4", port).is_ok(), "root keeps access");
     let stats = s.scratch.stats();
     assert_eq!(stats.host.live, 5);
-    assert_eq!(stats.per_uid[&61021].denied_host, 1);
-    assert_eq!(stats.per_uid[&61020].denied_host, 1);
+    assert_eq!(stats.per_uid[&61021].denied[reason::HOST_CAP], 1);
+    assert_eq!(stats.per_uid[&61020].denied[reason::HOST_CAP], 1);
 }
 
 #[test]
@@ -230,7 +236,7 @@ fn racing_processes_never_exceed_the_cap() {
     let c = s.scratch.stats().per_uid[&CAPPED];
     assert_eq!(c.admitted, CAP * ROUNDS as u64);
     assert_eq!(
-        c.denied_cap,
+        c.denied[reason::CAP],
         (PROCS as u64 * u64::from(EACH) - CAP) * ROUNDS as u64
     );
 }
@@ -528,7 +534,7 @@ fn drop_ins_apply_at_start_and_on_change_and_a_bad_one_keeps_the_running_caps() 
     )
     .unwrap();
     let agent = Agent::start(&s.scratch);
-    let cap = || s.scratch.maps().cap_for(FLEET_USER).unwrap();
+    let cap = || s.scratch.maps().policy_for(FLEET_USER).unwrap().cap;
     assert_eq!(cap(), 2, "a drop-in present at start applies");
     let wait_cap = |want: u64| {
         let start = std::time::Instant::now();

@@ -5,7 +5,7 @@
 
 use aya::programs::links::PinnedLink;
 use rlagent::kernel::bpf::PinLayout;
-use rlagent_common::names;
+use rlagent_common::{names, reason};
 use rlagent_tests::{free_port, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const EPERM: i32 = libc::EPERM;
@@ -139,7 +139,7 @@ fn denials_are_counted_once_while_two_program_generations_run() {
         ));
     }
     let counters = scratch.stats().per_uid[&GEN_USER];
-    assert_eq!(counters.denied_cap, 3, "{counters:?}");
+    assert_eq!(counters.denied[reason::CAP], 3, "{counters:?}");
     assert_eq!(counters.live, 1, "{counters:?}");
     drop(held);
     h.close_all();

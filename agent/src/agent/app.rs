@@ -26,6 +26,7 @@ use crate::{
     model::{
         alert::{Alert, State},
         error_chain,
+        event::DenialEvent,
         quota::Field,
         target::{Target, TargetError},
         users::UserDb,
@@ -33,9 +34,13 @@ use crate::{
     observe::{
         alerts::{alertmanager, Engine},
         budget::Budgets,
+        events::EventLog,
         stats::{Stats, TargetStats},
     },
 };
+use kernel::bpf::events::EventReader;
+
+use super::reconcile::PENDING_GROUP;
 
 /// The GID of the control group (`[control] group`), `None` when there is none or the
 /// look-up fails (logged). The socket's group (at bind) and the operator check ask through
@@ -54,7 +59,23 @@ pub fn control_gid(users: &dyn UserDb, group: &str) -> Option<u32> {
 /// `rlagent stats` outside the agent).
 pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats, KernelError> {
     let conns = observer.conn_usage()?.unwrap_or_default();
+    let names = kernel::group_ids(&observer.cgroup2().0, &desired.conns);
+    let groups = conns
+        .groups
+        .into_iter()
+        .map(|(id, mut g)| {
+            // A group whose limits were removed while connections charged to it are open
+            // has no name any more: its cgroup id stands in.
+            g.group = names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("cgroup-id:{id}"));
+            g
+        })
+        .collect();
     Ok(Stats {
+        groups,
+        events_received: Default::default(),
         targets: observer
             .cgroup_stats(&desired.cgroups)?
             .into_iter()
@@ -107,6 +128,10 @@ pub struct App {
     /// agent's own, PID 1's.
     protected: Vec<PathBuf>,
     budgets: Arc<Budgets>,
+    /// Denial events from the programs.
+    events: EventLog,
+    /// Group names by cgroup id, for events (refreshed when an id is not found).
+    group_names: Mutex<BTreeMap<u64, String>>,
     /// Missing pins at the last evaluation, to log each change once.
     pins_missing: std::sync::atomic::AtomicUsize,
     started: Instant,
@@ -175,6 +200,8 @@ impl App {
         Arc::new(Self {
             protected,
             budgets: Arc::default(),
+            events: EventLog::default(),
+            group_names: Mutex::default(),
             pins_missing: Default::default(),
             alerts: Mutex::new(Engine::new(snapshot.desired.alert_rules.clone())),
             alert_events: tokio::sync::broadcast::channel(256).0,
@@ -322,7 +349,102 @@ impl App {
         stats.alerts_firing = self.engine().firing();
         stats.skipped_targets = snapshot.skipped.len();
         stats.budget_exhausted = self.budgets.refused();
+        stats.events_received = self.events.received();
         Ok(stats)
+    }
+
+    /// The denial event log (recent events, the stream, the counts).
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// Reads the programs' denial events as they arrive, for as long as the agent runs.
+    pub async fn run_events(self: Arc<Self>, reader: EventReader) {
+        // Readable interest only: a ring buffer's fd never becomes writable for us.
+        // SAFETY: the reader owns the ring buffer's fd, which stays open and the same
+        // until the reader (owned by the AsyncFd) is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(reader, tokio::io::Interest::READABLE)
+        };
+        let mut reader = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!("cannot watch the denial event ring buffer: {e}; no denial events will be logged");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match reader.readable_mut().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!("watching the denial event ring buffer failed: {e}");
+                    return;
+                }
+            };
+            let mut batch = Vec::new();
+            while let Some(raw) = guard.get_inner_mut().next_event() {
+                batch.push(raw);
+            }
+            guard.clear_ready();
+            self.record_events(&batch);
+        }
+    }
+
+    /// Turns the programs' records into events: wall-clock time, group names.
+    fn record_events(&self, batch: &[rlagent_common::DenyEvent]) {
+        if batch.is_empty() {
+            return;
+        }
+        let mono_now = kernel::bpf::now_ns();
+        let wall_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let wall_ms_at = |ns: u64| wall_now.saturating_sub(mono_now.saturating_sub(ns) / 1_000_000);
+        let mut names = self.group_names.lock().unwrap_or_else(|p| p.into_inner());
+        if batch
+            .iter()
+            .any(|e| e.group != 0 && !names.contains_key(&e.group))
+        {
+            *names = kernel::group_ids(&self.observer.cgroup2().0, &self.snapshot().desired.conns);
+        }
+        for raw in batch {
+            let event = DenialEvent::from_kernel(raw, wall_ms_at, |id| names.get(&id).cloned());
+            self.events.record(event);
+        }
+    }
+
+    /// Applies connection limits of groups whose cgroup was missing, once it exists.
+    /// Blocking.
+    pub fn retry_pending_groups(&self) -> Result<(), AppError> {
+        let applied = self.with_agent("group limits", |agent| agent.retry_pending_groups())?;
+        for group in applied {
+            tracing::info!(%group, "the group's cgroup appeared; its connection limits are enforced");
+        }
+        Ok(())
+    }
+
+    /// Every few seconds, applies the limits of groups whose cgroup appeared since.
+    pub async fn run_pending_groups(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pending = self
+                .snapshot()
+                .not_enforced
+                .values()
+                .any(|reason| reason.starts_with(PENDING_GROUP));
+            if pending {
+                if let Err(e) = self
+                    .blocking("group limits", |app| app.retry_pending_groups())
+                    .await
+                    .and_then(|r| r)
+                {
+                    tracing::warn!(
+                        "applying the limits of a new group's cgroup failed: {}",
+                        error_chain(&e)
+                    );
+                }
+            }
+        }
     }
 
     /// The status; with `host`, also the host's layout and what is enforced.
@@ -463,8 +585,17 @@ mod tests {
             "{err}"
         );
         // What was in force before is written again, and readers see it.
-        assert_eq!(fake.kernel.record().conns.last().unwrap().default_cap, 5);
-        assert_eq!(app.snapshot().desired.conns.default_cap, 5);
+        assert_eq!(
+            fake.kernel
+                .record()
+                .conns
+                .last()
+                .unwrap()
+                .default_policy
+                .cap,
+            5
+        );
+        assert_eq!(app.snapshot().desired.conns.default_policy.cap, 5);
         // Still serving: stats answer and the next reload applies.
         app.blocking("stats", |app| app.stats())
             .await
@@ -474,7 +605,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(app.snapshot().desired.conns.default_cap, 6);
+        assert_eq!(app.snapshot().desired.conns.default_policy.cap, 6);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -8,5 +8,5 @@ pub mod status;
 
 pub use app::{collect_stats, resolve_driver, App, Snapshot};
 pub use error::{AppError, Refusal};
-pub use reconcile::{cap_text, Agent, AgentError};
+pub use reconcile::{cap_text, policy_text, Agent, AgentError};
 pub use status::{HostStatus, Status};

@@ -36,6 +36,9 @@ enum Vanished {
     Skip,
 }
 
+/// How [`Agent::not_enforced`] says that a group's cgroup does not exist yet.
+pub const PENDING_GROUP: &str = "the group's cgroup does not exist yet";
+
 /// Limits set but not in force, by target and field, with the reason.
 pub type NotEnforced = BTreeMap<(Target, Field), String>;
 
@@ -72,6 +75,8 @@ pub struct Agent {
     /// could not be set.
     subtree_missing: Vec<String>,
     limits_skipped: Vec<Skipped>,
+    /// Groups with connection limits whose cgroup did not exist at the last apply.
+    pending_groups: Vec<String>,
     /// The cgroup plan last written, and whether that write completed. A completed,
     /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
     /// rescanning /proc; an incomplete one is what a roll-back must undo.
@@ -97,6 +102,7 @@ impl Agent {
             skipped: Vec::new(),
             subtree_missing: Vec::new(),
             limits_skipped: Vec::new(),
+            pending_groups: Vec::new(),
             applied_plan: None,
         };
         let config = agent.config.clone();
@@ -144,7 +150,7 @@ impl Agent {
                 "saved quota fields that this build does not enforce (clear them with rlctl clear-quota)"
             );
         }
-        self.kernel.apply_conns(&desired.conns)?;
+        self.pending_groups = self.kernel.apply_conns(&desired.conns)?;
         let complete = self
             .applied_plan
             .as_ref()
@@ -179,9 +185,17 @@ impl Agent {
             }
         }
         self.applied_plan = Some((desired.cgroups.clone(), true));
+        if !self.pending_groups.is_empty() {
+            // The cgroup write may have made the groups' cgroups.
+            self.pending_groups = self.kernel.apply_conns(&desired.conns)?;
+        }
+        for group in &self.pending_groups {
+            tracing::warn!(%group, "the group's cgroup does not exist yet; its connection limits apply when it appears");
+        }
         tracing::info!(
-            uid_caps = desired.conns.per_uid.len(),
-            default_cap = %cap_text(desired.conns.default_cap),
+            uid_policies = desired.conns.per_uid.len(),
+            groups = desired.conns.groups.len(),
+            default_cap = %cap_text(desired.conns.default_policy.cap),
             host_cap = %cap_text(desired.conns.host_cap),
             targets = desired.quotas.len(),
             "enforcing"
@@ -327,6 +341,23 @@ impl Agent {
         &self.desired
     }
 
+    /// Applies the connection limits again when some group's cgroup was missing, so they
+    /// hold once it appears. Returns the groups that became enforced.
+    pub fn retry_pending_groups(&mut self) -> Result<Vec<String>, AgentError> {
+        if self.pending_groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pending = self.kernel.apply_conns(&self.desired.conns)?;
+        let applied = self
+            .pending_groups
+            .iter()
+            .filter(|g| !pending.contains(g))
+            .cloned()
+            .collect();
+        self.pending_groups = pending;
+        Ok(applied)
+    }
+
     /// Runtime `cgroup:<path>` targets skipped because their cgroup is gone.
     pub fn skipped(&self) -> &[Target] {
         &self.skipped
@@ -338,7 +369,24 @@ impl Agent {
         let mut out = NotEnforced::new();
         for (target, fields) in self.desired.unenforced() {
             for field in fields {
-                out.insert((target.clone(), field), "not supported yet".to_string());
+                out.insert(
+                    (target.clone(), field),
+                    "a cgroup:<path> target carries no connection limits".to_string(),
+                );
+            }
+        }
+        for group in &self.pending_groups {
+            let target = Target::Group(group.clone());
+            let Some(quota) = self.desired.quotas.get(&target) else {
+                continue;
+            };
+            for field in [Field::Conns, Field::ConnRate] {
+                if quota.limits(field) {
+                    out.insert(
+                        (target.clone(), field),
+                        format!("{PENDING_GROUP}; applied when it appears"),
+                    );
+                }
             }
         }
         for (target, quota) in &self.desired.quotas {
@@ -376,6 +424,23 @@ impl Agent {
         }
         out
     }
+}
+
+/// A connection policy in words: `cap 5, 10/s burst 5, monitor`.
+pub fn policy_text(policy: &rlagent_common::Policy) -> String {
+    let mut parts = vec![format!("cap {}", cap_text(policy.cap))];
+    if policy.rate_interval_ns != 0 {
+        let per_sec = 1e9 / policy.rate_interval_ns as f64;
+        parts.push(if per_sec >= 1.0 {
+            format!("{per_sec:.0}/s burst {}", policy.burst)
+        } else {
+            format!("{:.0}/min burst {}", per_sec * 60.0, policy.burst)
+        });
+    }
+    if policy.flags & rlagent_common::POLICY_MONITOR != 0 {
+        parts.push("monitor".to_string());
+    }
+    parts.join(", ")
 }
 
 pub fn cap_text(cap: u64) -> String {
@@ -420,7 +485,16 @@ mod tests {
             1,
             "no cgroup write for a conns change"
         );
-        assert_eq!(record.conns.last().unwrap().per_uid.get(&2000), Some(&3));
+        assert_eq!(
+            record
+                .conns
+                .last()
+                .unwrap()
+                .per_uid
+                .get(&2000)
+                .map(|p| p.cap),
+            Some(3)
+        );
         drop(record);
         agent
             .change(&Target::Group("batch".into()), &set(Field::Pids, "10"))
@@ -492,7 +566,11 @@ mod tests {
         let kept = agent.reload(config).unwrap();
         assert_eq!(kept, vec!["[bpf] pin_path"]);
         assert_eq!(agent.config().bpf.pin_path, Path::new("/sys/fs/bpf/one"));
-        assert_eq!(agent.desired().conns.default_cap, 4, "the rest is applied");
+        assert_eq!(
+            agent.desired().conns.default_policy.cap,
+            4,
+            "the rest is applied"
+        );
     }
 
     #[test]
@@ -545,7 +623,10 @@ mod tests {
             .change(&Target::User(UserRef::Uid(2000)), &set(Field::Conns, "3"))
             .unwrap();
         assert_eq!(agent.skipped(), [Target::Cgroup("web.service".into())]);
-        assert_eq!(agent.desired().conns.per_uid.get(&2000), Some(&3));
+        assert_eq!(
+            agent.desired().conns.per_uid.get(&2000).map(|p| p.cap),
+            Some(3)
+        );
         let not_enforced = agent.not_enforced();
         let reason = &not_enforced[&(Target::Cgroup("web.service".into()), Field::Memory)];
         assert!(reason.contains("no longer exists"), "{reason}");

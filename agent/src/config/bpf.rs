@@ -1,7 +1,17 @@
 //! `[bpf]`: where the programs attach, where they pin, and the kernel-side settings.
 
 use super::{raw::RawBpf, BpfConfig, ConfigError, Source};
-use crate::model::units::parse_count;
+use crate::model::{
+    quota::{ConnRate, Limit, Mode},
+    units::{parse_burst, parse_count, parse_rate},
+};
+
+/// Denial events per UID by default: enough to explain any refusal, too few to flood.
+const DEFAULT_EVENT_RATE: ConnRate = ConnRate {
+    count: 20,
+    period_s: 1,
+};
+const DEFAULT_EVENT_BURST: u64 = 100;
 
 /// Connect errnos an operator may choose; each makes sense to a program that connect()s.
 const DENY_ERRNOS: &[(&str, i32)] = &[
@@ -51,6 +61,39 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
                 "expected a whole number from 1024 to 16777216",
             )
         })?;
+    let mode = match &raw.mode {
+        None => Mode::Enforce,
+        Some(v) => Mode::parse("mode", v.get_ref())
+            .map_err(|e| at.invalid(at.line(v.span()), "mode", v.get_ref(), &e.to_string()))?,
+    };
+    let event_rate = match &raw.event_rate {
+        None => DEFAULT_EVENT_RATE,
+        Some(v) => match parse_rate(v.get_ref()) {
+            Ok(Limit::Value(rate)) => rate,
+            Ok(Limit::Max) => {
+                return Err(at.invalid(
+                    at.line(v.span()),
+                    "event_rate",
+                    v.get_ref(),
+                    "events per second or minute such as 20/s (max is not allowed: the rate is what keeps a flood of denials from flooding the agent)",
+                ))
+            }
+            Err(e) => {
+                return Err(at.invalid(at.line(v.span()), "event_rate", v.get_ref(), &e.to_string()))
+            }
+        },
+    };
+    let event_burst = match &raw.event_burst {
+        None => DEFAULT_EVENT_BURST,
+        Some(v) => parse_burst(&v.get_ref().to_string()).map_err(|e| {
+            at.invalid(
+                at.line(v.span()),
+                "event_burst",
+                &v.get_ref().to_string(),
+                &e.to_string(),
+            )
+        })?,
+    };
     if !raw.pin_path.is_absolute() {
         return Err(at.invalid(
             0,
@@ -68,5 +111,8 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
         deny_errno,
         max_tracked_sockets,
         on_full: raw.on_full,
+        mode,
+        event_rate,
+        event_burst,
     })
 }

@@ -11,7 +11,7 @@ use std::{
 use crate::model::{
     alert::{AlertmanagerUrl, Rule},
     layout::{Driver, DriverSetting, Layout},
-    quota::{OnFull, Quota, QuotaError},
+    quota::{ConnRate, Mode, OnFull, Quota, QuotaError},
     target::{Target, TargetError},
     users::UserDb,
 };
@@ -85,6 +85,11 @@ pub struct BpfConfig {
     pub max_tracked_sockets: u32,
     /// What a capped UID's connect() gets when a map is full.
     pub on_full: OnFull,
+    /// The host cap's mode, and the default of every quota's `mode`.
+    pub mode: Mode,
+    /// Denial events per UID the programs send (more are counted as dropped).
+    pub event_rate: ConnRate,
+    pub event_burst: u64,
 }
 
 /// A `[[group]]` placement rule.
@@ -588,18 +593,52 @@ conns = "max"
     }
 
     #[test]
-    fn fields_no_code_enforces_yet_are_refused() {
-        let e = err(
-            "[[quota]]\ntarget = \"user:7\"\nconns = 3\nconn_rate = \"20/s\"\nconn_burst = 40\n",
-        );
+    fn connection_policies_parse_and_bad_ones_name_field_value_and_form() {
+        let c = parse(
+            "[bpf]\nmode = \"monitor\"\n[[quota]]\ntarget = \"user:7\"\nconns = 3\nconn_rate = \"20/s\"\nconn_burst = 40\nmode = \"enforce\"\n[[quota]]\ntarget = \"batch\"\nconns = 3\n",
+        )
+        .unwrap();
+        let q = &c.quotas[&Target::User(UserRef::Uid(7))];
+        assert_eq!((q.conn_burst, q.mode), (Some(40), Some(Mode::Enforce)));
+        assert_eq!(c.bpf.mode, Mode::Monitor);
+        for (text, needles) in [
+            ("conn_rate = \"0/s\"", &["conn_rate", "\"0/s\"", "20/s"][..]),
+            ("conn_rate = \"5/h\"", &["conn_rate", "\"5/h\"", "30/min"]),
+            (
+                "conn_rate = \"5/s\"\nconn_burst = 0",
+                &["conn_burst", "\"0\"", "from 1"],
+            ),
+            ("conn_burst = 4", &["conn_burst 4", "without conn_rate"]),
+            (
+                "conns = 3\nmode = \"audit\"",
+                &["mode", "\"audit\"", "enforce or monitor"],
+            ),
+            (
+                "cpu = \"5%\"\nmode = \"monitor\"",
+                &["mode monitor", "without conns"],
+            ),
+        ] {
+            let e = err(&format!("[[quota]]\ntarget = \"user:7\"\n{text}\n"));
+            assert!(e.contains("line 1"), "{e}");
+            for needle in needles {
+                assert!(e.contains(needle), "{needle} not in {e}");
+            }
+        }
+        let e = err("[[quota]]\ntarget = \"cgroup:a.slice\"\nconn_rate = \"5/s\"\n");
         assert!(
-            e.contains("line 1") && e.contains("conn_rate, conn_burst not supported yet"),
+            e.contains("conn_rate cannot be set on a cgroup:<path> target"),
             "{e}"
         );
-        let e = err("[[quota]]\ntarget = \"batch\"\nconns = 3\n");
-        assert!(e.contains("group:batch: conns not supported yet"), "{e}");
-        let e = err("[[quota]]\ntarget = \"cgroup:a.slice\"\nconns = 3\n");
-        assert!(e.contains("conns not supported yet"), "{e}");
+        let e = err("[bpf]\nmode = \"dry-run\"\n");
+        assert!(
+            e.contains("mode") && e.contains("enforce or monitor"),
+            "{e}"
+        );
+        let e = err("[bpf]\nevent_rate = \"max\"\n");
+        assert!(
+            e.contains("event_rate") && e.contains("max is not allowed"),
+            "{e}"
+        );
     }
 
     #[test]

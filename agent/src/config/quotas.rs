@@ -76,6 +76,7 @@ pub(super) fn quotas(
             conns: e.conns.clone(),
             conn_rate: e.conn_rate.clone(),
             conn_burst: e.conn_burst.clone(),
+            mode: e.mode.clone(),
         };
         let quota = raw_quota.validate().map_err(|source| ConfigError::Quota {
             path: at.path.to_path_buf(),

@@ -134,6 +134,12 @@ pub(super) struct RawBpf {
     pub(super) max_tracked_sockets: Spanned<i64>,
     #[serde(default)]
     pub(super) on_full: OnFull,
+    #[serde(default)]
+    pub(super) mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) event_rate: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) event_burst: Option<Spanned<i64>>,
 }
 
 impl Default for RawBpf {
@@ -147,6 +153,9 @@ impl Default for RawBpf {
             deny_errno: default_deny_errno(),
             max_tracked_sockets: default_max_tracked_sockets(),
             on_full: OnFull::Deny,
+            mode: None,
+            event_rate: None,
+            event_burst: None,
         }
     }
 }
@@ -243,4 +252,5 @@ pub(super) struct RawQuotaEntry {
     pub(super) conns: Option<IntOrString>,
     pub(super) conn_rate: Option<IntOrString>,
     pub(super) conn_burst: Option<IntOrString>,
+    pub(super) mode: Option<IntOrString>,
 }

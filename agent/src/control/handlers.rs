@@ -278,7 +278,10 @@ mod tests {
         let r = answer(&app, ROOT, set("user:alice", Field::Conns, "2"));
         let result: SetQuotaResult = r.result().unwrap();
         assert_eq!(result.target, "user:1001", "names resolve to UIDs");
-        assert_eq!(fake.kernel.record().conns.last().unwrap().per_uid[&1001], 2);
+        assert_eq!(
+            fake.kernel.record().conns.last().unwrap().per_uid[&1001].cap,
+            2
+        );
         let list: ListResult = answer(&app, ROOT, Request::List {}).result().unwrap();
         assert_eq!(list.targets[0].fields[&Field::Conns].value, "2");
         assert_eq!(
@@ -391,14 +394,14 @@ mod tests {
         fake.write_config("[[quota]]\ntarget = \"user:*\"\nconns = 7\n");
         let r = answer(&app, ROOT, Request::Reload {});
         assert!(r.result::<ReloadResult>().unwrap().reloaded);
-        assert_eq!(app.snapshot().desired.conns.default_cap, 7);
+        assert_eq!(app.snapshot().desired.conns.default_policy.cap, 7);
         fake.write_config("[[quota]]\ntarget = \"user:*\"\nconns = \"many\"\n");
         let r = answer(&app, ROOT, Request::Reload {});
         assert_eq!(error(&r).code, ErrorCode::Invalid);
         assert!(error(&r)
             .message
             .starts_with("reload refused, keeping the running config"));
-        assert_eq!(app.snapshot().desired.conns.default_cap, 7);
+        assert_eq!(app.snapshot().desired.conns.default_policy.cap, 7);
     }
 
     #[test]

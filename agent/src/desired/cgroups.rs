@@ -40,7 +40,7 @@ impl CgroupQuota {
             Field::Memory => matches!(self.memory, Limit::Value(_)),
             Field::MemoryHigh => matches!(self.memory_high, Limit::Value(_)),
             Field::Pids => matches!(self.pids, Limit::Value(_)),
-            Field::Conns | Field::ConnRate | Field::ConnBurst => false,
+            Field::Conns | Field::ConnRate | Field::ConnBurst | Field::Mode => false,
         }
     }
 

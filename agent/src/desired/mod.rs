@@ -51,7 +51,7 @@ impl Desired {
         users: &dyn UserDb,
     ) -> Result<Self, DesiredError> {
         let merged = runtime.merge(config, users)?;
-        let conns = ConnLimits::new(&config.bpf, &merged.quotas);
+        let conns = ConnLimits::new(&config.bpf, &config.layout(), &merged.quotas);
         check_capacity(&conns)?;
         Ok(Self {
             cgroups: CgroupPlan::new(config, &merged.quotas),
@@ -102,7 +102,7 @@ mod tests {
         );
         let d = Desired::build(&c, &runtime, &Users).unwrap();
         assert!(d.cgroups.groups.contains_key("batch"));
-        assert_eq!(d.conns.per_uid.get(&2000), Some(&3));
+        assert_eq!(d.conns.per_uid.get(&2000).map(|p| p.cap), Some(3));
         assert_eq!(d.alert_rules, c.alert_rules);
         let batch = Target::Group("batch".into());
         assert_eq!(d.source(&batch, Field::Cpu), Source::Config);
@@ -114,10 +114,12 @@ mod tests {
     fn more_uid_caps_than_the_map_holds_are_refused() {
         let mut conns = desired("").conns;
         conns.per_uid = (0..rlagent_common::MAX_UID_CAPS)
-            .map(|uid| (uid, 1))
+            .map(|uid| (uid, rlagent_common::Policy::NONE))
             .collect();
         assert!(check_capacity(&conns).is_ok());
-        conns.per_uid.insert(rlagent_common::MAX_UID_CAPS, 1);
+        conns
+            .per_uid
+            .insert(rlagent_common::MAX_UID_CAPS, rlagent_common::Policy::NONE);
         let err = check_capacity(&conns).unwrap_err();
         assert!(matches!(err, DesiredError::TooManyUidCaps { .. }), "{err}");
     }

@@ -12,7 +12,8 @@ pub mod placement;
 pub mod systemd;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{atomic::AtomicU64, Arc, RwLock},
 };
@@ -21,7 +22,7 @@ use crate::{
     desired::{cgroups::CgroupPlan, conns::ConnLimits, Desired},
     model::{
         layout::Driver,
-        usage::{CgroupStats, HostConnStats, ProgramStats, UidConnStats},
+        usage::{CgroupStats, GroupConnStats, HostConnStats, ProgramStats, UidConnStats},
     },
 };
 use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
@@ -98,6 +99,21 @@ pub struct CgroupReport {
 pub struct ConnUsage {
     pub host: Option<HostConnStats>,
     pub per_uid: Vec<UidConnStats>,
+    /// By the group's cgroup id (`group` is named by the caller, see [`group_ids`]).
+    pub groups: BTreeMap<u64, GroupConnStats>,
+}
+
+/// The cgroup ids of the groups `conns` limits whose cgroups exist under `mount`, with
+/// the group's name: how the programs' group ids read as names.
+pub fn group_ids(mount: &Path, conns: &ConnLimits) -> BTreeMap<u64, String> {
+    conns
+        .groups
+        .iter()
+        .filter_map(|(name, g)| {
+            let meta = std::fs::metadata(mount.join(&g.cgroup)).ok()?;
+            Some((meta.ino(), name.clone()))
+        })
+        .collect()
 }
 
 /// Writes to the kernel: the only way the agent changes enforcement.
@@ -105,8 +121,9 @@ pub trait Enforcer: Send {
     /// The `cgroup:<path>` targets of `plan` that do not exist (a stopped service's
     /// cgroup is gone).
     fn missing_cgroups(&self, plan: &CgroupPlan) -> Vec<PathBuf>;
-    /// Writes the connection limits into the maps the programs read.
-    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError>;
+    /// Writes the connection limits into the maps the programs read. Returns the groups
+    /// whose cgroup does not exist yet (their limits apply once a later call finds it).
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<String>, KernelError>;
     /// Writes the cgroup plan (resetting what `previous` had and `plan` drops) and places
     /// processes by it.
     fn apply_cgroups(
@@ -186,7 +203,7 @@ impl System {
             placer: None,
             moves: Arc::new(AtomicU64::new(0)),
         };
-        system.limiter.apply(&desired.conns)?;
+        system.limiter.apply(&desired.conns, &mount)?;
         let host_wide = settings.attach_cgroup.as_os_str().is_empty();
         seeding(
             system
@@ -241,8 +258,8 @@ impl Enforcer for System {
         self.driver().missing(plan)
     }
 
-    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<(), KernelError> {
-        Ok(self.limiter.apply(conns)?)
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<String>, KernelError> {
+        Ok(self.limiter.apply(conns, &self.mount)?)
     }
 
     fn apply_cgroups(
@@ -361,9 +378,16 @@ impl Observer for SystemObserver {
             return Ok(None);
         };
         let (host, per_uid) = maps.usage()?;
+        let now = bpf::now_ns();
+        let groups = maps
+            .groups()?
+            .into_iter()
+            .map(|(id, counters)| (id, bpf::group_stats("", &counters, now)))
+            .collect();
         Ok(Some(ConnUsage {
             host: Some(host),
             per_uid,
+            groups,
         }))
     }
 

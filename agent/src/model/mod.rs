@@ -3,6 +3,7 @@
 
 pub mod alert;
 pub mod duration;
+pub mod event;
 pub mod layout;
 pub mod quota;
 pub mod target;

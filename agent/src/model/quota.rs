@@ -35,6 +35,8 @@ pub enum QuotaError {
     HighAboveMax { high: String, max: String },
     #[error("a quota needs at least one field (cpu, memory, memory_high, pids, conns, conn_rate)")]
     Empty,
+    #[error("mode {mode} is set without conns or conn_rate: the mode says whether connection limits deny or only report, and cpu, memory and pids limits are always enforced")]
+    ModeWithoutConnLimit { mode: Mode },
 }
 
 /// What a capped UID's connect() gets when a kernel map has no room to count it
@@ -48,6 +50,43 @@ pub enum OnFull {
     Deny,
     /// Let through uncounted (`rlagent_connections_untracked_total`).
     Allow,
+}
+
+/// Whether a target's connection limits deny (`enforce`) or only count and report what
+/// they would deny (`monitor`), so a policy can be watched before it is enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Monitor,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Monitor => "monitor",
+        }
+    }
+
+    pub fn parse(field: &'static str, value: &str) -> Result<Self, QuotaError> {
+        match value {
+            "enforce" => Ok(Self::Enforce),
+            "monitor" => Ok(Self::Monitor),
+            _ => Err(QuotaError::Invalid {
+                field,
+                value: value.to_string(),
+                expected: "enforce or monitor",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A limit or its explicit removal (`max`).
@@ -78,10 +117,20 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// memory.max accepts any byte count, but a limit below one page cannot hold a process.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// New connections per second, with the bucket size (`conn_burst`, default = the rate).
+/// New connections per second or per minute, with the bucket size (`conn_burst`, default
+/// = the count: a second's or a minute's worth at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnRate {
-    pub per_sec: u64,
+    pub count: u64,
+    /// 1 (`/s`) or 60 (`/min`).
+    pub period_s: u64,
+}
+
+impl ConnRate {
+    /// Nanoseconds per token, rounded up, so the rate enforced is never above the rate set.
+    pub fn interval_ns(self) -> u64 {
+        (self.period_s * 1_000_000_000).div_ceil(self.count)
+    }
 }
 
 /// A validated quota: every field that is `Some` was parsed and checked.
@@ -94,6 +143,7 @@ pub struct Quota {
     pub conns: Option<Limit<u64>>,
     pub conn_rate: Option<Limit<ConnRate>>,
     pub conn_burst: Option<u64>,
+    pub mode: Option<Mode>,
 }
 
 /// The name of one quota field, as in the config, the socket and rlctl's flags.
@@ -109,10 +159,11 @@ pub enum Field {
     Conns,
     ConnRate,
     ConnBurst,
+    Mode,
 }
 
 impl Field {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Cpu,
         Self::Memory,
         Self::MemoryHigh,
@@ -120,6 +171,7 @@ impl Field {
         Self::Conns,
         Self::ConnRate,
         Self::ConnBurst,
+        Self::Mode,
     ];
 
     /// The cgroup v2 controller that enforces this field, if a controller does.
@@ -128,7 +180,7 @@ impl Field {
             Self::Cpu => Some("cpu"),
             Self::Memory | Self::MemoryHigh => Some("memory"),
             Self::Pids => Some("pids"),
-            Self::Conns | Self::ConnRate | Self::ConnBurst => None,
+            Self::Conns | Self::ConnRate | Self::ConnBurst | Self::Mode => None,
         }
     }
 
@@ -141,6 +193,7 @@ impl Field {
             Self::Conns => "conns",
             Self::ConnRate => "conn_rate",
             Self::ConnBurst => "conn_burst",
+            Self::Mode => "mode",
         }
     }
 }
@@ -162,7 +215,14 @@ impl Quota {
             Field::Conns => matches!(self.conns, Some(Limit::Value(_))),
             Field::ConnRate => matches!(self.conn_rate, Some(Limit::Value(_))),
             Field::ConnBurst => self.conn_burst.is_some(),
+            // Not a limit: it says how the connection limits act.
+            Field::Mode => false,
         }
+    }
+
+    /// True when the quota sets a connection limit (conns, conn_rate) to a value.
+    pub fn has_conn_limits(&self) -> bool {
+        self.limits(Field::Conns) || self.limits(Field::ConnRate)
     }
 
     /// True when the quota sets a cgroup controller (cpu, memory, pids).
@@ -184,7 +244,16 @@ impl Quota {
         macro_rules! over {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        over!(cpu, memory, memory_high, pids, conns, conn_rate, conn_burst);
+        over!(
+            cpu,
+            memory,
+            memory_high,
+            pids,
+            conns,
+            conn_rate,
+            conn_burst,
+            mode
+        );
     }
 
     pub fn set(&mut self, field: Field, value: &str) -> Result<(), QuotaError> {
@@ -196,6 +265,7 @@ impl Quota {
             Field::Conns => self.conns = Some(parse_count("conns", value, 0)?),
             Field::ConnRate => self.conn_rate = Some(parse_rate(value)?),
             Field::ConnBurst => self.conn_burst = Some(parse_burst(value)?),
+            Field::Mode => self.mode = Some(Mode::parse("mode", value)?),
         }
         Ok(())
     }
@@ -210,6 +280,7 @@ impl Quota {
             Field::Conns => self.conns = None,
             Field::ConnRate => self.conn_rate = None,
             Field::ConnBurst => self.conn_burst = None,
+            Field::Mode => self.mode = None,
         }
     }
 
@@ -231,8 +302,12 @@ impl Quota {
             Field::MemoryHigh => limit(self.memory_high, bytes_text),
             Field::Pids => limit(self.pids, |n| n.to_string()),
             Field::Conns => limit(self.conns, |n| n.to_string()),
-            Field::ConnRate => limit(self.conn_rate, |r| format!("{}/s", r.per_sec)),
+            Field::ConnRate => limit(self.conn_rate, |r| match r.period_s {
+                60 => format!("{}/min", r.count),
+                _ => format!("{}/s", r.count),
+            }),
             Field::ConnBurst => self.conn_burst.map(|b| b.to_string()),
+            Field::Mode => self.mode.map(|m| m.name().to_string()),
         }
     }
 
@@ -243,6 +318,9 @@ impl Quota {
         }
         if let (Some(burst), None | Some(Limit::Max)) = (self.conn_burst, self.conn_rate) {
             return Err(QuotaError::BurstWithoutRate { burst });
+        }
+        if let (Some(mode), false) = (self.mode, self.conns.is_some() || self.conn_rate.is_some()) {
+            return Err(QuotaError::ModeWithoutConnLimit { mode });
         }
         if let (Some(Limit::Value(high)), Some(Limit::Value(max))) = (self.memory_high, self.memory)
         {
@@ -257,27 +335,24 @@ impl Quota {
     }
 }
 
-/// The fields of `quota` on `target` that no code enforces yet: connection rates and
-/// bursts, and connection caps on groups and cgroups (only UIDs are counted so far).
+/// The fields of `quota` that `target`'s kind cannot carry: connection limits belong to
+/// users (`user:<uid>`, `user:*`) and groups; a `cgroup:<path>` target (a cgroup someone
+/// else manages) carries cgroup limits only.
 pub fn unsupported_fields(target: &Target, quota: &Quota) -> Vec<Field> {
-    let mut fields = Vec::new();
-    if quota.conn_rate.is_some() {
-        fields.push(Field::ConnRate);
+    if !matches!(target, Target::Cgroup(_)) {
+        return Vec::new();
     }
-    if quota.conn_burst.is_some() {
-        fields.push(Field::ConnBurst);
-    }
-    if quota.conns.is_some() && matches!(target, Target::Group(_) | Target::Cgroup(_)) {
-        fields.push(Field::Conns);
-    }
-    fields
+    [Field::Conns, Field::ConnRate, Field::ConnBurst, Field::Mode]
+        .into_iter()
+        .filter(|f| quota.text(*f).is_some())
+        .collect()
 }
 
 /// The refusal for [`unsupported_fields`].
 pub fn not_supported_yet(target: &Target, fields: &[Field]) -> String {
     let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
     format!(
-        "{target}: {} not supported yet: this build enforces connection caps per UID only, and no connection rates; nothing was applied",
+        "{target}: {} cannot be set on a cgroup:<path> target: connection limits apply to users (user:<uid>, user:*) and groups (put the processes in a group to limit their connections together); nothing was applied",
         names.join(", ")
     )
 }
@@ -320,6 +395,7 @@ pub struct RawQuota {
     pub conns: Option<IntOrString>,
     pub conn_rate: Option<IntOrString>,
     pub conn_burst: Option<IntOrString>,
+    pub mode: Option<IntOrString>,
 }
 
 impl RawQuota {
@@ -334,6 +410,7 @@ impl RawQuota {
             (Field::Conns, &self.conns),
             (Field::ConnRate, &self.conn_rate),
             (Field::ConnBurst, &self.conn_burst),
+            (Field::Mode, &self.mode),
         ] {
             if let Some(value) = value {
                 quota.set(field, &value.to_string())?;

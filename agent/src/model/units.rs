@@ -11,7 +11,11 @@ const CPU_MAX_PERCENT_X1000: u64 = 100_000 * 1000;
 const CPU_EXPECTED: &str = "a percentage of one CPU such as 50% or 250% (at least 1%), or max";
 const BYTES_EXPECTED: &str =
     "a size with a binary unit K, M, G or T such as 512M or 2G, a byte count of at least 4096, or max";
-const RATE_EXPECTED: &str = "connections per second such as 20/s (at least 1/s), or max";
+const RATE_EXPECTED: &str =
+    "connections per second or per minute such as 20/s or 30/min (from 1 to 1000000), or max";
+/// Highest count in a rate, and highest burst: far above any sane policy, low enough that
+/// `burst * interval` stays well inside 64 bits of nanoseconds.
+pub const MAX_RATE_COUNT: u64 = 1_000_000;
 
 /// `50%` = half of one CPU (`cpu.max 50000 100000`), `250%` = 2.5 CPUs, `max` = none.
 /// Up to three decimals are accepted (`12.5%`), as systemd's `CPUQuota=` does.
@@ -137,26 +141,31 @@ pub fn parse_rate(value: &str) -> Result<Limit<ConnRate>, QuotaError> {
     if value == "max" {
         return Ok(Limit::Max);
     }
-    let per_sec = value
-        .strip_suffix("/s")
-        .and_then(parse_whole)
-        .filter(|n| *n >= 1)
+    let (count, period_s) = if let Some(n) = value.strip_suffix("/s") {
+        (n, 1)
+    } else if let Some(n) = value.strip_suffix("/min") {
+        (n, 60)
+    } else {
+        ("", 0)
+    };
+    let count = parse_whole(count)
+        .filter(|n| (1..=MAX_RATE_COUNT).contains(n))
         .ok_or_else(|| QuotaError::Invalid {
             field: "conn_rate",
             value: value.to_string(),
             expected: RATE_EXPECTED,
         })?;
-    Ok(Limit::Value(ConnRate { per_sec }))
+    Ok(Limit::Value(ConnRate { count, period_s }))
 }
 
 /// Bucket size for `conn_rate`: a whole number of at least 1.
 pub fn parse_burst(value: &str) -> Result<u64, QuotaError> {
     parse_whole(value)
-        .filter(|n| *n >= 1)
+        .filter(|n| (1..=MAX_RATE_COUNT).contains(n))
         .ok_or_else(|| QuotaError::Invalid {
             field: "conn_burst",
             value: value.to_string(),
-            expected: "a whole number of connections (1 or more)",
+            expected: "a whole number of connections from 1 to 1000000",
         })
 }
 
@@ -258,9 +267,19 @@ mod tests {
             .contains("whole number"));
         assert_eq!(
             parse_rate("20/s"),
-            Ok(Limit::Value(ConnRate { per_sec: 20 }))
+            Ok(Limit::Value(ConnRate {
+                count: 20,
+                period_s: 1
+            }))
         );
-        for bad in ["20", "20/m", "0/s", "/s", "x/s"] {
+        assert_eq!(
+            parse_rate("30/min"),
+            Ok(Limit::Value(ConnRate {
+                count: 30,
+                period_s: 60
+            }))
+        );
+        for bad in ["20", "20/m", "0/s", "/s", "x/s", "1000001/s", "0/min"] {
             assert!(
                 parse_rate(bad)
                     .unwrap_err()

@@ -67,15 +67,98 @@ pub struct CgroupStats {
     pub memory_pressure: Option<Pressure>,
 }
 
+/// connect() calls by the reason a limit gave (the programs' `reason::*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByReason {
+    /// The UID's own cap or the `user:*` default.
+    pub cap: u64,
+    pub host_cap: u64,
+    /// The UID's connection rate.
+    pub rate: u64,
+    /// The group's cap.
+    pub group: u64,
+    pub group_rate: u64,
+    /// A kernel map was full.
+    pub full: u64,
+}
+
+impl ByReason {
+    /// From the programs' counters, indexed by `reason::*`.
+    pub fn from_counters(c: [u64; rlagent_common::reason::COUNT]) -> Self {
+        let [cap, host_cap, rate, group, group_rate, full] = c;
+        Self {
+            cap,
+            host_cap,
+            rate,
+            group,
+            group_rate,
+            full,
+        }
+    }
+
+    /// (reason name, count), in the programs' order.
+    pub fn iter(&self) -> [(&'static str, u64); rlagent_common::reason::COUNT] {
+        let n = rlagent_common::reason::NAMES;
+        [
+            (n[0], self.cap),
+            (n[1], self.host_cap),
+            (n[2], self.rate),
+            (n[3], self.group),
+            (n[4], self.group_rate),
+            (n[5], self.full),
+        ]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.iter().iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// A token bucket as the programs hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateStats {
+    /// Nanoseconds per token.
+    pub interval_ns: u64,
+    pub burst: u64,
+    /// Tokens in the bucket now.
+    pub tokens: u64,
+}
+
+/// Connection limits and counters of one UID.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UidConnStats {
     pub uid: u32,
     pub live: u64,
     /// `None` = no cap.
     pub cap: Option<u64>,
+    /// `None` = no rate limit.
+    #[serde(default)]
+    pub rate: Option<RateStats>,
+    /// The UID's limits only report (monitor mode).
+    #[serde(default)]
+    pub monitor: bool,
     pub admitted: u64,
-    pub denied_cap: u64,
-    pub denied_host: u64,
+    #[serde(default)]
+    pub denied: ByReason,
+    #[serde(default)]
+    pub would_deny: ByReason,
+    /// Denials whose event was not sent (over the event rate, or the ring was full).
+    #[serde(default)]
+    pub events_dropped: u64,
+}
+
+/// Connection limits and counters of one group (all its processes together).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupConnStats {
+    pub group: String,
+    pub live: u64,
+    pub cap: Option<u64>,
+    pub rate: Option<RateStats>,
+    pub monitor: bool,
+    pub admitted: u64,
+    /// Only `group` and `group_rate` are counted per group.
+    pub denied: ByReason,
+    pub would_deny: ByReason,
 }
 
 /// Host-wide connection counters.
@@ -88,6 +171,9 @@ pub struct HostConnStats {
     /// connect() calls of capped UIDs denied because a map was full (`on_full = "deny"`).
     #[serde(default)]
     pub denied_full: u64,
+    /// Denial events lost because the ring buffer was full.
+    #[serde(default)]
+    pub events_lost: u64,
     /// How full each kernel map is.
     #[serde(default)]
     pub maps: Vec<MapFill>,

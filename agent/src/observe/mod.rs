@@ -4,6 +4,7 @@
 
 pub mod alerts;
 pub mod budget;
+pub mod events;
 pub mod metrics;
 pub mod stats;
 pub mod table;

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::usage::{CgroupStats, HostConnStats, ProgramStats, UidConnStats};
+use crate::model::usage::{CgroupStats, GroupConnStats, HostConnStats, ProgramStats, UidConnStats};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetStats {
@@ -19,9 +19,17 @@ pub struct Stats {
     pub targets: Vec<TargetStats>,
     /// Per-UID connection counters; empty when the programs are not installed.
     pub conns: Vec<UidConnStats>,
+    /// Groups with connection limits (and groups whose limits were removed while
+    /// connections charged to them are open).
+    #[serde(default)]
+    pub groups: Vec<GroupConnStats>,
     /// `None` when the programs are not installed.
     #[serde(default)]
     pub host: Option<HostConnStats>,
+    /// Denial events received by the agent, by (uid, reason, monitor); empty outside the
+    /// agent.
+    #[serde(default, with = "received")]
+    pub events_received: crate::observe::events::Received,
     /// Processes the agent placed since it started (0 outside the agent).
     #[serde(default)]
     pub placement_moves: u64,
@@ -49,5 +57,44 @@ impl Stats {
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.targets.retain(|t| keep(&t.target));
         self.conns.retain(|c| keep(&format!("user:{}", c.uid)));
+        self.groups.retain(|g| keep(&format!("group:{}", g.group)));
+        self.events_received
+            .retain(|(uid, _, _), _| keep(&format!("user:{uid}")));
+    }
+}
+
+/// The received-events map as a list of objects (JSON object keys must be strings).
+mod received {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::observe::events::Received;
+
+    #[derive(Serialize, Deserialize)]
+    struct Count {
+        uid: u32,
+        reason: String,
+        monitor: bool,
+        count: u64,
+    }
+
+    pub fn serialize<S: Serializer>(r: &Received, s: S) -> Result<S::Ok, S::Error> {
+        let list: Vec<Count> = r
+            .iter()
+            .map(|((uid, reason, monitor), count)| Count {
+                uid: *uid,
+                reason: reason.clone(),
+                monitor: *monitor,
+                count: *count,
+            })
+            .collect();
+        list.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Received, D::Error> {
+        let list = Vec::<Count>::deserialize(d)?;
+        Ok(list
+            .into_iter()
+            .map(|c| ((c.uid, c.reason, c.monitor), c.count))
+            .collect())
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use super::stats::Stats;
+use crate::model::usage::RateStats;
 
 /// The human-readable form of [`Stats`] (rlagent stats, rlctl stats).
 pub fn table(stats: &Stats) -> String {
@@ -53,19 +54,47 @@ pub fn table(stats: &Stats) -> String {
         }
         let _ = writeln!(
             out,
-            "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
-            "UID", "LIVE", "CAP", "ADMITTED", "DENIED_CAP", "DENIED_HOST"
+            "{:>10} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
+            "UID", "LIVE", "CAP", "RATE", "TOKENS", "ADMITTED", "DENIED", "WOULD_DENY"
         );
         for c in &stats.conns {
             let _ = writeln!(
                 out,
-                "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
+                "{:>10} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
                 c.uid,
                 c.live,
                 c.cap.map_or("none".to_string(), |v| v.to_string()),
+                rate_text(c.rate.as_ref(), c.monitor),
+                c.rate
+                    .map_or_else(|| "-".to_string(), |r| r.tokens.to_string()),
                 c.admitted,
-                c.denied_cap,
-                c.denied_host
+                c.denied.total(),
+                c.would_deny.total()
+            );
+        }
+    }
+    if !stats.groups.is_empty() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "{:>16} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
+            "GROUP", "LIVE", "CAP", "RATE", "TOKENS", "ADMITTED", "DENIED", "WOULD_DENY"
+        );
+        for g in &stats.groups {
+            let _ = writeln!(
+                out,
+                "{:>16} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
+                g.group,
+                g.live,
+                g.cap.map_or("none".to_string(), |v| v.to_string()),
+                rate_text(g.rate.as_ref(), g.monitor),
+                g.rate
+                    .map_or_else(|| "-".to_string(), |r| r.tokens.to_string()),
+                g.admitted,
+                g.denied.total(),
+                g.would_deny.total()
             );
         }
     }
@@ -73,4 +102,20 @@ pub fn table(stats: &Stats) -> String {
         out.push_str("no targets with stats\n");
     }
     out
+}
+/// A rate as `20/s b40`, with `(mon)` in monitor mode; `-` for none.
+pub fn rate_text(rate: Option<&RateStats>, monitor: bool) -> String {
+    let mode = if monitor { " (mon)" } else { "" };
+    match rate {
+        None if monitor => "- (mon)".to_string(),
+        None => "-".to_string(),
+        Some(r) => {
+            let per_sec = 1e9 / r.interval_ns as f64;
+            if per_sec >= 1.0 {
+                format!("{per_sec:.0}/s b{}{mode}", r.burst)
+            } else {
+                format!("{:.0}/min b{}{mode}", per_sec * 60.0, r.burst)
+            }
+        }
+    }
 }

@@ -183,7 +183,9 @@ fn integrity(cycles: u32) {
         let c = stats.per_uid.get(&uid).copied().unwrap_or_default();
         println!(
             "uid {uid}: live {} admitted {} denied_cap {}",
-            c.live, c.admitted, c.denied_cap
+            c.live,
+            c.admitted,
+            c.denied[rlagent_common::reason::CAP]
         );
     }
     println!(
@@ -251,7 +253,7 @@ fn control(requests: u32, targets: u32) {
         round_trips.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(reply.contains("\"ok\":true"), "{reply}");
         assert_eq!(
-            maps.cap_for(BENCH_UID).unwrap(),
+            maps.policy_for(BENCH_UID).unwrap().cap,
             cap,
             "in the kernel map when the reply arrives"
         );

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use rlagent::{
-    agent::cap_text,
+    agent::{cap_text, policy_text},
     config::Config,
     desired::{state::RuntimeState, Desired},
     kernel::nss::SystemUsers,
@@ -22,13 +22,24 @@ pub fn check_config(config_path: Option<&Path>) -> anyhow::Result<()> {
     }
     println!("attach cgroup: /{}", config.bpf.attach_cgroup.display());
     println!(
-        "default cap (user:*, UID >= {}): {}",
+        "default (user:*, UID >= {}): {}",
         limits.uid_min,
-        cap_text(limits.default_cap)
+        policy_text(&limits.default_policy)
     );
-    println!("host-wide cap: {}", cap_text(limits.host_cap));
-    for (uid, cap) in &limits.per_uid {
-        println!("user:{uid}: {}", cap_text(*cap));
+    println!(
+        "host-wide cap: {} ({})",
+        cap_text(limits.host_cap),
+        limits.host_mode
+    );
+    for (uid, policy) in &limits.per_uid {
+        println!("user:{uid}: {}", policy_text(policy));
+    }
+    for (group, g) in &limits.groups {
+        println!(
+            "group {group} (cgroup /{}): {}",
+            g.cgroup.display(),
+            policy_text(&g.policy)
+        );
     }
     Ok(())
 }

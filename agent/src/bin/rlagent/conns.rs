@@ -1,12 +1,13 @@
-//! `rlagent conns`: live connections, denials and caps per UID, from the pinned maps.
+//! `rlagent conns`: live connections, limits, denials and would-denies per UID, from the
+//! pinned maps (the table `rlctl stats` prints, without the agent).
 
 use std::path::Path;
 
 use anyhow::Context;
 use rlagent::{
-    agent::cap_text,
     config::Config,
     kernel::{bpf::PinnedMaps, nss::SystemUsers},
+    observe::{stats::Stats, table},
 };
 
 pub fn conns(config_path: Option<&Path>) -> anyhow::Result<()> {
@@ -18,25 +19,14 @@ pub fn conns(config_path: Option<&Path>) -> anyhow::Result<()> {
         )
     })?;
     let (host, per_uid) = maps.usage()?;
-    println!(
-        "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
-        "UID", "LIVE", "CAP", "ADMITTED", "DENIED_CAP", "DENIED_HOST"
-    );
-    for c in &per_uid {
-        println!(
-            "{:>10} {:>8} {:>8} {:>10} {:>11} {:>11}",
-            c.uid,
-            c.live,
-            c.cap
-                .map_or_else(|| cap_text(rlagent_common::UNLIMITED), cap_text),
-            c.admitted,
-            c.denied_cap,
-            c.denied_host
-        );
-    }
-    println!(
-        "host: {} live, {} let through untracked (map full)",
-        host.live, host.untracked
-    );
+    let untracked = host.untracked;
+    let live = host.live;
+    let stats = Stats {
+        conns: per_uid,
+        host: Some(host),
+        ..Stats::default()
+    };
+    print!("{}", table::table(&stats));
+    println!("host: {live} live, {untracked} let through untracked (map full)");
     Ok(())
 }

@@ -36,6 +36,16 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
         tokio::spawn(metrics::serve(metrics_listener, collect, app.budgets()));
         tokio::spawn(app.clone().run_alerts());
+        tokio::spawn(app.clone().run_pending_groups());
+        match rlagent::kernel::bpf::events::EventReader::open(&app.snapshot().config.bpf.pin_path) {
+            Ok(reader) => {
+                tokio::spawn(app.clone().run_events(reader));
+            }
+            Err(e) => tracing::error!(
+                "cannot open the denial event ring buffer: {}; denials are still counted, but not logged one by one",
+                error_chain(&e)
+            ),
+        }
         let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;

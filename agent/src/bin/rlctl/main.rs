@@ -41,15 +41,18 @@ pub struct QuotaArgs {
     /// pids.max or max
     #[arg(long)]
     pids: Option<String>,
-    /// Live connections per UID or max
+    /// Live connections (of a UID, or of a group's processes together) or max
     #[arg(long)]
     conns: Option<String>,
-    /// New connections per second (20/s) or max
+    /// New connections per second or minute (20/s, 30/min) or max
     #[arg(long)]
     conn_rate: Option<String>,
-    /// Connection burst (with --conn-rate)
+    /// Connection burst (with --conn-rate; default: the rate's count)
     #[arg(long)]
     conn_burst: Option<String>,
+    /// enforce, or monitor: connection limits only count and report what they would deny
+    #[arg(long)]
+    mode: Option<String>,
 }
 
 /// Fields to clear.
@@ -69,8 +72,10 @@ pub struct ClearArgs {
     conn_rate: bool,
     #[arg(long)]
     conn_burst: bool,
+    #[arg(long)]
+    mode: bool,
     /// Every field
-    #[arg(long, conflicts_with_all = ["cpu", "memory", "memory_high", "pids", "conns", "conn_rate", "conn_burst"])]
+    #[arg(long, conflicts_with_all = ["cpu", "memory", "memory_high", "pids", "conns", "conn_rate", "conn_burst", "mode"])]
     all: bool,
 }
 

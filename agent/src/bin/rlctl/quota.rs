@@ -21,12 +21,13 @@ pub fn set(socket: &Path, json: bool, target: String, q: QuotaArgs) -> Result<Ex
         (Field::Conns, q.conns),
         (Field::ConnRate, q.conn_rate),
         (Field::ConnBurst, q.conn_burst),
+        (Field::Mode, q.mode),
     ]
     .into_iter()
     .filter_map(|(f, v)| Some((f, v?)))
     .collect();
     if quota.is_empty() {
-        return usage("set-quota needs at least one of --cpu --memory --memory-high --pids --conns --conn-rate --conn-burst");
+        return usage("set-quota needs at least one of --cpu --memory --memory-high --pids --conns --conn-rate --conn-burst --mode");
     }
     let request = Request::SetQuota { target, quota };
     let r = match client::request::<SetQuotaResult>(socket, json, &request)? {
@@ -64,6 +65,7 @@ pub fn clear(socket: &Path, json: bool, target: String, f: ClearArgs) -> Result<
         (Field::Conns, f.conns),
         (Field::ConnRate, f.conn_rate),
         (Field::ConnBurst, f.conn_burst),
+        (Field::Mode, f.mode),
     ]
     .into_iter()
     .filter_map(|(field, set)| set.then_some(field))

@@ -5,11 +5,14 @@ use std::{borrow::Borrow, collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use rlagent_common::{
-    names, HostConns, Settings, UidConns, MAX_UID_CAPS, MAX_UID_CONNS, UNLIMITED,
+    names, Conns, HostConns, Policy, Settings, MAX_GROUPS, MAX_UID_CAPS, MAX_UID_CONNS,
+    POLICY_MONITOR, UNLIMITED,
 };
 
 use super::{map_error, pins::PinLayout, BpfError};
-use crate::model::usage::{HostConnStats, MapFill, ProgramStats, UidConnStats};
+use crate::model::usage::{
+    ByReason, HostConnStats, MapFill, ProgramStats, RateStats, UidConnStats,
+};
 
 fn fill(map: &str, entries: u64, capacity: u64) -> MapFill {
     MapFill {
@@ -23,9 +26,16 @@ fn fill(map: &str, entries: u64, capacity: u64) -> MapFill {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnStats {
     pub host: HostConns,
-    pub per_uid: BTreeMap<u32, UidConns>,
+    pub per_uid: BTreeMap<u32, Conns>,
     /// Entries in `RL_UID_CONNS`.
     pub uid_entries: usize,
+}
+
+/// A group's counters with its policy, by the group's cgroup id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCounters {
+    pub policy: Option<Policy>,
+    pub conns: Conns,
 }
 
 /// The capacity of the charged-socket map `owner` (fixed when it was created: a pinned
@@ -39,7 +49,7 @@ pub(super) fn socket_capacity(owner: &MapData) -> Result<u32, BpfError> {
 
 pub(super) fn read_stats<H, U>(
     host: &Array<H, HostConns>,
-    per_uid: &HashMap<U, u32, UidConns>,
+    per_uid: &HashMap<U, u32, Conns>,
 ) -> Result<ConnStats, BpfError>
 where
     H: Borrow<MapData>,
@@ -58,17 +68,45 @@ where
     })
 }
 
+/// CLOCK_MONOTONIC in ns, the programs' `bpf_ktime_get_ns`.
+pub fn now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// The token bucket of `policy` whose arrival time is `tat`, at `now` (`None`: no rate).
+pub fn rate_stats(policy: &Policy, tat: u64, now: u64) -> Option<RateStats> {
+    if policy.rate_interval_ns == 0 {
+        return None;
+    }
+    // Tokens left: how far the arrival time may still move before it passes the window.
+    let ahead = tat.saturating_sub(now);
+    let tokens = policy.rate_window_ns.saturating_sub(ahead) / policy.rate_interval_ns;
+    Some(RateStats {
+        interval_ns: policy.rate_interval_ns,
+        burst: policy.burst,
+        tokens: tokens.min(policy.burst),
+    })
+}
+
+fn cap(policy: &Policy) -> Option<u64> {
+    Some(policy.cap).filter(|c| *c != UNLIMITED)
+}
+
 /// Read-only view of the pinned maps: the agent's stats reader (opened once, on the pins the
 /// agent itself uses), `rlagent stats`/`conns`, and the tests.
 pub struct PinnedMaps {
     /// Capacity of `RL_SOCK_OWNER` (fixed when it was created).
     socket_capacity: u64,
     host: Array<MapData, HostConns>,
-    uid_conns: HashMap<MapData, u32, UidConns>,
-    uid_caps: HashMap<MapData, u32, u64>,
+    uid_conns: HashMap<MapData, u32, Conns>,
+    uid_caps: HashMap<MapData, u32, Policy>,
     uid_seeded: HashMap<MapData, u32, u64>,
     uid_seeded_gone: HashMap<MapData, u32, u64>,
     settings: Array<MapData, Settings>,
+    group_policy: HashMap<MapData, u64, Policy>,
+    group_conns: HashMap<MapData, u64, Conns>,
 }
 
 impl PinnedMaps {
@@ -93,6 +131,8 @@ impl PinnedMaps {
             uid_seeded: open(&pins, names::UID_SEEDED)?,
             uid_seeded_gone: open(&pins, names::UID_SEEDED_GONE)?,
             settings: open(&pins, names::SETTINGS)?,
+            group_policy: open(&pins, names::GROUP_POLICY)?,
+            group_conns: open(&pins, names::GROUP_CONNS)?,
         })
     }
 
@@ -100,10 +140,7 @@ impl PinnedMaps {
     /// since) counted in `live`, as the programs count them against the caps.
     pub fn stats(&self) -> Result<ConnStats, BpfError> {
         let mut stats = read_stats(&self.host, &self.uid_conns)?;
-        let settings = self
-            .settings
-            .get(&0, 0)
-            .map_err(map_error(names::SETTINGS))?;
+        let settings = self.settings()?;
         stats.host.live += stats.host.seeded.saturating_sub(settings.seeded_gone);
         for item in self.uid_seeded.iter() {
             let (uid, seeded) = item.map_err(map_error(names::UID_SEEDED))?;
@@ -113,14 +150,36 @@ impl PinnedMaps {
         Ok(stats)
     }
 
-    /// Host counters and every UID's counters with the cap in force for it.
+    fn settings(&self) -> Result<Settings, BpfError> {
+        self.settings.get(&0, 0).map_err(map_error(names::SETTINGS))
+    }
+
+    /// Every group's counters (also of groups whose policy is gone while connections
+    /// charged to them are open), by cgroup id.
+    pub fn groups(&self) -> Result<BTreeMap<u64, GroupCounters>, BpfError> {
+        let mut groups = BTreeMap::new();
+        for item in self.group_conns.iter() {
+            let (id, conns) = item.map_err(map_error(names::GROUP_CONNS))?;
+            let policy = match self.group_policy.get(&id, 0) {
+                Ok(p) => Some(p),
+                Err(MapError::KeyNotFound) => None,
+                Err(source) => return Err(map_error(names::GROUP_POLICY)(source)),
+            };
+            groups.insert(id, GroupCounters { policy, conns });
+        }
+        Ok(groups)
+    }
+
+    /// Host counters and every UID's counters with the policy in force for it.
     pub fn usage(&self) -> Result<(HostConnStats, Vec<UidConnStats>), BpfError> {
         let counters = self.stats()?;
         let caps = self.uid_caps.keys().count() as u64;
+        let groups = self.group_policy.keys().count() as u64;
         let host = HostConnStats {
             live: counters.host.live,
             untracked: counters.host.untracked,
             denied_full: counters.host.denied_full,
+            events_lost: counters.host.events_lost,
             // Every charged socket has one RL_SOCK_OWNER entry.
             maps: vec![
                 fill(names::SOCK_OWNER, counters.host.live, self.socket_capacity),
@@ -130,39 +189,66 @@ impl PinnedMaps {
                     u64::from(MAX_UID_CONNS),
                 ),
                 fill(names::UID_CAPS, caps, u64::from(MAX_UID_CAPS)),
+                fill(names::GROUP_POLICY, groups, u64::from(MAX_GROUPS)),
             ],
         };
+        let now = now_ns();
         let mut per_uid = Vec::with_capacity(counters.per_uid.len());
         for (uid, c) in counters.per_uid {
-            let cap = Some(self.cap_for(uid)?).filter(|c| *c != UNLIMITED);
-            per_uid.push(UidConnStats {
-                uid,
-                live: c.live,
-                cap,
-                admitted: c.admitted,
-                denied_cap: c.denied_cap,
-                denied_host: c.denied_host,
-            });
+            let policy = self.policy_for(uid)?;
+            per_uid.push(uid_stats(uid, &policy, &c, now));
         }
         Ok((host, per_uid))
     }
 
-    /// The cap that applies to `uid` now (own cap, else the default), [`UNLIMITED`] for none.
-    pub fn cap_for(&self, uid: u32) -> Result<u64, BpfError> {
+    /// The policy that applies to `uid` now (own, else the default).
+    pub fn policy_for(&self, uid: u32) -> Result<Policy, BpfError> {
         match self.uid_caps.get(&uid, 0) {
-            Ok(cap) => return Ok(cap),
+            Ok(policy) => return Ok(policy),
             Err(MapError::KeyNotFound) => {}
             Err(source) => return Err(map_error(names::UID_CAPS)(source)),
         }
-        let settings = self
-            .settings
-            .get(&0, 0)
-            .map_err(map_error(names::SETTINGS))?;
+        let settings = self.settings()?;
         Ok(if u64::from(uid) >= settings.default_uid_min {
-            settings.default_cap
+            settings.default_policy
         } else {
-            UNLIMITED
+            Policy::NONE
         })
+    }
+}
+
+/// One UID's stats from its counters and policy, at monotonic time `now`.
+pub fn uid_stats(uid: u32, policy: &Policy, c: &Conns, now: u64) -> UidConnStats {
+    UidConnStats {
+        uid,
+        live: c.live,
+        cap: cap(policy),
+        rate: rate_stats(policy, c.rate_tat, now),
+        monitor: policy.flags & POLICY_MONITOR != 0,
+        admitted: c.admitted,
+        denied: ByReason::from_counters(c.denied),
+        would_deny: ByReason::from_counters(c.would_deny),
+        events_dropped: c.events_dropped,
+    }
+}
+
+/// A group's stats from its counters, at monotonic time `now`.
+pub fn group_stats(
+    group: &str,
+    counters: &GroupCounters,
+    now: u64,
+) -> crate::model::usage::GroupConnStats {
+    let policy = counters.policy.unwrap_or(Policy::NONE);
+    let c = &counters.conns;
+    crate::model::usage::GroupConnStats {
+        group: group.to_string(),
+        live: c.live,
+        cap: cap(&policy),
+        rate: rate_stats(&policy, c.rate_tat, now),
+        monitor: policy.flags & POLICY_MONITOR != 0,
+        admitted: c.admitted,
+        denied: ByReason::from_counters(c.denied),
+        would_deny: ByReason::from_counters(c.would_deny),
     }
 }
 

@@ -15,17 +15,22 @@
 //! on the 6.18 kernel we run on, even with the link's own program.)
 
 pub mod bpffs;
+pub mod events;
 mod maps;
 mod pins;
 pub mod seed;
 
-pub use maps::{program_stats, ConnStats, PinnedMaps};
+pub use maps::{
+    group_stats, now_ns, program_stats, uid_stats, ConnStats, GroupCounters, PinnedMaps,
+};
 use pins::{attach_staged, Staged};
 pub use pins::{uninstall, LinkAction, PinLayout};
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -35,7 +40,10 @@ use aya::{
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
-use rlagent_common::{names, HostConns, Settings, UidConns, FLAG_SEEDED, OWNER_SEEDED, UNLIMITED};
+use rlagent_common::{
+    names, Conns, HostConns, Policy, Settings, SockOwner, FLAG_SEEDED, MAX_GROUP_LEVEL,
+    OWNER_SEEDED, UNLIMITED,
+};
 
 use crate::desired::conns::ConnLimits;
 
@@ -45,7 +53,8 @@ static EBPF_OBJECT: &[u8] =
 
 /// Oldest kernel with everything the programs use: cgroup bpf_link (5.7), sock_release
 /// (5.9), bpf_get_socket_cookie in cgroup/sock (5.11), bpf_set_retval (5.18),
-/// bpf_skc_to_mptcp_sock (5.19).
+/// bpf_skc_to_mptcp_sock (5.19). (The ring buffer, 5.8, and the current task's pid, comm
+/// and ancestor cgroup in cgroup programs are older.)
 const MIN_KERNEL: (u32, u32) = (5, 19);
 
 /// `BPF_NOEXIST` of linux/bpf.h: create only.
@@ -53,7 +62,7 @@ const BPF_NOEXIST: u64 = 1;
 
 /// Every map is pinned, so all program generations share it (RL_MPTCP too: a charge kept
 /// on an MPTCP socket by one generation is released by the next).
-pub(super) const MAPS: [&str; 9] = [
+pub(super) const MAPS: [&str; 12] = [
     names::SETTINGS,
     names::MPTCP,
     names::GENERATION,
@@ -63,6 +72,9 @@ pub(super) const MAPS: [&str; 9] = [
     names::UID_CONNS,
     names::HOST_CONNS,
     names::SOCK_OWNER,
+    names::GROUP_POLICY,
+    names::GROUP_CONNS,
+    names::EVENTS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -227,12 +239,18 @@ impl ConnLimiter {
         }
         let cgroups = (!host_wide).then(|| seed::cgroup_ids(attach_cgroup));
         let found = seed::open_connections(limits.count_udp, cgroups.as_ref())?;
-        let concerned = |uid: u32| limits.host_cap != UNLIMITED || limits.cap_for(uid) != UNLIMITED;
-        let mut owners: HashMap<&mut MapData, u64, u64> =
+        let concerned =
+            |uid: u32| limits.host_cap != UNLIMITED || limits.policy_for(uid).cap != UNLIMITED;
+        let mut owners: HashMap<&mut MapData, u64, SockOwner> =
             typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
         let mut per_uid: std::collections::BTreeMap<u32, u64> = Default::default();
         for c in found.into_iter().filter(|c| concerned(c.uid)) {
-            match owners.insert(c.cookie, u64::from(c.uid) | OWNER_SEEDED, BPF_NOEXIST) {
+            // Not charged to a group: seeded connections count against UID and host caps.
+            let owner = SockOwner {
+                owner: u64::from(c.uid) | OWNER_SEEDED,
+                group: 0,
+            };
+            match owners.insert(c.cookie, owner, BPF_NOEXIST) {
                 Ok(()) => {
                     *per_uid.entry(c.uid).or_default() += 1;
                     self.seeded.push(c);
@@ -270,7 +288,7 @@ impl ConnLimiter {
             .into_iter()
             .map(|c| c.cookie)
             .collect();
-        let mut owners: HashMap<&mut MapData, u64, u64> =
+        let mut owners: HashMap<&mut MapData, u64, SockOwner> =
             typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
         let mut gone_per_uid: std::collections::BTreeMap<u32, u64> = Default::default();
         for c in std::mem::take(&mut self.seeded) {
@@ -377,48 +395,83 @@ impl ConnLimiter {
         staged.into_iter().map(Staged::commit).collect()
     }
 
-    /// Writes `limits` into the maps: settings first, then per-UID caps (added or changed,
-    /// then removed). Each map write is atomic per entry.
-    pub fn apply(&mut self, limits: &ConnLimits) -> Result<(), BpfError> {
-        let settings = self.seeded_settings(limits.settings(self.socket_capacity))?;
+    /// Writes `limits` into the maps: settings first, then per-UID policies (added or
+    /// changed, then removed), then groups. A group's cgroup is found under `mount`; the
+    /// groups whose cgroup does not exist yet are returned (applied by a later call, once
+    /// it does). Each map write is atomic per entry.
+    pub fn apply(&mut self, limits: &ConnLimits, mount: &Path) -> Result<Vec<String>, BpfError> {
+        let mut groups: BTreeMap<u64, Policy> = BTreeMap::new();
+        let mut levels = 0u64;
+        let mut pending = Vec::new();
+        for (name, group) in &limits.groups {
+            let level = group.cgroup.components().count() as u32;
+            let id = match std::fs::metadata(mount.join(&group.cgroup)) {
+                // A cgroup2 directory's inode number is its cgroup id.
+                Ok(meta) if (1..MAX_GROUP_LEVEL).contains(&level) => meta.ino(),
+                Ok(_) => {
+                    tracing::warn!(group = %name, cgroup = %group.cgroup.display(), "the group's cgroup is deeper than level {}, so its connection limits cannot be enforced", MAX_GROUP_LEVEL - 1);
+                    pending.push(name.clone());
+                    continue;
+                }
+                Err(_) => {
+                    pending.push(name.clone());
+                    continue;
+                }
+            };
+            levels |= 1 << level;
+            groups.insert(id, group.policy);
+        }
+        let mut settings = self.seeded_settings(limits.settings(self.socket_capacity))?;
+        settings.group_levels = levels;
         let mut settings_map: Array<&mut MapData, Settings> =
             typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
         settings_map
             .set(0, settings, 0)
             .map_err(map_error(names::SETTINGS))?;
 
-        let mut caps: HashMap<&mut MapData, u32, u64> =
-            typed_map_mut(&mut self.ebpf, names::UID_CAPS)?;
-        let stale: Vec<u32> = caps
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|uid| !limits.per_uid.contains_key(uid))
-            .collect();
-        for (uid, cap) in &limits.per_uid {
-            if caps.get(uid, 0).ok() != Some(*cap) {
-                caps.insert(uid, cap, 0)
-                    .map_err(map_error(names::UID_CAPS))?;
-            }
-        }
-        for uid in stale {
-            match caps.remove(&uid) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(map_error(names::UID_CAPS)(source)),
-            }
-        }
-        // Counters for every UID with a cap of its own, made now: such a UID is counted
+        sync_policies(
+            typed_map_mut(&mut self.ebpf, names::UID_CAPS)?,
+            names::UID_CAPS,
+            &limits.per_uid,
+        )?;
+        // Counters for every UID with a limit of its own, made now: such a UID is counted
         // however many other UIDs have connected since (an error here names a full map).
-        let mut conns: HashMap<&mut MapData, u32, UidConns> =
-            typed_map_mut(&mut self.ebpf, names::UID_CONNS)?;
-        for (uid, _) in limits.per_uid.iter().filter(|(_, cap)| **cap != UNLIMITED) {
-            match conns.insert(uid, UidConns::default(), BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => return Err(map_error(names::UID_CONNS)(source)),
-            }
+        let limited: BTreeSet<u32> = limits
+            .per_uid
+            .iter()
+            .filter(|(_, p)| p.limits())
+            .map(|(uid, _)| *uid)
+            .collect();
+        create_counters(
+            typed_map_mut(&mut self.ebpf, names::UID_CONNS)?,
+            names::UID_CONNS,
+            &limited,
+        )?;
+        // A group's counters exist before its policy, so a program that finds the policy
+        // finds the counters; stale counters go once nothing is charged to them.
+        let ids: BTreeSet<u64> = groups.keys().copied().collect();
+        create_counters(
+            typed_map_mut(&mut self.ebpf, names::GROUP_CONNS)?,
+            names::GROUP_CONNS,
+            &ids,
+        )?;
+        sync_policies(
+            typed_map_mut(&mut self.ebpf, names::GROUP_POLICY)?,
+            names::GROUP_POLICY,
+            &groups,
+        )?;
+        let mut counters: HashMap<&mut MapData, u64, Conns> =
+            typed_map_mut(&mut self.ebpf, names::GROUP_CONNS)?;
+        let idle: Vec<u64> = counters
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(id, c)| !ids.contains(id) && c.live == 0)
+            .map(|(id, _)| id)
+            .collect();
+        for id in idle {
+            remove_entry(&mut counters, names::GROUP_CONNS, &id)?;
         }
-        Ok(())
+        Ok(pending)
     }
 
     /// Removes the pins of every other map-layout version under the pin path (an older
@@ -446,6 +499,58 @@ impl ConnLimiter {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Makes `map` hold exactly `wanted`: changed entries written, stale ones removed.
+fn sync_policies<K>(
+    mut map: HashMap<&mut MapData, K, Policy>,
+    name: &'static str,
+    wanted: &BTreeMap<K, Policy>,
+) -> Result<(), BpfError>
+where
+    K: aya::Pod + Ord,
+{
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains_key(k))
+        .collect();
+    for (key, policy) in wanted {
+        if map.get(key, 0).ok().as_ref() != Some(policy) {
+            map.insert(key, policy, 0).map_err(map_error(name))?;
+        }
+    }
+    for key in stale {
+        remove_entry(&mut map, name, &key)?;
+    }
+    Ok(())
+}
+
+/// Creates zeroed counters for each of `keys` that has none.
+fn create_counters<K: aya::Pod>(
+    mut map: HashMap<&mut MapData, K, Conns>,
+    name: &'static str,
+    keys: &BTreeSet<K>,
+) -> Result<(), BpfError> {
+    for key in keys {
+        match map.insert(key, Conns::default(), BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => return Err(map_error(name)(source)),
+        }
+    }
+    Ok(())
+}
+
+fn remove_entry<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<(), BpfError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(map_error(name)(source)),
     }
 }
 

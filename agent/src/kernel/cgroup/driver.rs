@@ -52,7 +52,7 @@ pub fn interface_file(field: Field) -> &'static str {
         Field::Memory => "memory.max",
         Field::MemoryHigh => "memory.high",
         Field::Pids => "pids.max",
-        Field::Conns | Field::ConnRate | Field::ConnBurst => "",
+        Field::Conns | Field::ConnRate | Field::ConnBurst | Field::Mode => "",
     }
 }
 

@@ -137,7 +137,7 @@ pub fn properties(field: Field, quota: &CgroupQuota) -> Vec<Property> {
         Field::Memory => vec![bytes(quota.memory)],
         Field::MemoryHigh => vec![bytes(quota.memory_high)],
         Field::Pids => vec![bytes(quota.pids)],
-        Field::Conns | Field::ConnRate | Field::ConnBurst => return Vec::new(),
+        Field::Conns | Field::ConnRate | Field::ConnBurst | Field::Mode => return Vec::new(),
     };
     with_values(field, &values)
 }
@@ -162,7 +162,7 @@ fn with_values(field: Field, values: &[u64]) -> Vec<Property> {
         Field::Memory => vec![Property::MemoryMax(at(0))],
         Field::MemoryHigh => vec![Property::MemoryHigh(at(0))],
         Field::Pids => vec![Property::TasksMax(at(0))],
-        Field::Conns | Field::ConnRate | Field::ConnBurst => Vec::new(),
+        Field::Conns | Field::ConnRate | Field::ConnBurst | Field::Mode => Vec::new(),
     }
 }
 

@@ -81,7 +81,7 @@ impl Engine {
             Stat::ConnDenials => {
                 for c in &stats.conns {
                     let key = format!("denials/{}/{}", c.uid, window.as_secs());
-                    let total = (c.denied_cap + c.denied_host) as f64;
+                    let total = c.denied.total() as f64;
                     let inc = self.increase(key, now, total, window);
                     out.push((format!("user:{}", c.uid), inc));
                 }

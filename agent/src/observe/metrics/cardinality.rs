@@ -17,13 +17,16 @@ pub const UID_ACTIVITY_WINDOW: Duration = Duration::from_secs(300);
 impl UidActivity {
     pub fn retain(&mut self, stats: &mut Stats, now: std::time::Instant) {
         stats.conns.retain(|c| {
-            let total = c.admitted + c.denied_cap + c.denied_host;
+            let total = c.admitted + c.denied.total() + c.would_deny.total() + c.events_dropped;
             let changed_at = match self.last.get(&c.uid) {
                 Some((seen, at)) if *seen == total => *at,
                 _ => now,
             };
             self.last.insert(c.uid, (total, changed_at));
-            c.cap.is_some() || c.live > 0 || now.duration_since(changed_at) < UID_ACTIVITY_WINDOW
+            c.cap.is_some()
+                || c.rate.is_some()
+                || c.live > 0
+                || now.duration_since(changed_at) < UID_ACTIVITY_WINDOW
         });
     }
 }

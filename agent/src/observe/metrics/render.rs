@@ -8,7 +8,10 @@ use prometheus::{
     Encoder, TextEncoder,
 };
 
-use crate::observe::stats::Stats;
+use crate::{
+    model::usage::{ByReason, RateStats},
+    observe::stats::Stats,
+};
 
 /// Metric families in the order they were first added.
 #[derive(Default)]
@@ -234,14 +237,55 @@ pub fn render(stats: &Stats) -> String {
             &l,
             c.admitted as f64,
         );
-        for (reason, value) in [("cap", c.denied_cap), ("host_cap", c.denied_host)] {
-            e.counter(
-                "rlagent_connections_denied_total",
-                "connect() calls denied, by reason.",
-                &[("uid", c.uid.to_string()), ("reason", reason.to_string())],
-                value as f64,
+        if let Some(rate) = c.rate {
+            rate_gauges(&mut e, &l, &rate);
+        }
+        reason_counters(&mut e, &l, &c.denied, &c.would_deny);
+        e.counter(
+            "rlagent_connection_events_dropped_total",
+            "Denials (and would-denies) of the UID whose event was not sent: over the per-UID event rate, or the ring buffer was full.",
+            &l,
+            c.events_dropped as f64,
+        );
+    }
+    for g in &stats.groups {
+        let l = [("group", g.group.clone())];
+        e.gauge(
+            "rlagent_group_connections_live",
+            "Live connections of the group's processes together.",
+            &l,
+            g.live as f64,
+        );
+        if let Some(cap) = g.cap {
+            e.gauge(
+                "rlagent_group_connections_cap",
+                "Connection cap of the group.",
+                &l,
+                cap as f64,
             );
         }
+        if let Some(rate) = g.rate {
+            rate_gauges(&mut e, &l, &rate);
+        }
+        e.counter(
+            "rlagent_group_connections_admitted_total",
+            "connect() calls of the group's processes admitted.",
+            &l,
+            g.admitted as f64,
+        );
+        reason_counters(&mut e, &l, &g.denied, &g.would_deny);
+    }
+    for ((uid, reason, monitor), count) in &stats.events_received {
+        e.counter(
+            "rlagent_connection_events_total",
+            "Denial events the agent received from the programs (logged, and kept for rlctl events), by UID, reason and mode.",
+            &[
+                ("uid", uid.to_string()),
+                ("reason", reason.clone()),
+                ("mode", if *monitor { "monitor" } else { "enforce" }.to_string()),
+            ],
+            *count as f64,
+        );
     }
     if let Some(host) = &stats.host {
         e.gauge(
@@ -255,6 +299,12 @@ pub fn render(stats: &Stats) -> String {
             "connect() calls let through uncounted (a UID without a cap over its share of the maps, or on_full = allow).",
             &[],
             host.untracked as f64,
+        );
+        e.counter(
+            "rlagent_connection_events_lost_total",
+            "Denial events lost because the kernel's ring buffer was full (the agent fell behind).",
+            &[],
+            host.events_lost as f64,
         );
         e.counter(
             "rlagent_connections_denied_full_total",
@@ -333,6 +383,48 @@ pub fn render(stats: &Stats) -> String {
     String::from_utf8(out).expect("the text format is UTF-8")
 }
 
+/// The token bucket of a UID or group (labels `l`).
+fn rate_gauges(e: &mut Exposition, l: &[(&str, String)], rate: &RateStats) {
+    e.gauge(
+        "rlagent_connection_rate_per_second",
+        "Connection rate limit: new connections per second (one token per interval).",
+        l,
+        1e9 / rate.interval_ns as f64,
+    );
+    e.gauge(
+        "rlagent_connection_rate_burst",
+        "Connection rate limit: the bucket size.",
+        l,
+        rate.burst as f64,
+    );
+    e.gauge(
+        "rlagent_connection_rate_tokens",
+        "Connection rate limit: tokens in the bucket now.",
+        l,
+        rate.tokens as f64,
+    );
+}
+
+/// Denials and would-denies of a UID or group (labels `l`), one series per reason.
+fn reason_counters(e: &mut Exposition, l: &[(&str, String)], denied: &ByReason, would: &ByReason) {
+    for ((reason, d), (_, w)) in denied.iter().into_iter().zip(would.iter()) {
+        let mut labels = l.to_vec();
+        labels.push(("reason", reason.to_string()));
+        e.counter(
+            "rlagent_connections_denied_total",
+            "connect() calls denied, by reason.",
+            &labels,
+            d as f64,
+        );
+        e.counter(
+            "rlagent_connections_would_deny_total",
+            "connect() calls a monitor-mode limit let through that enforce mode would deny, by reason.",
+            &labels,
+            w as f64,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,10 +453,13 @@ mod tests {
         let stats = Stats {
             targets: vec![batch],
             conns: vec![uid_stats(1000, 3, Some(3), 10, 2)],
+            groups: vec![],
+            events_received: [((1000, "cap".to_string(), false), 2)].into(),
             host: Some(HostConnStats {
                 live: 3,
                 untracked: 0,
                 denied_full: 0,
+                events_lost: 0,
                 maps: vec![],
             }),
             placement_moves: 4,

@@ -1,0 +1,135 @@
+//! A denial (or, in monitor mode, a would-deny) as the agent reports it: the log line,
+//! `rlctl events` and `rlctl why` all show this one type.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+use rlagent_common::{reason, DenyEvent};
+
+/// One connect() a limit refused or, in monitor mode, would have refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenialEvent {
+    /// When, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    pub uid: u32,
+    pub pid: u32,
+    /// The process's name (at most 15 bytes, as the kernel keeps it).
+    pub comm: String,
+    /// The group the process was in, when a group's limits applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `cap`, `host_cap`, `rate`, `group`, `group_rate` or `full`.
+    pub reason: String,
+    /// True: monitor mode, the connect() went through.
+    pub monitor: bool,
+    /// The cap, or for a rate the burst, in force at the time.
+    pub limit: u64,
+    /// The address and port connect() was called with.
+    pub destination: String,
+    /// The errno connect() failed with (0 when it did not fail).
+    pub errno: u32,
+}
+
+/// AF_INET6 of the kernel (the programs copy the family from the socket address).
+const AF_INET6: u16 = 10;
+
+impl DenialEvent {
+    /// From a program's record: `wall_ms_at` turns its monotonic time into wall-clock
+    /// milliseconds; `group` names the group of its cgroup id.
+    pub fn from_kernel(
+        raw: &DenyEvent,
+        wall_ms_at: impl Fn(u64) -> u64,
+        group: impl Fn(u64) -> Option<String>,
+    ) -> Self {
+        let ip = if raw.family == AF_INET6 {
+            IpAddr::V6(Ipv6Addr::from(raw.addr))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(
+                raw.addr[0],
+                raw.addr[1],
+                raw.addr[2],
+                raw.addr[3],
+            ))
+        };
+        let destination = match ip {
+            IpAddr::V6(v6) => format!("[{v6}]:{}", raw.port),
+            IpAddr::V4(v4) => format!("{v4}:{}", raw.port),
+        };
+        let comm_len = raw
+            .comm
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(raw.comm.len());
+        Self {
+            time_ms: wall_ms_at(raw.time_ns),
+            uid: raw.uid,
+            pid: raw.pid,
+            comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
+            group: (raw.group != 0).then(|| group(raw.group)).flatten(),
+            reason: reason::NAMES
+                .get(usize::from(raw.reason))
+                .copied()
+                .unwrap_or("unknown")
+                .to_string(),
+            monitor: raw.monitor != 0,
+            limit: raw.limit,
+            destination,
+            errno: raw.errno,
+        }
+    }
+
+    /// What the limit was, in words: "cap 5", "rate (burst 5)", ...
+    pub fn limit_text(&self) -> String {
+        match self.reason.as_str() {
+            "rate" | "group_rate" => format!("{} (burst {})", self.reason, self.limit),
+            "full" => "a full kernel map".to_string(),
+            other => format!("{other} {}", self.limit),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(family: u16, addr: [u8; 16]) -> DenyEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        DenyEvent {
+            time_ns: 5_000_000,
+            group: 42,
+            limit: 3,
+            uid: 1001,
+            pid: 77,
+            errno: 1,
+            port: 8080,
+            family,
+            reason: reason::GROUP as u8,
+            monitor: 0,
+            _pad: [0; 6],
+            comm,
+            addr,
+        }
+    }
+
+    #[test]
+    fn a_kernel_record_reads_as_an_event() {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let e = DenialEvent::from_kernel(
+            &raw(2, v4),
+            |ns| 1_000 + ns / 1_000_000,
+            |id| (id == 42).then(|| "batch".to_string()),
+        );
+        assert_eq!(e.time_ms, 1_005);
+        assert_eq!(e.comm, "curl");
+        assert_eq!(e.group.as_deref(), Some("batch"));
+        assert_eq!(e.reason, "group");
+        assert_eq!(e.destination, "127.0.0.1:8080");
+        assert_eq!(e.limit_text(), "group 3");
+        let v6 = DenialEvent::from_kernel(&raw(10, Ipv6Addr::LOCALHOST.octets()), |_| 0, |_| None);
+        assert_eq!(v6.destination, "[::1]:8080");
+        assert_eq!(v6.group, None);
+    }
+}

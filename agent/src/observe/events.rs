@@ -1,0 +1,132 @@
+//! The denial event log: each event the programs send becomes a warning log line, a
+//! per-UID and per-reason count, an entry in a bounded ring of recent events (`rlctl
+//! events`, `rlctl why`), and a line to every `rlctl events --follow`.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Mutex,
+};
+
+use crate::model::event::DenialEvent;
+
+/// Recent events kept for `rlctl events` and `rlctl why`.
+pub const RECENT_EVENTS: usize = 1024;
+
+/// Events received, by (uid, reason, monitor).
+pub type Received = BTreeMap<(u32, String, bool), u64>;
+
+pub struct EventLog {
+    recent: Mutex<VecDeque<DenialEvent>>,
+    received: Mutex<Received>,
+    stream: tokio::sync::broadcast::Sender<DenialEvent>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+            received: Mutex::default(),
+            stream: tokio::sync::broadcast::channel(RECENT_EVENTS).0,
+        }
+    }
+}
+
+impl EventLog {
+    /// Logs, counts, keeps and streams one event.
+    pub fn record(&self, event: DenialEvent) {
+        let group = event.group.as_deref().unwrap_or("-");
+        let what = if event.monitor {
+            "connect() would be denied (monitor mode, let through)"
+        } else {
+            "connect() denied"
+        };
+        tracing::warn!(
+            target: "rlagent::denial",
+            uid = event.uid,
+            pid = event.pid,
+            comm = %event.comm,
+            group,
+            reason = %event.reason,
+            limit = event.limit,
+            destination = %event.destination,
+            errno = event.errno,
+            "{what}"
+        );
+        *lock(&self.received)
+            .entry((event.uid, event.reason.clone(), event.monitor))
+            .or_default() += 1;
+        let mut recent = lock(&self.recent);
+        if recent.len() == RECENT_EVENTS {
+            recent.pop_front();
+        }
+        recent.push_back(event.clone());
+        drop(recent);
+        // No receiver is not an error: nobody follows the stream.
+        let _ = self.stream.send(event);
+    }
+
+    /// The last `limit` events (of `uid` only, when given), oldest first.
+    pub fn recent(&self, uid: Option<u32>, limit: usize) -> Vec<DenialEvent> {
+        let recent = lock(&self.recent);
+        let mut events: Vec<DenialEvent> = recent
+            .iter()
+            .rev()
+            .filter(|e| uid.is_none_or(|u| e.uid == u))
+            .take(limit)
+            .cloned()
+            .collect();
+        events.reverse();
+        events
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<DenialEvent> {
+        self.stream.subscribe()
+    }
+
+    pub fn received(&self) -> Received {
+        lock(&self.received).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(uid: u32, reason: &str) -> DenialEvent {
+        DenialEvent {
+            time_ms: 0,
+            uid,
+            pid: 1,
+            comm: "x".into(),
+            group: None,
+            reason: reason.into(),
+            monitor: false,
+            limit: 1,
+            destination: "127.0.0.1:1".into(),
+            errno: 1,
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_latest_and_filters_by_uid() {
+        let log = EventLog::default();
+        let mut follow = log.subscribe();
+        for i in 0..RECENT_EVENTS {
+            log.record(event(1000 + (i % 2) as u32, "cap"));
+        }
+        assert_eq!(log.recent(None, usize::MAX).len(), RECENT_EVENTS);
+        let mine = log.recent(Some(1001), 3);
+        assert_eq!(mine.len(), 3);
+        assert!(mine.iter().all(|e| e.uid == 1001));
+        assert_eq!(follow.try_recv().unwrap().uid, 1000);
+        for i in 0..10 {
+            log.record(event(1000 + i % 2, "cap"));
+        }
+        assert_eq!(log.recent(None, usize::MAX).len(), RECENT_EVENTS);
+        assert_eq!(log.received()[&(1000, "cap".to_string(), false)], 517);
+    }
+}
