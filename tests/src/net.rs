@@ -178,6 +178,10 @@ impl Helper {
         line.trim_end().to_string()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Sends a command without waiting for the reply (to start several helpers at once).
     pub fn send(&mut self, command: &str) {
         writeln!(self.stdin, "{command}").expect("writing helper");

@@ -6,18 +6,25 @@ use std::collections::BTreeMap;
 use super::{
     access::{Access, Peer},
     protocol::{
-        AlertsResult, ClearQuotaResult, ErrorCode, FieldValue, ListResult, MoveResult,
-        ReloadResult, Request, Response, SetQuotaResult, TargetQuota,
+        AlertsResult, ClearQuotaResult, ErrorCode, EventsResult, FieldValue, ListResult,
+        MoveResult, ReloadResult, Request, Response, SetQuotaResult, TargetQuota, WhyReason,
+        WhyResult,
     },
 };
 use crate::{
     agent::{App, AppError, Refusal},
     model::{
         error_chain,
+        event::DenialEvent,
         quota::{not_supported_yet, unsupported_fields, Field, Quota},
-        target::Target,
+        target::{Target, UserRef},
     },
+    observe::{events::RECENT_EVENTS, table::rate_text},
 };
+
+/// Events `rlctl events` shows when no limit is given, and `rlctl why` lists.
+pub const DEFAULT_EVENTS: usize = 20;
+const WHY_EVENTS: usize = 10;
 
 /// Answers `request` from `peer`, and writes the audit line: every change, accepted or
 /// refused, at info level with the peer's UID and PID (target `rlagent::audit`); reads at
@@ -55,10 +62,19 @@ fn answer(app: &App, access: Access, request: Request) -> Response {
         Request::Stats { target } => stats(app, access, target.as_deref()),
         Request::Status {} => Ok(Response::ok(&app.status(access.reads_all()))),
         Request::Alerts {} => Ok(alerts(app, access)),
-        Request::WatchAlerts {} => Ok(Response::error(
+        Request::WatchAlerts {} | Request::WatchEvents { .. } => Ok(Response::error(
             ErrorCode::BadRequest,
-            "watch_alerts is served as a stream",
+            "watch requests are served as a stream",
         )),
+        Request::Events { uid, limit } => Ok(match events_uid(access, uid) {
+            Ok(uid) => Response::ok(&EventsResult {
+                events: app
+                    .events()
+                    .recent(uid, limit.unwrap_or(DEFAULT_EVENTS).min(RECENT_EVENTS)),
+            }),
+            Err(refusal) => refusal,
+        }),
+        Request::Why { target } => why(app, access, &target),
         Request::Move { group, pids } => {
             return match app.move_to_group(&group, &pids, access == Access::Root) {
                 Ok(cgroup) => Response::ok(&MoveResult {
@@ -240,6 +256,114 @@ fn stats(app: &App, access: Access, target: Option<&str>) -> Result<Response, Ap
         };
     }
     Ok(Response::ok(&stats))
+}
+
+/// The UID whose events `access` may read: any (or all) for root and operators, only
+/// their own for others (their own when they name none).
+pub fn events_uid(access: Access, uid: Option<u32>) -> Result<Option<u32>, Response> {
+    match (access, uid) {
+        (Access::Reader { uid: own }, Some(asked)) if asked != own => Err(denied(format!(
+            "permission denied: you (uid {own}) may read your own events only"
+        ))),
+        (Access::Reader { uid: own }, _) => Ok(Some(own)),
+        (_, uid) => Ok(uid),
+    }
+}
+
+/// `why user:<u>`: the user's denials by reason, each with the limit behind it now.
+fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
+    let target = app.resolve_target(target)?;
+    let Target::User(UserRef::Uid(uid)) = target else {
+        return Ok(invalid(format!(
+            "why takes a user:<uid|name> target, not {target}"
+        )));
+    };
+    if !access.sees(&target) {
+        return Ok(denied(
+            "permission denied: you may ask about your own user only",
+        ));
+    }
+    let stats = app.stats()?;
+    let counters = stats.conns.iter().find(|c| c.uid == uid).cloned();
+    let events = app.events().recent(Some(uid), RECENT_EVENTS);
+    let snapshot = app.snapshot();
+    let own = snapshot.desired.quotas.get(&target);
+    let source = |field: Field| {
+        if own.is_some_and(|q| q.text(field).is_some()) {
+            format!("{field} of {target}")
+        } else {
+            format!(
+                "{field} of user:* (the default from uid {} up)",
+                snapshot.desired.conns.uid_min
+            )
+        }
+    };
+    let mut reasons = Vec::new();
+    for reason in rlagent_common::reason::NAMES {
+        let (denied, would_deny) = counters.as_ref().map_or((0, 0), |c| {
+            WhyReason::counts(reason, &c.denied, &c.would_deny)
+        });
+        let mine: Vec<&DenialEvent> = events.iter().filter(|e| e.reason == reason).collect();
+        if denied + would_deny == 0 && mine.is_empty() {
+            continue;
+        }
+        let group = mine
+            .last()
+            .and_then(|e| e.group.clone())
+            .and_then(|g| stats.groups.iter().find(|s| s.group == g).cloned());
+        let limit = match reason {
+            "cap" => format!(
+                "{} = {} ({} live now)",
+                source(Field::Conns),
+                counters
+                    .as_ref()
+                    .and_then(|c| c.cap)
+                    .map_or("none now".to_string(), |c| c.to_string()),
+                counters.as_ref().map_or(0, |c| c.live)
+            ),
+            "rate" => format!(
+                "{} = {}",
+                source(Field::ConnRate),
+                rate_text(counters.as_ref().and_then(|c| c.rate.as_ref()), false)
+            ),
+            "host_cap" => format!(
+                "[bpf] host_conns = {}",
+                crate::agent::cap_text(snapshot.desired.conns.host_cap)
+            ),
+            "group" | "group_rate" => match &group {
+                Some(g) if reason == "group" => format!(
+                    "conns of group:{} = {} ({} live now)",
+                    g.group,
+                    g.cap.map_or("none now".to_string(), |c| c.to_string()),
+                    g.live
+                ),
+                Some(g) => format!(
+                    "conn_rate of group:{} = {}",
+                    g.group,
+                    rate_text(g.rate.as_ref(), false)
+                ),
+                None => "a group's limit (the group has no limits now)".to_string(),
+            },
+            _ => "a kernel map was full ([bpf] on_full = \"deny\"; see rlagent_bpf_map_entries)"
+                .to_string(),
+        };
+        reasons.push(WhyReason {
+            reason: reason.to_string(),
+            denied,
+            would_deny,
+            events: mine.len(),
+            last_ms: mine.last().map(|e| e.time_ms),
+            limit,
+            group,
+        });
+    }
+    let skip = events.len().saturating_sub(WHY_EVENTS);
+    Ok(Response::ok(&WhyResult {
+        target: target.to_string(),
+        counters,
+        reasons,
+        events: events.into_iter().skip(skip).collect(),
+    }))
 }
 
 fn alerts(app: &App, access: Access) -> Response {

@@ -14,7 +14,12 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub use crate::{agent::Status, observe::stats::Stats};
 use crate::{
     desired::state::Source,
-    model::{alert::Alert, quota::Field},
+    model::{
+        alert::Alert,
+        event::DenialEvent,
+        quota::Field,
+        usage::{ByReason, GroupConnStats, UidConnStats},
+    },
 };
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -51,6 +56,23 @@ pub enum Request {
     Alerts {},
     /// The current alerts, then one line per transition until the client disconnects.
     WatchAlerts {},
+    /// The last `limit` denial events (of one UID, when `uid` is given), oldest first.
+    Events {
+        #[serde(default)]
+        uid: Option<u32>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// The last events, then one line per event until the client disconnects.
+    WatchEvents {
+        #[serde(default)]
+        uid: Option<u32>,
+    },
+    /// Why a user's connections were refused: the last denials by reason, with the limit
+    /// that caused them and its value now.
+    Why {
+        target: String,
+    },
     /// Moves processes into a group's cgroup (`rlctl run` moves itself, then execs).
     Move {
         group: String,
@@ -137,6 +159,61 @@ pub struct FieldValue {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertsResult {
     pub alerts: Vec<Alert>,
+}
+
+/// `events`, and the first line of `watch_events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsResult {
+    pub events: Vec<DenialEvent>,
+}
+
+/// Each later line of `watch_events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventLine {
+    pub event: DenialEvent,
+}
+
+/// `why`: a user's recent denials, reason by reason, with the limits behind them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhyResult {
+    pub target: String,
+    /// The UID's limits and counters now (`None`: it never connected since the programs
+    /// were first loaded).
+    pub counters: Option<UidConnStats>,
+    pub reasons: Vec<WhyReason>,
+    /// The last events of the UID, oldest first.
+    pub events: Vec<DenialEvent>,
+}
+
+/// One reason a user's connect() calls were refused (or would be, in monitor mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhyReason {
+    /// `cap`, `host_cap`, `rate`, `group`, `group_rate` or `full`.
+    pub reason: String,
+    /// Refused (or would-deny) connect() calls by this reason, from the kernel counters.
+    pub denied: u64,
+    pub would_deny: u64,
+    /// Of them, events kept by the agent, and the time of the last (ms since the epoch).
+    pub events: usize,
+    pub last_ms: Option<u64>,
+    /// The limit, where it comes from, and its value now.
+    pub limit: String,
+    /// The group, for `group` and `group_rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupConnStats>,
+}
+
+impl WhyReason {
+    /// The counts of `reason` in `denied` and `would`.
+    pub fn counts(reason: &str, denied: &ByReason, would: &ByReason) -> (u64, u64) {
+        let pick = |r: &ByReason| {
+            r.iter()
+                .into_iter()
+                .find(|(n, _)| *n == reason)
+                .map_or(0, |(_, c)| c)
+        };
+        (pick(denied), pick(would))
+    }
 }
 
 /// Each later line of `watch_alerts`.

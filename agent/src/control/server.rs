@@ -23,9 +23,16 @@ use tokio::{
 use super::{
     access::{Access, Peer},
     handlers,
-    protocol::{parse_request, AlertEvent, AlertsResult, ErrorCode, Request, Response, MAX_LINE},
+    protocol::{
+        parse_request, AlertEvent, AlertsResult, ErrorCode, EventLine, EventsResult, Request,
+        Response, MAX_LINE,
+    },
 };
-use crate::{agent::App, model::alert::Alert, observe::budget::Budget};
+use crate::{
+    agent::App,
+    model::{alert::Alert, event::DenialEvent},
+    observe::budget::Budget,
+};
 
 pub const MAX_CLIENTS: usize = 512;
 /// Of [`MAX_CLIENTS`], the slots only root and operators may take.
@@ -195,6 +202,10 @@ async fn client(stream: UnixStream, peer: Peer, access: Access, app: Arc<App>) {
                         watch_alerts(&app, access, reader, &mut write_half).await;
                         return;
                     }
+                    Ok(Request::WatchEvents { uid }) => {
+                        watch_events(&app, access, uid, reader, &mut write_half).await;
+                        return;
+                    }
                     Ok(request) => app
                         .blocking("request", {
                             let peer = peer.clone();
@@ -206,6 +217,51 @@ async fn client(stream: UnixStream, peer: Peer, access: Access, app: Arc<App>) {
             },
         };
         if !send(&mut write_half, &response).await {
+            return;
+        }
+    }
+}
+
+/// Streams denial events to one client until it goes away, as [`watch_alerts`] does
+/// alerts: the last events, then one line per event (of the UID the caller may read).
+async fn watch_events(
+    app: &Arc<App>,
+    access: Access,
+    uid: Option<u32>,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    out: &mut OwnedWriteHalf,
+) {
+    let uid = match handlers::events_uid(access, uid) {
+        Ok(uid) => uid,
+        Err(refusal) => {
+            send(out, &refusal).await;
+            return;
+        }
+    };
+    let mine = move |e: &DenialEvent| uid.is_none_or(|u| e.uid == u);
+    let mut events = app.events().subscribe();
+    let recent = app.events().recent(uid, handlers::DEFAULT_EVENTS);
+    if !send(out, &Response::ok(&EventsResult { events: recent })).await {
+        return;
+    }
+    let mut ignored = [0u8; 512];
+    loop {
+        let response = tokio::select! {
+            read = tokio::io::AsyncReadExt::read(&mut reader, &mut ignored) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            },
+            event = events.recv() => match event {
+                Ok(event) if mine(&event) => Response::ok(&EventLine { event }),
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Response::error(
+                    ErrorCode::Busy,
+                    format!("this watcher fell behind; {n} denial events were skipped (rlagent_connection_events_total counts them all)"),
+                ),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        if !send(out, &response).await {
             return;
         }
     }

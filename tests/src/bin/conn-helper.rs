@@ -9,6 +9,8 @@
 //!   `hold <kind> <port> <n>`               → `ok <succeeded> <failed>` (all sockets kept)
 //!   `cycles <kind> <port> <n>`             → `ok <admitted> <last errno>`: socket, connect,
 //!                                            close, n times
+//!   `for <kind> <port> <millis>`           → `ok <admitted> <attempts>`: socket, connect,
+//!                                            close, as fast as it can for that long
 //!   `close <id>` / `close-all`             → `ok`
 //!   `bench <kind> <port> <iterations>`     → `ok <total ns>` (connect+close loop)
 //!   `multi-uid <first> <count> <port>`     → `ok <n>`: one UDP socket per UID (as root)
@@ -113,6 +115,20 @@ fn main() {
                     close(fd);
                 }
                 format!("ok {admitted} {last}")
+            }
+            ["for", kind, port, millis] => {
+                let until =
+                    Instant::now() + std::time::Duration::from_millis(millis.parse().unwrap());
+                let (mut admitted, mut attempts) = (0u64, 0u64);
+                while Instant::now() < until {
+                    let fd = new_socket(kind);
+                    if connect(fd, kind, port.parse().unwrap()).is_ok() {
+                        admitted += 1;
+                    }
+                    attempts += 1;
+                    close(fd);
+                }
+                format!("ok {admitted} {attempts}")
             }
             ["close", id] => {
                 if let Some(fd) = sockets.remove(&id.parse::<u64>().unwrap()) {

@@ -1,14 +1,9 @@
 //! `rlctl alerts [--watch]`.
 
-use std::{
-    fmt::Write as _,
-    io::{BufRead, BufReader, Write},
-    path::Path,
-    process::ExitCode,
-};
+use std::{fmt::Write as _, path::Path, process::ExitCode};
 
 use rlagent::{
-    control::protocol::{request_line, AlertEvent, AlertsResult, Request, Response},
+    control::protocol::{AlertEvent, AlertsResult, Request, Response},
     model::alert::Alert,
 };
 
@@ -43,34 +38,11 @@ pub fn list(socket: &Path, json: bool) -> Result<ExitCode, String> {
 
 /// The current alerts, then each transition as it happens.
 pub fn watch(socket: &Path, json: bool) -> Result<ExitCode, String> {
-    let stream = client::connect(socket)?;
-    (&stream)
-        .write_all(request_line(&Request::WatchAlerts {}).as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut first = true;
-    for line in BufReader::new(&stream).lines() {
-        let line = line.map_err(|e| format!("reading from {}: {e}", socket.display()))?;
-        let response: Response = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-        if json {
-            println!("{line}");
-            if first && !response.ok {
-                return Ok(ExitCode::FAILURE);
-            }
-        } else {
-            if !response.ok {
-                let code = client::refused(&response, false);
-                if first {
-                    // Refused outright (busy, not allowed): the watch never started.
-                    return Ok(code);
-                }
-            } else if first {
-                print!("{}", table(&response.result::<AlertsResult>()?));
-            } else {
-                print!("{}", row(&response.result::<AlertEvent>()?.event));
-            }
-        }
-        first = false;
-        std::io::stdout().flush().map_err(|e| e.to_string())?;
-    }
-    Ok(ExitCode::SUCCESS)
+    client::watch(
+        socket,
+        json,
+        &Request::WatchAlerts {},
+        |r: &Response| Ok(table(&r.result::<AlertsResult>()?)),
+        |r: &Response| Ok(row(&r.result::<AlertEvent>()?.event)),
+    )
 }

@@ -101,3 +101,43 @@ pub fn show<T: DeserializeOwned + Serialize>(
         }
     }
 }
+
+/// Sends a watch request and prints its stream until the agent closes it: each line as
+/// JSON with `--json`, else the first answer with `first` and every later one with `each`.
+pub fn watch(
+    socket: &Path,
+    json: bool,
+    req: &Request,
+    first: impl Fn(&Response) -> Result<String, String>,
+    each: impl Fn(&Response) -> Result<String, String>,
+) -> Result<ExitCode, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = connect(socket)?;
+    (&stream)
+        .write_all(rlagent::control::protocol::request_line(req).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut is_first = true;
+    for line in BufReader::new(&stream).lines() {
+        let line = line.map_err(|e| format!("reading from {}: {e}", socket.display()))?;
+        let response: Response = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        if json {
+            println!("{line}");
+            if is_first && !response.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        } else if !response.ok {
+            let code = refused(&response, false);
+            if is_first {
+                // Refused outright (busy, not allowed): the watch never started.
+                return Ok(code);
+            }
+        } else if is_first {
+            print!("{}", first(&response)?);
+        } else {
+            print!("{}", each(&response)?);
+        }
+        is_first = false;
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

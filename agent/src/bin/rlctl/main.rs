@@ -5,6 +5,7 @@
 
 mod alerts;
 mod client;
+mod events;
 mod quota;
 mod run;
 mod show;
@@ -105,6 +106,20 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Denial events: connect() calls a limit refused, or would refuse in monitor mode
+    /// (the last N, then with --follow each as it happens)
+    Events {
+        /// Only this UID's events (users other than root and operators see only theirs)
+        #[arg(long)]
+        uid: Option<u32>,
+        /// How many of the last events (default 20, at most 1024)
+        #[arg(short = 'n', long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Why a user's connections were refused: each reason, with the limit behind it now
+    Why { target: String },
     /// Run a command in a group: rlctl moves itself into the group, then execs CMD
     Run {
         group: String,
@@ -139,6 +154,8 @@ fn main() -> ExitCode {
         Command::Status => show::status(socket, json),
         Command::Alerts { watch: false } => alerts::list(socket, json),
         Command::Alerts { watch: true } => alerts::watch(socket, json),
+        Command::Events { uid, limit, follow } => events::events(socket, json, uid, limit, follow),
+        Command::Why { target } => events::why(socket, json, target),
         Command::Run { group, cmd } => run::run(socket, json, group, cmd),
         Command::Move { group, pids } => run::move_pids(socket, json, group, pids),
         Command::Reload => show::reload(socket, json),
@@ -195,6 +212,19 @@ fn man(w: &mut dyn std::io::Write) -> std::io::Result<()> {
                     ),
                     ("rlctl stats --json", "Usage, limits and connection counters."),
                     ("rlctl alerts --watch", "The firing alerts, then each change as it happens."),
+                    (
+                        "rlctl set-quota user:alice --conn-rate 20/s --conn-burst 40 --mode monitor",
+                        "Watch a connection rate for alice without denying anything yet.",
+                    ),
+                    (
+                        "rlctl set-quota batch --conns 200",
+                        "All processes of the group batch together hold at most 200 connections.",
+                    ),
+                    (
+                        "rlctl events --follow --uid 1001",
+                        "Each denial of UID 1001 as it happens: process, destination, reason.",
+                    ),
+                    ("rlctl why user:alice", "The limits behind alice's last denials."),
                 ],
             },
             Section {
