@@ -79,8 +79,20 @@ impl Scratch {
     /// Writes a config attached to `cgroup` with pins in this scratch dir; `extra_bpf` goes
     /// into `[bpf]`, `rest` after it (quotas).
     pub fn write_config(&self, cgroup: &TestCgroup, extra_bpf: &str, rest: &str) {
+        self.write_config_at(None, cgroup, extra_bpf, rest);
+    }
+
+    /// [`Self::write_config`] with the agent's groups under `<cgroup>/slice` (the
+    /// cgroupfs driver makes them there), for tests with groups.
+    pub fn write_config_with_groups(&self, cgroup: &TestCgroup, extra_bpf: &str, rest: &str) {
+        let root = format!("{}/slice", cgroup.relative);
+        self.write_config_at(Some(&root), cgroup, extra_bpf, rest);
+    }
+
+    fn write_config_at(&self, root: Option<&str>, cgroup: &TestCgroup, bpf: &str, rest: &str) {
+        let root = root.map_or(String::new(), |r| format!("cgroup_root = \"{r}\"\n"));
         let text = format!(
-            "{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{extra_bpf}\n{rest}\n",
+            "{root}{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{bpf}\n{rest}\n",
             self.private_paths(),
             cgroup.relative,
             self.pin_path().display()

@@ -119,6 +119,9 @@ fn shipped_rules_match_the_agents_default_alerts() {
             let counter = matches!(
                 r.stat,
                 rlagent::model::alert::Stat::ConnDenials
+                    | rlagent::model::alert::Stat::RateDenials
+                    | rlagent::model::alert::Stat::WouldDeny
+                    | rlagent::model::alert::Stat::EventsLost
                     | rlagent::model::alert::Stat::CpuThrottledRatio
                     | rlagent::model::alert::Stat::OomKills
             );
@@ -167,6 +170,12 @@ fn the_example_config_is_valid_and_shows_every_key() {
         "max_tracked_sockets",
         "on_full",
         "host_conns",
+        "mode = \"enforce\"",
+        "event_rate",
+        "event_burst",
+        "conn_rate",
+        "conn_burst",
+        "mode = \"monitor\"",
         "[control]",
         "socket",
         "mode",

@@ -27,14 +27,7 @@ impl Setup {
     fn new(bpf: &str, quotas: &str) -> Self {
         let cgroup = TestCgroup::new();
         let scratch = Scratch::new();
-        let text = format!(
-            "cgroup_root = \"{}/slice\"\n{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n{bpf}\n{quotas}\n",
-            cgroup.relative,
-            scratch.private_paths(),
-            cgroup.relative,
-            scratch.pin_path().display()
-        );
-        std::fs::write(scratch.config_path(), text).expect("writing config");
+        scratch.write_config_with_groups(&cgroup, bpf, quotas);
         Self {
             cgroup,
             scratch,

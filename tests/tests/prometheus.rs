@@ -144,10 +144,11 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
     for uid in [UID, UID + 1] {
         let cgroup = TestCgroup::new();
         let scratch = Scratch::new();
-        scratch.write_config(
+        // A group with a cap, so the group panels have series too.
+        scratch.write_config_with_groups(
             &cgroup,
             "",
-            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\n"),
+            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\n[[quota]]\ntarget = \"batch\"\nconns = 5\n"),
         );
         let agent = Agent::start(&scratch);
         let mut h = Helper::spawn(&cgroup.path, uid);

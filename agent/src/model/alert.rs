@@ -13,8 +13,15 @@ pub enum Stat {
     MemoryUsageRatio,
     /// Live connections / cap (UIDs with a cap).
     ConnsRatio,
-    /// Connections denied (cap or host cap) over the window.
+    /// Connections denied (any reason) over the window.
     ConnDenials,
+    /// Connections denied by a rate (the UID's or its group's) over the window.
+    RateDenials,
+    /// Connections a monitor-mode limit would have denied over the window.
+    WouldDeny,
+    /// Denial events lost because the ring buffer was full, over the window (target
+    /// `agent`): the agent fell behind.
+    EventsLost,
     /// Throttled CPU periods / periods over the window (targets with CPU activity).
     CpuThrottledRatio,
     /// OOM kills over the window.
@@ -105,6 +112,39 @@ pub fn default_rules() -> Vec<Rule> {
             "info",
             "{target} had {value} connections denied in the last minute",
         ),
+        rule(
+            "RlagentConnectionRateLimited",
+            Stat::RateDenials,
+            Op::Gt,
+            0.0,
+            0,
+            "info",
+            "{target} had {value} connections refused by a connection rate in the last minute",
+        ),
+        Rule {
+            window: Duration::from_secs(300),
+            ..rule(
+                "RlagentConnectionsWouldDeny",
+                Stat::WouldDeny,
+                Op::Gt,
+                0.0,
+                0,
+                "info",
+                "{target} had {value} connections that monitor mode let through but enforce mode would deny, in the last 5 minutes",
+            )
+        },
+        Rule {
+            window: Duration::from_secs(300),
+            ..rule(
+                "RlagentDenialEventsLost",
+                Stat::EventsLost,
+                Op::Gt,
+                0.0,
+                0,
+                "warning",
+                "{value} denial events were lost in the last 5 minutes: the agent did not read the kernel's ring buffer fast enough (the denials themselves are counted)",
+            )
+        },
         rule(
             "RlagentCpuThrottled",
             Stat::CpuThrottledRatio,

@@ -106,6 +106,30 @@ impl Engine {
                     }
                 }
             }
+            Stat::RateDenials | Stat::WouldDeny => {
+                let name = if stat == Stat::RateDenials {
+                    "rate"
+                } else {
+                    "would"
+                };
+                for c in &stats.conns {
+                    let total = if stat == Stat::RateDenials {
+                        c.denied.rate + c.denied.group_rate
+                    } else {
+                        c.would_deny.total()
+                    };
+                    let key = format!("{name}/{}/{}", c.uid, window.as_secs());
+                    let inc = self.increase(key, now, total as f64, window);
+                    out.push((format!("user:{}", c.uid), inc));
+                }
+            }
+            Stat::EventsLost => {
+                if let Some(host) = &stats.host {
+                    let key = format!("events_lost/{}", window.as_secs());
+                    let inc = self.increase(key, now, host.events_lost as f64, window);
+                    out.push(("agent".to_string(), inc));
+                }
+            }
             Stat::PinsMissing => {
                 if let Some(missing) = stats.pins_missing {
                     out.push(("agent".to_string(), missing as f64));
@@ -414,9 +438,10 @@ mod tests {
             e.evaluate(&many, s(second));
         }
         let samples: usize = e.history.values().map(History::len).sum();
-        // 1000 UIDs plus one cgroup target's series, each bounded by its resolution.
+        // Three series per UID (denials, rate denials, would-denies) plus the agent's and
+        // one cgroup target's, each bounded by its resolution.
         assert!(
-            samples <= 1004 * (super::super::history::RESOLUTION as usize + 2),
+            samples <= 3005 * (super::super::history::RESOLUTION as usize + 2),
             "{samples}"
         );
         many.conns.truncate(10);

@@ -240,7 +240,7 @@ pub fn render(stats: &Stats) -> String {
         if let Some(rate) = c.rate {
             rate_gauges(&mut e, &l, &rate);
         }
-        reason_counters(&mut e, &l, &c.denied, &c.would_deny);
+        reason_counters(&mut e, "rlagent_connections", &l, &c.denied, &c.would_deny);
         e.counter(
             "rlagent_connection_events_dropped_total",
             "Denials (and would-denies) of the UID whose event was not sent: over the per-UID event rate, or the ring buffer was full.",
@@ -273,7 +273,13 @@ pub fn render(stats: &Stats) -> String {
             &l,
             g.admitted as f64,
         );
-        reason_counters(&mut e, &l, &g.denied, &g.would_deny);
+        reason_counters(
+            &mut e,
+            "rlagent_group_connections",
+            &l,
+            &g.denied,
+            &g.would_deny,
+        );
     }
     for ((uid, reason, monitor), count) in &stats.events_received {
         e.counter(
@@ -405,19 +411,36 @@ fn rate_gauges(e: &mut Exposition, l: &[(&str, String)], rate: &RateStats) {
     );
 }
 
-/// Denials and would-denies of a UID or group (labels `l`), one series per reason.
-fn reason_counters(e: &mut Exposition, l: &[(&str, String)], denied: &ByReason, would: &ByReason) {
+/// Denials and would-denies of a UID (`prefix` rlagent_connections) or a group
+/// (rlagent_group_connections), labels `l`, one series per reason.
+fn reason_counters(
+    e: &mut Exposition,
+    prefix: &str,
+    l: &[(&str, String)],
+    denied: &ByReason,
+    would: &ByReason,
+) {
+    let (denied_name, would_name): (&'static str, &'static str) = match prefix {
+        "rlagent_group_connections" => (
+            "rlagent_group_connections_denied_total",
+            "rlagent_group_connections_would_deny_total",
+        ),
+        _ => (
+            "rlagent_connections_denied_total",
+            "rlagent_connections_would_deny_total",
+        ),
+    };
     for ((reason, d), (_, w)) in denied.iter().into_iter().zip(would.iter()) {
         let mut labels = l.to_vec();
         labels.push(("reason", reason.to_string()));
         e.counter(
-            "rlagent_connections_denied_total",
+            denied_name,
             "connect() calls denied, by reason.",
             &labels,
             d as f64,
         );
         e.counter(
-            "rlagent_connections_would_deny_total",
+            would_name,
             "connect() calls a monitor-mode limit let through that enforce mode would deny, by reason.",
             &labels,
             w as f64,
