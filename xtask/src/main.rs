@@ -71,7 +71,7 @@ enum Task {
     },
     /// Setup, release build, then a benchmark (needs root)
     Bench {
-        /// Which benchmark: connect, control, metrics, integrity
+        /// Which benchmark: connect, control, metrics, integrity, events
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

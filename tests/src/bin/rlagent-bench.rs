@@ -1,12 +1,14 @@
 //! `rlagent-bench connect [--blocks N] [--iters M]`, `rlagent-bench control [--requests N]
-//! [--targets N]`, `rlagent-bench metrics [--uids N]` and `rlagent-bench integrity
-//! [--cycles N]` (run through `cargo xtask bench <name>`).
+//! [--targets N]`, `rlagent-bench metrics [--uids N]`, `rlagent-bench integrity
+//! [--cycles N]` and `rlagent-bench events [--seconds N]` (run through `cargo xtask bench
+//! <name>`).
 //!
-//! Paired A/B measurement of connect()+close() on loopback: one helper process in a cgroup
-//! with rlagent's programs attached (its UID has a cap, so the full charge path runs), one
-//! in a sibling cgroup without, same UID. Blocks alternate A/B and B/A so drift on a noisy
-//! machine hits both; the report gives medians per side and the median of the per-block
-//! differences, which is the figure quoted in docs/benchmarks.md.
+//! Paired measurement of connect()+close() on loopback: helper processes with the same
+//! work, one in a sibling cgroup without rlagent's programs, one under the programs with a
+//! cap only (the path before rates and groups existed), one with a cap, a rate and a group
+//! cap and rate (every check runs). Blocks rotate the order so drift on a noisy machine
+//! hits all; the report gives medians per side and the median of the per-block
+//! differences, which are the figures quoted in docs/benchmarks.md.
 use std::time::Instant;
 
 use rlagent_tests::{privileged, Agent, Helper, Listener, Scratch, TestCgroup};
@@ -16,12 +18,12 @@ const BENCH_UID: u32 = 61900;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(name) = args.first().cloned() else {
-        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N]");
+        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N] | events [--seconds N]");
         std::process::exit(2);
     };
-    if !["connect", "control", "metrics", "integrity"].contains(&name.as_str()) {
+    if !["connect", "control", "metrics", "integrity", "events"].contains(&name.as_str()) {
         eprintln!(
-            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity)"
+            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity, events)"
         );
         std::process::exit(2);
     }
@@ -40,7 +42,9 @@ fn main() {
     if !privileged("bench") {
         std::process::exit(1);
     }
-    if name == "integrity" {
+    if name == "events" {
+        events(flag("--seconds", 5));
+    } else if name == "integrity" {
         integrity(flag("--cycles", 1_000_000));
     } else if name == "metrics" {
         metrics(flag("--uids", 10_000));
@@ -331,26 +335,39 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn connect(blocks: u32, iters: u32) {
+    const POLICY_UID: u32 = BENCH_UID + 1;
     let cgroup = TestCgroup::new();
     let enforced = cgroup.child("enforced");
     let plain = cgroup.child("plain");
     let scratch = Scratch::new();
+    // Limits far above what the benchmark reaches, so every connect() runs every check and
+    // is admitted.
     let text = format!(
-        "{}[bpf]\nattach_cgroup = \"{}/enforced\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = 100000\n",
+        "cgroup_root = \"{rel}/enforced/slice\"\n{}[bpf]\nattach_cgroup = \"{rel}/enforced\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = 100000\n[[quota]]\ntarget = \"user:{POLICY_UID}\"\nconns = 100000\nconn_rate = \"1000000/s\"\nconn_burst = 1000000\n[[quota]]\ntarget = \"bench\"\nconns = 100000\nconn_rate = \"1000000/s\"\nconn_burst = 1000000\n",
         scratch.private_paths(),
-        cgroup.relative,
-        scratch.pin_path().display()
+        scratch.pin_path().display(),
+        rel = cgroup.relative,
     );
     std::fs::write(scratch.config_path(), text).unwrap();
     let _agent = Agent::start(&scratch);
     let listener = Listener::dropping();
-    let mut with = Helper::spawn(&enforced, BENCH_UID);
-    let mut without = Helper::spawn(&plain, BENCH_UID);
+    let group = enforced.join("slice/bench");
+    let mut sides = [
+        ("no programs", Helper::spawn(&plain, BENCH_UID)),
+        ("cap only", Helper::spawn(&enforced, BENCH_UID)),
+        ("cap+rate+group", Helper::spawn(&group, POLICY_UID)),
+    ];
 
-    println!("connect()+close() on loopback, {blocks} blocks x {iters} per side, alternating A/B");
+    println!("connect()+close() on loopback, {blocks} blocks x {iters} per side, order rotating");
     println!(
-        "{:<5} {:>12} {:>12} {:>12} {:>8}",
-        "proto", "with ns/op", "without", "added ns", "ratio"
+        "{:<5} {:>12} {:>12} {:>16} {:>14} {:>14} {:>14}",
+        "proto",
+        "none ns/op",
+        "cap only",
+        "cap+rate+group",
+        "cap added",
+        "policy added",
+        "policy vs cap"
     );
     let started = Instant::now();
     let protocols = [("tcp4", listener.port4), ("udp4", 9)];
@@ -365,44 +382,56 @@ fn connect(blocks: u32, iters: u32) {
             ns / f64::from(iters)
         };
         // Warm-up, discarded.
-        run(&mut with);
-        run(&mut without);
-        let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());
-        for block in 0..blocks {
-            let (x, y) = if block % 2 == 0 {
-                let x = run(&mut with);
-                (x, run(&mut without))
-            } else {
-                let y = run(&mut without);
-                (run(&mut with), y)
-            };
-            a.push(x);
-            b.push(y);
-            diff.push(x - y);
+        for (_, h) in &mut sides {
+            run(h);
         }
-        let (ma, mb, md) = (median(&mut a), median(&mut b), median(&mut diff));
+        let mut per_side: [Vec<f64>; 3] = Default::default();
+        let (mut cap_added, mut policy_added, mut policy_vs_cap) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for block in 0..blocks as usize {
+            let mut t = [0.0; 3];
+            for k in 0..3 {
+                let i = (block + k) % 3;
+                t[i] = run(&mut sides[i].1);
+            }
+            for i in 0..3 {
+                per_side[i].push(t[i]);
+            }
+            cap_added.push(t[1] - t[0]);
+            policy_added.push(t[2] - t[0]);
+            policy_vs_cap.push(t[2] - t[1]);
+        }
+        let m: Vec<f64> = per_side.iter_mut().map(|v| median(v)).collect();
         println!(
-            "{proto:<5} {ma:>12.0} {mb:>12.0} {md:>12.0} {:>8.3}",
-            ma / mb
+            "{proto:<5} {:>12.0} {:>12.0} {:>16.0} {:>14.0} {:>14.0} {:>14.0}",
+            m[0],
+            m[1],
+            m[2],
+            median(&mut cap_added),
+            median(&mut policy_added),
+            median(&mut policy_vs_cap)
         );
     }
 
     // A separate pass with the kernel's per-program run time switched on (it adds its own
-    // overhead, so the figures above are taken without it). On only while this fd is open.
+    // overhead, so the figures above are taken without it), one side at a time. On only
+    // while this fd is open.
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let mut in_kernel = Vec::new();
     for (proto, port) in protocols {
-        let before = program_stats();
-        for _ in 0..(blocks / 2).max(1) {
-            with.cmd(&format!("bench {proto} {port} {iters}"));
-        }
-        for (name, (count, ns)) in program_stats() {
-            let (c0, n0) = before.get(&name).copied().unwrap_or_default();
-            if count > c0 {
-                in_kernel.push(format!(
-                    "{proto} {name} {:.0}",
-                    (ns - n0) as f64 / (count - c0) as f64
-                ));
+        for (side, h) in sides.iter_mut().skip(1) {
+            let before = program_stats();
+            for _ in 0..(blocks / 2).max(1) {
+                h.cmd(&format!("bench {proto} {port} {iters}"));
+            }
+            for (name, (count, ns)) in program_stats() {
+                let (c0, n0) = before.get(&name).copied().unwrap_or_default();
+                if count > c0 {
+                    in_kernel.push(format!(
+                        "{proto} {side} {name} {:.0}",
+                        (ns - n0) as f64 / (count - c0) as f64
+                    ));
+                }
             }
         }
     }
@@ -412,12 +441,94 @@ fn connect(blocks: u32, iters: u32) {
         in_kernel.join(", ")
     );
     let stats = scratch.stats();
-    let uid = stats.per_uid.get(&BENCH_UID).copied().unwrap_or_default();
+    for uid in [BENCH_UID, POLICY_UID] {
+        let c = stats.per_uid.get(&uid).copied().unwrap_or_default();
+        println!(
+            "uid {uid}: charged {} connections, {} denied, {} live at the end",
+            c.admitted,
+            c.denied.iter().sum::<u64>(),
+            c.live
+        );
+        assert_eq!(c.live, 0, "every benchmark socket was uncharged");
+        assert_eq!(c.denied.iter().sum::<u64>(), 0, "nothing was denied");
+    }
+    println!("{:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// User and system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command (which may hold spaces) : state is field 3; utime 14, stime 15.
+    let rest = stat.rsplit_once(')').expect("stat format").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Denial events per second the agent takes in (logs, counts, keeps) before the kernel's
+/// ring buffer overflows, and the agent's CPU at that rate: processes whose every
+/// connect() is denied (cap 0, no per-UID event limit) for `seconds`, at 1, 2 and 4
+/// processes.
+fn events(seconds: u32) {
+    const UID: u32 = 61920;
+    println!("denial events: processes connect()ing in a loop against a cap of 0, every denial an event (event_rate unlimited), {seconds} s per step");
     println!(
-        "charged {} connections, {} live at the end, {:.1} s",
-        uid.admitted,
-        uid.live,
-        started.elapsed().as_secs_f64()
+        "{:>6} {:>12} {:>14} {:>12} {:>12} {:>10}",
+        "procs", "denials/s", "events in/s", "lost", "lost share", "agent CPU"
     );
-    assert_eq!(uid.live, 0, "every benchmark socket was uncharged");
+    for procs in [1usize, 2, 4] {
+        let cgroup = TestCgroup::new();
+        let scratch = Scratch::new();
+        scratch.write_config(
+            &cgroup,
+            "event_rate = \"1000000/s\"\nevent_burst = 1000000\n",
+            &format!("[[quota]]\ntarget = \"user:{UID}\"\nconns = 0\n"),
+        );
+        let agent = Agent::start(&scratch);
+        let listener = Listener::dropping();
+        let mut helpers: Vec<Helper> = (0..procs)
+            .map(|_| Helper::spawn(&cgroup.path, UID))
+            .collect();
+        let cpu0 = cpu_seconds(agent.pid());
+        let t = Instant::now();
+        for h in &mut helpers {
+            h.send(&format!("for tcp4 {} {}", listener.port4, seconds * 1000));
+        }
+        for h in &mut helpers {
+            h.reply();
+        }
+        // Let the agent drain what is in the ring.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let elapsed = t.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(agent.pid()) - cpu0;
+        let stats = scratch.stats();
+        let c = stats.per_uid.get(&UID).copied().unwrap_or_default();
+        let denials = c.denied[rlagent_common::reason::CAP];
+        let lost = stats.host.events_lost;
+        // What the agent took in: its own count of the events it logged.
+        let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+        let received = rlagent_tests::sample(
+            &body,
+            &format!(
+                "rlagent_connection_events_total{{uid=\"{UID}\",reason=\"cap\",mode=\"enforce\"}}"
+            ),
+        )
+        .unwrap_or(0.0) as u64;
+        assert_eq!(
+            received + c.events_dropped,
+            denials,
+            "every denial an event or counted as dropped"
+        );
+        println!(
+            "{procs:>6} {:>12.0} {:>14.0} {:>12} {:>11.1}% {:>9.0}%",
+            denials as f64 / (elapsed - 0.5),
+            received as f64 / (elapsed - 0.5),
+            lost,
+            100.0 * lost as f64 / denials.max(1) as f64,
+            100.0 * cpu / elapsed
+        );
+        drop(helpers);
+        drop(agent);
+    }
 }
