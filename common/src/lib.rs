@@ -225,13 +225,13 @@ pub struct DenyEvent {
     /// AF_INET or AF_INET6.
     pub family: u16,
     /// `reason::*`.
-    pub reason: u8,
+    pub reason: u32,
     /// 1: monitor mode (would deny), 0: denied.
-    pub monitor: u8,
-    pub _pad: [u8; 6],
+    pub monitor: u32,
     pub comm: [u8; 16],
-    /// IPv4 in the first four bytes, or IPv6, network byte order.
-    pub addr: [u8; 16],
+    /// The address as the socket address holds it: IPv4 in the first word, or IPv6 in
+    /// four, each word in network byte order.
+    pub addr: [u32; 4],
 }
 
 /// Host-wide counters, the single element of `RL_HOST_CONNS`.
@@ -265,7 +265,7 @@ mod pod {
     unsafe impl aya::Pod for super::Conns {}
     unsafe impl aya::Pod for super::SockOwner {}
     unsafe impl aya::Pod for super::HostConns {}
-    // SAFETY: #[repr(C)], fields laid out without implicit padding (explicit `_pad`), any
-    // bit pattern valid.
+    // SAFETY: #[repr(C)], fields laid out without padding (8-byte fields first, then
+    // 4-byte, 2-byte pairs, byte arrays), any bit pattern valid.
     unsafe impl aya::Pod for super::DenyEvent {}
 }

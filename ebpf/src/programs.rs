@@ -15,9 +15,9 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::{Array, HashMap, RingBuf, SkStorage},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            self, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
             bpf_set_retval, bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
         },
     },
@@ -54,6 +54,20 @@ static RL_PROGRAM_GENERATION: u64 = 0;
 
 #[btf_map]
 static RL_SETTINGS: Array<Settings, 1> = Array::new();
+
+// Constants the programs point at instead of building them on the stack: the kernels we
+// support allow 512 bytes of stack for a program's whole call chain, and a zeroed
+// counter record alone is 136 bytes (built on the stack it also costs a memset call).
+static NO_POLICY: Policy = Policy::NONE;
+static ZERO_CONNS: Conns = Conns {
+    live: 0,
+    admitted: 0,
+    rate_tat: 0,
+    event_tat: 0,
+    events_dropped: 0,
+    denied: [0; reason::COUNT],
+    would_deny: [0; reason::COUNT],
+};
 
 /// The generation that enforces (see `RL_PROGRAM_GENERATION`).
 #[btf_map]
@@ -544,22 +558,26 @@ fn report(
         }
         return;
     };
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    entry.write(DenyEvent {
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        group: subject.group,
-        limit: subject.limit,
-        uid: subject.uid,
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        errno: subject.errno as u32,
-        port: dest.port,
-        family: dest.family,
-        reason: subject.reason as u8,
-        monitor: u8::from(subject.monitor),
-        _pad: [0; 6],
-        comm,
-        addr: dest.addr,
-    });
+    // Field by field into the ring's memory: a record built on the stack first would cost
+    // its size in stack, and the kernels we support allow 512 bytes for the whole call
+    // chain.
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved record, which is written whole before submit.
+    unsafe {
+        (*e).time_ns = bpf_ktime_get_ns();
+        (*e).group = subject.group;
+        (*e).limit = subject.limit;
+        (*e).uid = subject.uid;
+        (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        (*e).errno = subject.errno as u32;
+        (*e).port = dest.port;
+        (*e).family = dest.family;
+        (*e).reason = subject.reason as u32;
+        (*e).monitor = u32::from(subject.monitor);
+        (*e).addr = dest.addr;
+        // On failure the helper zeroes the buffer itself.
+        generated::bpf_get_current_comm((&raw mut (*e).comm).cast(), 16);
+    }
     entry.submit(0);
 }
 
@@ -568,7 +586,8 @@ struct Destination {
     family: u16,
     /// Host byte order.
     port: u16,
-    addr: [u8; 16],
+    /// As `DenyEvent::addr`.
+    addr: [u32; 4],
 }
 
 /// The destination of this connect(): connect4's address (`V6` false) or connect6's. The
@@ -576,24 +595,20 @@ struct Destination {
 /// taken, so the choice is made at compile time.
 #[inline(always)]
 fn destination<const V6: bool>(ctx: &SockAddrContext) -> Destination {
-    let mut addr = [0u8; 16];
     // SAFETY: the context pointer is valid for the program's run; every field read is a
     // 4-byte context load, as the verifier requires.
     unsafe {
         let sa = ctx.sock_addr;
-        if V6 {
-            let words = [
+        let addr = if V6 {
+            [
                 (*sa).user_ip6[0],
                 (*sa).user_ip6[1],
                 (*sa).user_ip6[2],
                 (*sa).user_ip6[3],
-            ];
-            for (i, word) in words.iter().enumerate() {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
+            ]
         } else {
-            addr[..4].copy_from_slice(&(*sa).user_ip4.to_ne_bytes());
-        }
+            [(*sa).user_ip4, 0, 0, 0]
+        };
         Destination {
             family: if V6 { AF_INET6 } else { AF_INET },
             port: u16::from_be((*sa).user_port as u16),
@@ -654,15 +669,15 @@ fn seeded_for(uid: u32, settings: &Settings, host: *mut HostConns) -> (u64, u64)
 
 /// The policy of `uid`: its own, else the `user:*` default from `default_uid_min` up.
 #[inline(always)]
-fn uid_policy(uid: u32, settings: &Settings) -> Policy {
+fn uid_policy(uid: u32, settings: &Settings) -> &Policy {
     // SAFETY: hash map lookups return a pointer valid for this program run.
     if let Some(policy) = unsafe { RL_UID_CAPS.get(&uid) } {
-        return *policy;
+        return policy;
     }
     if u64::from(uid) >= settings.default_uid_min {
-        settings.default_policy
+        &settings.default_policy
     } else {
-        Policy::NONE
+        &NO_POLICY
     }
 }
 
@@ -671,8 +686,8 @@ fn uid_policy(uid: u32, settings: &Settings) -> Policy {
 /// policy and its counters. The caller's cgroup, not the socket's: connect() by a process
 /// in the group is what the group's limits are about.
 #[inline(always)]
-fn find_group(settings: &Settings) -> (u64, Policy, *mut Conns) {
-    let none = (0, Policy::NONE, core::ptr::null_mut());
+fn find_group(settings: &Settings) -> (u64, &Policy, *mut Conns) {
+    let none = (0, &NO_POLICY, core::ptr::null_mut());
     let levels = settings.group_levels;
     let mut level = 1;
     while level < MAX_GROUP_LEVEL {
@@ -690,7 +705,7 @@ fn find_group(settings: &Settings) -> (u64, Policy, *mut Conns) {
                 let Some(conns) = RL_GROUP_CONNS.get_ptr_mut(&id) else {
                     return none;
                 };
-                return (id, *policy, conns);
+                return (id, policy, conns);
             }
         }
         level += 1;
@@ -717,7 +732,7 @@ fn uid_conns(
     // racing creator's entry; either way the lookup below finds the one entry, and only
     // the creator counts it.
     if RL_UID_CONNS
-        .insert(&uid, &Conns::default(), u64::from(BPF_NOEXIST))
+        .insert(&uid, &ZERO_CONNS, u64::from(BPF_NOEXIST))
         .is_ok()
         && uncapped
     {

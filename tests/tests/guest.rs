@@ -50,6 +50,65 @@ fn host_wide_connection_cap_at_the_root_cgroup() {
     scratch.wait_live(2000, 0);
 }
 
+#[test]
+fn rate_and_group_caps_hold_host_wide_at_the_root_cgroup() {
+    in_guest();
+    let scratch = Scratch::new();
+    // Attached at the root: a rate for UID 2020 wherever it runs, and a group cap for the
+    // processes of group `pool` (placed by a rule on UID 2021), in pure cgroup v2 with
+    // systemd-less placement.
+    write_config(
+        &scratch,
+        "attach_cgroup = \"/\"\n[[quota]]\ntarget = \"user:2020\"\nconn_rate = \"1/min\"\nconn_burst = 3\n[[group]]\nname = \"pool\"\nuids = [2021, 2022]\n[[quota]]\ntarget = \"pool\"\nconns = 2\n",
+    );
+    let text = std::fs::read_to_string(scratch.config_path()).unwrap();
+    std::fs::write(
+        scratch.config_path(),
+        format!("cgroup_root = \"rl-pool\"\n{text}"),
+    )
+    .unwrap();
+    let _agent = Agent::start(&scratch);
+    let listener = Listener::new();
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut rated = Helper::spawn(root, 2020);
+    let admitted = (0..6)
+        .filter(|_| {
+            let c = rated.connect("tcp4", listener.port4);
+            rated.close_all();
+            c.is_ok()
+        })
+        .count();
+    assert_eq!(admitted, 3, "the burst, then nothing for a minute");
+    // The helpers start in the root cgroup; placement moves them into the group's, and
+    // the socket's charge follows the caller's cgroup at connect().
+    let mut a = Helper::spawn(root, 2021);
+    let mut b = Helper::spawn(root, 2022);
+    for h in [&a, &b] {
+        wait_placed(h.pid(), "rl-pool/pool");
+    }
+    assert!(a.connect("tcp4", listener.port4).is_ok());
+    assert!(b.connect("tcp6", listener.port6).is_ok());
+    assert!(matches!(
+        b.connect("tcp4", listener.port4),
+        Connect::Err(libc::EPERM, _)
+    ));
+    a.close_all();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.connect("tcp4", listener.port4).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "a's close never freed the group's slot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let why = rlctl(&scratch, &["why", "user:2022"]);
+    let why = String::from_utf8_lossy(&why.stdout);
+    assert!(
+        why.contains("by group") && why.contains("conns of group:pool = 2"),
+        "{why}"
+    );
+}
+
 // ---- cgroup v2 quotas and placement -------------------------------------------------
 
 use std::{

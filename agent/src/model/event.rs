@@ -42,15 +42,14 @@ impl DenialEvent {
         wall_ms_at: impl Fn(u64) -> u64,
         group: impl Fn(u64) -> Option<String>,
     ) -> Self {
+        let mut bytes = [0u8; 16];
+        for (i, word) in raw.addr.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
         let ip = if raw.family == AF_INET6 {
-            IpAddr::V6(Ipv6Addr::from(raw.addr))
+            IpAddr::V6(Ipv6Addr::from(bytes))
         } else {
-            IpAddr::V4(Ipv4Addr::new(
-                raw.addr[0],
-                raw.addr[1],
-                raw.addr[2],
-                raw.addr[3],
-            ))
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
         };
         let destination = match ip {
             IpAddr::V6(v6) => format!("[{v6}]:{}", raw.port),
@@ -68,7 +67,7 @@ impl DenialEvent {
             comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
             group: (raw.group != 0).then(|| group(raw.group)).flatten(),
             reason: reason::NAMES
-                .get(usize::from(raw.reason))
+                .get(raw.reason as usize)
                 .copied()
                 .unwrap_or("unknown")
                 .to_string(),
@@ -93,7 +92,12 @@ impl DenialEvent {
 mod tests {
     use super::*;
 
-    fn raw(family: u16, addr: [u8; 16]) -> DenyEvent {
+    /// A record as the programs write it: the address in network-order words.
+    fn raw(family: u16, bytes: [u8; 16]) -> DenyEvent {
+        let mut addr = [0u32; 4];
+        for (i, word) in addr.iter_mut().enumerate() {
+            *word = u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+        }
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"curl");
         DenyEvent {
@@ -105,9 +109,8 @@ mod tests {
             errno: 1,
             port: 8080,
             family,
-            reason: reason::GROUP as u8,
+            reason: reason::GROUP as u32,
             monitor: 0,
-            _pad: [0; 6],
             comm,
             addr,
         }
