@@ -462,6 +462,18 @@ pct() { sort -n "$1" | awk -v p="$2" '{ a[NR] = $1 } END { i = int(NR * p / 100 
 echo "RTT over 200 calls (ms, TCG guest): rlctl set-quota p50 $(pct /tmp/rtt-rlctl 50) p99 $(pct /tmp/rtt-rlctl 99); systemctl set-property p50 $(pct /tmp/rtt-systemctl 50) p99 $(pct /tmp/rtt-systemctl 99)"
 kill $busy
 
+# A group's connection cap under the systemd driver: the group is its slice's cgroup,
+# which exists only once something runs in it, so the cap applies when the scope starts
+# (the helper waits 3 s). Port 9 has no listener: the first connect is charged and
+# refused by the peer (ECONNREFUSED, kept open), the second is over the cap (EPERM).
+rlctl set-quota pool --conns 1 || fail "rlctl set-quota pool --conns 1"
+out=$(rlctl run pool -- sh -c 'sleep 3; cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); printf "connect tcp4 9\nconnect tcp4 9\n" | conn-helper "$cg" 0')
+echo "group cap under systemd: $out" | tr '\n' ' '; echo
+echo "$out" | grep -q '^err 1 2$' || fail "the second connect in group pool (conns 1) was not denied"
+rlctl why user:0 | tee /tmp/why
+grep -q 'by group' /tmp/why && grep -q 'conns of group:pool = 1' /tmp/why || fail "rlctl why does not name the group's cap"
+rlctl events --uid 0 | grep -q 'conn-helper.*pool.*group' || fail "rlctl events does not show the group denial"
+
 # A limit the kernel cannot enforce here (pids is disabled on the command line): reported,
 # with exit code 3, and nothing claims it holds.
 rlctl set-quota agent --pids 10 2>/tmp/err
@@ -567,6 +579,14 @@ pub fn vm_test_systemd() -> Result<()> {
     std::fs::create_dir_all(etc.join("multi-user.target.wants"))?;
     std::fs::write(etc.join("rlagent-check.service"), CHECK_UNIT)?;
     std::fs::write(stage.join("usr/local/bin/rlagent-check"), CHECK_SCRIPT)?;
+    // The test worker the check script connects with (not part of an install).
+    std::fs::copy(
+        crate::workspace_root()
+            .join("target")
+            .join(MUSL)
+            .join("release/conn-helper"),
+        stage.join("usr/local/bin/conn-helper"),
+    )?;
     run(Command::new("chmod")
         .arg("+x")
         .arg(stage.join("usr/local/bin/rlagent-check")))?;

@@ -470,6 +470,65 @@ mod tests {
         );
     }
 
+    fn event(uid: u32, reason: &str) -> DenialEvent {
+        DenialEvent {
+            time_ms: 1,
+            uid,
+            pid: 7,
+            comm: "curl".into(),
+            group: None,
+            reason: reason.into(),
+            monitor: false,
+            limit: 2,
+            destination: "127.0.0.1:80".into(),
+            errno: 1,
+        }
+    }
+
+    #[test]
+    fn users_read_their_own_events_and_why_only() {
+        let fake = FakeAgent::new();
+        let app = fake.app("[[quota]]\ntarget = \"user:2000\"\nconns = 2\n");
+        app.events().record(event(2000, "cap"));
+        app.events().record(event(2001, "rate"));
+        let events = |access, uid| answer(&app, access, Request::Events { uid, limit: None });
+        let all: EventsResult = events(ROOT, None).result().unwrap();
+        assert_eq!(all.events.len(), 2);
+        let mine: EventsResult = events(USER, None).result().unwrap();
+        assert_eq!(
+            mine.events,
+            vec![event(2000, "cap")],
+            "a user sees their own only"
+        );
+        assert_eq!(
+            error(&events(USER, Some(2001))).code,
+            ErrorCode::PermissionDenied
+        );
+        let why = |access, target: &str| {
+            answer(
+                &app,
+                access,
+                Request::Why {
+                    target: target.into(),
+                },
+            )
+        };
+        let r: WhyResult = why(USER, "user:2000").result().unwrap();
+        assert_eq!(r.reasons.len(), 1);
+        assert_eq!(r.reasons[0].reason, "cap");
+        assert_eq!(r.reasons[0].events, 1);
+        assert!(
+            r.reasons[0].limit.starts_with("conns of user:2000 = "),
+            "{:?}",
+            r.reasons
+        );
+        assert_eq!(
+            error(&why(USER, "user:2001")).code,
+            ErrorCode::PermissionDenied
+        );
+        assert_eq!(error(&why(ROOT, "batch")).code, ErrorCode::Invalid);
+    }
+
     #[test]
     fn a_failed_apply_says_the_previous_quotas_stay() {
         let fake = FakeAgent::new();

@@ -143,6 +143,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other command-line tools, end quietly when the reader of our output goes away
+    // (`rlctl --json stats | grep -q ...`), instead of panicking on a failed print.
+    // SAFETY: at the start of main, before any thread exists; SIG_DFL is always valid.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     let cli = Cli::parse();
     let socket = cli.socket.as_path();
     let json = cli.json;
