@@ -146,7 +146,14 @@ pub mod kernel {
                 .collect()
         }
 
-        fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<String>, KernelError> {
+        fn groups_moved(&self, _conns: &ConnLimits) -> bool {
+            false
+        }
+
+        fn apply_conns(
+            &mut self,
+            conns: &ConnLimits,
+        ) -> Result<Vec<(String, String)>, KernelError> {
             let mut record = self.record();
             if std::mem::take(&mut record.panic_conns) {
                 drop(record);
@@ -163,7 +170,10 @@ pub mod kernel {
                         .last()
                         .is_some_and(|(p, _)| p.groups.contains_key(*g))
                 })
-                .cloned()
+                .map(|g| {
+                    let reason = crate::kernel::bpf::GROUP_CGROUP_MISSING.to_string();
+                    (g.clone(), reason)
+                })
                 .collect();
             Ok(pending)
         }

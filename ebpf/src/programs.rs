@@ -41,9 +41,11 @@ const EEXIST: i32 = -17;
 const IPPROTO_MPTCP: u32 = 262;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-/// Compare-and-swap attempts on a token bucket before it counts as empty (two racing
-/// CPUs rarely need a second).
-const CAS_TRIES: u32 = 8;
+/// Compare-and-swap attempts on a token bucket before it counts as empty. Each failed
+/// attempt means another caller took a token meanwhile, so only a burst of more than this
+/// many racing connect() calls of one UID (or group) can see a refusal while tokens are
+/// left; on 2 CPUs none was seen in the racing test.
+const CAS_TRIES: u32 = 16;
 
 /// This program set's generation, written by the loader. Of two generations attached side
 /// by side (an agent restart attaches the new programs before it detaches the old), only
@@ -84,13 +86,18 @@ type PerUid<V> = HashMap<u32, V, { MAX_UID_CONNS as usize }, { BPF_F_NO_PREALLOC
 #[btf_map]
 static RL_UID_CONNS: PerUid<Conns> = HashMap::new();
 
+/// Per-group maps: allocated on demand, so a deleted entry's memory is never reused for
+/// another group while a program may still hold a pointer to it.
+type PerGroup<V> = HashMap<u64, V, { MAX_GROUPS as usize }, { BPF_F_NO_PREALLOC as usize }>;
+
 /// Groups with connection limits, by the id of the group's cgroup (written by the agent).
 #[btf_map]
-static RL_GROUP_POLICY: HashMap<u64, Policy, { MAX_GROUPS as usize }> = HashMap::new();
+static RL_GROUP_POLICY: PerGroup<Policy> = HashMap::new();
 
-/// Their counters (entries created by the agent with the policy, updated by the programs).
+/// Their counters (entries created by the agent with the policy, updated by the programs,
+/// removed by the agent once idle and retired since an earlier write).
 #[btf_map]
-static RL_GROUP_CONNS: HashMap<u64, Conns, { MAX_GROUPS as usize }> = HashMap::new();
+static RL_GROUP_CONNS: PerGroup<Conns> = HashMap::new();
 
 /// Denial events (`DenyEvent`), read by the agent.
 #[btf_map]
@@ -314,11 +321,18 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     };
     let uid = bpf_get_current_uid_gid() as u32;
-    let policy = uid_policy(uid, settings);
+    // Copies: the agent may rewrite a policy while this program runs, and the fields of
+    // one copy belong together.
+    let policy = *uid_policy(uid, settings);
     let (group, group_policy, group_conns) = find_group(settings);
+    let group_policy = *group_policy;
+    let monitor = policy.flags & POLICY_MONITOR != 0;
+    let group_monitor = group_policy.flags & POLICY_MONITOR != 0;
     // Sockets of UIDs that nothing limits are counted (for stats and the host cap) only
     // within their budget, so they can never take the capacity limited UIDs need.
     let uncapped = !policy.limits() && group == 0;
+    // Nothing here would deny: a full map lets the connect() through uncounted.
+    let lenient = (!policy.limits() || monitor) && (group == 0 || group_monitor);
     // SAFETY: `host` points at the array's single element.
     let untracked = unsafe { &raw mut (*host).untracked };
     if uncapped
@@ -352,7 +366,7 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         }
         .cast::<u64>();
         if keeper.is_null() {
-            return full(&dest, settings, host, uncapped, uid, group);
+            return full(&dest, settings, host, lenient, uid, group);
         }
         // SAFETY: non-null storage of the MPTCP socket.
         if unsafe { *keeper } != 0 {
@@ -365,11 +379,11 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     match RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         Err(err) if err == EEXIST => return Ok(ALLOW),
-        Err(_) => return full(&dest, settings, host, uncapped, uid, group),
+        Err(_) => return full(&dest, settings, host, lenient, uid, group),
     }
     let Some(conns) = uid_conns(uid, uncapped, settings, host) else {
         let _ = RL_SOCK_OWNER.remove(&cookie);
-        return full(&dest, settings, host, uncapped, uid, group);
+        return full(&dest, settings, host, lenient, uid, group);
     };
     let mut charge = Charge {
         cookie,
@@ -383,8 +397,6 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         host_live: false,
         uid_token: 0,
     };
-    let monitor = policy.flags & POLICY_MONITOR != 0;
-    let group_monitor = group_policy.flags & POLICY_MONITOR != 0;
     // Caps: add first, then compare the value displaced: racing connect() calls each see a
     // distinct old value, so no more than the cap can be admitted.
     // SAFETY: `conns` points at this UID's counters in RL_UID_CONNS, `group_conns` (when
@@ -617,29 +629,38 @@ fn destination<const V6: bool>(ctx: &SockAddrContext) -> Destination {
     }
 }
 
-/// A map had no room: an uncapped UID goes through uncounted; a limited one as `on_full`
-/// says (deny by default), so a limit never silently stops holding.
+/// A map had no room: a UID nothing enforces on (no limit, or only monitor-mode ones)
+/// goes through uncounted (`lenient`); a limited one as `on_full` says (deny by default),
+/// so a limit never silently stops holding.
 #[inline(always)]
 fn full(
     dest: &Destination,
     settings: &Settings,
     host: *mut HostConns,
-    uncapped: bool,
+    lenient: bool,
     uid: u32,
     group: u64,
 ) -> Result<i32, i32> {
-    if uncapped || settings.flags & FLAG_ON_FULL_ALLOW != 0 {
+    if lenient || settings.flags & FLAG_ON_FULL_ALLOW != 0 {
         // SAFETY: `host` points at the array's single element.
         fetch_add(unsafe { &raw mut (*host).untracked }, 1);
         return Ok(ALLOW);
     }
     // SAFETY: as above.
     fetch_add(unsafe { &raw mut (*host).denied_full }, 1);
+    // The UID's counters, when it has some (the full map may be another).
+    let conns = RL_UID_CONNS
+        .get_ptr_mut(&uid)
+        .unwrap_or(core::ptr::null_mut());
+    if !conns.is_null() {
+        // SAFETY: a pointer from a successful lookup.
+        fetch_add(unsafe { &raw mut (*conns).denied[reason::FULL] }, 1);
+    }
     report(
         dest,
         settings,
         host,
-        core::ptr::null_mut(),
+        conns,
         Subject {
             uid,
             group,

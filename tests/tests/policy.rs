@@ -250,20 +250,26 @@ fn a_group_cap_is_shared_counts_sub_cgroups_and_is_released_to_the_group_charged
 }
 
 #[test]
-fn a_group_cap_on_a_group_without_a_cgroup_applies_when_the_cgroup_appears() {
-    if !privileged("group_cap_pending") {
+fn a_group_cap_follows_its_cgroup_when_it_goes_and_comes_back() {
+    if !privileged("group_cap_follows_cgroup") {
         return;
     }
-    // A group rule without cgroup fields under the systemd-free driver: the agent makes
-    // the cgroup at start. Removing it behind the agent's back and a reload make the
-    // group pending; the cgroup's return makes it enforced again.
+    // The agent makes the group's cgroup at start. Removed behind its back (as a stopped
+    // slice is), the group is reported as not enforced; made again (a new cgroup id),
+    // its cap applies to the new cgroup within seconds, without a reload.
     let s = Setup::new("", &quota("later", "conns = 1"));
-    let mut agent = Agent::start(&s.scratch);
+    let agent = Agent::start(&s.scratch);
     let later = s.group("later");
     std::fs::remove_dir(&later).expect("removing the group's cgroup");
-    agent.reload();
-    let list = s.rlctl_ok(&["list"]);
-    assert!(list.contains("does not exist yet"), "{list}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = s.rlctl_ok(&["list"]);
+        if list.contains("does not exist yet") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reported: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     std::fs::create_dir(&later).expect("the cgroup appears");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -276,6 +282,7 @@ fn a_group_cap_on_a_group_without_a_cgroup_applies_when_the_cgroup_appears() {
         drop(h);
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(!s.rlctl_ok(&["list"]).contains("does not exist yet"));
     drop(agent);
 }
 

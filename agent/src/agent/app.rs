@@ -40,8 +40,6 @@ use crate::{
 };
 use kernel::bpf::events::EventReader;
 
-use super::reconcile::PENDING_GROUP;
-
 /// The GID of the control group (`[control] group`), `None` when there is none or the
 /// look-up fails (logged). The socket's group (at bind) and the operator check ask through
 /// here, so both treat a failed look-up alike.
@@ -413,28 +411,26 @@ impl App {
         }
     }
 
-    /// Applies connection limits of groups whose cgroup was missing, once it exists.
-    /// Blocking.
-    pub fn retry_pending_groups(&self) -> Result<(), AppError> {
-        let applied = self.with_agent("group limits", |agent| agent.retry_pending_groups())?;
+    /// Writes the groups' connection limits again when a group's cgroup appeared or was
+    /// made again (see [`Agent::groups_need_refresh`]). Blocking.
+    pub fn refresh_groups(&self) -> Result<(), AppError> {
+        if !self.lock_agent().groups_need_refresh() {
+            return Ok(());
+        }
+        let applied = self.with_agent("group limits", |agent| agent.refresh_groups())?;
         for group in applied {
             tracing::info!(%group, "the group's cgroup appeared; its connection limits are enforced");
         }
         Ok(())
     }
 
-    /// Every few seconds, applies the limits of groups whose cgroup appeared since.
-    pub async fn run_pending_groups(self: Arc<Self>) {
+    /// Every 2 s, follows the groups' cgroups (see [`Self::refresh_groups`]).
+    pub async fn run_group_refresh(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let pending = self
-                .snapshot()
-                .not_enforced
-                .values()
-                .any(|reason| reason.starts_with(PENDING_GROUP));
-            if pending {
+            if !self.snapshot().desired.conns.groups.is_empty() {
                 if let Err(e) = self
-                    .blocking("group limits", |app| app.retry_pending_groups())
+                    .blocking("group limits", |app| app.refresh_groups())
                     .await
                     .and_then(|r| r)
                 {

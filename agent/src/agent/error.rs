@@ -47,7 +47,8 @@ impl AppError {
         use crate::kernel::cgroup::CgroupError;
         let desired = |e: &DesiredError| match e {
             DesiredError::State(StateError::Quota { .. } | StateError::Target(_))
-            | DesiredError::TooManyUidCaps { .. } => Refusal::Invalid,
+            | DesiredError::TooManyUidCaps { .. }
+            | DesiredError::TooManyGroups { .. } => Refusal::Invalid,
             DesiredError::State(_) => Refusal::Failed,
         };
         let kernel = |e: &KernelError| match e {

@@ -10,7 +10,7 @@ use crate::{
         state::{RuntimeState, StateError},
         Desired, DesiredError,
     },
-    kernel::{cgroup::driver::Skipped, Enforcer, KernelError},
+    kernel::{bpf::GROUP_CGROUP_MISSING, cgroup::driver::Skipped, Enforcer, KernelError},
     model::{layout::Driver, quota::Field, target::Target, users::UserDb},
 };
 
@@ -35,9 +35,6 @@ enum Vanished {
     Refuse,
     Skip,
 }
-
-/// How [`Agent::not_enforced`] says that a group's cgroup does not exist yet.
-pub const PENDING_GROUP: &str = "the group's cgroup does not exist yet";
 
 /// Limits set but not in force, by target and field, with the reason.
 pub type NotEnforced = BTreeMap<(Target, Field), String>;
@@ -75,8 +72,9 @@ pub struct Agent {
     /// could not be set.
     subtree_missing: Vec<String>,
     limits_skipped: Vec<Skipped>,
-    /// Groups with connection limits whose cgroup did not exist at the last apply.
-    pending_groups: Vec<String>,
+    /// Groups whose connection limits the programs cannot apply, with the reason, at the
+    /// last write (a missing cgroup is retried: see [`Self::refresh_groups`]).
+    unenforced_groups: Vec<(String, String)>,
     /// The cgroup plan last written, and whether that write completed. A completed,
     /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
     /// rescanning /proc; an incomplete one is what a roll-back must undo.
@@ -102,7 +100,7 @@ impl Agent {
             skipped: Vec::new(),
             subtree_missing: Vec::new(),
             limits_skipped: Vec::new(),
-            pending_groups: Vec::new(),
+            unenforced_groups: Vec::new(),
             applied_plan: None,
         };
         let config = agent.config.clone();
@@ -150,7 +148,7 @@ impl Agent {
                 "saved quota fields that this build does not enforce (clear them with rlctl clear-quota)"
             );
         }
-        self.pending_groups = self.kernel.apply_conns(&desired.conns)?;
+        self.unenforced_groups = self.kernel.apply_conns(&desired.conns)?;
         let complete = self
             .applied_plan
             .as_ref()
@@ -185,12 +183,12 @@ impl Agent {
             }
         }
         self.applied_plan = Some((desired.cgroups.clone(), true));
-        if !self.pending_groups.is_empty() {
+        if !self.unenforced_groups.is_empty() {
             // The cgroup write may have made the groups' cgroups.
-            self.pending_groups = self.kernel.apply_conns(&desired.conns)?;
+            self.unenforced_groups = self.kernel.apply_conns(&desired.conns)?;
         }
-        for group in &self.pending_groups {
-            tracing::warn!(%group, "the group's cgroup does not exist yet; its connection limits apply when it appears");
+        for (group, reason) in &self.unenforced_groups {
+            tracing::warn!(%group, "connection limits not enforced: {reason}");
         }
         tracing::info!(
             uid_policies = desired.conns.per_uid.len(),
@@ -341,20 +339,32 @@ impl Agent {
         &self.desired
     }
 
-    /// Applies the connection limits again when some group's cgroup was missing, so they
-    /// hold once it appears. Returns the groups that became enforced.
-    pub fn retry_pending_groups(&mut self) -> Result<Vec<String>, AgentError> {
-        if self.pending_groups.is_empty() {
-            return Ok(Vec::new());
-        }
-        let pending = self.kernel.apply_conns(&self.desired.conns)?;
-        let applied = self
-            .pending_groups
+    /// True when the groups' connection limits must be written again: a group's cgroup
+    /// was missing (it may exist now), or was made again under a new id.
+    pub fn groups_need_refresh(&self) -> bool {
+        self.unenforced_groups
             .iter()
-            .filter(|g| !pending.contains(g))
+            .any(|(_, reason)| reason == GROUP_CGROUP_MISSING)
+            || self.kernel.groups_moved(&self.desired.conns)
+    }
+
+    /// Writes the connection limits again (see [`Self::groups_need_refresh`]). Returns the
+    /// groups that became enforced.
+    pub fn refresh_groups(&mut self) -> Result<Vec<String>, AgentError> {
+        let unenforced = self.kernel.apply_conns(&self.desired.conns)?;
+        let applied = self
+            .unenforced_groups
+            .iter()
+            .map(|(g, _)| g)
+            .filter(|g| !unenforced.iter().any(|(u, _)| u == *g))
             .cloned()
             .collect();
-        self.pending_groups = pending;
+        for (group, reason) in &unenforced {
+            if !self.unenforced_groups.iter().any(|(g, _)| g == group) {
+                tracing::warn!(%group, "connection limits not enforced: {reason}");
+            }
+        }
+        self.unenforced_groups = unenforced;
         Ok(applied)
     }
 
@@ -375,7 +385,7 @@ impl Agent {
                 );
             }
         }
-        for group in &self.pending_groups {
+        for (group, reason) in &self.unenforced_groups {
             let target = Target::Group(group.clone());
             let Some(quota) = self.desired.quotas.get(&target) else {
                 continue;
@@ -384,7 +394,11 @@ impl Agent {
                 if quota.limits(field) {
                     out.insert(
                         (target.clone(), field),
-                        format!("{PENDING_GROUP}; applied when it appears"),
+                        if reason == GROUP_CGROUP_MISSING {
+                            format!("{reason}; applied when it appears")
+                        } else {
+                            reason.clone()
+                        },
                     );
                 }
             }
@@ -430,12 +444,11 @@ impl Agent {
 pub fn policy_text(policy: &rlagent_common::Policy) -> String {
     let mut parts = vec![format!("cap {}", cap_text(policy.cap))];
     if policy.rate_interval_ns != 0 {
-        let per_sec = 1e9 / policy.rate_interval_ns as f64;
-        parts.push(if per_sec >= 1.0 {
-            format!("{per_sec:.0}/s burst {}", policy.burst)
-        } else {
-            format!("{:.0}/min burst {}", per_sec * 60.0, policy.burst)
-        });
+        parts.push(format!(
+            "{} burst {}",
+            crate::model::units::rate_text(policy.rate_interval_ns),
+            policy.burst
+        ));
     }
     if policy.flags & rlagent_common::POLICY_MONITOR != 0 {
         parts.push("monitor".to_string());

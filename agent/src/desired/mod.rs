@@ -28,6 +28,8 @@ pub enum DesiredError {
     State(#[from] StateError),
     #[error("{count} UIDs have their own connection cap; the kernel map holds at most {max}")]
     TooManyUidCaps { count: usize, max: u32 },
+    #[error("{count} groups with connection limits: the kernel map holds {max}")]
+    TooManyGroups { count: usize, max: u32 },
 }
 
 /// One desired state: everything an apply writes, derived in one place.
@@ -83,6 +85,12 @@ fn check_capacity(conns: &ConnLimits) -> Result<(), DesiredError> {
         return Err(DesiredError::TooManyUidCaps {
             count: conns.per_uid.len(),
             max: rlagent_common::MAX_UID_CAPS,
+        });
+    }
+    if conns.groups.len() > rlagent_common::MAX_GROUPS as usize {
+        return Err(DesiredError::TooManyGroups {
+            count: conns.groups.len(),
+            max: rlagent_common::MAX_GROUPS,
         });
     }
     Ok(())

@@ -13,7 +13,6 @@ pub mod systemd;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{atomic::AtomicU64, Arc, RwLock},
 };
@@ -106,13 +105,11 @@ pub struct ConnUsage {
 /// The cgroup ids of the groups `conns` limits whose cgroups exist under `mount`, with
 /// the group's name: how the programs' group ids read as names.
 pub fn group_ids(mount: &Path, conns: &ConnLimits) -> BTreeMap<u64, String> {
+    let fs = CgroupFs::new(mount);
     conns
         .groups
         .iter()
-        .filter_map(|(name, g)| {
-            let meta = std::fs::metadata(mount.join(&g.cgroup)).ok()?;
-            Some((meta.ino(), name.clone()))
-        })
+        .filter_map(|(name, g)| Some((fs.id(&g.cgroup)?, name.clone())))
         .collect()
 }
 
@@ -122,8 +119,12 @@ pub trait Enforcer: Send {
     /// cgroup is gone).
     fn missing_cgroups(&self, plan: &CgroupPlan) -> Vec<PathBuf>;
     /// Writes the connection limits into the maps the programs read. Returns the groups
-    /// whose cgroup does not exist yet (their limits apply once a later call finds it).
-    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<String>, KernelError>;
+    /// whose limits the programs cannot apply, with the reason (a cgroup that does not
+    /// exist yet, [`bpf::GROUP_CGROUP_MISSING`], is applied by a later call once it does).
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<(String, String)>, KernelError>;
+    /// True when a group's cgroup was made again since the last write (a new cgroup id),
+    /// so the limits must be written again.
+    fn groups_moved(&self, conns: &ConnLimits) -> bool;
     /// Writes the cgroup plan (resetting what `previous` had and `plan` drops) and places
     /// processes by it.
     fn apply_cgroups(
@@ -161,6 +162,8 @@ pub trait Observer: Send + Sync {
 /// The real enforcer: BPF programs and maps, the cgroup driver, placement.
 pub struct System {
     mount: PathBuf,
+    /// The attach cgroup, relative to the mount.
+    attach: PathBuf,
     limiter: ConnLimiter,
     /// `Some` under the systemd driver.
     systemd: Option<Arc<SystemdDriver>>,
@@ -198,12 +201,15 @@ impl System {
         };
         let mut system = Self {
             mount: mount.clone(),
+            attach: settings.attach_cgroup.clone(),
             limiter: ConnLimiter::load(&settings.pin_path, settings.max_tracked_sockets)?,
             systemd,
             placer: None,
             moves: Arc::new(AtomicU64::new(0)),
         };
-        system.limiter.apply(&desired.conns, &mount)?;
+        system
+            .limiter
+            .apply(&desired.conns, &mount, &settings.attach_cgroup)?;
         let host_wide = settings.attach_cgroup.as_os_str().is_empty();
         seeding(
             system
@@ -258,8 +264,12 @@ impl Enforcer for System {
         self.driver().missing(plan)
     }
 
-    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<String>, KernelError> {
-        Ok(self.limiter.apply(conns, &self.mount)?)
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<(String, String)>, KernelError> {
+        Ok(self.limiter.apply(conns, &self.mount, &self.attach)?)
+    }
+
+    fn groups_moved(&self, conns: &ConnLimits) -> bool {
+        self.limiter.groups_moved(conns, &self.mount)
     }
 
     fn apply_cgroups(

@@ -158,6 +158,17 @@ pub fn parse_rate(value: &str) -> Result<Limit<ConnRate>, QuotaError> {
     Ok(Limit::Value(ConnRate { count, period_s }))
 }
 
+/// A token bucket's rate, from its interval between tokens, in the config's form: `20/s`
+/// when it is a whole number per second, else per minute (`90/min`).
+pub fn rate_text(interval_ns: u64) -> String {
+    let per_sec = 1e9 / interval_ns.max(1) as f64;
+    if per_sec >= 1.0 && (per_sec - per_sec.round()).abs() < 1e-6 * per_sec {
+        format!("{}/s", per_sec.round())
+    } else {
+        format!("{}/min", (per_sec * 60.0).round())
+    }
+}
+
 /// Bucket size for `conn_rate`: a whole number of at least 1.
 pub fn parse_burst(value: &str) -> Result<u64, QuotaError> {
     parse_whole(value)
@@ -290,5 +301,15 @@ mod tests {
         }
         assert_eq!(parse_burst("40"), Ok(40));
         assert!(parse_burst("0").is_err());
+    }
+
+    #[test]
+    fn rates_print_in_the_form_they_were_written() {
+        for text in ["20/s", "3/s", "1/s", "90/min", "7/min", "1/min"] {
+            let Ok(Limit::Value(rate)) = parse_rate(text) else {
+                panic!("{text}")
+            };
+            assert_eq!(rate_text(rate.interval_ns()), text);
+        }
     }
 }

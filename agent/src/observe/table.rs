@@ -109,13 +109,10 @@ pub fn rate_text(rate: Option<&RateStats>, monitor: bool) -> String {
     match rate {
         None if monitor => "- (mon)".to_string(),
         None => "-".to_string(),
-        Some(r) => {
-            let per_sec = 1e9 / r.interval_ns as f64;
-            if per_sec >= 1.0 {
-                format!("{per_sec:.0}/s b{}{mode}", r.burst)
-            } else {
-                format!("{:.0}/min b{}{mode}", per_sec * 60.0, r.burst)
-            }
-        }
+        Some(r) => format!(
+            "{} b{}{mode}",
+            crate::model::units::rate_text(r.interval_ns),
+            r.burst
+        ),
     }
 }

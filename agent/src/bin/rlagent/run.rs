@@ -36,7 +36,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
         tokio::spawn(metrics::serve(metrics_listener, collect, app.budgets()));
         tokio::spawn(app.clone().run_alerts());
-        tokio::spawn(app.clone().run_pending_groups());
+        tokio::spawn(app.clone().run_group_refresh());
         match rlagent::kernel::bpf::events::EventReader::open(&app.snapshot().config.bpf.pin_path) {
             Ok(reader) => {
                 tokio::spawn(app.clone().run_events(reader));

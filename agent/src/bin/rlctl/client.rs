@@ -2,8 +2,8 @@
 //! or the refusal.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
+    io::{BufRead, BufReader},
+    os::{fd::AsRawFd, unix::net::UnixStream},
     path::Path,
     process::ExitCode,
     time::Duration,
@@ -29,15 +29,27 @@ pub fn connect(socket: &Path) -> Result<UnixStream, String> {
     })
 }
 
+/// Writes one request line. MSG_NOSIGNAL: rlctl lets SIGPIPE end it quietly when its own
+/// output is cut (`| head`), but an agent that closes the socket (busy) must give an
+/// error message instead.
+fn send_request(stream: &UnixStream, request: &Request) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    let line = request_line(request);
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        let n = send(stream.as_raw_fd(), rest, MsgFlags::MSG_NOSIGNAL)?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
 /// Sends one request and reads one response.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, String> {
-    let mut stream = connect(socket)?;
+    let stream = connect(socket)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(request_line(request).as_bytes())
-        .map_err(|e| format!("sending to {}: {e}", socket.display()))?;
+    send_request(&stream, request).map_err(|e| format!("sending to {}: {e}", socket.display()))?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
@@ -111,11 +123,9 @@ pub fn watch(
     first: impl Fn(&Response) -> Result<String, String>,
     each: impl Fn(&Response) -> Result<String, String>,
 ) -> Result<ExitCode, String> {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let stream = connect(socket)?;
-    (&stream)
-        .write_all(rlagent::control::protocol::request_line(req).as_bytes())
-        .map_err(|e| e.to_string())?;
+    send_request(&stream, req).map_err(|e| format!("sending to {}: {e}", socket.display()))?;
     let mut is_first = true;
     for line in BufReader::new(&stream).lines() {
         let line = line.map_err(|e| format!("reading from {}: {e}", socket.display()))?;

@@ -30,7 +30,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -51,11 +50,15 @@ use crate::desired::conns::ConnLimits;
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rlagent-ebpf.o"));
 
+/// Why a group's limits are not written: how the agent tells it apart from the other
+/// reasons (it is retried until the cgroup appears).
+pub const GROUP_CGROUP_MISSING: &str = "the group's cgroup does not exist yet";
+
 /// Oldest kernel with everything the programs use: cgroup bpf_link (5.7), sock_release
 /// (5.9), bpf_get_socket_cookie in cgroup/sock (5.11), bpf_set_retval (5.18),
-/// bpf_skc_to_mptcp_sock (5.19). (The ring buffer, 5.8, and the current task's pid, comm
-/// and ancestor cgroup in cgroup programs are older.)
-const MIN_KERNEL: (u32, u32) = (5, 19);
+/// bpf_skc_to_mptcp_sock (5.19), and the calling task's pid and comm in cgroup programs
+/// for denial events (6.1). Tested on 6.1 (the guests) and 6.18.
+const MIN_KERNEL: (u32, u32) = (6, 1);
 
 /// `BPF_NOEXIST` of linux/bpf.h: create only.
 const BPF_NOEXIST: u64 = 1;
@@ -137,6 +140,10 @@ pub struct ConnLimiter {
     new_maps: bool,
     /// Entries `RL_SOCK_OWNER` holds (see [`maps::socket_capacity`]).
     socket_capacity: u32,
+    /// The cgroup id written for each group at the last apply.
+    group_ids: BTreeMap<String, u64>,
+    /// Groups whose policy the last apply found gone (their counters go at the next).
+    retired: BTreeSet<u64>,
     /// Connections found open at the first start (see [`Self::seed`]), until settled.
     seeded: Vec<seed::OpenConnection>,
     /// Of the seeded connections, those found closed without a release (kept in the
@@ -217,6 +224,8 @@ impl ConnLimiter {
             generation,
             new_maps,
             socket_capacity,
+            group_ids: BTreeMap::new(),
+            retired: BTreeSet::new(),
             seeded: Vec::new(),
             seeded_gone,
         })
@@ -396,30 +405,50 @@ impl ConnLimiter {
     }
 
     /// Writes `limits` into the maps: settings first, then per-UID policies (added or
-    /// changed, then removed), then groups. A group's cgroup is found under `mount`; the
-    /// groups whose cgroup does not exist yet are returned (applied by a later call, once
-    /// it does). Each map write is atomic per entry.
-    pub fn apply(&mut self, limits: &ConnLimits, mount: &Path) -> Result<Vec<String>, BpfError> {
+    /// changed, then removed), then groups. A group's cgroup is found under `mount` (its
+    /// id is what the programs see); a group the programs cannot see is left out and
+    /// returned with the reason: its cgroup does not exist yet (a later call applies it
+    /// once it does), it is outside `attach` (the attach cgroup, relative to the mount),
+    /// or it is too deep. Each map write is atomic per entry.
+    pub fn apply(
+        &mut self,
+        limits: &ConnLimits,
+        mount: &Path,
+        attach: &Path,
+    ) -> Result<Vec<(String, String)>, BpfError> {
+        let fs = crate::kernel::cgroup::CgroupFs::new(mount);
         let mut groups: BTreeMap<u64, Policy> = BTreeMap::new();
+        let mut group_ids = BTreeMap::new();
         let mut levels = 0u64;
-        let mut pending = Vec::new();
+        let mut unenforced = Vec::new();
         for (name, group) in &limits.groups {
             let level = group.cgroup.components().count() as u32;
-            let id = match std::fs::metadata(mount.join(&group.cgroup)) {
-                // A cgroup2 directory's inode number is its cgroup id.
-                Ok(meta) if (1..MAX_GROUP_LEVEL).contains(&level) => meta.ino(),
-                Ok(_) => {
-                    tracing::warn!(group = %name, cgroup = %group.cgroup.display(), "the group's cgroup is deeper than level {}, so its connection limits cannot be enforced", MAX_GROUP_LEVEL - 1);
-                    pending.push(name.clone());
-                    continue;
-                }
-                Err(_) => {
-                    pending.push(name.clone());
-                    continue;
-                }
+            let reason = if !group.cgroup.starts_with(attach) {
+                Some(format!(
+                    "the group's cgroup /{} is outside [bpf] attach_cgroup /{}: the programs do not see its processes",
+                    group.cgroup.display(),
+                    attach.display()
+                ))
+            } else if level >= MAX_GROUP_LEVEL {
+                Some(format!(
+                    "the group's cgroup /{} is deeper than level {}",
+                    group.cgroup.display(),
+                    MAX_GROUP_LEVEL - 1
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                unenforced.push((name.clone(), reason));
+                continue;
+            }
+            let Some(id) = fs.id(&group.cgroup) else {
+                unenforced.push((name.clone(), GROUP_CGROUP_MISSING.to_string()));
+                continue;
             };
             levels |= 1 << level;
             groups.insert(id, group.policy);
+            group_ids.insert(name.clone(), id);
         }
         let mut settings = self.seeded_settings(limits.settings(self.socket_capacity))?;
         settings.group_levels = levels;
@@ -460,18 +489,36 @@ impl ConnLimiter {
             names::GROUP_POLICY,
             &groups,
         )?;
+        // Counters of groups gone since an earlier write, once nothing is charged to them:
+        // a program that found the policy just before it went may still be adding, so
+        // this write only retires them and a later one removes them.
         let mut counters: HashMap<&mut MapData, u64, Conns> =
             typed_map_mut(&mut self.ebpf, names::GROUP_CONNS)?;
-        let idle: Vec<u64> = counters
-            .iter()
+        let gone: BTreeSet<u64> = counters
+            .keys()
             .filter_map(Result::ok)
-            .filter(|(id, c)| !ids.contains(id) && c.live == 0)
-            .map(|(id, _)| id)
+            .filter(|id| !groups.contains_key(id))
             .collect();
-        for id in idle {
-            remove_entry(&mut counters, names::GROUP_CONNS, &id)?;
+        for id in gone.intersection(&self.retired) {
+            if counters.get(id, 0).is_ok_and(|c| c.live == 0) {
+                remove_entry(&mut counters, names::GROUP_CONNS, id)?;
+            }
         }
-        Ok(pending)
+        self.retired = gone;
+        self.group_ids = group_ids;
+        Ok(unenforced)
+    }
+
+    /// True when a group's cgroup now has another id than the one written (it was
+    /// removed and made again, as a stopped and started slice is): the limits must be
+    /// written again to follow it.
+    pub fn groups_moved(&self, limits: &ConnLimits, mount: &Path) -> bool {
+        let fs = crate::kernel::cgroup::CgroupFs::new(mount);
+        limits.groups.iter().any(|(name, g)| {
+            self.group_ids
+                .get(name)
+                .is_some_and(|id| fs.id(&g.cgroup) != Some(*id))
+        })
     }
 
     /// Removes the pins of every other map-layout version under the pin path (an older

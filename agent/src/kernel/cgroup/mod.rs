@@ -176,6 +176,13 @@ impl CgroupFs {
 
     /// The UIDs that have a user cgroup where `layout` puts them (`user-<uid>` under the
     /// agent's subtree, or logind's `user-<uid>.slice`), in order.
+    /// The id of the cgroup at `relative` (a cgroup2 directory's inode number is its id),
+    /// `None` when it does not exist.
+    pub fn id(&self, relative: &Path) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.path(relative)).ok().map(|m| m.ino())
+    }
+
     pub fn user_cgroups(&self, layout: &Layout) -> Vec<u32> {
         let mut uids: Vec<u32> = std::fs::read_dir(self.path(&layout.users_dir()))
             .map(|rd| {

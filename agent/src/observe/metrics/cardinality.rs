@@ -28,6 +28,11 @@ impl UidActivity {
                 || c.live > 0
                 || now.duration_since(changed_at) < UID_ACTIVITY_WINDOW
         });
+        // The events-received series follow their UID's.
+        let kept: std::collections::BTreeSet<u32> = stats.conns.iter().map(|c| c.uid).collect();
+        stats
+            .events_received
+            .retain(|(uid, _, _), _| kept.contains(uid));
     }
 }
 

@@ -430,7 +430,12 @@ fn reason_counters(
             "rlagent_connections_would_deny_total",
         ),
     };
+    // A group counts only its own reasons; a UID every reason.
+    let group = prefix == "rlagent_group_connections";
     for ((reason, d), (_, w)) in denied.iter().into_iter().zip(would.iter()) {
+        if group && !matches!(reason, "group" | "group_rate") {
+            continue;
+        }
         let mut labels = l.to_vec();
         labels.push(("reason", reason.to_string()));
         e.counter(
