@@ -19,7 +19,8 @@ use crate::{
         quota::{not_supported_yet, unsupported_fields, Field, Quota},
         target::{Target, UserRef},
     },
-    observe::{events::RECENT_EVENTS, table::rate_text},
+    model::{units::rate_text, usage::RateStats},
+    observe::events::RECENT_EVENTS,
 };
 
 /// Events `rlctl events` shows when no limit is given, and `rlctl why` lists.
@@ -324,7 +325,7 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
             "rate" => format!(
                 "{} = {}",
                 source(Field::ConnRate),
-                rate_text(counters.as_ref().and_then(|c| c.rate.as_ref()), false)
+                bucket_text(counters.as_ref().and_then(|c| c.rate.as_ref()))
             ),
             "host_cap" => format!(
                 "[bpf] host_conns = {}",
@@ -340,7 +341,7 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
                 Some(g) => format!(
                     "conn_rate of group:{} = {}",
                     g.group,
-                    rate_text(g.rate.as_ref(), false)
+                    bucket_text(g.rate.as_ref())
                 ),
                 None => "a group's limit (the group has no limits now)".to_string(),
             },
@@ -364,6 +365,19 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
         reasons,
         events: events.into_iter().skip(skip).collect(),
     }))
+}
+
+/// A token bucket in words: `5/s, burst 3, 2 tokens left now`.
+fn bucket_text(rate: Option<&RateStats>) -> String {
+    match rate {
+        None => "none now".to_string(),
+        Some(r) => format!(
+            "{}, burst {}, {} tokens left now",
+            rate_text(r.interval_ns),
+            r.burst,
+            r.tokens
+        ),
+    }
 }
 
 fn alerts(app: &App, access: Access) -> Response {

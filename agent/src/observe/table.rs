@@ -54,13 +54,13 @@ pub fn table(stats: &Stats) -> String {
         }
         let _ = writeln!(
             out,
-            "{:>10} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
+            "{:>10} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
             "UID", "LIVE", "CAP", "RATE", "TOKENS", "ADMITTED", "DENIED", "WOULD_DENY"
         );
         for c in &stats.conns {
             let _ = writeln!(
                 out,
-                "{:>10} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
+                "{:>10} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
                 c.uid,
                 c.live,
                 c.cap.map_or("none".to_string(), |v| v.to_string()),
@@ -79,13 +79,13 @@ pub fn table(stats: &Stats) -> String {
         }
         let _ = writeln!(
             out,
-            "{:>16} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
+            "{:>16} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
             "GROUP", "LIVE", "CAP", "RATE", "TOKENS", "ADMITTED", "DENIED", "WOULD_DENY"
         );
         for g in &stats.groups {
             let _ = writeln!(
                 out,
-                "{:>16} {:>8} {:>8} {:>14} {:>8} {:>10} {:>8} {:>10}",
+                "{:>16} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
                 g.group,
                 g.live,
                 g.cap.map_or("none".to_string(), |v| v.to_string()),
