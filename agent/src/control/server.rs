@@ -228,7 +228,7 @@ async fn watch_events(
     app: &Arc<App>,
     access: Access,
     uid: Option<u32>,
-    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     out: &mut OwnedWriteHalf,
 ) {
     let uid = match handlers::events_uid(access, uid) {
@@ -239,24 +239,45 @@ async fn watch_events(
         }
     };
     let mine = move |e: &DenialEvent| uid.is_none_or(|u| e.uid == u);
-    let mut events = app.events().subscribe();
+    let events = app.events().subscribe();
     let recent = app.events().recent(uid, handlers::DEFAULT_EVENTS);
     if !send(out, &Response::ok(&EventsResult { events: recent })).await {
         return;
     }
+    stream(reader, out, events, "denial events", move |event| {
+        mine(&event).then(|| Response::ok(&EventLine { event }))
+    })
+    .await;
+}
+
+/// The rest of a watch: one line per item of `items` that `line` turns into a response,
+/// until the client goes away. No idle cut-off (the client only listens), but the read
+/// side is watched, so a client that closes is noticed at once and its slot freed, even
+/// when nothing is ever sent to it. A watcher that falls behind is told how much it
+/// missed (`what` names the items).
+async fn stream<T: Clone>(
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    out: &mut OwnedWriteHalf,
+    mut items: tokio::sync::broadcast::Receiver<T>,
+    what: &str,
+    line: impl Fn(T) -> Option<Response>,
+) {
     let mut ignored = [0u8; 512];
     loop {
         let response = tokio::select! {
+            // Anything the client sends is ignored; EOF or an error means it is gone.
             read = tokio::io::AsyncReadExt::read(&mut reader, &mut ignored) => match read {
                 Ok(0) | Err(_) => return,
                 Ok(_) => continue,
             },
-            event = events.recv() => match event {
-                Ok(event) if mine(&event) => Response::ok(&EventLine { event }),
-                Ok(_) => continue,
+            item = items.recv() => match item {
+                Ok(item) => match line(item) {
+                    Some(response) => response,
+                    None => continue,
+                },
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Response::error(
                     ErrorCode::Busy,
-                    format!("this watcher fell behind; {n} denial events were skipped (rlagent_connection_events_total counts them all)"),
+                    format!("this watcher fell behind; {n} {what} were skipped"),
                 ),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
@@ -268,17 +289,15 @@ async fn watch_events(
 }
 
 /// Streams alert transitions to one client until it goes away: the current alerts, then
-/// one line per transition. No idle cut-off here (the client only listens), but the read
-/// side is watched, so a client that closes is noticed at once and its slot freed, even
-/// when no event is ever sent to it.
+/// one line per transition (see [`stream`]).
 async fn watch_alerts(
     app: &Arc<App>,
     access: Access,
-    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     out: &mut OwnedWriteHalf,
 ) {
     let mine = move |a: &Alert| access.sees_name(&a.target);
-    let mut events = app.subscribe_alerts();
+    let events = app.subscribe_alerts();
     let current = match app.blocking("alerts", |app| app.alerts()).await {
         Ok(alerts) => alerts.into_iter().filter(|a| mine(a)).collect(),
         Err(e) => {
@@ -289,26 +308,8 @@ async fn watch_alerts(
     if !send(out, &Response::ok(&AlertsResult { alerts: current })).await {
         return;
     }
-    let mut ignored = [0u8; 512];
-    loop {
-        let response = tokio::select! {
-            // Anything the client sends is ignored; EOF or an error means it is gone.
-            read = tokio::io::AsyncReadExt::read(&mut reader, &mut ignored) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            },
-            event = events.recv() => match event {
-                Ok(alert) if mine(&alert) => Response::ok(&AlertEvent { event: alert }),
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Response::error(
-                    ErrorCode::Busy,
-                    format!("this watcher fell behind; {n} alert events were skipped"),
-                ),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-        };
-        if !send(out, &response).await {
-            return;
-        }
-    }
+    stream(reader, out, events, "alert events", move |alert| {
+        mine(&alert).then(|| Response::ok(&AlertEvent { event: alert }))
+    })
+    .await;
 }

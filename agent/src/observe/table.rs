@@ -48,61 +48,83 @@ pub fn table(stats: &Stats) -> String {
             pids.map_or_else(dash, |p| p.events_max.to_string())
         );
     }
-    if !stats.conns.is_empty() {
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        let _ = writeln!(
-            out,
-            "{:>10} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
-            "UID", "LIVE", "CAP", "RATE", "TOKENS", "ADMITTED", "DENIED", "WOULD_DENY"
-        );
-        for c in &stats.conns {
-            let _ = writeln!(
-                out,
-                "{:>10} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
-                c.uid,
-                c.live,
-                c.cap.map_or("none".to_string(), |v| v.to_string()),
-                rate_text(c.rate.as_ref(), c.monitor),
-                c.rate
-                    .map_or_else(|| "-".to_string(), |r| r.tokens.to_string()),
-                c.admitted,
-                c.denied.total(),
-                c.would_deny.total()
-            );
-        }
-    }
-    if !stats.groups.is_empty() {
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        let _ = writeln!(
-            out,
-            "{:>16} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
-            "GROUP", "LIVE", "CAP", "RATE", "TOKENS", "ADMITTED", "DENIED", "WOULD_DENY"
-        );
-        for g in &stats.groups {
-            let _ = writeln!(
-                out,
-                "{:>16} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
-                g.group,
-                g.live,
-                g.cap.map_or("none".to_string(), |v| v.to_string()),
-                rate_text(g.rate.as_ref(), g.monitor),
-                g.rate
-                    .map_or_else(|| "-".to_string(), |r| r.tokens.to_string()),
-                g.admitted,
-                g.denied.total(),
-                g.would_deny.total()
-            );
-        }
-    }
+    let uids = stats.conns.iter().map(|c| {
+        let row = ConnRow {
+            live: c.live,
+            cap: c.cap,
+            rate: c.rate.as_ref(),
+            monitor: c.monitor,
+            admitted: c.admitted,
+            denied: c.denied.total(),
+            would_deny: c.would_deny.total(),
+        };
+        (format!("{:>10}", c.uid), row)
+    });
+    conn_table(&mut out, &format!("{:>10}", "UID"), uids);
+    let groups = stats.groups.iter().map(|g| {
+        let row = ConnRow {
+            live: g.live,
+            cap: g.cap,
+            rate: g.rate.as_ref(),
+            monitor: g.monitor,
+            admitted: g.admitted,
+            denied: g.denied.total(),
+            would_deny: g.would_deny.total(),
+        };
+        (format!("{:>16}", g.group), row)
+    });
+    conn_table(&mut out, &format!("{:>16}", "GROUP"), groups);
     if out.is_empty() {
         out.push_str("no targets with stats\n");
     }
     out
 }
+/// One row of a connection table (a UID's or a group's).
+struct ConnRow<'a> {
+    live: u64,
+    cap: Option<u64>,
+    rate: Option<&'a RateStats>,
+    monitor: bool,
+    admitted: u64,
+    denied: u64,
+    would_deny: u64,
+}
+
+/// A table of connection limits and counters, under `first` (the key column's header);
+/// nothing when there are no rows.
+fn conn_table<'a>(
+    out: &mut String,
+    first: &str,
+    rows: impl Iterator<Item = (String, ConnRow<'a>)>,
+) {
+    let mut rows = rows.peekable();
+    if rows.peek().is_none() {
+        return;
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "{first} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
+        "LIVE", "CAP", "RATE", "TOKENS", "ADMITTED", "DENIED", "WOULD_DENY"
+    );
+    for (key, r) in rows {
+        let _ = writeln!(
+            out,
+            "{key} {:>8} {:>8} {:>18} {:>8} {:>10} {:>8} {:>10}",
+            r.live,
+            r.cap.map_or("none".to_string(), |v| v.to_string()),
+            rate_text(r.rate, r.monitor),
+            r.rate
+                .map_or_else(|| "-".to_string(), |r| r.tokens.to_string()),
+            r.admitted,
+            r.denied,
+            r.would_deny
+        );
+    }
+}
+
 /// A rate as `20/s b40`, with `(mon)` in monitor mode; `-` for none.
 pub fn rate_text(rate: Option<&RateStats>, monitor: bool) -> String {
     let mode = if monitor { " (mon)" } else { "" };
