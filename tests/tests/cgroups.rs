@@ -253,16 +253,27 @@ fn a_change_that_cannot_be_enforced_says_so() {
         !stats.contains(" max "),
         "a limit not in force is not shown as max: {stats}"
     );
-    for (args, field) in [
-        (vec!["set-quota", "batch", "--conns", "3"], "conns"),
-        (
-            vec!["set-quota", "user:61070", "--conn-rate", "20/s"],
-            "conn_rate",
-        ),
+    // Connection limits on groups and users are the programs' and hold here...
+    for args in [
+        vec!["set-quota", "batch", "--conns", "3"],
+        vec!["set-quota", "user:61070", "--conn-rate", "20/s"],
     ] {
         let out = scratch.rlctl(&args);
-        assert_eq!(out.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(&format!("{field} not supported yet")), "{err}");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    // ...and a cgroup:<path> target carries none: refused, nothing applied.
+    cgroup.child("svc");
+    let target = format!("cgroup:{}/svc", cgroup.relative);
+    let out = scratch.rlctl(&["set-quota", &target, "--conns", "3"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("conns cannot be set on a cgroup:<path> target"),
+        "{err}"
+    );
 }
