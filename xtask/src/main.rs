@@ -5,7 +5,9 @@
 //! - `test`: setup, then formatting, clippy, the build and every test (unit and privileged).
 //! - `run`: setup, release build, then runs `rlagent` with the given arguments.
 //! - `bench connect`: setup, release build, then the paired A/B connect() benchmark.
-//! - `vm-test`: the guest tests in a qemu guest with pure cgroup v2 (see vm.rs).
+//! - `vm-test`: the guest tests in a qemu guest with pure cgroup v2 (see vm.rs); with
+//!   `--systemd` the service on a systemd login node, with `--deb` the Debian package.
+//! - `deb`: the Debian package and the static tarball (see package.rs).
 //! - `fuzz`: the cargo-fuzz targets in fuzz/ (see fuzz.rs); `test` runs them briefly.
 use std::{
     env,
@@ -19,6 +21,7 @@ use clap::{Parser, Subcommand};
 mod debs;
 mod fuzz;
 mod install;
+mod package;
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -37,7 +40,7 @@ enum Task {
     /// Install the eBPF toolchain pieces (idempotent)
     Setup,
     /// Setup, fmt check, clippy, build, every host test, the guest tests, then the
-    /// systemd guest
+    /// systemd guest and the package guest
     Test,
     /// The guest tests in a qemu guest (cgroup v2 quotas, host-wide BPF); extra arguments
     /// go to the test harness (e.g. a test name filter)
@@ -46,6 +49,10 @@ enum Task {
         /// the service (READY, socket, rlctl, restart, reload)
         #[arg(long)]
         systemd: bool,
+        /// Boot the systemd guest and check the Debian package: install, upgrade, remove,
+        /// purge
+        #[arg(long, conflicts_with = "systemd")]
+        deb: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -68,6 +75,13 @@ enum Task {
         /// Seconds per target
         #[arg(long, default_value_t = 300)]
         seconds: u64,
+    },
+    /// The Debian package and the static tarball, into target/dist (cargo-deb, from the
+    /// musl release binaries)
+    Deb {
+        /// The package version (default: the crate's, revision 1)
+        #[arg(long)]
+        deb_version: Option<String>,
     },
     /// Setup, release build, then a benchmark (needs root)
     Bench {
@@ -108,7 +122,12 @@ fn main() -> Result<()> {
                 .env("RLAGENT_KUBERNETES_VALIDATE", validate))?;
             fuzz::fuzz(FUZZ_SECONDS_IN_TEST)?;
             vm::vm_test(&[])?;
-            vm::vm_test_systemd()
+            vm::vm_test_systemd()?;
+            vm::vm_test_deb()
+        }
+        Task::Deb { deb_version } => {
+            setup()?;
+            package::build(deb_version.as_deref()).map(|_| ())
         }
         Task::Fuzz { seconds } => {
             setup()?;
@@ -122,9 +141,11 @@ fn main() -> Result<()> {
                 bin_dir: None,
             })
         }
-        Task::VmTest { systemd, args } => {
+        Task::VmTest { systemd, deb, args } => {
             setup()?;
-            if systemd {
+            if deb {
+                vm::vm_test_deb()
+            } else if systemd {
                 vm::vm_test_systemd()
             } else {
                 vm::vm_test(&args)

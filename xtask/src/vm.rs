@@ -118,21 +118,7 @@ poweroff -f
 
 /// Builds the static binaries and the guest test executable; returns (name, path) pairs.
 fn build_guest_binaries() -> Result<Vec<(String, PathBuf)>> {
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
-    if !installed.lines().any(|l| l.trim() == MUSL) {
-        run(Command::new("rustup").args(["target", "add", MUSL]))?;
-    }
-    run(cargo().args([
-        "build",
-        "--release",
-        "--target",
-        MUSL,
-        "-p",
-        "rlagent",
-        "-p",
-        "rlagent-tests",
-        "--bins",
-    ]))?;
+    crate::package::build_musl()?;
     let json = output(cargo().args([
         "test",
         "--release",
@@ -557,14 +543,85 @@ systemctl poweroff -ff
 exit $rc
 "#;
 
+/// Runs inside the guest for `vm-test --deb`: the package's life as an operator sees it.
+/// Port 9 has no listener: a connect is charged, refused by the peer and kept open, so a
+/// helper can hold connections without a server.
+const CHECK_DEB_SCRIPT: &str = r#"#!/bin/sh
+fail() { echo "CHECK FAILED: $*"; rc=1; }
+rc=0
+cd /root
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y ./rlagent-1.deb >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt install ./rlagent-1.deb"; }
+for i in $(seq 30); do systemctl is-active -q rlagent && break; sleep 1; done
+systemctl is-active -q rlagent || fail "rlagent.service is not active after install"
+systemctl is-enabled -q rlagent || fail "rlagent.service is not enabled"
+rlctl status | grep -q 'cgroup_driver.*systemd' || fail "rlctl status after install"
+getent group rlagent >/dev/null || fail "no rlagent group"
+[ "$(stat -c '%a %G' /run/rlagent/rlagent.sock)" = "660 rlagent" ] || fail "socket $(stat -c '%a %G' /run/rlagent/rlagent.sock)"
+[ -f /usr/share/man/man1/rlctl.1 ] || [ -f /usr/share/man/man1/rlctl.1.gz ] || fail "no rlctl(1)"
+[ -f /usr/share/bash-completion/completions/rlctl ] || fail "no bash completion"
+dpkg-query -W -f='${Conffiles}\n' rlagent | grep -q /etc/rlagent/rlagent.toml || fail "the config is not a conffile"
+
+# The operator's changes: a cap in the config file, a runtime quota, and a UID holding 2.
+printf '[[quota]]\ntarget = "user:2000"\nconns = 3\n' >> /etc/rlagent/rlagent.toml
+systemctl reload rlagent || fail "reload"
+sleep 1
+rlctl set-quota user:2001 --conns 1 || fail "rlctl set-quota"
+mkfifo /tmp/in
+conn-helper /sys/fs/cgroup/system.slice/rlagent-check.service 2000 </tmp/in >/tmp/held &
+exec 3>/tmp/in
+echo "hold tcp4 9 2" >&3
+sleep 1
+grep -q '^ok 0 2$' /tmp/held || fail "the helper did not hold 2: $(cat /tmp/held)"
+rlctl --json stats | grep -q '"uid": 2000' || fail "no counters for uid 2000"
+
+# Upgrade: restarted, config and runtime quota kept, the pinned counts adopted.
+apt-get install -y ./rlagent-2.deb >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt install ./rlagent-2.deb"; }
+dpkg-query -W -f='${Version}\n' rlagent | grep -q -- '-2$' || fail "not upgraded: $(dpkg-query -W -f='${Version}' rlagent)"
+for i in $(seq 30); do systemctl is-active -q rlagent && break; sleep 1; done
+systemctl is-active -q rlagent || fail "rlagent.service is not active after the upgrade"
+grep -q 'user:2000' /etc/rlagent/rlagent.toml || fail "the upgrade replaced the edited config"
+rlctl list | tee /tmp/list
+grep -q 'user:2001.*conns.*1.*runtime' /tmp/list || fail "the runtime quota was lost in the upgrade"
+# Two more against cap 3: one is charged, one denied, only if the 2 from before count.
+echo "hold tcp4 9 2" >&3
+sleep 1
+live=$(rlctl --json stats | tr -d ' \n' | grep -o '"uid":2000,"live":[0-9]*' | cut -d: -f3)
+[ "$live" = 3 ] || fail "uid 2000 holds $live charged sockets after the upgrade, expected 3 (2 from before it, 1 more under cap 3)"
+rlctl events --uid 2000 | grep -q ' cap ' || fail "no cap denial event for uid 2000 after the upgrade"
+journalctl -u rlagent --no-pager | grep -q 'replacing the pinned link' || fail "the new agent did not adopt the pinned links"
+echo "package upgrade: the agent restarted and adopted the pinned maps and links"
+
+# Remove: the service stops; the programs keep enforcing (pins stay) until purge.
+exec 3>&-
+apt-get remove -y rlagent >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt remove"; }
+systemctl is-active -q rlagent && fail "rlagent.service still active after remove"
+[ -e /usr/bin/rlagent ] && fail "/usr/bin/rlagent still there after remove"
+[ -d /sys/fs/bpf/rlagent/v3/links ] || fail "remove took the programs away (only purge should)"
+[ -f /etc/rlagent/rlagent.toml ] || fail "remove deleted the config (only purge should)"
+
+# Purge: programs detached and unpinned, config and state gone.
+apt-get purge -y rlagent >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt purge"; }
+cat /tmp/apt | grep -i 'rlagent:' || true
+[ -e /sys/fs/bpf/rlagent/v3 ] && fail "purge left the pins: $(ls -R /sys/fs/bpf/rlagent)"
+[ -e /etc/rlagent/rlagent.toml ] && fail "purge left the config"
+[ -e /var/lib/rlagent ] && fail "purge left /var/lib/rlagent"
+bpftool_links=$(ls /sys/fs/bpf 2>/dev/null)
+echo "after purge: /sys/fs/bpf has: $bpftool_links"
+
+# The static tarball: unpacked anywhere, its binaries run and read their config.
+mkdir /tmp/tar && tar xzf rlagent.tar.gz -C /tmp/tar || fail "tar"
+d=$(echo /tmp/tar/rlagent-*)
+"$d/bin/rlagent" --config "$d/etc/rlagent/rlagent.toml" check-config || fail "the tarball's rlagent check-config"
+"$d/bin/rlctl" --version || fail "the tarball's rlctl"
+
+echo "@@VM-EXIT rc=$rc"
+systemctl poweroff -ff
+exit $rc
+"#;
+
 pub fn vm_test_systemd() -> Result<()> {
-    ensure_qemu()?;
-    let (vmlinux, _busybox) = ensure_guest_kernel()?;
-    let rootfs = ensure_systemd_rootfs()?;
-    build_guest_binaries()?;
-    let stage = cache().join("systemd-stage");
-    let _ = std::fs::remove_dir_all(&stage);
-    run(Command::new("cp").arg("-a").arg(&rootfs).arg(&stage))?;
+    let stage = systemd_stage()?;
     crate::install::install(crate::install::Options {
         destdir: Some(stage.clone()),
         prefix: PathBuf::from("/usr/local"),
@@ -575,11 +632,48 @@ pub fn vm_test_systemd() -> Result<()> {
                 .join("release"),
         ),
     })?;
-    let etc = stage.join("etc/systemd/system");
-    std::fs::create_dir_all(etc.join("multi-user.target.wants"))?;
-    std::fs::write(etc.join("rlagent-check.service"), CHECK_UNIT)?;
-    std::fs::write(stage.join("usr/local/bin/rlagent-check"), CHECK_SCRIPT)?;
-    // The test worker the check script connects with (not part of an install).
+    boot_systemd(
+        &stage,
+        CHECK_SCRIPT,
+        &["rlagent.service", "rlagent-check.service"],
+        "systemd guest",
+    )
+}
+
+/// The Debian package in the systemd guest: two builds of it (revisions 1 and 2), then
+/// install, upgrade, remove and purge as an operator would (CHECK_DEB_SCRIPT).
+pub fn vm_test_deb() -> Result<()> {
+    let version = env!("CARGO_PKG_VERSION");
+    let first = crate::package::build(Some(&format!("{version}-1")))?;
+    let second = crate::package::build(Some(&format!("{version}-2")))?;
+    let stage = systemd_stage()?;
+    for (deb, name) in [
+        (&first.deb, "rlagent-1.deb"),
+        (&second.deb, "rlagent-2.deb"),
+    ] {
+        std::fs::copy(deb, stage.join("root").join(name))?;
+    }
+    std::fs::copy(&second.tarball, stage.join("root/rlagent.tar.gz"))?;
+    boot_systemd(
+        &stage,
+        CHECK_DEB_SCRIPT,
+        &["rlagent-check.service"],
+        "deb guest",
+    )
+}
+
+/// The systemd guest's root: the cached rootfs, the guest binaries built, conn-helper in
+/// /usr/local/bin for the check scripts.
+fn systemd_stage() -> Result<PathBuf> {
+    ensure_qemu()?;
+    ensure_guest_kernel()?;
+    let rootfs = ensure_systemd_rootfs()?;
+    build_guest_binaries()?;
+    let stage = cache().join("systemd-stage");
+    let _ = std::fs::remove_dir_all(&stage);
+    run(Command::new("cp").arg("-a").arg(&rootfs).arg(&stage))?;
+    std::fs::create_dir_all(stage.join("usr/local/bin"))?;
+    // The test worker the check scripts connect with (not part of an install).
     std::fs::copy(
         crate::workspace_root()
             .join("target")
@@ -587,10 +681,21 @@ pub fn vm_test_systemd() -> Result<()> {
             .join("release/conn-helper"),
         stage.join("usr/local/bin/conn-helper"),
     )?;
+    Ok(stage)
+}
+
+/// Boots `stage` with systemd as init, runs `script` as the check unit (with `wanted`
+/// units enabled) and fails unless it exits 0.
+fn boot_systemd(stage: &Path, script: &str, wanted: &[&str], what: &str) -> Result<()> {
+    let (vmlinux, _busybox) = ensure_guest_kernel()?;
+    let etc = stage.join("etc/systemd/system");
+    std::fs::create_dir_all(etc.join("multi-user.target.wants"))?;
+    std::fs::write(etc.join("rlagent-check.service"), CHECK_UNIT)?;
+    std::fs::write(stage.join("usr/local/bin/rlagent-check"), script)?;
     run(Command::new("chmod")
         .arg("+x")
         .arg(stage.join("usr/local/bin/rlagent-check")))?;
-    for unit in ["rlagent.service", "rlagent-check.service"] {
+    for unit in wanted {
         let link = etc.join("multi-user.target.wants").join(unit);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), link)?;
@@ -609,7 +714,7 @@ pub fn vm_test_systemd() -> Result<()> {
     let _ = std::fs::remove_file(stage.join("init"));
     std::os::unix::fs::symlink("/lib/systemd/systemd", stage.join("init"))?;
     let initrd = cache().join("systemd-initrd.cpio");
-    run(Command::new("sh").current_dir(&stage).args([
+    run(Command::new("sh").current_dir(stage).args([
         "-c",
         &format!("find . | cpio -o -H newc --quiet > {}", initrd.display()),
     ]))?;
@@ -622,9 +727,9 @@ pub fn vm_test_systemd() -> Result<()> {
         Duration::from_secs(600),
     )?;
     eprintln!(
-        "xtask: systemd guest finished in {:.1} s with exit code {rc}",
+        "xtask: {what} finished in {:.1} s with exit code {rc}",
         started.elapsed().as_secs_f64()
     );
-    anyhow::ensure!(rc == 0, "systemd guest check failed (exit code {rc})");
+    anyhow::ensure!(rc == 0, "{what} check failed (exit code {rc})");
     Ok(())
 }
