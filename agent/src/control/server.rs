@@ -239,8 +239,7 @@ async fn watch_events(
         }
     };
     let mine = move |e: &DenialEvent| uid.is_none_or(|u| e.uid == u);
-    let events = app.events().subscribe();
-    let recent = app.events().recent(uid, handlers::DEFAULT_EVENTS);
+    let (recent, events) = app.events().follow(uid, handlers::DEFAULT_EVENTS);
     if !send(out, &Response::ok(&EventsResult { events: recent })).await {
         return;
     }

@@ -10,6 +10,10 @@ use rlagent_common::{reason, DenyEvent};
 /// One connect() a limit refused or, in monitor mode, would have refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DenialEvent {
+    /// The agent's number for it, rising by one per event it received since it started
+    /// (0 until the event log numbers it).
+    #[serde(default)]
+    pub seq: u64,
     /// When, in milliseconds since the Unix epoch.
     pub time_ms: u64,
     pub uid: u32,
@@ -61,6 +65,7 @@ impl DenialEvent {
             .position(|b| *b == 0)
             .unwrap_or(raw.comm.len());
         Self {
+            seq: 0,
             time_ms: wall_ms_at(raw.time_ns),
             uid: raw.uid,
             pid: raw.pid,

@@ -16,7 +16,8 @@ pub const RECENT_EVENTS: usize = 1024;
 pub type Received = BTreeMap<(u32, String, bool), u64>;
 
 pub struct EventLog {
-    recent: Mutex<VecDeque<DenialEvent>>,
+    /// The recent events, and the number the next one gets.
+    recent: Mutex<(VecDeque<DenialEvent>, u64)>,
     received: Mutex<Received>,
     stream: tokio::sync::broadcast::Sender<DenialEvent>,
 }
@@ -24,7 +25,7 @@ pub struct EventLog {
 impl Default for EventLog {
     fn default() -> Self {
         Self {
-            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+            recent: Mutex::new((VecDeque::with_capacity(RECENT_EVENTS), 1)),
             received: Mutex::default(),
             stream: tokio::sync::broadcast::channel(RECENT_EVENTS).0,
         }
@@ -32,8 +33,8 @@ impl Default for EventLog {
 }
 
 impl EventLog {
-    /// Logs, counts, keeps and streams one event.
-    pub fn record(&self, event: DenialEvent) {
+    /// Numbers, logs, counts, keeps and streams one event.
+    pub fn record(&self, mut event: DenialEvent) {
         let group = event.group.as_deref().unwrap_or("-");
         let what = if event.monitor {
             "connect() would be denied (monitor mode, let through)"
@@ -56,36 +57,53 @@ impl EventLog {
             .entry((event.uid, event.reason.clone(), event.monitor))
             .or_default() += 1;
         let mut recent = lock(&self.recent);
-        if recent.len() == RECENT_EVENTS {
-            recent.pop_front();
+        event.seq = recent.1;
+        recent.1 += 1;
+        if recent.0.len() == RECENT_EVENTS {
+            recent.0.pop_front();
         }
-        recent.push_back(event.clone());
-        drop(recent);
+        recent.0.push_back(event.clone());
+        // Sent under the lock, so the stream's order is the numbers' order.
         // No receiver is not an error: nobody follows the stream.
         let _ = self.stream.send(event);
+        drop(recent);
     }
 
     /// The last `limit` events (of `uid` only, when given), oldest first.
     pub fn recent(&self, uid: Option<u32>, limit: usize) -> Vec<DenialEvent> {
-        let recent = lock(&self.recent);
-        let mut events: Vec<DenialEvent> = recent
-            .iter()
-            .rev()
-            .filter(|e| uid.is_none_or(|u| e.uid == u))
-            .take(limit)
-            .cloned()
-            .collect();
-        events.reverse();
-        events
+        last(&lock(&self.recent).0, uid, limit)
     }
 
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<DenialEvent> {
-        self.stream.subscribe()
+    /// The last `limit` events (of `uid`, when given) and the stream of every later one:
+    /// taken together, so no event is in both or in neither.
+    pub fn follow(
+        &self,
+        uid: Option<u32>,
+        limit: usize,
+    ) -> (
+        Vec<DenialEvent>,
+        tokio::sync::broadcast::Receiver<DenialEvent>,
+    ) {
+        let recent = lock(&self.recent);
+        (last(&recent.0, uid, limit), self.stream.subscribe())
     }
 
     pub fn received(&self) -> Received {
         lock(&self.received).clone()
     }
+}
+
+/// The last `limit` of `events` (of `uid`, when given), oldest first.
+fn last(events: &VecDeque<DenialEvent>, uid: Option<u32>, limit: usize) -> Vec<DenialEvent> {
+    let mut events: Vec<DenialEvent> = events
+        .iter()
+        .rev()
+        .filter(|e| uid.is_none_or(|u| e.uid == u))
+        .take(limit)
+        .cloned()
+        .collect();
+    events.reverse();
+    events
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +116,7 @@ mod tests {
 
     fn event(uid: u32, reason: &str) -> DenialEvent {
         DenialEvent {
+            seq: 0,
             time_ms: 0,
             uid,
             pid: 1,
@@ -114,7 +133,8 @@ mod tests {
     #[test]
     fn the_ring_keeps_the_latest_and_filters_by_uid() {
         let log = EventLog::default();
-        let mut follow = log.subscribe();
+        let (before, mut follow) = log.follow(None, 10);
+        assert!(before.is_empty());
         for i in 0..RECENT_EVENTS {
             log.record(event(1000 + (i % 2) as u32, "cap"));
         }
