@@ -1,9 +1,11 @@
-//! rlagent kernel programs: count live connections per UID and deny the excess at connect().
+//! rlagent kernel programs: count live connections per UID and per group, take tokens
+//! from their rate buckets, and deny the excess at connect().
 //!
-//! - `cgroup/connect4`, `cgroup/connect6`: charge the calling UID for the socket, or deny
-//!   when its live count would exceed its cap (own cap, else the `user:*` default) or the
-//!   host-wide cap would be exceeded.
-//! - `cgroup/sock_release`: uncharge the UID recorded for the socket's cookie.
+//! - `cgroup/connect4`, `cgroup/connect6`: charge the calling UID (and its group) for the
+//!   socket, or deny when a cap (the UID's own or the `user:*` default, the group's, the
+//!   host-wide one) or a rate (the UID's, the group's) would be exceeded; in monitor mode
+//!   count a would-deny instead; report each on the event ring buffer.
+//! - `cgroup/sock_release`: uncharge the UID and group recorded for the socket's cookie.
 //!
 //! Correctness notes:
 //! - every fetch-add whose result is used is `SeqCst`: LLVM 22 miscompiles `Relaxed` ones

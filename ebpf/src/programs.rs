@@ -1,8 +1,8 @@
 //! The kernel programs and their maps (built for `bpfel-unknown-none` only).
 //!
-//! Each charged socket has an entry in `RL_SOCK_OWNER` (socket cookie -> UID). Inserting it
-//! with BPF_NOEXIST is the claim: exactly one connect() on a socket wins it, however often
-//! or concurrently connect() is called on that socket. Deleting it at release is the
+//! Each charged socket has an entry in `RL_SOCK_OWNER` (socket cookie -> UID and group).
+//! Inserting it with BPF_NOEXIST is the claim: exactly one connect() on a socket wins it,
+//! however often or concurrently connect() is called on that socket. Deleting it at release is the
 //! uncharge, and only the caller whose delete succeeds uncharges, so two generations of
 //! programs attached side by side (during an agent restart) still count each socket once.
 //! (Socket-local storage was measured first: creating it costs ~700 ns per connect().)
