@@ -86,13 +86,6 @@ fn set_rate(policy: &mut Policy, rate: ConnRate, burst: u64) {
     policy.rate_window_ns = policy.rate_interval_ns.saturating_mul(burst);
 }
 
-/// True when `quota` sets any connection field.
-fn has_conn_fields(quota: &Quota) -> bool {
-    [Field::Conns, Field::ConnRate, Field::ConnBurst, Field::Mode]
-        .into_iter()
-        .any(|f| quota.text(f).is_some())
-}
-
 impl ConnLimits {
     /// The limits for the effective `quotas` under the `[bpf]` settings, with groups'
     /// cgroups where `layout` puts them.
@@ -101,7 +94,7 @@ impl ConnLimits {
         let mut per_uid = BTreeMap::new();
         let mut groups = BTreeMap::new();
         for (target, quota) in quotas {
-            if !has_conn_fields(quota) {
+            if quota.conn_fields().is_empty() {
                 continue;
             }
             match target {

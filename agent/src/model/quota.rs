@@ -220,9 +220,12 @@ impl Quota {
         }
     }
 
-    /// True when the quota sets a connection limit (conns, conn_rate) to a value.
-    pub fn has_conn_limits(&self) -> bool {
-        self.limits(Field::Conns) || self.limits(Field::ConnRate)
+    /// The connection fields (conns, conn_rate, conn_burst, mode) the quota sets.
+    pub fn conn_fields(&self) -> Vec<Field> {
+        [Field::Conns, Field::ConnRate, Field::ConnBurst, Field::Mode]
+            .into_iter()
+            .filter(|f| self.text(*f).is_some())
+            .collect()
     }
 
     /// True when the quota sets a cgroup controller (cpu, memory, pids).
@@ -342,10 +345,7 @@ pub fn unsupported_fields(target: &Target, quota: &Quota) -> Vec<Field> {
     if !matches!(target, Target::Cgroup(_)) {
         return Vec::new();
     }
-    [Field::Conns, Field::ConnRate, Field::ConnBurst, Field::Mode]
-        .into_iter()
-        .filter(|f| quota.text(*f).is_some())
-        .collect()
+    quota.conn_fields()
 }
 
 /// The refusal for [`unsupported_fields`].
