@@ -240,7 +240,7 @@ pub fn render(stats: &Stats) -> String {
         if let Some(rate) = c.rate {
             rate_gauges(&mut e, &l, &rate);
         }
-        reason_counters(&mut e, "rlagent_connections", &l, &c.denied, &c.would_deny);
+        reason_counters(&mut e, &UID_REASONS, &l, &c.denied, &c.would_deny);
         e.counter(
             "rlagent_connection_events_dropped_total",
             "Denials (and would-denies) of the UID whose event was not sent: over the per-UID event rate, or the ring buffer was full.",
@@ -273,13 +273,7 @@ pub fn render(stats: &Stats) -> String {
             &l,
             g.admitted as f64,
         );
-        reason_counters(
-            &mut e,
-            "rlagent_group_connections",
-            &l,
-            &g.denied,
-            &g.would_deny,
-        );
+        reason_counters(&mut e, &GROUP_REASONS, &l, &g.denied, &g.would_deny);
     }
     for ((uid, reason, monitor), count) in &stats.events_received {
         e.counter(
@@ -411,41 +405,49 @@ fn rate_gauges(e: &mut Exposition, l: &[(&str, String)], rate: &RateStats) {
     );
 }
 
-/// Denials and would-denies of a UID (`prefix` rlagent_connections) or a group
-/// (rlagent_group_connections), labels `l`, one series per reason.
+/// The per-reason counter series of a UID or of a group, and the reasons it counts.
+struct ReasonSeries {
+    denied: &'static str,
+    would_deny: &'static str,
+    /// `None`: every reason.
+    reasons: Option<&'static [&'static str]>,
+}
+
+const UID_REASONS: ReasonSeries = ReasonSeries {
+    denied: "rlagent_connections_denied_total",
+    would_deny: "rlagent_connections_would_deny_total",
+    reasons: None,
+};
+
+/// A group counts only its own reasons.
+const GROUP_REASONS: ReasonSeries = ReasonSeries {
+    denied: "rlagent_group_connections_denied_total",
+    would_deny: "rlagent_group_connections_would_deny_total",
+    reasons: Some(&["group", "group_rate"]),
+};
+
+/// Denials and would-denies (labels `l`), one series per reason `series` counts.
 fn reason_counters(
     e: &mut Exposition,
-    prefix: &str,
+    series: &ReasonSeries,
     l: &[(&str, String)],
     denied: &ByReason,
     would: &ByReason,
 ) {
-    let (denied_name, would_name): (&'static str, &'static str) = match prefix {
-        "rlagent_group_connections" => (
-            "rlagent_group_connections_denied_total",
-            "rlagent_group_connections_would_deny_total",
-        ),
-        _ => (
-            "rlagent_connections_denied_total",
-            "rlagent_connections_would_deny_total",
-        ),
-    };
-    // A group counts only its own reasons; a UID every reason.
-    let group = prefix == "rlagent_group_connections";
     for ((reason, d), (_, w)) in denied.iter().into_iter().zip(would.iter()) {
-        if group && !matches!(reason, "group" | "group_rate") {
+        if series.reasons.is_some_and(|r| !r.contains(&reason)) {
             continue;
         }
         let mut labels = l.to_vec();
         labels.push(("reason", reason.to_string()));
         e.counter(
-            denied_name,
+            series.denied,
             "connect() calls denied, by reason.",
             &labels,
             d as f64,
         );
         e.counter(
-            would_name,
+            series.would_deny,
             "connect() calls a monitor-mode limit let through that enforce mode would deny, by reason.",
             &labels,
             w as f64,
