@@ -28,9 +28,10 @@ fn put(root: &Path, path: &str, contents: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-fn generated(rlctl: &Path, args: &[&str]) -> Result<Vec<u8>> {
-    let out = Command::new(rlctl).args(args).output()?;
-    anyhow::ensure!(out.status.success(), "rlctl {args:?} failed");
+/// The output of `bin args` (completions and man pages come from the binaries).
+pub(crate) fn generated(bin: &Path, args: &[&str]) -> Result<Vec<u8>> {
+    let out = Command::new(bin).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "{} {args:?} failed", bin.display());
     Ok(out.stdout)
 }
 

@@ -71,9 +71,8 @@ fn stage(bin_dir: &Path) -> Result<PathBuf> {
         .replace("/usr/local/bin/", "/usr/bin/");
     std::fs::write(stage.join("units/rlagent.service"), unit)?;
     let generated = |bin: &str, args: &[&str], file: &str| -> Result<()> {
-        let out = Command::new(bin_dir.join(bin)).args(args).output()?;
-        anyhow::ensure!(out.status.success(), "{bin} {args:?} failed");
-        std::fs::write(stage.join(file), out.stdout)?;
+        let out = crate::install::generated(&bin_dir.join(bin), args)?;
+        std::fs::write(stage.join(file), out)?;
         Ok(())
     };
     generated("rlctl", &["completions", "bash"], "rlctl.bash")?;
