@@ -54,8 +54,9 @@ pub mod reason {
     pub const NAMES: [&str; COUNT] = ["cap", "host_cap", "rate", "group", "group_rate", "full"];
 }
 
-/// Set in an `RL_SOCK_OWNER` value (above the UID in the low 32 bits) when the socket's
-/// UID had no cap when it was charged: it counts against the uncapped budget.
+/// Set in an `RL_SOCK_OWNER` value (above the UID in the low 32 bits) when no
+/// enforce-mode cap (the UID's or its group's) bounded the charge when it was taken: it
+/// counts against the budget of such charges ([`Settings::uncapped_socket_budget`]).
 pub const OWNER_UNCAPPED: u64 = 1 << 32;
 /// Set in an `RL_SOCK_OWNER` value for a connection the agent found open at its first
 /// start: its release decrements `RL_UID_SEEDED` and `HostConns::seeded` instead of `live`.
@@ -111,14 +112,17 @@ pub struct Settings {
     /// UIDs below this get no default policy (system users), like `UID_MIN` in login.defs.
     pub default_uid_min: u64,
     /// Cap on live connections of all UIDs together; [`UNLIMITED`] for none. UID 0 is
-    /// counted but never denied by it, so the host stays administrable.
+    /// charged only when it has a policy of its own, and never denied by this cap, so the
+    /// host stays administrable.
     pub host_cap: u64,
     /// `FLAG_*` bits.
     pub flags: u64,
     /// errno a denied connect() fails with (positive, e.g. 1 for EPERM).
     pub deny_errno: u64,
-    /// Charged sockets of UIDs without a cap may take at most this many `RL_SOCK_OWNER`
-    /// entries; the rest of the map is kept for capped UIDs.
+    /// Charges that no enforce-mode cap bounds (no cap, a monitor-mode cap, only a rate)
+    /// may take at most this many `RL_SOCK_OWNER` entries; the rest of the map is kept for
+    /// capped UIDs. Past it a connect() is not charged, but still meets the host cap and
+    /// the rates.
     pub uncapped_socket_budget: u64,
     /// UIDs without a cap may create at most this many `RL_UID_CONNS` entries.
     pub uncapped_uid_budget: u64,
@@ -167,6 +171,11 @@ impl Policy {
     pub fn limits(&self) -> bool {
         self.cap != UNLIMITED || self.rate_interval_ns != 0
     }
+
+    /// True when an enforce-mode cap bounds the connections this policy charges.
+    pub fn bounds(&self) -> bool {
+        self.cap != UNLIMITED && self.flags & POLICY_MONITOR == 0
+    }
 }
 
 /// Connection counters of one UID (`RL_UID_CONNS`, key: UID as `u32`) or one group
@@ -177,7 +186,8 @@ impl Policy {
 pub struct Conns {
     /// Sockets charged and not yet released.
     pub live: u64,
-    /// connect() calls admitted and charged (a counter).
+    /// connect() calls admitted and charged, and reconnects of a charged socket admitted
+    /// (a counter).
     pub admitted: u64,
     /// The token bucket's theoretical arrival time (GCRA): the bucket is full when this is
     /// at or before now, and each admitted connect() moves it one interval later. Changed
@@ -240,12 +250,13 @@ pub struct DenyEvent {
 pub struct HostConns {
     /// All charged, unreleased sockets.
     pub live: u64,
-    /// connect() calls let through uncounted: an uncapped UID over its budget, or a
-    /// capped one when a map was full and `on_full = "allow"`.
+    /// connect() calls let through uncharged: past the budget of charges no cap bounds,
+    /// or a capped UID's when a map was full and `on_full = "allow"`.
     pub untracked: u64,
     /// connect() calls of capped UIDs denied because a map was full (`on_full = "deny"`).
     pub denied_full: u64,
-    /// Charged sockets of uncapped UIDs (`RL_SOCK_OWNER` entries within their budget).
+    /// Charged sockets that no enforce-mode cap bounds (`RL_SOCK_OWNER` entries within
+    /// their budget).
     pub uncapped_sockets: u64,
     /// `RL_UID_CONNS` entries created by the programs for UIDs without a cap.
     pub uncapped_uids: u64,

@@ -11,9 +11,11 @@
 //! - every fetch-add whose result is used is `SeqCst`: LLVM 22 miscompiles `Relaxed` ones
 //!   on target-cpu v3 into an add that returns the addend (a privileged test catches it:
 //!   the programs would load and never deny);
-//! - a socket is charged at most once: inserting its cookie into `RL_SOCK_OWNER` with
+//! - a socket holds at most one charge: inserting its cookie into `RL_SOCK_OWNER` with
 //!   BPF_NOEXIST is the claim, so repeated or concurrent connect() calls on the same
-//!   socket (UDP re-connect, a retry after ECONNREFUSED) are not new connections.
+//!   socket (a UDP re-connect, a retry after ECONNREFUSED, a TCP connect after AF_UNSPEC)
+//!   are not charged again, but each takes its rate tokens;
+//! - root (UID 0) is charged only when it has a policy of its own.
 // The crate only means something for the BPF target; on the host (a `--workspace` build or
 // clippy run) it compiles to an empty program.
 #![cfg_attr(target_arch = "bpf", no_std, no_main, feature(core_intrinsics))]

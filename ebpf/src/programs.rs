@@ -2,12 +2,18 @@
 //!
 //! Each charged socket has an entry in `RL_SOCK_OWNER` (socket cookie -> UID and group).
 //! Inserting it with BPF_NOEXIST is the claim: exactly one connect() on a socket wins it,
-//! however often or concurrently connect() is called on that socket. Deleting it at release is the
-//! uncharge, and only the caller whose delete succeeds uncharges, so two generations of
-//! programs attached side by side (during an agent restart) still count each socket once.
-//! (Socket-local storage was measured first: creating it costs ~700 ns per connect().)
-//! Charges are released at sock_release; an MPTCP connection's charge (taken on its first
-//! subflow, a kernel socket that never passes sock_release) at its MPTCP socket's.
+//! however often or concurrently connect() is called on that socket. Deleting it at
+//! release is the uncharge, and only the caller whose delete succeeds uncharges, so two
+//! generations of programs attached side by side (during an agent restart) still count
+//! each socket once. A connect() on a socket already charged (a TCP socket disconnected
+//! with AF_UNSPEC and connected again makes a new handshake) holds no second charge but
+//! takes its rate tokens like any other. (Socket-local storage was measured first:
+//! creating it costs ~700 ns per connect().) Charges are released at sock_release; an
+//! MPTCP connection's charge (taken on its first subflow, a kernel socket that never
+//! passes sock_release) at its MPTCP socket's.
+//!
+//! try_charge runs in four steps: the claim (or a reconnect, or an uncharged connect()
+//! past the budget), the caps (`Charge::caps`), the rates (`Charge::rates`), the commit.
 
 use core::intrinsics;
 
@@ -207,9 +213,29 @@ fn read(counter: *const u64) -> u64 {
     unsafe { core::ptr::read_volatile(counter) }
 }
 
+/// The limits that apply to one connect(), copied once: the agent may rewrite a policy
+/// while this program runs, and the fields of one copy belong together.
+struct Limits {
+    uid: Policy,
+    group: Policy,
+    monitor: bool,
+    group_monitor: bool,
+}
+
+impl Limits {
+    /// A rate applies (the UID's, or the group's when in a group).
+    #[inline(always)]
+    fn rated(&self) -> bool {
+        self.uid.rate_interval_ns != 0 || self.group.rate_interval_ns != 0
+    }
+}
+
 /// What a connect() has taken so far, so a denial can give it all back.
 struct Charge {
     cookie: u64,
+    /// This connect() inserted the socket's record in `RL_SOCK_OWNER` (a denial removes
+    /// it); false for a reconnect of a socket already charged, and for one not charged.
+    claimed: bool,
     uid: u32,
     host: *mut HostConns,
     conns: *mut Conns,
@@ -221,9 +247,31 @@ struct Charge {
     host_live: bool,
     /// The interval of the UID token taken (0: none).
     uid_token: u64,
+    /// A monitor-mode limit was exceeded already: enforce mode would have denied this
+    /// connect() there, so no later monitor-mode limit counts it or takes a token, and the
+    /// would-deny counts equal the denials enforce mode would make.
+    noted: bool,
 }
 
 impl Charge {
+    #[inline(always)]
+    fn new(cookie: u64, claimed: bool, uid: u32, host: *mut HostConns, conns: *mut Conns) -> Self {
+        Self {
+            cookie,
+            claimed,
+            uid,
+            host,
+            conns,
+            group: 0,
+            group_conns: core::ptr::null_mut(),
+            uid_live: false,
+            group_live: false,
+            host_live: false,
+            uid_token: 0,
+            noted: false,
+        }
+    }
+
     /// Gives back everything taken and drops the claim on the socket.
     #[inline(always)]
     fn undo(&self) {
@@ -232,7 +280,7 @@ impl Charge {
             if self.uid_live {
                 fetch_sub(&raw mut (*self.conns).live, 1);
             }
-            if self.group_live {
+            if self.group_live && !self.group_conns.is_null() {
                 fetch_sub(&raw mut (*self.group_conns).live, 1);
             }
             if self.host_live {
@@ -243,25 +291,34 @@ impl Charge {
                 fetch_sub(&raw mut (*self.conns).rate_tat, self.uid_token);
             }
         }
-        let _ = RL_SOCK_OWNER.remove(&self.cookie);
+        if self.claimed {
+            let _ = RL_SOCK_OWNER.remove(&self.cookie);
+        }
     }
 
-    /// A limit was exceeded. Monitor mode counts a would-deny and lets the connect() go on
-    /// (`Ok`); enforce mode gives everything back, counts the denial and denies (`Err`).
-    /// Either way an event reports it.
+    /// A limit was exceeded. Monitor mode counts a would-deny (the first only, see
+    /// `noted`) and lets the connect() go on (`Ok`); enforce mode gives everything back,
+    /// counts the denial and denies (`Err`). Either way an event reports it.
     #[inline(always)]
     fn exceeded(
-        &self,
+        &mut self,
         dest: &Destination,
         settings: &Settings,
         reason: usize,
         monitor: bool,
         limit: u64,
     ) -> Result<(), i32> {
-        let group_reason = reason == reason::GROUP || reason == reason::GROUP_RATE;
+        if monitor && self.noted {
+            return Ok(());
+        }
+        // Null checks where the group's counters are used: the verifier does not follow
+        // that they are set whenever `group` is.
+        let group_reason = (reason == reason::GROUP || reason == reason::GROUP_RATE)
+            && !self.group_conns.is_null();
         // SAFETY: as in `undo`; `reason` is a constant below `reason::COUNT`.
         unsafe {
             if monitor {
+                self.noted = true;
                 fetch_add(&raw mut (*self.conns).would_deny[reason], 1);
                 if group_reason {
                     fetch_add(&raw mut (*self.group_conns).would_deny[reason], 1);
@@ -295,6 +352,125 @@ impl Charge {
             Err(deny(settings))
         }
     }
+
+    /// Caps: add first, then compare the value displaced, so racing connect() calls each
+    /// see a distinct old value and no more than the cap can be admitted. The UID's own
+    /// cap, the group's, then the host's.
+    #[inline(always)]
+    fn caps(
+        &mut self,
+        dest: &Destination,
+        settings: &Settings,
+        limits: &Limits,
+    ) -> Result<(), i32> {
+        let (seeded, host_seeded) = seeded_for(self.uid, settings, self.host);
+        self.uid_live = true;
+        // SAFETY: `conns` points at this UID's counters in RL_UID_CONNS, `host` at the
+        // array element; nothing deletes them while programs run.
+        if fetch_add(unsafe { &raw mut (*self.conns).live }, 1).saturating_add(seeded)
+            >= limits.uid.cap
+        {
+            self.exceeded(dest, settings, reason::CAP, limits.monitor, limits.uid.cap)?;
+        }
+        self.group_cap(dest, settings, limits)?;
+        self.host_live = true;
+        // SAFETY: as above.
+        if fetch_add(unsafe { &raw mut (*self.host).live }, 1).saturating_add(host_seeded)
+            >= settings.host_cap
+            && self.uid != 0
+        {
+            let host_monitor = settings.flags & FLAG_MONITOR_HOST != 0;
+            self.exceeded(
+                dest,
+                settings,
+                reason::HOST_CAP,
+                host_monitor,
+                settings.host_cap,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The group's cap, when the caller is in a group: charges the group.
+    #[inline(always)]
+    fn group_cap(
+        &mut self,
+        dest: &Destination,
+        settings: &Settings,
+        limits: &Limits,
+    ) -> Result<(), i32> {
+        if self.group == 0 || self.group_conns.is_null() {
+            return Ok(());
+        }
+        self.group_live = true;
+        // SAFETY: `group_conns` points at the group's counters (set with `group`).
+        if fetch_add(unsafe { &raw mut (*self.group_conns).live }, 1) >= limits.group.cap {
+            self.exceeded(
+                dest,
+                settings,
+                reason::GROUP,
+                limits.group_monitor,
+                limits.group.cap,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Rates, after the caps, so a connect() a cap refuses takes no token: one token from
+    /// the UID's bucket, then one from the group's.
+    #[inline(always)]
+    fn rates(
+        &mut self,
+        dest: &Destination,
+        settings: &Settings,
+        limits: &Limits,
+    ) -> Result<(), i32> {
+        if !limits.rated() {
+            return Ok(());
+        }
+        let now = unsafe { bpf_ktime_get_ns() };
+        let uid = &limits.uid;
+        if uid.rate_interval_ns != 0 && !(limits.monitor && self.noted) {
+            // SAFETY: as in `caps`.
+            let tat = unsafe { &raw mut (*self.conns).rate_tat };
+            if take(tat, now, uid.rate_interval_ns, uid.rate_window_ns) {
+                self.uid_token = uid.rate_interval_ns;
+            } else {
+                self.exceeded(dest, settings, reason::RATE, limits.monitor, uid.burst)?;
+            }
+        }
+        let group = &limits.group;
+        if self.group != 0
+            && !self.group_conns.is_null()
+            && group.rate_interval_ns != 0
+            && !(limits.group_monitor && self.noted)
+        {
+            // SAFETY: as in `group_cap`.
+            let tat = unsafe { &raw mut (*self.group_conns).rate_tat };
+            if !take(tat, now, group.rate_interval_ns, group.rate_window_ns) {
+                self.exceeded(
+                    dest,
+                    settings,
+                    reason::GROUP_RATE,
+                    limits.group_monitor,
+                    group.burst,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The connect() is admitted: count it.
+    #[inline(always)]
+    fn admitted(&self) {
+        // SAFETY: as in `caps` and `group_cap`.
+        unsafe {
+            fetch_add(&raw mut (*self.conns).admitted, 1);
+            if self.group != 0 && !self.group_conns.is_null() {
+                fetch_add(&raw mut (*self.group_conns).admitted, 1);
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -321,33 +497,55 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     };
     let uid = bpf_get_current_uid_gid() as u32;
-    // Copies: the agent may rewrite a policy while this program runs, and the fields of
-    // one copy belong together.
-    let policy = *uid_policy(uid, settings);
-    let (group, group_policy, group_conns) = find_group(settings);
-    let group_policy = *group_policy;
-    let monitor = policy.flags & POLICY_MONITOR != 0;
-    let group_monitor = group_policy.flags & POLICY_MONITOR != 0;
-    // Sockets of UIDs that nothing limits are counted (for stats and the host cap) only
-    // within their budget, so they can never take the capacity limited UIDs need.
-    let uncapped = !policy.limits() && group == 0;
-    // Nothing here would deny: a full map lets the connect() through uncounted.
-    let lenient = (!policy.limits() || monitor) && (group == 0 || group_monitor);
-    // SAFETY: `host` points at the array's single element.
-    let untracked = unsafe { &raw mut (*host).untracked };
-    if uncapped
-        && read(unsafe { &raw const (*host).uncapped_sockets }) >= settings.uncapped_socket_budget
-    {
-        fetch_add(untracked, 1);
+    // SAFETY: hash map lookups return a pointer valid for this program run.
+    let own = unsafe { RL_UID_CAPS.get(&uid) };
+    // Root is charged only when a quota of its own asks for it: the kernel sockets of
+    // NFS and SMB mounts connect as root and never pass sock_release, so charges of
+    // theirs would hold the host cap forever.
+    if uid == 0 && own.is_none() {
         return Ok(ALLOW);
     }
+    let (group, group_policy, group_conns) = find_group(settings);
+    let uid_policy = *own.unwrap_or_else(|| default_policy(uid, settings));
+    let group_policy = *group_policy;
+    let limits = Limits {
+        monitor: uid_policy.flags & POLICY_MONITOR != 0,
+        group_monitor: group_policy.flags & POLICY_MONITOR != 0,
+        uid: uid_policy,
+        group: group_policy,
+    };
+    // No enforce-mode cap bounds this socket's charge: it counts against the budget of
+    // such charges (half the charged-socket map), so a tenant in monitor mode or with only
+    // a rate can never take the room that capped UIDs need.
+    let unbounded = !limits.uid.bounds() && (group == 0 || !limits.group.bounds());
+    // Nothing here limits the UID: its counters come from the budget of such UIDs.
+    let unlimited = !limits.uid.limits() && group == 0;
+    // Nothing here would deny: a full map lets the connect() through uncounted.
+    let lenient = (!limits.uid.limits() || limits.monitor) && (group == 0 || limits.group_monitor);
     // SAFETY: the helper accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let dest = destination::<V6>(ctx);
-    let owner = SockOwner {
-        owner: u64::from(uid) | if uncapped { OWNER_UNCAPPED } else { 0 },
+    let at = Caller {
+        uid,
         group,
+        host,
+        lenient,
     };
+
+    // SAFETY: `host` points at the array's single element.
+    if unbounded
+        && read(unsafe { &raw const (*host).uncapped_sockets }) >= settings.uncapped_socket_budget
+    {
+        return untracked(
+            &dest,
+            settings,
+            &at,
+            &limits,
+            unlimited,
+            cookie,
+            group_conns,
+        );
+    }
 
     // An MPTCP subflow: its MPTCP socket keeps the charge (see RL_MPTCP).
     // SAFETY: the context's socket is valid for the program's run; the helper returns the
@@ -366,116 +564,46 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         }
         .cast::<u64>();
         if keeper.is_null() {
-            return full(&dest, settings, host, lenient, uid, group);
+            return full(&dest, settings, &at);
         }
         // SAFETY: non-null storage of the MPTCP socket.
-        if unsafe { *keeper } != 0 {
+        let kept = unsafe { *keeper };
+        if kept != 0 && kept != cookie {
             // A further subflow of a connection already counted.
             return Ok(ALLOW);
         }
     }
 
-    // The claim. EEXIST: this socket is already charged (a repeated connect()).
-    match RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
-        Err(err) if err == EEXIST => return Ok(ALLOW),
-        Err(_) => return full(&dest, settings, host, lenient, uid, group),
-    }
-    let Some(conns) = uid_conns(uid, uncapped, settings, host) else {
-        let _ = RL_SOCK_OWNER.remove(&cookie);
-        return full(&dest, settings, host, lenient, uid, group);
-    };
-    let mut charge = Charge {
-        cookie,
-        uid,
-        host,
-        conns,
+    let owner = SockOwner {
+        owner: u64::from(uid) | if unbounded { OWNER_UNCAPPED } else { 0 },
         group,
-        group_conns,
-        uid_live: false,
-        group_live: false,
-        host_live: false,
-        uid_token: 0,
     };
-    // Caps: add first, then compare the value displaced: racing connect() calls each see a
-    // distinct old value, so no more than the cap can be admitted.
-    // SAFETY: `conns` points at this UID's counters in RL_UID_CONNS, `group_conns` (when
-    // `group` is set) at the group's, `host` at the array element; nothing deletes them
-    // while programs run.
-    unsafe {
-        let (seeded, host_seeded) = if settings.flags & FLAG_SEEDED != 0 {
-            seeded_for(uid, settings, host)
-        } else {
-            (0, 0)
-        };
-        charge.uid_live = true;
-        if fetch_add(&raw mut (*conns).live, 1).saturating_add(seeded) >= policy.cap {
-            charge.exceeded(&dest, settings, reason::CAP, monitor, policy.cap)?;
+    // The claim. EEXIST: this socket is already charged: a repeated connect() (a UDP
+    // re-connect, a retry after ECONNREFUSED, a TCP connect after AF_UNSPEC).
+    let claimed = match RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST)) {
+        Ok(()) => true,
+        Err(err) if err == EEXIST => false,
+        Err(_) => return full(&dest, settings, &at),
+    };
+    let Some(conns) = uid_conns(uid, unlimited, settings, host) else {
+        if claimed {
+            let _ = RL_SOCK_OWNER.remove(&cookie);
         }
-        if group != 0 {
-            charge.group_live = true;
-            if fetch_add(&raw mut (*group_conns).live, 1) >= group_policy.cap {
-                charge.exceeded(
-                    &dest,
-                    settings,
-                    reason::GROUP,
-                    group_monitor,
-                    group_policy.cap,
-                )?;
-            }
-        }
-        charge.host_live = true;
-        if fetch_add(&raw mut (*host).live, 1).saturating_add(host_seeded) >= settings.host_cap
-            && uid != 0
-        {
-            let host_monitor = settings.flags & FLAG_MONITOR_HOST != 0;
-            charge.exceeded(
-                &dest,
-                settings,
-                reason::HOST_CAP,
-                host_monitor,
-                settings.host_cap,
-            )?;
-        }
+        return full(&dest, settings, &at);
+    };
+    let mut charge = Charge::new(cookie, claimed, uid, host, conns);
+    charge.group = group;
+    charge.group_conns = group_conns;
+    if !claimed {
+        return reconnect(&dest, settings, &limits, charge);
     }
-    // Rates last, so a connect() a cap refuses takes no token.
-    if policy.rate_interval_ns != 0 || group_policy.rate_interval_ns != 0 {
-        let now = unsafe { bpf_ktime_get_ns() };
-        if policy.rate_interval_ns != 0 {
-            // SAFETY: as above.
-            let tat = unsafe { &raw mut (*conns).rate_tat };
-            if take(tat, now, policy.rate_interval_ns, policy.rate_window_ns) {
-                charge.uid_token = policy.rate_interval_ns;
-            } else {
-                charge.exceeded(&dest, settings, reason::RATE, monitor, policy.burst)?;
-            }
-        }
-        if group != 0 && group_policy.rate_interval_ns != 0 {
-            // SAFETY: as above.
-            let tat = unsafe { &raw mut (*group_conns).rate_tat };
-            if !take(
-                tat,
-                now,
-                group_policy.rate_interval_ns,
-                group_policy.rate_window_ns,
-            ) {
-                charge.exceeded(
-                    &dest,
-                    settings,
-                    reason::GROUP_RATE,
-                    group_monitor,
-                    group_policy.burst,
-                )?;
-            }
-        }
-    }
-    // SAFETY: as above.
+    charge.caps(&dest, settings, &limits)?;
+    charge.rates(&dest, settings, &limits)?;
+    charge.admitted();
+    // SAFETY: `host` points at the array's single element; `keeper` is this MPTCP
+    // socket's storage.
     unsafe {
-        fetch_add(&raw mut (*conns).admitted, 1);
-        if group != 0 {
-            fetch_add(&raw mut (*group_conns).admitted, 1);
-        }
-        if uncapped {
+        if unbounded {
             fetch_add(&raw mut (*host).uncapped_sockets, 1);
         }
         if !keeper.is_null() {
@@ -485,23 +613,108 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
+/// Who connects, for the paths that give up on charging.
+struct Caller {
+    uid: u32,
+    group: u64,
+    host: *mut HostConns,
+    /// Nothing would deny this caller (see `full`).
+    lenient: bool,
+}
+
+/// A connect() on a socket already charged: it makes a new connection (a TCP socket
+/// disconnected with AF_UNSPEC makes a new handshake) but holds no second charge. It takes
+/// its rate tokens like any connect(), and a socket charged outside any group that is
+/// connected again from within a group is charged to that group (or refused by its cap).
+#[inline(always)]
+fn reconnect(
+    dest: &Destination,
+    settings: &Settings,
+    limits: &Limits,
+    mut charge: Charge,
+) -> Result<i32, i32> {
+    let record = RL_SOCK_OWNER
+        .get_ptr_mut(&charge.cookie)
+        .unwrap_or(core::ptr::null_mut());
+    // SAFETY: a pointer from a successful lookup. connect() calls on one socket are
+    // serialised by the socket lock, and its release cannot run while one is under way.
+    let ungrouped = !record.is_null() && unsafe { (*record).group } == 0;
+    if !ungrouped {
+        charge.group = 0;
+    }
+    charge.group_cap(dest, settings, limits)?;
+    charge.rates(dest, settings, limits)?;
+    charge.admitted();
+    if charge.group_live && !record.is_null() {
+        // SAFETY: as above; the release then gives the group back what it was charged.
+        unsafe { (*record).group = charge.group };
+    }
+    Ok(ALLOW)
+}
+
+/// A connect() not charged, because the budget of charges no cap bounds is used up: it
+/// still meets the host cap and the rates.
+#[inline(always)]
+fn untracked(
+    dest: &Destination,
+    settings: &Settings,
+    at: &Caller,
+    limits: &Limits,
+    unlimited: bool,
+    cookie: u64,
+    group_conns: *mut Conns,
+) -> Result<i32, i32> {
+    if host_over(settings, at) {
+        return refuse(dest, settings, at, reason::HOST_CAP, settings.host_cap);
+    }
+    // SAFETY: `host` points at the array's single element.
+    fetch_add(unsafe { &raw mut (*at.host).untracked }, 1);
+    if !limits.rated() {
+        return Ok(ALLOW);
+    }
+    let Some(conns) = uid_conns(at.uid, unlimited, settings, at.host) else {
+        return full(dest, settings, at);
+    };
+    let mut charge = Charge::new(cookie, false, at.uid, at.host, conns);
+    charge.group = at.group;
+    charge.group_conns = group_conns;
+    charge.rates(dest, settings, limits)?;
+    Ok(ALLOW)
+}
+
 /// Takes one token from the bucket whose state is the arrival time at `tat` (GCRA: one
-/// token every `interval` ns, at most `window / interval` (the burst) at once). Exact under concurrency: the new
-/// arrival time is written by compare-and-swap against the value it was computed from, so
-/// racing callers each take a distinct token, and over any span of time no more than
-/// `burst + span / interval` are taken. After a few lost races in a row it reports the
-/// bucket as empty: the bound holds, at the price of a rare early refusal.
+/// token every `interval` ns, at most `window / interval` (the burst) at once). Exact
+/// under concurrency: the new arrival time is written by compare-and-swap against the
+/// value it was computed from, so racing callers each take a distinct token, and over any
+/// span of time no more than `burst + span / interval` are taken. After a few lost races
+/// in a row it reports the bucket as empty: the bound holds, at the price of a rare early
+/// refusal.
+///
+/// Taking a token never moves the arrival time past `now + window`, but a policy change
+/// (a faster rate, a smaller burst) can leave it further ahead than the new window: it is
+/// then clamped to `now + window` (an empty bucket that refills at the new rate from now),
+/// so a changed policy takes effect on the next connect().
 #[inline(always)]
 fn take(tat: *mut u64, now: u64, interval: u64, window: u64) -> bool {
     if interval == 0 {
         return true;
     }
+    let limit = now.saturating_add(window);
     let mut tries = 0;
     while tries < CAS_TRIES {
         let old = read(tat);
-        let start = if old > now { old } else { now };
+        let start = if old <= now {
+            now
+        } else if old > limit {
+            limit
+        } else {
+            old
+        };
         let next = start.saturating_add(interval);
         if next - now > window {
+            if old > limit {
+                compare_and_swap(tat, old, limit);
+            }
             return false;
         }
         if compare_and_swap(tat, old, next) {
@@ -633,40 +846,61 @@ fn destination<const V6: bool>(ctx: &SockAddrContext) -> Destination {
 /// goes through uncounted (`lenient`); a limited one as `on_full` says (deny by default),
 /// so a limit never silently stops holding.
 #[inline(always)]
-fn full(
-    dest: &Destination,
-    settings: &Settings,
-    host: *mut HostConns,
-    lenient: bool,
-    uid: u32,
-    group: u64,
-) -> Result<i32, i32> {
-    if lenient || settings.flags & FLAG_ON_FULL_ALLOW != 0 {
+fn full(dest: &Destination, settings: &Settings, at: &Caller) -> Result<i32, i32> {
+    if at.lenient || settings.flags & FLAG_ON_FULL_ALLOW != 0 {
+        // Let through uncounted, but never past the host cap.
+        if host_over(settings, at) {
+            return refuse(dest, settings, at, reason::HOST_CAP, settings.host_cap);
+        }
         // SAFETY: `host` points at the array's single element.
-        fetch_add(unsafe { &raw mut (*host).untracked }, 1);
+        fetch_add(unsafe { &raw mut (*at.host).untracked }, 1);
         return Ok(ALLOW);
     }
     // SAFETY: as above.
-    fetch_add(unsafe { &raw mut (*host).denied_full }, 1);
-    // The UID's counters, when it has some (the full map may be another).
+    fetch_add(unsafe { &raw mut (*at.host).denied_full }, 1);
+    refuse(dest, settings, at, reason::FULL, 0)
+}
+
+/// The host cap is reached (read only: for a connect() that is not charged). Root is
+/// never denied by it, so the host stays administrable; in monitor mode it denies nothing.
+#[inline(always)]
+fn host_over(settings: &Settings, at: &Caller) -> bool {
+    if at.uid == 0 || settings.flags & FLAG_MONITOR_HOST != 0 {
+        return false;
+    }
+    let (_, host_seeded) = seeded_for(at.uid, settings, at.host);
+    // SAFETY: `host` points at the array's single element.
+    read(unsafe { &raw const (*at.host).live }).saturating_add(host_seeded) >= settings.host_cap
+}
+
+/// Denies a connect() nothing was charged for: counts the denial on the UID's counters
+/// (when it has some: the full map may be that one) and reports it.
+#[inline(always)]
+fn refuse(
+    dest: &Destination,
+    settings: &Settings,
+    at: &Caller,
+    reason: usize,
+    limit: u64,
+) -> Result<i32, i32> {
     let conns = RL_UID_CONNS
-        .get_ptr_mut(&uid)
+        .get_ptr_mut(&at.uid)
         .unwrap_or(core::ptr::null_mut());
     if !conns.is_null() {
-        // SAFETY: a pointer from a successful lookup.
-        fetch_add(unsafe { &raw mut (*conns).denied[reason::FULL] }, 1);
+        // SAFETY: a pointer from a successful lookup; `reason` is below `reason::COUNT`.
+        fetch_add(unsafe { &raw mut (*conns).denied[reason] }, 1);
     }
     report(
         dest,
         settings,
-        host,
+        at.host,
         conns,
         Subject {
-            uid,
-            group,
-            reason: reason::FULL,
+            uid: at.uid,
+            group: at.group,
+            reason,
             monitor: false,
-            limit: 0,
+            limit,
             errno: settings.deny_errno,
         },
     );
@@ -674,9 +908,12 @@ fn full(
 }
 
 /// Connections of `uid`, and of the host, found open at the agent's first start and still
-/// open.
+/// open (none once they are all gone: `FLAG_SEEDED` is off).
 #[inline(always)]
 fn seeded_for(uid: u32, settings: &Settings, host: *mut HostConns) -> (u64, u64) {
+    if settings.flags & FLAG_SEEDED == 0 {
+        return (0, 0);
+    }
     // SAFETY: lookups return pointers valid for this program run; plain loads of values
     // others update atomically.
     let seeded = unsafe { RL_UID_SEEDED.get(&uid).copied().unwrap_or(0) };
@@ -688,13 +925,10 @@ fn seeded_for(uid: u32, settings: &Settings, host: *mut HostConns) -> (u64, u64)
     )
 }
 
-/// The policy of `uid`: its own, else the `user:*` default from `default_uid_min` up.
+/// The policy of a UID without one of its own: the `user:*` default from
+/// `default_uid_min` up.
 #[inline(always)]
-fn uid_policy(uid: u32, settings: &Settings) -> &Policy {
-    // SAFETY: hash map lookups return a pointer valid for this program run.
-    if let Some(policy) = unsafe { RL_UID_CAPS.get(&uid) } {
-        return policy;
-    }
+fn default_policy(uid: u32, settings: &Settings) -> &Policy {
     if u64::from(uid) >= settings.default_uid_min {
         &settings.default_policy
     } else {
@@ -737,7 +971,7 @@ fn find_group(settings: &Settings) -> (u64, &Policy, *mut Conns) {
 #[inline(always)]
 fn uid_conns(
     uid: u32,
-    uncapped: bool,
+    unlimited: bool,
     settings: &Settings,
     host: *mut HostConns,
 ) -> Option<*mut Conns> {
@@ -746,7 +980,7 @@ fn uid_conns(
     }
     // SAFETY: `host` points at the array's single element.
     let uncapped_uids = unsafe { &raw mut (*host).uncapped_uids };
-    if uncapped && read(uncapped_uids) >= settings.uncapped_uid_budget {
+    if unlimited && read(uncapped_uids) >= settings.uncapped_uid_budget {
         return None;
     }
     // First connection of this UID: create its zeroed counters. BPF_NOEXIST keeps a
@@ -755,7 +989,7 @@ fn uid_conns(
     if RL_UID_CONNS
         .insert(&uid, &ZERO_CONNS, u64::from(BPF_NOEXIST))
         .is_ok()
-        && uncapped
+        && unlimited
     {
         fetch_add(uncapped_uids, 1);
     }

@@ -20,12 +20,13 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
     }
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
-    // UID: a cap; UID + 1: a rate of 1 a minute, burst 1, in monitor mode; group batch: a
-    // cap, with one would-deny.
+    // UID: a cap; UID + 1: a rate of 1 a minute, burst 1, in monitor mode, in group batch
+    // with a cap of 2 in monitor mode: its second connect() would be denied by the rate,
+    // its third by the group's cap (a connect() counts once, at its first excess).
     scratch.write_config_with_groups(
         &cgroup,
         "",
-        &format!("[[quota]]\ntarget = \"user:{UID}\"\nconns = 2\n[[quota]]\ntarget = \"user:{}\"\nconn_rate = \"1/min\"\nconn_burst = 1\nmode = \"monitor\"\n[[quota]]\ntarget = \"batch\"\nconns = 1\nmode = \"monitor\"\n", UID + 1),
+        &format!("[[quota]]\ntarget = \"user:{UID}\"\nconns = 2\n[[quota]]\ntarget = \"user:{}\"\nconn_rate = \"1/min\"\nconn_burst = 1\nmode = \"monitor\"\n[[quota]]\ntarget = \"batch\"\nconns = 2\nmode = \"monitor\"\n", UID + 1),
     );
     let _agent = Agent::start(&scratch);
     let listener = Listener::new();
@@ -38,7 +39,7 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
     ));
 
     let mut m = Helper::spawn(&cgroup.path.join("slice/batch"), UID + 1);
-    for _ in 0..2 {
+    for _ in 0..3 {
         assert!(m.connect("tcp4", listener.port4).is_ok(), "monitor mode");
     }
     // The agent counts the events it received as they arrive.
@@ -69,8 +70,8 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
         format!(
             "rlagent_connection_events_total{{uid=\"{UID}\",reason=\"cap\",mode=\"enforce\"}} 1"
         ),
-        "rlagent_group_connections_live{group=\"batch\"} 2".to_string(),
-        "rlagent_group_connections_cap{group=\"batch\"} 1".to_string(),
+        "rlagent_group_connections_live{group=\"batch\"} 3".to_string(),
+        "rlagent_group_connections_cap{group=\"batch\"} 2".to_string(),
         "rlagent_group_connections_would_deny_total{group=\"batch\",reason=\"group\"} 1"
             .to_string(),
         "rlagent_connection_events_lost_total 0".to_string(),
@@ -92,11 +93,11 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
         format!("rlagent_connections_cap{{uid=\"{UID}\"}} 2"),
         format!("rlagent_connections_admitted_total{{uid=\"{UID}\"}} 2"),
         format!("rlagent_connections_denied_total{{uid=\"{UID}\",reason=\"cap\"}} 1"),
-        "rlagent_host_connections_live 4".to_string(),
+        "rlagent_host_connections_live 5".to_string(),
         "# TYPE rlagent_connections_denied_total counter".to_string(),
-        // How full each kernel map is: four charged sockets, two UIDs' counters and
+        // How full each kernel map is: five charged sockets, two UIDs' counters and
         // policies, one group's.
-        "rlagent_bpf_map_entries{map=\"RL_SOCK_OWNER\"} 4".to_string(),
+        "rlagent_bpf_map_entries{map=\"RL_SOCK_OWNER\"} 5".to_string(),
         "rlagent_bpf_map_capacity{map=\"RL_SOCK_OWNER\"} 131072".to_string(),
         "rlagent_bpf_map_entries{map=\"RL_UID_CONNS\"} 2".to_string(),
         "rlagent_bpf_map_capacity{map=\"RL_UID_CONNS\"} 262144".to_string(),

@@ -61,6 +61,26 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
                 "expected a whole number from 1024 to 16777216",
             )
         })?;
+    // Charges no enforce-mode cap bounds take at most half the charged-socket map; past
+    // that a connect() is let through uncharged. A host cap above that half could be
+    // passed by such connections without ever being reached.
+    if let Some(cap) = host_conns {
+        let budget = u64::from(max_tracked_sockets / 2);
+        if cap > budget {
+            let v = raw.host_conns.as_ref().expect("host_conns was read");
+            return Err(at.invalid(
+                at.line(v.span()),
+                "host_conns",
+                &cap.to_string(),
+                &format!(
+                    "cannot be honoured with max_tracked_sockets = {max_tracked_sockets}: \
+                     connections no cap bounds are tracked up to half of it ({budget}); \
+                     set max_tracked_sockets to at least {}",
+                    cap.saturating_mul(2)
+                ),
+            ));
+        }
+    }
     let mode = match &raw.mode {
         None => Mode::Enforce,
         Some(v) => Mode::parse("mode", v.get_ref())

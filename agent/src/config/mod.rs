@@ -683,6 +683,11 @@ conns = "max"
         );
         let e = err("[bpf]\nhost_conns = -4\n");
         assert!(e.contains("host_conns"), "{e}");
+        let e = err("[bpf]\nmax_tracked_sockets = 2048\nhost_conns = 1025\n");
+        assert!(
+            e.contains("line 3") && e.contains("host_conns") && e.contains("at least 2050"),
+            "{e}"
+        );
         let e = err("[metrics]\nlisten = \"localhost\"\n");
         assert!(e.contains("listen"), "{e}");
         let e = err("cgroup_root = \"/\"\n");

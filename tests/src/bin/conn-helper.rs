@@ -5,6 +5,9 @@
 //!   `connect <tcp4|tcp6|udp4|udp6|mptcp4|mptcp6> <port>`
 //!                                          → `ok <id>` | `err <errno> <id>` (socket kept)
 //!   `reconnect <id> <port>`                → `ok` | `err <errno>` (same socket again)
+//!   `disconnect <id>`                      → `ok` | `err <errno>`: connect(AF_UNSPEC)
+//!   `unspec-for <kind> <port> <millis>`    → `ok <admitted> <attempts>`: one socket,
+//!                                            connect and disconnect (AF_UNSPEC) in a loop
 //!   `burst <kind> <port> <n>`              → `ok <admitted>` (failed sockets closed)
 //!   `hold <kind> <port> <n>`               → `ok <succeeded> <failed>` (all sockets kept)
 //!   `cycles <kind> <port> <n>`             → `ok <admitted> <last errno>`: socket, connect,
@@ -130,6 +133,27 @@ fn main() {
                 }
                 format!("ok {admitted} {attempts}")
             }
+            ["unspec-for", kind, port, millis] => {
+                // One socket, connected, disconnected (AF_UNSPEC) and connected again.
+                let until =
+                    Instant::now() + std::time::Duration::from_millis(millis.parse().unwrap());
+                let (mut admitted, mut attempts) = (0u64, 0u64);
+                let fd = new_socket(kind);
+                abort_on_close(fd);
+                while Instant::now() < until {
+                    if connect(fd, kind, port.parse().unwrap()).is_ok() {
+                        admitted += 1;
+                    }
+                    attempts += 1;
+                    disconnect(fd).expect("connect(AF_UNSPEC)");
+                }
+                close(fd);
+                format!("ok {admitted} {attempts}")
+            }
+            ["disconnect", id] => match disconnect(sockets[&id.parse::<u64>().unwrap()]) {
+                Ok(()) => "ok".to_string(),
+                Err(errno) => format!("err {errno}"),
+            },
             ["close", id] => {
                 if let Some(fd) = sockets.remove(&id.parse::<u64>().unwrap()) {
                     close(fd);
@@ -281,6 +305,15 @@ fn connect_to<T>(fd: i32, sa: &T) -> Result<(), i32> {
     } else {
         Err(errno())
     }
+}
+
+/// connect() to an `AF_UNSPEC` address: dissolves the socket's association (for TCP the
+/// kernel's tcp_disconnect), after which it can be connected again.
+fn disconnect(fd: i32) -> Result<(), i32> {
+    // SAFETY: all-zero is a valid sockaddr; only its family is read.
+    let mut sa: libc::sockaddr = unsafe { mem::zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as u16;
+    connect_to(fd, &sa)
 }
 
 /// 127.0.0.1:`port`.

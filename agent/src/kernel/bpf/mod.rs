@@ -41,7 +41,7 @@ use aya::{
 };
 use rlagent_common::{
     names, Conns, HostConns, Policy, Settings, SockOwner, FLAG_SEEDED, MAX_GROUP_LEVEL,
-    OWNER_SEEDED, UNLIMITED,
+    OWNER_SEEDED, OWNER_UNCAPPED,
 };
 
 use crate::desired::conns::ConnLimits;
@@ -234,9 +234,11 @@ impl ConnLimiter {
     /// On the first start (new maps, no program attached yet), charges the connections
     /// already open in the cgroups at and below `attach_cgroup` (all of them when
     /// `host_wide`) to their owners, so a UID over its cap gets nothing new until it is
-    /// back under. Only UIDs a cap concerns are seeded (all of them with a host cap). A
-    /// restart adopts the pinned maps and seeds nothing, also after a first start that
-    /// failed half-way.
+    /// back under. Every UID is seeded, whether or not a cap concerns it yet, so a cap set
+    /// later counts older connections too; root only when it has a policy of its own (the
+    /// programs charge it only then). Seeded charges no enforce-mode cap bounds take the
+    /// budget of such charges, as the programs' do. A restart adopts the pinned maps and
+    /// seeds nothing, also after a first start that failed half-way.
     pub fn seed(
         &mut self,
         attach_cgroup: &Path,
@@ -248,25 +250,42 @@ impl ConnLimiter {
         }
         let cgroups = (!host_wide).then(|| seed::cgroup_ids(attach_cgroup));
         let found = seed::open_connections(limits.count_udp, cgroups.as_ref())?;
-        let concerned =
-            |uid: u32| limits.host_cap != UNLIMITED || limits.policy_for(uid).cap != UNLIMITED;
+        let budget = u64::from(self.socket_capacity / 2);
         let mut owners: HashMap<&mut MapData, u64, SockOwner> =
             typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
         let mut per_uid: std::collections::BTreeMap<u32, u64> = Default::default();
-        for c in found.into_iter().filter(|c| concerned(c.uid)) {
+        let (mut unbounded, mut skipped) = (0u64, 0u64);
+        for c in found
+            .into_iter()
+            .filter(|c| c.uid != 0 || limits.per_uid.contains_key(&0))
+        {
+            let bounded = limits.policy_for(c.uid).bounds();
+            if !bounded && unbounded >= budget {
+                skipped += 1;
+                continue;
+            }
             // Not charged to a group: seeded connections count against UID and host caps.
+            let flags = OWNER_SEEDED | if bounded { 0 } else { OWNER_UNCAPPED };
             let owner = SockOwner {
-                owner: u64::from(c.uid) | OWNER_SEEDED,
+                owner: u64::from(c.uid) | flags,
                 group: 0,
             };
             match owners.insert(c.cookie, owner, BPF_NOEXIST) {
                 Ok(()) => {
                     *per_uid.entry(c.uid).or_default() += 1;
+                    unbounded += u64::from(!bounded);
                     self.seeded.push(c);
                 }
                 // A full map: that connection goes uncounted, like any when full.
                 Err(e) => tracing::warn!(cookie = c.cookie, uid = c.uid, "not seeded: {e}"),
             }
+        }
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                budget,
+                "connections open at the first start not seeded: past the budget of charges no cap bounds"
+            );
         }
         let mut seeded: HashMap<&mut MapData, u32, u64> =
             typed_map_mut(&mut self.ebpf, names::UID_SEEDED)?;
@@ -279,6 +298,7 @@ impl ConnLimiter {
             typed_map_mut(&mut self.ebpf, names::HOST_CONNS)?;
         let mut counters = host.get(&0, 0).map_err(map_error(names::HOST_CONNS))?;
         counters.seeded = self.seeded.len() as u64;
+        counters.uncapped_sockets = unbounded;
         host.set(0, counters, 0)
             .map_err(map_error(names::HOST_CONNS))?;
         self.write_seeded_settings()?;

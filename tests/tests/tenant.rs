@@ -1,0 +1,461 @@
+//! Connection accounting a tenant cannot bend: each case here is a way a hostile (or
+//! merely unlucky) tenant got past a limit, tried against the real agent and kernel
+//! programs in a child cgroup of this host's cgroup2 mount. Needs root (skips otherwise,
+//! fails under RLAGENT_REQUIRE_PRIVILEGED=1).
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use rlagent_common::{reason, Conns};
+use rlagent_tests::{privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
+
+const EPERM: i32 = libc::EPERM;
+
+struct Setup {
+    cgroup: TestCgroup,
+    scratch: Scratch,
+}
+
+impl Setup {
+    /// An agent config attached to a new test cgroup, its groups under `<cgroup>/slice`.
+    fn new(bpf: &str, quotas: &str) -> Self {
+        let cgroup = TestCgroup::new();
+        let scratch = Scratch::new();
+        scratch.write_config_with_groups(&cgroup, bpf, quotas);
+        Self { cgroup, scratch }
+    }
+
+    fn group(&self, name: &str) -> PathBuf {
+        self.cgroup.path.join("slice").join(name)
+    }
+
+    fn uid(&self, uid: u32) -> Conns {
+        self.scratch
+            .stats()
+            .per_uid
+            .get(&uid)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn group_conns(&self, path: &Path) -> Conns {
+        let id = std::fs::metadata(path).expect("group cgroup").ino();
+        self.scratch
+            .maps()
+            .groups()
+            .expect("group counters")
+            .get(&id)
+            .unwrap_or_else(|| panic!("no counters for {}", path.display()))
+            .conns
+    }
+
+    fn wait_group_live(&self, path: &Path, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.group_conns(path).live != want {
+            assert!(
+                Instant::now() < deadline,
+                "group {}: live {}, expected {want}",
+                path.display(),
+                self.group_conns(path).live
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn rlctl_ok(&self, args: &[&str]) {
+        let out = self.scratch.rlctl(args);
+        assert!(
+            out.status.success(),
+            "rlctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn quota(target: &str, fields: &str) -> String {
+    format!("[[quota]]\ntarget = \"{target}\"\n{fields}\n")
+}
+
+/// The two numbers of a helper's `ok <a> <b>` reply.
+fn pair(reply: &str) -> (u64, u64) {
+    match reply.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["ok", a, b] => (a.parse().unwrap(), b.parse().unwrap()),
+        _ => panic!("unexpected helper reply {reply:?}"),
+    }
+}
+
+fn hold(h: &mut Helper, kind: &str, port: u16, n: u32) -> (u64, u64) {
+    pair(&h.cmd(&format!("hold {kind} {port} {n}")))
+}
+
+/// Moves a helper (by PID) into the cgroup at `path`; its next connect() is made there.
+fn move_to(path: &Path, h: &Helper) {
+    std::fs::write(path.join("cgroup.procs"), h.pid().to_string())
+        .unwrap_or_else(|e| panic!("moving {} to {}: {e}", h.pid(), path.display()));
+}
+
+#[test]
+fn a_socket_disconnected_with_af_unspec_takes_a_rate_token_at_every_connect() {
+    if !privileged("af_unspec_reconnects_take_tokens") {
+        return;
+    }
+    const RATE: f64 = 20.0;
+    const BURST: f64 = 5.0;
+    let rate = "conn_rate = \"20/s\"\nconn_burst = 5";
+    let s = Setup::new(
+        "count_udp = true",
+        &[quota("user:63001", rate), quota("user:63002", rate)].concat(),
+    );
+    let _agent = Agent::start(&s.scratch);
+    let listener = Listener::dropping();
+    for (uid, kind, port) in [(63001, "tcp4", listener.port4), (63002, "udp4", 9)] {
+        let mut h = Helper::spawn(&s.cgroup.path, uid);
+        let start = Instant::now();
+        let (admitted, attempts) = pair(&h.cmd(&format!("unspec-for {kind} {port} 1500")));
+        let elapsed = start.elapsed().as_secs_f64();
+        let bound = BURST + RATE * elapsed;
+        assert!(
+            admitted as f64 <= bound,
+            "{kind}: {admitted} of {attempts} reconnects of one socket admitted in {elapsed:.2} s, \
+             more than burst + rate x elapsed = {bound:.1}"
+        );
+        assert!(
+            admitted as f64 >= BURST + RATE * 1.3,
+            "{kind}: only {admitted} of {attempts} admitted"
+        );
+        assert!(
+            attempts > admitted * 2,
+            "{kind}: the loop pressed the limit"
+        );
+        let c = s.uid(uid);
+        assert_eq!(c.admitted, admitted, "{kind}: {c:?}");
+        assert_eq!(c.denied[reason::RATE], attempts - admitted, "{kind}: {c:?}");
+        s.scratch.wait_live(uid, 0);
+    }
+}
+
+#[test]
+fn a_socket_charged_outside_a_full_group_is_refused_when_reconnected_inside_it() {
+    if !privileged("reconnect_inside_a_full_group") {
+        return;
+    }
+    let s = Setup::new("", &quota("full", "conns = 3"));
+    let _agent = Agent::start(&s.scratch);
+    let listener = Listener::new();
+    let port = listener.port4;
+    let full = s.group("full");
+    let mut member = Helper::spawn(&full, 63010);
+    assert_eq!(hold(&mut member, "tcp4", port, 3), (3, 0));
+    let mut outsider = Helper::spawn(&s.cgroup.path, 63011);
+    let id = outsider.connect("tcp4", port).id();
+    move_to(&full, &outsider);
+    assert_eq!(outsider.cmd(&format!("disconnect {id}")), "ok");
+    assert_eq!(
+        outsider.reconnect(id, port),
+        Err(EPERM),
+        "a reconnect inside a full group is a new connection of the group"
+    );
+    assert_eq!(s.group_conns(&full).live, 3);
+    assert_eq!(s.group_conns(&full).denied[reason::GROUP], 1);
+    // With room in the group the reconnect is admitted and charged to the group, and its
+    // close gives the group its slot back.
+    member.cmd("close 1");
+    s.wait_group_live(&full, 2);
+    assert_eq!(outsider.reconnect(id, port), Ok(()));
+    assert_eq!(s.group_conns(&full).live, 3);
+    assert!(matches!(
+        member.connect("tcp4", port),
+        Connect::Err(EPERM, _)
+    ));
+    outsider.close(id);
+    s.wait_group_live(&full, 2);
+    assert_eq!(s.scratch.live(63011), 0);
+}
+
+#[test]
+fn a_changed_rate_or_burst_takes_effect_at_the_next_connect() {
+    if !privileged("changed_rate_takes_effect") {
+        return;
+    }
+    const SLOW: u32 = 63020;
+    const BURSTY: u32 = 63021;
+    let s = Setup::new(
+        "",
+        &[
+            quota(
+                &format!("user:{SLOW}"),
+                "conn_rate = \"1/min\"\nconn_burst = 10",
+            ),
+            quota(
+                &format!("user:{BURSTY}"),
+                "conn_rate = \"10/s\"\nconn_burst = 20",
+            ),
+        ]
+        .concat(),
+    );
+    let _agent = Agent::start(&s.scratch);
+    let listener = Listener::dropping();
+    let port = listener.port4;
+
+    // A slow bucket used up (its next token 10 minutes away), then raised.
+    let mut h = Helper::spawn(&s.cgroup.path, SLOW);
+    assert_eq!(pair(&h.cmd(&format!("cycles tcp4 {port} 10"))).0, 10);
+    assert_eq!(pair(&h.cmd(&format!("cycles tcp4 {port} 3"))).0, 0);
+    let target = format!("user:{SLOW}");
+    s.rlctl_ok(&[
+        "set-quota",
+        &target,
+        "--conn-rate",
+        "1000/s",
+        "--conn-burst",
+        "1000",
+    ]);
+    // The bucket stays empty but refills at the new rate from now: about 200 in 200 ms.
+    let (admitted, attempts) = pair(&h.cmd(&format!("for tcp4 {port} 200")));
+    assert!(
+        admitted >= 100,
+        "{admitted} of {attempts} admitted in 200 ms after the rate was raised to 1000/s"
+    );
+    // And back to a slow one: at most its burst of 2.
+    s.rlctl_ok(&[
+        "set-quota",
+        &target,
+        "--conn-rate",
+        "1/min",
+        "--conn-burst",
+        "2",
+    ]);
+    let (admitted, _) = pair(&h.cmd(&format!("cycles tcp4 {port} 5")));
+    assert!(admitted <= 2, "{admitted} of 5 admitted at 1/min burst 2");
+
+    // A burst lowered: 20 used up at 10/s (2 s until the bucket is full again); with a
+    // burst of 2 the next token is 100 ms away, not 1.9 s.
+    let mut h = Helper::spawn(&s.cgroup.path, BURSTY);
+    assert_eq!(pair(&h.cmd(&format!("cycles tcp4 {port} 20"))).0, 20);
+    s.rlctl_ok(&[
+        "set-quota",
+        &format!("user:{BURSTY}"),
+        "--conn-rate",
+        "10/s",
+        "--conn-burst",
+        "2",
+    ]);
+    let start = Instant::now();
+    let (admitted, attempts) = pair(&h.cmd(&format!("for tcp4 {port} 700")));
+    assert!(
+        admitted >= 3,
+        "{admitted} of {attempts} admitted in 700 ms at 10/s after the burst was lowered \
+         (took {:?})",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn tenants_in_monitor_mode_or_with_only_a_rate_cannot_fill_the_socket_map() {
+    if !privileged("monitor_or_rate_only_tenants_cannot_fill_the_map") {
+        return;
+    }
+    const FILLER: u32 = 63030;
+    const VICTIM: u32 = 63031;
+    let huge_rate = "conn_rate = \"1000000/s\"\nconn_burst = 100000";
+    let tenants = [
+        (
+            "monitor",
+            quota(&format!("user:{FILLER}"), "conns = 1\nmode = \"monitor\""),
+            None,
+        ),
+        (
+            "rate only",
+            quota(&format!("user:{FILLER}"), huge_rate),
+            None,
+        ),
+        ("group rate only", quota("flood", huge_rate), Some("flood")),
+    ];
+    for (tenant, filler_quota, group) in &tenants {
+        for on_full in ["deny", "allow"] {
+            let s = Setup::new(
+                &format!("max_tracked_sockets = 1024\ncount_udp = true\non_full = \"{on_full}\""),
+                &[
+                    filler_quota.clone(),
+                    quota(&format!("user:{VICTIM}"), "conns = 5"),
+                ]
+                .concat(),
+            );
+            let agent = Agent::start(&s.scratch);
+            let at = group.map_or(s.cgroup.path.clone(), |g| s.group(g));
+            let mut filler = Helper::spawn(&at, FILLER);
+            let (ok, failed) = hold(&mut filler, "udp4", 9, 1100);
+            assert_eq!(
+                (ok, failed),
+                (1100, 0),
+                "{tenant}: nothing enforces on the filler"
+            );
+            let host = s.scratch.stats().host;
+            assert!(
+                host.uncapped_sockets <= 512,
+                "{tenant}, on_full = {on_full}: the filler took {} of 1024 entries",
+                host.uncapped_sockets
+            );
+            let mut victim = Helper::spawn(&s.cgroup.path, VICTIM);
+            assert_eq!(
+                hold(&mut victim, "udp4", 9, 8),
+                (5, 3),
+                "{tenant}, on_full = {on_full}: the victim's cap of 5"
+            );
+            assert_eq!(s.uid(VICTIM).denied[reason::CAP], 3);
+            drop((filler, victim));
+            s.scratch.wait_live(VICTIM, 0);
+            drop(agent);
+            s.scratch.uninstall();
+        }
+    }
+}
+
+#[test]
+fn monitor_mode_would_deny_as_many_connects_as_enforce_mode_denies() {
+    if !privileged("monitor_counts_exactly") {
+        return;
+    }
+    // Every combination of a cap, a rate, a group cap and a group rate; each once in
+    // enforce mode and once in monitor mode, for a UID (and group) of its own. Monitor mode
+    // counts a connect() once, at its first excess, and takes no token after it.
+    const PARTS: [&str; 4] = [
+        "conns = 5",
+        "conn_rate = \"1/min\"\nconn_burst = 3",
+        "conns = 4",
+        "conn_rate = \"1/min\"\nconn_burst = 6",
+    ];
+    let monitor = "mode = \"monitor\"\n";
+    let combos: Vec<u32> = (1..16).collect();
+    let mut quotas = String::new();
+    for &combo in &combos {
+        for (m, mode) in [(0, ""), (1, monitor)] {
+            let uid = 63100 + combo * 2 + m;
+            let own: Vec<&str> = (0..2)
+                .filter(|i| combo & (1 << i) != 0)
+                .map(|i| PARTS[i])
+                .collect();
+            let grouped: Vec<&str> = (2..4)
+                .filter(|i| combo & (1 << i) != 0)
+                .map(|i| PARTS[i])
+                .collect();
+            if !own.is_empty() {
+                quotas += &quota(
+                    &format!("user:{uid}"),
+                    &format!("{}\n{mode}", own.join("\n")),
+                );
+            }
+            if !grouped.is_empty() {
+                quotas += &quota(
+                    &format!("g{uid}"),
+                    &format!("{}\n{mode}", grouped.join("\n")),
+                );
+            }
+        }
+    }
+    let s = Setup::new("", &quotas);
+    let _agent = Agent::start(&s.scratch);
+    let listener = Listener::new();
+    let mut helpers = Vec::new();
+    for &combo in &combos {
+        let mut totals = Vec::new();
+        for m in [0, 1] {
+            let uid = 63100 + combo * 2 + m;
+            let grouped = combo & 0b1100 != 0;
+            let at = if grouped {
+                s.group(&format!("g{uid}"))
+            } else {
+                s.cgroup.path.clone()
+            };
+            let mut h = Helper::spawn(&at, uid);
+            let (ok, failed) = hold(&mut h, "tcp4", listener.port4, 8);
+            helpers.push(h);
+            let c = s.uid(uid);
+            let (denied, would): (u64, u64) = (c.denied.iter().sum(), c.would_deny.iter().sum());
+            if m == 0 {
+                assert_eq!(
+                    (would, denied),
+                    (0, failed),
+                    "combo {combo:04b} enforce: {c:?}"
+                );
+            } else {
+                assert_eq!((ok, denied), (8, 0), "combo {combo:04b} monitor: {c:?}");
+            }
+            totals.push(denied + would);
+        }
+        // The same number of connect() calls; the reason can differ, where a connection
+        // monitor mode let in fills a cap enforce mode never reached.
+        assert!(totals[0] > 0, "combo {combo:04b}: nothing was denied");
+        assert_eq!(
+            totals[0], totals[1],
+            "combo {combo:04b}: denied in enforce mode vs would-deny in monitor mode"
+        );
+    }
+}
+
+#[test]
+fn root_connections_do_not_count_toward_the_host_cap() {
+    if !privileged("root_not_charged") {
+        return;
+    }
+    const USER: u32 = 63040;
+    let s = Setup::new("host_conns = 2", "");
+    let _agent = Agent::start(&s.scratch);
+    let listener = Listener::new();
+    // Root (as the kernel sockets of an NFS or SMB mount do) holds connections open.
+    let mut root = Helper::spawn(&s.cgroup.path, 0);
+    assert_eq!(hold(&mut root, "tcp4", listener.port4, 3), (3, 0));
+    let stats = s.scratch.stats();
+    assert_eq!(stats.host.live, 0, "root is not charged: {:?}", stats.host);
+    assert!(!stats.per_uid.contains_key(&0), "no counters for root");
+    let mut user = Helper::spawn(&s.cgroup.path, USER);
+    assert_eq!(
+        hold(&mut user, "tcp4", listener.port4, 3),
+        (2, 1),
+        "the host cap counts the users' connections only"
+    );
+    assert_eq!(s.uid(USER).denied[reason::HOST_CAP], 1);
+}
+
+#[test]
+fn the_host_cap_holds_past_the_budget_of_unbounded_charges() {
+    if !privileged("host_cap_past_the_budget") {
+        return;
+    }
+    const UNCAPPED: u32 = 63050;
+    let s = Setup::new(
+        "max_tracked_sockets = 1024\ncount_udp = true\nhost_conns = 512",
+        "",
+    );
+    let _agent = Agent::start(&s.scratch);
+    let mut h = Helper::spawn(&s.cgroup.path, UNCAPPED);
+    assert_eq!(hold(&mut h, "udp4", 9, 600), (512, 88));
+    let c = s.uid(UNCAPPED);
+    assert_eq!(c.denied[reason::HOST_CAP], 88, "{c:?}");
+    assert_eq!(s.scratch.stats().host.untracked, 0);
+}
+
+#[test]
+fn a_cap_set_after_the_first_start_counts_connections_older_than_the_agent() {
+    if !privileged("seeding_every_uid") {
+        return;
+    }
+    const OLD: u32 = 63060;
+    let s = Setup::new("", "");
+    let listener = Listener::new();
+    let mut h = Helper::spawn(&s.cgroup.path, OLD);
+    assert_eq!(hold(&mut h, "tcp4", listener.port4, 3), (3, 0));
+    let _agent = Agent::start(&s.scratch);
+    assert_eq!(s.scratch.live(OLD), 3, "seeded without a cap");
+    s.rlctl_ok(&["set-quota", &format!("user:{OLD}"), "--conns", "3"]);
+    assert!(matches!(
+        h.connect("tcp4", listener.port4),
+        Connect::Err(EPERM, _)
+    ));
+    h.cmd("close 1");
+    s.scratch.wait_live(OLD, 2);
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+}
