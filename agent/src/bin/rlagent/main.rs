@@ -69,7 +69,9 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Our errors do not repeat their source, so the chain is the whole story.
-            eprintln!("rlagent: {e:#}");
+            // It may quote a path, a name or a value from outside.
+            let message = format!("{e:#}");
+            eprintln!("rlagent: {}", rlagent::model::text::escaped(&message));
             std::process::ExitCode::FAILURE
         }
     }
