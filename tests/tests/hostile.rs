@@ -490,3 +490,54 @@ fn a_process_name_with_escapes_and_newlines_forges_no_log_line_or_table_row() {
         "{log}"
     );
 }
+
+#[test]
+fn a_drop_in_linked_to_a_secret_is_refused_on_reload_without_showing_it() {
+    if !privileged("drop_in_link_to_secret") {
+        return;
+    }
+    const CAPPED: u32 = 61212;
+    const SECRET: &str = "hunter2-root-only-first-line";
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(
+        &cgroup,
+        "",
+        &format!("[[quota]]\ntarget = \"user:{CAPPED}\"\nconns = 1\n"),
+    );
+    let agent = Agent::start(&scratch);
+    let secret = scratch.dir.path().join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let drop_ins = scratch.config_path().with_file_name("rlagent.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    let refused = |reason: &str| {
+        let out = scratch.rlctl(&["reload"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let reply = text(&out);
+        assert!(
+            reply.contains("50-x.toml") && reply.contains(reason),
+            "{reply}"
+        );
+        assert!(!reply.contains(SECRET), "{reply}");
+    };
+    // A link out of the directory: never read.
+    std::os::unix::fs::symlink(&secret, drop_ins.join("50-x.toml")).unwrap();
+    refused("leads outside");
+    // Root's own file that does not parse: line and column, not its text.
+    std::fs::remove_file(drop_ins.join("50-x.toml")).unwrap();
+    std::fs::write(drop_ins.join("50-x.toml"), format!("{SECRET}\n")).unwrap();
+    refused("line 1, column");
+    assert!(!agent.log_text().contains(SECRET), "{}", agent.log_text());
+
+    // The agent runs on the config it had: the cap still holds.
+    let out = scratch.rlctl(&["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listener = Listener::new();
+    let mut h = Helper::spawn(&cgroup.path, CAPPED);
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+    assert!(
+        !h.connect("tcp4", listener.port4).is_ok(),
+        "the cap of 1 held"
+    );
+}

@@ -77,6 +77,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Says which drop-ins an offline command left out, and why.
+fn warn_skipped(skipped: &[rlagent::config::ConfigError]) {
+    for e in skipped {
+        let message = rlagent::model::error_chain(e);
+        eprintln!(
+            "rlagent: warning: left out: {}",
+            rlagent::model::text::escaped(&message)
+        );
+    }
+}
+
 /// rlagent(8).
 fn man(w: &mut dyn std::io::Write) -> std::io::Result<()> {
     use clap::CommandFactory;
