@@ -379,3 +379,165 @@ fn a_gigabyte_reply_from_alertmanager_is_never_read() {
         "the agent kept reading the body"
     );
 }
+
+/// `"\x1b[2J\r\n<0>FAKE"`: clears a terminal, then starts a line journald would file at
+/// priority 0 (emerg).
+const FORGED_COMM: &[u8] = b"\x1b[2J\r\n<0>FAKE";
+/// The same name as it must be shown.
+const FORGED_SHOWN: &str = r"\x1b[2J\x0d\x0a<0>FAKE";
+
+/// Output that shows the forged name escaped: no control byte but line ends, the escaped
+/// form present, and no line that begins with a priority prefix.
+fn assert_escaped(what: &str, output: &[u8]) {
+    let text = String::from_utf8_lossy(output);
+    assert!(
+        !output.iter().any(|b| b.is_ascii_control() && *b != b'\n'),
+        "{what}: a raw control byte in {text:?}"
+    );
+    assert!(text.contains(FORGED_SHOWN), "{what}: {text:?}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("<0>")),
+        "{what}: a forged line in {text:?}"
+    );
+}
+
+#[test]
+fn a_process_name_with_escapes_and_newlines_forges_no_log_line_or_table_row() {
+    if !privileged("process_name_escaped") {
+        return;
+    }
+    const NAMED: u32 = 61211;
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(
+        &cgroup,
+        "",
+        &format!("[[quota]]\ntarget = \"user:{NAMED}\"\nconns = 1\n"),
+    );
+    let agent = Agent::start(&scratch);
+    let listener = Listener::new();
+    let mut follow = rlagent_tests::rlctl(&scratch.socket_path())
+        .args(["events", "--follow", "--uid", &NAMED.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("rlctl events --follow");
+    let mut follow_out = BufReader::new(follow.stdout.take().unwrap());
+    let mut header = Vec::new();
+    follow_out.read_until(b'\n', &mut header).unwrap();
+    assert!(
+        String::from_utf8_lossy(&header).contains("COMM"),
+        "the stream started: {:?}",
+        String::from_utf8_lossy(&header)
+    );
+
+    let mut h = Helper::spawn(&cgroup.path, NAMED);
+    let hex: String = FORGED_COMM.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(h.cmd(&format!("comm {hex}")), "ok");
+    let comm = std::fs::read(format!("/proc/{}/comm", h.pid())).unwrap();
+    assert_eq!(
+        comm,
+        [FORGED_COMM, b"\n"].concat(),
+        "the kernel kept the name"
+    );
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+    assert!(!h.connect("tcp4", listener.port4).is_ok(), "over the cap");
+
+    // The follower's row: one line, the name escaped.
+    let mut row = Vec::new();
+    follow_out.read_until(b'\n', &mut row).unwrap();
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "rlctl events --follow ended"
+    );
+    assert_escaped("rlctl events --follow", &row);
+    assert!(String::from_utf8_lossy(&row).contains("denied"));
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    for args in [
+        vec!["events".to_string(), "--uid".to_string(), NAMED.to_string()],
+        vec!["why".to_string(), format!("user:{NAMED}")],
+    ] {
+        let out = scratch.rlctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "rlctl {args:?}: {}", text(&out));
+        assert_escaped(&format!("rlctl {args:?}"), &out.stdout);
+    }
+    // JSON carries the name as it is (JSON escapes it).
+    let out = scratch.rlctl(&["--json", "events", "--uid", &NAMED.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!out.stdout.iter().any(|b| *b == 0x1b || *b == b'\r'));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["events"][0]["comm"].as_str().unwrap().as_bytes(),
+        FORGED_COMM
+    );
+
+    // The warning line, once the agent has written it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = std::fs::read(&agent.log).unwrap();
+        if String::from_utf8_lossy(&log).contains("connect() denied") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no denial logged");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_escaped("the agent's log", &log);
+    let log = String::from_utf8_lossy(&log);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connect() denied") && l.contains(FORGED_SHOWN)),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_drop_in_linked_to_a_secret_is_refused_on_reload_without_showing_it() {
+    if !privileged("drop_in_link_to_secret") {
+        return;
+    }
+    const CAPPED: u32 = 61212;
+    const SECRET: &str = "hunter2-root-only-first-line";
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(
+        &cgroup,
+        "",
+        &format!("[[quota]]\ntarget = \"user:{CAPPED}\"\nconns = 1\n"),
+    );
+    let agent = Agent::start(&scratch);
+    let secret = scratch.dir.path().join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let drop_ins = scratch.config_path().with_file_name("rlagent.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    let refused = |reason: &str| {
+        let out = scratch.rlctl(&["reload"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let reply = text(&out);
+        assert!(
+            reply.contains("50-x.toml") && reply.contains(reason),
+            "{reply}"
+        );
+        assert!(!reply.contains(SECRET), "{reply}");
+    };
+    // A link out of the directory: never read.
+    std::os::unix::fs::symlink(&secret, drop_ins.join("50-x.toml")).unwrap();
+    refused("leads outside");
+    // Root's own file that does not parse: line and column, not its text.
+    std::fs::remove_file(drop_ins.join("50-x.toml")).unwrap();
+    std::fs::write(drop_ins.join("50-x.toml"), format!("{SECRET}\n")).unwrap();
+    refused("line 1, column");
+    assert!(!agent.log_text().contains(SECRET), "{}", agent.log_text());
+
+    // The agent runs on the config it had: the cap still holds.
+    let out = scratch.rlctl(&["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listener = Listener::new();
+    let mut h = Helper::spawn(&cgroup.path, CAPPED);
+    assert!(h.connect("tcp4", listener.port4).is_ok());
+    assert!(
+        !h.connect("tcp4", listener.port4).is_ok(),
+        "the cap of 1 held"
+    );
+}

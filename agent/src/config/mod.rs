@@ -29,6 +29,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/rlagent/rlagent.toml";
 /// name order (`[[quota]]`, `[[group]]` and `[[alert]]` only).
 pub const DROP_IN_DIR: &str = "rlagent.d";
 
+/// The largest drop-in read (a drop-in holds a few quotas, groups and rules).
+pub const MAX_DROP_IN_BYTES: u64 = 1 << 20;
+
 /// The config used when there is no file at [`DEFAULT_CONFIG_PATH`]: host-wide attach,
 /// default socket and metrics address, no quotas.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default-config.toml");
@@ -41,8 +44,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// The TOML does not parse. `message` names the line and column, never quotes the
+    /// text (a drop-in could be a link to a secret; the message reaches operators).
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// A drop-in that is not read at all, and why: only root's own regular files, reached
+    /// directly or through links that stay in the drop-in directory, are read.
+    #[error("drop-in {path} refused: {reason}")]
+    DropIn { path: PathBuf, reason: String },
     #[error("config {path}, line {line}: quota for {target:?}")]
     Quota {
         path: PathBuf,
@@ -157,9 +166,45 @@ impl Config {
         };
         let mut config = Self::parse(&read(&path)?, &path, users)?;
         for drop_in in Self::drop_ins(&path)? {
-            config.merge_drop_in(&read(&drop_in)?, &drop_in, users)?;
+            config.merge_drop_in(&read_drop_in(&drop_in)?, &drop_in, users)?;
         }
         Ok(config)
+    }
+
+    /// [`Self::load`], but a drop-in that is refused (unreadable, not root's, invalid) is
+    /// left out and its error returned beside the config, for the offline commands that
+    /// show what is enforced: the running agent refused the same drop-in and kept going.
+    pub fn load_skipping_bad_drop_ins(
+        path: Option<&Path>,
+        users: &dyn UserDb,
+    ) -> Result<(Self, Vec<ConfigError>), ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+            None => return Ok((Self::embedded_default()?, Vec::new())),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, &path, users)?;
+        let mut skipped = Vec::new();
+        let drop_ins = match Self::drop_ins(&path) {
+            Ok(files) => files,
+            Err(e) => {
+                skipped.push(e);
+                Vec::new()
+            }
+        };
+        for drop_in in drop_ins {
+            // merge_drop_in changes nothing unless the whole drop-in is valid.
+            if let Err(e) =
+                read_drop_in(&drop_in).and_then(|text| config.merge_drop_in(&text, &drop_in, users))
+            {
+                skipped.push(e);
+            }
+        }
+        Ok((config, skipped))
     }
 
     /// The drop-in directory of the config file at `path`.
@@ -175,10 +220,15 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => return Err(ConfigError::Read { path: dir, source }),
         };
+        // Directories and dangling links (an editor's lock file) are not drop-ins; anything
+        // else named *.toml is, and read_drop_in refuses what is not root's regular file.
         let mut files: Vec<PathBuf> = entries
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "toml")
+                    && std::fs::metadata(p).is_ok_and(|m| !m.is_dir())
+            })
             .collect();
         files.sort();
         Ok(files)
@@ -194,12 +244,13 @@ impl Config {
         path: &Path,
         users: &dyn UserDb,
     ) -> Result<(), ConfigError> {
-        let raw: raw::RawDropIn = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: format!(
-                "{} (a drop-in holds only [[quota]], [[group]] and [[alert]])",
-                e.to_string().trim_end()
-            ),
+        let raw: raw::RawDropIn = toml::from_str(text).map_err(|e| {
+            parse_error(
+                path,
+                text,
+                &e,
+                " (a drop-in holds only [[quota]], [[group]] and [[alert]])",
+            )
         })?;
         let at = Source { text, path };
         let groups = quotas::groups(&at, &raw.groups)?;
@@ -241,10 +292,8 @@ impl Config {
 
     /// Parses and validates a whole config; the first error refuses it.
     pub fn parse(text: &str, path: &Path, users: &dyn UserDb) -> Result<Self, ConfigError> {
-        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| parse_error(path, text, &e, ""))?;
         let at = Source { text, path };
         let cgroup_root = at.cgroup_path(&raw.cgroup_root, "cgroup_root", false)?;
         let control = control::validate(&at, &raw.control, &raw.metrics)?;
@@ -390,6 +439,108 @@ fn relative_cgroup_path(text: &str) -> Option<PathBuf> {
     Some(path)
 }
 
+/// A TOML error as line, column and message: not the crate's Display, which quotes the
+/// source line (a drop-in that is a link to a secret would show the secret).
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error, hint: &str) -> ConfigError {
+    let message = e.message().trim_end();
+    let message = match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+            let column = text[line_start..]
+                .char_indices()
+                .take_while(|(i, _)| line_start + i < start)
+                .count()
+                + 1;
+            format!("line {line}, column {column}: {message}{hint}")
+        }
+        None => format!("{message}{hint}"),
+    };
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// Reads one drop-in, if it is root's own regular file of at most [`MAX_DROP_IN_BYTES`],
+/// reached directly or through links that stay inside its directory (a Kubernetes
+/// ConfigMap links `x.toml -> ..data/x.toml` and `..data -> ..<timestamp>/`). A link that
+/// leaves the directory is never followed to its content: the errors of a file that is
+/// read reach operators, and a link to a secret must not show them its first line.
+fn read_drop_in(path: &Path) -> Result<String, ConfigError> {
+    use std::{
+        io::Read,
+        os::unix::fs::{MetadataExt, OpenOptionsExt},
+    };
+    let refuse = |reason: String| ConfigError::DropIn {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let real_dir = std::fs::canonicalize(dir).map_err(read_error)?;
+    let real = std::fs::canonicalize(path).map_err(read_error)?;
+    if !real.starts_with(&real_dir) || real == real_dir {
+        return Err(refuse(format!(
+            "it is a link that leads outside {} (drop-ins may link only within their directory)",
+            dir.display()
+        )));
+    }
+    // `real` has no links left. O_NOFOLLOW: one swapped in since is not followed;
+    // O_NONBLOCK: a FIFO does not hang the agent before its type is checked below. The
+    // checks are on the open file, so they hold for what is read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&real)
+        .map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(refuse(
+            "not a regular file (a directory, device, FIFO or socket)".to_string(),
+        ));
+    }
+    // Root's in production; the test user's own files when unit tests run unprivileged.
+    let owner = nix::unistd::geteuid().as_raw();
+    if meta.uid() != owner {
+        return Err(refuse(format!(
+            "owned by UID {}, not by root (UID {owner}, the user the agent runs as): only root sets limits",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "writable by its group or by everyone (mode {:04o}): only root may change limits; chmod go-w it",
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.len() > MAX_DROP_IN_BYTES {
+        return Err(refuse(format!(
+            "{} bytes, more than the {MAX_DROP_IN_BYTES} a drop-in may hold",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_DROP_IN_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_DROP_IN_BYTES {
+        return Err(refuse(format!(
+            "it grew past the {MAX_DROP_IN_BYTES} bytes a drop-in may hold while it was read"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        refuse(format!(
+            "not UTF-8 text (an invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
 /// 1-based line of byte `offset` in `text` (0 when the value came from a default).
 fn line_at(text: &str, offset: usize) -> usize {
     if offset == 0 && !text.is_empty() && text.starts_with('#') {
@@ -409,6 +560,8 @@ mod tests {
 
     /// A config file with drop-ins, loaded as the agent does.
     fn with_drop_ins(main: &str, drop_ins: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        // Drop-ins must not be group-writable, whatever umask the tests run under.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rlagent.toml");
         std::fs::write(&path, main).unwrap();
@@ -469,6 +622,138 @@ mod tests {
             );
             assert!(e.contains("50-bad.toml") && e.contains(needle), "{text}: {e}");
         }
+    }
+
+    /// A config dir with a main file holding one quota and an empty drop-in directory.
+    fn drop_in_fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("rlagent.toml");
+        std::fs::write(&main, "[[quota]]\ntarget = \"user:2000\"\nconns = 3\n").unwrap();
+        let drop_ins = dir.path().join(DROP_IN_DIR);
+        std::fs::create_dir(&drop_ins).unwrap();
+        (dir, main, drop_ins)
+    }
+
+    const RAISE: &str = "[[quota]]\ntarget = \"user:2000\"\nconns = 9\n";
+
+    fn conns_of_2000(main: &Path) -> Result<Option<Limit<u64>>, String> {
+        Config::load(Some(main), &crate::testing::Users)
+            .map(|c| c.quotas[&Target::User(UserRef::Uid(2000))].conns)
+            .map_err(|e| error_chain(&e))
+    }
+
+    #[test]
+    fn drop_ins_may_link_within_their_directory_as_a_configmap_does() {
+        use std::os::unix::fs::symlink;
+        let (_dir, main, drop_ins) = drop_in_fixture();
+        // A plain link to a file beside it.
+        std::fs::write(drop_ins.join("raise.conf"), RAISE).unwrap();
+        symlink("raise.conf", drop_ins.join("10-raise.toml")).unwrap();
+        assert_eq!(conns_of_2000(&main), Ok(Some(Limit::Value(9))));
+        // A Kubernetes ConfigMap volume: x.toml -> ..data/x.toml, ..data -> ..<timestamp>.
+        let (_dir, main, drop_ins) = drop_in_fixture();
+        let version = drop_ins.join("..2026_01_02_03_04_05.678901");
+        std::fs::create_dir(&version).unwrap();
+        std::fs::write(version.join("50-x.toml"), RAISE).unwrap();
+        symlink("..2026_01_02_03_04_05.678901", drop_ins.join("..data")).unwrap();
+        symlink("..data/50-x.toml", drop_ins.join("50-x.toml")).unwrap();
+        assert_eq!(conns_of_2000(&main), Ok(Some(Limit::Value(9))));
+        assert_eq!(
+            Config::drop_ins(&main).unwrap(),
+            [drop_ins.join("50-x.toml")]
+        );
+    }
+
+    #[test]
+    fn a_drop_in_link_that_leaves_the_directory_is_not_read() {
+        use std::os::unix::fs::symlink;
+        let (dir, main, drop_ins) = drop_in_fixture();
+        std::fs::write(dir.path().join("secret"), "hunter2-first-line\n").unwrap();
+        symlink("../secret", drop_ins.join("50-x.toml")).unwrap();
+        let e = conns_of_2000(&main).unwrap_err();
+        assert!(
+            e.contains("50-x.toml") && e.contains("a link that leads outside"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        // Through a linked directory too.
+        std::fs::remove_file(drop_ins.join("50-x.toml")).unwrap();
+        symlink("..", drop_ins.join("..data")).unwrap();
+        symlink("..data/secret", drop_ins.join("50-x.toml")).unwrap();
+        let e = conns_of_2000(&main).unwrap_err();
+        assert!(e.contains("leads outside") && !e.contains("hunter2"), "{e}");
+        // The offline commands leave it out and say so.
+        let (config, skipped) =
+            Config::load_skipping_bad_drop_ins(Some(&main), &crate::testing::Users).unwrap();
+        assert_eq!(
+            config.quotas[&Target::User(UserRef::Uid(2000))].conns,
+            Some(Limit::Value(3))
+        );
+        assert_eq!(skipped.len(), 1);
+    }
+
+    #[test]
+    fn a_drop_in_that_is_writable_by_others_big_or_not_a_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, main, drop_ins) = drop_in_fixture();
+        let file = drop_ins.join("50-x.toml");
+        std::fs::write(&file, RAISE).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let e = conns_of_2000(&main).unwrap_err();
+        assert!(e.contains("50-x.toml") && e.contains("mode 0664"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(conns_of_2000(&main), Ok(Some(Limit::Value(9))));
+
+        let big = format!("{RAISE}{}", "#".repeat(MAX_DROP_IN_BYTES as usize));
+        std::fs::write(&file, big).unwrap();
+        let e = conns_of_2000(&main).unwrap_err();
+        assert!(e.contains("more than the 1048576"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+
+        // A FIFO is refused, not waited on.
+        nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = conns_of_2000(&main).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_drop_in_not_owned_by_root_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let (_dir, main, drop_ins) = drop_in_fixture();
+        let file = drop_ins.join("50-x.toml");
+        std::fs::write(&file, RAISE).unwrap();
+        std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+        let e = conns_of_2000(&main).unwrap_err();
+        assert!(
+            e.contains("50-x.toml") && e.contains("owned by UID 65534"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_parse_error_names_line_and_column_without_quoting_the_text() {
+        let e = error_chain(
+            &parse("# rlagent\n[[quota]]\ntarget = \"user:2000\"\nconns = hunter2-secret\n")
+                .unwrap_err(),
+        );
+        assert!(
+            e.contains("test.toml") && e.contains("line 4, column 9"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let (_dir, main, drop_ins) = drop_in_fixture();
+        std::fs::write(drop_ins.join("50-x.toml"), "hunter2-secret\n").unwrap();
+        let e = conns_of_2000(&main).unwrap_err();
+        assert!(
+            e.contains("50-x.toml") && e.contains("line 1, column"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

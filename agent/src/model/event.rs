@@ -140,4 +140,23 @@ mod tests {
         assert_eq!(v6.destination, "[::1]:8080");
         assert_eq!(v6.group, None);
     }
+
+    #[test]
+    fn a_hostile_comm_survives_json_as_it_is_and_shows_escaped() {
+        let mut record = raw(2, [0u8; 16]);
+        let name = b"\x1b[2J\r\n<0>FAKE";
+        record.comm = [0; 16];
+        record.comm[..name.len()].copy_from_slice(name);
+        let e = DenialEvent::from_kernel(&record, |_| 0, |_| None);
+        assert_eq!(e.comm, "\x1b[2J\r\n<0>FAKE");
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(!line.bytes().any(|b| b.is_ascii_control()), "{line}");
+        assert!(line.contains(r#""comm":"\u001b[2J\r\n<0>FAKE""#), "{line}");
+        let back: DenialEvent = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(
+            crate::model::text::escaped(&back.comm).to_string(),
+            r"\x1b[2J\x0d\x0a<0>FAKE"
+        );
+    }
 }

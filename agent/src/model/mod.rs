@@ -1,5 +1,5 @@
 //! Vocabulary shared by every layer: quotas and their units, targets, durations, alert
-//! rule types, measured usage. No I/O here.
+//! rule types, measured usage, untrusted text escaped for display. No I/O here.
 
 pub mod alert;
 pub mod duration;
@@ -7,6 +7,7 @@ pub mod event;
 pub mod layout;
 pub mod quota;
 pub mod target;
+pub mod text;
 pub mod units;
 pub mod usage;
 pub mod users;

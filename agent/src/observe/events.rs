@@ -41,6 +41,8 @@ impl EventLog {
         } else {
             "connect() denied"
         };
+        // The process named itself: the log's field format escapes every field (a
+        // newline in it would otherwise be a forged log line), so it goes in as it is.
         tracing::warn!(
             target: "rlagent::denial",
             uid = event.uid,

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::stats::Stats;
-use crate::model::usage::RateStats;
+use crate::model::{text::escaped, usage::RateStats};
 
 /// The human-readable form of [`Stats`] (rlagent stats, rlctl stats).
 pub fn table(stats: &Stats) -> String {
@@ -36,7 +36,7 @@ pub fn table(stats: &Stats) -> String {
         let _ = writeln!(
             out,
             "{:<22} {:>5} {:>9.2} {:>9} {:>9} {:>9} {:>8} {:>5} {:>5} {:>6}",
-            t.target,
+            escaped(&t.target),
             c.procs,
             cpu.usage_usec as f64 / 1e6,
             cpu.nr_throttled,
@@ -71,7 +71,7 @@ pub fn table(stats: &Stats) -> String {
             denied: g.denied.total(),
             would_deny: g.would_deny.total(),
         };
-        (format!("{:>16}", g.group), row)
+        (format!("{:>16}", escaped(&g.group)), row)
     });
     conn_table(&mut out, &format!("{:>16}", "GROUP"), groups);
     if out.is_empty() {

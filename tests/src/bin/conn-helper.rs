@@ -22,6 +22,8 @@
 //!       a TCP connection to 127.0.0.1 made another way: `tfo-sendto` (sendto with
 //!       MSG_FASTOPEN), `tfo-connect` (TCP_FASTOPEN_CONNECT), `io-uring` (IORING_OP_CONNECT),
 //!       `v4-mapped` (an IPv6 socket to ::ffff:127.0.0.1), `nonblock` (EINPROGRESS is ok)
+//!   `comm <hex>`                           → `ok`: names the process (PR_SET_NAME) with
+//!                                            these bytes (at most 15), any bytes at all
 //!   `exit`                                 → exits with its sockets still open
 //!
 //! The socket's cgroup is fixed when it is created, so the process joins the cgroup first.
@@ -232,11 +234,35 @@ fn main() {
                     Err(errno) => format!("err {errno} {next_id}"),
                 }
             }
+            ["comm", hex] => set_comm(hex),
             ["exit"] => std::process::exit(0),
             _ => format!("bad command {line:?}"),
         };
         writeln!(out, "{reply}").unwrap();
         out.flush().unwrap();
+    }
+}
+
+/// Names this process with the bytes `hex` spells (the kernel keeps the first 15).
+fn set_comm(hex: &str) -> String {
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    let Some(mut name) = bytes.filter(|b| !b.contains(&0)) else {
+        return format!("err bad hex {hex:?}");
+    };
+    name.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from the
+    // pointer; `name` is NUL-terminated and outlives the call.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        "ok".to_string()
+    } else {
+        format!(
+            "err {}",
+            io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 //! `rlagent conns`: live connections, limits, denials and would-denies per UID, from the
-//! pinned maps (the table `rlctl stats` prints, without the agent).
+//! pinned maps (the table `rlctl stats` prints, without the agent). Only the main file's
+//! `[bpf] pin_path` matters here, so a bad drop-in is left out with a warning.
 
 use std::path::Path;
 
@@ -11,7 +12,8 @@ use rlagent::{
 };
 
 pub fn conns(config_path: Option<&Path>) -> anyhow::Result<()> {
-    let config = Config::load(config_path, &SystemUsers)?;
+    let (config, skipped) = Config::load_skipping_bad_drop_ins(config_path, &SystemUsers)?;
+    crate::warn_skipped(&skipped);
     let maps = PinnedMaps::open(&config.bpf.pin_path).with_context(|| {
         format!(
             "is the agent installed? no maps pinned under {}",

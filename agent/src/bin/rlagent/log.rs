@@ -2,12 +2,21 @@
 //! is the stream named by `$JOURNAL_STREAM`), each line starts with its syslog priority
 //! (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug), so `journalctl -p warning` sees
 //! warnings as warnings, and carries no timestamp of its own (journald adds one).
+//!
+//! Every field and message is shown [`escaped`]: a process name, a path or a config
+//! value with a newline must not make a second line (journald would take its `<0>` for
+//! the priority), nor a terminal escape reach the reader's screen.
 
 use std::{fmt, os::fd::AsFd};
 
+use rlagent::model::text::escaped;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::{
-    fmt::{format::Writer, FmtContext, FormatEvent, FormatFields},
+    field::MakeExt,
+    fmt::{
+        format::{debug_fn, Writer},
+        FmtContext, FormatEvent, FormatFields,
+    },
     registry::LookupSpan,
     EnvFilter,
 };
@@ -52,10 +61,25 @@ where
     }
 }
 
+/// Fields as `name=value` and the message as it is, each [`escaped`]: the one place log
+/// text is made safe, so no field is escaped twice or forgotten.
+fn escaped_fields() -> impl for<'w> FormatFields<'w> + 'static {
+    debug_fn(|writer, field, value| {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            write!(writer, "{}", escaped(&text))
+        } else {
+            write!(writer, "{}={}", field.name(), escaped(&text))
+        }
+    })
+    .delimited(" ")
+}
+
 pub fn init() {
     let filter = EnvFilter::try_from_env("RLAGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .fmt_fields(escaped_fields())
         .with_env_filter(filter);
     if stderr_is_journal() {
         let format = tracing_subscriber::fmt::format()
@@ -67,5 +91,56 @@ pub fn init() {
         builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What a subscriber with our field format writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_field_or_message_cannot_start_a_line() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .fmt_fields(escaped_fields())
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        let comm = "\x1b[2J\n<0>FAKE";
+        let path = "/tmp/a\rb";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(comm = %comm, pid = 7, "connect() denied");
+            tracing::warn!("cannot read {path}");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].ends_with(r"connect() denied comm=\x1b[2J\x0a<0>FAKE pid=7"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with(r"cannot read /tmp/a\x0db"), "{text}");
+        assert!(
+            !text.bytes().any(|b| b.is_ascii_control() && b != b'\n'),
+            "{text:?}"
+        );
     }
 }

@@ -69,9 +69,22 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Our errors do not repeat their source, so the chain is the whole story.
-            eprintln!("rlagent: {e:#}");
+            // It may quote a path, a name or a value from outside.
+            let message = format!("{e:#}");
+            eprintln!("rlagent: {}", rlagent::model::text::escaped(&message));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Says which drop-ins an offline command left out, and why.
+fn warn_skipped(skipped: &[rlagent::config::ConfigError]) {
+    for e in skipped {
+        let message = rlagent::model::error_chain(e);
+        eprintln!(
+            "rlagent: warning: left out: {}",
+            rlagent::model::text::escaped(&message)
+        );
     }
 }
 

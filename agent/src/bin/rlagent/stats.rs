@@ -1,5 +1,7 @@
 //! `rlagent stats`: the Stats model of what the agent enforces (the config with the
-//! runtime overrides merged), read from the kernel without a running agent.
+//! runtime overrides merged), read from the kernel without a running agent. A drop-in
+//! the agent refused (bad or not root's) is left out with a warning, as the agent left it
+//! out, instead of failing the command.
 
 use std::path::Path;
 
@@ -12,7 +14,8 @@ use rlagent::{
 };
 
 pub fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let mut config = Config::load(config_path, &SystemUsers)?;
+    let (mut config, skipped) = Config::load_skipping_bad_drop_ins(config_path, &SystemUsers)?;
+    crate::warn_skipped(&skipped);
     resolve_driver(&mut config)?;
     let runtime = RuntimeState::load(&config.state_path)?;
     let desired = Desired::build(&config, &runtime, &SystemUsers)?;

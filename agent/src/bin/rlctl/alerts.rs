@@ -4,7 +4,7 @@ use std::{fmt::Write as _, path::Path, process::ExitCode};
 
 use rlagent::{
     control::protocol::{AlertEvent, AlertsResult, Request, Response},
-    model::alert::Alert,
+    model::{alert::Alert, text::escaped},
 };
 
 use crate::client;
@@ -12,7 +12,11 @@ use crate::client;
 fn row(a: &Alert) -> String {
     format!(
         "{:<8} {:<9} {:<28} {:<20} {}\n",
-        a.state, a.severity, a.rule, a.target, a.summary
+        a.state,
+        a.severity,
+        escaped(&a.rule),
+        escaped(&a.target),
+        escaped(&a.summary)
     )
 }
 

@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use rlagent::control::protocol::{request_line, Request, Response};
+use rlagent::{
+    control::protocol::{request_line, Request, Response},
+    model::text::escaped,
+};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Connects, with messages that say what to check.
@@ -86,7 +89,8 @@ pub fn refused(response: &Response, json: bool) -> ExitCode {
         );
     }
     if let Some(error) = &response.error {
-        eprintln!("rlctl: {}", error.message);
+        // It may quote a name or path a tenant chose.
+        eprintln!("rlctl: {}", escaped(&error.message));
     }
     ExitCode::FAILURE
 }

@@ -4,7 +4,7 @@ use std::{fmt::Write as _, path::Path, process::ExitCode, time::SystemTime};
 
 use rlagent::{
     control::protocol::{EventLine, EventsResult, Request, Response, WhyResult},
-    model::event::DenialEvent,
+    model::{event::DenialEvent, text::escaped},
 };
 
 use crate::client;
@@ -16,17 +16,18 @@ fn time(ms: u64) -> String {
 
 const HEADER: &str = "TIME                 UID     PID      COMM             GROUP        REASON     MODE     DESTINATION                  LIMIT\n";
 
+/// One event; its text fields escaped (a process names itself), so a row is one line.
 fn row(e: &DenialEvent) -> String {
     format!(
         "{:<20} {:<7} {:<8} {:<16} {:<12} {:<10} {:<8} {:<28} {}\n",
         time(e.time_ms),
         e.uid,
         e.pid,
-        e.comm,
-        e.group.as_deref().unwrap_or("-"),
-        e.reason,
+        escaped(&e.comm),
+        escaped(e.group.as_deref().unwrap_or("-")),
+        escaped(&e.reason),
         if e.monitor { "monitor" } else { "denied" },
-        e.destination,
+        escaped(&e.destination),
         e.limit
     )
 }
@@ -72,7 +73,7 @@ pub fn events(
 fn why_text(r: &WhyResult) -> String {
     let mut out = String::new();
     if r.reasons.is_empty() {
-        let _ = writeln!(out, "{}: no connect() was denied (nor would be in monitor mode) since the programs were loaded", r.target);
+        let _ = writeln!(out, "{}: no connect() was denied (nor would be in monitor mode) since the programs were loaded", escaped(&r.target));
         return out;
     }
     for reason in &r.reasons {
@@ -95,10 +96,10 @@ fn why_text(r: &WhyResult) -> String {
         let _ = writeln!(
             out,
             "{}: {} by {}{last}\n    limit: {}",
-            r.target,
+            escaped(&r.target),
             counts.join(", "),
-            reason.reason,
-            reason.limit
+            escaped(&reason.reason),
+            escaped(&reason.limit)
         );
     }
     if let Some(c) = &r.counters {

@@ -179,7 +179,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(message) => {
-            eprintln!("rlctl: {message}");
+            eprintln!("rlctl: {}", rlagent::model::text::escaped(&message));
             ExitCode::FAILURE
         }
     }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::Path, process::ExitCode};
 
 use rlagent::{
     control::protocol::{ClearQuotaResult, Request, SetQuotaResult},
-    model::quota::Field,
+    model::{quota::Field, text::escaped},
 };
 
 use crate::{
@@ -41,12 +41,13 @@ pub fn set(socket: &Path, json: bool, target: String, q: QuotaArgs) -> Result<Ex
         );
     } else {
         let fields: Vec<String> = r.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("{}: set {}", r.target, fields.join(" "));
+        println!("{}: set {}", escaped(&r.target), fields.join(" "));
     }
     for (field, reason) in &r.not_enforced {
         eprintln!(
-            "rlctl: warning: {} {field} is not enforced: {reason}",
-            r.target
+            "rlctl: warning: {} {field} is not enforced: {}",
+            escaped(&r.target),
+            escaped(reason)
         );
     }
     // Saved, but none of it holds: a distinct exit code, so scripts notice.

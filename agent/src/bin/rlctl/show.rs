@@ -4,6 +4,7 @@ use std::{fmt::Write, path::Path, process::ExitCode};
 
 use rlagent::{
     control::protocol::{ListResult, ReloadResult, Request, Status},
+    model::text::{escaped, escaped_path},
     observe::table,
 };
 
@@ -20,14 +21,14 @@ pub fn list(socket: &Path, json: bool) -> Result<ExitCode, String> {
                 let source = serde_json::to_value(v.source).unwrap_or_default();
                 let enforced = match &v.not_enforced {
                     None => "yes".to_string(),
-                    Some(reason) => format!("no: {reason}"),
+                    Some(reason) => format!("no: {}", escaped(reason)),
                 };
                 let _ = writeln!(
                     out,
                     "{:<28} {:<12} {:<10} {:<8} {enforced}",
-                    target.target,
+                    escaped(&target.target),
                     field.name(),
-                    v.value,
+                    escaped(&v.value),
                     source.as_str().unwrap_or_default()
                 );
             }
@@ -50,18 +51,18 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
             row("alerts_firing", h.alerts_firing.to_string());
             row(
                 "bpf_attach_cgroup",
-                h.bpf_attach_cgroup.display().to_string(),
+                escaped_path(&h.bpf_attach_cgroup).to_string(),
             );
-            row("bpf_pin_path", h.bpf_pin_path.display().to_string());
+            row("bpf_pin_path", escaped_path(&h.bpf_pin_path).to_string());
             row("cgroup_driver", h.cgroup_driver.clone());
-            row("cgroup2_mount", h.cgroup2_mount.display().to_string());
+            row("cgroup2_mount", escaped_path(&h.cgroup2_mount).to_string());
             row("cgroup_controllers", h.cgroup_controllers.join(" "));
-            row("config", h.config.display().to_string());
+            row("config", escaped_path(&h.config).to_string());
             if !h.pins_missing.is_empty() {
                 let missing: Vec<String> = h
                     .pins_missing
                     .iter()
-                    .map(|p| p.display().to_string())
+                    .map(|p| escaped_path(p).to_string())
                     .collect();
                 row("pins_missing", missing.join(" "));
             }
@@ -69,7 +70,10 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
         row("kernel", s.kernel.clone());
         if let Some(h) = &s.host {
             if !h.skipped_targets.is_empty() {
-                row("skipped_targets", h.skipped_targets.join(" "));
+                row(
+                    "skipped_targets",
+                    escaped(&h.skipped_targets.join(" ")).to_string(),
+                );
             }
             row("targets", h.targets.to_string());
         }
