@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Pinned maps live in a directory named after it, so an
 /// agent with a different layout never reinterprets another layout's bytes.
-pub const MAPS_LAYOUT_VERSION: u32 = 3;
+pub const MAPS_LAYOUT_VERSION: u32 = 4;
 
 /// A cap that never denies.
 pub const UNLIMITED: u64 = u64::MAX;
@@ -85,6 +85,7 @@ pub mod names {
     pub const GROUP_POLICY: &str = "RL_GROUP_POLICY";
     pub const GROUP_CONNS: &str = "RL_GROUP_CONNS";
     pub const EVENTS: &str = "RL_EVENTS";
+    pub const SUBUID: &str = "RL_SUBUID";
 
     pub const PROG_CONNECT4: &str = "rl_connect4";
     pub const PROG_CONNECT6: &str = "rl_connect6";
@@ -104,6 +105,10 @@ pub const MAX_UID_CONNS: u32 = 262_144;
 /// can be live at once before new ones are let through uncounted. Preallocated, about
 /// 64 bytes an entry. `[bpf] max_tracked_sockets` overrides it.
 pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 131_072;
+
+/// Entries of `RL_SUBUID`: aligned UID prefixes of the subordinate ranges (a range of
+/// 65,536 UIDs takes at most 17, any range at most 62).
+pub const MAX_SUBUID_PREFIXES: u32 = 65_536;
 
 /// Host-wide settings, the single element of the `RL_SETTINGS` array.
 #[repr(C)]
@@ -139,6 +144,10 @@ pub struct Settings {
     pub event_window_ns: u64,
     /// Bit L set: some group's cgroup sits at level L of the cgroup2 hierarchy.
     pub group_levels: u64,
+    /// The lowest and highest subordinate UID (`RL_SUBUID` holds their owners): a UID
+    /// outside them needs no lookup. None when `subuid_first > subuid_last`.
+    pub subuid_first: u64,
+    pub subuid_last: u64,
 }
 
 /// Connection limits of one UID (`RL_UID_CAPS`) or one group (`RL_GROUP_POLICY`).

@@ -19,7 +19,7 @@ use core::intrinsics;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
-    btf_maps::{Array, HashMap, RingBuf, SkStorage},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
@@ -34,8 +34,8 @@ use aya_ebpf::{
 use rlagent_common::{
     reason, Conns, DenyEvent, HostConns, Policy, Settings, SockOwner, DEFAULT_MAX_TRACKED_SOCKETS,
     EVENTS_RING_BYTES, FLAG_COUNT_UDP, FLAG_ENFORCE, FLAG_MONITOR_HOST, FLAG_ON_FULL_ALLOW,
-    FLAG_SEEDED, MAX_GROUPS, MAX_GROUP_LEVEL, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED,
-    OWNER_UNCAPPED, POLICY_MONITOR,
+    FLAG_SEEDED, MAX_GROUPS, MAX_GROUP_LEVEL, MAX_SUBUID_PREFIXES, MAX_UID_CAPS, MAX_UID_CONNS,
+    OWNER_SEEDED, OWNER_UNCAPPED, POLICY_MONITOR,
 };
 
 const ALLOW: i32 = 1;
@@ -104,6 +104,11 @@ static RL_GROUP_POLICY: PerGroup<Policy> = HashMap::new();
 /// removed by the agent once idle and retired since an earlier write).
 #[btf_map]
 static RL_GROUP_CONNS: PerGroup<Conns> = HashMap::new();
+
+/// Subordinate UIDs (`/etc/subuid` ranges as aligned prefixes of the UID, big-endian) ->
+/// the UID of the user who owns the range, who is charged for them (written by the agent).
+#[btf_map]
+static RL_SUBUID: LpmTrie<[u8; 4], u32, { MAX_SUBUID_PREFIXES as usize }> = LpmTrie::new();
 
 /// Denial events (`DenyEvent`), read by the agent.
 #[btf_map]
@@ -496,7 +501,7 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(host) = RL_HOST_CONNS.get_ptr_mut(0) else {
         return Ok(ALLOW);
     };
-    let uid = bpf_get_current_uid_gid() as u32;
+    let uid = charged_uid(bpf_get_current_uid_gid() as u32, settings);
     // SAFETY: hash map lookups return a pointer valid for this program run.
     let own = unsafe { RL_UID_CAPS.get(&uid) };
     // Root is charged only when a quota of its own asks for it: the kernel sockets of
@@ -923,6 +928,18 @@ fn seeded_for(uid: u32, settings: &Settings, host: *mut HostConns) -> (u64, u64)
         seeded.saturating_sub(gone),
         host_seeded.saturating_sub(settings.seeded_gone),
     )
+}
+
+/// Who is charged for a connect() of the kernel UID `uid`: the owner of the subordinate
+/// range it lies in (a user's rootless containers), else `uid` itself.
+#[inline(always)]
+fn charged_uid(uid: u32, settings: &Settings) -> u32 {
+    let wide = u64::from(uid);
+    if wide < settings.subuid_first || wide > settings.subuid_last {
+        return uid;
+    }
+    let key = Key::new(32, uid.to_be_bytes());
+    RL_SUBUID.get(&key).copied().unwrap_or(uid)
 }
 
 /// The policy of a UID without one of its own: the `user:*` default from

@@ -173,6 +173,8 @@ fn the_example_config_is_valid_and_shows_every_key() {
         "mode = \"enforce\"",
         "event_rate",
         "event_burst",
+        "subordinate_uids",
+        "subuid_file",
         "conn_rate",
         "conn_burst",
         "mode = \"monitor\"",

@@ -459,3 +459,76 @@ fn a_cap_set_after_the_first_start_counts_connections_older_than_the_agent() {
     s.scratch.wait_live(OLD, 2);
     assert!(h.connect("tcp4", listener.port4).is_ok());
 }
+
+#[test]
+fn subordinate_uids_are_charged_capped_and_reported_as_their_owner() {
+    if !privileged("subordinate_uids_belong_to_their_owner") {
+        return;
+    }
+    const OWNER: u32 = 63200;
+    const FIRST: u32 = 400_000;
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    let subuid = scratch.dir.path().join("subuid");
+    std::fs::write(
+        &subuid,
+        format!("# rootless containers\n{OWNER}:{FIRST}:65536\n"),
+    )
+    .unwrap();
+    scratch.write_config_with_groups(
+        &cgroup,
+        &format!("subuid_file = \"{}\"", subuid.display()),
+        &quota(&format!("user:{OWNER}"), "conns = 3"),
+    );
+    let s = Setup { cgroup, scratch };
+    let _agent = Agent::start(&s.scratch);
+    let listener = Listener::new();
+    let port = listener.port4;
+    let mut owner = Helper::spawn(&s.cgroup.path, OWNER);
+    let mut first = Helper::spawn(&s.cgroup.path, FIRST);
+    let mut last = Helper::spawn(&s.cgroup.path, FIRST + 65535);
+    assert!(owner.connect("tcp4", port).is_ok());
+    assert!(first.connect("tcp4", port).is_ok());
+    assert!(last.connect("tcp4", port).is_ok());
+    assert!(
+        matches!(first.connect("tcp4", port), Connect::Err(EPERM, _)),
+        "the owner's cap of 3 holds for its containers' UIDs"
+    );
+    let stats = s.scratch.stats();
+    assert_eq!(stats.per_uid[&OWNER].live, 3);
+    assert_eq!(stats.per_uid[&OWNER].denied[reason::CAP], 1);
+    assert!(
+        !stats.per_uid.contains_key(&FIRST),
+        "no counters of its own"
+    );
+    // The denial is reported as the owner's.
+    let out = s.scratch.rlctl(&["events", "--uid", &OWNER.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cap"));
+    // Outside the range, a UID is itself.
+    let mut outside = Helper::spawn(&s.cgroup.path, FIRST + 65536);
+    assert!(outside.connect("tcp4", port).is_ok());
+
+    // A malformed file is refused on reload; the ranges stay.
+    std::fs::write(&subuid, format!("{OWNER}:{FIRST}\n")).unwrap();
+    let out = s.scratch.rlctl(&["reload"]);
+    assert!(!out.status.success(), "a malformed subuid file is refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1"), "{err}");
+    let mut next = Helper::spawn(&s.cgroup.path, FIRST + 1);
+    assert!(matches!(next.connect("tcp4", port), Connect::Err(EPERM, _)));
+
+    // The range removed (the file changes on disk: the agent reloads by itself), the same
+    // UID is its own again.
+    std::fs::write(&subuid, "# no ranges\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !next.connect("tcp4", port).is_ok() {
+        assert!(Instant::now() < deadline, "the removed range still maps");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s.scratch.live(FIRST + 1), 1);
+}

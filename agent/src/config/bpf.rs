@@ -3,6 +3,7 @@
 use super::{raw::RawBpf, BpfConfig, ConfigError, Source};
 use crate::model::{
     quota::{ConnRate, Limit, Mode},
+    subuid::SubordinateUids,
     units::{parse_burst, parse_count, parse_rate},
 };
 
@@ -114,6 +115,25 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
             )
         })?,
     };
+    let subordinate_uids = match &raw.subordinate_uids {
+        None => SubordinateUids::Owner,
+        Some(v) => SubordinateUids::parse(v.get_ref()).ok_or_else(|| {
+            at.invalid(
+                at.line(v.span()),
+                "subordinate_uids",
+                v.get_ref(),
+                "expected owner (charge a subordinate UID's connections to the user who owns its range) or separate",
+            )
+        })?,
+    };
+    if !raw.subuid_file.is_absolute() {
+        return Err(at.invalid(
+            0,
+            "subuid_file",
+            &raw.subuid_file.display().to_string(),
+            "must be absolute",
+        ));
+    }
     if !raw.pin_path.is_absolute() {
         return Err(at.invalid(
             0,
@@ -134,5 +154,9 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
         mode,
         event_rate,
         event_burst,
+        subordinate_uids,
+        subuid_file: raw.subuid_file.clone(),
+        // Read by `Config::load`, which does the file I/O.
+        subordinate: Vec::new(),
     })
 }

@@ -12,6 +12,7 @@ use crate::model::{
     alert::{AlertmanagerUrl, Rule},
     layout::{Driver, DriverSetting, Layout},
     quota::{ConnRate, Mode, OnFull, Quota, QuotaError},
+    subuid::{self, SubordinateRange, SubordinateUids, SubuidError},
     target::{Target, TargetError},
     users::UserDb,
 };
@@ -67,6 +68,12 @@ pub enum ConfigError {
         #[source]
         source: TargetError,
     },
+    #[error("subuid file {path}")]
+    Subuid {
+        path: PathBuf,
+        #[source]
+        source: SubuidError,
+    },
     #[error("config {path}, line {line}: {field} = {value:?}: {reason}")]
     Invalid {
         path: PathBuf,
@@ -99,6 +106,12 @@ pub struct BpfConfig {
     /// Denial events per UID the programs send (more are counted as dropped).
     pub event_rate: ConnRate,
     pub event_burst: u64,
+    /// Whom connections under a subordinate UID are charged to.
+    pub subordinate_uids: SubordinateUids,
+    /// subuid(5) file the ranges come from.
+    pub subuid_file: PathBuf,
+    /// The ranges read from it (sorted; empty with `separate`, or without the file).
+    pub subordinate: Vec<SubordinateRange>,
 }
 
 /// A `[[group]]` placement rule.
@@ -156,7 +169,11 @@ impl Config {
         let path = match path {
             Some(p) => p.to_path_buf(),
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
-            None => return Self::embedded_default(),
+            None => {
+                let mut config = Self::embedded_default()?;
+                config.load_subordinate(users)?;
+                return Ok(config);
+            }
         };
         let read = |path: &Path| {
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -168,6 +185,7 @@ impl Config {
         for drop_in in Self::drop_ins(&path)? {
             config.merge_drop_in(&read_drop_in(&drop_in)?, &drop_in, users)?;
         }
+        config.load_subordinate(users)?;
         Ok(config)
     }
 
@@ -204,7 +222,44 @@ impl Config {
                 skipped.push(e);
             }
         }
+        if let Err(e) = config.load_subordinate(users) {
+            skipped.push(e);
+        }
         Ok((config, skipped))
+    }
+
+    /// Reads the subordinate UID ranges (`[bpf] subuid_file`) when they are charged to
+    /// their owners. A missing file means no ranges; an unreadable or malformed one refuses
+    /// the config (a reload keeps the ranges it had).
+    fn load_subordinate(&mut self, users: &dyn UserDb) -> Result<(), ConfigError> {
+        let bpf = &mut self.bpf;
+        if bpf.subordinate_uids != SubordinateUids::Owner {
+            return Ok(());
+        }
+        let text = match std::fs::read_to_string(&bpf.subuid_file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::info!(
+                        path = %crate::model::text::escaped_path(&bpf.subuid_file),
+                        "no subuid file: no subordinate UID ranges"
+                    );
+                });
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: bpf.subuid_file.clone(),
+                    source,
+                })
+            }
+        };
+        bpf.subordinate = subuid::parse(&text, users).map_err(|source| ConfigError::Subuid {
+            path: bpf.subuid_file.clone(),
+            source,
+        })?;
+        Ok(())
     }
 
     /// The drop-in directory of the config file at `path`.
@@ -357,6 +412,8 @@ impl Config {
         keep!(bpf.attach_cgroup, "[bpf] attach_cgroup");
         keep!(bpf.pin_path, "[bpf] pin_path");
         keep!(bpf.max_tracked_sockets, "[bpf] max_tracked_sockets");
+        // Watched for changes from the start on.
+        keep!(bpf.subuid_file, "[bpf] subuid_file");
         keep!(cgroup_root, "cgroup_root");
         keep!(cgroup_driver, "cgroup_driver");
         // Decided once at start, never by a reload.

@@ -140,6 +140,10 @@ pub(super) struct RawBpf {
     pub(super) event_rate: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) event_burst: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub(super) subordinate_uids: Option<Spanned<String>>,
+    #[serde(default = "default_subuid_file")]
+    pub(super) subuid_file: PathBuf,
 }
 
 impl Default for RawBpf {
@@ -156,6 +160,8 @@ impl Default for RawBpf {
             mode: None,
             event_rate: None,
             event_burst: None,
+            subordinate_uids: None,
+            subuid_file: default_subuid_file(),
         }
     }
 }
@@ -165,6 +171,9 @@ fn default_attach() -> Spanned<String> {
 }
 fn default_pin_path() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/rlagent")
+}
+fn default_subuid_file() -> PathBuf {
+    PathBuf::from("/etc/subuid")
 }
 fn default_uid_min() -> u32 {
     1000

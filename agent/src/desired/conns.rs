@@ -13,6 +13,7 @@ use crate::{
     model::{
         layout::Layout,
         quota::{unsupported_fields, ConnRate, Field, Limit, Mode, OnFull, Quota},
+        subuid::{self, SubordinateRange},
         target::{Target, UserRef},
     },
 };
@@ -46,6 +47,8 @@ pub struct ConnLimits {
     pub on_full: OnFull,
     /// Denial events per UID: (interval between events in ns, burst).
     pub events: (u64, u64),
+    /// Subordinate UID ranges whose connections are charged to their owners (sorted).
+    pub subordinate: Vec<SubordinateRange>,
 }
 
 /// The policy `own`'s connection fields make, falling back to `default`'s field by field,
@@ -128,7 +131,14 @@ impl ConnLimits {
             deny_errno: bpf.deny_errno,
             on_full: bpf.on_full,
             events: (events.rate_interval_ns, events.burst),
+            subordinate: bpf.subordinate.clone(),
         }
+    }
+
+    /// Who is charged for a connection of the kernel UID `uid` (as the programs decide):
+    /// the owner of its subordinate range, else `uid`.
+    pub fn charged_uid(&self, uid: u32) -> u32 {
+        subuid::owner_of(&self.subordinate, uid).unwrap_or(uid)
     }
 
     /// The policy of `uid`: its own, else the `user:*` default from `uid_min` up.
@@ -169,6 +179,8 @@ impl ConnLimits {
             event_interval_ns,
             event_window_ns: event_interval_ns.saturating_mul(event_burst),
             group_levels: 0,
+            subuid_first: self.subordinate.first().map_or(1, |r| u64::from(r.first)),
+            subuid_last: self.subordinate.last().map_or(0, |r| u64::from(r.last())),
         }
     }
 }

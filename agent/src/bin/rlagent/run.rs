@@ -55,13 +55,13 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
                 let default = Path::new(rlagent::config::DEFAULT_CONFIG_PATH);
                 default.exists().then(|| default.to_path_buf())
             });
-        let mut changes = match watched.as_deref().map(crate::watch::spawn) {
-            Some(Ok(rx)) => Some(rx),
-            Some(Err(e)) => {
+        let subuid_file = app.snapshot().config.bpf.subuid_file.clone();
+        let mut changes = match crate::watch::spawn(watched.as_deref(), &[subuid_file]) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
                 tracing::warn!("not watching the config for changes ({e}); reload with SIGHUP or rlctl reload");
                 None
             }
-            None => None,
         };
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!("cannot notify systemd: {e}");

@@ -1,6 +1,6 @@
-//! Reloads when the config file or one of its drop-ins changes on disk (inotify), as
-//! SIGHUP does: configuration management drops a file in place and the agent follows,
-//! with the same refuse-whole semantics.
+//! Reloads when the config file, one of its drop-ins or another file the config reads (the
+//! subuid file) changes on disk (inotify), as SIGHUP does: configuration management drops
+//! a file in place and the agent follows, with the same refuse-whole semantics.
 //!
 //! The directories are watched, not the files: editors and config management replace a
 //! file by renaming a new one over it, which a watch on the old file would miss. A
@@ -30,19 +30,35 @@ fn mask() -> WatchMask {
         | WatchMask::DELETE
 }
 
-/// Starts watching `config` and its drop-in directory; each message on the receiver asks
-/// for one reload.
-pub fn spawn(config: &Path) -> anyhow::Result<mpsc::Receiver<()>> {
-    let dir = config
-        .parent()
+fn parent(path: &Path) -> PathBuf {
+    path.parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let file_name = config.file_name().map(OsStr::to_os_string);
-    let drop_dir: PathBuf = Config::drop_in_dir(config);
+        .to_path_buf()
+}
+
+/// Starts watching `config` (when there is a file) and its drop-in directory, and the
+/// `files` the config reads; each message on the receiver asks for one reload. A file's
+/// directory that does not exist is not watched.
+pub fn spawn(config: Option<&Path>, files: &[PathBuf]) -> anyhow::Result<mpsc::Receiver<()>> {
     let mut inotify = Inotify::init()?;
-    let dir_watch = inotify.watches().add(&dir, mask())?;
-    let mut drop_watch = inotify.watches().add(&drop_dir, mask()).ok();
+    // (watch, the name in its directory that counts)
+    let mut watched = Vec::new();
+    let mut dir_watch = None;
+    let mut drop_watch = None;
+    let mut drop_dir = PathBuf::new();
+    if let Some(config) = config {
+        let wd = inotify.watches().add(parent(config), mask())?;
+        watched.push((wd.clone(), config.file_name().map(OsStr::to_os_string)));
+        drop_dir = Config::drop_in_dir(config);
+        drop_watch = inotify.watches().add(&drop_dir, mask()).ok();
+        dir_watch = Some(wd);
+    }
+    for file in files {
+        if let Ok(wd) = inotify.watches().add(parent(file), mask()) {
+            watched.push((wd, file.file_name().map(OsStr::to_os_string)));
+        }
+    }
     let (tx, rx) = mpsc::channel(1);
     std::thread::Builder::new()
         .name("rlagent-config-watch".into())
@@ -62,10 +78,15 @@ pub fn spawn(config: &Path) -> anyhow::Result<mpsc::Receiver<()>> {
                 let mut drop_dir_appeared = false;
                 for event in events {
                     let name = event.name.map(OsStr::to_os_string);
-                    if event.wd == dir_watch {
-                        if name.is_some() && name == file_name
-                            || name.as_deref() == Some(OsStr::new(CONFIGMAP_DATA))
-                        {
+                    if name.is_some()
+                        && watched
+                            .iter()
+                            .any(|(wd, file)| *wd == event.wd && *file == name)
+                    {
+                        changed = true;
+                    }
+                    if Some(&event.wd) == dir_watch.as_ref() {
+                        if name.as_deref() == Some(OsStr::new(CONFIGMAP_DATA)) {
                             changed = true;
                         } else if name.as_deref() == Some(OsStr::new(DROP_IN_DIR)) {
                             changed = true;

@@ -34,7 +34,10 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, Map, MapData, MapError,
+    },
     programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
     util::KernelVersion,
     Ebpf, EbpfLoader,
@@ -44,7 +47,7 @@ use rlagent_common::{
     OWNER_SEEDED, OWNER_UNCAPPED,
 };
 
-use crate::desired::conns::ConnLimits;
+use crate::{desired::conns::ConnLimits, model::subuid::SubordinateRange};
 
 /// The eBPF object built by build.rs from `ebpf/`.
 static EBPF_OBJECT: &[u8] =
@@ -65,7 +68,7 @@ const BPF_NOEXIST: u64 = 1;
 
 /// Every map is pinned, so all program generations share it (RL_MPTCP too: a charge kept
 /// on an MPTCP socket by one generation is released by the next).
-pub(super) const MAPS: [&str; 12] = [
+pub(super) const MAPS: [&str; 13] = [
     names::SETTINGS,
     names::MPTCP,
     names::GENERATION,
@@ -78,6 +81,7 @@ pub(super) const MAPS: [&str; 12] = [
     names::GROUP_POLICY,
     names::GROUP_CONNS,
     names::EVENTS,
+    names::SUBUID,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -255,10 +259,11 @@ impl ConnLimiter {
             typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
         let mut per_uid: std::collections::BTreeMap<u32, u64> = Default::default();
         let (mut unbounded, mut skipped) = (0u64, 0u64);
-        for c in found
-            .into_iter()
-            .filter(|c| c.uid != 0 || limits.per_uid.contains_key(&0))
-        {
+        for mut c in found {
+            c.uid = limits.charged_uid(c.uid);
+            if c.uid == 0 && !limits.per_uid.contains_key(&0) {
+                continue;
+            }
             let bounded = limits.policy_for(c.uid).bounds();
             if !bounded && unbounded >= budget {
                 skipped += 1;
@@ -483,6 +488,10 @@ impl ConnLimiter {
             names::UID_CAPS,
             &limits.per_uid,
         )?;
+        sync_subordinate(
+            typed_map_mut(&mut self.ebpf, names::SUBUID)?,
+            &limits.subordinate,
+        )?;
         // Counters for every UID with a limit of its own, made now: such a UID is counted
         // however many other UIDs have connected since (an error here names a full map).
         let limited: BTreeSet<u32> = limits
@@ -590,6 +599,40 @@ where
     }
     for key in stale {
         remove_entry(&mut map, name, &key)?;
+    }
+    Ok(())
+}
+
+/// Makes `RL_SUBUID` hold exactly the prefixes of `ranges`, each with its owner. New and
+/// changed prefixes are written before stale ones go, so a UID that stays in a range is
+/// never looked up in between and charged to itself.
+fn sync_subordinate(
+    mut map: LpmTrie<&mut MapData, [u8; 4], u32>,
+    ranges: &[SubordinateRange],
+) -> Result<(), BpfError> {
+    let name = names::SUBUID;
+    let wanted: BTreeMap<(u32, u32), u32> = ranges
+        .iter()
+        .flat_map(|r| r.prefixes().into_iter().map(move |p| (p, r.owner)))
+        .collect();
+    let present: Vec<(u32, u32)> = map
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| (k.prefix_len(), u32::from_be_bytes(k.data())))
+        .collect();
+    for (&(len, base), owner) in &wanted {
+        let key = Key::new(len, base.to_be_bytes());
+        if map.get(&key, 0).ok().as_ref() != Some(owner) {
+            map.insert(&key, owner, 0).map_err(map_error(name))?;
+        }
+    }
+    for (len, base) in present {
+        if !wanted.contains_key(&(len, base)) {
+            match map.remove(&Key::new(len, base.to_be_bytes())) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_error(name)(source)),
+            }
+        }
     }
     Ok(())
 }
