@@ -601,13 +601,14 @@ exec 3>&-
 apt-get remove -y rlagent >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt remove"; }
 systemctl is-active -q rlagent && fail "rlagent.service still active after remove"
 [ -e /usr/bin/rlagent ] && fail "/usr/bin/rlagent still there after remove"
-[ -d /sys/fs/bpf/rlagent/v3/links ] || fail "remove took the programs away (only purge should)"
+# The pins of the map layout in use (the agent keeps no other): v<MAPS_LAYOUT_VERSION>.
+ls -d /sys/fs/bpf/rlagent/v*/links >/dev/null 2>&1 || fail "remove took the programs away (only purge should)"
 [ -f /etc/rlagent/rlagent.toml ] || fail "remove deleted the config (only purge should)"
 
 # Purge: programs detached and unpinned, config and state gone.
 apt-get purge -y rlagent >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt purge"; }
 cat /tmp/apt | grep -i 'rlagent:' || true
-[ -e /sys/fs/bpf/rlagent/v3 ] && fail "purge left the pins: $(ls -R /sys/fs/bpf/rlagent)"
+ls -d /sys/fs/bpf/rlagent/v* >/dev/null 2>&1 && fail "purge left the pins: $(ls -R /sys/fs/bpf/rlagent)"
 [ -e /etc/rlagent/rlagent.toml ] && fail "purge left the config"
 [ -e /var/lib/rlagent ] && fail "purge left /var/lib/rlagent"
 bpftool_links=$(ls /sys/fs/bpf 2>/dev/null)
