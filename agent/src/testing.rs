@@ -150,6 +150,10 @@ pub mod kernel {
             false
         }
 
+        fn retire_idle(&mut self, _conns: &ConnLimits) -> Result<usize, KernelError> {
+            Ok(0)
+        }
+
         fn apply_conns(
             &mut self,
             conns: &ConnLimits,

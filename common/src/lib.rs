@@ -90,6 +90,8 @@ pub mod names {
     pub const PROG_CONNECT4: &str = "rl_connect4";
     pub const PROG_CONNECT6: &str = "rl_connect6";
     pub const PROG_SOCK_RELEASE: &str = "rl_sock_release";
+    /// Not attached: the agent runs it (BPF_PROG_TEST_RUN) to retire idle UID counters.
+    pub const PROG_RETIRE: &str = "rl_retire";
 
     /// The programs' global holding their generation (set at load time).
     pub const GLOBAL_GENERATION: &str = "RL_PROGRAM_GENERATION";
@@ -97,9 +99,8 @@ pub mod names {
 
 /// Maximum number of UIDs that can hold their own cap.
 pub const MAX_UID_CAPS: u32 = 65_536;
-/// Maximum number of UIDs with counters. Entries are never removed by the programs (see
-/// the README's "Connection accounting, precisely"); half of them are reserved for UIDs
-/// that have a cap.
+/// Maximum number of UIDs with counters. The agent retires idle ones (see [`RETIRED`]);
+/// half of them are reserved for UIDs that have a limit.
 pub const MAX_UID_CONNS: u32 = 262_144;
 /// Default size of `RL_SOCK_OWNER` (socket cookie -> charged UID): how many charged sockets
 /// can be live at once before new ones are let through uncounted. Preallocated, about
@@ -144,6 +145,9 @@ pub struct Settings {
     pub event_window_ns: u64,
     /// Bit L set: some group's cgroup sits at level L of the cgroup2 hierarchy.
     pub group_levels: u64,
+    /// Counters of UIDs without a limit ([`CONNS_UNLIMITED`]) the agent has removed
+    /// (written by the agent only; the programs subtract it from `HostConns::uncapped_uids`).
+    pub uncapped_uids_gone: u64,
     /// The lowest and highest subordinate UID (`RL_SUBUID` holds their owners): a UID
     /// outside them needs no lookup. None when `subuid_first > subuid_last`.
     pub subuid_first: u64,
@@ -211,7 +215,19 @@ pub struct Conns {
     pub denied: [u64; reason::COUNT],
     /// connect() calls a monitor-mode limit would have denied, by `reason::*`.
     pub would_deny: [u64; reason::COUNT],
+    /// `CONNS_*` bits, set when the entry is made.
+    pub flags: u64,
 }
+
+/// In [`Conns::flags`]: the programs made these counters for a UID without a limit, and
+/// counted them in `HostConns::uncapped_uids`.
+pub const CONNS_UNLIMITED: u64 = 1 << 0;
+
+/// [`Conns::live`] of counters being retired. The retiring program swaps `live` from 0 to
+/// this (compare-and-swap) and then deletes the entry; a connect() that adds to `live`
+/// and finds this value takes its add back and looks the counters up again, so a charge
+/// is never added to counters that are going.
+pub const RETIRED: u64 = 1 << 62;
 
 /// A charged socket's record in `RL_SOCK_OWNER` (key: socket cookie).
 #[repr(C)]

@@ -27,15 +27,16 @@ use aya_ebpf::{
             bpf_set_retval, bpf_sk_storage_get, bpf_skc_to_mptcp_sock,
         },
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, socket_filter},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
     EbpfContext,
 };
 use rlagent_common::{
-    reason, Conns, DenyEvent, HostConns, Policy, Settings, SockOwner, DEFAULT_MAX_TRACKED_SOCKETS,
-    EVENTS_RING_BYTES, FLAG_COUNT_UDP, FLAG_ENFORCE, FLAG_MONITOR_HOST, FLAG_ON_FULL_ALLOW,
-    FLAG_SEEDED, MAX_GROUPS, MAX_GROUP_LEVEL, MAX_SUBUID_PREFIXES, MAX_UID_CAPS, MAX_UID_CONNS,
-    OWNER_SEEDED, OWNER_UNCAPPED, POLICY_MONITOR,
+    reason, Conns, DenyEvent, HostConns, Policy, Settings, SockOwner, CONNS_UNLIMITED,
+    DEFAULT_MAX_TRACKED_SOCKETS, EVENTS_RING_BYTES, FLAG_COUNT_UDP, FLAG_ENFORCE,
+    FLAG_MONITOR_HOST, FLAG_ON_FULL_ALLOW, FLAG_SEEDED, MAX_GROUPS, MAX_GROUP_LEVEL,
+    MAX_SUBUID_PREFIXES, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED, OWNER_UNCAPPED, POLICY_MONITOR,
+    RETIRED,
 };
 
 const ALLOW: i32 = 1;
@@ -47,6 +48,10 @@ const EEXIST: i32 = -17;
 const IPPROTO_MPTCP: u32 = 262;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+/// Lookups of a UID's counters that may find them being retired before a connect() gives
+/// up (as if the map were full): the retirement deletes them within the same program run
+/// as its swap, so a second lookup already finds them gone.
+const RETIRE_TRIES: u32 = 4;
 /// Compare-and-swap attempts on a token bucket before it counts as empty. Each failed
 /// attempt means another caller took a token meanwhile, so only a burst of more than this
 /// many racing connect() calls of one UID (or group) can see a refusal while tokens are
@@ -75,6 +80,11 @@ static ZERO_CONNS: Conns = Conns {
     events_dropped: 0,
     denied: [0; reason::COUNT],
     would_deny: [0; reason::COUNT],
+    flags: 0,
+};
+static ZERO_CONNS_UNLIMITED: Conns = Conns {
+    flags: CONNS_UNLIMITED,
+    ..ZERO_CONNS
 };
 
 /// The generation that enforces (see `RL_PROGRAM_GENERATION`).
@@ -187,6 +197,40 @@ pub fn rl_sock_release(ctx: SockContext) -> i32 {
         }
     }
     ALLOW
+}
+
+/// Retires the counters of the UID in the first 4 bytes of the packet (after its
+/// Ethernet header), run by the agent through BPF_PROG_TEST_RUN, never attached. The
+/// agent asks only for UIDs without a policy of their own whose counters it found idle;
+/// here, atomically against every connect(), the live count goes from 0 to `RETIRED`
+/// (a connect() that added first makes the swap fail), then the entry is deleted. Returns
+/// 0: kept, 1: retired, 2: retired, and they were counted in `uncapped_uids`.
+#[socket_filter]
+pub fn rl_retire(ctx: SkBuffContext) -> i64 {
+    let Ok(uid) = ctx.load::<u32>(0) else {
+        return 0;
+    };
+    let Some(conns) = RL_UID_CONNS.get_ptr_mut(&uid) else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a pointer from a successful lookup in this program run.
+    unsafe {
+        // Buckets not full: a token was taken lately; the UID is not idle.
+        if read(&raw const (*conns).rate_tat) > now || read(&raw const (*conns).event_tat) > now {
+            return 0;
+        }
+        if !compare_and_swap(&raw mut (*conns).live, 0, RETIRED) {
+            return 0;
+        }
+        let unlimited = read(&raw const (*conns).flags) & CONNS_UNLIMITED != 0;
+        let _ = RL_UID_CONNS.remove(&uid);
+        if unlimited {
+            2
+        } else {
+            1
+        }
+    }
 }
 
 /// A map as the helpers take it (what aya-ebpf's own wrappers pass; they cover
@@ -362,24 +406,22 @@ impl Charge {
     /// see a distinct old value and no more than the cap can be admitted. The UID's own
     /// cap, the group's, then the host's.
     #[inline(always)]
+    /// `live_before`: the UID's live count before `charge_uid` added this connect().
     fn caps(
         &mut self,
         dest: &Destination,
         settings: &Settings,
         limits: &Limits,
+        live_before: u64,
     ) -> Result<(), i32> {
         let (seeded, host_seeded) = seeded_for(self.uid, settings, self.host);
         self.uid_live = true;
-        // SAFETY: `conns` points at this UID's counters in RL_UID_CONNS, `host` at the
-        // array element; nothing deletes them while programs run.
-        if fetch_add(unsafe { &raw mut (*self.conns).live }, 1).saturating_add(seeded)
-            >= limits.uid.cap
-        {
+        if live_before.saturating_add(seeded) >= limits.uid.cap {
             self.exceeded(dest, settings, reason::CAP, limits.monitor, limits.uid.cap)?;
         }
         self.group_cap(dest, settings, limits)?;
         self.host_live = true;
-        // SAFETY: as above.
+        // SAFETY: `host` points at the array element.
         if fetch_add(unsafe { &raw mut (*self.host).live }, 1).saturating_add(host_seeded)
             >= settings.host_cap
             && self.uid != 0
@@ -590,19 +632,23 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         Err(err) if err == EEXIST => false,
         Err(_) => return full(&dest, settings, &at),
     };
-    let Some(conns) = uid_conns(uid, unlimited, settings, host) else {
-        if claimed {
-            let _ = RL_SOCK_OWNER.remove(&cookie);
-        }
-        return full(&dest, settings, &at);
-    };
-    let mut charge = Charge::new(cookie, claimed, uid, host, conns);
-    charge.group = group;
-    charge.group_conns = group_conns;
     if !claimed {
+        let Some(conns) = uid_conns(uid, unlimited, settings, host) else {
+            return full(&dest, settings, &at);
+        };
+        let mut charge = Charge::new(cookie, false, uid, host, conns);
+        charge.group = group;
+        charge.group_conns = group_conns;
         return reconnect(&dest, settings, &limits, charge);
     }
-    charge.caps(&dest, settings, &limits)?;
+    let Some((conns, live_before)) = charge_uid(uid, unlimited, settings, host) else {
+        let _ = RL_SOCK_OWNER.remove(&cookie);
+        return full(&dest, settings, &at);
+    };
+    let mut charge = Charge::new(cookie, true, uid, host, conns);
+    charge.group = group;
+    charge.group_conns = group_conns;
+    charge.caps(&dest, settings, &limits, live_before)?;
     charge.rates(&dest, settings, &limits)?;
     charge.admitted();
     // SAFETY: `host` points at the array's single element; `keeper` is this MPTCP
@@ -985,6 +1031,33 @@ fn find_group(settings: &Settings) -> (u64, &Policy, *mut Conns) {
     none
 }
 
+/// Adds one to the live count of `uid`'s counters (made if need be): the counters and
+/// the count before the add. Counters being retired (`RETIRED`) are not added to: the
+/// add is taken back and the counters looked up again (a retirement deletes them right
+/// after its swap, so the next lookup makes fresh ones). `None`: no room for counters, or
+/// still retiring after a few tries.
+#[inline(always)]
+fn charge_uid(
+    uid: u32,
+    unlimited: bool,
+    settings: &Settings,
+    host: *mut HostConns,
+) -> Option<(*mut Conns, u64)> {
+    let mut tries = 0;
+    while tries < RETIRE_TRIES {
+        let conns = uid_conns(uid, unlimited, settings, host)?;
+        // SAFETY: a pointer from a successful lookup in this program run.
+        let live = unsafe { &raw mut (*conns).live };
+        let before = fetch_add(live, 1);
+        if before < RETIRED {
+            return Some((conns, before));
+        }
+        fetch_sub(live, 1);
+        tries += 1;
+    }
+    None
+}
+
 #[inline(always)]
 fn uid_conns(
     uid: u32,
@@ -997,14 +1070,22 @@ fn uid_conns(
     }
     // SAFETY: `host` points at the array's single element.
     let uncapped_uids = unsafe { &raw mut (*host).uncapped_uids };
-    if unlimited && read(uncapped_uids) >= settings.uncapped_uid_budget {
+    if unlimited
+        && read(uncapped_uids).saturating_sub(settings.uncapped_uids_gone)
+            >= settings.uncapped_uid_budget
+    {
         return None;
     }
     // First connection of this UID: create its zeroed counters. BPF_NOEXIST keeps a
     // racing creator's entry; either way the lookup below finds the one entry, and only
     // the creator counts it.
+    let zero = if unlimited {
+        &ZERO_CONNS_UNLIMITED
+    } else {
+        &ZERO_CONNS
+    };
     if RL_UID_CONNS
-        .insert(&uid, &ZERO_CONNS, u64::from(BPF_NOEXIST))
+        .insert(&uid, zero, u64::from(BPF_NOEXIST))
         .is_ok()
         && unlimited
     {

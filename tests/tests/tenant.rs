@@ -532,3 +532,87 @@ fn subordinate_uids_are_charged_capped_and_reported_as_their_owner() {
     }
     assert_eq!(s.scratch.live(FIRST + 1), 1);
 }
+
+#[test]
+fn idle_uid_counters_are_retired_while_connects_race_them() {
+    if !privileged("idle_uid_counters_retired") {
+        return;
+    }
+    // UIDs from 510,000 up get the default cap of 3; the 3,000 UIDs below connect once each
+    // and have no limit. Rounds every second: counters idle for two rounds go.
+    const CHURN: u32 = 500_000;
+    const RACERS: [u32; 2] = [520_001, 520_002];
+    const HOLDER: u32 = 520_003;
+    let s = Setup::new(
+        "count_udp = true\nuid_min = 510000\nuid_retire_interval = \"1s\"",
+        &quota("user:*", "conns = 3"),
+    );
+    let _agent = Agent::start(&s.scratch);
+    let listener = Listener::new();
+    let mut root = Helper::spawn(&s.cgroup.path, 0);
+    let churn = format!("multi-uid-once {CHURN} 3000 9");
+    assert_eq!(root.cmd(&churn), "ok 3000");
+    assert_eq!(s.scratch.stats().host.uncapped_uids, 3000);
+    let mut holder = Helper::spawn(&s.cgroup.path, HOLDER);
+    assert_eq!(hold(&mut holder, "tcp4", listener.port4, 2), (2, 0));
+    // Racers connect and close as fast as they can while the rounds run; the churned
+    // UIDs connect again every 2.2 s, so their counters are retired between passes and
+    // made again, and some passes meet a round retiring them. A charge added to counters
+    // that were going would be lost, and its release would take a later count below 0.
+    let mut racers: Vec<Helper> = RACERS
+        .iter()
+        .map(|uid| Helper::spawn(&s.cgroup.path, *uid))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut next_pass = Instant::now();
+    while Instant::now() < deadline {
+        for h in &mut racers {
+            h.send("for udp4 9 50");
+        }
+        for h in &mut racers {
+            let (admitted, attempts) = pair(&h.reply());
+            assert_eq!(
+                admitted, attempts,
+                "a racer was refused: nothing of it is live"
+            );
+        }
+        if Instant::now() >= next_pass {
+            assert_eq!(root.cmd(&churn), "ok 3000");
+            next_pass = Instant::now() + Duration::from_millis(2200);
+        }
+    }
+    // Every churned UID's counters go, and with them their place in the budget.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = s.scratch.stats();
+        let left = stats
+            .per_uid
+            .keys()
+            .filter(|uid| (CHURN..CHURN + 3000).contains(uid))
+            .count();
+        if left == 0 && stats.host.uncapped_uids == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} churned UIDs keep counters, uncapped_uids {}",
+            stats.host.uncapped_uids
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gone = s.scratch.maps().settings().unwrap().uncapped_uids_gone;
+    assert!(
+        gone >= 9000,
+        "the churned UIDs' counters were retired {gone} times"
+    );
+    // No racer lost or doubled a charge: each is at 0 (an underflow would read as 2^64-1)
+    // and held to its cap of 3 exactly.
+    for (h, uid) in racers.iter_mut().zip(RACERS) {
+        s.scratch.wait_live(uid, 0);
+        assert_eq!(hold(h, "udp4", 9, 4), (3, 1), "uid {uid}");
+    }
+    // Counters with something charged are never retired.
+    let stats = s.scratch.stats();
+    assert_eq!(stats.per_uid[&HOLDER].live, 2);
+    assert_eq!(hold(&mut holder, "tcp4", listener.port4, 2), (1, 1));
+}

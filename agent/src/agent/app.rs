@@ -443,6 +443,26 @@ impl App {
         }
     }
 
+    /// Every `[bpf] uid_retire_interval`, retires the counters of UIDs idle since the
+    /// last round (see [`Agent::retire_idle`]), so counters never run out however many
+    /// UIDs connect over time.
+    pub async fn run_retire(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.snapshot().config.bpf.uid_retire_interval).await;
+            match self
+                .blocking("retiring idle UID counters", |app| {
+                    app.with_agent("retiring idle UID counters", |agent| agent.retire_idle())
+                })
+                .await
+                .and_then(|r| r)
+            {
+                Ok(0) => {}
+                Ok(retired) => tracing::debug!(retired, "idle UID counters retired"),
+                Err(e) => tracing::warn!("retiring idle UID counters failed: {}", error_chain(&e)),
+            }
+        }
+    }
+
     /// The status; with `host`, also the host's layout and what is enforced.
     pub fn status(&self, host: bool) -> Status {
         let snapshot = self.snapshot();

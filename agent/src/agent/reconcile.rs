@@ -348,6 +348,11 @@ impl Agent {
             || self.kernel.groups_moved(&self.desired.conns)
     }
 
+    /// One round of retiring idle per-UID counters; returns how many were retired.
+    pub fn retire_idle(&mut self) -> Result<usize, AgentError> {
+        Ok(self.kernel.retire_idle(&self.desired.conns)?)
+    }
+
     /// Writes the connection limits again (see [`Self::groups_need_refresh`]). Returns the
     /// groups that became enforced.
     pub fn refresh_groups(&mut self) -> Result<Vec<String>, AgentError> {

@@ -1,7 +1,10 @@
 //! `[bpf]`: where the programs attach, where they pin, and the kernel-side settings.
 
+use std::time::Duration;
+
 use super::{raw::RawBpf, BpfConfig, ConfigError, Source};
 use crate::model::{
+    duration,
     quota::{ConnRate, Limit, Mode},
     subuid::SubordinateUids,
     units::{parse_burst, parse_count, parse_rate},
@@ -13,6 +16,9 @@ const DEFAULT_EVENT_RATE: ConnRate = ConnRate {
     period_s: 1,
 };
 const DEFAULT_EVENT_BURST: u64 = 100;
+/// How often idle UID counters are retired: often enough that a host where new UIDs
+/// connect all day keeps room, rarely enough to cost nothing.
+const DEFAULT_UID_RETIRE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Connect errnos an operator may choose; each makes sense to a program that connect()s.
 const DENY_ERRNOS: &[(&str, i32)] = &[
@@ -134,6 +140,19 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
             "must be absolute",
         ));
     }
+    let uid_retire_interval = match &raw.uid_retire_interval {
+        None => DEFAULT_UID_RETIRE_INTERVAL,
+        Some(v) => duration::parse(v.get_ref())
+            .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(d))
+            .ok_or_else(|| {
+                at.invalid(
+                    at.line(v.span()),
+                    "uid_retire_interval",
+                    v.get_ref(),
+                    "expected a duration from 1s to 24h such as 30s or 5m",
+                )
+            })?,
+    };
     if !raw.pin_path.is_absolute() {
         return Err(at.invalid(
             0,
@@ -154,6 +173,7 @@ pub(super) fn validate(at: &Source, raw: &RawBpf) -> Result<BpfConfig, ConfigErr
         mode,
         event_rate,
         event_burst,
+        uid_retire_interval,
         subordinate_uids,
         subuid_file: raw.subuid_file.clone(),
         // Read by `Config::load`, which does the file I/O.

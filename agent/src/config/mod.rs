@@ -106,6 +106,8 @@ pub struct BpfConfig {
     /// Denial events per UID the programs send (more are counted as dropped).
     pub event_rate: ConnRate,
     pub event_burst: u64,
+    /// How often the counters of idle UIDs are retired (two rounds make one retirement).
+    pub uid_retire_interval: std::time::Duration,
     /// Whom connections under a subordinate UID are charged to.
     pub subordinate_uids: SubordinateUids,
     /// subuid(5) file the ranges come from.

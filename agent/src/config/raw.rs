@@ -144,6 +144,8 @@ pub(super) struct RawBpf {
     pub(super) subordinate_uids: Option<Spanned<String>>,
     #[serde(default = "default_subuid_file")]
     pub(super) subuid_file: PathBuf,
+    #[serde(default)]
+    pub(super) uid_retire_interval: Option<Spanned<String>>,
 }
 
 impl Default for RawBpf {
@@ -162,6 +164,7 @@ impl Default for RawBpf {
             event_burst: None,
             subordinate_uids: None,
             subuid_file: default_subuid_file(),
+            uid_retire_interval: None,
         }
     }
 }

@@ -125,6 +125,9 @@ pub trait Enforcer: Send {
     /// True when a group's cgroup was made again since the last write (a new cgroup id),
     /// so the limits must be written again.
     fn groups_moved(&self, conns: &ConnLimits) -> bool;
+    /// One round of retiring idle per-UID counters (see
+    /// [`bpf::ConnLimiter::retire_idle`]); returns how many were retired.
+    fn retire_idle(&mut self, conns: &ConnLimits) -> Result<usize, KernelError>;
     /// Writes the cgroup plan (resetting what `previous` had and `plan` drops) and places
     /// processes by it.
     fn apply_cgroups(
@@ -270,6 +273,10 @@ impl Enforcer for System {
 
     fn groups_moved(&self, conns: &ConnLimits) -> bool {
         self.limiter.groups_moved(conns, &self.mount)
+    }
+
+    fn retire_idle(&mut self, conns: &ConnLimits) -> Result<usize, KernelError> {
+        Ok(self.limiter.retire_idle(conns)?)
     }
 
     fn apply_cgroups(

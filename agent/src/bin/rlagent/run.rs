@@ -37,6 +37,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(metrics_listener, collect, app.budgets()));
         tokio::spawn(app.clone().run_alerts());
         tokio::spawn(app.clone().run_group_refresh());
+        tokio::spawn(app.clone().run_retire());
         match rlagent::kernel::bpf::events::EventReader::open(&app.snapshot().config.bpf.pin_path) {
             Ok(reader) => {
                 tokio::spawn(app.clone().run_events(reader));

@@ -6,7 +6,7 @@ use std::{borrow::Borrow, collections::BTreeMap, path::Path};
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use rlagent_common::{
     names, Conns, HostConns, Policy, Settings, MAX_GROUPS, MAX_UID_CAPS, MAX_UID_CONNS,
-    POLICY_MONITOR, UNLIMITED,
+    POLICY_MONITOR, RETIRED, UNLIMITED,
 };
 
 use super::{map_error, pins::PinLayout, BpfError};
@@ -59,7 +59,10 @@ where
     let mut uids = BTreeMap::new();
     for item in per_uid.iter() {
         let (uid, conns) = item.map_err(map_error(names::UID_CONNS))?;
-        uids.insert(uid, conns);
+        // Counters being retired are gone a moment later.
+        if conns.live < RETIRED {
+            uids.insert(uid, conns);
+        }
     }
     Ok(ConnStats {
         host,
@@ -137,11 +140,16 @@ impl PinnedMaps {
     }
 
     /// The counters, with the connections found open at the first start (and not closed
-    /// since) counted in `live`, as the programs count them against the caps.
+    /// since) counted in `live`, and the counters of UIDs without a limit that are still
+    /// there in `uncapped_uids`, as the programs count them against the caps and budgets.
     pub fn stats(&self) -> Result<ConnStats, BpfError> {
         let mut stats = read_stats(&self.host, &self.uid_conns)?;
         let settings = self.settings()?;
         stats.host.live += stats.host.seeded.saturating_sub(settings.seeded_gone);
+        stats.host.uncapped_uids = stats
+            .host
+            .uncapped_uids
+            .saturating_sub(settings.uncapped_uids_gone);
         for item in self.uid_seeded.iter() {
             let (uid, seeded) = item.map_err(map_error(names::UID_SEEDED))?;
             let gone = self.uid_seeded_gone.get(&uid, 0).unwrap_or(0);
@@ -150,7 +158,7 @@ impl PinnedMaps {
         Ok(stats)
     }
 
-    fn settings(&self) -> Result<Settings, BpfError> {
+    pub fn settings(&self) -> Result<Settings, BpfError> {
         self.settings.get(&0, 0).map_err(map_error(names::SETTINGS))
     }
 

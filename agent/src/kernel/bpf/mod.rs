@@ -38,7 +38,10 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap, Map, MapData, MapError,
     },
-    programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SocketFilter,
+        TestRun, TestRunOptions,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -153,6 +156,11 @@ pub struct ConnLimiter {
     /// Of the seeded connections, those found closed without a release (kept in the
     /// settings the agent writes).
     seeded_gone: u64,
+    /// UIDs whose counters were idle at the last [`Self::retire_idle`], with their
+    /// admitted count then.
+    idle_before: BTreeMap<u32, u64>,
+    /// Counters of UIDs without a limit removed so far (kept in the settings).
+    uncapped_uids_gone: u64,
 }
 
 fn check_kernel() -> Result<(), BpfError> {
@@ -208,11 +216,18 @@ impl ConnLimiter {
                 name: names::PROG_SOCK_RELEASE,
                 source,
             })?;
-        // Written only by agents: an earlier run's count carries over.
-        let seeded_gone =
-            typed_map_mut::<Array<&mut MapData, Settings>>(&mut ebpf, names::SETTINGS)?
-                .get(&0, 0)
-                .map_or(0, |s| s.seeded_gone);
+        program::<SocketFilter>(&mut ebpf, names::PROG_RETIRE)?
+            .load()
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_RETIRE,
+                source,
+            })?;
+        // Written only by agents: an earlier run's counts carry over.
+        let earlier = typed_map_mut::<Array<&mut MapData, Settings>>(&mut ebpf, names::SETTINGS)?
+            .get(&0, 0)
+            .ok();
+        let seeded_gone = earlier.map_or(0, |s| s.seeded_gone);
+        let uncapped_uids_gone = earlier.map_or(0, |s| s.uncapped_uids_gone);
         let socket_capacity = match ebpf.map(names::SOCK_OWNER) {
             Some(Map::HashMap(data)) => maps::socket_capacity(data)?,
             _ => {
@@ -232,6 +247,8 @@ impl ConnLimiter {
             retired: BTreeSet::new(),
             seeded: Vec::new(),
             seeded_gone,
+            idle_before: BTreeMap::new(),
+            uncapped_uids_gone,
         })
     }
 
@@ -306,7 +323,7 @@ impl ConnLimiter {
         counters.uncapped_sockets = unbounded;
         host.set(0, counters, 0)
             .map_err(map_error(names::HOST_CONNS))?;
-        self.write_seeded_settings()?;
+        self.write_agent_settings()?;
         Ok(self.seeded.len())
     }
 
@@ -340,23 +357,25 @@ impl ConnLimiter {
             total += n;
         }
         self.seeded_gone += total;
-        self.write_seeded_settings()?;
+        self.write_agent_settings()?;
         Ok(total as usize)
     }
 
-    /// Rewrites the settings element with the seeded state (see [`Self::seeded_settings`]).
-    fn write_seeded_settings(&mut self) -> Result<(), BpfError> {
+    /// Rewrites the settings element with the agent's own state (see [`Self::agent_settings`]).
+    fn write_agent_settings(&mut self) -> Result<(), BpfError> {
         let map: Array<&mut MapData, Settings> = typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
         let current = map.get(&0, 0).map_err(map_error(names::SETTINGS))?;
-        let updated = self.seeded_settings(current)?;
+        let updated = self.agent_settings(current)?;
         let mut map: Array<&mut MapData, Settings> =
             typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
         map.set(0, updated, 0).map_err(map_error(names::SETTINGS))
     }
 
-    /// `settings` with the seeded connections taken into account: `FLAG_SEEDED` while
-    /// some are open (the programs then read the seeded counts), and the gone count.
-    fn seeded_settings(&mut self, mut settings: Settings) -> Result<Settings, BpfError> {
+    /// `settings` with the state only the agent keeps: the seeded connections
+    /// (`FLAG_SEEDED` while some are open, so the programs read the seeded counts, and the
+    /// gone count) and the counters of UIDs without a limit retired so far.
+    fn agent_settings(&mut self, mut settings: Settings) -> Result<Settings, BpfError> {
+        settings.uncapped_uids_gone = self.uncapped_uids_gone;
         let host: Array<&mut MapData, HostConns> =
             typed_map_mut(&mut self.ebpf, names::HOST_CONNS)?;
         let open = host
@@ -475,7 +494,7 @@ impl ConnLimiter {
             groups.insert(id, group.policy);
             group_ids.insert(name.clone(), id);
         }
-        let mut settings = self.seeded_settings(limits.settings(self.socket_capacity))?;
+        let mut settings = self.agent_settings(limits.settings(self.socket_capacity))?;
         settings.group_levels = levels;
         let mut settings_map: Array<&mut MapData, Settings> =
             typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
@@ -536,6 +555,69 @@ impl ConnLimiter {
         self.retired = gone;
         self.group_ids = group_ids;
         Ok(unenforced)
+    }
+
+    /// One round of retiring idle UID counters, so they never run out however many UIDs
+    /// connect over time. Counters are idle when nothing is charged to them, their buckets
+    /// are full and the UID has no policy of its own (those keep theirs). Two phases: a
+    /// UID is a candidate when its counters were idle at the last round and are idle and
+    /// unchanged (no connect() admitted) now; each candidate is then retired by the
+    /// `rl_retire` program, which swaps its live count from 0 to `RETIRED` atomically
+    /// against every connect() (one that charged it first cancels the retirement) and
+    /// deletes the entry. Returns how many were retired.
+    pub fn retire_idle(&mut self, limits: &ConnLimits) -> Result<usize, BpfError> {
+        let now = maps::now_ns();
+        let counters: HashMap<&mut MapData, u32, Conns> =
+            typed_map_mut(&mut self.ebpf, names::UID_CONNS)?;
+        let idle_now: BTreeMap<u32, u64> = counters
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(uid, c)| {
+                c.live == 0
+                    && c.rate_tat <= now
+                    && c.event_tat <= now
+                    && !limits.per_uid.contains_key(uid)
+            })
+            .map(|(uid, c)| (uid, c.admitted))
+            .collect();
+        let candidates: Vec<u32> = idle_now
+            .iter()
+            .filter(|(uid, admitted)| self.idle_before.get(uid) == Some(admitted))
+            .map(|(uid, _)| *uid)
+            .collect();
+        let program: &mut SocketFilter = program(&mut self.ebpf, names::PROG_RETIRE)?;
+        // The program reads the UID after the packet's Ethernet header.
+        let mut packet = [0u8; 18];
+        let (mut retired, mut unlimited) = (0, 0);
+        for uid in &candidates {
+            packet[14..].copy_from_slice(&uid.to_ne_bytes());
+            let run = program
+                .test_run(TestRunOptions {
+                    data_in: Some(&packet),
+                    ..TestRunOptions::default()
+                })
+                .map_err(|source| BpfError::Program {
+                    name: names::PROG_RETIRE,
+                    source,
+                })?;
+            match run.return_value {
+                1 => retired += 1,
+                2 => {
+                    retired += 1;
+                    unlimited += 1;
+                }
+                _ => {}
+            }
+        }
+        self.idle_before = idle_now;
+        for uid in &candidates {
+            self.idle_before.remove(uid);
+        }
+        if unlimited > 0 {
+            self.uncapped_uids_gone += unlimited;
+            self.write_agent_settings()?;
+        }
+        Ok(retired)
     }
 
     /// True when a group's cgroup now has another id than the one written (it was
