@@ -153,7 +153,22 @@ pub struct Helper {
 
 impl Helper {
     pub fn spawn(cgroup: &Path, uid: u32) -> Self {
-        let mut child = Command::new(target_bin("conn-helper"))
+        Self::spawn_by(&[], cgroup, uid)
+    }
+
+    /// A helper started through `wrapper` (a command and its arguments that run the
+    /// helper, such as `nsenter --net=...`).
+    pub fn spawn_by(wrapper: &[&str], cgroup: &Path, uid: u32) -> Self {
+        let helper = target_bin("conn-helper");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&helper);
+                c
+            }
+            None => Command::new(&helper),
+        };
+        let mut child = command
             .arg(cgroup)
             .arg(uid.to_string())
             .stdin(Stdio::piped())

@@ -175,6 +175,7 @@ fn the_example_config_is_valid_and_shows_every_key() {
         "event_burst",
         "subordinate_uids",
         "subuid_file",
+        "uid_retire_interval",
         "conn_rate",
         "conn_burst",
         "mode = \"monitor\"",

@@ -616,3 +616,69 @@ fn idle_uid_counters_are_retired_while_connects_race_them() {
     assert_eq!(stats.per_uid[&HOLDER].live, 2);
     assert_eq!(hold(&mut holder, "tcp4", listener.port4, 2), (1, 1));
 }
+
+/// A network namespace made with `ip netns add`, with its loopback up, removed on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new() -> Self {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "rlagent-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let status = std::process::Command::new("ip")
+                .args(&args)
+                .status()
+                .expect("running ip");
+            assert!(status.success(), "ip {args:?}: {status}");
+        }
+        Self(name)
+    }
+
+    /// The wrapper that runs a helper inside (its mounts, cgroups included, stay the host's).
+    fn enter(&self) -> String {
+        format!("--net=/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn connections_in_another_network_namespace_are_seeded_at_the_first_start() {
+    if !privileged("seeding_every_netns") {
+        return;
+    }
+    const NS_USER: u32 = 63070;
+    let s = Setup::new(
+        "count_udp = true",
+        &quota(&format!("user:{NS_USER}"), "conns = 2"),
+    );
+    let ns = NetNs::new();
+    let enter = ns.enter();
+    let mut h = Helper::spawn_by(&["nsenter", &enter, "--"], &s.cgroup.path, NS_USER);
+    assert_eq!(hold(&mut h, "udp4", 9, 2), (2, 0));
+    let _agent = Agent::start(&s.scratch);
+    assert_eq!(
+        s.scratch.live(NS_USER),
+        2,
+        "seeded from the other namespace"
+    );
+    assert!(matches!(h.connect("udp4", 9), Connect::Err(EPERM, _)));
+    h.cmd("close 1");
+    s.scratch.wait_live(NS_USER, 1);
+    assert!(h.connect("udp4", 9).is_ok());
+    drop(h);
+    s.scratch.wait_live(NS_USER, 0);
+}

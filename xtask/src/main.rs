@@ -85,7 +85,7 @@ enum Task {
     },
     /// Setup, release build, then a benchmark (needs root)
     Bench {
-        /// Which benchmark: connect, control, metrics, integrity, events
+        /// Which benchmark: connect, control, metrics, integrity, events, churn
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

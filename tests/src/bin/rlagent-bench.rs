@@ -1,7 +1,7 @@
 //! `rlagent-bench connect [--blocks N] [--iters M]`, `rlagent-bench control [--requests N]
 //! [--targets N]`, `rlagent-bench metrics [--uids N]`, `rlagent-bench integrity
-//! [--cycles N]` and `rlagent-bench events [--seconds N]` (run through `cargo xtask bench
-//! <name>`).
+//! [--cycles N]`, `rlagent-bench events [--seconds N]` and `rlagent-bench churn
+//! [--millions N]` (run through `cargo xtask bench <name>`).
 //!
 //! Paired measurement of connect()+close() on loopback: helper processes with the same
 //! work, one in a sibling cgroup without rlagent's programs, one under the programs with a
@@ -18,12 +18,21 @@ const BENCH_UID: u32 = 61900;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(name) = args.first().cloned() else {
-        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N] | events [--seconds N]");
+        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N] | events [--seconds N] | churn [--millions N]");
         std::process::exit(2);
     };
-    if !["connect", "control", "metrics", "integrity", "events"].contains(&name.as_str()) {
+    if ![
+        "connect",
+        "control",
+        "metrics",
+        "integrity",
+        "events",
+        "churn",
+    ]
+    .contains(&name.as_str())
+    {
         eprintln!(
-            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity, events)"
+            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity, events, churn)"
         );
         std::process::exit(2);
     }
@@ -44,6 +53,8 @@ fn main() {
     }
     if name == "events" {
         events(flag("--seconds", 5));
+    } else if name == "churn" {
+        churn(flag("--millions", 36));
     } else if name == "integrity" {
         integrity(flag("--cycles", 1_000_000));
     } else if name == "metrics" {
@@ -111,12 +122,18 @@ fn metrics(uids: u32) {
 /// while holding sockets (some over their cap). Prints the rate and the final counts,
 /// which must be exactly zero once nothing is open.
 fn integrity(cycles: u32) {
-    const UIDS: [u32; 4] = [61910, 61911, 61912, 61913];
+    // The last two are subordinate UIDs of the first (a range in the agent's subuid file):
+    // they are charged to it, so it holds the cap of 4 together with them.
+    const UIDS: [u32; 6] = [61910, 61911, 61912, 61913, 461_910, 461_911];
+    const SUBORDINATE_FIRST: u32 = 461_900;
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
+    let subuid = scratch.dir.path().join("subuid");
+    std::fs::write(&subuid, format!("{}:{SUBORDINATE_FIRST}:100\n", UIDS[0]))
+        .expect("writing the subuid file");
     scratch.write_config(
         &cgroup,
-        "count_udp = true\n",
+        &format!("count_udp = true\nsubuid_file = \"{}\"\n", subuid.display()),
         "[[quota]]\ntarget = \"user:*\"\nconns = 4\n",
     );
     let _agent = Agent::start(&scratch);
@@ -141,6 +158,20 @@ fn integrity(cycles: u32) {
     let mut round = 0usize;
     while done < u64::from(cycles) {
         for (i, worker) in workers.iter_mut().enumerate() {
+            // One round in seven: one socket connected, disconnected with AF_UNSPEC and
+            // connected again for 20 ms (each time a new TCP handshake, never a second
+            // charge).
+            if (round + i) % 7 == 6 {
+                let reply = worker.cmd(&format!("unspec-for tcp4 {} 20", tcp.port4));
+                let words: Vec<u64> = reply
+                    .split_whitespace()
+                    .skip(1)
+                    .map(|w| w.parse().unwrap())
+                    .collect();
+                admitted += words[0];
+                done += words[1];
+                continue;
+            }
             let (kind, port) = kinds[(round + i) % kinds.len()];
             let reply = worker.cmd(&format!("cycles {kind} {port} {BATCH}"));
             let n: u64 = reply.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -201,7 +232,80 @@ fn integrity(cycles: u32) {
         eprintln!("FAILED: {leaked} charges left with nothing open");
         std::process::exit(1);
     }
+    if let Some(uid) = UIDS[4..].iter().find(|u| stats.per_uid.contains_key(u)) {
+        eprintln!("FAILED: subordinate uid {uid} was charged as itself");
+        std::process::exit(1);
+    }
     println!("all counts are back to 0");
+}
+
+/// The connect benchmark's cap-only arm, again and again, looking for a charge that is
+/// never released: 2,000-connect blocks (socket, connect to 127.0.0.1, SO_LINGER {1, 0},
+/// close) as one UID from two processes at once, each agent started afresh (new maps, so
+/// it seeds the connections in flight) while they churn. With every client gone, each
+/// agent's counts must be 0. Runs `millions` million connects (the run that saw one
+/// charge left made 3.56 million), or stops at the first charge left.
+fn churn(millions: u32) {
+    const UID: u32 = 61950;
+    const BLOCK: u64 = 2000;
+    const BLOCKS_PER_AGENT: u64 = 200;
+    let listener = Listener::dropping();
+    let target = u64::from(millions) * 1_000_000;
+    let (mut done, mut agents) = (0u64, 0u32);
+    let start = Instant::now();
+    while done < target {
+        let cgroup = TestCgroup::new();
+        let scratch = Scratch::new();
+        scratch.write_config(
+            &cgroup,
+            "",
+            &format!("[[quota]]\ntarget = \"user:{UID}\"\nconns = 1000\n"),
+        );
+        let mut clients: Vec<Helper> = (0..2).map(|_| Helper::spawn(&cgroup.path, UID)).collect();
+        let work = format!("bench tcp4 {} {BLOCK}", listener.port4);
+        for c in &mut clients {
+            c.send(&work);
+        }
+        // Started while both clients connect and close.
+        let agent = Agent::start(&scratch);
+        for block in 0..BLOCKS_PER_AGENT {
+            for c in &mut clients {
+                assert!(c.reply().starts_with("ok"));
+                done += BLOCK;
+                if block + 1 < BLOCKS_PER_AGENT {
+                    c.send(&work);
+                }
+            }
+        }
+        for c in clients {
+            c.exit();
+        }
+        agents += 1;
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let stats = loop {
+            let stats = scratch.stats();
+            let live = stats.per_uid.get(&UID).map_or(0, |c| c.live);
+            if (live == 0 && stats.host.live == 0) || Instant::now() > deadline {
+                break stats;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let live = stats.per_uid.get(&UID).map_or(0, |c| c.live);
+        if live != 0 || stats.host.live != 0 {
+            eprintln!(
+                "FAILED: agent {agents}, after {done} connects: uid {UID} live {live}, host {:?}, settings {:?}",
+                stats.host,
+                scratch.maps().settings()
+            );
+            std::process::exit(1);
+        }
+        drop(agent);
+        scratch.uninstall();
+        println!(
+            "{done} connects, {agents} agents started during the churn, {:.0} s: every charge released",
+            start.elapsed().as_secs_f64()
+        );
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

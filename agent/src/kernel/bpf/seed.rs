@@ -11,7 +11,8 @@
 //!   include kernel sockets: kernel sockets never pass sock_release, so their charge
 //!   would never be released.
 //!
-//! sock_diag sees the agent's own network namespace only.
+//! sock_diag answers for one network namespace: every namespace a process is in is
+//! dumped, each from a thread that enters it.
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -92,11 +93,47 @@ pub fn cgroup_ids(dir: &Path) -> HashSet<u64> {
 }
 
 /// Connected TCP sockets (and connected UDP ones with `udp`) whose cgroup is one of
-/// `cgroups` (`None`: any).
+/// `cgroups` (`None`: any), in every network namespace a process is in (sock_diag
+/// answers for the namespace its socket was made in: one dump per namespace, from a
+/// thread that enters it). A namespace whose processes all exit meanwhile is skipped.
 pub fn open_connections(
     udp: bool,
     cgroups: Option<&HashSet<u64>>,
 ) -> Result<Vec<OpenConnection>, SeedError> {
+    let own = net_namespace(Path::new("/proc/self/ns/net"));
+    let mut out = select(&dump_namespace(udp)?, cgroups);
+    for (id, path) in net_namespaces() {
+        if Some(id) == own {
+            continue;
+        }
+        let Ok(ns) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let found = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| seed_error("entering a network namespace")(e.into()))?;
+                    dump_namespace(udp)
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(seed_error("a dump thread")(std::io::Error::other(
+                        "panicked",
+                    )))
+                })
+        })?;
+        // Listening ports (which tell accepted sockets apart) are per namespace.
+        out.extend(select(&found, cgroups));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// TCP and (with `udp`) UDP sockets of both families in the calling thread's network
+/// namespace.
+fn dump_namespace(udp: bool) -> Result<Vec<(u8, DiagSocket)>, SeedError> {
     let mut all = Vec::new();
     for family in [AF_INET, AF_INET6] {
         all.extend(dump(family, IPPROTO_TCP, IPPROTO_TCP)?);
@@ -104,7 +141,29 @@ pub fn open_connections(
             all.extend(dump(family, IPPROTO_UDP, IPPROTO_UDP)?);
         }
     }
-    Ok(select(&all, cgroups))
+    Ok(all)
+}
+
+/// A network namespace's identity (device and inode of its nsfs file).
+fn net_namespace(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Every network namespace some process is in, once each, with a path that opens it.
+fn net_namespaces() -> Vec<((u64, u64), std::path::PathBuf)> {
+    let mut seen = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path().join("ns/net");
+        if let Some(id) = net_namespace(&path) {
+            seen.entry(id).or_insert(path);
+        }
+    }
+    seen.into_iter().collect()
 }
 
 /// The sockets a connect() made, from a dump (`protocol` tells TCP from UDP: the same
