@@ -690,10 +690,11 @@ fn reconnect(
     // SAFETY: a pointer from a successful lookup. connect() calls on one socket are
     // serialised by the socket lock, and its release cannot run while one is under way.
     let ungrouped = !record.is_null() && unsafe { (*record).group } == 0;
-    if !ungrouped {
-        charge.group = 0;
+    if ungrouped {
+        charge.group_cap(dest, settings, limits)?;
     }
-    charge.group_cap(dest, settings, limits)?;
+    // The caller's group's rate either way: a socket charged to the group takes the
+    // group's token at every connect() too.
     charge.rates(dest, settings, limits)?;
     charge.admitted();
     if charge.group_live && !record.is_null() {

@@ -107,12 +107,23 @@ fn a_socket_disconnected_with_af_unspec_takes_a_rate_token_at_every_connect() {
     let rate = "conn_rate = \"20/s\"\nconn_burst = 5";
     let s = Setup::new(
         "count_udp = true",
-        &[quota("user:63001", rate), quota("user:63002", rate)].concat(),
+        &[
+            quota("user:63001", rate),
+            quota("user:63002", rate),
+            quota("paced", rate),
+        ]
+        .concat(),
     );
     let _agent = Agent::start(&s.scratch);
     let listener = Listener::dropping();
-    for (uid, kind, port) in [(63001, "tcp4", listener.port4), (63002, "udp4", 9)] {
-        let mut h = Helper::spawn(&s.cgroup.path, uid);
+    let (root, paced) = (s.cgroup.path.clone(), s.group("paced"));
+    // The UID's own rate for TCP and UDP; the group's rate for a UID with none of its own.
+    for (uid, kind, port, at, why) in [
+        (63001, "tcp4", listener.port4, &root, reason::RATE),
+        (63002, "udp4", 9, &root, reason::RATE),
+        (63003, "tcp4", listener.port4, &paced, reason::GROUP_RATE),
+    ] {
+        let mut h = Helper::spawn(at, uid);
         let start = Instant::now();
         let (admitted, attempts) = pair(&h.cmd(&format!("unspec-for {kind} {port} 1500")));
         let elapsed = start.elapsed().as_secs_f64();
@@ -132,7 +143,7 @@ fn a_socket_disconnected_with_af_unspec_takes_a_rate_token_at_every_connect() {
         );
         let c = s.uid(uid);
         assert_eq!(c.admitted, admitted, "{kind}: {c:?}");
-        assert_eq!(c.denied[reason::RATE], attempts - admitted, "{kind}: {c:?}");
+        assert_eq!(c.denied[why], attempts - admitted, "{kind}: {c:?}");
         s.scratch.wait_live(uid, 0);
     }
 }
