@@ -124,6 +124,48 @@ impl Scratch {
             thread::sleep(Duration::from_millis(10));
         }
     }
+    /// The counters of `uid` (zeroed when it has none).
+    pub fn conns(&self, uid: u32) -> rlagent_common::Conns {
+        self.stats().per_uid.get(&uid).copied().unwrap_or_default()
+    }
+
+    /// The counters charged to the group whose cgroup is `path`.
+    pub fn group_conns(&self, path: &Path) -> rlagent_common::Conns {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(path).expect("group cgroup").ino();
+        self.maps()
+            .groups()
+            .expect("group counters")
+            .get(&id)
+            .unwrap_or_else(|| panic!("no counters for {}", path.display()))
+            .conns
+    }
+
+    /// Waits until the group whose cgroup is `path` has `want` live connections.
+    pub fn wait_group_live(&self, path: &Path, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.group_conns(path).live != want {
+            assert!(
+                Instant::now() < deadline,
+                "group {}: live {}, expected {want}",
+                path.display(),
+                self.group_conns(path).live
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// rlctl against this scratch's agent, which must succeed: its stdout.
+    pub fn rlctl_ok(&self, args: &[&str]) -> String {
+        let out = self.rlctl(args);
+        assert!(
+            out.status.success(),
+            "rlctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// rlctl against this scratch's agent.
     pub fn rlctl(&self, args: &[&str]) -> std::process::Output {
         rlctl(&self.socket_path())

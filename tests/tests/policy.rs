@@ -5,13 +5,12 @@
 
 use std::{
     io::{BufRead, BufReader},
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use rlagent_common::{reason, Conns};
+use rlagent_common::reason;
 use rlagent_tests::{privileged, rlctl, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const EPERM: i32 = libc::EPERM;
@@ -38,50 +37,6 @@ impl Setup {
     /// A group's cgroup (made by the agent at start).
     fn group(&self, name: &str) -> PathBuf {
         self.cgroup.path.join("slice").join(name)
-    }
-
-    fn uid(&self, uid: u32) -> Conns {
-        self.scratch
-            .stats()
-            .per_uid
-            .get(&uid)
-            .copied()
-            .unwrap_or_default()
-    }
-
-    /// The counters charged to the group whose cgroup is `path`.
-    fn group_conns(&self, path: &Path) -> Conns {
-        let id = std::fs::metadata(path).expect("group cgroup").ino();
-        self.scratch
-            .maps()
-            .groups()
-            .expect("group counters")
-            .get(&id)
-            .unwrap_or_else(|| panic!("no counters for {}", path.display()))
-            .conns
-    }
-
-    fn wait_group_live(&self, path: &Path, want: u64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.group_conns(path).live != want {
-            assert!(
-                Instant::now() < deadline,
-                "group {}: live {}, expected {want}",
-                path.display(),
-                self.group_conns(path).live
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn rlctl_ok(&self, args: &[&str]) -> String {
-        let out = self.scratch.rlctl(args);
-        assert!(
-            out.status.success(),
-            "rlctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -129,7 +84,7 @@ fn a_rate_admits_the_burst_then_the_rate_and_a_change_applies_on_the_next_connec
         (33..=37).contains(&admitted),
         "{admitted} of {attempts} admitted in 3 s at 10/s burst 5"
     );
-    let c = s.uid(UID);
+    let c = s.scratch.conns(UID);
     assert_eq!(c.admitted, admitted);
     assert_eq!(c.denied[reason::RATE], attempts - admitted, "{c:?}");
     assert_eq!(c.live, 0, "every socket was closed");
@@ -142,7 +97,7 @@ fn a_rate_admits_the_burst_then_the_rate_and_a_change_applies_on_the_next_connec
     );
     h.close_all();
     // ...until the rate is raised, which the very next connect sees.
-    s.rlctl_ok(&[
+    s.scratch.rlctl_ok(&[
         "set-quota",
         &format!("user:{UID}"),
         "--conn-rate",
@@ -151,7 +106,9 @@ fn a_rate_admits_the_burst_then_the_rate_and_a_change_applies_on_the_next_connec
         "1000",
     ]);
     assert!(h.connect("tcp4", s.listener.port4).is_ok());
-    let stats = s.rlctl_ok(&["--json", "stats", &format!("user:{UID}")]);
+    let stats = s
+        .scratch
+        .rlctl_ok(&["--json", "stats", &format!("user:{UID}")]);
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     let rate = &stats["conns"][0]["rate"];
     assert_eq!(rate["interval_ns"], 1_000_000, "{stats}");
@@ -197,7 +154,7 @@ fn processes_racing_on_all_cpus_never_take_more_than_burst_plus_rate_times_elaps
         "only {admitted} admitted (of {attempts}) in {elapsed:.3} s"
     );
     assert!(attempts > admitted * 2, "the racers pressed the limit");
-    let c = s.uid(UID);
+    let c = s.scratch.conns(UID);
     assert_eq!(
         (c.admitted, c.denied[reason::RATE]),
         (admitted, attempts - admitted)
@@ -228,24 +185,24 @@ fn a_group_cap_is_shared_counts_sub_cgroups_and_is_released_to_the_group_charged
     assert_eq!(hold(&mut a, port, 2), (2, 0));
     // The sub-cgroup's process shares the group's 3.
     assert_eq!(hold(&mut b, port, 2), (1, 1));
-    assert_eq!(s.group_conns(&batch).live, 3);
-    assert_eq!(s.group_conns(&batch).denied[reason::GROUP], 1);
-    assert_eq!(s.uid(62012).denied[reason::GROUP], 1);
+    assert_eq!(s.scratch.group_conns(&batch).live, 3);
+    assert_eq!(s.scratch.group_conns(&batch).denied[reason::GROUP], 1);
+    assert_eq!(s.scratch.conns(62012).denied[reason::GROUP], 1);
     // A UID's own cap applies as well: a connect must pass both.
-    assert_eq!(s.uid(62011).live, 2);
+    assert_eq!(s.scratch.conns(62011).live, 2);
 
     // b leaves the group with its connection open; closing it still releases the group.
     std::fs::write(s.cgroup.path.join("cgroup.procs"), b.pid().to_string())
         .expect("moving the helper out");
     b.close_all();
-    s.wait_group_live(&batch, 2);
+    s.scratch.wait_group_live(&batch, 2);
     // Outside the group, b's new connections are not the group's.
     assert_eq!(hold(&mut b, port, 3), (3, 0));
-    assert_eq!(s.group_conns(&batch).live, 2);
+    assert_eq!(s.scratch.group_conns(&batch).live, 2);
     assert!(matches!(a.connect("tcp4", port), Connect::Ok(_)));
     assert!(matches!(a.connect("tcp4", port), Connect::Err(EPERM, _)));
     drop((a, b));
-    s.wait_group_live(&batch, 0);
+    s.scratch.wait_group_live(&batch, 0);
     std::fs::remove_dir(&sub).expect("removing the sub-cgroup");
 }
 
@@ -263,7 +220,7 @@ fn a_group_cap_follows_its_cgroup_when_it_goes_and_comes_back() {
     std::fs::remove_dir(&later).expect("removing the group's cgroup");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let list = s.rlctl_ok(&["list"]);
+        let list = s.scratch.rlctl_ok(&["list"]);
         if list.contains("does not exist yet") {
             break;
         }
@@ -282,7 +239,7 @@ fn a_group_cap_follows_its_cgroup_when_it_goes_and_comes_back() {
         drop(h);
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(!s.rlctl_ok(&["list"]).contains("does not exist yet"));
+    assert!(!s.scratch.rlctl_ok(&["list"]).contains("does not exist yet"));
     drop(agent);
 }
 
@@ -337,7 +294,7 @@ fn monitor_mode_denies_nothing_and_would_deny_what_enforce_denies() {
         (62033, 62034, reason::RATE),
         (62035, 62036, reason::GROUP),
     ] {
-        let (e, m) = (s.uid(enforced), s.uid(monitored));
+        let (e, m) = (s.scratch.conns(enforced), s.scratch.conns(monitored));
         assert_eq!(
             m.denied,
             [0; reason::COUNT],
@@ -353,12 +310,13 @@ fn monitor_mode_denies_nothing_and_would_deny_what_enforce_denies() {
         );
     }
     assert_eq!(
-        s.group_conns(&watched).would_deny[reason::GROUP],
-        s.group_conns(&pool).denied[reason::GROUP]
+        s.scratch.group_conns(&watched).would_deny[reason::GROUP],
+        s.scratch.group_conns(&pool).denied[reason::GROUP]
     );
     // Switched to enforce, the watched user (5 live against 3) is denied from the next
     // connect on.
-    s.rlctl_ok(&["set-quota", "user:62032", "--mode", "enforce"]);
+    s.scratch
+        .rlctl_ok(&["set-quota", "user:62032", "--mode", "enforce"]);
     let mut again = Helper::spawn(&root, 62032);
     assert!(matches!(
         again.connect("tcp4", port),
@@ -368,7 +326,9 @@ fn monitor_mode_denies_nothing_and_would_deny_what_enforce_denies() {
 
 /// Events the agent kept for `uid`, through rlctl.
 fn kept_events(s: &Setup, uid: u32) -> Vec<serde_json::Value> {
-    let out = s.rlctl_ok(&["--json", "events", "--uid", &uid.to_string(), "-n", "1024"]);
+    let out = s
+        .scratch
+        .rlctl_ok(&["--json", "events", "--uid", &uid.to_string(), "-n", "1024"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["events"].as_array().unwrap().clone()
 }
@@ -387,7 +347,7 @@ fn every_denial_of_a_burst_is_an_event_or_counted_as_dropped() {
         let mut h = Helper::spawn(&s.cgroup.path, uid);
         let reply = h.cmd(&format!("cycles tcp4 {} 1000", s.listener.port4));
         assert!(reply.starts_with("ok 0 "), "{reply}");
-        let c = s.uid(uid);
+        let c = s.scratch.conns(uid);
         assert_eq!(c.denied[reason::CAP], 1000);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -446,7 +406,7 @@ fn events_follow_shows_who_where_and_why_and_why_names_the_limit() {
     let _ = follow.kill();
     let _ = follow.wait();
 
-    let why = s.rlctl_ok(&["why", &format!("user:{UID}")]);
+    let why = s.scratch.rlctl_ok(&["why", &format!("user:{UID}")]);
     assert!(why.contains("1 denied by cap"), "{why}");
     assert!(
         why.contains(&format!("conns of user:{UID} = 2 (2 live now)")),

@@ -4,12 +4,11 @@
 //! fails under RLAGENT_REQUIRE_PRIVILEGED=1).
 
 use std::{
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use rlagent_common::{reason, Conns};
+use rlagent_common::reason;
 use rlagent_tests::{privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const EPERM: i32 = libc::EPERM;
@@ -30,48 +29,6 @@ impl Setup {
 
     fn group(&self, name: &str) -> PathBuf {
         self.cgroup.path.join("slice").join(name)
-    }
-
-    fn uid(&self, uid: u32) -> Conns {
-        self.scratch
-            .stats()
-            .per_uid
-            .get(&uid)
-            .copied()
-            .unwrap_or_default()
-    }
-
-    fn group_conns(&self, path: &Path) -> Conns {
-        let id = std::fs::metadata(path).expect("group cgroup").ino();
-        self.scratch
-            .maps()
-            .groups()
-            .expect("group counters")
-            .get(&id)
-            .unwrap_or_else(|| panic!("no counters for {}", path.display()))
-            .conns
-    }
-
-    fn wait_group_live(&self, path: &Path, want: u64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.group_conns(path).live != want {
-            assert!(
-                Instant::now() < deadline,
-                "group {}: live {}, expected {want}",
-                path.display(),
-                self.group_conns(path).live
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn rlctl_ok(&self, args: &[&str]) {
-        let out = self.scratch.rlctl(args);
-        assert!(
-            out.status.success(),
-            "rlctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
 }
 
@@ -141,7 +98,7 @@ fn a_socket_disconnected_with_af_unspec_takes_a_rate_token_at_every_connect() {
             attempts > admitted * 2,
             "{kind}: the loop pressed the limit"
         );
-        let c = s.uid(uid);
+        let c = s.scratch.conns(uid);
         assert_eq!(c.admitted, admitted, "{kind}: {c:?}");
         assert_eq!(c.denied[why], attempts - admitted, "{kind}: {c:?}");
         s.scratch.wait_live(uid, 0);
@@ -169,20 +126,20 @@ fn a_socket_charged_outside_a_full_group_is_refused_when_reconnected_inside_it()
         Err(EPERM),
         "a reconnect inside a full group is a new connection of the group"
     );
-    assert_eq!(s.group_conns(&full).live, 3);
-    assert_eq!(s.group_conns(&full).denied[reason::GROUP], 1);
+    assert_eq!(s.scratch.group_conns(&full).live, 3);
+    assert_eq!(s.scratch.group_conns(&full).denied[reason::GROUP], 1);
     // With room in the group the reconnect is admitted and charged to the group, and its
     // close gives the group its slot back.
     member.cmd("close 1");
-    s.wait_group_live(&full, 2);
+    s.scratch.wait_group_live(&full, 2);
     assert_eq!(outsider.reconnect(id, port), Ok(()));
-    assert_eq!(s.group_conns(&full).live, 3);
+    assert_eq!(s.scratch.group_conns(&full).live, 3);
     assert!(matches!(
         member.connect("tcp4", port),
         Connect::Err(EPERM, _)
     ));
     outsider.close(id);
-    s.wait_group_live(&full, 2);
+    s.scratch.wait_group_live(&full, 2);
     assert_eq!(s.scratch.live(63011), 0);
 }
 
@@ -216,7 +173,7 @@ fn a_changed_rate_or_burst_takes_effect_at_the_next_connect() {
     assert_eq!(pair(&h.cmd(&format!("cycles tcp4 {port} 10"))).0, 10);
     assert_eq!(pair(&h.cmd(&format!("cycles tcp4 {port} 3"))).0, 0);
     let target = format!("user:{SLOW}");
-    s.rlctl_ok(&[
+    s.scratch.rlctl_ok(&[
         "set-quota",
         &target,
         "--conn-rate",
@@ -231,7 +188,7 @@ fn a_changed_rate_or_burst_takes_effect_at_the_next_connect() {
         "{admitted} of {attempts} admitted in 200 ms after the rate was raised to 1000/s"
     );
     // And back to a slow one: at most its burst of 2.
-    s.rlctl_ok(&[
+    s.scratch.rlctl_ok(&[
         "set-quota",
         &target,
         "--conn-rate",
@@ -246,7 +203,7 @@ fn a_changed_rate_or_burst_takes_effect_at_the_next_connect() {
     // burst of 2 the next token is 100 ms away, not 1.9 s.
     let mut h = Helper::spawn(&s.cgroup.path, BURSTY);
     assert_eq!(pair(&h.cmd(&format!("cycles tcp4 {port} 20"))).0, 20);
-    s.rlctl_ok(&[
+    s.scratch.rlctl_ok(&[
         "set-quota",
         &format!("user:{BURSTY}"),
         "--conn-rate",
@@ -316,7 +273,7 @@ fn tenants_in_monitor_mode_or_with_only_a_rate_cannot_fill_the_socket_map() {
                 (5, 3),
                 "{tenant}, on_full = {on_full}: the victim's cap of 5"
             );
-            assert_eq!(s.uid(VICTIM).denied[reason::CAP], 3);
+            assert_eq!(s.scratch.conns(VICTIM).denied[reason::CAP], 3);
             drop((filler, victim));
             s.scratch.wait_live(VICTIM, 0);
             drop(agent);
@@ -384,7 +341,7 @@ fn monitor_mode_would_deny_as_many_connects_as_enforce_mode_denies() {
             let mut h = Helper::spawn(&at, uid);
             let (ok, failed) = hold(&mut h, "tcp4", listener.port4, 8);
             helpers.push(h);
-            let c = s.uid(uid);
+            let c = s.scratch.conns(uid);
             let (denied, would): (u64, u64) = (c.denied.iter().sum(), c.would_deny.iter().sum());
             if m == 0 {
                 assert_eq!(
@@ -428,7 +385,7 @@ fn root_connections_do_not_count_toward_the_host_cap() {
         (2, 1),
         "the host cap counts the users' connections only"
     );
-    assert_eq!(s.uid(USER).denied[reason::HOST_CAP], 1);
+    assert_eq!(s.scratch.conns(USER).denied[reason::HOST_CAP], 1);
 }
 
 #[test]
@@ -444,7 +401,7 @@ fn the_host_cap_holds_past_the_budget_of_unbounded_charges() {
     let _agent = Agent::start(&s.scratch);
     let mut h = Helper::spawn(&s.cgroup.path, UNCAPPED);
     assert_eq!(hold(&mut h, "udp4", 9, 600), (512, 88));
-    let c = s.uid(UNCAPPED);
+    let c = s.scratch.conns(UNCAPPED);
     assert_eq!(c.denied[reason::HOST_CAP], 88, "{c:?}");
     assert_eq!(s.scratch.stats().host.untracked, 0);
 }
@@ -461,7 +418,8 @@ fn a_cap_set_after_the_first_start_counts_connections_older_than_the_agent() {
     assert_eq!(hold(&mut h, "tcp4", listener.port4, 3), (3, 0));
     let _agent = Agent::start(&s.scratch);
     assert_eq!(s.scratch.live(OLD), 3, "seeded without a cap");
-    s.rlctl_ok(&["set-quota", &format!("user:{OLD}"), "--conns", "3"]);
+    s.scratch
+        .rlctl_ok(&["set-quota", &format!("user:{OLD}"), "--conns", "3"]);
     assert!(matches!(
         h.connect("tcp4", listener.port4),
         Connect::Err(EPERM, _)
