@@ -297,6 +297,17 @@ impl FakeAgent {
             std::sync::Arc::new(Users),
         )
     }
+
+    /// [`FakeAgent::app`] with the agent's process and PID 1 in the cgroups `own`.
+    pub fn app_in(&self, text: &str, own: &[&str]) -> std::sync::Arc<crate::agent::App> {
+        crate::agent::App::with_own_cgroups(
+            self.agent(text),
+            std::sync::Arc::new(kernel::FakeObserver),
+            Some(self.config_path()),
+            std::sync::Arc::new(Users),
+            own.iter().map(std::path::PathBuf::from).collect(),
+        )
+    }
 }
 
 /// A group target's stats with `cpu` and `memory` (the other controllers off).

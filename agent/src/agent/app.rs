@@ -187,14 +187,26 @@ impl App {
         config_path: Option<PathBuf>,
         users: Arc<dyn UserDb>,
     ) -> Arc<Self> {
+        let own = [std::process::id(), 1]
+            .into_iter()
+            .filter_map(|pid| kernel::placement::read_proc(pid).map(|p| p.cgroup))
+            .collect();
+        Self::with_own_cgroups(agent, observer, config_path, users, own)
+    }
+
+    /// [`App::new`] with the cgroups of the agent's process and of PID 1 given instead of
+    /// read from /proc (tests put the agent where they need it).
+    pub fn with_own_cgroups(
+        agent: Agent,
+        observer: Arc<dyn Observer>,
+        config_path: Option<PathBuf>,
+        users: Arc<dyn UserDb>,
+        own: Vec<PathBuf>,
+    ) -> Arc<Self> {
         let snapshot = Snapshot::of(&agent);
         let control_gid = control_gid(users.as_ref(), &snapshot.config.control_group);
         let mut protected = vec![snapshot.config.bpf.attach_cgroup.clone()];
-        for pid in [std::process::id(), 1] {
-            if let Some(process) = kernel::placement::read_proc(pid) {
-                protected.push(process.cgroup);
-            }
-        }
+        protected.extend(own);
         Arc::new(Self {
             protected,
             budgets: Arc::default(),
