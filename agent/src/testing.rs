@@ -97,8 +97,7 @@ pub fn privileged(test: &str) -> bool {
 pub mod kernel {
     use std::{
         path::PathBuf,
-        sync::{Arc, Mutex},
-        time::Duration,
+        sync::{mpsc, Arc, Mutex},
     };
 
     use crate::{
@@ -118,8 +117,9 @@ pub mod kernel {
         pub fail_cgroups: Vec<bool>,
         /// Panic in the next limits write.
         pub panic_conns: bool,
-        /// Sleep this long in each cgroup write.
-        pub slow_cgroups: Option<Duration>,
+        /// Hold the next cgroup write: it says so on the first channel, then waits for a
+        /// message (or a hang-up) on the second, without holding this record.
+        pub hold_cgroups: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
         /// Every move: the cgroup and the PIDs.
         pub moved: Vec<(PathBuf, Vec<u32>)>,
         /// `cgroup:<path>` targets that do not exist.
@@ -187,9 +187,10 @@ pub mod kernel {
             plan: &CgroupPlan,
             previous: Option<&CgroupPlan>,
         ) -> Result<CgroupReport, KernelError> {
-            let slow = self.record().slow_cgroups;
-            if let Some(pause) = slow {
-                std::thread::sleep(pause);
+            let hold = self.record().hold_cgroups.take();
+            if let Some((entered, release)) = hold {
+                let _ = entered.send(());
+                let _ = release.recv();
             }
             let mut record = self.record();
             record.cgroups.push((plan.clone(), previous.cloned()));
@@ -295,6 +296,17 @@ impl FakeAgent {
             std::sync::Arc::new(kernel::FakeObserver),
             Some(self.config_path()),
             std::sync::Arc::new(Users),
+        )
+    }
+
+    /// [`FakeAgent::app`] with the agent's process and PID 1 in the cgroups `own`.
+    pub fn app_in(&self, text: &str, own: &[&str]) -> std::sync::Arc<crate::agent::App> {
+        crate::agent::App::with_own_cgroups(
+            self.agent(text),
+            std::sync::Arc::new(kernel::FakeObserver),
+            Some(self.config_path()),
+            std::sync::Arc::new(Users),
+            own.iter().map(std::path::PathBuf::from).collect(),
         )
     }
 }

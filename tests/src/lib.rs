@@ -27,9 +27,15 @@ pub fn privileged(test: &str) -> bool {
             .map(|e| e.to_string())
     };
     let Some(why) = why else { return true };
+    skip(test, &why);
+    false
+}
+
+/// Says that `test` skips because of `why`, or panics when `RLAGENT_REQUIRE_PRIVILEGED=1`
+/// (CI), where a skip is a failure.
+pub fn skip(test: &str, why: &str) {
     if std::env::var("RLAGENT_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
         panic!("{test}: {why}, and RLAGENT_REQUIRE_PRIVILEGED=1 forbids skipping");
     }
     eprintln!("SKIP {test}: {why}");
-    false
 }

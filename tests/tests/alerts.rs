@@ -201,18 +201,23 @@ fn alertmanager() -> Option<ServerProcess> {
     Some(am)
 }
 
-/// Active alerts named `name` in Alertmanager, as JSON.
+/// Active alerts named `name` in Alertmanager, as JSON. Anything but a 200 with a JSON
+/// array fails the test: an error page must not read as "no alerts".
 fn am_alerts(port: u16, name: &str) -> Vec<serde_json::Value> {
-    let (_, body) = http_get(port, "/api/v2/alerts");
-    let all: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    all.as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|x| x["labels"]["alertname"] == name)
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default()
+    let (head, body) = http_get(port, "/api/v2/alerts");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "Alertmanager answered {head:?}: {body}"
+    );
+    let all: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("Alertmanager's alerts are not JSON ({e}): {body:?}"));
+    let Some(all) = all.as_array() else {
+        panic!("Alertmanager's alerts are not a JSON array: {body}");
+    };
+    all.iter()
+        .filter(|x| x["labels"]["alertname"] == name)
+        .cloned()
+        .collect()
 }
 
 #[test]

@@ -260,6 +260,7 @@ print(s.makefile().readline(), flush=True)
         .arg("list")
         .output()
         .unwrap();
+    assert!(out.status.success(), "rlctl list: {}", text(&out));
     assert!(!text(&out).contains("61205"), "{}", text(&out));
 }
 

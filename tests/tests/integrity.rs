@@ -3,6 +3,8 @@
 //! a child cgroup of this host's cgroup2 mount; needs root (skips otherwise, fails under
 //! RLAGENT_REQUIRE_PRIVILEGED=1).
 
+use std::time::Instant;
+
 use aya::programs::links::PinnedLink;
 use rlagent::kernel::bpf::PinLayout;
 use rlagent_common::{names, reason};
@@ -17,6 +19,7 @@ const GEN_USER: u32 = 61104;
 const EXEMPT: u32 = 61105;
 const LATECOMER: u32 = 61106;
 const LATE_AFTER_MANY: u32 = 61107;
+const NO_COUNTERS_LEFT: u32 = 61111;
 
 fn quota(target: &str, conns: &str) -> String {
     format!("[[quota]]\ntarget = \"{target}\"\nconns = {conns}\n")
@@ -196,31 +199,70 @@ fn an_exempt_uid_filling_the_socket_map_lifts_no_cap() {
     scratch.wait_live(LATECOMER, 0);
 }
 
+/// Every per-UID counter taken: UIDs under a capped `user:*` make their counters without a
+/// budget, so a root helper switching its real UID per socket takes all 262,144 of them,
+/// and the UIDs after that find none. Retirement is put off so that none comes back.
 #[test]
-fn a_capped_uid_is_held_after_65537_other_uids_connected() {
-    if !privileged("a_capped_uid_is_held_after_65537_other_uids_connected") {
+fn a_capped_uid_is_held_with_every_uid_counter_taken() {
+    if !privileged("a_capped_uid_is_held_with_every_uid_counter_taken") {
         return;
     }
+    const EXTRA: u32 = 1000;
+    let capacity = rlagent_common::MAX_UID_CONNS;
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
-    scratch.write_config(&cgroup, "count_udp = true\n", &quota("user:*", "2"));
+    scratch.write_config(
+        &cgroup,
+        "count_udp = true\nuid_retire_interval = \"24h\"\n",
+        &format!(
+            "{}{}",
+            quota("user:*", "2"),
+            quota(&format!("user:{LATE_AFTER_MANY}"), "2")
+        ),
+    );
     let _agent = Agent::start(&scratch);
     let listener = Listener::new();
-    // One root helper switching its real UID per socket: 65,537 distinct UIDs (a
-    // subordinate UID range is 65,536) each connect once.
+    let before = scratch.stats();
+    assert!(
+        before.per_uid.contains_key(&LATE_AFTER_MANY),
+        "a UID with a limit of its own has its counters from the start"
+    );
+    let room = capacity - before.uid_entries as u32;
     let mut root = Helper::spawn(&cgroup.path, 0);
-    let reply = root.cmd(&format!("multi-uid-once 300000 65537 {}", listener.port4));
-    assert_eq!(reply, "ok 65537");
+    let started = Instant::now();
+    let reply = root.cmd(&format!(
+        "multi-uid-once 300000 {} {}",
+        room + EXTRA,
+        listener.port4
+    ));
+    assert_eq!(
+        reply,
+        format!("ok {room}"),
+        "the UIDs past the capacity are denied"
+    );
     let stats = scratch.stats();
-    assert!(stats.per_uid.len() >= 65537, "{}", stats.per_uid.len());
-    assert_eq!(stats.host.live, 0);
+    println!("{} UIDs connected in {:?}", room + EXTRA, started.elapsed());
+    assert_eq!(stats.uid_entries, capacity as usize, "every counter taken");
+    assert_eq!(stats.host.denied_full, u64::from(EXTRA), "{:?}", stats.host);
+    assert_eq!((stats.host.live, stats.host.untracked), (0, 0));
+    // The UID with a limit of its own is held at its cap by its own counters...
     let mut late = Helper::spawn(&cgroup.path, LATE_AFTER_MANY);
     assert!(late.connect("tcp4", listener.port4).is_ok());
     assert!(late.connect("tcp4", listener.port4).is_ok());
     assert!(
         matches!(late.connect("tcp4", listener.port4), Connect::Err(EPERM, _)),
-        "a capped UID failed open after 65,537 other UIDs"
+        "a capped UID failed open with every UID counter taken"
     );
+    // ...and a capped UID without counters is denied and counted, never let through.
+    let mut without = Helper::spawn(&cgroup.path, NO_COUNTERS_LEFT);
+    assert!(matches!(
+        without.connect("tcp4", listener.port4),
+        Connect::Err(EPERM, _)
+    ));
+    let stats = scratch.stats();
+    assert_eq!(stats.host.denied_full, u64::from(EXTRA) + 1);
+    assert_eq!(stats.per_uid[&LATE_AFTER_MANY].live, 2);
+    assert!(!stats.per_uid.contains_key(&NO_COUNTERS_LEFT));
     root.close_all();
     late.close_all();
     scratch.wait_live(LATE_AFTER_MANY, 0);

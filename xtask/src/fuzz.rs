@@ -1,8 +1,11 @@
 //! `cargo xtask fuzz`: the libFuzzer targets in `fuzz/` (config parser, value parsers,
 //! protocol decoder) through cargo-fuzz on the machine's nightly. cargo-fuzz is installed
-//! from the crate registry into ~/.cache/cargo-fuzz when missing. Each target starts from
-//! the committed corpus (`fuzz/corpus/<target>`) copied into a scratch directory, so a run
-//! never changes the repository; a crash leaves its input under `fuzz/artifacts/` and fails.
+//! from the crate registry into ~/.cache/cargo-fuzz when missing. Each target runs on a
+//! corpus kept across runs in ~/.cache/rlagent-fuzz/corpus/<target>: the committed seeds
+//! (`fuzz/corpus/<target>`) are copied into it before every run, and what a run grows stays
+//! there for the next one, so coverage accumulates instead of starting over from the seeds.
+//! A run never changes the repository; a crash leaves its input under `fuzz/artifacts/` and
+//! fails.
 
 use std::{path::PathBuf, process::Command};
 
@@ -39,10 +42,14 @@ fn cargo_fuzz() -> Result<PathBuf> {
 pub fn fuzz(seconds: u64) -> Result<()> {
     let cargo_fuzz = cargo_fuzz()?;
     let dir = crate::workspace_root().join("fuzz");
-    let scratch = std::env::temp_dir().join(format!("rlagent-fuzz-{}", std::process::id()));
+    let kept = crate::home().join(".cache/rlagent-fuzz/corpus");
     for target in TARGETS {
-        let corpus = scratch.join(target);
-        std::fs::create_dir_all(&corpus)?;
+        let corpus = kept.join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        let before = std::fs::read_dir(&corpus)?.count();
+        // The seeds have names, libFuzzer's inputs are named by their hash: copying the
+        // seeds again refreshes them and leaves what earlier runs grew.
         for seed in std::fs::read_dir(dir.join("corpus").join(target))
             .with_context(|| format!("the committed corpus of {target}"))?
         {
@@ -68,7 +75,6 @@ pub fn fuzz(seconds: u64) -> Result<()> {
             for line in tail.into_iter().rev() {
                 eprintln!("{line}");
             }
-            let _ = std::fs::remove_dir_all(&scratch);
             bail!(
                 "fuzz target {target} failed: {} (its input is under fuzz/artifacts/{target})",
                 out.status
@@ -82,9 +88,10 @@ pub fn fuzz(seconds: u64) -> Result<()> {
             .to_string();
         let corpus_size = std::fs::read_dir(&corpus)?.count();
         println!(
-            "fuzz {target}: {seconds} s, {runs} executions, no crash; corpus {corpus_size} inputs"
+            "fuzz {target}: {seconds} s, {runs} executions, no crash; corpus {corpus_size} inputs \
+             ({before} before this run, kept in {})",
+            corpus.display()
         );
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }

@@ -187,14 +187,26 @@ impl App {
         config_path: Option<PathBuf>,
         users: Arc<dyn UserDb>,
     ) -> Arc<Self> {
+        let own = [std::process::id(), 1]
+            .into_iter()
+            .filter_map(|pid| kernel::placement::read_proc(pid).map(|p| p.cgroup))
+            .collect();
+        Self::with_own_cgroups(agent, observer, config_path, users, own)
+    }
+
+    /// [`App::new`] with the cgroups of the agent's process and of PID 1 given instead of
+    /// read from /proc (tests put the agent where they need it).
+    pub fn with_own_cgroups(
+        agent: Agent,
+        observer: Arc<dyn Observer>,
+        config_path: Option<PathBuf>,
+        users: Arc<dyn UserDb>,
+        own: Vec<PathBuf>,
+    ) -> Arc<Self> {
         let snapshot = Snapshot::of(&agent);
         let control_gid = control_gid(users.as_ref(), &snapshot.config.control_group);
         let mut protected = vec![snapshot.config.bpf.attach_cgroup.clone()];
-        for pid in [std::process::id(), 1] {
-            if let Some(process) = kernel::placement::read_proc(pid) {
-                protected.push(process.cgroup);
-            }
-        }
+        protected.extend(own);
         Arc::new(Self {
             protected,
             budgets: Arc::default(),
@@ -628,33 +640,46 @@ mod tests {
     async fn readers_are_not_stalled_by_a_long_apply() {
         let fake = FakeAgent::new();
         let app = fake.app("[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\n");
-        fake.kernel.record().slow_cgroups = Some(Duration::from_millis(1500));
+        // The change's cgroup write says when it has started (under the agent's lock) and
+        // then waits for `release`, which is sent only after the readers are done.
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        fake.kernel.record().hold_cgroups = Some((entered_tx, release_rx));
         let target = Target::Group("batch".into());
-        let slow = app.blocking("change", move |app| {
+        let held = app.blocking("change", move |app| {
             app.change(
                 &target,
                 &BTreeMap::from([(Field::Pids, Some("10".to_string()))]),
             )
         });
-        let slow = tokio::spawn(slow);
-        // Let the change take the agent's lock.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let started = Instant::now();
-        app.blocking("stats", |app| app.stats())
+        let held = tokio::spawn(held);
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
             .await
             .unwrap()
-            .unwrap();
-        let status = app
-            .blocking("status", |app| app.status(true))
+            .expect("the change reached its cgroup write");
+        // A reader that took the agent's lock would wait for ever: the timeout fails it.
+        let readers = async {
+            app.blocking("stats", |app| app.stats())
+                .await
+                .unwrap()
+                .unwrap();
+            app.blocking("status", |app| app.status(true))
+                .await
+                .unwrap()
+        };
+        let status = tokio::time::timeout(Duration::from_secs(10), readers)
             .await
-            .unwrap();
-        let waited = started.elapsed();
-        assert!(
-            waited < Duration::from_millis(500),
-            "readers waited {waited:?}"
-        );
+            .expect("readers waited for the change in progress");
+        assert!(!held.is_finished(), "the change was still held");
         assert_eq!(status.host.unwrap().targets, 1);
-        slow.await.unwrap().unwrap().unwrap();
+        assert!(
+            app.snapshot().desired.quotas[&Target::Group("batch".into())]
+                .pids
+                .is_none(),
+            "readers saw the state before the change"
+        );
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap().unwrap();
         assert!(
             app.snapshot().desired.quotas[&Target::Group("batch".into())]
                 .pids

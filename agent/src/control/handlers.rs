@@ -660,17 +660,33 @@ mod tests {
             assert_eq!(error(&r).code, ErrorCode::PermissionDenied, "{request:?}");
             assert!(error(&r).message.contains(why), "{request:?}: {r:?}");
         }
-        // The agent's own cgroup and PID 1's are protected whatever the allow-list says.
-        let own = crate::kernel::placement::read_proc(std::process::id())
-            .unwrap()
-            .cgroup;
-        if !own.as_os_str().is_empty() {
-            let r = answer(
-                &app,
-                OPERATOR,
-                set(&format!("cgroup:{}", own.display()), Field::Pids, "1"),
+        // The agent's own cgroup and PID 1's are protected whatever the allow-list says:
+        // here the agent runs in system.slice/rlagent.service, which the allow-list covers.
+        let placed_fake = FakeAgent::new();
+        let placed = placed_fake.app_in(
+            "[control]\noperator_cgroups = [\"system.slice\", \"init.scope\"]\n",
+            &["system.slice/rlagent.service", "init.scope"],
+        );
+        ok(answer(
+            &placed,
+            OPERATOR,
+            set("cgroup:system.slice/web.service", Field::Pids, "100"),
+        ));
+        for target in [
+            "cgroup:system.slice/rlagent.service",
+            "cgroup:system.slice",
+            "cgroup:init.scope",
+        ] {
+            let r = answer(&placed, OPERATOR, set(target, Field::Pids, "1"));
+            assert_eq!(
+                error(&r).code,
+                ErrorCode::PermissionDenied,
+                "{target}: {r:?}"
             );
-            assert_eq!(error(&r).code, ErrorCode::PermissionDenied, "{r:?}");
+            assert!(
+                error(&r).message.contains("which the agent needs"),
+                "{target}: {r:?}"
+            );
         }
         let move_pids = |access, pids: Vec<u32>| {
             answer(

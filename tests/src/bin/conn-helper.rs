@@ -390,12 +390,19 @@ fn vector(name: &str, port: u16) -> (i32, Result<(), i32>) {
             "tfo-connect" => {
                 let fd = new_socket("tcp4");
                 let on: libc::c_int = 1;
-                libc::setsockopt(
+                // Without the option this would be a plain connect(): fail the vector.
+                let rc = libc::setsockopt(
                     fd,
                     libc::IPPROTO_TCP,
                     libc::TCP_FASTOPEN_CONNECT,
                     (&on as *const libc::c_int).cast(),
                     mem::size_of::<libc::c_int>() as u32,
+                );
+                assert_eq!(
+                    rc,
+                    0,
+                    "setsockopt(TCP_FASTOPEN_CONNECT): {}",
+                    io::Error::last_os_error()
                 );
                 (fd, connect_to(fd, &sa))
             }
