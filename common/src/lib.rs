@@ -145,6 +145,10 @@ pub struct Settings {
     pub event_window_ns: u64,
     /// Bit L set: some group's cgroup sits at level L of the cgroup2 hierarchy.
     pub group_levels: u64,
+    /// Seeded charges no cap bounds that the agent found closed without a release
+    /// (written by the agent only; the programs subtract it from
+    /// `HostConns::uncapped_sockets`).
+    pub uncapped_sockets_gone: u64,
     /// Counters of UIDs without a limit ([`CONNS_UNLIMITED`]) the agent has removed
     /// (written by the agent only; the programs subtract it from `HostConns::uncapped_uids`).
     pub uncapped_uids_gone: u64,

@@ -368,6 +368,13 @@ impl Charge {
         unsafe {
             if monitor {
                 self.noted = true;
+                // Enforce mode would give the UID's token back here (undo): so does
+                // monitor mode, so the buckets, and the counts, stay what enforce
+                // mode's would be.
+                if self.uid_token != 0 {
+                    fetch_sub(&raw mut (*self.conns).rate_tat, self.uid_token);
+                    self.uid_token = 0;
+                }
                 fetch_add(&raw mut (*self.conns).would_deny[reason], 1);
                 if group_reason {
                     fetch_add(&raw mut (*self.group_conns).would_deny[reason], 1);
@@ -570,28 +577,23 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     // Nothing here would deny: a full map lets the connect() through uncounted.
     let lenient = (!limits.uid.limits() || limits.monitor) && (group == 0 || limits.group_monitor);
     // SAFETY: the helper accepts the sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let dest = destination::<V6>(ctx);
     let at = Caller {
         uid,
         group,
+        group_conns,
         host,
         lenient,
     };
 
     // SAFETY: `host` points at the array's single element.
     if unbounded
-        && read(unsafe { &raw const (*host).uncapped_sockets }) >= settings.uncapped_socket_budget
+        && read(unsafe { &raw const (*host).uncapped_sockets })
+            .saturating_sub(settings.uncapped_sockets_gone)
+            >= settings.uncapped_socket_budget
     {
-        return untracked(
-            &dest,
-            settings,
-            &at,
-            &limits,
-            unlimited,
-            cookie,
-            group_conns,
-        );
+        return untracked(&dest, settings, &at, &limits, unlimited);
     }
 
     // An MPTCP subflow: its MPTCP socket keeps the charge (see RL_MPTCP).
@@ -611,13 +613,16 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         }
         .cast::<u64>();
         if keeper.is_null() {
-            return full(&dest, settings, &at);
+            return full(&dest, settings, &at, &limits);
         }
         // SAFETY: non-null storage of the MPTCP socket.
         let kept = unsafe { *keeper };
-        if kept != 0 && kept != cookie {
-            // A further subflow of a connection already counted.
-            return Ok(ALLOW);
+        if kept != 0 {
+            // The connection is charged already, on the subflow whose cookie is kept: a
+            // user's connect() on it again (after AF_UNSPEC the MPTCP socket may make a
+            // new first subflow) is a reconnect of that charge. Further subflows of one
+            // connection (joins) are made by kernel threads as root, and returned above.
+            cookie = kept;
         }
     }
 
@@ -630,11 +635,11 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let claimed = match RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST)) {
         Ok(()) => true,
         Err(err) if err == EEXIST => false,
-        Err(_) => return full(&dest, settings, &at),
+        Err(_) => return full(&dest, settings, &at, &limits),
     };
     if !claimed {
         let Some(conns) = uid_conns(uid, unlimited, settings, host) else {
-            return full(&dest, settings, &at);
+            return full(&dest, settings, &at, &limits);
         };
         let mut charge = Charge::new(cookie, false, uid, host, conns);
         charge.group = group;
@@ -643,7 +648,7 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     }
     let Some((conns, live_before)) = charge_uid(uid, unlimited, settings, host) else {
         let _ = RL_SOCK_OWNER.remove(&cookie);
-        return full(&dest, settings, &at);
+        return full(&dest, settings, &at, &limits);
     };
     let mut charge = Charge::new(cookie, true, uid, host, conns);
     charge.group = group;
@@ -668,6 +673,7 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
 struct Caller {
     uid: u32,
     group: u64,
+    group_conns: *mut Conns,
     host: *mut HostConns,
     /// Nothing would deny this caller (see `full`).
     lenient: bool,
@@ -713,8 +719,6 @@ fn untracked(
     at: &Caller,
     limits: &Limits,
     unlimited: bool,
-    cookie: u64,
-    group_conns: *mut Conns,
 ) -> Result<i32, i32> {
     if host_over(settings, at) {
         return refuse(dest, settings, at, reason::HOST_CAP, settings.host_cap);
@@ -725,13 +729,28 @@ fn untracked(
         return Ok(ALLOW);
     }
     let Some(conns) = uid_conns(at.uid, unlimited, settings, at.host) else {
-        return full(dest, settings, at);
+        return full(dest, settings, at, limits);
     };
-    let mut charge = Charge::new(cookie, false, at.uid, at.host, conns);
-    charge.group = at.group;
-    charge.group_conns = group_conns;
-    charge.rates(dest, settings, limits)?;
+    uncharged_rates(dest, settings, at, limits, conns)?;
     Ok(ALLOW)
+}
+
+/// The rates of a connect() that is let through without a charge.
+#[inline(always)]
+fn uncharged_rates(
+    dest: &Destination,
+    settings: &Settings,
+    at: &Caller,
+    limits: &Limits,
+    conns: *mut Conns,
+) -> Result<(), i32> {
+    if !limits.rated() {
+        return Ok(());
+    }
+    let mut charge = Charge::new(0, false, at.uid, at.host, conns);
+    charge.group = at.group;
+    charge.group_conns = at.group_conns;
+    charge.rates(dest, settings, limits)
 }
 
 /// Takes one token from the bucket whose state is the arrival time at `tat` (GCRA: one
@@ -898,14 +917,18 @@ fn destination<const V6: bool>(ctx: &SockAddrContext) -> Destination {
 /// goes through uncounted (`lenient`); a limited one as `on_full` says (deny by default),
 /// so a limit never silently stops holding.
 #[inline(always)]
-fn full(dest: &Destination, settings: &Settings, at: &Caller) -> Result<i32, i32> {
+fn full(dest: &Destination, settings: &Settings, at: &Caller, limits: &Limits) -> Result<i32, i32> {
     if at.lenient || settings.flags & FLAG_ON_FULL_ALLOW != 0 {
-        // Let through uncounted, but never past the host cap.
+        // Let through uncounted, but never past the host cap, nor past a rate when the
+        // UID has counters to keep it in.
         if host_over(settings, at) {
             return refuse(dest, settings, at, reason::HOST_CAP, settings.host_cap);
         }
         // SAFETY: `host` points at the array's single element.
         fetch_add(unsafe { &raw mut (*at.host).untracked }, 1);
+        if let Some(conns) = RL_UID_CONNS.get_ptr_mut(&at.uid) {
+            uncharged_rates(dest, settings, at, limits, conns)?;
+        }
         return Ok(ALLOW);
     }
     // SAFETY: as above.

@@ -257,10 +257,35 @@ impl Config {
                 })
             }
         };
-        bpf.subordinate = subuid::parse(&text, users).map_err(|source| ConfigError::Subuid {
+        let file = subuid::parse(&text, users).map_err(|source| ConfigError::Subuid {
             path: bpf.subuid_file.clone(),
             source,
         })?;
+        let path = crate::model::text::escaped_path(&bpf.subuid_file);
+        for (line, name, why) in &file.unresolved {
+            tracing::warn!(
+                %path,
+                line,
+                user = %crate::model::text::escaped(name),
+                "subordinate UID range left out: {why}"
+            );
+        }
+        // Ranges of root and of system users (rootful container engines, LXD, docker's
+        // userns-remap) stay separate UIDs: charged to their owner they would escape
+        // every limit, since root is charged only with a quota of its own and system
+        // users get no `user:*` default.
+        let (owned, system): (Vec<_>, Vec<_>) = file
+            .ranges
+            .into_iter()
+            .partition(|r| r.owner != 0 && r.owner >= bpf.uid_min);
+        for range in &system {
+            tracing::warn!(
+                %path,
+                %range,
+                "a range of root or a system user (below uid_min): its UIDs are charged as themselves"
+            );
+        }
+        bpf.subordinate = owned;
         Ok(())
     }
 
@@ -414,8 +439,12 @@ impl Config {
         keep!(bpf.attach_cgroup, "[bpf] attach_cgroup");
         keep!(bpf.pin_path, "[bpf] pin_path");
         keep!(bpf.max_tracked_sockets, "[bpf] max_tracked_sockets");
-        // Watched for changes from the start on.
-        keep!(bpf.subuid_file, "[bpf] subuid_file");
+        // Watched for changes from the start on; so are the ranges read from it.
+        if self.bpf.subuid_file != running.bpf.subuid_file {
+            self.bpf.subuid_file = running.bpf.subuid_file.clone();
+            self.bpf.subordinate = running.bpf.subordinate.clone();
+            kept.push("[bpf] subuid_file");
+        }
         keep!(cgroup_root, "cgroup_root");
         keep!(cgroup_driver, "cgroup_driver");
         // Decided once at start, never by a reload.
@@ -629,6 +658,57 @@ mod tests {
             std::fs::write(dir.path().join(DROP_IN_DIR).join(name), text).unwrap();
         }
         Config::load(Some(&path), &crate::testing::Users)
+    }
+
+    #[test]
+    fn subordinate_ranges_of_root_and_system_users_stay_separate_uids() {
+        let dir = tempfile::tempdir().unwrap();
+        let subuid = dir.path().join("subuid");
+        std::fs::write(
+            &subuid,
+            "0:1000000:65536\n999:200000:10\n5000:300000:10\nno-such-user:400000:10\n",
+        )
+        .unwrap();
+        let path = dir.path().join("rlagent.toml");
+        std::fs::write(
+            &path,
+            format!("[bpf]\nsubuid_file = \"{}\"\n", subuid.display()),
+        )
+        .unwrap();
+        let c = Config::load(Some(&path), &crate::testing::Users).unwrap();
+        assert_eq!(
+            c.bpf.subordinate,
+            vec![SubordinateRange {
+                first: 300000,
+                count: 10,
+                owner: 5000
+            }],
+            "only the range of a user at or above uid_min maps to its owner"
+        );
+        // "separate" reads no file at all.
+        std::fs::write(
+            &path,
+            format!(
+                "[bpf]\nsubordinate_uids = \"separate\"\nsubuid_file = \"{}\"\n",
+                subuid.display()
+            ),
+        )
+        .unwrap();
+        let c = Config::load(Some(&path), &crate::testing::Users).unwrap();
+        assert!(c.bpf.subordinate.is_empty());
+        // A malformed file refuses the config, naming the line.
+        std::fs::write(&subuid, "5000:300000:10\n5001:x:1\n").unwrap();
+        std::fs::write(
+            &path,
+            format!("[bpf]\nsubuid_file = \"{}\"\n", subuid.display()),
+        )
+        .unwrap();
+        let e = Config::load(Some(&path), &crate::testing::Users).unwrap_err();
+        assert!(
+            crate::model::error_chain(&e).contains("line 2"),
+            "{}",
+            crate::model::error_chain(&e)
+        );
     }
 
     #[test]

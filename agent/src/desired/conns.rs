@@ -181,6 +181,7 @@ impl ConnLimits {
             group_levels: 0,
             // The agent's own state: the limiter keeps it.
             uncapped_uids_gone: 0,
+            uncapped_sockets_gone: 0,
             subuid_first: self.subordinate.first().map_or(1, |r| u64::from(r.first)),
             subuid_last: self.subordinate.last().map_or(0, |r| u64::from(r.last())),
         }

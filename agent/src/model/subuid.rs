@@ -6,10 +6,11 @@ use std::fmt;
 
 use thiserror::Error;
 
-use super::{text::escaped, users::UserDb};
+use super::users::UserDb;
 
-/// How many ranges a subuid file may hold (each becomes at most 62 kernel prefixes).
-pub const MAX_RANGES: usize = 1024;
+/// How many aligned prefixes the kernel's table of ranges holds
+/// (`rlagent_common::MAX_SUBUID_PREFIXES`): a range of 65,536 UIDs takes at most 17.
+pub const MAX_PREFIXES: usize = rlagent_common::MAX_SUBUID_PREFIXES as usize;
 
 /// `[bpf] subordinate_uids`: whom a connection under a subordinate UID is charged to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,14 +81,6 @@ impl fmt::Display for SubordinateRange {
 pub enum SubuidError {
     #[error("line {line}: expected user:first:count (a user name or UID, then two whole numbers, count at least 1, the range within 0-4294967294)")]
     Malformed { line: usize },
-    #[error("line {line}: no user named {}", escaped(.name))]
-    UnknownUser { line: usize, name: String },
-    #[error("line {line}: looking up user {}: {reason}", escaped(.name))]
-    Lookup {
-        line: usize,
-        name: String,
-        reason: String,
-    },
     #[error("line {line}: the range {range} overlaps line {other}'s {other_range}")]
     Overlap {
         line: usize,
@@ -95,18 +88,31 @@ pub enum SubuidError {
         other: usize,
         other_range: SubordinateRange,
     },
-    #[error("more than {MAX_RANGES} ranges")]
-    TooMany,
+    #[error("the ranges take {prefixes} aligned prefixes, more than the {MAX_PREFIXES} the kernel's table holds")]
+    TooMany { prefixes: usize },
     #[error("line {line}: uid {uid} owns a range that holds its own UID")]
     OwnRange { line: usize, uid: u32 },
     #[error("line {line}: a range may not hold UID 0 (root)")]
     Root { line: usize },
 }
 
+/// A parsed subuid file.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Subuid {
+    /// The ranges, sorted.
+    pub ranges: Vec<SubordinateRange>,
+    /// Lines whose user name could not be resolved (no such user, or the lookup failed:
+    /// a directory service not up yet): (line, name, why). Their ranges are left out.
+    pub unresolved: Vec<(usize, String, String)>,
+}
+
 /// Parses subuid(5) text: `user:first:count` a line (`#` comments and blank lines
 /// skipped), names resolved through `users`. Ranges may not overlap; a range may not hold
-/// its owner's own UID (that would make the owner its own subordinate), nor root's.
-pub fn parse(text: &str, users: &dyn UserDb) -> Result<Vec<SubordinateRange>, SubuidError> {
+/// its owner's own UID (that would make the owner its own subordinate), nor root's. A
+/// name that does not resolve leaves its range out (see [`Subuid::unresolved`]) rather
+/// than refusing the file.
+pub fn parse(text: &str, users: &dyn UserDb) -> Result<Subuid, SubuidError> {
+    let mut unresolved = Vec::new();
     let mut ranges: Vec<(SubordinateRange, usize)> = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
@@ -132,17 +138,12 @@ pub fn parse(text: &str, users: &dyn UserDb) -> Result<Vec<SubordinateRange>, Su
             None => match users.uid(who) {
                 Ok(Some(uid)) => uid,
                 Ok(None) => {
-                    return Err(SubuidError::UnknownUser {
-                        line,
-                        name: who.to_string(),
-                    })
+                    unresolved.push((line, who.to_string(), "no such user".to_string()));
+                    continue;
                 }
                 Err(e) => {
-                    return Err(SubuidError::Lookup {
-                        line,
-                        name: who.to_string(),
-                        reason: e.to_string(),
-                    })
+                    unresolved.push((line, who.to_string(), e.to_string()));
+                    continue;
                 }
             },
         };
@@ -158,9 +159,10 @@ pub fn parse(text: &str, users: &dyn UserDb) -> Result<Vec<SubordinateRange>, Su
             return Err(SubuidError::Root { line });
         }
         ranges.push((range, line));
-        if ranges.len() > MAX_RANGES {
-            return Err(SubuidError::TooMany);
-        }
+    }
+    let prefixes: usize = ranges.iter().map(|(r, _)| r.prefixes().len()).sum();
+    if prefixes > MAX_PREFIXES {
+        return Err(SubuidError::TooMany { prefixes });
     }
     ranges.sort();
     for pair in ranges.windows(2) {
@@ -179,7 +181,10 @@ pub fn parse(text: &str, users: &dyn UserDb) -> Result<Vec<SubordinateRange>, Su
             });
         }
     }
-    Ok(ranges.into_iter().map(|(r, _)| r).collect())
+    Ok(Subuid {
+        ranges: ranges.into_iter().map(|(r, _)| r).collect(),
+        unresolved,
+    })
 }
 
 /// The owner of `uid` when it lies in one of `ranges` (sorted, as [`parse`] returns them).
@@ -208,8 +213,13 @@ mod tests {
 
     #[test]
     fn a_subuid_file_reads_as_sorted_ranges_with_names_resolved() {
-        let text = "# comment\n\nbob:165536:65536\nalice:100000:65536\n1003:231072:10\n";
-        let ranges = parse(text, &Users).unwrap();
+        let text = "# comment\n\nbob:165536:65536\nalice:100000:65536\n1003:231072:10\nnobody-yet:300000:10\n";
+        let Subuid { ranges, unresolved } = parse(text, &Users).unwrap();
+        assert_eq!(
+            unresolved,
+            vec![(6, "nobody-yet".to_string(), "no such user".to_string())],
+            "an unknown name leaves its range out"
+        );
         assert_eq!(
             ranges,
             vec![
@@ -255,12 +265,19 @@ mod tests {
         ] {
             assert_eq!(parse(text, &Users), Err(want), "{text:?}");
         }
-        let e = parse("secret-\x1b[2J:1:1\n", &Users).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "line 1: no user named secret-\\x1b[2J",
-            "names are escaped"
-        );
+
+        // 6,000 ranges as adduser makes them (65,536 each from 100,000 up: 12 prefixes
+        // each) take more prefixes than the table holds; 5,000 fit.
+        let many = |n: u32| -> String {
+            (0..n)
+                .map(|i| format!("{}:{}:65536\n", 20_000 + i, 100_000 + i * 65_536))
+                .collect()
+        };
+        assert!(matches!(
+            parse(&many(6000), &Users),
+            Err(SubuidError::TooMany { prefixes: 72_000 })
+        ));
+        assert_eq!(parse(&many(5000), &Users).map(|s| s.ranges.len()), Ok(5000));
     }
 
     #[test]

@@ -59,8 +59,9 @@ where
     let mut uids = BTreeMap::new();
     for item in per_uid.iter() {
         let (uid, conns) = item.map_err(map_error(names::UID_CONNS))?;
-        // Counters being retired are gone a moment later.
-        if conns.live < RETIRED {
+        // Counters being retired are gone a moment later (an underflow, near 2^64, is
+        // shown as it is).
+        if !(RETIRED..1 << 63).contains(&conns.live) {
             uids.insert(uid, conns);
         }
     }
@@ -150,6 +151,10 @@ impl PinnedMaps {
             .host
             .uncapped_uids
             .saturating_sub(settings.uncapped_uids_gone);
+        stats.host.uncapped_sockets = stats
+            .host
+            .uncapped_sockets
+            .saturating_sub(settings.uncapped_sockets_gone);
         for item in self.uid_seeded.iter() {
             let (uid, seeded) = item.map_err(map_error(names::UID_SEEDED))?;
             let gone = self.uid_seeded_gone.get(&uid, 0).unwrap_or(0);

@@ -100,6 +100,12 @@ pub enum BpfError {
     },
     #[error("kernel {found} is too old: rlagent's programs need Linux {}.{} or later", MIN_KERNEL.0, MIN_KERNEL.1)]
     KernelTooOld { found: String },
+    #[error("[bpf] host_conns = {cap} cannot be honoured: the pinned charged-socket map tracks connections no cap bounds up to {budget} (half its {capacity} entries, fixed until `rlagent uninstall`)")]
+    HostCapOverBudget {
+        cap: u64,
+        budget: u64,
+        capacity: u32,
+    },
     #[error("loading the eBPF object (maps pinned under {pin_dir})")]
     Load {
         pin_dir: PathBuf,
@@ -161,6 +167,9 @@ pub struct ConnLimiter {
     idle_before: BTreeMap<u32, u64>,
     /// Counters of UIDs without a limit removed so far (kept in the settings).
     uncapped_uids_gone: u64,
+    /// Seeded charges no cap bounds found closed without a release (kept in the
+    /// settings).
+    uncapped_sockets_gone: u64,
 }
 
 fn check_kernel() -> Result<(), BpfError> {
@@ -228,6 +237,7 @@ impl ConnLimiter {
             .ok();
         let seeded_gone = earlier.map_or(0, |s| s.seeded_gone);
         let uncapped_uids_gone = earlier.map_or(0, |s| s.uncapped_uids_gone);
+        let uncapped_sockets_gone = earlier.map_or(0, |s| s.uncapped_sockets_gone);
         let socket_capacity = match ebpf.map(names::SOCK_OWNER) {
             Some(Map::HashMap(data)) => maps::socket_capacity(data)?,
             _ => {
@@ -249,6 +259,7 @@ impl ConnLimiter {
             seeded_gone,
             idle_before: BTreeMap::new(),
             uncapped_uids_gone,
+            uncapped_sockets_gone,
         })
     }
 
@@ -343,8 +354,15 @@ impl ConnLimiter {
             typed_map_mut(&mut self.ebpf, names::SOCK_OWNER)?;
         let mut gone_per_uid: std::collections::BTreeMap<u32, u64> = Default::default();
         for c in std::mem::take(&mut self.seeded) {
-            if !open.contains(&c.cookie) && owners.remove(&c.cookie).is_ok() {
+            if open.contains(&c.cookie) {
+                continue;
+            }
+            let flags = owners.get(&c.cookie, 0).map_or(0, |o| o.owner);
+            if owners.remove(&c.cookie).is_ok() {
                 *gone_per_uid.entry(c.uid).or_default() += 1;
+                if flags & OWNER_UNCAPPED != 0 {
+                    self.uncapped_sockets_gone += 1;
+                }
             }
         }
         let mut gone: HashMap<&mut MapData, u32, u64> =
@@ -373,9 +391,10 @@ impl ConnLimiter {
 
     /// `settings` with the state only the agent keeps: the seeded connections
     /// (`FLAG_SEEDED` while some are open, so the programs read the seeded counts, and the
-    /// gone count) and the counters of UIDs without a limit retired so far.
+    /// gone counts) and the counters of UIDs without a limit retired so far.
     fn agent_settings(&mut self, mut settings: Settings) -> Result<Settings, BpfError> {
         settings.uncapped_uids_gone = self.uncapped_uids_gone;
+        settings.uncapped_sockets_gone = self.uncapped_sockets_gone;
         let host: Array<&mut MapData, HostConns> =
             typed_map_mut(&mut self.ebpf, names::HOST_CONNS)?;
         let open = host
@@ -494,6 +513,14 @@ impl ConnLimiter {
             groups.insert(id, group.policy);
             group_ids.insert(name.clone(), id);
         }
+        let budget = u64::from(self.socket_capacity / 2);
+        if limits.host_cap != rlagent_common::UNLIMITED && limits.host_cap > budget {
+            return Err(BpfError::HostCapOverBudget {
+                cap: limits.host_cap,
+                budget,
+                capacity: self.socket_capacity,
+            });
+        }
         let mut settings = self.agent_settings(limits.settings(self.socket_capacity))?;
         settings.group_levels = levels;
         let mut settings_map: Array<&mut MapData, Settings> =
@@ -589,35 +616,42 @@ impl ConnLimiter {
         // The program reads the UID after the packet's Ethernet header.
         let mut packet = [0u8; 18];
         let (mut retired, mut unlimited) = (0, 0);
+        let mut failed = None;
         for uid in &candidates {
             packet[14..].copy_from_slice(&uid.to_ne_bytes());
-            let run = program
-                .test_run(TestRunOptions {
-                    data_in: Some(&packet),
-                    ..TestRunOptions::default()
-                })
-                .map_err(|source| BpfError::Program {
-                    name: names::PROG_RETIRE,
-                    source,
-                })?;
-            match run.return_value {
-                1 => retired += 1,
-                2 => {
+            let run = program.test_run(TestRunOptions {
+                data_in: Some(&packet),
+                ..TestRunOptions::default()
+            });
+            match run.map(|r| r.return_value) {
+                Ok(1) => retired += 1,
+                Ok(2) => {
                     retired += 1;
                     unlimited += 1;
                 }
-                _ => {}
+                Ok(_) => {}
+                Err(source) => {
+                    failed = Some(BpfError::Program {
+                        name: names::PROG_RETIRE,
+                        source,
+                    });
+                    break;
+                }
             }
         }
         self.idle_before = idle_now;
         for uid in &candidates {
             self.idle_before.remove(uid);
         }
+        // Whatever happened, the budget of the counters retired is given back.
         if unlimited > 0 {
             self.uncapped_uids_gone += unlimited;
             self.write_agent_settings()?;
         }
-        Ok(retired)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(retired),
+        }
     }
 
     /// True when a group's cgroup now has another id than the one written (it was

@@ -122,9 +122,17 @@ pub fn open_connections(
                         "panicked",
                     )))
                 })
-        })?;
-        // Listening ports (which tell accepted sockets apart) are per namespace.
-        out.extend(select(&found, cgroups));
+        });
+        match found {
+            // Listening ports (which tell accepted sockets apart) are per namespace.
+            Ok(found) => out.extend(select(&found, cgroups)),
+            // One namespace that cannot be read (gone meanwhile, or refused) is skipped.
+            Err(e) => tracing::warn!(
+                namespace = %crate::model::text::escaped_path(&path),
+                "open connections not listed there: {}",
+                crate::model::error_chain(&e)
+            ),
+        }
     }
     out.sort();
     out.dedup();
