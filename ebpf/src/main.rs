@@ -15,7 +15,7 @@
 //!   BPF_NOEXIST is the claim, so repeated or concurrent connect() calls on the same
 //!   socket (a UDP re-connect, a retry after ECONNREFUSED, a TCP connect after AF_UNSPEC)
 //!   are not charged again, but each takes its rate tokens;
-//! - root (UID 0) is charged only when it has a policy of its own;
+//! - root (UID 0) is charged only when it has a policy of its own or is in a group;
 //! - a kernel UID in a subordinate range (`RL_SUBUID`, from /etc/subuid) is charged, capped
 //!   and reported as the user who owns the range.
 // The crate only means something for the BPF target; on the host (a `--workspace` build or

@@ -553,13 +553,14 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let uid = charged_uid(bpf_get_current_uid_gid() as u32, settings);
     // SAFETY: hash map lookups return a pointer valid for this program run.
     let own = unsafe { RL_UID_CAPS.get(&uid) };
-    // Root is charged only when a quota of its own asks for it: the kernel sockets of
-    // NFS and SMB mounts connect as root and never pass sock_release, so charges of
-    // theirs would hold the host cap forever.
-    if uid == 0 && own.is_none() {
+    let (group, group_policy, group_conns) = find_group(settings);
+    // Root is charged only when a quota of its own asks for it, or when its process is in
+    // a group with connection limits (a workload the group's cap is about): the kernel
+    // sockets of NFS and SMB mounts connect as root from outside any group and never pass
+    // sock_release, so charges of theirs would hold the host cap forever.
+    if uid == 0 && own.is_none() && group == 0 {
         return Ok(ALLOW);
     }
-    let (group, group_policy, group_conns) = find_group(settings);
     let uid_policy = *own.unwrap_or_else(|| default_policy(uid, settings));
     let group_policy = *group_policy;
     let limits = Limits {

@@ -371,7 +371,7 @@ fn root_connections_do_not_count_toward_the_host_cap() {
         return;
     }
     const USER: u32 = 63040;
-    let s = Setup::new("host_conns = 2", "");
+    let s = Setup::new("host_conns = 2", &quota("rootwork", "conns = 1"));
     let _agent = Agent::start(&s.scratch);
     let listener = Listener::new();
     // Root (as the kernel sockets of an NFS or SMB mount do) holds connections open.
@@ -387,6 +387,10 @@ fn root_connections_do_not_count_toward_the_host_cap() {
         "the host cap counts the users' connections only"
     );
     assert_eq!(s.scratch.conns(USER).denied[reason::HOST_CAP], 1);
+    // A root process in a group with a cap is held to the group's cap.
+    let mut in_group = Helper::spawn(&s.group("rootwork"), 0);
+    assert_eq!(hold(&mut in_group, "tcp4", listener.port4, 2), (1, 1));
+    assert_eq!(s.scratch.group_conns(&s.group("rootwork")).live, 1);
 }
 
 #[test]
