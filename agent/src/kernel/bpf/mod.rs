@@ -267,8 +267,9 @@ impl ConnLimiter {
     /// already open in the cgroups at and below `attach_cgroup` (all of them when
     /// `host_wide`) to their owners, so a UID over its cap gets nothing new until it is
     /// back under. Every UID is seeded, whether or not a cap concerns it yet, so a cap set
-    /// later counts older connections too; root only when it has a policy of its own (the
-    /// programs charge it only then). Seeded charges no enforce-mode cap bounds take the
+    /// later counts older connections too; never root's (`seed::open_connections` leaves
+    /// them out, and no subordinate range maps to root). Seeded charges no enforce-mode
+    /// cap bounds take the
     /// budget of such charges, as the programs' do. A restart adopts the pinned maps and
     /// seeds nothing, also after a first start that failed half-way.
     pub fn seed(
@@ -289,9 +290,6 @@ impl ConnLimiter {
         let (mut unbounded, mut skipped) = (0u64, 0u64);
         for mut c in found {
             c.uid = limits.charged_uid(c.uid);
-            if c.uid == 0 && !limits.per_uid.contains_key(&0) {
-                continue;
-            }
             let bounded = limits.policy_for(c.uid).bounds();
             if !bounded && unbounded >= budget {
                 skipped += 1;
