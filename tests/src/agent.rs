@@ -41,8 +41,10 @@ pub fn target_bin(name: &str) -> PathBuf {
 /// A test's scratch directory with a config, the pin directory and logs.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
-    /// A loopback port free when the scratch was made, for this agent's /metrics.
-    pub metrics_port: u16,
+    /// The port of the last started agent's /metrics. The config asks for port 0, and
+    /// [`Agent::start`] reads the port the agent bound from its STATUS=, so no other
+    /// process can take it between a test's choice and the agent's bind.
+    metrics_port: std::sync::atomic::AtomicU16,
 }
 
 impl Scratch {
@@ -52,8 +54,14 @@ impl Scratch {
                 .prefix("rlagent-test")
                 .tempdir()
                 .expect("tempdir"),
-            metrics_port: free_port(),
+            metrics_port: std::sync::atomic::AtomicU16::new(0),
         }
+    }
+    /// The /metrics port of the agent last started on this scratch.
+    pub fn metrics_port(&self) -> u16 {
+        let port = self.metrics_port.load(std::sync::atomic::Ordering::Relaxed);
+        assert_ne!(port, 0, "no agent was started on this scratch");
+        port
     }
     pub fn pin_path(&self) -> PathBuf {
         self.dir.path().join("pins")
@@ -70,10 +78,9 @@ impl Scratch {
     /// `[control]` and `state_path` lines that keep this test's agent to its scratch dir.
     pub fn private_paths(&self) -> String {
         format!(
-            "state_path = \"{}\"\n[control]\nsocket = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+            "state_path = \"{}\"\n[control]\nsocket = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             self.state_path().display(),
             self.socket_path().display(),
-            self.metrics_port
         )
     }
     /// Writes a config attached to `cgroup` with pins in this scratch dir; `extra_bpf` goes
@@ -238,7 +245,16 @@ impl Agent {
             notify,
             log,
         };
-        agent.wait_ready();
+        let status = agent.wait_ready();
+        let port = status
+            .as_deref()
+            .and_then(|s| s.split("http://127.0.0.1:").nth(1))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics port in the agent's STATUS= {status:?}"));
+        scratch
+            .metrics_port
+            .store(port, std::sync::atomic::Ordering::Relaxed);
         agent
     }
 
@@ -246,17 +262,18 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits for the next READY=1.
-    pub fn wait_ready(&mut self) {
+    /// Waits for the next READY=1, and returns the STATUS= sent with it.
+    pub fn wait_ready(&mut self) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut buf = [0u8; 256];
+        let mut buf = [0u8; 4096];
         loop {
             if let Ok(n) = self.notify.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .any(|l| l == "READY=1")
-                {
-                    return;
+                let message = String::from_utf8_lossy(&buf[..n]);
+                if message.lines().any(|l| l == "READY=1") {
+                    return message
+                        .lines()
+                        .find_map(|l| l.strip_prefix("STATUS="))
+                        .map(str::to_owned);
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

@@ -104,7 +104,7 @@ fn connection_alerts_go_pending_fire_and_resolve() {
     wait_for("Denied firing", || {
         state_of(&scratch, "Denied").as_deref() == Some("firing")
     });
-    let (_, body) = http_get(scratch.metrics_port, "/metrics");
+    let (_, body) = http_get(scratch.metrics_port(), "/metrics");
     assert_eq!(sample(&body, "rlagent_alerts_firing"), Some(2.0), "{body}");
     let table = scratch.rlctl(&["alerts"]);
     let table = String::from_utf8_lossy(&table.stdout).into_owned();

@@ -510,7 +510,7 @@ fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
         "{}",
         agent.log_text()
     );
-    let (_, body) = rlagent_tests::http_get(s.scratch.metrics_port, "/metrics");
+    let (_, body) = rlagent_tests::http_get(s.scratch.metrics_port(), "/metrics");
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_pins_missing"),
         Some(pins as f64)

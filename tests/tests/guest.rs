@@ -242,7 +242,7 @@ fn cpu_quota_holds_a_busy_loop_to_half_a_cpu() {
         stats["cpu"]["throttled_usec"].as_u64().unwrap() > 500_000,
         "{stats}"
     );
-    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
     let series =
         |s: &str| rlagent_tests::sample(&body, s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
     assert!(series("rlagent_cpu_throttled_periods_total{target=\"group:batch\"}") > 10.0);
@@ -279,7 +279,7 @@ fn memory_max_oom_kills_the_offender_only() {
     let stats = target_stats(&scratch, "group:hog");
     assert_eq!(stats["memory"]["events_oom_kill"], 1, "{stats}");
     assert!(stats["memory"]["max"] == 64 << 20, "{stats}");
-    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
     assert_eq!(
         rlagent_tests::sample(
             &body,
@@ -330,7 +330,7 @@ fn pids_max_contains_a_fork_bomb() {
     );
     let stats = target_stats(&scratch, "group:bomb");
     assert_eq!(stats["pids"]["max"], 10, "{stats}");
-    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
     assert!(
         rlagent_tests::sample(&body, "rlagent_pids_denied_total{target=\"group:bomb\"}")
             .unwrap_or(0.0)
@@ -562,7 +562,7 @@ fn the_memory_alert_fires_above_85_percent_of_memory_max() {
         "memory alert fired {} ms after the process reached 58 of 64 MiB",
         start.elapsed().as_millis()
     );
-    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_alerts_firing"),
         Some(1.0),

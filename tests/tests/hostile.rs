@@ -161,7 +161,7 @@ fn a_flood_of_idle_metrics_connections_leaves_control_and_placement_working() {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     let mut idle = Vec::new();
     for _ in 0..2000 {
-        if let Ok(s) = TcpStream::connect(("127.0.0.1", scratch.metrics_port)) {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", scratch.metrics_port())) {
             idle.push(s);
         }
     }
@@ -192,7 +192,7 @@ fn a_flood_of_idle_metrics_connections_leaves_control_and_placement_working() {
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
     // Refusals are counted.
     std::thread::sleep(Duration::from_millis(200));
-    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
     let refused = rlagent_tests::sample(
         &body,
         "rlagent_budget_exhausted_total{budget=\"metrics_connections\"}",

@@ -45,7 +45,7 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
     // The agent counts the events it received as they arrive.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let body = loop {
-        let (_, body) = scrape(scratch.metrics_port, "/metrics");
+        let (_, body) = scrape(scratch.metrics_port(), "/metrics");
         if body.contains(&format!(
             "rlagent_connection_events_total{{uid=\"{}\",reason=\"rate\",mode=\"monitor\"}} 1",
             UID + 1
@@ -81,7 +81,7 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
             "missing {line:?} in\n{body}"
         );
     }
-    let (head, body) = scrape(scratch.metrics_port, "/metrics");
+    let (head, body) = scrape(scratch.metrics_port(), "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         head.to_lowercase()
@@ -110,7 +110,7 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
             "missing {line:?} in\n{body}"
         );
     }
-    let (head, _) = scrape(scratch.metrics_port, "/nope");
+    let (head, _) = scrape(scratch.metrics_port(), "/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
     if let Some(promtool) = external_tool("RLAGENT_PROMTOOL", "promtool check metrics") {

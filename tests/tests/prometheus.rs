@@ -159,7 +159,7 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
     }
     let targets: Vec<String> = hosts
         .iter()
-        .map(|(_, _, s, _)| format!("\"127.0.0.1:{}\"", s.metrics_port))
+        .map(|(_, _, s, _)| format!("\"127.0.0.1:{}\"", s.metrics_port()))
         .collect();
 
     let dir = tempfile::tempdir().unwrap();

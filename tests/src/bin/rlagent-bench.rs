@@ -92,7 +92,7 @@ fn metrics(uids: u32) {
     let mut series = 0;
     for _ in 0..20 {
         let t = Instant::now();
-        let (head, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+        let (head, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
         times.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         size = body.len();
@@ -102,7 +102,7 @@ fn metrics(uids: u32) {
             .count();
     }
     assert_eq!(series, uids as usize, "one live series per UID");
-    let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_host_connections_live"),
         Some(f64::from(uids)),
@@ -610,7 +610,7 @@ fn events(seconds: u32) {
         let denials = c.denied[rlagent_common::reason::CAP];
         let lost = stats.host.events_lost;
         // What the agent took in: its own count of the events it logged.
-        let (_, body) = rlagent_tests::http_get(scratch.metrics_port, "/metrics");
+        let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
         let received = rlagent_tests::sample(
             &body,
             &format!(

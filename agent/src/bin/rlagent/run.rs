@@ -30,6 +30,10 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
             .await
             .with_context(|| format!("metrics listen address {metrics_listen}"))?;
+        // The address bound, which differs from the configured one for port 0.
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .with_context(|| format!("metrics listen address {metrics_listen}"))?;
         let app = App::start(config, config_path.map(Path::to_path_buf), users)?;
         tokio::spawn(server::serve(listener, app.clone()));
         let scrapes = app.clone();
@@ -64,10 +68,18 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
                 None
             }
         };
-        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        // STATUS= is what `systemctl status` shows; the tests read the metrics port from it.
+        let status = format!(
+            "control socket {}, metrics on http://{metrics_addr}/metrics",
+            socket_path.display()
+        );
+        if let Err(e) = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]) {
             tracing::warn!("cannot notify systemd: {e}");
         }
-        tracing::info!(socket = %socket_path.display(), metrics = %metrics_listen, "ready");
+        tracing::info!(socket = %socket_path.display(), metrics = %metrics_addr, "ready");
         loop {
             let changed = async {
                 match changes.as_mut() {
