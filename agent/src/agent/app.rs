@@ -418,8 +418,13 @@ impl App {
             *names = kernel::group_ids(&self.observer.cgroup2().0, &self.snapshot().desired.conns);
         }
         for raw in batch {
-            let event = DenialEvent::from_kernel(raw, wall_ms_at, |id| names.get(&id).cloned());
-            self.events.record(event);
+            match DenialEvent::from_kernel(raw, wall_ms_at, |id| names.get(&id).cloned()) {
+                Some(event) => self.events.record(event),
+                None => tracing::error!(
+                    reason = raw.reason,
+                    "a denial event with a reason this build does not know; dropped"
+                ),
+            }
         }
     }
 

@@ -17,9 +17,11 @@ use crate::{
         error_chain,
         event::DenialEvent,
         quota::{not_supported_yet, unsupported_fields, Field, Quota},
+        reason::Reason,
         target::{Target, UserRef},
+        units::rate_text,
+        usage::RateStats,
     },
-    model::{units::rate_text, usage::RateStats},
     observe::events::RECENT_EVENTS,
 };
 
@@ -300,7 +302,7 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
         }
     };
     let mut reasons = Vec::new();
-    for reason in rlagent_common::reason::NAMES {
+    for reason in Reason::ALL {
         let (denied, would_deny) = counters.as_ref().map_or((0, 0), |c| {
             WhyReason::counts(reason, &c.denied, &c.would_deny)
         });
@@ -313,7 +315,7 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
             .and_then(|e| e.group.clone())
             .and_then(|g| stats.groups.iter().find(|s| s.group == g).cloned());
         let limit = match reason {
-            "cap" => format!(
+            Reason::Cap => format!(
                 "{} = {} ({} live now)",
                 source(Field::Conns),
                 counters
@@ -322,17 +324,17 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
                     .map_or("none now".to_string(), |c| c.to_string()),
                 counters.as_ref().map_or(0, |c| c.live)
             ),
-            "rate" => format!(
+            Reason::Rate => format!(
                 "{} = {}",
                 source(Field::ConnRate),
                 bucket_text(counters.as_ref().and_then(|c| c.rate.as_ref()))
             ),
-            "host_cap" => format!(
+            Reason::HostCap => format!(
                 "[bpf] host_conns = {}",
                 crate::agent::cap_text(snapshot.desired.conns.host_cap)
             ),
-            "group" | "group_rate" => match &group {
-                Some(g) if reason == "group" => format!(
+            Reason::Group | Reason::GroupRate => match &group {
+                Some(g) if reason == Reason::Group => format!(
                     "conns of group:{} = {} ({} live now)",
                     g.group,
                     g.cap.map_or("none now".to_string(), |c| c.to_string()),
@@ -345,11 +347,13 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
                 ),
                 None => "a group's limit (the group has no limits now)".to_string(),
             },
-            _ => "a kernel map was full ([bpf] on_full = \"deny\"; see rlagent_bpf_map_entries)"
-                .to_string(),
+            Reason::Full => {
+                "a kernel map was full ([bpf] on_full = \"deny\"; see rlagent_bpf_map_entries)"
+                    .to_string()
+            }
         };
         reasons.push(WhyReason {
-            reason: reason.to_string(),
+            reason,
             denied,
             would_deny,
             events: mine.len(),
@@ -484,7 +488,7 @@ mod tests {
         );
     }
 
-    fn event(uid: u32, reason: &str) -> DenialEvent {
+    fn event(uid: u32, reason: Reason) -> DenialEvent {
         DenialEvent {
             seq: 0,
             time_ms: 1,
@@ -492,7 +496,7 @@ mod tests {
             pid: 7,
             comm: "curl".into(),
             group: None,
-            reason: reason.into(),
+            reason,
             monitor: false,
             limit: 2,
             destination: "127.0.0.1:80".into(),
@@ -504,8 +508,8 @@ mod tests {
     fn users_read_their_own_events_and_why_only() {
         let fake = FakeAgent::new();
         let app = fake.app("[[quota]]\ntarget = \"user:2000\"\nconns = 2\n");
-        app.events().record(event(2000, "cap"));
-        app.events().record(event(2001, "rate"));
+        app.events().record(event(2000, Reason::Cap));
+        app.events().record(event(2001, Reason::Rate));
         let events = |access, uid| answer(&app, access, Request::Events { uid, limit: None });
         let all: EventsResult = events(ROOT, None).result().unwrap();
         assert_eq!(all.events.len(), 2);
@@ -531,7 +535,7 @@ mod tests {
         };
         let r: WhyResult = why(USER, "user:2000").result().unwrap();
         assert_eq!(r.reasons.len(), 1);
-        assert_eq!(r.reasons[0].reason, "cap");
+        assert_eq!(r.reasons[0].reason, Reason::Cap);
         assert_eq!(r.reasons[0].events, 1);
         assert!(
             r.reasons[0].limit.starts_with("conns of user:2000 = "),

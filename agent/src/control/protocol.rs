@@ -18,6 +18,7 @@ use crate::{
         alert::Alert,
         event::DenialEvent,
         quota::Field,
+        reason::Reason,
         usage::{ByReason, GroupConnStats, UidConnStats},
     },
 };
@@ -189,7 +190,7 @@ pub struct WhyResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WhyReason {
     /// `cap`, `host_cap`, `rate`, `group`, `group_rate` or `full`.
-    pub reason: String,
+    pub reason: Reason,
     /// Refused (or would-deny) connect() calls by this reason, from the kernel counters.
     pub denied: u64,
     pub would_deny: u64,
@@ -205,14 +206,8 @@ pub struct WhyReason {
 
 impl WhyReason {
     /// The counts of `reason` in `denied` and `would`.
-    pub fn counts(reason: &str, denied: &ByReason, would: &ByReason) -> (u64, u64) {
-        let pick = |r: &ByReason| {
-            r.iter()
-                .into_iter()
-                .find(|(n, _)| *n == reason)
-                .map_or(0, |(_, c)| c)
-        };
-        (pick(denied), pick(would))
+    pub fn counts(reason: Reason, denied: &ByReason, would: &ByReason) -> (u64, u64) {
+        (denied.get(reason), would.get(reason))
     }
 }
 

@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
-use rlagent_common::{reason, DenyEvent};
+use rlagent_common::DenyEvent;
+
+use super::reason::Reason;
 
 /// One connect() a limit refused or, in monitor mode, would have refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,8 +25,7 @@ pub struct DenialEvent {
     /// The group the process was in, when a group's limits applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// `cap`, `host_cap`, `rate`, `group`, `group_rate` or `full`.
-    pub reason: String,
+    pub reason: Reason,
     /// True: monitor mode, the connect() went through.
     pub monitor: bool,
     /// The cap, or for a rate the burst, in force at the time.
@@ -40,12 +41,15 @@ const AF_INET6: u16 = 10;
 
 impl DenialEvent {
     /// From a program's record: `wall_ms_at` turns its monotonic time into wall-clock
-    /// milliseconds; `group` names the group of its cgroup id.
+    /// milliseconds; `group` names the group of its cgroup id. `None` for a reason number
+    /// this build does not know (programs of another layout, which the pins' version
+    /// directory keeps apart).
     pub fn from_kernel(
         raw: &DenyEvent,
         wall_ms_at: impl Fn(u64) -> u64,
         group: impl Fn(u64) -> Option<String>,
-    ) -> Self {
+    ) -> Option<Self> {
+        let reason = Reason::from_index(raw.reason)?;
         let mut bytes = [0u8; 16];
         for (i, word) in raw.addr.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
@@ -64,31 +68,29 @@ impl DenialEvent {
             .iter()
             .position(|b| *b == 0)
             .unwrap_or(raw.comm.len());
-        Self {
+        Some(Self {
             seq: 0,
             time_ms: wall_ms_at(raw.time_ns),
             uid: raw.uid,
             pid: raw.pid,
             comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
             group: (raw.group != 0).then(|| group(raw.group)).flatten(),
-            reason: reason::NAMES
-                .get(raw.reason as usize)
-                .copied()
-                .unwrap_or("unknown")
-                .to_string(),
+            reason,
             monitor: raw.monitor != 0,
             limit: raw.limit,
             destination,
             errno: raw.errno,
-        }
+        })
     }
 
     /// What the limit was, in words: "cap 5", "rate (burst 5)", ...
     pub fn limit_text(&self) -> String {
-        match self.reason.as_str() {
-            "rate" | "group_rate" => format!("{} (burst {})", self.reason, self.limit),
-            "full" => "a full kernel map".to_string(),
-            other => format!("{other} {}", self.limit),
+        match self.reason {
+            Reason::Rate | Reason::GroupRate => format!("{} (burst {})", self.reason, self.limit),
+            Reason::Full => "a full kernel map".to_string(),
+            Reason::Cap | Reason::HostCap | Reason::Group => {
+                format!("{} {}", self.reason, self.limit)
+            }
         }
     }
 }
@@ -114,7 +116,7 @@ mod tests {
             errno: 1,
             port: 8080,
             family,
-            reason: reason::GROUP as u32,
+            reason: rlagent_common::reason::GROUP as u32,
             monitor: 0,
             comm,
             addr,
@@ -129,16 +131,21 @@ mod tests {
             &raw(2, v4),
             |ns| 1_000 + ns / 1_000_000,
             |id| (id == 42).then(|| "batch".to_string()),
-        );
+        )
+        .unwrap();
         assert_eq!(e.time_ms, 1_005);
         assert_eq!(e.comm, "curl");
         assert_eq!(e.group.as_deref(), Some("batch"));
-        assert_eq!(e.reason, "group");
+        assert_eq!(e.reason, Reason::Group);
         assert_eq!(e.destination, "127.0.0.1:8080");
         assert_eq!(e.limit_text(), "group 3");
-        let v6 = DenialEvent::from_kernel(&raw(10, Ipv6Addr::LOCALHOST.octets()), |_| 0, |_| None);
+        let v6 = DenialEvent::from_kernel(&raw(10, Ipv6Addr::LOCALHOST.octets()), |_| 0, |_| None)
+            .unwrap();
         assert_eq!(v6.destination, "[::1]:8080");
         assert_eq!(v6.group, None);
+        let mut unknown = raw(2, v4);
+        unknown.reason = rlagent_common::reason::COUNT as u32;
+        assert_eq!(DenialEvent::from_kernel(&unknown, |_| 0, |_| None), None);
     }
 
     #[test]
@@ -147,7 +154,7 @@ mod tests {
         let name = b"\x1b[2J\r\n<0>FAKE";
         record.comm = [0; 16];
         record.comm[..name.len()].copy_from_slice(name);
-        let e = DenialEvent::from_kernel(&record, |_| 0, |_| None);
+        let e = DenialEvent::from_kernel(&record, |_| 0, |_| None).unwrap();
         assert_eq!(e.comm, "\x1b[2J\r\n<0>FAKE");
         let line = serde_json::to_string(&e).unwrap();
         assert!(!line.bytes().any(|b| b.is_ascii_control()), "{line}");

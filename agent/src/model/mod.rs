@@ -6,6 +6,7 @@ pub mod duration;
 pub mod event;
 pub mod layout;
 pub mod quota;
+pub mod reason;
 pub mod subuid;
 pub mod target;
 pub mod text;

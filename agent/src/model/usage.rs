@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::reason::Reason;
+
 /// From `cpu.stat`. Usage fields come from the core (always present); throttling fields
 /// only when the cpu controller is enabled for the cgroup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,17 +98,21 @@ impl ByReason {
         }
     }
 
-    /// (reason name, count), in the programs' order.
-    pub fn iter(&self) -> [(&'static str, u64); rlagent_common::reason::COUNT] {
-        let n = rlagent_common::reason::NAMES;
-        [
-            (n[0], self.cap),
-            (n[1], self.host_cap),
-            (n[2], self.rate),
-            (n[3], self.group),
-            (n[4], self.group_rate),
-            (n[5], self.full),
-        ]
+    /// The count of one reason.
+    pub fn get(&self, reason: Reason) -> u64 {
+        match reason {
+            Reason::Cap => self.cap,
+            Reason::HostCap => self.host_cap,
+            Reason::Rate => self.rate,
+            Reason::Group => self.group,
+            Reason::GroupRate => self.group_rate,
+            Reason::Full => self.full,
+        }
+    }
+
+    /// (reason, count), in the programs' order.
+    pub fn iter(&self) -> [(Reason, u64); rlagent_common::reason::COUNT] {
+        Reason::ALL.map(|r| (r, self.get(r)))
     }
 
     pub fn total(&self) -> u64 {

@@ -7,13 +7,13 @@ use std::{
     sync::Mutex,
 };
 
-use crate::model::event::DenialEvent;
+use crate::model::{event::DenialEvent, reason::Reason};
 
 /// Recent events kept for `rlctl events` and `rlctl why`.
 pub const RECENT_EVENTS: usize = 1024;
 
 /// Events received, by (uid, reason, monitor).
-pub type Received = BTreeMap<(u32, String, bool), u64>;
+pub type Received = BTreeMap<(u32, Reason, bool), u64>;
 
 pub struct EventLog {
     /// The recent events, and the number the next one gets.
@@ -56,7 +56,7 @@ impl EventLog {
             "{what}"
         );
         *lock(&self.received)
-            .entry((event.uid, event.reason.clone(), event.monitor))
+            .entry((event.uid, event.reason, event.monitor))
             .or_default() += 1;
         let mut recent = lock(&self.recent);
         event.seq = recent.1;
@@ -116,7 +116,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    fn event(uid: u32, reason: &str) -> DenialEvent {
+    fn event(uid: u32, reason: Reason) -> DenialEvent {
         DenialEvent {
             seq: 0,
             time_ms: 0,
@@ -124,7 +124,7 @@ mod tests {
             pid: 1,
             comm: "x".into(),
             group: None,
-            reason: reason.into(),
+            reason: reason,
             monitor: false,
             limit: 1,
             destination: "127.0.0.1:1".into(),
@@ -138,7 +138,7 @@ mod tests {
         let (before, mut follow) = log.follow(None, 10);
         assert!(before.is_empty());
         for i in 0..RECENT_EVENTS {
-            log.record(event(1000 + (i % 2) as u32, "cap"));
+            log.record(event(1000 + (i % 2) as u32, Reason::Cap));
         }
         assert_eq!(log.recent(None, usize::MAX).len(), RECENT_EVENTS);
         let mine = log.recent(Some(1001), 3);
@@ -146,9 +146,9 @@ mod tests {
         assert!(mine.iter().all(|e| e.uid == 1001));
         assert_eq!(follow.try_recv().unwrap().uid, 1000);
         for i in 0..10 {
-            log.record(event(1000 + i % 2, "cap"));
+            log.record(event(1000 + i % 2, Reason::Cap));
         }
         assert_eq!(log.recent(None, usize::MAX).len(), RECENT_EVENTS);
-        assert_eq!(log.received()[&(1000, "cap".to_string(), false)], 517);
+        assert_eq!(log.received()[&(1000, Reason::Cap, false)], 517);
     }
 }

@@ -67,12 +67,12 @@ impl Stats {
 mod received {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use crate::observe::events::Received;
+    use crate::{model::reason::Reason, observe::events::Received};
 
     #[derive(Serialize, Deserialize)]
     struct Count {
         uid: u32,
-        reason: String,
+        reason: Reason,
         monitor: bool,
         count: u64,
     }
@@ -82,7 +82,7 @@ mod received {
             .iter()
             .map(|((uid, reason, monitor), count)| Count {
                 uid: *uid,
-                reason: reason.clone(),
+                reason: *reason,
                 monitor: *monitor,
                 count: *count,
             })

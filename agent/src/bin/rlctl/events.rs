@@ -25,7 +25,7 @@ fn row(e: &DenialEvent) -> String {
         e.pid,
         escaped(&e.comm),
         escaped(e.group.as_deref().unwrap_or("-")),
-        escaped(&e.reason),
+        e.reason,
         if e.monitor { "monitor" } else { "denied" },
         escaped(&e.destination),
         e.limit
@@ -98,7 +98,7 @@ fn why_text(r: &WhyResult) -> String {
             "{}: {} by {}{last}\n    limit: {}",
             escaped(&r.target),
             counts.join(", "),
-            escaped(&reason.reason),
+            reason.reason,
             escaped(&reason.limit)
         );
     }

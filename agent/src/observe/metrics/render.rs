@@ -9,7 +9,10 @@ use prometheus::{
 };
 
 use crate::{
-    model::usage::{ByReason, RateStats},
+    model::{
+        reason::Reason,
+        usage::{ByReason, RateStats},
+    },
     observe::stats::Stats,
 };
 
@@ -281,7 +284,7 @@ pub fn render(stats: &Stats) -> String {
             "Denial events the agent received from the programs (logged, and kept for rlctl events), by UID, reason and mode.",
             &[
                 ("uid", uid.to_string()),
-                ("reason", reason.clone()),
+                ("reason", reason.to_string()),
                 ("mode", if *monitor { "monitor" } else { "enforce" }.to_string()),
             ],
             *count as f64,
@@ -409,21 +412,21 @@ fn rate_gauges(e: &mut Exposition, l: &[(&str, String)], rate: &RateStats) {
 struct ReasonSeries {
     denied: &'static str,
     would_deny: &'static str,
-    /// `None`: every reason.
-    reasons: Option<&'static [&'static str]>,
+    /// The reasons it has a series for.
+    counts: fn(Reason) -> bool,
 }
 
 const UID_REASONS: ReasonSeries = ReasonSeries {
     denied: "rlagent_connections_denied_total",
     would_deny: "rlagent_connections_would_deny_total",
-    reasons: None,
+    counts: |_| true,
 };
 
 /// A group counts only its own reasons.
 const GROUP_REASONS: ReasonSeries = ReasonSeries {
     denied: "rlagent_group_connections_denied_total",
     would_deny: "rlagent_group_connections_would_deny_total",
-    reasons: Some(&["group", "group_rate"]),
+    counts: Reason::is_group,
 };
 
 /// Denials and would-denies (labels `l`), one series per reason `series` counts.
@@ -435,7 +438,7 @@ fn reason_counters(
     would: &ByReason,
 ) {
     for ((reason, d), (_, w)) in denied.iter().into_iter().zip(would.iter()) {
-        if series.reasons.is_some_and(|r| !r.contains(&reason)) {
+        if !(series.counts)(reason) {
             continue;
         }
         let mut labels = l.to_vec();
@@ -484,7 +487,7 @@ mod tests {
             targets: vec![batch],
             conns: vec![uid_stats(1000, 3, Some(3), 10, 2)],
             groups: vec![],
-            events_received: [((1000, "cap".to_string(), false), 2)].into(),
+            events_received: [((1000, Reason::Cap, false), 2)].into(),
             host: Some(HostConnStats {
                 live: 3,
                 untracked: 0,
