@@ -101,8 +101,14 @@ pub mod kernel {
     };
 
     use crate::{
-        desired::{cgroups::CgroupPlan, conns::ConnLimits},
-        kernel::{cgroup::CgroupError, CgroupReport, ConnUsage, Enforcer, KernelError, Observer},
+        desired::{
+            cgroups::CgroupPlan,
+            conns::{ConnLimits, GroupUnenforced},
+        },
+        kernel::{
+            cgroup::CgroupError, CgroupReport, ConnUsage, Enforcer, KernelError, Observer,
+            UnenforcedGroups,
+        },
         model::usage::{CgroupStats, ProgramStats},
     };
 
@@ -154,10 +160,7 @@ pub mod kernel {
             Ok(0)
         }
 
-        fn apply_conns(
-            &mut self,
-            conns: &ConnLimits,
-        ) -> Result<Vec<(String, String)>, KernelError> {
+        fn apply_conns(&mut self, conns: &ConnLimits) -> Result<UnenforcedGroups, KernelError> {
             let mut record = self.record();
             if std::mem::take(&mut record.panic_conns) {
                 drop(record);
@@ -174,10 +177,7 @@ pub mod kernel {
                         .last()
                         .is_some_and(|(p, _)| p.groups.contains_key(*g))
                 })
-                .map(|g| {
-                    let reason = crate::kernel::bpf::GROUP_CGROUP_MISSING.to_string();
-                    (g.clone(), reason)
-                })
+                .map(|g| (g.clone(), GroupUnenforced::CgroupMissing))
                 .collect();
             Ok(pending)
         }

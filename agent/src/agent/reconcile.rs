@@ -7,10 +7,11 @@ use crate::{
     config::Config,
     desired::{
         cgroups::CgroupPlan,
+        conns::GroupUnenforced,
         state::{RuntimeState, StateError},
         Desired, DesiredError,
     },
-    kernel::{bpf::GROUP_CGROUP_MISSING, cgroup::driver::Skipped, Enforcer, KernelError},
+    kernel::{cgroup::driver::Skipped, Enforcer, KernelError, UnenforcedGroups},
     model::{layout::Driver, quota::Field, target::Target, users::UserDb},
 };
 
@@ -37,7 +38,61 @@ enum Vanished {
 }
 
 /// Limits set but not in force, by target and field, with the reason.
-pub type NotEnforced = BTreeMap<(Target, Field), String>;
+pub type NotEnforced = BTreeMap<(Target, Field), Unenforced>;
+
+/// Why a limit that is set is not in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unenforced {
+    /// A connection field of a `cgroup:<path>` target: the programs count by UID and group.
+    ConnsOnCgroupTarget,
+    /// A group's connection limits the programs cannot apply.
+    Group(GroupUnenforced),
+    /// A `cgroup:<path>` target's interface file is missing (its controller is not enabled
+    /// for that cgroup).
+    Skipped(Skipped),
+    /// A runtime `cgroup:<path>` target whose cgroup is gone.
+    CgroupGone,
+    /// The field's controller is not available where the driver makes its cgroups.
+    NoController {
+        controller: &'static str,
+        driver: Driver,
+        /// The agent's subtree (cgroupfs driver), relative to the cgroup2 mount.
+        root: PathBuf,
+    },
+}
+
+impl std::fmt::Display for Unenforced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConnsOnCgroupTarget => {
+                f.write_str("a cgroup:<path> target carries no connection limits")
+            }
+            Self::Group(reason) if reason.pending() => {
+                write!(f, "{reason}; applied when it appears")
+            }
+            Self::Group(reason) => reason.fmt(f),
+            Self::Skipped(skipped) => skipped.fmt(f),
+            Self::CgroupGone => f.write_str("the cgroup no longer exists"),
+            Self::NoController {
+                controller,
+                driver: Driver::Cgroupfs,
+                root,
+            } => write!(
+                f,
+                "the {controller} controller is not available to the agent's subtree /{} (on a hybrid host it is bound to cgroup v1)",
+                root.display()
+            ),
+            Self::NoController {
+                controller,
+                driver: Driver::Systemd,
+                ..
+            } => write!(
+                f,
+                "the {controller} controller is not available at the cgroup2 root (disabled on the kernel command line, or bound to cgroup v1): systemd cannot enforce it"
+            ),
+        }
+    }
+}
 
 /// Of the `missing` cgroup targets, the ones to skip (set at runtime, their cgroup gone
 /// since); a missing one that the config file names refuses the apply.
@@ -74,7 +129,7 @@ pub struct Agent {
     limits_skipped: Vec<Skipped>,
     /// Groups whose connection limits the programs cannot apply, with the reason, at the
     /// last write (a missing cgroup is retried: see [`Self::refresh_groups`]).
-    unenforced_groups: Vec<(String, String)>,
+    unenforced_groups: UnenforcedGroups,
     /// The cgroup plan last written, and whether that write completed. A completed,
     /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
     /// rescanning /proc; an incomplete one is what a roll-back must undo.
@@ -100,7 +155,7 @@ impl Agent {
             skipped: Vec::new(),
             subtree_missing: Vec::new(),
             limits_skipped: Vec::new(),
-            unenforced_groups: Vec::new(),
+            unenforced_groups: UnenforcedGroups::new(),
             applied_plan: None,
         };
         let config = agent.config.clone();
@@ -343,8 +398,8 @@ impl Agent {
     /// was missing (it may exist now), or was made again under a new id.
     pub fn groups_need_refresh(&self) -> bool {
         self.unenforced_groups
-            .iter()
-            .any(|(_, reason)| reason == GROUP_CGROUP_MISSING)
+            .values()
+            .any(GroupUnenforced::pending)
             || self.kernel.groups_moved(&self.desired.conns)
     }
 
@@ -359,13 +414,12 @@ impl Agent {
         let unenforced = self.kernel.apply_conns(&self.desired.conns)?;
         let applied = self
             .unenforced_groups
-            .iter()
-            .map(|(g, _)| g)
-            .filter(|g| !unenforced.iter().any(|(u, _)| u == *g))
+            .keys()
+            .filter(|g| !unenforced.contains_key(*g))
             .cloned()
             .collect();
         for (group, reason) in &unenforced {
-            if !self.unenforced_groups.iter().any(|(g, _)| g == group) {
+            if !self.unenforced_groups.contains_key(group) {
                 tracing::warn!(%group, "connection limits not enforced: {reason}");
             }
         }
@@ -384,10 +438,7 @@ impl Agent {
         let mut out = NotEnforced::new();
         for (target, fields) in self.desired.unenforced() {
             for field in fields {
-                out.insert(
-                    (target.clone(), field),
-                    "a cgroup:<path> target carries no connection limits".to_string(),
-                );
+                out.insert((target.clone(), field), Unenforced::ConnsOnCgroupTarget);
             }
         }
         for (group, reason) in &self.unenforced_groups {
@@ -397,14 +448,7 @@ impl Agent {
             };
             for field in [Field::Conns, Field::ConnRate] {
                 if quota.limits(field) {
-                    out.insert(
-                        (target.clone(), field),
-                        if reason == GROUP_CGROUP_MISSING {
-                            format!("{reason}; applied when it appears")
-                        } else {
-                            reason.clone()
-                        },
-                    );
+                    out.insert((target.clone(), field), Unenforced::Group(reason.clone()));
                 }
             }
         }
@@ -418,23 +462,21 @@ impl Agent {
                         .limits_skipped
                         .iter()
                         .find(|s| s.cgroup == *path && s.field == field)
-                        .map(ToString::to_string)
+                        .map(|s| Unenforced::Skipped(s.clone()))
                         .or_else(|| {
-                            self.skipped.contains(target).then(|| {
-                                "the cgroup no longer exists".to_string()
-                            })
+                            self.skipped
+                                .contains(target)
+                                .then_some(Unenforced::CgroupGone)
                         }),
-                    _ => self.subtree_missing.iter().any(|c| c == controller).then(|| {
-                        match self.config.driver {
-                            Driver::Cgroupfs => format!(
-                                "the {controller} controller is not available to the agent's subtree /{} (on a hybrid host it is bound to cgroup v1)",
-                                self.config.cgroup_root.display()
-                            ),
-                            Driver::Systemd => format!(
-                                "the {controller} controller is not available at the cgroup2 root (disabled on the kernel command line, or bound to cgroup v1): systemd cannot enforce it"
-                            ),
-                        }
-                    }),
+                    _ => self
+                        .subtree_missing
+                        .iter()
+                        .any(|c| c == controller)
+                        .then(|| Unenforced::NoController {
+                            controller,
+                            driver: self.config.driver,
+                            root: self.config.cgroup_root.clone(),
+                        }),
                 };
                 if let Some(reason) = reason {
                     out.insert((target.clone(), field), reason);
@@ -647,6 +689,6 @@ mod tests {
         );
         let not_enforced = agent.not_enforced();
         let reason = &not_enforced[&(Target::Cgroup("web.service".into()), Field::Memory)];
-        assert!(reason.contains("no longer exists"), "{reason}");
+        assert_eq!(*reason, Unenforced::CgroupGone);
     }
 }

@@ -173,7 +173,7 @@ fn set_quota(
         .keys()
         .filter_map(|f| {
             let reason = snapshot.not_enforced.get(&(target.clone(), *f))?;
-            Some((*f, reason.clone()))
+            Some((*f, reason.to_string()))
         })
         .collect();
     Ok(Response::ok(&SetQuotaResult {
@@ -220,7 +220,10 @@ fn list(app: &App, access: Access) -> Response {
                 .filter_map(|f| {
                     let value = quota.text(*f)?;
                     let source = desired.source(target, *f);
-                    let not_enforced = snapshot.not_enforced.get(&(target.clone(), *f)).cloned();
+                    let not_enforced = snapshot
+                        .not_enforced
+                        .get(&(target.clone(), *f))
+                        .map(ToString::to_string);
                     Some((
                         *f,
                         FieldValue {

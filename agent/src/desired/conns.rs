@@ -26,6 +26,43 @@ pub struct GroupLimits {
     pub policy: Policy,
 }
 
+/// Why a group's connection limits are not in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupUnenforced {
+    /// The group's cgroup is not below the cgroup the programs attach to.
+    OutsideAttach { cgroup: PathBuf, attach: PathBuf },
+    /// The group's cgroup is deeper than the programs look for groups.
+    TooDeep { cgroup: PathBuf, deepest: u32 },
+    /// The group's cgroup does not exist yet: its limits apply once it does.
+    CgroupMissing,
+}
+
+impl GroupUnenforced {
+    /// True when the limits apply by themselves once the cgroup appears.
+    pub fn pending(&self) -> bool {
+        matches!(self, Self::CgroupMissing)
+    }
+}
+
+impl std::fmt::Display for GroupUnenforced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::OutsideAttach { cgroup, attach } => write!(
+                f,
+                "the group's cgroup /{} is outside [bpf] attach_cgroup /{}: the programs do not see its processes",
+                cgroup.display(),
+                attach.display()
+            ),
+            Self::TooDeep { cgroup, deepest } => write!(
+                f,
+                "the group's cgroup /{} is deeper than level {deepest}",
+                cgroup.display()
+            ),
+            Self::CgroupMissing => f.write_str("the group's cgroup does not exist yet"),
+        }
+    }
+}
+
 /// What the kernel programs enforce. In a [`Policy`], [`UNLIMITED`] means no cap and a
 /// zero interval no rate.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,7 +18,11 @@ use std::{
 };
 
 use crate::{
-    desired::{cgroups::CgroupPlan, conns::ConnLimits, Desired},
+    desired::{
+        cgroups::CgroupPlan,
+        conns::{ConnLimits, GroupUnenforced},
+        Desired,
+    },
     model::{
         layout::Driver,
         usage::{CgroupStats, GroupConnStats, HostConnStats, ProgramStats, UidConnStats},
@@ -113,6 +117,9 @@ pub fn group_ids(mount: &Path, conns: &ConnLimits) -> BTreeMap<u64, String> {
         .collect()
 }
 
+/// Groups whose connection limits the programs cannot apply, by name, and why.
+pub type UnenforcedGroups = BTreeMap<String, GroupUnenforced>;
+
 /// Writes to the kernel: the only way the agent changes enforcement.
 pub trait Enforcer: Send {
     /// The `cgroup:<path>` targets of `plan` that do not exist (a stopped service's
@@ -120,8 +127,9 @@ pub trait Enforcer: Send {
     fn missing_cgroups(&self, plan: &CgroupPlan) -> Vec<PathBuf>;
     /// Writes the connection limits into the maps the programs read. Returns the groups
     /// whose limits the programs cannot apply, with the reason (a cgroup that does not
-    /// exist yet, [`bpf::GROUP_CGROUP_MISSING`], is applied by a later call once it does).
-    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<(String, String)>, KernelError>;
+    /// exist yet, [`GroupUnenforced::CgroupMissing`], is applied by a later call once it
+    /// does).
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<UnenforcedGroups, KernelError>;
     /// True when a group's cgroup was made again since the last write (a new cgroup id),
     /// so the limits must be written again.
     fn groups_moved(&self, conns: &ConnLimits) -> bool;
@@ -267,7 +275,7 @@ impl Enforcer for System {
         self.driver().missing(plan)
     }
 
-    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<Vec<(String, String)>, KernelError> {
+    fn apply_conns(&mut self, conns: &ConnLimits) -> Result<UnenforcedGroups, KernelError> {
         Ok(self.limiter.apply(conns, &self.mount, &self.attach)?)
     }
 

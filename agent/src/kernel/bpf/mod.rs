@@ -50,15 +50,14 @@ use rlagent_common::{
     OWNER_SEEDED, OWNER_UNCAPPED,
 };
 
-use crate::{desired::conns::ConnLimits, model::subuid::SubordinateRange};
+use crate::{
+    desired::conns::{ConnLimits, GroupUnenforced},
+    model::subuid::SubordinateRange,
+};
 
 /// The eBPF object built by build.rs from `ebpf/`.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rlagent-ebpf.o"));
-
-/// Why a group's limits are not written: how the agent tells it apart from the other
-/// reasons (it is retried until the cgroup appears).
-pub const GROUP_CGROUP_MISSING: &str = "the group's cgroup does not exist yet";
 
 /// Oldest kernel with everything the programs use: cgroup bpf_link (5.7), sock_release
 /// (5.9), bpf_get_socket_cookie in cgroup/sock (5.11), bpf_set_retval (5.18),
@@ -476,35 +475,33 @@ impl ConnLimiter {
         limits: &ConnLimits,
         mount: &Path,
         attach: &Path,
-    ) -> Result<Vec<(String, String)>, BpfError> {
+    ) -> Result<BTreeMap<String, GroupUnenforced>, BpfError> {
         let fs = crate::kernel::cgroup::CgroupFs::new(mount);
         let mut groups: BTreeMap<u64, Policy> = BTreeMap::new();
         let mut group_ids = BTreeMap::new();
         let mut levels = 0u64;
-        let mut unenforced = Vec::new();
+        let mut unenforced = BTreeMap::new();
         for (name, group) in &limits.groups {
             let level = group.cgroup.components().count() as u32;
             let reason = if !group.cgroup.starts_with(attach) {
-                Some(format!(
-                    "the group's cgroup /{} is outside [bpf] attach_cgroup /{}: the programs do not see its processes",
-                    group.cgroup.display(),
-                    attach.display()
-                ))
+                Some(GroupUnenforced::OutsideAttach {
+                    cgroup: group.cgroup.clone(),
+                    attach: attach.to_path_buf(),
+                })
             } else if level >= MAX_GROUP_LEVEL {
-                Some(format!(
-                    "the group's cgroup /{} is deeper than level {}",
-                    group.cgroup.display(),
-                    MAX_GROUP_LEVEL - 1
-                ))
+                Some(GroupUnenforced::TooDeep {
+                    cgroup: group.cgroup.clone(),
+                    deepest: MAX_GROUP_LEVEL - 1,
+                })
             } else {
                 None
             };
             if let Some(reason) = reason {
-                unenforced.push((name.clone(), reason));
+                unenforced.insert(name.clone(), reason);
                 continue;
             }
             let Some(id) = fs.id(&group.cgroup) else {
-                unenforced.push((name.clone(), GROUP_CGROUP_MISSING.to_string()));
+                unenforced.insert(name.clone(), GroupUnenforced::CgroupMissing);
                 continue;
             };
             levels |= 1 << level;
