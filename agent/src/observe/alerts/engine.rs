@@ -18,6 +18,35 @@ use crate::{
     observe::stats::Stats,
 };
 
+/// A counter the engine keeps the history of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Counter {
+    Denials,
+    RateDenials,
+    WouldDeny,
+    CpuThrottled,
+    CpuPeriods,
+    EventsLost,
+    OomKills,
+}
+
+/// Whose counter: a UID's, a cgroup target's, or the agent's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Subject {
+    Uid(u32),
+    Target(String),
+    Agent,
+}
+
+/// One counter series: the counter, whose it is, and the window a rule reads it over
+/// (two rules with different windows keep two histories).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Series {
+    counter: Counter,
+    subject: Subject,
+    window: Duration,
+}
+
 pub struct Engine {
     rules: Vec<Rule>,
     /// Evaluations so far: series that appear after the first one are new and count from
@@ -25,10 +54,10 @@ pub struct Engine {
     evaluations: u64,
     /// (rule, target) → (state, since, last value).
     active: BTreeMap<(String, String), (State, Duration, f64)>,
-    history: BTreeMap<String, History>,
+    history: BTreeMap<Series, History>,
     /// Counter series measured in the current evaluation; the others are gone (a target
     /// removed, a UID no longer reported) and their history is dropped.
-    touched: BTreeSet<String>,
+    touched: BTreeSet<Series>,
 }
 
 impl Engine {
@@ -42,12 +71,24 @@ impl Engine {
         }
     }
 
-    /// The increase of counter series `key` over `window` (see [`History::increase`]).
-    fn increase(&mut self, key: String, now: Duration, value: f64, window: Duration) -> f64 {
+    /// The increase of `counter` of `subject` over `window` (see [`History::increase`]).
+    fn increase(
+        &mut self,
+        counter: Counter,
+        subject: Subject,
+        now: Duration,
+        value: f64,
+        window: Duration,
+    ) -> f64 {
         let fresh = self.evaluations > 0;
-        self.touched.insert(key.clone());
+        let series = Series {
+            counter,
+            subject,
+            window,
+        };
+        self.touched.insert(series.clone());
         self.history
-            .entry(key)
+            .entry(series)
             .or_default()
             .increase(now, value, window, fresh)
     }
@@ -80,9 +121,9 @@ impl Engine {
             }
             Stat::ConnDenials => {
                 for c in &stats.conns {
-                    let key = format!("denials/{}/{}", c.uid, window.as_secs());
                     let total = c.denied.total() as f64;
-                    let inc = self.increase(key, now, total, window);
+                    let inc =
+                        self.increase(Counter::Denials, Subject::Uid(c.uid), now, total, window);
                     out.push((format!("user:{}", c.uid), inc));
                 }
             }
@@ -90,13 +131,15 @@ impl Engine {
                 for t in &stats.targets {
                     let Some(cpu) = t.cgroup.cpu else { continue };
                     let throttled = self.increase(
-                        format!("throttled/{}/{}", t.target, window.as_secs()),
+                        Counter::CpuThrottled,
+                        Subject::Target(t.target.clone()),
                         now,
                         cpu.nr_throttled as f64,
                         window,
                     );
                     let periods = self.increase(
-                        format!("periods/{}/{}", t.target, window.as_secs()),
+                        Counter::CpuPeriods,
+                        Subject::Target(t.target.clone()),
                         now,
                         cpu.nr_periods as f64,
                         window,
@@ -107,10 +150,10 @@ impl Engine {
                 }
             }
             Stat::RateDenials | Stat::WouldDeny => {
-                let name = if stat == Stat::RateDenials {
-                    "rate"
+                let counter = if stat == Stat::RateDenials {
+                    Counter::RateDenials
                 } else {
-                    "would"
+                    Counter::WouldDeny
                 };
                 for c in &stats.conns {
                     let total = if stat == Stat::RateDenials {
@@ -118,15 +161,15 @@ impl Engine {
                     } else {
                         c.would_deny.total()
                     };
-                    let key = format!("{name}/{}/{}", c.uid, window.as_secs());
-                    let inc = self.increase(key, now, total as f64, window);
+                    let inc =
+                        self.increase(counter, Subject::Uid(c.uid), now, total as f64, window);
                     out.push((format!("user:{}", c.uid), inc));
                 }
             }
             Stat::EventsLost => {
                 if let Some(host) = &stats.host {
-                    let key = format!("events_lost/{}", window.as_secs());
-                    let inc = self.increase(key, now, host.events_lost as f64, window);
+                    let lost = host.events_lost as f64;
+                    let inc = self.increase(Counter::EventsLost, Subject::Agent, now, lost, window);
                     out.push(("agent".to_string(), inc));
                 }
             }
@@ -144,7 +187,8 @@ impl Engine {
                 for t in &stats.targets {
                     let Some(m) = t.cgroup.memory else { continue };
                     let inc = self.increase(
-                        format!("oom/{}/{}", t.target, window.as_secs()),
+                        Counter::OomKills,
+                        Subject::Target(t.target.clone()),
                         now,
                         m.events_oom_kill as f64,
                         window,
@@ -449,7 +493,7 @@ mod tests {
         let denial_series = e
             .history
             .keys()
-            .filter(|k| k.starts_with("denials/"))
+            .filter(|k| k.counter == Counter::Denials)
             .count();
         assert_eq!(denial_series, 10, "series of vanished UIDs are dropped");
     }
