@@ -124,7 +124,7 @@ mod tests {
             pid: 1,
             comm: "x".into(),
             group: None,
-            reason: reason,
+            reason,
             monitor: false,
             limit: 1,
             destination: "127.0.0.1:1".into(),
