@@ -6,6 +6,7 @@
 mod alerts;
 mod client;
 mod events;
+mod fields;
 mod quota;
 mod run;
 mod show;
@@ -27,72 +28,19 @@ struct Cli {
     command: Command,
 }
 
-/// Quota values, in the config file's forms.
-#[derive(clap::Args, Default)]
-pub struct QuotaArgs {
-    /// CPU as a percentage of one CPU (50%, 250%) or max
-    #[arg(long)]
-    cpu: Option<String>,
-    /// memory.max: 512M, 2G, ... or max
-    #[arg(long)]
-    memory: Option<String>,
-    /// memory.high: 512M, 2G, ... or max
-    #[arg(long)]
-    memory_high: Option<String>,
-    /// pids.max or max
-    #[arg(long)]
-    pids: Option<String>,
-    /// Live connections (of a UID, or of a group's processes together) or max
-    #[arg(long)]
-    conns: Option<String>,
-    /// New connections per second or minute (20/s, 30/min) or max
-    #[arg(long)]
-    conn_rate: Option<String>,
-    /// Connection burst (with --conn-rate; default: the rate's count)
-    #[arg(long)]
-    conn_burst: Option<String>,
-    /// enforce, or monitor: connection limits only count and report what they would deny
-    #[arg(long)]
-    mode: Option<String>,
-}
-
-/// Fields to clear.
-#[derive(clap::Args)]
-pub struct ClearArgs {
-    #[arg(long)]
-    cpu: bool,
-    #[arg(long)]
-    memory: bool,
-    #[arg(long)]
-    memory_high: bool,
-    #[arg(long)]
-    pids: bool,
-    #[arg(long)]
-    conns: bool,
-    #[arg(long)]
-    conn_rate: bool,
-    #[arg(long)]
-    conn_burst: bool,
-    #[arg(long)]
-    mode: bool,
-    /// Every field
-    #[arg(long, conflicts_with_all = ["cpu", "memory", "memory_high", "pids", "conns", "conn_rate", "conn_burst", "mode"])]
-    all: bool,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Set quota fields on a target (user:<uid|name>, user:*, <group>, cgroup:<path>)
     SetQuota {
         target: String,
         #[command(flatten)]
-        quota: QuotaArgs,
+        quota: fields::QuotaArgs,
     },
     /// Clear quota fields of a target (defaults such as user:* apply again)
     ClearQuota {
         target: String,
         #[command(flatten)]
-        fields: ClearArgs,
+        fields: fields::ClearArgs,
     },
     /// Every target's quota, with where each value comes from (config or runtime)
     List,

@@ -1,33 +1,25 @@
 //! `rlctl set-quota` and `rlctl clear-quota`.
 
-use std::{collections::BTreeMap, path::Path, process::ExitCode};
+use std::{path::Path, process::ExitCode};
 
 use rlagent::{
     control::protocol::{ClearQuotaResult, Request, SetQuotaResult},
-    model::{quota::Field, text::escaped},
+    model::text::escaped,
 };
 
 use crate::{
     client::{self, Outcome},
-    usage, ClearArgs, QuotaArgs,
+    fields::{self, ClearArgs, QuotaArgs},
+    usage,
 };
 
 pub fn set(socket: &Path, json: bool, target: String, q: QuotaArgs) -> Result<ExitCode, String> {
-    let quota: BTreeMap<Field, String> = [
-        (Field::Cpu, q.cpu),
-        (Field::Memory, q.memory),
-        (Field::MemoryHigh, q.memory_high),
-        (Field::Pids, q.pids),
-        (Field::Conns, q.conns),
-        (Field::ConnRate, q.conn_rate),
-        (Field::ConnBurst, q.conn_burst),
-        (Field::Mode, q.mode),
-    ]
-    .into_iter()
-    .filter_map(|(f, v)| Some((f, v?)))
-    .collect();
+    let quota = q.0;
     if quota.is_empty() {
-        return usage("set-quota needs at least one of --cpu --memory --memory-high --pids --conns --conn-rate --conn-burst --mode");
+        return usage(&format!(
+            "set-quota needs at least one of {}",
+            fields::flags()
+        ));
     }
     let request = Request::SetQuota { target, quota };
     let r = match client::request::<SetQuotaResult>(socket, json, &request)? {
@@ -58,21 +50,12 @@ pub fn set(socket: &Path, json: bool, target: String, q: QuotaArgs) -> Result<Ex
 }
 
 pub fn clear(socket: &Path, json: bool, target: String, f: ClearArgs) -> Result<ExitCode, String> {
-    let fields: Vec<Field> = [
-        (Field::Cpu, f.cpu),
-        (Field::Memory, f.memory),
-        (Field::MemoryHigh, f.memory_high),
-        (Field::Pids, f.pids),
-        (Field::Conns, f.conns),
-        (Field::ConnRate, f.conn_rate),
-        (Field::ConnBurst, f.conn_burst),
-        (Field::Mode, f.mode),
-    ]
-    .into_iter()
-    .filter_map(|(field, set)| set.then_some(field))
-    .collect();
+    let fields = f.fields;
     if fields.is_empty() && !f.all {
-        return usage("clear-quota needs fields (--cpu, --memory, ...) or --all");
+        return usage(&format!(
+            "clear-quota needs fields ({}) or --all",
+            fields::flags()
+        ));
     }
     let request = Request::ClearQuota {
         target,
