@@ -11,9 +11,12 @@ use prometheus::{
 use crate::{
     model::{
         reason::Reason,
-        usage::{ByReason, RateStats},
+        usage::{
+            ByReason, CgroupStats, GroupConnStats, HostConnStats, ProgramStats, RateStats,
+            UidConnStats,
+        },
     },
-    observe::stats::Stats,
+    observe::stats::{Stats, TargetStats},
 };
 
 /// Metric families in the order they were first added.
@@ -86,197 +89,13 @@ pub fn render(stats: &Stats) -> String {
         1.0,
     );
     for t in &stats.targets {
-        let l = [("target", t.target.clone())];
-        let c = &t.cgroup;
-        e.gauge(
-            "rlagent_processes",
-            "Processes in the target's cgroup.",
-            &l,
-            c.procs as f64,
-        );
-        if let Some(cpu) = c.cpu {
-            e.counter(
-                "rlagent_cpu_usage_seconds_total",
-                "CPU time used by the target.",
-                &l,
-                cpu.usage_usec as f64 / 1e6,
-            );
-            e.counter(
-                "rlagent_cpu_periods_total",
-                "CPU bandwidth periods with runnable tasks.",
-                &l,
-                cpu.nr_periods as f64,
-            );
-            e.counter(
-                "rlagent_cpu_throttled_periods_total",
-                "CPU bandwidth periods in which the target was throttled.",
-                &l,
-                cpu.nr_throttled as f64,
-            );
-            e.counter(
-                "rlagent_cpu_throttled_seconds_total",
-                "Time the target was throttled by its CPU quota.",
-                &l,
-                cpu.throttled_usec as f64 / 1e6,
-            );
-        }
-        if let Some((quota, period)) = c.cpu_max {
-            e.gauge(
-                "rlagent_cpu_quota_cores",
-                "CPU quota in CPUs (cpu.max quota / period).",
-                &l,
-                quota as f64 / period as f64,
-            );
-        }
-        if let Some(m) = c.memory {
-            e.gauge(
-                "rlagent_memory_current_bytes",
-                "Memory charged to the target.",
-                &l,
-                m.current as f64,
-            );
-            if let Some(peak) = m.peak {
-                e.gauge(
-                    "rlagent_memory_peak_bytes",
-                    "Highest memory charged to the target.",
-                    &l,
-                    peak as f64,
-                );
-            }
-            if let Some(max) = m.max {
-                e.gauge(
-                    "rlagent_memory_max_bytes",
-                    "memory.max of the target.",
-                    &l,
-                    max as f64,
-                );
-            }
-            if let Some(high) = m.high {
-                e.gauge(
-                    "rlagent_memory_high_bytes",
-                    "memory.high of the target.",
-                    &l,
-                    high as f64,
-                );
-            }
-            e.counter(
-                "rlagent_memory_oom_kills_total",
-                "Processes of the target killed by the OOM killer.",
-                &l,
-                m.events_oom_kill as f64,
-            );
-            e.counter(
-                "rlagent_memory_high_events_total",
-                "Times the target was throttled for going over memory.high.",
-                &l,
-                m.events_high as f64,
-            );
-        }
-        if let Some(p) = c.pids {
-            e.gauge(
-                "rlagent_pids_current",
-                "Tasks in the target.",
-                &l,
-                p.current as f64,
-            );
-            if let Some(max) = p.max {
-                e.gauge(
-                    "rlagent_pids_max",
-                    "pids.max of the target.",
-                    &l,
-                    max as f64,
-                );
-            }
-            e.counter(
-                "rlagent_pids_denied_total",
-                "fork/clone calls refused by pids.max.",
-                &l,
-                p.events_max as f64,
-            );
-        }
-        for (resource, pressure) in [("cpu", c.cpu_pressure), ("memory", c.memory_pressure)] {
-            let Some(p) = pressure else { continue };
-            let mut labels = vec![
-                ("target", t.target.clone()),
-                ("resource", resource.to_string()),
-                ("kind", "some".to_string()),
-            ];
-            e.counter(
-                "rlagent_pressure_stall_seconds_total",
-                "Time tasks of the target stalled on the resource (PSI).",
-                &labels,
-                p.some_total_usec as f64 / 1e6,
-            );
-            if let Some(full) = p.full_total_usec {
-                labels[2].1 = "full".to_string();
-                e.counter(
-                    "rlagent_pressure_stall_seconds_total",
-                    "Time tasks of the target stalled on the resource (PSI).",
-                    &labels,
-                    full as f64 / 1e6,
-                );
-            }
-        }
+        target_series(&mut e, t);
     }
     for c in &stats.conns {
-        let l = [("uid", c.uid.to_string())];
-        e.gauge(
-            "rlagent_connections_live",
-            "Live connections of the UID.",
-            &l,
-            c.live as f64,
-        );
-        if let Some(cap) = c.cap {
-            e.gauge(
-                "rlagent_connections_cap",
-                "Connection cap of the UID (own or user:* default).",
-                &l,
-                cap as f64,
-            );
-        }
-        e.counter(
-            "rlagent_connections_admitted_total",
-            "connect() calls admitted and charged.",
-            &l,
-            c.admitted as f64,
-        );
-        if let Some(rate) = c.rate {
-            rate_gauges(&mut e, &l, &rate);
-        }
-        reason_counters(&mut e, &UID_REASONS, &l, &c.denied, &c.would_deny);
-        e.counter(
-            "rlagent_connection_events_dropped_total",
-            "Denials (and would-denies) of the UID whose event was not sent: over the per-UID event rate, or the ring buffer was full.",
-            &l,
-            c.events_dropped as f64,
-        );
+        uid_series(&mut e, c);
     }
     for g in &stats.groups {
-        let l = [("group", g.group.clone())];
-        e.gauge(
-            "rlagent_group_connections_live",
-            "Live connections of the group's processes together.",
-            &l,
-            g.live as f64,
-        );
-        if let Some(cap) = g.cap {
-            e.gauge(
-                "rlagent_group_connections_cap",
-                "Connection cap of the group.",
-                &l,
-                cap as f64,
-            );
-        }
-        if let Some(rate) = g.rate {
-            rate_gauges(&mut e, &l, &rate);
-        }
-        e.counter(
-            "rlagent_group_connections_admitted_total",
-            "connect() calls of the group's processes admitted.",
-            &l,
-            g.admitted as f64,
-        );
-        reason_counters(&mut e, &GROUP_REASONS, &l, &g.denied, &g.would_deny);
+        group_series(&mut e, g);
     }
     for ((uid, reason, monitor), count) in &stats.events_received {
         e.counter(
@@ -291,45 +110,279 @@ pub fn render(stats: &Stats) -> String {
         );
     }
     if let Some(host) = &stats.host {
+        host_series(&mut e, host);
+    }
+    agent_series(&mut e, stats);
+    for p in &stats.programs {
+        program_series(&mut e, p);
+    }
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&e.families, &mut out)
+        .expect("text encoding into a Vec");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// A target's cgroup: CPU, memory, pids and pressure.
+fn target_series(e: &mut Exposition, t: &TargetStats) {
+    let l = [("target", t.target.clone())];
+    let c = &t.cgroup;
+    e.gauge(
+        "rlagent_processes",
+        "Processes in the target's cgroup.",
+        &l,
+        c.procs as f64,
+    );
+    cpu_series(e, &l, c);
+    memory_series(e, &l, c);
+    pids_series(e, &l, c);
+    pressure_series(e, &t.target, c);
+}
+
+fn cpu_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
+    if let Some(cpu) = c.cpu {
+        e.counter(
+            "rlagent_cpu_usage_seconds_total",
+            "CPU time used by the target.",
+            l,
+            cpu.usage_usec as f64 / 1e6,
+        );
+        e.counter(
+            "rlagent_cpu_periods_total",
+            "CPU bandwidth periods with runnable tasks.",
+            l,
+            cpu.nr_periods as f64,
+        );
+        e.counter(
+            "rlagent_cpu_throttled_periods_total",
+            "CPU bandwidth periods in which the target was throttled.",
+            l,
+            cpu.nr_throttled as f64,
+        );
+        e.counter(
+            "rlagent_cpu_throttled_seconds_total",
+            "Time the target was throttled by its CPU quota.",
+            l,
+            cpu.throttled_usec as f64 / 1e6,
+        );
+    }
+    if let Some((quota, period)) = c.cpu_max {
         e.gauge(
-            "rlagent_host_connections_live",
-            "Live connections of all UIDs.",
-            &[],
-            host.live as f64,
+            "rlagent_cpu_quota_cores",
+            "CPU quota in CPUs (cpu.max quota / period).",
+            l,
+            quota as f64 / period as f64,
         );
-        e.counter(
-            "rlagent_connections_untracked_total",
-            "connect() calls let through uncounted (a UID without a cap over its share of the maps, or on_full = allow).",
-            &[],
-            host.untracked as f64,
+    }
+}
+
+fn memory_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
+    if let Some(m) = c.memory {
+        e.gauge(
+            "rlagent_memory_current_bytes",
+            "Memory charged to the target.",
+            l,
+            m.current as f64,
         );
-        e.counter(
-            "rlagent_connection_events_lost_total",
-            "Denial events lost because the kernel's ring buffer was full (the agent fell behind).",
-            &[],
-            host.events_lost as f64,
-        );
-        e.counter(
-            "rlagent_connections_denied_full_total",
-            "connect() calls of capped UIDs denied because a kernel map was full (on_full = deny).",
-            &[],
-            host.denied_full as f64,
-        );
-        for m in &host.maps {
+        if let Some(peak) = m.peak {
             e.gauge(
-                "rlagent_bpf_map_entries",
-                "Entries in a kernel map.",
-                &[("map", m.map.clone())],
-                m.entries as f64,
+                "rlagent_memory_peak_bytes",
+                "Highest memory charged to the target.",
+                l,
+                peak as f64,
             );
+        }
+        if let Some(max) = m.max {
             e.gauge(
-                "rlagent_bpf_map_capacity",
-                "Capacity of a kernel map.",
-                &[("map", m.map.clone())],
-                m.capacity as f64,
+                "rlagent_memory_max_bytes",
+                "memory.max of the target.",
+                l,
+                max as f64,
+            );
+        }
+        if let Some(high) = m.high {
+            e.gauge(
+                "rlagent_memory_high_bytes",
+                "memory.high of the target.",
+                l,
+                high as f64,
+            );
+        }
+        e.counter(
+            "rlagent_memory_oom_kills_total",
+            "Processes of the target killed by the OOM killer.",
+            l,
+            m.events_oom_kill as f64,
+        );
+        e.counter(
+            "rlagent_memory_high_events_total",
+            "Times the target was throttled for going over memory.high.",
+            l,
+            m.events_high as f64,
+        );
+    }
+}
+
+fn pids_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
+    if let Some(p) = c.pids {
+        e.gauge(
+            "rlagent_pids_current",
+            "Tasks in the target.",
+            l,
+            p.current as f64,
+        );
+        if let Some(max) = p.max {
+            e.gauge(
+                "rlagent_pids_max",
+                "pids.max of the target.",
+                l,
+                max as f64,
+            );
+        }
+        e.counter(
+            "rlagent_pids_denied_total",
+            "fork/clone calls refused by pids.max.",
+            l,
+            p.events_max as f64,
+        );
+    }
+}
+
+/// PSI: stall time by resource, `some` and (where the kernel has it) `full`.
+fn pressure_series(e: &mut Exposition, target: &str, c: &CgroupStats) {
+    for (resource, pressure) in [("cpu", c.cpu_pressure), ("memory", c.memory_pressure)] {
+        let Some(p) = pressure else { continue };
+        let mut labels = vec![
+            ("target", target.to_string()),
+            ("resource", resource.to_string()),
+            ("kind", "some".to_string()),
+        ];
+        e.counter(
+            "rlagent_pressure_stall_seconds_total",
+            "Time tasks of the target stalled on the resource (PSI).",
+            &labels,
+            p.some_total_usec as f64 / 1e6,
+        );
+        if let Some(full) = p.full_total_usec {
+            labels[2].1 = "full".to_string();
+            e.counter(
+                "rlagent_pressure_stall_seconds_total",
+                "Time tasks of the target stalled on the resource (PSI).",
+                &labels,
+                full as f64 / 1e6,
             );
         }
     }
+}
+
+/// A UID's connections: live, cap, rate and the counters by reason.
+fn uid_series(e: &mut Exposition, c: &UidConnStats) {
+    let l = [("uid", c.uid.to_string())];
+    e.gauge(
+        "rlagent_connections_live",
+        "Live connections of the UID.",
+        &l,
+        c.live as f64,
+    );
+    if let Some(cap) = c.cap {
+        e.gauge(
+            "rlagent_connections_cap",
+            "Connection cap of the UID (own or user:* default).",
+            &l,
+            cap as f64,
+        );
+    }
+    e.counter(
+        "rlagent_connections_admitted_total",
+        "connect() calls admitted and charged.",
+        &l,
+        c.admitted as f64,
+    );
+    if let Some(rate) = c.rate {
+        rate_gauges(e, &l, &rate);
+    }
+    reason_counters(e, &UID_REASONS, &l, &c.denied, &c.would_deny);
+    e.counter(
+        "rlagent_connection_events_dropped_total",
+        "Denials (and would-denies) of the UID whose event was not sent: over the per-UID event rate, or the ring buffer was full.",
+        &l,
+        c.events_dropped as f64,
+    );
+}
+
+/// A group's connections, as [`uid_series`] for a UID.
+fn group_series(e: &mut Exposition, g: &GroupConnStats) {
+    let l = [("group", g.group.clone())];
+    e.gauge(
+        "rlagent_group_connections_live",
+        "Live connections of the group's processes together.",
+        &l,
+        g.live as f64,
+    );
+    if let Some(cap) = g.cap {
+        e.gauge(
+            "rlagent_group_connections_cap",
+            "Connection cap of the group.",
+            &l,
+            cap as f64,
+        );
+    }
+    if let Some(rate) = g.rate {
+        rate_gauges(e, &l, &rate);
+    }
+    e.counter(
+        "rlagent_group_connections_admitted_total",
+        "connect() calls of the group's processes admitted.",
+        &l,
+        g.admitted as f64,
+    );
+    reason_counters(e, &GROUP_REASONS, &l, &g.denied, &g.would_deny);
+}
+
+/// The host's connections and the kernel maps.
+fn host_series(e: &mut Exposition, host: &HostConnStats) {
+    e.gauge(
+        "rlagent_host_connections_live",
+        "Live connections of all UIDs.",
+        &[],
+        host.live as f64,
+    );
+    e.counter(
+        "rlagent_connections_untracked_total",
+        "connect() calls let through uncounted (a UID without a cap over its share of the maps, or on_full = allow).",
+        &[],
+        host.untracked as f64,
+    );
+    e.counter(
+        "rlagent_connection_events_lost_total",
+        "Denial events lost because the kernel's ring buffer was full (the agent fell behind).",
+        &[],
+        host.events_lost as f64,
+    );
+    e.counter(
+        "rlagent_connections_denied_full_total",
+        "connect() calls of capped UIDs denied because a kernel map was full (on_full = deny).",
+        &[],
+        host.denied_full as f64,
+    );
+    for m in &host.maps {
+        e.gauge(
+            "rlagent_bpf_map_entries",
+            "Entries in a kernel map.",
+            &[("map", m.map.clone())],
+            m.entries as f64,
+        );
+        e.gauge(
+            "rlagent_bpf_map_capacity",
+            "Capacity of a kernel map.",
+            &[("map", m.map.clone())],
+            m.capacity as f64,
+        );
+    }
+}
+
+/// The agent's own state: placement, pins, budgets, skipped targets, alerts.
+fn agent_series(e: &mut Exposition, stats: &Stats) {
     e.counter(
         "rlagent_placement_moves_total",
         "Processes the agent moved into their target's cgroup.",
@@ -364,26 +417,23 @@ pub fn render(stats: &Stats) -> String {
         &[],
         stats.alerts_firing as f64,
     );
-    for p in &stats.programs {
-        let l = [("program", p.program.clone())];
-        e.counter(
-            "rlagent_bpf_program_runs_total",
-            "Runs of the kernel program (with kernel.bpf_stats_enabled).",
-            &l,
-            p.runs as f64,
-        );
-        e.counter(
-            "rlagent_bpf_program_run_seconds_total",
-            "Time spent in the kernel program.",
-            &l,
-            p.run_seconds,
-        );
-    }
-    let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&e.families, &mut out)
-        .expect("text encoding into a Vec");
-    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// One kernel program's run count and time.
+fn program_series(e: &mut Exposition, p: &ProgramStats) {
+    let l = [("program", p.program.clone())];
+    e.counter(
+        "rlagent_bpf_program_runs_total",
+        "Runs of the kernel program (with kernel.bpf_stats_enabled).",
+        &l,
+        p.runs as f64,
+    );
+    e.counter(
+        "rlagent_bpf_program_run_seconds_total",
+        "Time spent in the kernel program.",
+        &l,
+        p.run_seconds,
+    );
 }
 
 /// The token bucket of a UID or group (labels `l`).
