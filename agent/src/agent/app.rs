@@ -24,21 +24,19 @@ use crate::{
     desired::{state::RuntimeState, Desired},
     kernel::{self, Enforcer, KernelError, Observer},
     model::{
-        alert::{Alert, State},
-        error_chain,
+        alert::Alert,
         event::DenialEvent,
         quota::Field,
         target::{Target, TargetError},
         users::UserDb,
     },
     observe::{
-        alerts::{alertmanager, Engine},
+        alerts::Engine,
         budget::Budgets,
         events::EventLog,
         stats::{Stats, TargetStats},
     },
 };
-use kernel::bpf::events::EventReader;
 
 /// The GID of the control group (`[control] group`), `None` when there is none or the
 /// look-up fails (logged). The socket's group (at bind) and the operator check ask through
@@ -368,40 +366,8 @@ impl App {
         &self.events
     }
 
-    /// Reads the programs' denial events as they arrive, for as long as the agent runs.
-    pub async fn run_events(self: Arc<Self>, reader: EventReader) {
-        // Readable interest only: a ring buffer's fd never becomes writable for us.
-        // SAFETY: the reader owns the ring buffer's fd, which stays open and the same
-        // until the reader (owned by the AsyncFd) is dropped.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(reader, tokio::io::Interest::READABLE)
-        };
-        let mut reader = match registered {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::error!("cannot watch the denial event ring buffer: {e}; no denial events will be logged");
-                return;
-            }
-        };
-        loop {
-            let mut guard = match reader.readable_mut().await {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::error!("watching the denial event ring buffer failed: {e}");
-                    return;
-                }
-            };
-            let mut batch = Vec::new();
-            while let Some(raw) = guard.get_inner_mut().next_event() {
-                batch.push(raw);
-            }
-            guard.clear_ready();
-            self.record_events(&batch);
-        }
-    }
-
     /// Turns the programs' records into events: wall-clock time, group names.
-    fn record_events(&self, batch: &[rlagent_common::DenyEvent]) {
+    pub fn record_events(&self, batch: &[rlagent_common::DenyEvent]) {
         if batch.is_empty() {
             return;
         }
@@ -441,43 +407,10 @@ impl App {
         Ok(())
     }
 
-    /// Every 2 s, follows the groups' cgroups (see [`Self::refresh_groups`]).
-    pub async fn run_group_refresh(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            if !self.snapshot().desired.conns.groups.is_empty() {
-                if let Err(e) = self
-                    .blocking("group limits", |app| app.refresh_groups())
-                    .await
-                    .and_then(|r| r)
-                {
-                    tracing::warn!(
-                        "applying the limits of a new group's cgroup failed: {}",
-                        error_chain(&e)
-                    );
-                }
-            }
-        }
-    }
-
-    /// Every `[bpf] uid_retire_interval`, retires the counters of UIDs idle since the
-    /// last round (see [`Agent::retire_idle`]), so counters never run out however many
-    /// UIDs connect over time.
-    pub async fn run_retire(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(self.snapshot().config.bpf.uid_retire_interval).await;
-            match self
-                .blocking("retiring idle UID counters", |app| {
-                    app.with_agent("retiring idle UID counters", |agent| agent.retire_idle())
-                })
-                .await
-                .and_then(|r| r)
-            {
-                Ok(0) => {}
-                Ok(retired) => tracing::debug!(retired, "idle UID counters retired"),
-                Err(e) => tracing::warn!("retiring idle UID counters failed: {}", error_chain(&e)),
-            }
-        }
+    /// One round of retiring idle per-UID counters (see [`Agent::retire_idle`]); returns
+    /// how many were retired. Blocking.
+    pub fn retire_idle(&self) -> Result<usize, AppError> {
+        self.with_agent("retiring idle UID counters", |agent| agent.retire_idle())
     }
 
     /// The status; with `host`, also the host's layout and what is enforced.
@@ -542,56 +475,6 @@ impl App {
             let _ = self.alert_events.send(alert.clone());
         }
         Ok(transitions)
-    }
-
-    /// The alert loop: a baseline evaluation now (counters that exist predate this agent;
-    /// anything that appears later counts from zero), then one every `[alerts] interval`,
-    /// with firing alerts re-sent to the Alertmanager each time (it expires alerts that
-    /// stop arriving) and resolved ones once.
-    pub async fn run_alerts(self: Arc<Self>) {
-        let started = Instant::now();
-        if let Err(e) = self
-            .blocking("alert evaluation", |app| {
-                app.evaluate_alerts(Duration::ZERO)
-            })
-            .await
-            .and_then(|r| r)
-        {
-            tracing::warn!("alert baseline skipped: {}", error_chain(&e));
-        }
-        let config = &self.snapshot().config;
-        let alertmanager = config.alertmanager.clone().map(|url| {
-            // Alerts of many hosts meet in one Alertmanager: each says which host it is.
-            let mut labels = config.alert_labels.clone();
-            let instance = config.alert_instance.clone().unwrap_or_else(|| {
-                nix::unistd::gethostname()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| "unknown".to_string())
-            });
-            labels.insert("instance".to_string(), instance);
-            alertmanager::start(url, labels)
-        });
-        loop {
-            tokio::time::sleep(self.snapshot().config.alert_interval).await;
-            let evaluated = self
-                .blocking("alert evaluation", move |app| {
-                    let transitions = app.evaluate_alerts(started.elapsed())?;
-                    let mut batch = app.alerts();
-                    batch.extend(
-                        transitions
-                            .into_iter()
-                            .filter(|a| a.state == State::Resolved),
-                    );
-                    Ok::<_, AppError>(batch)
-                })
-                .await
-                .and_then(|r| r);
-            match (evaluated, &alertmanager) {
-                (Ok(batch), Some(am)) => am.send(&batch),
-                (Ok(_), None) => {}
-                (Err(e), _) => tracing::warn!("alert evaluation skipped: {}", error_chain(&e)),
-            }
-        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod app;
 pub mod error;
 pub mod reconcile;
 pub mod status;
+pub mod tasks;
 
 pub use app::{collect_stats, resolve_driver, App, Snapshot};
 pub use error::{AppError, Refusal};

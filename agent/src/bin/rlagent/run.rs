@@ -6,7 +6,7 @@ use std::{path::Path, sync::Arc};
 
 use anyhow::Context;
 use rlagent::{
-    agent::App,
+    agent::{tasks, App},
     config::Config,
     control::server,
     kernel::nss::SystemUsers,
@@ -39,12 +39,12 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let scrapes = app.clone();
         let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
         tokio::spawn(metrics::serve(metrics_listener, collect, app.budgets()));
-        tokio::spawn(app.clone().run_alerts());
-        tokio::spawn(app.clone().run_group_refresh());
-        tokio::spawn(app.clone().run_retire());
+        tokio::spawn(tasks::alerts(app.clone()));
+        tokio::spawn(tasks::group_refresh(app.clone()));
+        tokio::spawn(tasks::retire(app.clone()));
         match rlagent::kernel::bpf::events::EventReader::open(&app.snapshot().config.bpf.pin_path) {
             Ok(reader) => {
-                tokio::spawn(app.clone().run_events(reader));
+                tokio::spawn(tasks::events(app.clone(), reader));
             }
             Err(e) => tracing::error!(
                 "cannot open the denial event ring buffer: {}; denials are still counted, but not logged one by one",

@@ -232,12 +232,7 @@ fn pids_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
             p.current as f64,
         );
         if let Some(max) = p.max {
-            e.gauge(
-                "rlagent_pids_max",
-                "pids.max of the target.",
-                l,
-                max as f64,
-            );
+            e.gauge("rlagent_pids_max", "pids.max of the target.", l, max as f64);
         }
         e.counter(
             "rlagent_pids_denied_total",
