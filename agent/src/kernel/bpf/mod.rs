@@ -59,6 +59,58 @@ use crate::{
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rlagent-ebpf.o"));
 
+/// The groups of a [`ConnLimits`] as the programs see them: by cgroup id, with the
+/// levels their cgroups sit at, and the groups the programs cannot see, with the reason.
+struct SeenGroups {
+    policies: BTreeMap<u64, Policy>,
+    ids: BTreeMap<String, u64>,
+    /// Bit n: a group's cgroup is at level n.
+    levels: u64,
+    unenforced: BTreeMap<String, GroupUnenforced>,
+}
+
+impl SeenGroups {
+    /// A group's cgroup is found under `mount` (its id is what the programs see); one
+    /// outside `attach` (the attach cgroup, relative to the mount), too deep, or not there
+    /// yet is left out.
+    fn resolve(limits: &ConnLimits, mount: &Path, attach: &Path) -> Self {
+        let fs = crate::kernel::cgroup::CgroupFs::new(mount);
+        let mut seen = Self {
+            policies: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            levels: 0,
+            unenforced: BTreeMap::new(),
+        };
+        for (name, group) in &limits.groups {
+            let level = group.cgroup.components().count() as u32;
+            let found = if !group.cgroup.starts_with(attach) {
+                Err(GroupUnenforced::OutsideAttach {
+                    cgroup: group.cgroup.clone(),
+                    attach: attach.to_path_buf(),
+                })
+            } else if level >= MAX_GROUP_LEVEL {
+                Err(GroupUnenforced::TooDeep {
+                    cgroup: group.cgroup.clone(),
+                    deepest: MAX_GROUP_LEVEL - 1,
+                })
+            } else {
+                fs.id(&group.cgroup).ok_or(GroupUnenforced::CgroupMissing)
+            };
+            match found {
+                Ok(id) => {
+                    seen.levels |= 1 << level;
+                    seen.policies.insert(id, group.policy);
+                    seen.ids.insert(name.clone(), id);
+                }
+                Err(reason) => {
+                    seen.unenforced.insert(name.clone(), reason);
+                }
+            }
+        }
+        seen
+    }
+}
+
 /// Oldest kernel with everything the programs use: cgroup bpf_link (5.7), sock_release
 /// (5.9), bpf_get_socket_cookie in cgroup/sock (5.11), bpf_set_retval (5.18),
 /// bpf_skc_to_mptcp_sock (5.19), and the calling task's pid and comm in cgroup programs
@@ -476,38 +528,7 @@ impl ConnLimiter {
         mount: &Path,
         attach: &Path,
     ) -> Result<BTreeMap<String, GroupUnenforced>, BpfError> {
-        let fs = crate::kernel::cgroup::CgroupFs::new(mount);
-        let mut groups: BTreeMap<u64, Policy> = BTreeMap::new();
-        let mut group_ids = BTreeMap::new();
-        let mut levels = 0u64;
-        let mut unenforced = BTreeMap::new();
-        for (name, group) in &limits.groups {
-            let level = group.cgroup.components().count() as u32;
-            let reason = if !group.cgroup.starts_with(attach) {
-                Some(GroupUnenforced::OutsideAttach {
-                    cgroup: group.cgroup.clone(),
-                    attach: attach.to_path_buf(),
-                })
-            } else if level >= MAX_GROUP_LEVEL {
-                Some(GroupUnenforced::TooDeep {
-                    cgroup: group.cgroup.clone(),
-                    deepest: MAX_GROUP_LEVEL - 1,
-                })
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                unenforced.insert(name.clone(), reason);
-                continue;
-            }
-            let Some(id) = fs.id(&group.cgroup) else {
-                unenforced.insert(name.clone(), GroupUnenforced::CgroupMissing);
-                continue;
-            };
-            levels |= 1 << level;
-            groups.insert(id, group.policy);
-            group_ids.insert(name.clone(), id);
-        }
+        let seen = SeenGroups::resolve(limits, mount, attach);
         let budget = u64::from(self.socket_capacity / 2);
         if limits.host_cap != rlagent_common::UNLIMITED && limits.host_cap > budget {
             return Err(BpfError::HostCapOverBudget {
@@ -517,13 +538,21 @@ impl ConnLimiter {
             });
         }
         let mut settings = self.agent_settings(limits.settings(self.socket_capacity))?;
-        settings.group_levels = levels;
+        settings.group_levels = seen.levels;
         let mut settings_map: Array<&mut MapData, Settings> =
             typed_map_mut(&mut self.ebpf, names::SETTINGS)?;
         settings_map
             .set(0, settings, 0)
             .map_err(map_error(names::SETTINGS))?;
+        self.write_uids(limits)?;
+        self.write_groups(&seen.policies)?;
+        self.group_ids = seen.ids;
+        Ok(seen.unenforced)
+    }
 
+    /// The per-UID policies, the subordinate ranges, and counters for every UID with a
+    /// limit of its own.
+    fn write_uids(&mut self, limits: &ConnLimits) -> Result<(), BpfError> {
         sync_policies(
             typed_map_mut(&mut self.ebpf, names::UID_CAPS)?,
             names::UID_CAPS,
@@ -533,8 +562,8 @@ impl ConnLimiter {
             typed_map_mut(&mut self.ebpf, names::SUBUID)?,
             &limits.subordinate,
         )?;
-        // Counters for every UID with a limit of its own, made now: such a UID is counted
-        // however many other UIDs have connected since (an error here names a full map).
+        // Made now: such a UID is counted however many other UIDs have connected since
+        // (an error here names a full map).
         let limited: BTreeSet<u32> = limits
             .per_uid
             .iter()
@@ -545,7 +574,11 @@ impl ConnLimiter {
             typed_map_mut(&mut self.ebpf, names::UID_CONNS)?,
             names::UID_CONNS,
             &limited,
-        )?;
+        )
+    }
+
+    /// The groups' counters and policies (by cgroup id), and the counters of groups gone.
+    fn write_groups(&mut self, groups: &BTreeMap<u64, Policy>) -> Result<(), BpfError> {
         // A group's counters exist before its policy, so a program that finds the policy
         // finds the counters; stale counters go once nothing is charged to them.
         let ids: BTreeSet<u64> = groups.keys().copied().collect();
@@ -557,7 +590,7 @@ impl ConnLimiter {
         sync_policies(
             typed_map_mut(&mut self.ebpf, names::GROUP_POLICY)?,
             names::GROUP_POLICY,
-            &groups,
+            groups,
         )?;
         // Counters of groups gone since an earlier write, once nothing is charged to them:
         // a program that found the policy just before it went may still be adding, so
@@ -575,8 +608,7 @@ impl ConnLimiter {
             }
         }
         self.retired = gone;
-        self.group_ids = group_ids;
-        Ok(unenforced)
+        Ok(())
     }
 
     /// One round of retiring idle UID counters, so they never run out however many UIDs
