@@ -24,7 +24,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
-    inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{nlas::Nla, ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags},
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
@@ -210,6 +210,45 @@ fn select(all: &[(u8, DiagSocket)], cgroups: Option<&HashSet<u64>>) -> Vec<OpenC
 }
 
 fn dump(family: u8, protocol: u8, tag: u8) -> Result<Vec<(u8, DiagSocket)>, SeedError> {
+    let socket = send_dump_request(family, protocol)?;
+    let mut out = Vec::new();
+    let mut receive = vec![0u8; 1 << 16];
+    loop {
+        let size = socket
+            .recv(&mut &mut receive[..], 0)
+            .map_err(seed_error("recv"))?;
+        let mut offset = 0;
+        while offset < size {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
+                .map_err(|e| {
+                    seed_error("parse")(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ))
+                })?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    out.push((tag, diag_socket(&r)));
+                }
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    return Err(seed_error("dump")(std::io::Error::from_raw_os_error(
+                        e.code.map_or(libc::EIO, |c| -c.get()),
+                    )))
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+/// A sock_diag socket that has asked for every socket of `family` and `protocol`.
+fn send_dump_request(family: u8, protocol: u8) -> Result<Socket, SeedError> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(seed_error("socket"))?;
     socket.bind_auto().map_err(seed_error("bind"))?;
     socket
@@ -237,71 +276,39 @@ fn dump(family: u8, protocol: u8, tag: u8) -> Result<Vec<(u8, DiagSocket)>, Seed
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
     socket.send(&buf, 0).map_err(seed_error("send"))?;
+    Ok(socket)
+}
 
-    let mut out = Vec::new();
-    let mut receive = vec![0u8; 1 << 16];
-    loop {
-        let size = socket
-            .recv(&mut &mut receive[..], 0)
-            .map_err(seed_error("recv"))?;
-        let mut offset = 0;
-        while offset < size {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&receive[offset..size])
-                .map_err(|e| {
-                    seed_error("parse")(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        e.to_string(),
-                    ))
-                })?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    let cgroup = r.nlas.iter().find_map(|nla| match nla {
-                        Nla::Other(other) if other.kind() == INET_DIAG_CGROUP_ID => {
-                            let mut value = [0u8; 8];
-                            (other.value_len() == 8).then(|| {
-                                other.emit_value(&mut value);
-                                u64::from_ne_bytes(value)
-                            })
-                        }
-                        _ => None,
-                    });
-                    let ulp = r.nlas.iter().find_map(|nla| match nla {
-                        Nla::Other(other) if other.kind() == INET_DIAG_ULP_INFO => {
-                            let mut value = vec![0u8; other.value_len()];
-                            other.emit_value(&mut value);
-                            ulp_name(&value)
-                        }
-                        _ => None,
-                    });
-                    out.push((
-                        tag,
-                        DiagSocket {
-                            family: r.header.family,
-                            state: r.header.state,
-                            local_port: r.header.socket_id.source_port,
-                            // idiag_cookie is two u32 in host order, low word first.
-                            cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
-                            uid: r.header.uid,
-                            inode: r.header.inode,
-                            cgroup,
-                            ulp,
-                        },
-                    ));
-                }
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => {
-                    return Err(seed_error("dump")(std::io::Error::from_raw_os_error(
-                        e.code.map_or(libc::EIO, |c| -c.get()),
-                    )))
-                }
-                _ => {}
-            }
-            if length == 0 {
-                break;
-            }
-            offset += length;
+/// One socket of a dump: its header, the cgroup id and the ULP name.
+fn diag_socket(r: &InetResponse) -> DiagSocket {
+    let cgroup = r.nlas.iter().find_map(|nla| match nla {
+        Nla::Other(other) if other.kind() == INET_DIAG_CGROUP_ID => {
+            let mut value = [0u8; 8];
+            (other.value_len() == 8).then(|| {
+                other.emit_value(&mut value);
+                u64::from_ne_bytes(value)
+            })
         }
+        _ => None,
+    });
+    let ulp = r.nlas.iter().find_map(|nla| match nla {
+        Nla::Other(other) if other.kind() == INET_DIAG_ULP_INFO => {
+            let mut value = vec![0u8; other.value_len()];
+            other.emit_value(&mut value);
+            ulp_name(&value)
+        }
+        _ => None,
+    });
+    DiagSocket {
+        family: r.header.family,
+        state: r.header.state,
+        local_port: r.header.socket_id.source_port,
+        // idiag_cookie is two u32 in host order, low word first.
+        cookie: u64::from_ne_bytes(r.header.socket_id.cookie),
+        uid: r.header.uid,
+        inode: r.header.inode,
+        cgroup,
+        ulp,
     }
 }
 
