@@ -12,7 +12,7 @@ use super::{
     },
 };
 use crate::{
-    agent::{App, AppError, Refusal},
+    agent::{App, AppError, Refusal, Snapshot},
     model::{
         error_chain,
         event::DenialEvent,
@@ -20,7 +20,7 @@ use crate::{
         reason::Reason,
         target::{Target, UserRef},
         units::rate_text,
-        usage::RateStats,
+        usage::{GroupConnStats, RateStats, UidConnStats},
     },
     observe::events::RECENT_EVENTS,
 };
@@ -293,16 +293,10 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
     let counters = stats.conns.iter().find(|c| c.uid == uid).cloned();
     let events = app.events().recent(Some(uid), RECENT_EVENTS);
     let snapshot = app.snapshot();
-    let own = snapshot.desired.quotas.get(&target);
-    let source = |field: Field| {
-        if own.is_some_and(|q| q.text(field).is_some()) {
-            format!("{field} of {target}")
-        } else {
-            format!(
-                "{field} of user:* (the default from uid {} up)",
-                snapshot.desired.conns.uid_min
-            )
-        }
+    let limits = WhyLimits {
+        target: &target,
+        snapshot: &snapshot,
+        counters: counters.as_ref(),
     };
     let mut reasons = Vec::new();
     for reason in Reason::ALL {
@@ -317,44 +311,7 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
             .last()
             .and_then(|e| e.group.clone())
             .and_then(|g| stats.groups.iter().find(|s| s.group == g).cloned());
-        let limit = match reason {
-            Reason::Cap => format!(
-                "{} = {} ({} live now)",
-                source(Field::Conns),
-                counters
-                    .as_ref()
-                    .and_then(|c| c.cap)
-                    .map_or("none now".to_string(), |c| c.to_string()),
-                counters.as_ref().map_or(0, |c| c.live)
-            ),
-            Reason::Rate => format!(
-                "{} = {}",
-                source(Field::ConnRate),
-                bucket_text(counters.as_ref().and_then(|c| c.rate.as_ref()))
-            ),
-            Reason::HostCap => format!(
-                "[bpf] host_conns = {}",
-                crate::agent::cap_text(snapshot.desired.conns.host_cap)
-            ),
-            Reason::Group | Reason::GroupRate => match &group {
-                Some(g) if reason == Reason::Group => format!(
-                    "conns of group:{} = {} ({} live now)",
-                    g.group,
-                    g.cap.map_or("none now".to_string(), |c| c.to_string()),
-                    g.live
-                ),
-                Some(g) => format!(
-                    "conn_rate of group:{} = {}",
-                    g.group,
-                    bucket_text(g.rate.as_ref())
-                ),
-                None => "a group's limit (the group has no limits now)".to_string(),
-            },
-            Reason::Full => {
-                "a kernel map was full ([bpf] on_full = \"deny\"; see rlagent_bpf_map_entries)"
-                    .to_string()
-            }
-        };
+        let limit = limits.text(reason, group.as_ref());
         reasons.push(WhyReason {
             reason,
             denied,
@@ -372,6 +329,71 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
         reasons,
         events: events.into_iter().skip(skip).collect(),
     }))
+}
+
+/// What `why` needs to name the limit behind a reason, as it is now.
+struct WhyLimits<'a> {
+    target: &'a Target,
+    snapshot: &'a Snapshot,
+    counters: Option<&'a UidConnStats>,
+}
+
+impl WhyLimits<'_> {
+    /// Where the UID's `field` comes from: its own quota or the `user:*` default.
+    fn source(&self, field: Field) -> String {
+        let own = self.snapshot.desired.quotas.get(self.target);
+        if own.is_some_and(|q| q.text(field).is_some()) {
+            format!("{field} of {}", self.target)
+        } else {
+            format!(
+                "{field} of user:* (the default from uid {} up)",
+                self.snapshot.desired.conns.uid_min
+            )
+        }
+    }
+
+    /// The limit behind `reason`, with its value now; `group` is the group of the last
+    /// event of that reason.
+    fn text(&self, reason: Reason, group: Option<&GroupConnStats>) -> String {
+        let counters = self.counters;
+        match (reason, group) {
+            (Reason::Cap, _) => format!(
+                "{} = {} ({} live now)",
+                self.source(Field::Conns),
+                counters
+                    .and_then(|c| c.cap)
+                    .map_or("none now".to_string(), |c| c.to_string()),
+                counters.map_or(0, |c| c.live)
+            ),
+            (Reason::Rate, _) => format!(
+                "{} = {}",
+                self.source(Field::ConnRate),
+                bucket_text(counters.and_then(|c| c.rate.as_ref()))
+            ),
+            (Reason::HostCap, _) => format!(
+                "[bpf] host_conns = {}",
+                crate::agent::cap_text(self.snapshot.desired.conns.host_cap)
+            ),
+            (Reason::Group, Some(g)) => format!(
+                "conns of group:{} = {} ({} live now)",
+                g.group,
+                g.cap.map_or("none now".to_string(), |c| c.to_string()),
+                g.live
+            ),
+            (Reason::GroupRate, Some(g)) => format!(
+                "conn_rate of group:{} = {}",
+                g.group,
+                bucket_text(g.rate.as_ref())
+            ),
+            (Reason::Group | Reason::GroupRate, None) => {
+                "a group's limit (the group has no limits now)".to_string()
+            }
+            (Reason::Full, _) => {
+                "a kernel map was full ([bpf] on_full = \"deny\"; see rlagent_bpf_map_entries)"
+                    .to_string()
+            }
+        }
+    }
 }
 
 /// A token bucket in words: `5/s, burst 3, 2 tokens left now`.
