@@ -14,7 +14,10 @@ use std::{
 
 use super::history::History;
 use crate::{
-    model::alert::{Alert, Rule, Stat, State},
+    model::{
+        alert::{Alert, Rule, Stat, State},
+        usage::UidConnStats,
+    },
     observe::stats::Stats,
 };
 
@@ -44,6 +47,13 @@ enum Subject {
 struct Series {
     counter: Counter,
     subject: Subject,
+    window: Duration,
+}
+
+/// When an evaluation measures, and over which window a rule reads its counters.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    now: Duration,
     window: Duration,
 }
 
@@ -93,7 +103,8 @@ impl Engine {
             .increase(now, value, window, fresh)
     }
 
-    /// Values of `stat` per target at `now`.
+    /// Values of `stat` per target at `now`: gauges as they are, counters as their
+    /// increase over `window`.
     fn measure(
         &mut self,
         stat: Stat,
@@ -101,100 +112,104 @@ impl Engine {
         stats: &Stats,
         now: Duration,
     ) -> Vec<(String, f64)> {
-        let mut out = Vec::new();
+        let at = At { now, window };
         match stat {
-            Stat::MemoryUsageRatio => {
-                for t in &stats.targets {
-                    if let Some(m) = t.cgroup.memory {
-                        if let Some(max) = m.max.filter(|m| *m > 0) {
-                            out.push((t.target.clone(), m.current as f64 / max as f64));
-                        }
-                    }
-                }
+            Stat::MemoryUsageRatio => stats
+                .targets
+                .iter()
+                .filter_map(|t| {
+                    let m = t.cgroup.memory?;
+                    let max = m.max.filter(|m| *m > 0)?;
+                    Some((t.target.clone(), m.current as f64 / max as f64))
+                })
+                .collect(),
+            Stat::ConnsRatio => stats
+                .conns
+                .iter()
+                .filter_map(|c| {
+                    let cap = c.cap.filter(|c| *c > 0)?;
+                    Some((format!("user:{}", c.uid), c.live as f64 / cap as f64))
+                })
+                .collect(),
+            Stat::PinsMissing => stats
+                .pins_missing
+                .map(|missing| ("agent".to_string(), missing as f64))
+                .into_iter()
+                .collect(),
+            Stat::MapFillRatio => stats
+                .host
+                .iter()
+                .flat_map(|h| &h.maps)
+                .map(|m| (m.map.clone(), m.ratio()))
+                .collect(),
+            Stat::ConnDenials => self.per_uid(Counter::Denials, stats, at, |c| c.denied.total()),
+            Stat::RateDenials => self.per_uid(Counter::RateDenials, stats, at, |c| {
+                c.denied.rate + c.denied.group_rate
+            }),
+            Stat::WouldDeny => {
+                self.per_uid(Counter::WouldDeny, stats, at, |c| c.would_deny.total())
             }
-            Stat::ConnsRatio => {
-                for c in &stats.conns {
-                    if let Some(cap) = c.cap.filter(|c| *c > 0) {
-                        out.push((format!("user:{}", c.uid), c.live as f64 / cap as f64));
-                    }
-                }
-            }
-            Stat::ConnDenials => {
-                for c in &stats.conns {
-                    let total = c.denied.total() as f64;
-                    let inc =
-                        self.increase(Counter::Denials, Subject::Uid(c.uid), now, total, window);
-                    out.push((format!("user:{}", c.uid), inc));
-                }
-            }
-            Stat::CpuThrottledRatio => {
-                for t in &stats.targets {
-                    let Some(cpu) = t.cgroup.cpu else { continue };
-                    let throttled = self.increase(
-                        Counter::CpuThrottled,
-                        Subject::Target(t.target.clone()),
-                        now,
-                        cpu.nr_throttled as f64,
-                        window,
-                    );
-                    let periods = self.increase(
-                        Counter::CpuPeriods,
-                        Subject::Target(t.target.clone()),
-                        now,
-                        cpu.nr_periods as f64,
-                        window,
-                    );
-                    if periods > 0.0 {
-                        out.push((t.target.clone(), throttled / periods));
-                    }
-                }
-            }
-            Stat::RateDenials | Stat::WouldDeny => {
-                let counter = if stat == Stat::RateDenials {
-                    Counter::RateDenials
-                } else {
-                    Counter::WouldDeny
-                };
-                for c in &stats.conns {
-                    let total = if stat == Stat::RateDenials {
-                        c.denied.rate + c.denied.group_rate
-                    } else {
-                        c.would_deny.total()
-                    };
-                    let inc =
-                        self.increase(counter, Subject::Uid(c.uid), now, total as f64, window);
-                    out.push((format!("user:{}", c.uid), inc));
-                }
-            }
-            Stat::EventsLost => {
-                if let Some(host) = &stats.host {
+            Stat::CpuThrottledRatio => self.throttled_ratios(stats, at),
+            Stat::EventsLost => match &stats.host {
+                Some(host) => {
                     let lost = host.events_lost as f64;
-                    let inc = self.increase(Counter::EventsLost, Subject::Agent, now, lost, window);
-                    out.push(("agent".to_string(), inc));
+                    let inc =
+                        self.increase(Counter::EventsLost, Subject::Agent, at.now, lost, at.window);
+                    vec![("agent".to_string(), inc)]
                 }
-            }
-            Stat::PinsMissing => {
-                if let Some(missing) = stats.pins_missing {
-                    out.push(("agent".to_string(), missing as f64));
-                }
-            }
-            Stat::MapFillRatio => {
-                for m in stats.host.iter().flat_map(|h| &h.maps) {
-                    out.push((m.map.clone(), m.ratio()));
-                }
-            }
-            Stat::OomKills => {
-                for t in &stats.targets {
-                    let Some(m) = t.cgroup.memory else { continue };
-                    let inc = self.increase(
-                        Counter::OomKills,
-                        Subject::Target(t.target.clone()),
-                        now,
-                        m.events_oom_kill as f64,
-                        window,
-                    );
-                    out.push((t.target.clone(), inc));
-                }
+                None => Vec::new(),
+            },
+            Stat::OomKills => stats
+                .targets
+                .iter()
+                .filter_map(|t| {
+                    let m = t.cgroup.memory?;
+                    let subject = Subject::Target(t.target.clone());
+                    let kills = m.events_oom_kill as f64;
+                    let inc = self.increase(Counter::OomKills, subject, at.now, kills, at.window);
+                    Some((t.target.clone(), inc))
+                })
+                .collect(),
+        }
+    }
+
+    /// The increase of a per-UID counter (`value` of a UID's stats), by UID.
+    fn per_uid(
+        &mut self,
+        counter: Counter,
+        stats: &Stats,
+        at: At,
+        value: impl Fn(&UidConnStats) -> u64,
+    ) -> Vec<(String, f64)> {
+        stats
+            .conns
+            .iter()
+            .map(|c| {
+                let total = value(c) as f64;
+                let inc = self.increase(counter, Subject::Uid(c.uid), at.now, total, at.window);
+                (format!("user:{}", c.uid), inc)
+            })
+            .collect()
+    }
+
+    /// Throttled periods over periods with runnable tasks, both over the window, by target.
+    fn throttled_ratios(&mut self, stats: &Stats, at: At) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for t in &stats.targets {
+            let Some(cpu) = t.cgroup.cpu else { continue };
+            let subject = Subject::Target(t.target.clone());
+            let throttled = cpu.nr_throttled as f64;
+            let throttled = self.increase(
+                Counter::CpuThrottled,
+                subject.clone(),
+                at.now,
+                throttled,
+                at.window,
+            );
+            let periods = cpu.nr_periods as f64;
+            let periods = self.increase(Counter::CpuPeriods, subject, at.now, periods, at.window);
+            if periods > 0.0 {
+                out.push((t.target.clone(), throttled / periods));
             }
         }
         out
