@@ -336,26 +336,41 @@ fn kill_9_during_a_burst_of_writes_never_corrupts_the_state_file() {
         let socket = scratch.socket_path();
         // Write i sets user:<62000 + i % 20> to i + 1; `acked` counts the writes the agent
         // acknowledged before it died.
-        let writer = std::thread::spawn(move || {
-            let mut acked = 0;
-            for i in 0..200 {
-                let out = rlagent_tests::rlctl(&socket)
-                    .args([
-                        "set-quota",
-                        &format!("user:{}", 62000 + i % 20),
-                        "--conns",
-                        &(i + 1).to_string(),
-                    ])
-                    .output()
-                    .unwrap();
-                if !out.status.success() {
-                    break; // the agent is gone
+        let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer = {
+            let progress = progress.clone();
+            std::thread::spawn(move || {
+                let mut acked = 0;
+                for i in 0..200 {
+                    let out = rlagent_tests::rlctl(&socket)
+                        .args([
+                            "set-quota",
+                            &format!("user:{}", 62000 + i % 20),
+                            "--conns",
+                            &(i + 1).to_string(),
+                        ])
+                        .output()
+                        .unwrap();
+                    if !out.status.success() {
+                        break; // the agent is gone
+                    }
+                    acked = i + 1;
+                    progress.store(acked, std::sync::atomic::Ordering::SeqCst);
                 }
-                acked = i + 1;
-            }
-            acked
-        });
-        std::thread::sleep(Duration::from_millis(150 + 70 * round));
+                acked
+            })
+        };
+        // The kill comes after a number of acknowledged writes that differs by round (not
+        // after a time, which a loaded machine stretches), while the writer goes on.
+        let kill_after = 1 + 7 * round;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while progress.load(std::sync::atomic::Ordering::SeqCst) < kill_after {
+            assert!(
+                std::time::Instant::now() < deadline && !writer.is_finished(),
+                "round {round}: {kill_after} writes not acknowledged in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         agent.kill9();
         let acked = writer.join().unwrap();
         assert!(

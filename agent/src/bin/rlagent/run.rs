@@ -13,7 +13,7 @@ use rlagent::{
     model::{error_chain, users::UserDb},
     observe::metrics,
 };
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let users: Arc<dyn UserDb> = Arc::new(SystemUsers);
@@ -39,35 +39,9 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let scrapes = app.clone();
         let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
         tokio::spawn(metrics::serve(metrics_listener, collect, app.budgets()));
-        tokio::spawn(tasks::alerts(app.clone()));
-        tokio::spawn(tasks::group_refresh(app.clone()));
-        tokio::spawn(tasks::retire(app.clone()));
-        match rlagent::kernel::bpf::events::EventReader::open(&app.snapshot().config.bpf.pin_path) {
-            Ok(reader) => {
-                tokio::spawn(tasks::events(app.clone(), reader));
-            }
-            Err(e) => tracing::error!(
-                "cannot open the denial event ring buffer: {}; denials are still counted, but not logged one by one",
-                error_chain(&e)
-            ),
-        }
-        let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-        let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let watched = config_path
-            .map(Path::to_path_buf)
-            .or_else(|| {
-                let default = Path::new(rlagent::config::DEFAULT_CONFIG_PATH);
-                default.exists().then(|| default.to_path_buf())
-            });
-        let subuid_file = app.snapshot().config.bpf.subuid_file.clone();
-        let mut changes = match crate::watch::spawn(watched.as_deref(), &[subuid_file]) {
-            Ok(rx) => Some(rx),
-            Err(e) => {
-                tracing::warn!("not watching the config for changes ({e}); reload with SIGHUP or rlctl reload");
-                None
-            }
-        };
+        spawn_tasks(&app);
+        let mut signals = Signals::install()?;
+        let mut changes = watch_changes(config_path, &app);
         // STATUS= is what `systemctl status` shows; the tests read the metrics port from it.
         let status = format!(
             "control socket {}, metrics on http://{metrics_addr}/metrics",
@@ -92,13 +66,13 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
                     tracing::info!("the config changed on disk; reloading");
                     reload(&app).await;
                 }
-                _ = hangup.recv() => {
+                _ = signals.hangup.recv() => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
                     reload(&app).await;
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 }
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
+                _ = signals.terminate.recv() => break,
+                _ = signals.interrupt.recv() => break,
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -106,6 +80,58 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         tracing::info!("stopping; programs stay attached through their pinned links (rlagent uninstall removes them)");
         anyhow::Ok(())
     })
+}
+
+/// The background loops (see [`tasks`]).
+fn spawn_tasks(app: &Arc<App>) {
+    tokio::spawn(tasks::alerts(app.clone()));
+    tokio::spawn(tasks::group_refresh(app.clone()));
+    tokio::spawn(tasks::retire(app.clone()));
+    match rlagent::kernel::bpf::events::EventReader::open(&app.snapshot().config.bpf.pin_path) {
+        Ok(reader) => {
+            tokio::spawn(tasks::events(app.clone(), reader));
+        }
+        Err(e) => tracing::error!(
+            "cannot open the denial event ring buffer: {}; denials are still counted, but not logged one by one",
+            error_chain(&e)
+        ),
+    }
+}
+
+/// SIGHUP reloads; SIGTERM and SIGINT stop.
+struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            hangup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
+    }
+}
+
+/// Changes on disk of the config file (the one given, or the default when it exists), its
+/// drop-ins and the subordinate UID file; `None` when they cannot be watched (logged).
+fn watch_changes(config_path: Option<&Path>, app: &App) -> Option<tokio::sync::mpsc::Receiver<()>> {
+    let watched = config_path.map(Path::to_path_buf).or_else(|| {
+        let default = Path::new(rlagent::config::DEFAULT_CONFIG_PATH);
+        default.exists().then(|| default.to_path_buf())
+    });
+    let subuid_file = app.snapshot().config.bpf.subuid_file.clone();
+    match crate::watch::spawn(watched.as_deref(), &[subuid_file]) {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!(
+                "not watching the config for changes ({e}); reload with SIGHUP or rlctl reload"
+            );
+            None
+        }
+    }
 }
 
 /// The one reload path; a refused config leaves the running one in force.
