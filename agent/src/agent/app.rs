@@ -187,7 +187,7 @@ impl App {
     ) -> Arc<Self> {
         let own = [std::process::id(), 1]
             .into_iter()
-            .filter_map(|pid| kernel::placement::read_proc(pid).map(|p| p.cgroup))
+            .filter_map(|pid| kernel::proc::read_proc(pid).map(|p| p.cgroup))
             .collect();
         Self::with_own_cgroups(agent, observer, config_path, users, own)
     }

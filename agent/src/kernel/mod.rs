@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod nss;
 pub mod placement;
+pub mod proc;
 pub mod systemd;
 
 use std::{

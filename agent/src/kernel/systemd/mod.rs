@@ -550,7 +550,7 @@ impl SystemdDriver {
             // systemd refuses the whole scope if one PID is gone: a child that exited since
             // the tree was read. Once more with the live ones.
             let before = pids.len();
-            pids.retain(|p| crate::kernel::placement::read_proc(*p).is_some());
+            pids.retain(|p| crate::kernel::proc::read_proc(*p).is_some());
             if pids.is_empty() || pids.len() == before {
                 return Err(e);
             }
@@ -561,7 +561,7 @@ impl SystemdDriver {
         let begun = Instant::now();
         for &pid in &pids {
             loop {
-                match crate::kernel::placement::read_proc(pid) {
+                match crate::kernel::proc::read_proc(pid) {
                     None => break,
                     Some(p) if p.cgroup == cgroup => break,
                     Some(_) if Instant::now() < deadline => {
