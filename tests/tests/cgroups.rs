@@ -14,7 +14,7 @@ use rlagent::{
     config::Config,
     desired::{state::RuntimeState, Desired},
     kernel::{
-        cgroup::{driver::CgroupDriver, mount, CgroupFs},
+        cgroup::{cgroupfs::CgroupfsDriver, mount, CgroupFs},
         nss::SystemUsers,
         placement::{CgroupfsMover, Placer},
     },
@@ -200,7 +200,7 @@ fn children_forked_before_the_move_follow_their_parent() {
     let placer = Placer::new(
         desired.cgroups.clone(),
         Box::new(CgroupfsMover {
-            driver: CgroupDriver::new(fs.clone()),
+            driver: CgroupfsDriver::new(fs.clone()),
         }),
         Default::default(),
     );

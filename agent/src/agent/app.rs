@@ -138,7 +138,7 @@ pub struct App {
 /// Returns the mount.
 pub fn resolve_driver(config: &mut Config) -> Result<PathBuf, KernelError> {
     let mount = kernel::cgroup::mount::find()?;
-    config.resolve_driver(kernel::systemd::systemd_host(&mount));
+    config.resolve_driver(kernel::cgroup::systemd::systemd_host(&mount));
     Ok(mount)
 }
 
@@ -157,7 +157,7 @@ impl App {
         // A cgroup target of the config that is missing refuses the start before anything
         // is loaded; runtime ones that vanished are skipped by the agent.
         let driver =
-            kernel::cgroup::driver::CgroupDriver::new(kernel::cgroup::CgroupFs::new(&mount));
+            kernel::cgroup::cgroupfs::CgroupfsDriver::new(kernel::cgroup::CgroupFs::new(&mount));
         super::reconcile::skip_vanished(&config, driver.missing(&desired.cgroups))?;
         let settings = kernel::Settings {
             mount,

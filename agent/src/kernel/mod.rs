@@ -10,7 +10,6 @@ pub mod cgroup;
 pub mod nss;
 pub mod placement;
 pub mod proc;
-pub mod systemd;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,12 +30,12 @@ use crate::{
 };
 use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
 use cgroup::{
-    driver::{CgroupDriver, Skipped},
+    cgroupfs::{CgroupfsDriver, Skipped},
     mount::MountError,
+    systemd::{self, SystemdDriver, SystemdError},
     CgroupError, CgroupFs, Controller,
 };
 use placement::{CgroupfsMover, Mover, PlacementError, Placer, ScanReport, SystemdMover};
-use systemd::{SystemdDriver, SystemdError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -254,8 +253,8 @@ impl System {
         Ok((system, observer))
     }
 
-    fn driver(&self) -> CgroupDriver {
-        CgroupDriver::new(CgroupFs::new(&self.mount))
+    fn driver(&self) -> CgroupfsDriver {
+        CgroupfsDriver::new(CgroupFs::new(&self.mount))
     }
 
     /// How placement moves processes under the driver in use.
@@ -396,7 +395,7 @@ impl SystemObserver {
 
 impl Observer for SystemObserver {
     fn cgroup_stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError> {
-        Ok(CgroupDriver::new(CgroupFs::new(&self.mount)).plan_stats(plan)?)
+        Ok(CgroupfsDriver::new(CgroupFs::new(&self.mount)).plan_stats(plan)?)
     }
 
     fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError> {

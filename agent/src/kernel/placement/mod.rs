@@ -21,9 +21,12 @@ use std::{
 use crate::{
     desired::cgroups::CgroupPlan,
     kernel::{
-        cgroup::{driver::CgroupDriver, CgroupError},
+        cgroup::{
+            cgroupfs::CgroupfsDriver,
+            systemd::{SystemdDriver, SystemdError},
+            CgroupError,
+        },
         proc::{children, descendants_in, read_proc, ProcInfo, MAX_FOLLOWED},
-        systemd::{SystemdDriver, SystemdError},
     },
 };
 
@@ -151,7 +154,7 @@ pub struct Moved {
 /// The cgroupfs driver's mover: one `cgroup.procs` write per process; a user's cgroup is
 /// created on their first process.
 pub struct CgroupfsMover {
-    pub driver: CgroupDriver,
+    pub driver: CgroupfsDriver,
 }
 
 impl Mover for CgroupfsMover {
@@ -531,5 +534,4 @@ memory = "1G"
         assert!(!glob_match("a?c", "ac"));
         assert!(glob_match("make", "make") && !glob_match("make", "cmake"));
     }
-
 }

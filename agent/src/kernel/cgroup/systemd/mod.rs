@@ -26,7 +26,7 @@ use std::{
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
     kernel::cgroup::{
-        driver::{interface_file, ApplyReport, Skipped},
+        cgroupfs::{interface_file, ApplyReport, Skipped},
         CgroupFs, Controller,
     },
     model::{

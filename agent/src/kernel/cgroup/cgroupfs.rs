@@ -1,4 +1,5 @@
-//! Applies a [`CgroupPlan`] to a cgroup2 hierarchy and reads the stats back.
+//! The cgroupfs driver: applies a [`CgroupPlan`] to a cgroup2 hierarchy by writing its
+//! files (the agent owns its subtree), and reads the stats back.
 
 use std::{
     collections::BTreeSet,
@@ -56,11 +57,11 @@ pub fn interface_file(field: Field) -> &'static str {
     }
 }
 
-pub struct CgroupDriver {
+pub struct CgroupfsDriver {
     fs: CgroupFs,
 }
 
-impl CgroupDriver {
+impl CgroupfsDriver {
     pub fn new(fs: CgroupFs) -> Self {
         Self { fs }
     }
@@ -285,10 +286,10 @@ mod tests {
         plan,
     };
 
-    fn tree() -> (tempfile::TempDir, CgroupDriver) {
+    fn tree() -> (tempfile::TempDir, CgroupfsDriver) {
         let tmp = tempfile::tempdir().unwrap();
         fake::cgroup(tmp.path(), "cpu memory pids");
-        let driver = CgroupDriver::new(CgroupFs::new(tmp.path()));
+        let driver = CgroupfsDriver::new(CgroupFs::new(tmp.path()));
         (tmp, driver)
     }
 
@@ -324,7 +325,7 @@ mod tests {
         fake::cgroup(tmp.path(), "");
         fake::cgroup(&tmp.path().join("rlagent.slice"), "");
         fake::cgroup(&tmp.path().join("rlagent.slice/batch"), "");
-        let driver = CgroupDriver::new(CgroupFs::new(tmp.path()));
+        let driver = CgroupfsDriver::new(CgroupFs::new(tmp.path()));
         let report = driver
             .apply(
                 &plan("[[quota]]\ntarget = \"batch\"\nmemory = \"1G\"\n"),
