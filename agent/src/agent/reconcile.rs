@@ -11,7 +11,7 @@ use crate::{
         state::{RuntimeState, StateError},
         Desired, DesiredError,
     },
-    kernel::{cgroup::cgroupfs::Skipped, Enforcer, KernelError, UnenforcedGroups},
+    kernel::{cgroup::driver::Skipped, Enforcer, KernelError, UnenforcedGroups},
     model::{layout::Driver, quota::Field, target::Target, users::UserDb},
 };
 

@@ -30,7 +30,8 @@ use crate::{
 };
 use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
 use cgroup::{
-    cgroupfs::{CgroupfsDriver, Skipped},
+    cgroupfs::CgroupfsDriver,
+    driver::Skipped,
     mount::MountError,
     systemd::{self, SystemdDriver, SystemdError},
     CgroupError, CgroupFs, Controller,

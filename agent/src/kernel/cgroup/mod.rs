@@ -1,6 +1,6 @@
 //! cgroup v2: the two drivers that write the tree, [`cgroupfs`] (the agent owns a subtree
 //! and writes its files) and [`systemd`] (unit properties and transient scopes over
-//! D-Bus), and what both build on: the hierarchy
+//! D-Bus), what they report ([`driver`]), and what both build on: the hierarchy
 //! ([`CgroupFs`]: the agent's subtree, controller enablement), the mount, and one module
 //! per controller (cpu, memory, pids, psi) that applies a quota and reads stats.
 //!
@@ -12,6 +12,7 @@
 
 pub mod cgroupfs;
 pub mod cpu;
+pub mod driver;
 pub mod memory;
 pub mod mount;
 pub mod pids;

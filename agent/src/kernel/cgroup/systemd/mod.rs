@@ -26,7 +26,7 @@ use std::{
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
     kernel::cgroup::{
-        cgroupfs::{interface_file, ApplyReport, Skipped},
+        driver::{interface_file, ApplyReport, Skipped},
         CgroupFs, Controller,
     },
     model::{
