@@ -14,9 +14,12 @@ use rlagent::{
     config::Config,
     desired::{state::RuntimeState, Desired},
     kernel::{
-        cgroup::{cgroupfs::CgroupfsDriver, mount, CgroupFs},
+        cgroup::{
+            cgroupfs::{CgroupfsDriver, CgroupfsMover},
+            mount, CgroupFs,
+        },
         nss::SystemUsers,
-        placement::{CgroupfsMover, Placer},
+        placement::Placer,
     },
 };
 use rlagent_tests::{cgroup_of, privileged, target_bin, wait_placed, Agent, Scratch, TestCgroup};

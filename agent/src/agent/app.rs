@@ -22,7 +22,7 @@ use super::{
 use crate::{
     config::Config,
     desired::{state::RuntimeState, Desired},
-    kernel::{self, Enforcer, KernelError, Observer},
+    kernel::{self, cgroup::driver::CgroupDriver, Enforcer, KernelError, Observer},
     model::{
         alert::Alert,
         event::DenialEvent,

@@ -1,21 +1,28 @@
-//! The cgroupfs driver: applies a [`CgroupPlan`] to a cgroup2 hierarchy by writing its
-//! files (the agent owns its subtree), and reads the stats back.
+//! The cgroupfs driver: the agent owns a subtree of the cgroup2 hierarchy and applies a
+//! [`CgroupPlan`] by writing its files; placement moves a process with one `cgroup.procs`
+//! write ([`CgroupfsMover`]).
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::{
     cpu,
-    driver::{interface_file, ApplyReport, Skipped},
-    memory, pids, psi, CgroupError, CgroupFs, Controller,
+    driver::{interface_file, ApplyReport, CgroupDriver, DriverError, Skipped},
+    memory,
+    mover::{Decision, MoveError, Moved, Mover},
+    pids, CgroupError, CgroupFs, Controller,
 };
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
-    model::{layout::Driver, quota::Field, usage::CgroupStats},
+    kernel::proc::ProcInfo,
+    model::quota::Field,
 };
 
+/// The cgroupfs driver over one cgroup2 hierarchy (the real mount, or a fake tree in
+/// tests).
 pub struct CgroupfsDriver {
     fs: CgroupFs,
 }
@@ -23,19 +30,6 @@ pub struct CgroupfsDriver {
 impl CgroupfsDriver {
     pub fn new(fs: CgroupFs) -> Self {
         Self { fs }
-    }
-
-    pub fn fs(&self) -> &CgroupFs {
-        &self.fs
-    }
-
-    /// The `cgroup:<path>` targets of `plan` that do not exist.
-    pub fn missing(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
-        plan.cgroups
-            .keys()
-            .filter(|path| !self.fs.path(path).join("cgroup.procs").exists())
-            .cloned()
-            .collect()
     }
 
     /// Everything that can be checked before writing: `cgroup:<path>` targets exist.
@@ -47,72 +41,6 @@ impl CgroupfsDriver {
                 path: self.fs.path(&path),
             }),
         }
-    }
-
-    /// Creates the subtree and the cgroups of `plan`, and writes every quota. Cgroups under
-    /// the subtree that the plan no longer limits are reset to `max`, and so are the
-    /// `cgroup:<path>` targets of `previous` (the plan applied before) that `plan` drops.
-    pub fn apply(
-        &self,
-        plan: &CgroupPlan,
-        previous: Option<&CgroupPlan>,
-    ) -> Result<ApplyReport, CgroupError> {
-        self.check(plan)?;
-        let mut report = ApplyReport::default();
-        let mut seen_unavailable = BTreeSet::new();
-        let mut ensure = |relative: &Path, report: &mut ApplyReport| -> Result<(), CgroupError> {
-            for e in self.fs.ensure(relative, &Controller::ALL)? {
-                if let CgroupError::Unavailable { controller, .. } = &e {
-                    if relative == plan.root() {
-                        report.subtree_missing.insert(*controller);
-                    }
-                    if seen_unavailable.insert(*controller) {
-                        report.unavailable.push(e.to_string());
-                    }
-                }
-            }
-            Ok(())
-        };
-        ensure(plan.root(), &mut report)?;
-        for (name, quota) in &plan.groups {
-            let dir = plan.group_cgroup(name);
-            ensure(&dir, &mut report)?;
-            self.write_quota(&dir, quota, &mut report)?;
-        }
-        for (uid, quota) in &plan.users {
-            let dir = plan.user_cgroup(*uid);
-            ensure(&dir, &mut report)?;
-            self.write_quota(&dir, quota, &mut report)?;
-        }
-        // Existing children of the subtree that the plan does not name explicitly: user
-        // cgroups made on demand (default quota, or none now) and removed groups.
-        for child in self.children(plan.root())? {
-            let name = child.to_string_lossy().into_owned();
-            let quota = match name
-                .strip_prefix("user-")
-                .and_then(|u| u.parse::<u32>().ok())
-            {
-                Some(uid) if plan.users.contains_key(&uid) => continue,
-                Some(uid) => plan.user_quota(uid).unwrap_or(CgroupQuota::NONE),
-                None if plan.groups.contains_key(&name) => continue,
-                None => CgroupQuota::NONE,
-            };
-            self.write_quota(&plan.root().join(&child), &quota, &mut report)?;
-        }
-        for (path, quota) in &plan.cgroups {
-            self.write_quota(path, quota, &mut report)?;
-        }
-        let dropped = previous
-            .into_iter()
-            .flat_map(|p| p.cgroups.keys())
-            .filter(|path| !plan.cgroups.contains_key(*path));
-        for path in dropped {
-            // A cgroup that went away (its service stopped) has nothing left to reset.
-            if self.fs.path(path).join("cgroup.procs").exists() {
-                self.write_quota(path, &CgroupQuota::NONE, &mut report)?;
-            }
-        }
-        Ok(report)
     }
 
     /// Creates `user-<uid>` with its quota (placement calls this on a UID's first process).
@@ -176,64 +104,155 @@ impl CgroupfsDriver {
         field(Field::Pids, &|d| pids::apply(d, quota.pids))?;
         Ok(())
     }
+}
 
-    /// Stats of every cgroup `plan` manages that exists, labelled with its target: groups,
-    /// the user cgroups present under the subtree, `cgroup:<path>` targets.
-    pub fn plan_stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, CgroupError> {
-        let mut out = Vec::new();
-        let mut add = |target: String, relative: &Path| -> Result<(), CgroupError> {
-            if self.fs.path(relative).join("cgroup.procs").exists() {
-                out.push((target, self.stats(relative)?));
+impl CgroupDriver for CgroupfsDriver {
+    fn fs(&self) -> &CgroupFs {
+        &self.fs
+    }
+
+    /// Only when a plan has cgroups or had them: otherwise the agent's subtree is not
+    /// created at all.
+    fn needs_apply(&self, plan: &CgroupPlan, previous: Option<&CgroupPlan>) -> bool {
+        plan.wants_cgroups() || previous.is_some_and(CgroupPlan::wants_cgroups)
+    }
+
+    /// Creates the subtree and the cgroups of `plan`, and writes every quota. Cgroups under
+    /// the subtree that the plan no longer limits are reset to `max`, and so are the
+    /// `cgroup:<path>` targets of `previous` (the plan applied before) that `plan` drops.
+    fn apply(
+        &self,
+        plan: &CgroupPlan,
+        previous: Option<&CgroupPlan>,
+    ) -> Result<ApplyReport, DriverError> {
+        self.check(plan)?;
+        let mut report = ApplyReport::default();
+        let mut seen_unavailable = BTreeSet::new();
+        let mut ensure = |relative: &Path, report: &mut ApplyReport| -> Result<(), CgroupError> {
+            for e in self.fs.ensure(relative, &Controller::ALL)? {
+                if let CgroupError::Unavailable { controller, .. } = &e {
+                    if relative == plan.root() {
+                        report.subtree_missing.insert(*controller);
+                    }
+                    if seen_unavailable.insert(*controller) {
+                        report.unavailable.push(e.to_string());
+                    }
+                }
             }
             Ok(())
         };
-        for name in plan.groups.keys() {
-            add(format!("group:{name}"), &plan.group_cgroup(name))?;
+        ensure(plan.root(), &mut report)?;
+        for (name, quota) in &plan.groups {
+            let dir = plan.group_cgroup(name);
+            ensure(&dir, &mut report)?;
+            self.write_quota(&dir, quota, &mut report)?;
         }
-        let mut uids = self.fs.user_cgroups(&plan.layout);
-        // Under systemd, user.slice holds every logged-in user: show those the plan limits.
-        uids.retain(|uid| {
-            plan.layout.driver == Driver::Cgroupfs || plan.user_quota(*uid).is_some()
-        });
-        for uid in uids {
-            add(format!("user:{uid}"), &plan.user_cgroup(uid))?;
+        for (uid, quota) in &plan.users {
+            let dir = plan.user_cgroup(*uid);
+            ensure(&dir, &mut report)?;
+            self.write_quota(&dir, quota, &mut report)?;
         }
-        for path in plan.cgroups.keys() {
-            add(format!("cgroup:{}", path.display()), path)?;
+        // Existing children of the subtree that the plan does not name explicitly: user
+        // cgroups made on demand (default quota, or none now) and removed groups.
+        for child in self.children(plan.root())? {
+            let name = child.to_string_lossy().into_owned();
+            let quota = match name
+                .strip_prefix("user-")
+                .and_then(|u| u.parse::<u32>().ok())
+            {
+                Some(uid) if plan.users.contains_key(&uid) => continue,
+                Some(uid) => plan.user_quota(uid).unwrap_or(CgroupQuota::NONE),
+                None if plan.groups.contains_key(&name) => continue,
+                None => CgroupQuota::NONE,
+            };
+            self.write_quota(&plan.root().join(&child), &quota, &mut report)?;
         }
-        Ok(out)
+        for (path, quota) in &plan.cgroups {
+            self.write_quota(path, quota, &mut report)?;
+        }
+        let dropped = previous
+            .into_iter()
+            .flat_map(|p| p.cgroups.keys())
+            .filter(|path| !plan.cgroups.contains_key(*path));
+        for path in dropped {
+            // A cgroup that went away (its service stopped) has nothing left to reset.
+            if self.fs.path(path).join("cgroup.procs").exists() {
+                self.write_quota(path, &CgroupQuota::NONE, &mut report)?;
+            }
+        }
+        Ok(report)
     }
 
-    /// Stats of one cgroup (relative path); controllers that are not enabled are `None`.
-    pub fn stats(&self, relative: &Path) -> Result<CgroupStats, CgroupError> {
-        let dir = self.fs.path(relative);
-        let has = |file: &str| dir.join(file).exists();
-        Ok(CgroupStats {
-            cgroup: relative.to_path_buf(),
-            procs: self.fs.pids(relative)?.len(),
-            cpu: if has("cpu.stat") {
-                Some(cpu::stats(&dir)?)
-            } else {
-                None
-            },
-            cpu_max: if has("cpu.max") {
-                cpu::current(&dir)?.map(|c| (c.quota_us, c.period_us))
-            } else {
-                None
-            },
-            memory: if has("memory.current") {
-                Some(memory::stats(&dir)?)
-            } else {
-                None
-            },
-            pids: if has("pids.current") {
-                Some(pids::stats(&dir)?)
-            } else {
-                None
-            },
-            cpu_pressure: psi::read(&dir, "cpu")?,
-            memory_pressure: psi::read(&dir, "memory")?,
+    /// Always: every process a quota covers is placed into its cgroup.
+    fn places(&self, _: &CgroupPlan) -> bool {
+        true
+    }
+
+    fn mover(self: Arc<Self>) -> Box<dyn Mover> {
+        Box::new(CgroupfsMover {
+            driver: CgroupfsDriver::new(self.fs.clone()),
         })
+    }
+
+    fn move_pids(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, DriverError> {
+        let cgroup = plan.group_cgroup(group);
+        for pid in pids {
+            // A process that exited since it was checked has nothing left to move.
+            self.fs.move_pid(&cgroup, *pid)?;
+        }
+        Ok(cgroup)
+    }
+}
+
+/// The cgroupfs driver's mover: one `cgroup.procs` write per process; a user's cgroup is
+/// created on their first process.
+pub struct CgroupfsMover {
+    pub driver: CgroupfsDriver,
+}
+
+impl Mover for CgroupfsMover {
+    fn eligible(&self, _: &CgroupPlan, _: &Path) -> bool {
+        true
+    }
+
+    fn place(
+        &self,
+        plan: &CgroupPlan,
+        info: &ProcInfo,
+        decision: &Decision,
+    ) -> Result<Option<Moved>, MoveError> {
+        let fs = &self.driver.fs;
+        let move_error = |target: &Path, source| MoveError::Cgroup {
+            cgroup: fs.path(target),
+            source,
+        };
+        let target = match decision {
+            Decision::Leave => return Ok(None),
+            Decision::Group(name) => plan.group_cgroup(name),
+            Decision::User(uid) => {
+                let quota = plan.user_quota(*uid).expect("decided on a user quota");
+                self.driver
+                    .ensure_user(plan, *uid, &quota)
+                    .map_err(|source| move_error(&plan.user_cgroup(*uid), source))?
+            }
+        };
+        if info.cgroup == target {
+            return Ok(None);
+        }
+        match fs.move_pid(&target, info.pid) {
+            Ok(true) => Ok(Some(Moved {
+                to: target,
+                with_children: false,
+            })),
+            // Exited between the read and the move.
+            Ok(false) => Ok(None),
+            Err(source) => Err(move_error(&target, source)),
+        }
     }
 }
 

@@ -1,9 +1,75 @@
-//! What both cgroup drivers (cgroupfs, systemd) report about an apply.
+//! The interface of a cgroup driver, [`CgroupDriver`], and what both drivers (cgroupfs,
+//! systemd) report about an apply. The agent chooses one driver at start
+//! (`cgroup_driver`) and talks to it only through this trait.
 
-use std::{collections::BTreeSet, path::PathBuf};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc};
 
-use super::Controller;
-use crate::model::quota::Field;
+use super::{mover::Mover, stats, systemd::SystemdError, CgroupError, CgroupFs, Controller};
+use crate::{
+    desired::cgroups::CgroupPlan,
+    model::{quota::Field, usage::CgroupStats},
+};
+
+/// A driver's failure: a cgroup file it read or wrote, or a call to systemd.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
+}
+
+/// What writes the cgroup tree: [`super::cgroupfs::CgroupfsDriver`] (the agent's own
+/// subtree, files written directly) or [`super::systemd::SystemdDriver`] (unit properties
+/// and transient scopes over D-Bus). Both read the same cgroup2 files for what exists and
+/// for stats, through [`Self::fs`].
+pub trait CgroupDriver: Send + Sync {
+    /// The cgroup2 hierarchy the driver's cgroups are in.
+    fn fs(&self) -> &CgroupFs;
+
+    /// Whether [`Self::apply`] has anything to write for `plan` after `previous` (the plan
+    /// applied before); when it has not and placement is not running, the driver is not
+    /// called.
+    fn needs_apply(&self, plan: &CgroupPlan, previous: Option<&CgroupPlan>) -> bool;
+
+    /// Writes the limits of `plan` and lifts those of `previous` (or of an earlier run)
+    /// that `plan` drops; says what could not be enforced.
+    fn apply(
+        &self,
+        plan: &CgroupPlan,
+        previous: Option<&CgroupPlan>,
+    ) -> Result<ApplyReport, DriverError>;
+
+    /// Whether placement runs under `plan` (watches process events and scans /proc).
+    fn places(&self, plan: &CgroupPlan) -> bool;
+
+    /// How placement moves processes under this driver.
+    fn mover(self: Arc<Self>) -> Box<dyn Mover>;
+
+    /// Moves `pids` into `group` (`rlctl run`, `rlctl move`); returns the cgroup they are
+    /// in now (relative to the mount).
+    fn move_pids(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, DriverError>;
+
+    /// The `cgroup:<path>` targets of `plan` that do not exist (a stopped service's cgroup
+    /// is gone).
+    fn missing(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
+        plan.cgroups
+            .keys()
+            .filter(|path| !self.fs().path(path).join("cgroup.procs").exists())
+            .cloned()
+            .collect()
+    }
+
+    /// Usage of every cgroup `plan` manages that exists, labelled with its target.
+    fn stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, DriverError> {
+        Ok(stats::plan_stats(self.fs(), plan)?)
+    }
+}
 
 /// What one apply did: what could not be enforced, and why.
 #[derive(Debug, Default)]

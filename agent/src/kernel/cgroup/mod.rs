@@ -15,8 +15,10 @@ pub mod cpu;
 pub mod driver;
 pub mod memory;
 pub mod mount;
+pub mod mover;
 pub mod pids;
 pub mod psi;
+pub mod stats;
 pub mod systemd;
 
 use std::{
