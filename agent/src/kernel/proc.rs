@@ -13,7 +13,7 @@ pub struct ProcInfo {
     pub gids: Vec<u32>,
     pub comm: String,
     pub exe: Option<PathBuf>,
-    /// Its cgroup v2 path relative to the mount (from /proc/<pid>/cgroup, `0::/path`).
+    /// Its cgroup v2 path relative to the mount (from `/proc/<pid>/cgroup`, `0::/path`).
     pub cgroup: PathBuf,
     pub kernel_thread: bool,
 }

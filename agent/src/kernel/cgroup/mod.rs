@@ -1,8 +1,9 @@
-//! cgroup v2: the two drivers that write the tree, [`cgroupfs`] (the agent owns a subtree
-//! and writes its files) and [`systemd`] (unit properties and transient scopes over
-//! D-Bus), what they report ([`driver`]), and what both build on: the hierarchy
-//! ([`CgroupFs`]: the agent's subtree, controller enablement), the mount, and one module
-//! per controller (cpu, memory, pids, psi) that applies a quota and reads stats.
+//! cgroup v2: the interface of a cgroup driver ([`driver::CgroupDriver`], and
+//! [`mover::Mover`] for placement), its two implementations, [`cgroupfs`] (the agent owns
+//! a subtree and writes its files) and [`systemd`] (unit properties and transient scopes
+//! over D-Bus), and what both build on: the hierarchy ([`CgroupFs`]: the agent's subtree,
+//! controller enablement), the mount, one module per controller (cpu, memory, pids, psi)
+//! that applies a quota and reads stats, and [`stats`], which reads a plan's cgroups back.
 //!
 //! Written directly on the filesystem rather than with cgroups-rs: cgroups-rs hard-codes
 //! /sys/fs/cgroup (so neither hybrid hosts, whose cgroup2 is /sys/fs/cgroup/unified, nor
