@@ -14,9 +14,12 @@ use rlagent::{
     config::Config,
     desired::{state::RuntimeState, Desired},
     kernel::{
-        cgroup::{driver::CgroupDriver, mount, CgroupFs},
+        cgroup::{
+            cgroupfs::{CgroupfsDriver, CgroupfsMover},
+            mount, CgroupFs,
+        },
         nss::SystemUsers,
-        placement::{CgroupfsMover, Placer},
+        placement::Placer,
     },
 };
 use rlagent_tests::{cgroup_of, privileged, target_bin, wait_placed, Agent, Scratch, TestCgroup};
@@ -200,7 +203,7 @@ fn children_forked_before_the_move_follow_their_parent() {
     let placer = Placer::new(
         desired.cgroups.clone(),
         Box::new(CgroupfsMover {
-            driver: CgroupDriver::new(fs.clone()),
+            driver: CgroupfsDriver::new(fs.clone()),
         }),
         Default::default(),
     );

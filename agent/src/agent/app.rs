@@ -22,7 +22,7 @@ use super::{
 use crate::{
     config::Config,
     desired::{state::RuntimeState, Desired},
-    kernel::{self, Enforcer, KernelError, Observer},
+    kernel::{self, cgroup::driver::CgroupDriver, Enforcer, KernelError, Observer},
     model::{
         alert::Alert,
         event::DenialEvent,
@@ -138,7 +138,7 @@ pub struct App {
 /// Returns the mount.
 pub fn resolve_driver(config: &mut Config) -> Result<PathBuf, KernelError> {
     let mount = kernel::cgroup::mount::find()?;
-    config.resolve_driver(kernel::systemd::systemd_host(&mount));
+    config.resolve_driver(kernel::cgroup::systemd::systemd_host(&mount));
     Ok(mount)
 }
 
@@ -157,7 +157,7 @@ impl App {
         // A cgroup target of the config that is missing refuses the start before anything
         // is loaded; runtime ones that vanished are skipped by the agent.
         let driver =
-            kernel::cgroup::driver::CgroupDriver::new(kernel::cgroup::CgroupFs::new(&mount));
+            kernel::cgroup::cgroupfs::CgroupfsDriver::new(kernel::cgroup::CgroupFs::new(&mount));
         super::reconcile::skip_vanished(&config, driver.missing(&desired.cgroups))?;
         let settings = kernel::Settings {
             mount,
@@ -187,7 +187,7 @@ impl App {
     ) -> Arc<Self> {
         let own = [std::process::id(), 1]
             .into_iter()
-            .filter_map(|pid| kernel::placement::read_proc(pid).map(|p| p.cgroup))
+            .filter_map(|pid| kernel::proc::read_proc(pid).map(|p| p.cgroup))
             .collect();
         Self::with_own_cgroups(agent, observer, config_path, users, own)
     }

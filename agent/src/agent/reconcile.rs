@@ -354,7 +354,7 @@ impl Agent {
         let uid_min = self.config.bpf.uid_min;
         for &pid in pids {
             let refuse = |reason: String| AgentError::NotMovable { pid, reason };
-            let process = crate::kernel::placement::read_proc(pid)
+            let process = crate::kernel::proc::read_proc(pid)
                 .ok_or_else(|| refuse("no such process".into()))?;
             if crate::kernel::placement::never_moved(&process, std::process::id()) {
                 return Err(refuse(

@@ -2,14 +2,15 @@
 //! config. Two traits are the boundary the agent reconciles through, so the reconcile and
 //! roll-back logic is tested against fakes: [`Enforcer`] writes, [`Observer`] reads (and is
 //! shared with stats, /metrics and alerts without the agent's lock). [`System`] and
-//! [`SystemObserver`] are the real ones: BPF maps and links, the cgroup driver (cgroupfs,
-//! or systemd over D-Bus: [`systemd`]) and placement.
+//! [`SystemObserver`] are the real ones: BPF maps and links, the cgroup driver chosen at
+//! start (cgroupfs, or systemd over D-Bus: [`cgroup::driver::CgroupDriver`]) and
+//! placement.
 
 pub mod bpf;
 pub mod cgroup;
 pub mod nss;
 pub mod placement;
-pub mod systemd;
+pub mod proc;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,12 +31,13 @@ use crate::{
 };
 use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
 use cgroup::{
-    driver::{CgroupDriver, Skipped},
+    cgroupfs::CgroupfsDriver,
+    driver::{CgroupDriver, DriverError, Skipped},
     mount::MountError,
+    systemd::{self, SystemdDriver, SystemdError},
     CgroupError, CgroupFs, Controller,
 };
-use placement::{CgroupfsMover, Mover, PlacementError, Placer, ScanReport, SystemdMover};
-use systemd::{SystemdDriver, SystemdError};
+use placement::{PlacementError, Placer, ScanReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -58,6 +60,15 @@ pub enum KernelError {
 impl From<BpfError> for KernelError {
     fn from(e: BpfError) -> Self {
         Self::Bpf(Box::new(e))
+    }
+}
+
+impl From<DriverError> for KernelError {
+    fn from(e: DriverError) -> Self {
+        match e {
+            DriverError::Cgroup(e) => Self::Cgroup(e),
+            DriverError::Systemd(e) => Self::Systemd(e),
+        }
     }
 }
 
@@ -176,8 +187,8 @@ pub struct System {
     /// The attach cgroup, relative to the mount.
     attach: PathBuf,
     limiter: ConnLimiter,
-    /// `Some` under the systemd driver.
-    systemd: Option<Arc<SystemdDriver>>,
+    /// The cgroup driver `Settings::driver` chose.
+    cgroups: Arc<dyn CgroupDriver>,
     placer: Option<Arc<RwLock<Placer>>>,
     moves: Arc<AtomicU64>,
 }
@@ -197,24 +208,12 @@ impl System {
                 path: attach_cgroup,
             });
         }
-        let systemd = match settings.driver {
-            Driver::Cgroupfs => None,
-            Driver::Systemd => {
-                let bus = systemd::dbus::SystemBus::connect()?;
-                let driver = Arc::new(SystemdDriver::new(
-                    bus.clone() as Arc<dyn systemd::Bus>,
-                    &mount,
-                    settings.systemd_record.clone(),
-                ));
-                systemd::watch_new_users(bus, driver.clone());
-                Some(driver)
-            }
-        };
+        let cgroups = start_driver(settings)?;
         let mut system = Self {
             mount: mount.clone(),
             attach: settings.attach_cgroup.clone(),
             limiter: ConnLimiter::load(&settings.pin_path, settings.max_tracked_sockets)?,
-            systemd,
+            cgroups,
             placer: None,
             moves: Arc::new(AtomicU64::new(0)),
         };
@@ -246,33 +245,36 @@ impl System {
         }
         let observer = SystemObserver {
             mount,
+            cgroups: system.cgroups.clone(),
             maps: Some(PinnedMaps::open(&settings.pin_path)?),
             pins: Some(bpf::PinLayout::new(&settings.pin_path)),
             moves: system.moves.clone(),
         };
         Ok((system, observer))
     }
+}
 
-    fn driver(&self) -> CgroupDriver {
-        CgroupDriver::new(CgroupFs::new(&self.mount))
-    }
-
-    /// How placement moves processes under the driver in use.
-    fn mover(&self) -> Box<dyn Mover> {
-        match &self.systemd {
-            Some(driver) => Box::new(SystemdMover {
-                driver: driver.clone(),
-            }),
-            None => Box::new(CgroupfsMover {
-                driver: self.driver(),
-            }),
+/// The cgroup driver `settings` chose; under systemd it also starts watching logind for
+/// new users, whose slices get the `user:*` quota.
+fn start_driver(settings: &Settings) -> Result<Arc<dyn CgroupDriver>, KernelError> {
+    Ok(match settings.driver {
+        Driver::Cgroupfs => Arc::new(CgroupfsDriver::new(CgroupFs::new(&settings.mount))),
+        Driver::Systemd => {
+            let bus = systemd::dbus::SystemBus::connect()?;
+            let driver = Arc::new(SystemdDriver::new(
+                bus.clone() as Arc<dyn systemd::Bus>,
+                &settings.mount,
+                settings.systemd_record.clone(),
+            ));
+            systemd::watch_new_users(bus, driver.clone());
+            driver
         }
-    }
+    })
 }
 
 impl Enforcer for System {
     fn missing_cgroups(&self, plan: &CgroupPlan) -> Vec<PathBuf> {
-        self.driver().missing(plan)
+        self.cgroups.missing(plan)
     }
 
     fn apply_conns(&mut self, conns: &ConnLimits) -> Result<UnenforcedGroups, KernelError> {
@@ -292,19 +294,11 @@ impl Enforcer for System {
         plan: &CgroupPlan,
         previous: Option<&CgroupPlan>,
     ) -> Result<CgroupReport, KernelError> {
-        let had_cgroups = previous.is_some_and(CgroupPlan::wants_cgroups);
-        // Under systemd the driver always runs: its record may hold limits of an earlier
-        // run that this plan drops.
-        if !plan.wants_cgroups() && !had_cgroups && self.placer.is_none() && self.systemd.is_none()
-        {
+        if self.placer.is_none() && !self.cgroups.needs_apply(plan, previous) {
             return Ok(CgroupReport::default());
         }
-        let applied = match &self.systemd {
-            Some(driver) => driver.apply(plan)?,
-            None => self.driver().apply(plan, previous)?,
-        };
-        // Under systemd only group rules move processes; with none, nothing is watched.
-        let placing = self.systemd.is_none() || !plan.rules.is_empty();
+        let applied = self.cgroups.apply(plan, previous)?;
+        let placing = self.cgroups.places(plan);
         match &self.placer {
             Some(placer) => placer
                 .write()
@@ -313,7 +307,7 @@ impl Enforcer for System {
             None if placing => {
                 let placer = Arc::new(RwLock::new(Placer::new(
                     plan.clone(),
-                    self.mover(),
+                    self.cgroups.clone().mover(),
                     self.moves.clone(),
                 )));
                 placement::watch(placer.clone())?;
@@ -339,16 +333,7 @@ impl Enforcer for System {
         group: &str,
         pids: &[u32],
     ) -> Result<PathBuf, KernelError> {
-        if let Some(driver) = &self.systemd {
-            return Ok(driver.start_scope(plan, group, pids)?);
-        }
-        let fs = CgroupFs::new(&self.mount);
-        let cgroup = plan.group_cgroup(group);
-        for pid in pids {
-            // A process that exited since it was checked has nothing left to move.
-            fs.move_pid(&cgroup, *pid)?;
-        }
-        Ok(cgroup)
+        Ok(self.cgroups.move_pids(plan, group, pids)?)
     }
 }
 
@@ -373,6 +358,9 @@ fn seeding(step: Result<usize, BpfError>, done: &str, skipped: &str) -> Result<(
 /// The real observer: cgroup files under the mount and the pinned maps.
 pub struct SystemObserver {
     mount: PathBuf,
+    /// The agent's cgroup driver; outside the agent, the cgroupfs driver (both read the
+    /// same files for stats).
+    cgroups: Arc<dyn CgroupDriver>,
     /// `None` when no programs are installed (outside the agent).
     maps: Option<PinnedMaps>,
     /// The agent's own pins, watched for removal (`None` outside the agent).
@@ -384,8 +372,10 @@ impl SystemObserver {
     /// An observer for a process other than the agent (`rlagent stats`): the maps pinned
     /// under `pin_path`, if any.
     pub fn open(pin_path: &Path) -> Result<Self, KernelError> {
+        let mount = cgroup::mount::find()?;
         Ok(Self {
-            mount: cgroup::mount::find()?,
+            cgroups: Arc::new(CgroupfsDriver::new(CgroupFs::new(&mount))),
+            mount,
             maps: PinnedMaps::open(pin_path).ok(),
             pins: None,
             moves: Arc::new(AtomicU64::new(0)),
@@ -395,7 +385,7 @@ impl SystemObserver {
 
 impl Observer for SystemObserver {
     fn cgroup_stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError> {
-        Ok(CgroupDriver::new(CgroupFs::new(&self.mount)).plan_stats(plan)?)
+        Ok(self.cgroups.stats(plan)?)
     }
 
     fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError> {

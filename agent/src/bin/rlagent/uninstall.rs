@@ -9,7 +9,11 @@ use std::path::Path;
 use rlagent::{
     agent::resolve_driver,
     config::Config,
-    kernel::{bpf, cgroup::CgroupFs, nss::SystemUsers, systemd},
+    kernel::{
+        bpf,
+        cgroup::{systemd, CgroupFs},
+        nss::SystemUsers,
+    },
     model::layout::Driver,
 };
 

@@ -1,5 +1,9 @@
-//! The cgroup v2 driver: the agent's subtree, controller enablement, one module per
-//! controller (cpu, memory, pids) that applies a quota and reads stats.
+//! cgroup v2: the interface of a cgroup driver ([`driver::CgroupDriver`], and
+//! [`mover::Mover`] for placement), its two implementations, [`cgroupfs`] (the agent owns
+//! a subtree and writes its files) and [`systemd`] (unit properties and transient scopes
+//! over D-Bus), and what both build on: the hierarchy ([`CgroupFs`]: the agent's subtree,
+//! controller enablement), the mount, one module per controller (cpu, memory, pids, psi)
+//! that applies a quota and reads stats, and [`stats`], which reads a plan's cgroups back.
 //!
 //! Written directly on the filesystem rather than with cgroups-rs: cgroups-rs hard-codes
 //! /sys/fs/cgroup (so neither hybrid hosts, whose cgroup2 is /sys/fs/cgroup/unified, nor
@@ -7,12 +11,16 @@
 //! memory.events or v2 throttling (measured against cgroups-rs 0.5.1). Everything here takes
 //! the mount as a root path, so unit tests point it at a fake tree in a tempdir.
 
+pub mod cgroupfs;
 pub mod cpu;
 pub mod driver;
 pub mod memory;
 pub mod mount;
+pub mod mover;
 pub mod pids;
 pub mod psi;
+pub mod stats;
+pub mod systemd;
 
 use std::{
     collections::BTreeSet,

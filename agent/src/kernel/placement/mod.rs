@@ -1,4 +1,5 @@
-//! Placement: keeps the processes of each target in its cgroup.
+//! Placement: keeps the processes of each target in its cgroup. It decides where a
+//! process belongs ([`decide`]); the cgroup driver's [`Mover`] moves it.
 //!
 //! A full /proc scan at start and on every reload, then live events from the netlink proc
 //! connector: exec (a new program: comm and exe rules), uid and gid changes (setuid into a
@@ -21,8 +22,12 @@ use std::{
 use crate::{
     desired::cgroups::CgroupPlan,
     kernel::{
-        cgroup::{driver::CgroupDriver, CgroupError},
-        systemd::{SystemdDriver, SystemdError},
+        cgroup::{
+            mover::{Decision, MoveError, Moved, Mover},
+            systemd::SystemdError,
+            CgroupError,
+        },
+        proc::{children, read_proc, ProcInfo, MAX_FOLLOWED},
     },
 };
 
@@ -48,53 +53,25 @@ pub enum PlacementError {
     Events { message: String },
 }
 
-/// What placement needs to know about a process.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcInfo {
-    pub pid: u32,
-    /// Real UID (the user who owns the process, also after setuid binaries).
-    pub uid: u32,
-    /// Real GID and supplementary groups.
-    pub gids: Vec<u32>,
-    pub comm: String,
-    pub exe: Option<PathBuf>,
-    /// Its cgroup v2 path relative to the mount (from /proc/<pid>/cgroup, `0::/path`).
-    pub cgroup: PathBuf,
-    pub kernel_thread: bool,
-}
-
-const PF_KTHREAD: u32 = 0x0020_0000;
-
-/// Reads a process from /proc; `None` if it vanished or is unreadable (a race with exit).
-pub fn read_proc(pid: u32) -> Option<ProcInfo> {
-    let process = procfs::process::Process::new(pid as i32).ok()?;
-    let stat = process.stat().ok()?;
-    let status = process.status().ok()?;
-    let cgroup = process
-        .cgroups()
-        .ok()?
-        .into_iter()
-        .find(|c| c.hierarchy == 0)
-        .map(|c| PathBuf::from(c.pathname.trim_start_matches('/')))?;
-    let mut gids = vec![status.rgid];
-    gids.extend(status.groups.iter().copied());
-    Some(ProcInfo {
-        pid,
-        uid: status.ruid,
-        gids,
-        comm: stat.comm,
-        exe: process.exe().ok(),
-        cgroup,
-        kernel_thread: stat.flags & PF_KTHREAD != 0 || pid == 2 || stat.ppid == 2,
-    })
-}
-
-/// Where a process belongs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Group(String),
-    User(u32),
-    Leave,
+impl PlacementError {
+    /// `info` could not be moved: the mover's error, with the process named.
+    fn moving(info: &ProcInfo, e: MoveError) -> Self {
+        let (pid, comm) = (info.pid, info.comm.clone());
+        match e {
+            MoveError::Cgroup { cgroup, source } => Self::Move {
+                pid,
+                comm,
+                cgroup,
+                source,
+            },
+            MoveError::Scope { group, source } => Self::Scope {
+                pid,
+                comm,
+                group,
+                source,
+            },
+        }
+    }
 }
 
 /// The placement rules, in order:
@@ -164,150 +141,6 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     }
     p[pi..].iter().all(|c| *c == '*')
 }
-
-/// How a driver moves a process: the cgroupfs driver writes `cgroup.procs`, the systemd
-/// driver starts a transient scope.
-pub trait Mover: Send + Sync {
-    /// Whether placement may take a process out of `cgroup` at all.
-    fn eligible(&self, plan: &CgroupPlan, cgroup: &Path) -> bool;
-    /// Moves `info` where `decision` sends it; `None` when it is already there or the
-    /// driver leaves it.
-    fn place(
-        &self,
-        plan: &CgroupPlan,
-        info: &ProcInfo,
-        decision: &Decision,
-    ) -> Result<Option<Moved>, PlacementError>;
-}
-
-/// Where a process went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Moved {
-    pub to: PathBuf,
-    /// The children it had went along (the systemd driver moves a whole tree at once).
-    pub with_children: bool,
-}
-
-/// The cgroupfs driver's mover: one `cgroup.procs` write per process; a user's cgroup is
-/// created on their first process.
-pub struct CgroupfsMover {
-    pub driver: CgroupDriver,
-}
-
-impl Mover for CgroupfsMover {
-    fn eligible(&self, _: &CgroupPlan, _: &Path) -> bool {
-        true
-    }
-
-    fn place(
-        &self,
-        plan: &CgroupPlan,
-        info: &ProcInfo,
-        decision: &Decision,
-    ) -> Result<Option<Moved>, PlacementError> {
-        let move_error = |target: &Path, source| PlacementError::Move {
-            pid: info.pid,
-            comm: info.comm.clone(),
-            cgroup: self.driver.fs().path(target),
-            source,
-        };
-        let target = match decision {
-            Decision::Leave => return Ok(None),
-            Decision::Group(name) => plan.group_cgroup(name),
-            Decision::User(uid) => {
-                let quota = plan.user_quota(*uid).expect("decided on a user quota");
-                self.driver
-                    .ensure_user(plan, *uid, &quota)
-                    .map_err(|source| move_error(&plan.user_cgroup(*uid), source))?
-            }
-        };
-        if info.cgroup == target {
-            return Ok(None);
-        }
-        match self.driver.fs().move_pid(&target, info.pid) {
-            Ok(true) => Ok(Some(Moved {
-                to: target,
-                with_children: false,
-            })),
-            // Exited between the read and the move.
-            Ok(false) => Ok(None),
-            Err(source) => Err(move_error(&target, source)),
-        }
-    }
-}
-
-/// The systemd driver's mover. Users are never moved (their limits are properties of
-/// their slice); group rules take processes only out of login session scopes (or from one
-/// of the agent's groups to another), each process tree into a transient scope of its
-/// own in the group's slice, so systemd knows it and stopping the slice stops it.
-pub struct SystemdMover {
-    pub driver: Arc<SystemdDriver>,
-}
-
-/// True for `user.slice/user-<uid>.slice/session-<id>.scope` and below.
-pub fn in_session_scope(cgroup: &Path) -> bool {
-    let parts: Vec<&str> = cgroup.iter().filter_map(|c| c.to_str()).collect();
-    matches!(parts.as_slice(), ["user.slice", user, session, ..]
-        if user.starts_with("user-") && user.ends_with(".slice")
-            && session.starts_with("session-") && session.ends_with(".scope"))
-}
-
-impl Mover for SystemdMover {
-    fn eligible(&self, plan: &CgroupPlan, cgroup: &Path) -> bool {
-        in_session_scope(cgroup) || cgroup.starts_with(plan.root())
-    }
-
-    fn place(
-        &self,
-        plan: &CgroupPlan,
-        info: &ProcInfo,
-        decision: &Decision,
-    ) -> Result<Option<Moved>, PlacementError> {
-        let Decision::Group(name) = decision else {
-            return Ok(None);
-        };
-        let slice = plan.group_cgroup(name);
-        if info.cgroup.starts_with(&slice) {
-            return Ok(None);
-        }
-        let mut pids = vec![info.pid];
-        pids.extend(descendants_in(info.pid, &info.cgroup));
-        let to = self
-            .driver
-            .start_scope(plan, name, &pids)
-            .map_err(|source| PlacementError::Scope {
-                pid: info.pid,
-                comm: info.comm.clone(),
-                group: name.clone(),
-                source,
-            })?;
-        Ok(Some(Moved {
-            to,
-            with_children: true,
-        }))
-    }
-}
-
-/// The descendants of `pid` that are still in `cgroup` (bounded, like
-/// [`Placer::place_children`]).
-fn descendants_in(pid: u32, cgroup: &Path) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut pending = vec![pid];
-    while let Some(parent) = pending.pop() {
-        for child in children(parent) {
-            if out.len() == MAX_FOLLOWED {
-                return out;
-            }
-            if read_proc(child).is_some_and(|c| c.cgroup == cgroup) {
-                out.push(child);
-                pending.push(child);
-            }
-        }
-    }
-    out
-}
-
-const MAX_FOLLOWED: usize = 4096;
 
 /// Applies [`decide`] to processes.
 pub struct Placer {
@@ -390,7 +223,10 @@ impl Placer {
             return Ok(None);
         }
         let decision = decide(&self.plan, &info, self.own_pid);
-        let moved = self.mover.place(&self.plan, &info, &decision)?;
+        let moved = self
+            .mover
+            .place(&self.plan, &info, &decision)
+            .map_err(|e| PlacementError::moving(&info, e))?;
         Ok(moved.map(|m| {
             self.moves.fetch_add(1, Ordering::Relaxed);
             (info.cgroup, m)
@@ -419,18 +255,6 @@ impl Placer {
         }
         report
     }
-}
-
-/// The children of every thread of `pid` (empty if it is gone).
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = procfs::process::Process::new(pid as i32).and_then(|p| p.tasks()) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| task.children().ok())
-        .flatten()
-        .collect()
 }
 
 /// Listens for exec/uid/gid events and places each process, until the process exits.
@@ -568,27 +392,6 @@ memory = "1G"
     }
 
     #[test]
-    fn only_session_scopes_are_eligible_under_systemd() {
-        for (cgroup, eligible) in [
-            ("user.slice/user-1001.slice/session-3.scope", true),
-            ("user.slice/user-1001.slice/session-c2.scope/sub", true),
-            (
-                "user.slice/user-1001.slice/user@1001.service/app.slice/x.service",
-                false,
-            ),
-            (
-                "user.slice/user-1001.slice/user-runtime-dir@1001.service",
-                false,
-            ),
-            ("system.slice/cron.service", false),
-            ("init.scope", false),
-            ("user.slice", false),
-        ] {
-            assert_eq!(in_session_scope(Path::new(cgroup)), eligible, "{cgroup}");
-        }
-    }
-
-    #[test]
     fn users_without_cgroup_quota_stay() {
         let p = plan("[[quota]]\ntarget = \"user:*\"\nconns = 5\n");
         assert_eq!(decide(&p, &proc(10, 2000, "bash"), 1), Decision::Leave);
@@ -603,13 +406,5 @@ memory = "1G"
         assert!(!glob_match("stress-*", "stres"));
         assert!(!glob_match("a?c", "ac"));
         assert!(glob_match("make", "make") && !glob_match("make", "cmake"));
-    }
-
-    #[test]
-    fn reads_this_process() {
-        let me = read_proc(std::process::id()).unwrap();
-        assert!(!me.kernel_thread);
-        assert_eq!(me.uid, nix::unistd::getuid().as_raw());
-        assert!(me.exe.is_some());
     }
 }

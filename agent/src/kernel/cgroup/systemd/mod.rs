@@ -15,6 +15,7 @@
 //! agent never set (an operator's own `systemctl set-property`) are left alone.
 
 pub mod dbus;
+pub mod mover;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,7 +27,8 @@ use std::{
 use crate::{
     desired::cgroups::{CgroupPlan, CgroupQuota},
     kernel::cgroup::{
-        driver::{interface_file, ApplyReport, Skipped},
+        driver::{interface_file, ApplyReport, CgroupDriver, DriverError, Skipped},
+        mover::Mover,
         CgroupFs, Controller,
     },
     model::{
@@ -367,64 +369,6 @@ impl SystemdDriver {
             .collect()
     }
 
-    /// Sets every unit's properties by `plan`, resets the fields the agent set before that
-    /// `plan` drops, and starts the group slices (so their cgroups exist for stats).
-    pub fn apply(&self, plan: &CgroupPlan) -> Result<ApplyReport, SystemdError> {
-        let mut state = self.lock();
-        let units = self.units(plan, &state.record)?;
-        let missing = self.missing_controllers();
-        let mut report = ApplyReport {
-            subtree_missing: missing.clone(),
-            ..ApplyReport::default()
-        };
-        for controller in &missing {
-            report.unavailable.push(format!(
-                "controller {controller} is not available at the cgroup2 root {} (disabled on the kernel command line, or bound to cgroup v1)",
-                self.fs.path(Path::new("")).display()
-            ));
-        }
-        // The record is saved and the plan kept whatever happens half-way: what was set
-        // stays known, to be lifted later.
-        let outcome = (|| {
-            for (unit, target) in &units {
-                self.write(&mut state, unit, &target.quota)?;
-                if target.adjusted {
-                    for field in FIELDS {
-                        let unavailable =
-                            missing.iter().any(|c| field.controller() == Some(c.name()));
-                        if target.quota.limits(field) && unavailable {
-                            report.skipped.push(Skipped {
-                                cgroup: target.cgroup.clone(),
-                                field,
-                                file: interface_file(field),
-                            });
-                        }
-                    }
-                }
-            }
-            // Units limited before that the plan no longer names: lift what the agent set.
-            let dropped: Vec<String> = state
-                .record
-                .0
-                .keys()
-                .filter(|u| !units.contains_key(*u))
-                .cloned()
-                .collect();
-            for unit in dropped {
-                self.reset(&mut state, &unit);
-            }
-            for name in plan.groups.keys() {
-                self.bus.start_unit(&group_slice(name))?;
-            }
-            Ok(())
-        })();
-        state.plan = Some(plan.clone());
-        let saved = self.save(&state.record);
-        outcome?;
-        saved?;
-        Ok(report)
-    }
-
     /// Writes the fields of `quota` that limit, and resets those the agent set before
     /// that `quota` leaves unlimited.
     fn write(
@@ -550,7 +494,7 @@ impl SystemdDriver {
             // systemd refuses the whole scope if one PID is gone: a child that exited since
             // the tree was read. Once more with the live ones.
             let before = pids.len();
-            pids.retain(|p| crate::kernel::placement::read_proc(*p).is_some());
+            pids.retain(|p| crate::kernel::proc::read_proc(*p).is_some());
             if pids.is_empty() || pids.len() == before {
                 return Err(e);
             }
@@ -561,7 +505,7 @@ impl SystemdDriver {
         let begun = Instant::now();
         for &pid in &pids {
             loop {
-                match crate::kernel::placement::read_proc(pid) {
+                match crate::kernel::proc::read_proc(pid) {
                     None => break,
                     Some(p) if p.cgroup == cgroup => break,
                     Some(_) if Instant::now() < deadline => {
@@ -578,6 +522,99 @@ impl SystemdDriver {
             }
         }
         Ok(cgroup)
+    }
+}
+
+impl CgroupDriver for SystemdDriver {
+    fn fs(&self) -> &CgroupFs {
+        &self.fs
+    }
+
+    /// Always: the record may hold limits of an earlier run that this plan drops.
+    fn needs_apply(&self, _: &CgroupPlan, _: Option<&CgroupPlan>) -> bool {
+        true
+    }
+
+    /// Sets every unit's properties by `plan`, resets the fields the agent set before that
+    /// `plan` drops, and starts the group slices (so their cgroups exist for stats). The
+    /// record, not `previous`, says what the agent set: it holds earlier runs' too.
+    fn apply(
+        &self,
+        plan: &CgroupPlan,
+        _previous: Option<&CgroupPlan>,
+    ) -> Result<ApplyReport, DriverError> {
+        let mut state = self.lock();
+        let units = self.units(plan, &state.record)?;
+        let missing = self.missing_controllers();
+        let mut report = ApplyReport {
+            subtree_missing: missing.clone(),
+            ..ApplyReport::default()
+        };
+        for controller in &missing {
+            report.unavailable.push(format!(
+                "controller {controller} is not available at the cgroup2 root {} (disabled on the kernel command line, or bound to cgroup v1)",
+                self.fs.path(Path::new("")).display()
+            ));
+        }
+        // The record is saved and the plan kept whatever happens half-way: what was set
+        // stays known, to be lifted later.
+        let outcome: Result<(), SystemdError> = (|| {
+            for (unit, target) in &units {
+                self.write(&mut state, unit, &target.quota)?;
+                if target.adjusted {
+                    for field in FIELDS {
+                        let unavailable =
+                            missing.iter().any(|c| field.controller() == Some(c.name()));
+                        if target.quota.limits(field) && unavailable {
+                            report.skipped.push(Skipped {
+                                cgroup: target.cgroup.clone(),
+                                field,
+                                file: interface_file(field),
+                            });
+                        }
+                    }
+                }
+            }
+            // Units limited before that the plan no longer names: lift what the agent set.
+            let dropped: Vec<String> = state
+                .record
+                .0
+                .keys()
+                .filter(|u| !units.contains_key(*u))
+                .cloned()
+                .collect();
+            for unit in dropped {
+                self.reset(&mut state, &unit);
+            }
+            for name in plan.groups.keys() {
+                self.bus.start_unit(&group_slice(name))?;
+            }
+            Ok(())
+        })();
+        state.plan = Some(plan.clone());
+        let saved = self.save(&state.record);
+        outcome?;
+        saved?;
+        Ok(report)
+    }
+
+    /// Only with group rules: users' processes are never moved, so without rules nothing
+    /// is watched.
+    fn places(&self, plan: &CgroupPlan) -> bool {
+        !plan.rules.is_empty()
+    }
+
+    fn mover(self: Arc<Self>) -> Box<dyn Mover> {
+        Box::new(mover::SystemdMover { driver: self })
+    }
+
+    fn move_pids(
+        &self,
+        plan: &CgroupPlan,
+        group: &str,
+        pids: &[u32],
+    ) -> Result<PathBuf, DriverError> {
+        Ok(self.start_scope(plan, group, pids)?)
     }
 }
 

@@ -95,9 +95,10 @@ fn a_user_quota_sets_only_its_own_fields_on_the_users_slice() {
     let tmp = mount(&[1001]);
     let bus = Arc::new(FakeBus::default());
     let d = driver(&bus, tmp.path(), None);
-    d.apply(&sd_plan(
-        "[[quota]]\ntarget = \"user:1001\"\ncpu = \"40%\"\n",
-    ))
+    d.apply(
+        &sd_plan("[[quota]]\ntarget = \"user:1001\"\ncpu = \"40%\"\n"),
+        None,
+    )
     .unwrap();
     assert_eq!(
         bus.take(),
@@ -112,24 +113,28 @@ fn dropped_fields_and_targets_are_reset_also_after_a_restart() {
     let record = tmp.path().join("record");
     let bus = Arc::new(FakeBus::default());
     let d = driver(&bus, tmp.path(), Some(record.clone()));
-    d.apply(&sd_plan(
-        "[[quota]]\ntarget = \"user:1001\"\ncpu = \"40%\"\npids = 50\n",
-    ))
+    d.apply(
+        &sd_plan("[[quota]]\ntarget = \"user:1001\"\ncpu = \"40%\"\npids = 50\n"),
+        None,
+    )
     .unwrap();
     bus.take();
-    d.apply(&sd_plan("[[quota]]\ntarget = \"user:1001\"\npids = 50\n"))
-        .unwrap();
+    d.apply(
+        &sd_plan("[[quota]]\ntarget = \"user:1001\"\npids = 50\n"),
+        None,
+    )
+    .unwrap();
     assert_eq!(
         bus.take(),
         ["set user-1001.slice CPUQuotaPerSecUSec=infinity CPUQuotaPeriodUSec=infinity TasksMax=50"]
     );
     // A new agent (a restart) with a config that no longer names the user.
     let restarted = driver(&bus, tmp.path(), Some(record.clone()));
-    restarted.apply(&sd_plan("")).unwrap();
+    restarted.apply(&sd_plan(""), None).unwrap();
     assert_eq!(bus.take(), ["set user-1001.slice TasksMax=infinity"]);
     assert_eq!(std::fs::read_to_string(&record).unwrap(), "");
     // Nothing left to reset: the next apply writes nothing.
-    restarted.apply(&sd_plan("")).unwrap();
+    restarted.apply(&sd_plan(""), None).unwrap();
     assert!(bus.take().is_empty());
 }
 
@@ -139,7 +144,7 @@ fn unchanged_units_are_not_written_again() {
     let bus = Arc::new(FakeBus::default());
     let d = driver(&bus, tmp.path(), None);
     let p = sd_plan("[[quota]]\ntarget = \"batch\"\nmemory = \"1G\"\n");
-    d.apply(&p).unwrap();
+    d.apply(&p, None).unwrap();
     assert_eq!(
         bus.take(),
         [
@@ -147,7 +152,7 @@ fn unchanged_units_are_not_written_again() {
             "start rlagent-batch.slice"
         ]
     );
-    d.apply(&p).unwrap();
+    d.apply(&p, None).unwrap();
     assert_eq!(bus.take(), ["start rlagent-batch.slice"]);
 }
 
@@ -158,7 +163,7 @@ fn the_user_default_reaches_present_and_new_users_at_or_above_uid_min() {
     let d = driver(&bus, tmp.path(), None);
     d.apply(&sd_plan(
         "[[quota]]\ntarget = \"user:*\"\npids = 100\n[[quota]]\ntarget = \"user:1002\"\npids = 7\n",
-    ))
+    ), None)
     .unwrap();
     assert_eq!(
         bus.take(),
@@ -172,8 +177,11 @@ fn the_user_default_reaches_present_and_new_users_at_or_above_uid_min() {
     d.user_appeared(6);
     assert_eq!(bus.take(), ["set user-1003.slice TasksMax=100"]);
     // The default removed: every slice it reached is reset, the logged-in and the new.
-    d.apply(&sd_plan("[[quota]]\ntarget = \"user:1002\"\npids = 7\n"))
-        .unwrap();
+    d.apply(
+        &sd_plan("[[quota]]\ntarget = \"user:1002\"\npids = 7\n"),
+        None,
+    )
+    .unwrap();
     assert_eq!(
         bus.take(),
         [
@@ -195,9 +203,10 @@ fn a_cgroup_target_maps_to_the_unit_that_owns_exactly_that_cgroup() {
     );
     let bus = Arc::new(fake);
     let d = driver(&bus, tmp.path(), None);
-    d.apply(&sd_plan(
-        "[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\nmemory = \"2G\"\n",
-    ))
+    d.apply(
+        &sd_plan("[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\nmemory = \"2G\"\n"),
+        None,
+    )
     .unwrap();
     assert_eq!(bus.take(), ["set db.service MemoryMax=2147483648"]);
 
@@ -206,9 +215,12 @@ fn a_cgroup_target_maps_to_the_unit_that_owns_exactly_that_cgroup() {
         ("machine.slice/stray", ""),
     ] {
         let err = d
-            .apply(&sd_plan(&format!(
-                "[[quota]]\ntarget = \"cgroup:{path}\"\nmemory = \"2G\"\n"
-            )))
+            .apply(
+                &sd_plan(&format!(
+                    "[[quota]]\ntarget = \"cgroup:{path}\"\nmemory = \"2G\"\n"
+                )),
+                None,
+            )
             .unwrap_err()
             .to_string();
         assert!(err.contains("no systemd unit owns this cgroup"), "{err}");
@@ -227,9 +239,12 @@ fn controllers_missing_at_the_root_are_reported_and_cgroup_targets_skipped() {
     let bus = Arc::new(fake);
     let d = driver(&bus, tmp.path(), None);
     let report = d
-        .apply(&sd_plan(
-            "[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\npids = 5\ncpu = \"10%\"\n",
-        ))
+        .apply(
+            &sd_plan(
+                "[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\npids = 5\ncpu = \"10%\"\n",
+            ),
+            None,
+        )
         .unwrap();
     assert_eq!(report.subtree_missing, BTreeSet::from([Controller::Pids]));
     assert_eq!(report.skipped.len(), 1, "{report:?}");
@@ -284,10 +299,13 @@ fn a_reset_restores_what_the_unit_had_before() {
         .insert(("user-1001.slice".into(), "TasksMax".into()), 10813);
     let bus = Arc::new(fake);
     let d = driver(&bus, tmp.path(), None);
-    d.apply(&sd_plan("[[quota]]\ntarget = \"user:*\"\npids = 100\n"))
-        .unwrap();
+    d.apply(
+        &sd_plan("[[quota]]\ntarget = \"user:*\"\npids = 100\n"),
+        None,
+    )
+    .unwrap();
     assert_eq!(bus.take(), ["set user-1001.slice TasksMax=100"]);
-    d.apply(&sd_plan("")).unwrap();
+    d.apply(&sd_plan(""), None).unwrap();
     assert_eq!(
         bus.take(),
         ["set user-1001.slice TasksMax=10813"],
