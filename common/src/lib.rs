@@ -296,6 +296,34 @@ pub struct HostConns {
     pub events_lost: u64,
 }
 
+// The layout of every struct above that a map holds (or the ring buffer carries), checked
+// when this crate compiles, for the kernel side and userspace alike: a size that changes
+// means a layout that changed, and pinned maps of the old layout must not be read with it.
+const _: () = assert!(
+    core::mem::size_of::<Settings>() == 152,
+    "Settings changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<Policy>() == 40,
+    "Policy changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<Conns>() == 144,
+    "Conns changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<SockOwner>() == 16,
+    "SockOwner changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<DenyEvent>() == 80,
+    "DenyEvent changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<HostConns>() == 56,
+    "HostConns changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)] structs of u64 fields (and arrays of them): no padding, any bit
