@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::programs::links::FdLink;
-use rlagent_common::{names, MAPS_LAYOUT_VERSION};
+use rlagent_common::MAPS_LAYOUT_VERSION;
 
 use super::{bpffs, BpfError};
 
@@ -32,16 +32,11 @@ impl PinLayout {
         self.version_dir().join("links").join(name)
     }
 
-    /// Every pin the agent keeps: the three links and the maps.
+    /// Every pin the agent keeps: the links of the attached programs and the maps.
     pub fn all(&self) -> Vec<PathBuf> {
-        let links = [
-            names::PROG_SOCK_RELEASE,
-            names::PROG_CONNECT4,
-            names::PROG_CONNECT6,
-        ]
-        .map(|n| self.link(n));
+        let links = super::attached_programs().map(|n| self.link(n));
         let maps = super::MAPS.map(|n| self.map(n));
-        links.into_iter().chain(maps).collect()
+        links.chain(maps).collect()
     }
 }
 
@@ -109,14 +104,11 @@ impl Staged {
 }
 
 /// Detaches the programs and removes all pins (and the bpffs mount the agent made there).
-/// Connect hooks go first, sock_release last, so no charged socket loses its uncharge.
+/// In the reverse of the attach order: connect hooks first, sock_release last, so no charged
+/// socket loses its uncharge.
 pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
     let pins = PinLayout::new(pin_path);
-    for name in [
-        names::PROG_CONNECT4,
-        names::PROG_CONNECT6,
-        names::PROG_SOCK_RELEASE,
-    ] {
+    for name in super::attached_programs().rev() {
         let path = pins.link(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
