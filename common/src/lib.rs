@@ -326,12 +326,16 @@ const _: () = assert!(
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: #[repr(C)] structs of u64 fields (and arrays of them): no padding, any bit
+    // SAFETY: #[repr(C)], u64 fields and a Policy (u64 fields): no padding, any bit
     // pattern valid.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: #[repr(C)], u64 fields only: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::Policy {}
+    // SAFETY: #[repr(C)], u64 fields and arrays of u64: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::Conns {}
+    // SAFETY: #[repr(C)], u64 fields only: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::SockOwner {}
+    // SAFETY: #[repr(C)], u64 fields only: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::HostConns {}
     // SAFETY: #[repr(C)], fields laid out without padding (8-byte fields first, then
     // 4-byte, 2-byte pairs, byte arrays), any bit pattern valid.
