@@ -59,10 +59,6 @@ const KNOWN_CYCLES: &[(&str, &[&str])] = &[
     // driver. read_proc is moving to kernel/proc.rs on another branch; delete this entry
     // when that change is merged.
     ("kernel", &["placement", "systemd"]),
-    // units.rs parses into quota.rs's value types (Limit, CpuMax, ConnRate) and error
-    // (QuotaError), while quota.rs validates each field with units.rs's parsers. To go,
-    // the value types move to units.rs and units.rs gets an error of its own.
-    ("model", &["quota", "units"]),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
