@@ -296,14 +296,46 @@ pub struct HostConns {
     pub events_lost: u64,
 }
 
+// The layout of every struct above that a map holds (or the ring buffer carries), checked
+// when this crate compiles, for the kernel side and userspace alike: a size that changes
+// means a layout that changed, and pinned maps of the old layout must not be read with it.
+const _: () = assert!(
+    core::mem::size_of::<Settings>() == 152,
+    "Settings changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<Policy>() == 40,
+    "Policy changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<Conns>() == 144,
+    "Conns changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<SockOwner>() == 16,
+    "SockOwner changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<DenyEvent>() == 80,
+    "DenyEvent changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+const _: () = assert!(
+    core::mem::size_of::<HostConns>() == 56,
+    "HostConns changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
+);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: #[repr(C)] structs of u64 fields (and arrays of them): no padding, any bit
+    // SAFETY: #[repr(C)], u64 fields and a Policy (u64 fields): no padding, any bit
     // pattern valid.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: #[repr(C)], u64 fields only: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::Policy {}
+    // SAFETY: #[repr(C)], u64 fields and arrays of u64: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::Conns {}
+    // SAFETY: #[repr(C)], u64 fields only: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::SockOwner {}
+    // SAFETY: #[repr(C)], u64 fields only: no padding, any bit pattern valid.
     unsafe impl aya::Pod for super::HostConns {}
     // SAFETY: #[repr(C)], fields laid out without padding (8-byte fields first, then
     // 4-byte, 2-byte pairs, byte arrays), any bit pattern valid.

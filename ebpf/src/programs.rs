@@ -213,6 +213,7 @@ pub fn rl_retire(ctx: SkBuffContext) -> i64 {
     let Some(conns) = RL_UID_CONNS.get_ptr_mut(&uid) else {
         return 0;
     };
+    // SAFETY: a BPF helper that takes no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a pointer from a successful lookup in this program run.
     unsafe {
@@ -482,6 +483,7 @@ impl Charge {
         if !limits.rated() {
             return Ok(());
         }
+        // SAFETY: a BPF helper that takes no arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         let uid = &limits.uid;
         if uid.rate_interval_ns != 0 && !(limits.monitor && self.noted) {
@@ -588,8 +590,8 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         lenient,
     };
 
-    // SAFETY: `host` points at the array's single element.
     if unbounded
+        // SAFETY: `host` points at the array's single element.
         && read(unsafe { &raw const (*host).uncapped_sockets })
             .saturating_sub(settings.uncapped_sockets_gone)
             >= settings.uncapped_socket_budget
@@ -832,6 +834,7 @@ fn report(
     subject: Subject,
 ) {
     if !conns.is_null() {
+        // SAFETY: a BPF helper that takes no arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: a pointer from a successful lookup in this program run.
         let tat = unsafe { &raw mut (*conns).event_tat };
@@ -841,6 +844,7 @@ fn report(
             settings.event_interval_ns,
             settings.event_window_ns,
         ) {
+            // SAFETY: as above, `conns` is from a successful lookup in this program run.
             fetch_add(unsafe { &raw mut (*conns).events_dropped }, 1);
             return;
         }
@@ -993,7 +997,9 @@ fn seeded_for(uid: u32, settings: &Settings, host: *mut HostConns) -> (u64, u64)
     // SAFETY: lookups return pointers valid for this program run; plain loads of values
     // others update atomically.
     let seeded = unsafe { RL_UID_SEEDED.get(&uid).copied().unwrap_or(0) };
+    // SAFETY: as above.
     let gone = unsafe { RL_UID_SEEDED_GONE.get(&uid).copied().unwrap_or(0) };
+    // SAFETY: `host` points at the single element of RL_HOST_CONNS.
     let host_seeded = read(unsafe { &raw const (*host).seeded });
     (
         seeded.saturating_sub(gone),

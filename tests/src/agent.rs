@@ -8,6 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use rlagent::kernel::bpf::{ConnStats, PinnedMaps};
 
 use crate::*;
@@ -294,14 +298,13 @@ impl Agent {
         self.child.as_ref().unwrap().id() as i32
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child by PID.
-        unsafe { libc::kill(self.pid(), sig) };
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid()), sig);
     }
 
     /// SIGHUP, then waits for the READY=1 that ends the reload.
     pub fn reload(&mut self) {
-        self.signal(libc::SIGHUP);
+        self.signal(Signal::SIGHUP);
         self.wait_ready();
     }
 
@@ -313,7 +316,7 @@ impl Agent {
 
     /// SIGTERM and the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::SIGTERM);
         self.child.take().unwrap().wait().unwrap()
     }
 }

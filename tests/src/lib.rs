@@ -18,8 +18,7 @@ pub use net::*;
 /// prints why and returns false, or panics when `RLAGENT_REQUIRE_PRIVILEGED=1` (CI), where
 /// a skip is a failure.
 pub fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let why = if unsafe { libc::geteuid() } != 0 {
+    let why = if !nix::unistd::geteuid().is_root() {
         Some("needs root".to_string())
     } else {
         rlagent::kernel::cgroup::mount::find()

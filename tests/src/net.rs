@@ -37,21 +37,21 @@ impl Listener {
     /// MPTCP listeners (`IPPROTO_MPTCP`) that close accepted connections at once.
     pub fn mptcp() -> Self {
         Self::build(false, |addr| {
-            use std::os::fd::FromRawFd;
+            use std::os::fd::{AsRawFd, FromRawFd};
             let v6 = addr.starts_with('[');
             let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-            // SAFETY: plain syscalls on a socket this function owns; results checked.
-            unsafe {
-                let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 262);
-                assert!(fd >= 0, "MPTCP socket: {}", std::io::Error::last_os_error());
-                let listener = TcpListener::from_raw_fd(fd);
-                let sa: std::net::SocketAddr = addr.parse().unwrap();
-                let sock = nix::sys::socket::SockaddrStorage::from(sa);
-                nix::sys::socket::bind(fd, &sock).expect("binding MPTCP listener");
-                nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(1024).unwrap())
-                    .expect("listen");
-                listener
-            }
+            // A raw socket(2): nix's SockProtocol has no IPPROTO_MPTCP (262).
+            // SAFETY: socket(2) takes no pointers; the result is checked.
+            let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 262) };
+            assert!(fd >= 0, "MPTCP socket: {}", std::io::Error::last_os_error());
+            // SAFETY: `fd` is a new socket that nothing else owns.
+            let listener = unsafe { TcpListener::from_raw_fd(fd) };
+            let sa: std::net::SocketAddr = addr.parse().unwrap();
+            let sock = nix::sys::socket::SockaddrStorage::from(sa);
+            nix::sys::socket::bind(listener.as_raw_fd(), &sock).expect("binding MPTCP listener");
+            nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(1024).unwrap())
+                .expect("listen");
+            listener
         })
     }
 

@@ -5,11 +5,18 @@
 //! rules name only test UIDs, so no other process on the host can be moved.
 
 use std::{
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::{
+        fd::{AsRawFd, BorrowedFd},
+        unix::process::CommandExt,
+    },
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use rlagent::{
     config::Config,
     desired::{state::RuntimeState, Desired},
@@ -165,15 +172,17 @@ fn children_forked_before_the_move_follow_their_parent() {
     parent
         .args(["-c", "(sleep 30 & sleep 30) & sleep 30"])
         .stdout(Stdio::null());
-    // SAFETY: only async-signal-safe calls between fork and exec; `procs` outlives spawn().
+    // SAFETY: only async-signal-safe calls between fork and exec (nix's wrappers of
+    // write, setgid and setuid do not allocate); `procs` outlives spawn(), so `procs_fd`
+    // is open while the closure runs.
     unsafe {
         parent.pre_exec(move || {
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
-                || libc::setgid(TREE_UID) != 0
-                || libc::setuid(TREE_UID) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+            let procs = BorrowedFd::borrow_raw(procs_fd);
+            if nix::unistd::write(procs, b"0")? != 1 {
+                return Err(std::io::ErrorKind::WriteZero.into());
             }
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(TREE_UID))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(TREE_UID))?;
             Ok(())
         });
     }
@@ -213,7 +222,7 @@ fn children_forked_before_the_move_follow_their_parent() {
         assert_eq!(cgroup_of(pid), want, "pid {pid} stayed behind");
     }
     for pid in tree(parent.id()).into_iter().rev() {
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
     parent.wait().unwrap();
 }

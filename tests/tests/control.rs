@@ -8,6 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use rlagent_tests::{privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const UID: u32 = 61101;
@@ -478,8 +482,7 @@ fn under_journald_lines_carry_priorities_and_every_change_an_audit_line() {
         Some(1),
         "refused by the agent, not a usage error or a crash"
     );
-    // SAFETY: signalling our own child by PID.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM);
     agent.wait().unwrap();
     let text = std::fs::read_to_string(&log_path).unwrap();
     let year = format!("{}-", current_year());

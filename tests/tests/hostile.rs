@@ -213,7 +213,7 @@ fn groups_gained_after_connecting_grant_nothing() {
     // The agent is stopped, so the connection waits in its backlog until it runs again:
     // the client connects as a non-member, then joins the group; the agent then accepts.
     // The kernel recorded the credentials at connect(); /proc would show the group.
-    agent.signal(libc::SIGSTOP);
+    agent.signal(nix::sys::signal::Signal::SIGSTOP);
     let script = r#"
 import os, socket, sys
 os.setgroups([])
@@ -246,7 +246,7 @@ print(s.makefile().readline(), flush=True)
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    agent.signal(libc::SIGCONT);
+    agent.signal(nix::sys::signal::Signal::SIGCONT);
     let mut answer = String::new();
     client
         .stdout

@@ -2,7 +2,8 @@
 //!
 //! - `setup`: installs what a fresh machine lacks for the eBPF build (nightly's rust-src,
 //!   bpf-linker linked against nightly's own libLLVM, cached under ~/.cache/bpf-tools).
-//! - `test`: setup, then formatting, clippy, the build and every test (unit and privileged).
+//! - `test`: setup, then formatting, clippy (also on the eBPF programs, for their target),
+//!   the build and every test (unit and privileged).
 //! - `run`: setup, release build, then runs `rlagent` with the given arguments.
 //! - `bench connect`: setup, release build, then the paired A/B connect() benchmark.
 //! - `vm-test`: the guest tests in a qemu guest with pure cgroup v2 (see vm.rs); with
@@ -109,6 +110,7 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
+            run(&mut ebpf_clippy())?;
             // The privileged tests start the real binaries; build them first.
             run(cargo().args(["build", "--workspace", "--bins"]))?;
             let promtool = debs::ensure_promtool()?;
@@ -195,6 +197,41 @@ pub(crate) fn workspace_root() -> PathBuf {
 pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.env("PATH", path_with(&bpf_tools().join("bin")));
+    cmd
+}
+
+/// Clippy on the eBPF programs, which compile only for the BPF target (a host clippy run
+/// sees an empty crate): on nightly, for that target, with the flags agent/build.rs builds
+/// them with, in a target directory of its own so the build's stays fresh. Only the
+/// workspace's deny lints fail it (`undocumented_unsafe_blocks`).
+fn ebpf_clippy() -> Command {
+    let rustflags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+        "-Ctarget-cpu=v3",
+    ]
+    .join("\x1f");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "clippy", "--release"])
+        .args(["-p", "rlagent-ebpf", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core", "--target-dir", "target/bpf-clippy"])
+        .env("PATH", path_with(&bpf_tools().join("bin")))
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    // As in agent/build.rs: the stable toolchain's settings must not reach nightly.
+    for (key, _) in env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        let inherited_cargo =
+            key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_ENCODED_RUSTFLAGS";
+        if inherited_cargo
+            || key.starts_with("RUSTC")
+            || key == "RUSTUP_TOOLCHAIN"
+            || key == "RUSTFLAGS"
+            || key == "RUSTDOCFLAGS"
+        {
+            cmd.env_remove(&key);
+        }
+    }
     cmd
 }
 

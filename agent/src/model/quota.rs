@@ -11,8 +11,10 @@ use serde::Deserialize;
 
 use super::{
     target::Target,
-    units::{parse_burst, parse_bytes, parse_count, parse_cpu, parse_rate},
+    units::{parse_burst, parse_bytes, parse_count, parse_cpu, parse_rate, UnitError},
 };
+// The values of the quota fields, defined beside their parsers.
+pub use super::units::{ConnRate, CpuMax, Limit, CPU_PERIOD_US, PAGE_SIZE};
 
 /// Errors of this module. Each names the field, the value and the form expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,12 +25,9 @@ pub enum QuotaError {
         value: String,
         expected: &'static str,
     },
-    #[error("invalid {field} {value:?}: {reason}")]
-    OutOfRange {
-        field: &'static str,
-        value: String,
-        reason: String,
-    },
+    /// A field's value, as the unit parsers judge it.
+    #[error(transparent)]
+    Unit(#[from] UnitError),
     #[error("conn_burst {burst} is set without conn_rate: a burst only makes sense with a rate")]
     BurstWithoutRate { burst: u64 },
     #[error("memory_high {high} is above memory {max}: memory.high must not exceed memory.max")]
@@ -86,50 +85,6 @@ impl Mode {
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// A limit or its explicit removal (`max`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit<T> {
-    Max,
-    Value(T),
-}
-
-impl<T: Copy> Limit<T> {
-    pub fn value(self) -> Option<T> {
-        match self {
-            Self::Max => None,
-            Self::Value(v) => Some(v),
-        }
-    }
-}
-
-/// CPU bandwidth as written to `cpu.max`: `quota_us` per `period_us`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CpuMax {
-    pub quota_us: u64,
-    pub period_us: u64,
-}
-
-/// The period we write with every CPU quota, the kernel's default (100 ms).
-pub const CPU_PERIOD_US: u64 = 100_000;
-/// memory.max accepts any byte count, but a limit below one page cannot hold a process.
-pub const PAGE_SIZE: u64 = 4096;
-
-/// New connections per second or per minute, with the bucket size (`conn_burst`, default
-/// = the count: a second's or a minute's worth at once).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnRate {
-    pub count: u64,
-    /// 1 (`/s`) or 60 (`/min`).
-    pub period_s: u64,
-}
-
-impl ConnRate {
-    /// Nanoseconds per token, rounded up, so the rate enforced is never above the rate set.
-    pub fn interval_ns(self) -> u64 {
-        (self.period_s * 1_000_000_000).div_ceil(self.count)
     }
 }
 

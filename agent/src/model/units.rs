@@ -1,7 +1,67 @@
-//! The parsers of quota values, one per unit: CPU percentages, byte sizes, counts,
+//! Quota values and their parsers, one per unit: CPU percentages, byte sizes, counts,
 //! connection rates. Each error names the field, the value and the form expected.
+//! `quota.rs` builds whole quotas from these (and re-exports the value types).
 
-use super::quota::{ConnRate, CpuMax, Limit, QuotaError, CPU_PERIOD_US, PAGE_SIZE};
+/// Errors of this module. Each names the field, the value and the form expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("invalid {field} {value:?}: expected {expected}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid {field} {value:?}: {reason}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// A limit or its explicit removal (`max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit<T> {
+    Max,
+    Value(T),
+}
+
+impl<T: Copy> Limit<T> {
+    pub fn value(self) -> Option<T> {
+        match self {
+            Self::Max => None,
+            Self::Value(v) => Some(v),
+        }
+    }
+}
+
+/// CPU bandwidth as written to `cpu.max`: `quota_us` per `period_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuMax {
+    pub quota_us: u64,
+    pub period_us: u64,
+}
+
+/// The period we write with every CPU quota, the kernel's default (100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// memory.max accepts any byte count, but a limit below one page cannot hold a process.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// New connections per second or per minute, with the bucket size (`conn_burst`, default
+/// = the count: a second's or a minute's worth at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRate {
+    pub count: u64,
+    /// 1 (`/s`) or 60 (`/min`).
+    pub period_s: u64,
+}
+
+impl ConnRate {
+    /// Nanoseconds per token, rounded up, so the rate enforced is never above the rate set.
+    pub fn interval_ns(self) -> u64 {
+        (self.period_s * 1_000_000_000).div_ceil(self.count)
+    }
+}
 
 /// cpu.max refuses quotas below 1 ms.
 const CPU_MIN_QUOTA_US: u64 = 1_000;
@@ -19,8 +79,8 @@ pub const MAX_RATE_COUNT: u64 = 1_000_000;
 
 /// `50%` = half of one CPU (`cpu.max 50000 100000`), `250%` = 2.5 CPUs, `max` = none.
 /// Up to three decimals are accepted (`12.5%`), as systemd's `CPUQuota=` does.
-pub fn parse_cpu(value: &str) -> Result<Limit<CpuMax>, QuotaError> {
-    let invalid = || QuotaError::Invalid {
+pub fn parse_cpu(value: &str) -> Result<Limit<CpuMax>, UnitError> {
+    let invalid = || UnitError::Invalid {
         field: "cpu",
         value: value.to_string(),
         expected: CPU_EXPECTED,
@@ -31,7 +91,7 @@ pub fn parse_cpu(value: &str) -> Result<Limit<CpuMax>, QuotaError> {
     let number = value.strip_suffix('%').ok_or_else(invalid)?;
     let milli_percent = parse_decimal_milli(number).ok_or_else(invalid)?;
     if milli_percent > CPU_MAX_PERCENT_X1000 {
-        return Err(QuotaError::OutOfRange {
+        return Err(UnitError::OutOfRange {
             field: "cpu",
             value: value.to_string(),
             reason: "more than 100000% (1000 CPUs)".to_string(),
@@ -40,7 +100,7 @@ pub fn parse_cpu(value: &str) -> Result<Limit<CpuMax>, QuotaError> {
     // quota_us = period * percent / 100, computed in milli-percent to keep decimals exact.
     let quota_us = CPU_PERIOD_US * milli_percent / 100_000;
     if quota_us < CPU_MIN_QUOTA_US {
-        return Err(QuotaError::OutOfRange {
+        return Err(UnitError::OutOfRange {
             field: "cpu",
             value: value.to_string(),
             reason: "below 1% (cpu.max needs at least 1 ms per 100 ms period)".to_string(),
@@ -68,8 +128,8 @@ fn parse_decimal_milli(text: &str) -> Option<u64> {
 
 /// `2G`, `1536M`, `512K`, `1T` (binary units), a bare byte count of at least one page, or
 /// `max`.
-pub fn parse_bytes(field: &'static str, value: &str) -> Result<Limit<u64>, QuotaError> {
-    let invalid = || QuotaError::Invalid {
+pub fn parse_bytes(field: &'static str, value: &str) -> Result<Limit<u64>, UnitError> {
+    let invalid = || UnitError::Invalid {
         field,
         value: value.to_string(),
         expected: BYTES_EXPECTED,
@@ -90,13 +150,13 @@ pub fn parse_bytes(field: &'static str, value: &str) -> Result<Limit<u64>, Quota
     let number: u64 = digits.parse().map_err(|_| invalid())?;
     let bytes = number
         .checked_mul(1u64 << shift)
-        .ok_or_else(|| QuotaError::OutOfRange {
+        .ok_or_else(|| UnitError::OutOfRange {
             field,
             value: value.to_string(),
             reason: "does not fit in 64 bits".to_string(),
         })?;
     if bytes < PAGE_SIZE {
-        return Err(QuotaError::OutOfRange {
+        return Err(UnitError::OutOfRange {
             field,
             value: value.to_string(),
             reason: format!("below one page ({PAGE_SIZE} bytes)"),
@@ -106,11 +166,11 @@ pub fn parse_bytes(field: &'static str, value: &str) -> Result<Limit<u64>, Quota
 }
 
 /// A whole number of at least `min`, or `max`.
-pub fn parse_count(field: &'static str, value: &str, min: u64) -> Result<Limit<u64>, QuotaError> {
+pub fn parse_count(field: &'static str, value: &str, min: u64) -> Result<Limit<u64>, UnitError> {
     if value == "max" {
         return Ok(Limit::Max);
     }
-    let number = parse_whole(value).ok_or_else(|| QuotaError::Invalid {
+    let number = parse_whole(value).ok_or_else(|| UnitError::Invalid {
         field,
         value: value.to_string(),
         expected: if min == 0 {
@@ -120,7 +180,7 @@ pub fn parse_count(field: &'static str, value: &str, min: u64) -> Result<Limit<u
         },
     })?;
     if number < min {
-        return Err(QuotaError::OutOfRange {
+        return Err(UnitError::OutOfRange {
             field,
             value: value.to_string(),
             reason: format!("must be at least {min}"),
@@ -137,7 +197,7 @@ fn parse_whole(value: &str) -> Option<u64> {
 }
 
 /// `20/s`, or `max`.
-pub fn parse_rate(value: &str) -> Result<Limit<ConnRate>, QuotaError> {
+pub fn parse_rate(value: &str) -> Result<Limit<ConnRate>, UnitError> {
     if value == "max" {
         return Ok(Limit::Max);
     }
@@ -150,7 +210,7 @@ pub fn parse_rate(value: &str) -> Result<Limit<ConnRate>, QuotaError> {
     };
     let count = parse_whole(count)
         .filter(|n| (1..=MAX_RATE_COUNT).contains(n))
-        .ok_or_else(|| QuotaError::Invalid {
+        .ok_or_else(|| UnitError::Invalid {
             field: "conn_rate",
             value: value.to_string(),
             expected: RATE_EXPECTED,
@@ -170,10 +230,10 @@ pub fn rate_text(interval_ns: u64) -> String {
 }
 
 /// Bucket size for `conn_rate`: a whole number of at least 1.
-pub fn parse_burst(value: &str) -> Result<u64, QuotaError> {
+pub fn parse_burst(value: &str) -> Result<u64, UnitError> {
     parse_whole(value)
         .filter(|n| (1..=MAX_RATE_COUNT).contains(n))
-        .ok_or_else(|| QuotaError::Invalid {
+        .ok_or_else(|| UnitError::Invalid {
             field: "conn_burst",
             value: value.to_string(),
             expected: "a whole number of connections from 1 to 1000000",

@@ -29,10 +29,24 @@
 //! The socket's cgroup is fixed when it is created, so the process joins the cgroup first.
 use std::{
     collections::BTreeMap,
+    ffi::CString,
     io::{self, BufRead, Write},
     mem,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Instant,
+};
+
+use nix::{
+    errno::Errno,
+    sys::{
+        resource::{setrlimit, Resource},
+        socket::{
+            self, getsockname, setsockopt, sockopt, AddressFamily, MsgFlags, SockFlag, SockType,
+            SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage,
+        },
+    },
+    unistd::{setgid, setgroups, setresuid, setuid, Gid, Uid},
 };
 
 fn main() {
@@ -47,15 +61,13 @@ fn main() {
         std::process::id().to_string(),
     )
     .expect("joining the cgroup");
-    // SAFETY: plain credential syscalls; failure is checked. UID 0 stays root (multi-uid).
+    // UID 0 stays root (multi-uid).
     if uid != 0 {
-        unsafe {
-            assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
-            assert_eq!(libc::setgid(uid), 0, "setgid");
-            assert_eq!(libc::setuid(uid), 0, "setuid");
-        }
+        setgroups(&[]).expect("setgroups");
+        setgid(Gid::from_raw(uid)).expect("setgid");
+        setuid(Uid::from_raw(uid)).expect("setuid");
     }
-    let mut sockets: BTreeMap<u64, i32> = BTreeMap::new();
+    let mut sockets: BTreeMap<u64, OwnedFd> = BTreeMap::new();
     let mut next_id = 0u64;
     let stdout = io::stdout();
     let mut out = stdout.lock();
@@ -67,15 +79,16 @@ fn main() {
         let reply = match words.as_slice() {
             ["connect", kind, port] => {
                 let fd = new_socket(kind);
+                let result = connect(&fd, kind, port.parse().unwrap());
                 next_id += 1;
                 sockets.insert(next_id, fd);
-                match connect(fd, kind, port.parse().unwrap()) {
+                match result {
                     Ok(()) => format!("ok {next_id}"),
                     Err(errno) => format!("err {errno} {next_id}"),
                 }
             }
             ["reconnect", id, port] => {
-                let fd = sockets[&id.parse::<u64>().unwrap()];
+                let fd = &sockets[&id.parse::<u64>().unwrap()];
                 let kind = socket_kind(fd);
                 match connect(fd, kind, port.parse().unwrap()) {
                     Ok(()) => "ok".to_string(),
@@ -86,12 +99,10 @@ fn main() {
                 let mut admitted = 0;
                 for _ in 0..n.parse::<u32>().unwrap() {
                     let fd = new_socket(kind);
-                    if connect(fd, kind, port.parse().unwrap()).is_ok() {
+                    if connect(&fd, kind, port.parse().unwrap()).is_ok() {
                         admitted += 1;
                         next_id += 1;
                         sockets.insert(next_id, fd);
-                    } else {
-                        close(fd);
                     }
                 }
                 format!("ok {admitted}")
@@ -100,12 +111,12 @@ fn main() {
                 let (mut ok, mut failed) = (0, 0);
                 for _ in 0..n.parse::<u32>().unwrap() {
                     let fd = new_socket(kind);
-                    next_id += 1;
-                    sockets.insert(next_id, fd);
-                    match connect(fd, kind, port.parse().unwrap()) {
+                    match connect(&fd, kind, port.parse().unwrap()) {
                         Ok(()) => ok += 1,
                         Err(_) => failed += 1,
                     }
+                    next_id += 1;
+                    sockets.insert(next_id, fd);
                 }
                 format!("ok {ok} {failed}")
             }
@@ -113,11 +124,11 @@ fn main() {
                 let (mut admitted, mut last) = (0, 0);
                 for _ in 0..n.parse::<u32>().unwrap() {
                     let fd = new_socket(kind);
-                    match connect(fd, kind, port.parse().unwrap()) {
+                    match connect(&fd, kind, port.parse().unwrap()) {
                         Ok(()) => admitted += 1,
                         Err(errno) => last = errno,
                     }
-                    close(fd);
+                    drop(fd);
                 }
                 format!("ok {admitted} {last}")
             }
@@ -127,11 +138,11 @@ fn main() {
                 let (mut admitted, mut attempts) = (0u64, 0u64);
                 while Instant::now() < until {
                     let fd = new_socket(kind);
-                    if connect(fd, kind, port.parse().unwrap()).is_ok() {
+                    if connect(&fd, kind, port.parse().unwrap()).is_ok() {
                         admitted += 1;
                     }
                     attempts += 1;
-                    close(fd);
+                    drop(fd);
                 }
                 format!("ok {admitted} {attempts}")
             }
@@ -141,31 +152,28 @@ fn main() {
                     Instant::now() + std::time::Duration::from_millis(millis.parse().unwrap());
                 let (mut admitted, mut attempts) = (0u64, 0u64);
                 let fd = new_socket(kind);
-                abort_on_close(fd);
+                abort_on_close(&fd);
                 while Instant::now() < until {
-                    if connect(fd, kind, port.parse().unwrap()).is_ok() {
+                    if connect(&fd, kind, port.parse().unwrap()).is_ok() {
                         admitted += 1;
                     }
                     attempts += 1;
-                    disconnect(fd).expect("connect(AF_UNSPEC)");
+                    disconnect(&fd).expect("connect(AF_UNSPEC)");
                 }
-                close(fd);
+                drop(fd);
                 format!("ok {admitted} {attempts}")
             }
-            ["disconnect", id] => match disconnect(sockets[&id.parse::<u64>().unwrap()]) {
+            ["disconnect", id] => match disconnect(&sockets[&id.parse::<u64>().unwrap()]) {
                 Ok(()) => "ok".to_string(),
                 Err(errno) => format!("err {errno}"),
             },
             ["close", id] => {
-                if let Some(fd) = sockets.remove(&id.parse::<u64>().unwrap()) {
-                    close(fd);
-                }
+                // Dropping the socket closes it.
+                sockets.remove(&id.parse::<u64>().unwrap());
                 "ok".to_string()
             }
             ["close-all"] => {
-                for (_, fd) in mem::take(&mut sockets) {
-                    close(fd);
-                }
+                sockets.clear();
                 "ok".to_string()
             }
             ["bench", kind, port, n] => {
@@ -173,11 +181,11 @@ fn main() {
                 let start = Instant::now();
                 for _ in 0..n.parse::<u32>().unwrap() {
                     let fd = new_socket(kind);
-                    connect(fd, kind, port).expect("bench connect");
+                    connect(&fd, kind, port).expect("bench connect");
                     if kind.starts_with("tcp") {
-                        abort_on_close(fd);
+                        abort_on_close(&fd);
                     }
-                    close(fd);
+                    drop(fd);
                 }
                 format!("ok {}", start.elapsed().as_nanos())
             }
@@ -186,15 +194,12 @@ fn main() {
                 let mut admitted = 0;
                 for uid in first..first + count {
                     let fd = new_socket("udp4");
-                    // SAFETY: plain credential syscalls; the saved UID 0 allows switching
-                    // back.
-                    unsafe { assert_eq!(libc::setresuid(uid, uid, 0), 0, "setresuid") };
-                    if connect(fd, "udp4", port.parse().unwrap()).is_ok() {
+                    become_uid(uid);
+                    if connect(&fd, "udp4", port.parse().unwrap()).is_ok() {
                         admitted += 1;
                     }
-                    // SAFETY: as above.
-                    unsafe { assert_eq!(libc::setresuid(0, 0, 0), 0, "setresuid back") };
-                    close(fd);
+                    become_uid(0);
+                    drop(fd);
                 }
                 format!("ok {admitted}")
             }
@@ -203,20 +208,14 @@ fn main() {
                 // switching the real and effective UID (the saved UID stays 0, so the
                 // process can switch back).
                 let (first, count): (u32, u32) = (first.parse().unwrap(), count.parse().unwrap());
-                let limit = libc::rlimit {
-                    rlim_cur: u64::from(count) + 1024,
-                    rlim_max: u64::from(count) + 1024,
-                };
-                // SAFETY: plain syscalls on our own process; results checked.
-                unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "setrlimit") };
+                let limit = u64::from(count) + 1024;
+                setrlimit(Resource::RLIMIT_NOFILE, limit, limit).expect("setrlimit");
                 let mut admitted = 0;
                 for uid in first..first + count {
                     let fd = new_socket("udp4");
-                    // SAFETY: as above.
-                    unsafe { assert_eq!(libc::setresuid(uid, uid, 0), 0, "setresuid") };
-                    let ok = connect(fd, "udp4", port.parse().unwrap()).is_ok();
-                    // SAFETY: as above; the saved UID 0 allows this.
-                    unsafe { assert_eq!(libc::setresuid(0, 0, 0), 0, "setresuid back") };
+                    become_uid(uid);
+                    let ok = connect(&fd, "udp4", port.parse().unwrap()).is_ok();
+                    become_uid(0);
                     if ok {
                         admitted += 1;
                         next_id += 1;
@@ -243,78 +242,79 @@ fn main() {
     }
 }
 
+/// Switches the real and effective UID to `uid`, keeping the saved UID 0 so the process
+/// can switch back.
+fn become_uid(uid: u32) {
+    let saved = Uid::from_raw(0);
+    setresuid(Uid::from_raw(uid), Uid::from_raw(uid), saved)
+        .unwrap_or_else(|e| panic!("setresuid({uid}): {e}"));
+}
+
 /// Names this process with the bytes `hex` spells (the kernel keeps the first 15).
 fn set_comm(hex: &str) -> String {
     let bytes: Option<Vec<u8>> = (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
         .collect();
-    let Some(mut name) = bytes.filter(|b| !b.contains(&0)) else {
+    let Some(name) = bytes.and_then(|b| CString::new(b).ok()) else {
         return format!("err bad hex {hex:?}");
     };
-    name.push(0);
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from the
-    // pointer; `name` is NUL-terminated and outlives the call.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
-    if rc == 0 {
-        "ok".to_string()
-    } else {
-        format!(
-            "err {}",
-            io::Error::last_os_error().raw_os_error().unwrap_or(0)
-        )
+    match nix::sys::prctl::set_name(&name) {
+        Ok(()) => "ok".to_string(),
+        Err(errno) => format!("err {}", errno as i32),
     }
 }
 
 /// IPPROTO_MPTCP (linux/in.h).
 const IPPROTO_MPTCP: i32 = 262;
 
-fn new_socket(kind: &str) -> i32 {
-    let (domain, ty, protocol) = match kind {
-        "tcp4" => (libc::AF_INET, libc::SOCK_STREAM, 0),
-        "tcp6" => (libc::AF_INET6, libc::SOCK_STREAM, 0),
-        "udp4" => (libc::AF_INET, libc::SOCK_DGRAM, 0),
-        "udp6" => (libc::AF_INET6, libc::SOCK_DGRAM, 0),
-        "mptcp4" => (libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP),
-        "mptcp6" => (libc::AF_INET6, libc::SOCK_STREAM, IPPROTO_MPTCP),
+fn new_socket(kind: &str) -> OwnedFd {
+    let (family, ty, mptcp) = match kind {
+        "tcp4" => (AddressFamily::Inet, SockType::Stream, false),
+        "tcp6" => (AddressFamily::Inet6, SockType::Stream, false),
+        "udp4" => (AddressFamily::Inet, SockType::Datagram, false),
+        "udp6" => (AddressFamily::Inet6, SockType::Datagram, false),
+        "mptcp4" => (AddressFamily::Inet, SockType::Stream, true),
+        "mptcp6" => (AddressFamily::Inet6, SockType::Stream, true),
         other => panic!("unknown socket kind {other}"),
     };
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
-    assert!(fd >= 0, "socket(): {}", io::Error::last_os_error());
-    fd
+    if mptcp {
+        return mptcp_socket(family);
+    }
+    socket::socket(family, ty, SockFlag::SOCK_CLOEXEC, None)
+        .unwrap_or_else(|e| panic!("socket(): {e}"))
 }
 
-fn socket_kind(fd: i32) -> &'static str {
-    let mut domain: libc::c_int = 0;
-    let mut ty: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid out-pointers of the advertised size.
-    unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut i32).cast(),
-            &mut len,
-        );
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut i32).cast(),
-            &mut len,
-        );
-    }
-    match (domain, ty) {
-        (libc::AF_INET, libc::SOCK_STREAM) => "tcp4",
-        (libc::AF_INET6, libc::SOCK_STREAM) => "tcp6",
-        (libc::AF_INET, _) => "udp4",
+/// A raw socket(2): nix's SockProtocol has no IPPROTO_MPTCP.
+fn mptcp_socket(family: AddressFamily) -> OwnedFd {
+    // SAFETY: socket(2) takes no pointers; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            family as i32,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            IPPROTO_MPTCP,
+        )
+    };
+    assert!(fd >= 0, "socket(): {}", io::Error::last_os_error());
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn socket_kind(fd: &OwnedFd) -> &'static str {
+    // The family from the socket's own address (nix has no SO_DOMAIN option).
+    let family = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.family());
+    let ty = socket::getsockopt(fd, sockopt::SockType).ok();
+    match (family, ty) {
+        (Some(AddressFamily::Inet), Some(SockType::Stream)) => "tcp4",
+        (Some(AddressFamily::Inet6), Some(SockType::Stream)) => "tcp6",
+        (Some(AddressFamily::Inet), _) => "udp4",
         _ => "udp6",
     }
 }
 
-fn connect(fd: i32, kind: &str, port: u16) -> Result<(), i32> {
+fn connect(fd: &OwnedFd, kind: &str, port: u16) -> Result<(), i32> {
     if kind.ends_with('4') {
         connect_to(fd, &sockaddr_v4(port))
     } else {
@@ -322,143 +322,97 @@ fn connect(fd: i32, kind: &str, port: u16) -> Result<(), i32> {
     }
 }
 
-/// connect() to a `sockaddr_in` or `sockaddr_in6`: done, or the errno.
-fn connect_to<T>(fd: i32, sa: &T) -> Result<(), i32> {
-    // SAFETY: `sa` is a fully initialised socket address of its type's size.
-    let rc = unsafe { libc::connect(fd, (sa as *const T).cast(), mem::size_of::<T>() as u32) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(errno())
-    }
+/// connect() to `sa`: done, or the errno.
+fn connect_to(fd: &OwnedFd, sa: &dyn SockaddrLike) -> Result<(), i32> {
+    socket::connect(fd.as_raw_fd(), sa).map_err(|errno| errno as i32)
 }
 
 /// connect() to an `AF_UNSPEC` address: dissolves the socket's association (for TCP the
 /// kernel's tcp_disconnect), after which it can be connected again.
-fn disconnect(fd: i32) -> Result<(), i32> {
-    // SAFETY: all-zero is a valid sockaddr; only its family is read.
-    let mut sa: libc::sockaddr = unsafe { mem::zeroed() };
-    sa.sa_family = libc::AF_UNSPEC as u16;
+fn disconnect(fd: &OwnedFd) -> Result<(), i32> {
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: `unspec` is a whole `sockaddr` of the length given.
+    let sa = unsafe {
+        SockaddrStorage::from_raw(&unspec, Some(mem::size_of_val(&unspec) as libc::socklen_t))
+    }
+    .expect("an AF_UNSPEC address");
     connect_to(fd, &sa)
 }
 
 /// 127.0.0.1:`port`.
-fn sockaddr_v4(port: u16) -> libc::sockaddr_in {
-    // SAFETY: all-zero is a valid sockaddr_in.
-    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-    sa.sin_family = libc::AF_INET as u16;
-    sa.sin_port = port.to_be();
-    sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
-    sa
+fn sockaddr_v4(port: u16) -> SockaddrIn {
+    SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
 }
 
 /// `[addr]:port`.
-fn sockaddr_v6(port: u16, addr: Ipv6Addr) -> libc::sockaddr_in6 {
-    // SAFETY: all-zero is a valid sockaddr_in6.
-    let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-    sa.sin6_family = libc::AF_INET6 as u16;
-    sa.sin6_port = port.to_be();
-    sa.sin6_addr.s6_addr = addr.octets();
-    sa
-}
-
-fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+fn sockaddr_v6(port: u16, addr: Ipv6Addr) -> SockaddrIn6 {
+    SockaddrIn6::from(SocketAddrV6::new(addr, port, 0, 0))
 }
 
 /// Opens a TCP connection to 127.0.0.1:`port` by the vector `name`; returns the socket.
-fn vector(name: &str, port: u16) -> (i32, Result<(), i32>) {
+fn vector(name: &str, port: u16) -> (OwnedFd, Result<(), i32>) {
     let sa = sockaddr_v4(port);
-    let sa_ptr = (&sa as *const libc::sockaddr_in).cast::<libc::sockaddr>();
-    let sa_len = mem::size_of_val(&sa) as u32;
-    // SAFETY: plain syscalls on sockets this process owns; every pointer is valid and
-    // sized correctly.
-    unsafe {
-        match name {
-            "tfo-sendto" => {
-                let fd = new_socket("tcp4");
-                let rc = libc::sendto(
-                    fd,
-                    b"x".as_ptr().cast(),
-                    1,
-                    libc::MSG_FASTOPEN,
-                    sa_ptr,
-                    sa_len,
-                );
-                (fd, if rc >= 0 { Ok(()) } else { Err(errno()) })
-            }
-            "tfo-connect" => {
-                let fd = new_socket("tcp4");
-                let on: libc::c_int = 1;
-                // Without the option this would be a plain connect(): fail the vector.
-                let rc = libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_TCP,
-                    libc::TCP_FASTOPEN_CONNECT,
-                    (&on as *const libc::c_int).cast(),
-                    mem::size_of::<libc::c_int>() as u32,
-                );
-                assert_eq!(
-                    rc,
-                    0,
-                    "setsockopt(TCP_FASTOPEN_CONNECT): {}",
-                    io::Error::last_os_error()
-                );
-                (fd, connect_to(fd, &sa))
-            }
-            "io-uring" => {
-                let fd = new_socket("tcp4");
-                let mut ring = io_uring::IoUring::new(2).expect("io_uring_setup");
-                let entry =
-                    io_uring::opcode::Connect::new(io_uring::types::Fd(fd), sa_ptr, sa_len).build();
-                ring.submission().push(&entry).expect("submission queue");
-                ring.submit_and_wait(1).expect("io_uring_enter");
-                let res = ring.completion().next().expect("a completion").result();
-                (fd, if res == 0 { Ok(()) } else { Err(-res) })
-            }
-            "v4-mapped" => {
-                let fd = new_socket("tcp6");
-                let mapped = sockaddr_v6(port, Ipv4Addr::LOCALHOST.to_ipv6_mapped());
-                (fd, connect_to(fd, &mapped))
-            }
-            "nonblock" => {
-                let fd = libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    0,
-                );
-                assert!(fd >= 0, "socket(): {}", io::Error::last_os_error());
-                let result = match connect_to(fd, &sa) {
-                    Err(libc::EINPROGRESS) => Ok(()),
-                    other => other,
-                };
-                (fd, result)
-            }
-            other => panic!("unknown vector {other}"),
+    match name {
+        "tfo-sendto" => {
+            let fd = new_socket("tcp4");
+            // nix's MsgFlags has no MSG_FASTOPEN.
+            let flags = MsgFlags::from_bits_retain(libc::MSG_FASTOPEN);
+            let result = socket::sendto(fd.as_raw_fd(), b"x", &sa, flags);
+            (fd, result.map(|_| ()).map_err(|errno| errno as i32))
         }
+        "tfo-connect" => {
+            let fd = new_socket("tcp4");
+            // Without the option this would be a plain connect(): fail the vector.
+            setsockopt(&fd, sockopt::TcpFastOpenConnect, &true)
+                .unwrap_or_else(|e| panic!("setsockopt(TCP_FASTOPEN_CONNECT): {e}"));
+            let result = connect_to(&fd, &sa);
+            (fd, result)
+        }
+        "io-uring" => {
+            let fd = new_socket("tcp4");
+            let mut ring = io_uring::IoUring::new(2).expect("io_uring_setup");
+            let entry = io_uring::opcode::Connect::new(
+                io_uring::types::Fd(fd.as_raw_fd()),
+                sa.as_ptr(),
+                sa.len(),
+            )
+            .build();
+            // SAFETY: the entry points at `sa` and `fd`, which outlive the wait for its
+            // completion below.
+            unsafe { ring.submission().push(&entry) }.expect("submission queue");
+            ring.submit_and_wait(1).expect("io_uring_enter");
+            let res = ring.completion().next().expect("a completion").result();
+            (fd, if res == 0 { Ok(()) } else { Err(-res) })
+        }
+        "v4-mapped" => {
+            let fd = new_socket("tcp6");
+            let mapped = sockaddr_v6(port, Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+            let result = connect_to(&fd, &mapped);
+            (fd, result)
+        }
+        "nonblock" => {
+            let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+            let fd = socket::socket(AddressFamily::Inet, SockType::Stream, flags, None)
+                .unwrap_or_else(|e| panic!("socket(): {e}"));
+            let result = match connect_to(&fd, &sa) {
+                Err(errno) if errno == Errno::EINPROGRESS as i32 => Ok(()),
+                other => other,
+            };
+            (fd, result)
+        }
+        other => panic!("unknown vector {other}"),
     }
 }
 
 /// SO_LINGER 0: close() sends RST and leaves no TIME_WAIT, so long benchmark loops do not
 /// run out of ephemeral ports. Both sides of an A/B run do the same.
-fn abort_on_close(fd: i32) {
+fn abort_on_close(fd: &OwnedFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: valid option pointer and length.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            mem::size_of::<libc::linger>() as u32,
-        )
-    };
-}
-
-fn close(fd: i32) {
-    // SAFETY: `fd` is a socket this process owns and closes once.
-    unsafe { libc::close(fd) };
+    let _ = setsockopt(fd, sockopt::Linger, &linger);
 }

@@ -57,34 +57,32 @@ fn main() {
             let mut forked = 0;
             let mut errno = 0;
             for _ in 0..n {
-                // SAFETY: the child only sleeps and exits.
-                match unsafe { libc::fork() } {
-                    0 => {
+                // SAFETY: this process has one thread; the child only sleeps and exits.
+                match unsafe { nix::unistd::fork() } {
+                    Ok(nix::unistd::ForkResult::Child) => {
                         std::thread::sleep(Duration::from_secs(secs));
-                        // SAFETY: leave without running the parent's atexit handlers.
+                        // SAFETY: leaves without running the parent's atexit handlers (nix
+                        // has no _exit).
                         unsafe { libc::_exit(0) };
                     }
-                    -1 => {
-                        errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+                    Err(e) => {
+                        errno = e as i32;
                         break;
                     }
-                    _ => forked += 1,
+                    Ok(nix::unistd::ForkResult::Parent { .. }) => forked += 1,
                 }
             }
             println!("forked {forked} errno {errno}");
             std::io::stdout().flush().unwrap();
-            // SAFETY: reaping our own children.
-            while unsafe { libc::wait(std::ptr::null_mut()) } > 0 {}
+            // Reaps the children until none is left.
+            while nix::sys::wait::wait().is_ok() {}
         }
         Some("become") => {
             let (uid, secs) = (num(1) as u32, num(2));
             let mut line = String::new();
             std::io::stdin().lock().read_line(&mut line).unwrap();
-            // SAFETY: credential syscalls, checked.
-            unsafe {
-                assert_eq!(libc::setgid(uid), 0);
-                assert_eq!(libc::setuid(uid), 0);
-            }
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).expect("setgid");
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).expect("setuid");
             println!("became");
             std::io::stdout().flush().unwrap();
             std::thread::sleep(Duration::from_secs(secs));

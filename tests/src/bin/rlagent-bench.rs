@@ -565,8 +565,11 @@ fn cpu_seconds(pid: i32) -> f64 {
     let rest = stat.rsplit_once(')').expect("stat format").1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .expect("sysconf(_SC_CLK_TCK)");
+    ticks / hz as f64
 }
 
 /// Denial events per second the agent takes in (logs, counts, keeps) before the kernel's

@@ -19,6 +19,8 @@ pub mod events;
 mod maps;
 mod pins;
 pub mod seed;
+#[cfg(test)]
+mod tests;
 
 pub use maps::{
     group_stats, now_ns, program_stats, uid_stats, ConnStats, GroupCounters, PinnedMaps,
@@ -137,6 +139,35 @@ pub(super) const MAPS: [&str; 13] = [
     names::EVENTS,
     names::SUBUID,
 ];
+
+/// How the agent uses one program of the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProgramKind {
+    /// A `cgroup/connect4` or `cgroup/connect6` program: attached, its link pinned.
+    SockAddr,
+    /// The `cgroup/sock_release` program: attached, its link pinned.
+    Sock,
+    /// A socket filter that is never attached: the agent runs it (BPF_PROG_TEST_RUN).
+    TestRun,
+}
+
+/// Every program the agent loads, in the order it attaches them: sock_release before the
+/// connect programs, so no socket is charged without a program to uncharge it.
+pub(super) const PROGRAMS: [(&str, ProgramKind); 4] = [
+    (names::PROG_SOCK_RELEASE, ProgramKind::Sock),
+    (names::PROG_CONNECT4, ProgramKind::SockAddr),
+    (names::PROG_CONNECT6, ProgramKind::SockAddr),
+    (names::PROG_RETIRE, ProgramKind::TestRun),
+];
+
+/// The programs of [`PROGRAMS`] that are attached (each has a pinned link), in attach
+/// order.
+pub(super) fn attached_programs() -> impl DoubleEndedIterator<Item = &'static str> {
+    PROGRAMS
+        .into_iter()
+        .filter(|(_, kind)| *kind != ProgramKind::TestRun)
+        .map(|(name, _)| name)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -265,23 +296,14 @@ impl ConnLimiter {
             pin_dir: pins.version_dir(),
             source: Box::new(source),
         })?;
-        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            sock_addr_program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| BpfError::Program { name, source })?;
+        for (name, kind) in PROGRAMS {
+            match kind {
+                ProgramKind::SockAddr => sock_addr_program(&mut ebpf, name)?.load(),
+                ProgramKind::Sock => sock_program(&mut ebpf, name)?.load(),
+                ProgramKind::TestRun => program::<SocketFilter>(&mut ebpf, name)?.load(),
+            }
+            .map_err(|source| BpfError::Program { name, source })?;
         }
-        sock_program(&mut ebpf, names::PROG_SOCK_RELEASE)?
-            .load()
-            .map_err(|source| BpfError::Program {
-                name: names::PROG_SOCK_RELEASE,
-                source,
-            })?;
-        program::<SocketFilter>(&mut ebpf, names::PROG_RETIRE)?
-            .load()
-            .map_err(|source| BpfError::Program {
-                name: names::PROG_RETIRE,
-                source,
-            })?;
         // Written only by agents: an earlier run's counts carry over.
         let earlier = typed_map_mut::<Array<&mut MapData, Settings>>(&mut ebpf, names::SETTINGS)?
             .get(&0, 0)
@@ -501,14 +523,22 @@ impl ConnLimiter {
         // Otherwise the earlier generation goes on enforcing while the new programs are
         // attached beside it, hands over once they all run, and only then are the old ones
         // detached (their pins replaced): there is no moment without a counting program.
-        let release = names::PROG_SOCK_RELEASE;
-        let mut staged = vec![attach!(sock_program(&mut self.ebpf, release)?, release)];
+        // PROGRAMS lists sock_release before the connect programs.
         let fresh = self.generation == 1;
-        if fresh {
-            self.activate()?;
-        }
-        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            staged.push(attach!(sock_addr_program(&mut self.ebpf, name)?, name));
+        let mut staged = Vec::new();
+        for (name, kind) in PROGRAMS {
+            match kind {
+                ProgramKind::Sock => {
+                    staged.push(attach!(sock_program(&mut self.ebpf, name)?, name));
+                    if fresh {
+                        self.activate()?;
+                    }
+                }
+                ProgramKind::SockAddr => {
+                    staged.push(attach!(sock_addr_program(&mut self.ebpf, name)?, name));
+                }
+                ProgramKind::TestRun => {}
+            }
         }
         if !fresh {
             self.activate()?;

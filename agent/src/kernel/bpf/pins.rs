@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::programs::links::FdLink;
-use rlagent_common::{names, MAPS_LAYOUT_VERSION};
+use rlagent_common::MAPS_LAYOUT_VERSION;
 
 use super::{bpffs, BpfError};
 
@@ -32,16 +32,11 @@ impl PinLayout {
         self.version_dir().join("links").join(name)
     }
 
-    /// Every pin the agent keeps: the three links and the maps.
+    /// Every pin the agent keeps: the links of the attached programs and the maps.
     pub fn all(&self) -> Vec<PathBuf> {
-        let links = [
-            names::PROG_SOCK_RELEASE,
-            names::PROG_CONNECT4,
-            names::PROG_CONNECT6,
-        ]
-        .map(|n| self.link(n));
+        let links = super::attached_programs().map(|n| self.link(n));
         let maps = super::MAPS.map(|n| self.map(n));
-        links.into_iter().chain(maps).collect()
+        links.chain(maps).collect()
     }
 }
 
@@ -109,14 +104,11 @@ impl Staged {
 }
 
 /// Detaches the programs and removes all pins (and the bpffs mount the agent made there).
-/// Connect hooks go first, sock_release last, so no charged socket loses its uncharge.
+/// In the reverse of the attach order: connect hooks first, sock_release last, so no charged
+/// socket loses its uncharge.
 pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
     let pins = PinLayout::new(pin_path);
-    for name in [
-        names::PROG_CONNECT4,
-        names::PROG_CONNECT6,
-        names::PROG_SOCK_RELEASE,
-    ] {
+    for name in super::attached_programs().rev() {
         let path = pins.link(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -131,4 +123,168 @@ pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
         }
     }
     bpffs::remove_pins(pin_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use rlagent_common::MAPS_LAYOUT_VERSION;
+
+    use super::{attach_staged, uninstall, LinkAction, PinLayout, Staged};
+    use crate::kernel::bpf::BpfError;
+
+    /// The pins a running agent leaves, relative to the pin path. Written out: an agent
+    /// adopts the pins of the one before it by these paths, so moving one without bumping
+    /// MAPS_LAYOUT_VERSION would lose the live counts and leave the old links attached.
+    fn expected_pins() -> Vec<String> {
+        let v = format!("v{MAPS_LAYOUT_VERSION}");
+        let links = ["rl_sock_release", "rl_connect4", "rl_connect6"];
+        let maps = [
+            "RL_SETTINGS",
+            "RL_MPTCP",
+            "RL_GENERATION",
+            "RL_UID_SEEDED",
+            "RL_UID_SEEDED_GONE",
+            "RL_UID_CAPS",
+            "RL_UID_CONNS",
+            "RL_HOST_CONNS",
+            "RL_SOCK_OWNER",
+            "RL_GROUP_POLICY",
+            "RL_GROUP_CONNS",
+            "RL_EVENTS",
+            "RL_SUBUID",
+        ];
+        let links = links.iter().map(|l| format!("{v}/links/{l}"));
+        let maps = maps.iter().map(|m| format!("{v}/maps/{m}"));
+        links.chain(maps).collect()
+    }
+
+    fn relative(root: &Path, paths: &[PathBuf]) -> Vec<String> {
+        paths
+            .iter()
+            .map(|p| {
+                p.strip_prefix(root)
+                    .unwrap_or_else(|_| panic!("{} is outside {}", p.display(), root.display()))
+                    .to_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pins_live_in_a_directory_named_after_the_map_layout_version() {
+        let root = Path::new("/sys/fs/bpf/rlagent");
+        let pins = PinLayout::new(root);
+        let v = root.join(format!("v{MAPS_LAYOUT_VERSION}"));
+        assert_eq!(pins.version_dir(), v);
+        assert_eq!(pins.map("RL_SETTINGS"), v.join("maps/RL_SETTINGS"));
+        assert_eq!(pins.link("rl_connect4"), v.join("links/rl_connect4"));
+    }
+
+    #[test]
+    fn every_link_and_map_pin_is_listed_once_at_its_path() {
+        let root = Path::new("/pins");
+        let all = PinLayout::new(root).all();
+        assert_eq!(relative(root, &all), expected_pins());
+    }
+
+    #[test]
+    fn uninstall_removes_every_pin_and_the_pin_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("rlagent");
+        let pins = PinLayout::new(&root);
+        for pin in pins.all() {
+            std::fs::create_dir_all(pin.parent().unwrap()).unwrap();
+            std::fs::write(&pin, "").unwrap();
+        }
+        // An older layout's pins go too.
+        let old = root.join("v1/maps/RL_SETTINGS");
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::write(&old, "").unwrap();
+        uninstall(&root).unwrap();
+        assert!(!root.exists(), "{} is left", root.display());
+        // Nothing to remove is not an error.
+        uninstall(&root).unwrap();
+    }
+
+    #[test]
+    fn uninstall_without_link_pins_removes_the_maps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pins = PinLayout::new(tmp.path());
+        let map = pins.map("RL_SETTINGS");
+        std::fs::create_dir_all(map.parent().unwrap()).unwrap();
+        std::fs::write(&map, "").unwrap();
+        uninstall(tmp.path()).unwrap();
+        assert!(!tmp.path().exists());
+    }
+
+    #[test]
+    fn a_stale_staging_pin_is_removed_before_attaching() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("rl_connect4");
+        let staging = tmp.path().join("rl_connect4_new");
+        std::fs::write(&link, "old").unwrap();
+        std::fs::write(&staging, "stale").unwrap();
+        let result = attach_staged("rl_connect4", &link, || {
+            assert!(!staging.exists(), "the stale staging pin is still there");
+            Err(BpfError::Missing {
+                kind: "program",
+                name: "rl_connect4",
+            })
+        });
+        assert!(matches!(result, Err(BpfError::Missing { .. })));
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "old");
+    }
+
+    fn staged(dir: &Path, existed: bool) -> Staged {
+        Staged {
+            name: "rl_connect6",
+            staging: dir.join("rl_connect6_new"),
+            link_pin: dir.join("rl_connect6"),
+            existed,
+        }
+    }
+
+    #[test]
+    fn commit_moves_the_new_pin_over_the_old_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let staged = staged(tmp.path(), true);
+        std::fs::write(&staged.link_pin, "old").unwrap();
+        std::fs::write(&staged.staging, "new").unwrap();
+        let (link, staging) = (staged.link_pin.clone(), staged.staging.clone());
+        assert_eq!(
+            staged.commit().unwrap(),
+            ("rl_connect6", LinkAction::Replaced)
+        );
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "new");
+        assert!(!staging.exists());
+    }
+
+    #[test]
+    fn commit_without_an_old_pin_reports_attached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let staged = staged(tmp.path(), false);
+        std::fs::write(&staged.staging, "new").unwrap();
+        let link = staged.link_pin.clone();
+        assert_eq!(
+            staged.commit().unwrap(),
+            ("rl_connect6", LinkAction::Attached)
+        );
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "new");
+    }
+
+    #[test]
+    fn a_failed_commit_names_the_link_pin() {
+        let tmp = tempfile::tempdir().unwrap();
+        let staged = staged(tmp.path(), false);
+        let link = staged.link_pin.clone();
+        match staged.commit() {
+            Err(BpfError::Link { name, path, .. }) => {
+                assert_eq!((name, path), ("rl_connect6", link));
+            }
+            other => panic!("expected a link error, got {other:?}"),
+        }
+    }
 }
