@@ -51,16 +51,6 @@ const EXEMPT: &[(&str, &str)] = &[
     ("layering.rs", "this test (cfg(test) only)"),
 ];
 
-/// Import cycles between modules of one layer that are known and on their way out: the
-/// layer and the cycle's modules, sorted. The test fails on any other cycle, and on an
-/// entry here whose cycle is gone (so it is removed with the cycle).
-const KNOWN_CYCLES: &[(&str, &[&str])] = &[
-    // kernel::systemd calls placement::read_proc, while placement uses the systemd
-    // driver. read_proc is moving to kernel/proc.rs on another branch; delete this entry
-    // when that change is merged.
-    ("kernel", &["placement", "systemd"]),
-];
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
     Ident(String),
@@ -565,40 +555,21 @@ fn no_modules_of_one_layer_import_each_other_in_a_circle() {
             }
         }
     }
-    let mut found = Vec::new();
-    let mut unknown = Vec::new();
+    let mut circles = Vec::new();
     for (layer, edges) in &edges {
         for cycle in cycles(edges) {
-            let known = KNOWN_CYCLES.iter().any(|(l, modules)| {
-                l == layer && modules.iter().copied().eq(cycle.iter().map(String::as_str))
-            });
-            found.push((layer.clone(), cycle.clone()));
-            if !known {
-                let imports: Vec<String> = edges
-                    .iter()
-                    .filter(|((a, b), _)| cycle.contains(a) && cycle.contains(b))
-                    .map(|((a, b), files)| format!("{a} -> {b} in {files:?}"))
-                    .collect();
-                unknown.push(format!("{layer}: {cycle:?}: {}", imports.join("; ")));
-            }
+            let imports: Vec<String> = edges
+                .iter()
+                .filter(|((a, b), _)| cycle.contains(a) && cycle.contains(b))
+                .map(|((a, b), files)| format!("{a} -> {b} in {files:?}"))
+                .collect();
+            circles.push(format!("{layer}: {cycle:?}: {}", imports.join("; ")));
         }
     }
     assert!(
-        unknown.is_empty(),
+        circles.is_empty(),
         "modules of one layer that import each other (around a circle):\n{}",
-        unknown.join("\n")
-    );
-    let gone: Vec<_> = KNOWN_CYCLES
-        .iter()
-        .filter(|(l, modules)| {
-            !found.iter().any(|(layer, cycle)| {
-                layer == l && modules.iter().copied().eq(cycle.iter().map(String::as_str))
-            })
-        })
-        .collect();
-    assert!(
-        gone.is_empty(),
-        "KNOWN_CYCLES in agent/src/layering.rs lists cycles that are gone, remove them: {gone:?}"
+        circles.join("\n")
     );
 }
 
