@@ -213,6 +213,18 @@ pub enum BpfError {
         path: PathBuf,
         message: String,
     },
+    #[error("reading the link pinned at {path}")]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("the link pinned at {path} (id {id}) is still attached {waited:?} after its pin was removed: another process holds it open")]
+    LinkNotReleased {
+        path: PathBuf,
+        id: u32,
+        waited: std::time::Duration,
+    },
     #[error("map {name}")]
     Map {
         name: &'static str,
@@ -743,7 +755,7 @@ impl ConnLimiter {
                 .and_then(|n| n.strip_prefix('v'))
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
             if is_version && path != current {
-                bpffs::remove_pins(&path)?;
+                pins::remove_version(&path)?;
                 removed.push(path);
             }
         }

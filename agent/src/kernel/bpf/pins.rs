@@ -3,9 +3,10 @@
 use std::{
     io,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-use aya::programs::links::FdLink;
+use aya::programs::links::{FdLink, PinnedLink};
 use rlagent_common::MAPS_LAYOUT_VERSION;
 
 use super::{bpffs, BpfError};
@@ -87,7 +88,9 @@ pub(super) fn attach_staged(
 }
 
 impl Staged {
-    /// Moves the new pin in place of the old one.
+    /// Moves the new pin in place of the old one. The old link detaches a moment later
+    /// (see [`unpin_link`]); until then both generations run, which counts each connect()
+    /// once.
     pub(super) fn commit(self) -> Result<(&'static str, LinkAction), BpfError> {
         std::fs::rename(&self.staging, &self.link_pin).map_err(|e| BpfError::Link {
             name: self.name,
@@ -104,25 +107,95 @@ impl Staged {
 }
 
 /// Detaches the programs and removes all pins (and the bpffs mount the agent made there).
-/// In the reverse of the attach order: connect hooks first, sock_release last, so no charged
-/// socket loses its uncharge.
+/// In the reverse of the attach order, each link gone before the next is unpinned: connect
+/// hooks first, sock_release last, so no charged socket loses its uncharge.
 pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
     let pins = PinLayout::new(pin_path);
     for name in super::attached_programs().rev() {
-        let path = pins.link(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(BpfError::Io {
-                    what: "removing link pin",
-                    path,
-                    source,
-                })
+        unpin_link(&pins.link(name))?;
+    }
+    bpffs::remove_pins(pin_path)
+}
+
+/// Removes the pins of another map layout version under `dir`: its links first, each
+/// waited for (see [`unpin_link`]), then everything else. A link another process holds
+/// open stays attached; that is logged, and the rest is removed all the same.
+pub(super) fn remove_version(dir: &Path) -> Result<(), BpfError> {
+    let links = dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            match unpin_link(&path) {
+                Ok(()) => {}
+                Err(e @ BpfError::LinkNotReleased { .. }) => tracing::warn!("{e}"),
+                Err(e) => return Err(e),
             }
         }
     }
-    bpffs::remove_pins(pin_path)
+    bpffs::remove_pins(dir)
+}
+
+/// How long a link may stay attached after its last pin went. The kernel releases it after
+/// an RCU grace period and a work item: milliseconds, more under a loaded or emulated CPU.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The id of the link pinned at `path`; `None` when nothing is pinned there, or when
+/// `path` is not on a bpffs (a plain file holds no link; the unit tests use those).
+fn pinned_link_id(path: &Path) -> Result<Option<u32>, BpfError> {
+    if !path.exists() || !bpffs::is_bpffs(path) {
+        return Ok(None);
+    }
+    let read = |source| BpfError::PinnedLink {
+        path: path.to_path_buf(),
+        source,
+    };
+    let link = FdLink::from(PinnedLink::from_pin(path).map_err(read)?);
+    Ok(Some(link.info().map_err(read)?.id()))
+}
+
+/// Removes the link pin at `path` and returns once the kernel has released the link, so
+/// its program is detached when this returns. Unpinning alone detaches later: bpffs frees
+/// the inode after an RCU grace period and the link is put from a work item, and until
+/// then the program still runs.
+fn unpin_link(path: &Path) -> Result<(), BpfError> {
+    let id = pinned_link_id(path)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(BpfError::Io {
+                what: "removing link pin",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    match id {
+        Some(id) => wait_released(path, id),
+        None => Ok(()),
+    }
+}
+
+/// Waits until no link with `id` exists (it was pinned at `path`).
+fn wait_released(path: &Path, id: u32) -> Result<(), BpfError> {
+    let start = Instant::now();
+    loop {
+        let attached = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .any(|link| link.id() == id);
+        if !attached {
+            return Ok(());
+        }
+        if start.elapsed() > RELEASE_TIMEOUT {
+            return Err(BpfError::LinkNotReleased {
+                path: path.to_path_buf(),
+                id,
+                waited: RELEASE_TIMEOUT,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 #[cfg(test)]
