@@ -571,3 +571,306 @@ fn the_memory_alert_fires_above_85_percent_of_memory_max() {
     p.kill().unwrap();
     p.wait().unwrap();
 }
+
+// ---- claims of the capability table, each on the real kernel ---------------------------
+
+/// `rlctl --json stats` from the running agent: the target named `target`.
+fn agent_stats(scratch: &Scratch, target: &str) -> serde_json::Value {
+    let out = rlctl(scratch, &["--json", "stats"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == target)
+        .unwrap_or_else(|| panic!("no {target} in {stats}"))
+        .clone()
+}
+
+/// A `key value` line of a flat-keyed cgroup file (memory.events, cpu.stat).
+fn keyed(path: &str, key: &str) -> u64 {
+    let text = read(path);
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {path}: {text}"))
+}
+
+/// `total=` of the `some` line of a PSI file.
+fn psi_some_total(path: &str) -> u64 {
+    let text = read(path);
+    text.lines()
+        .find(|l| l.starts_with("some "))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("total=")))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no some total in {path}: {text}"))
+}
+
+/// Waits for `child` to exit, failing after `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {} still running after {} s",
+            child.id(),
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn memory_high_holds_an_allocating_process_at_the_mark_and_psi_shows_the_stall() {
+    in_guest();
+    let scratch = Scratch::new();
+    config_with_root(
+        &scratch,
+        "rl-high",
+        "[[group]]\nname = \"soft\"\nuids = [2030]\n[[quota]]\ntarget = \"soft\"\nmemory_high = \"32M\"\n",
+    );
+    let _agent = Agent::start(&scratch);
+    let high = 32u64 << 20;
+    assert_eq!(read("rl-high/soft/memory.high"), high.to_string());
+    assert_eq!(
+        read("rl-high/soft/memory.max"),
+        "max",
+        "only the soft limit"
+    );
+    let mut p = load(2030, "wait touch 64");
+    wait_placed(p.id(), "rl-high/soft");
+    let (events0, stall0) = (
+        keyed("rl-high/soft/memory.events", "high"),
+        psi_some_total("rl-high/soft/memory.pressure"),
+    );
+    go(&mut p);
+    // The guest has no swap, so past the mark the kernel can only throttle the process
+    // (memory.high never kills). Watch it for 3 s: it keeps asking for memory, is not
+    // done, and its usage stays near the mark, far from the 64 MiB it wants.
+    let start = Instant::now();
+    let mut peak = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        peak = peak.max(read("rl-high/soft/memory.current").parse::<u64>().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let events1 = keyed("rl-high/soft/memory.events", "high");
+    println!(
+        "memory.high 32M, a process touching 64 MiB: after 3 s memory.current peaked at {:.1} MiB, memory.events high {events0} -> {events1}",
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(
+        p.try_wait().unwrap().is_none(),
+        "touching 64 MiB finished within 3 s under memory.high 32M"
+    );
+    assert!(
+        peak > high - (4 << 20) && peak < high + (8 << 20),
+        "memory.current peaked at {peak}, memory.high is {high}"
+    );
+    assert!(events1 > events0, "memory.events high did not rise");
+    // Still throttled: the count keeps rising while the process keeps asking.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while keyed("rl-high/soft/memory.events", "high") <= events1 {
+        assert!(
+            Instant::now() < deadline,
+            "memory.events high stopped at {events1}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // PSI from the real kernel: the throttling is memory stall time. The agent's figure
+    // lies between two reads of the kernel's file around the request, and is seconds.
+    let before = psi_some_total("rl-high/soft/memory.pressure");
+    let stats = agent_stats(&scratch, "group:soft");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
+    let after = psi_some_total("rl-high/soft/memory.pressure");
+    let reported = stats["memory_pressure"]["some_total_usec"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no memory PSI in {stats}"));
+    println!(
+        "memory PSI some total of the throttled group: {} ms (kernel {} ms before, {} ms after; {} ms before the process started)",
+        reported / 1000,
+        before / 1000,
+        after / 1000,
+        stall0 / 1000
+    );
+    assert!(
+        (before..=after).contains(&reported),
+        "{reported} not within the kernel's {before}..={after}"
+    );
+    assert!(reported > stall0 + 1_000_000, "{stats}");
+    let series = "rlagent_pressure_stall_seconds_total{target=\"group:soft\",resource=\"memory\",kind=\"some\"}";
+    let scraped =
+        rlagent_tests::sample(&body, series).unwrap_or_else(|| panic!("no {series} in\n{body}"));
+    assert!(
+        scraped * 1e6 >= before as f64 - 1.0 && scraped * 1e6 <= after as f64 + 1.0,
+        "{series} = {scraped}, kernel {before}..={after} us"
+    );
+    assert!(
+        rlagent_tests::sample(
+            &body,
+            "rlagent_pressure_stall_seconds_total{target=\"group:soft\",resource=\"memory\",kind=\"full\"}"
+        )
+        .is_some(),
+        "{body}"
+    );
+    assert_eq!(stats["memory"]["high"], high, "{stats}");
+    assert!(
+        stats["memory"]["events_high"].as_u64().unwrap() > events1,
+        "{stats}"
+    );
+
+    // What held it was memory.high: cleared, the mark goes back to max and the process
+    // finishes its 64 MiB at once.
+    rlctl(&scratch, &["clear-quota", "soft", "--memory-high"]);
+    assert_eq!(read("rl-high/soft/memory.high"), "max");
+    let released = Instant::now();
+    assert!(wait_exit(&mut p, Duration::from_secs(10)).success());
+    println!(
+        "after clearing memory.high the process finished in {} ms",
+        released.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn a_quota_on_an_existing_cgroup_is_written_there_and_holds() {
+    in_guest();
+    // An existing cgroup the agent does not own, made as a container runtime or an
+    // operator would: controllers enabled on the way down, a process inside.
+    let ext = format!("{MOUNT}/rl-ext/svc");
+    std::fs::create_dir_all(&ext).unwrap();
+    for parent in [MOUNT.to_string(), format!("{MOUNT}/rl-ext")] {
+        std::fs::write(format!("{parent}/cgroup.subtree_control"), "+cpu +pids").unwrap();
+    }
+    let mut spin = load(2040, "wait spin 3");
+    std::fs::write(format!("{ext}/cgroup.procs"), spin.id().to_string()).unwrap();
+    let scratch = Scratch::new();
+    config_with_root(&scratch, "rl-extagent", "");
+    let agent = Agent::start(&scratch);
+    rlctl(
+        &scratch,
+        &[
+            "set-quota",
+            "cgroup:rl-ext/svc",
+            "--cpu",
+            "30%",
+            "--pids",
+            "4",
+        ],
+    );
+    assert_eq!(read("rl-ext/svc/cpu.max"), "30000 100000");
+    assert_eq!(read("rl-ext/svc/pids.max"), "4");
+    assert_eq!(
+        cgroup_of(spin.id()),
+        "rl-ext/svc",
+        "quotas in place, no placement"
+    );
+    let (u0, t0) = (usage_usec("rl-ext/svc"), Instant::now());
+    go(&mut spin);
+    assert!(spin.wait().unwrap().success());
+    let ratio = (usage_usec("rl-ext/svc") - u0) as f64 / t0.elapsed().as_micros() as f64;
+    println!("cgroup:rl-ext/svc at cpu = 30%: cpu usage / wall time {ratio:.3}");
+    assert!((0.25..=0.35).contains(&ratio), "ratio {ratio:.3}");
+    let stats = agent_stats(&scratch, "cgroup:rl-ext/svc");
+    assert!(
+        stats["cpu"]["nr_throttled"].as_u64().unwrap() > 10,
+        "{stats}"
+    );
+    assert_eq!(stats["pids"]["max"], 4, "{stats}");
+
+    // pids.max 4 with the fork bomb alone in the cgroup: 3 children, then EAGAIN.
+    let mut bomb = load(2040, "wait forkbomb 50 1");
+    std::fs::write(format!("{ext}/cgroup.procs"), bomb.id().to_string()).unwrap();
+    go(&mut bomb);
+    assert_eq!(
+        read_line(&mut bomb),
+        format!("forked 3 errno {}", libc::EAGAIN)
+    );
+    assert!(bomb.wait().unwrap().success());
+    assert!(keyed("rl-ext/svc/pids.events", "max") >= 1);
+
+    // The quota removed: the cgroup is given back unlimited, and stays.
+    rlctl(&scratch, &["clear-quota", "cgroup:rl-ext/svc", "--all"]);
+    assert_eq!(read("rl-ext/svc/cpu.max"), "max 100000");
+    assert_eq!(read("rl-ext/svc/pids.max"), "max");
+    drop(agent);
+    std::fs::remove_dir(&ext).unwrap();
+    std::fs::remove_dir(format!("{MOUNT}/rl-ext")).unwrap();
+}
+
+#[test]
+fn user_star_gives_each_uid_its_own_cgroup_with_the_default() {
+    in_guest();
+    let scratch = Scratch::new();
+    config_with_root(
+        &scratch,
+        "rl-star",
+        "[[quota]]\ntarget = \"user:*\"\ncpu = \"20%\"\npids = 6\n",
+    );
+    let _agent = Agent::start(&scratch);
+    let mut a = load(2050, "wait forkbomb 50 2");
+    let mut b = load(2051, "wait forkbomb 50 2");
+    wait_placed(a.id(), "rl-star/user-2050");
+    wait_placed(b.id(), "rl-star/user-2051");
+    for uid in [2050, 2051] {
+        assert_eq!(read(&format!("rl-star/user-{uid}/cpu.max")), "20000 100000");
+        assert_eq!(read(&format!("rl-star/user-{uid}/pids.max")), "6");
+    }
+    // Both fork at once and hold their children for 2 s: each UID gets the default's 6
+    // tasks to itself (5 children), where one shared cgroup would give both 4 in all.
+    go(&mut a);
+    go(&mut b);
+    let eagain = format!("forked 5 errno {}", libc::EAGAIN);
+    assert_eq!(read_line(&mut a), eagain, "uid 2050");
+    assert_eq!(read_line(&mut b), eagain, "uid 2051");
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    for uid in [2050, 2051] {
+        let stats = agent_stats(&scratch, &format!("user:{uid}"));
+        assert_eq!(stats["pids"]["max"], 6, "{stats}");
+        assert!(
+            stats["pids"]["events_max"].as_u64().unwrap() >= 1,
+            "{stats}"
+        );
+    }
+}
+
+#[test]
+fn running_processes_are_placed_by_the_scan_at_start_and_at_reload() {
+    in_guest();
+    // Started before the agent: no exec or setuid event will ever name them.
+    let mut user = load(2060, "sleep 30");
+    let mut grouped = load(2061, "sleep 30");
+    let mut later = load(2062, "sleep 30");
+    let mut runtime = load(2063, "sleep 30");
+    let scratch = Scratch::new();
+    let config =
+        "[[group]]\nname = \"batch\"\nuids = [2061]\n[[quota]]\ntarget = \"batch\"\npids = 20\n\
+                  [[quota]]\ntarget = \"user:2060\"\npids = 30\n";
+    config_with_root(&scratch, "rl-scan", config);
+    let mut agent = Agent::start(&scratch);
+    // The scan runs before READY=1: no waiting.
+    assert_eq!(cgroup_of(user.id()), "rl-scan/user-2060");
+    assert_eq!(cgroup_of(grouped.id()), "rl-scan/batch");
+    assert_eq!(read("rl-scan/user-2060/pids.max"), "30");
+    assert_eq!(cgroup_of(later.id()), "", "a UID without a quota stays");
+    // SIGHUP with a quota for 2062: the reload's scan moves its running process before
+    // the READY=1 that ends the reload.
+    config_with_root(
+        &scratch,
+        "rl-scan",
+        &format!("{config}[[quota]]\ntarget = \"user:2062\"\npids = 40\n"),
+    );
+    agent.reload();
+    assert_eq!(cgroup_of(later.id()), "rl-scan/user-2062");
+    assert_eq!(read("rl-scan/user-2062/pids.max"), "40");
+    assert_eq!(cgroup_of(runtime.id()), "", "2063 has no quota yet");
+    // rlctl set-quota: moved by the time rlctl returns.
+    rlctl(&scratch, &["set-quota", "user:2063", "--pids", "50"]);
+    assert_eq!(cgroup_of(runtime.id()), "rl-scan/user-2063");
+    assert_eq!(read("rl-scan/user-2063/pids.max"), "50");
+    for p in [&mut user, &mut grouped, &mut later, &mut runtime] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}

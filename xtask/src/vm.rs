@@ -524,6 +524,31 @@ kill -0 $dyn 2>/dev/null && fail "the DynamicUser service's process outlived sys
 rlctl clear-quota 'user:*' --cpu || fail "rlctl clear-quota user:* --cpu"
 [ "$(prop user-1003.slice CPUQuotaPerSecUSec)" = infinity ] || fail "clearing user:* left carol's slice at $(prop user-1003.slice CPUQuotaPerSecUSec)"
 
+# A cgroup:<path> target is the unit that owns that existing cgroup, limited in place
+# through systemd; its process stays where systemd put it.
+systemd-run -q --unit=rlagent-cg sh -c 'while :; do :; done' || fail "systemd-run --unit=rlagent-cg"
+cg=/sys/fs/cgroup/system.slice/rlagent-cg.service
+rlctl set-quota cgroup:system.slice/rlagent-cg.service --cpu 30% || fail "rlctl set-quota cgroup:system.slice/rlagent-cg.service --cpu 30%"
+[ "$(prop rlagent-cg.service CPUQuotaPerSecUSec)" = 300ms ] || fail "rlagent-cg.service CPUQuotaPerSecUSec=$(prop rlagent-cg.service CPUQuotaPerSecUSec)"
+[ "$(cat $cg/cpu.max)" = "30000 100000" ] || fail "cpu.max of rlagent-cg.service is $(cat $cg/cpu.max)"
+s=$(share $cg)
+echo "cgroup:system.slice/rlagent-cg.service: a busy loop used $s of a CPU under cpu=30%"
+within "$s" 0.25 0.35 || fail "cgroup target cpu share $s, expected 0.25-0.35"
+grep -q "^0::/system.slice/rlagent-cg.service$" /proc/$(prop rlagent-cg.service MainPID)/cgroup || fail "the service's process was moved"
+rlctl --json stats | grep -q '"cgroup:system.slice/rlagent-cg.service"' || fail "rlctl stats has no cgroup:system.slice/rlagent-cg.service"
+# A cgroup no unit owns (made inside the service's) is refused, naming the unit to target.
+mkdir $cg/inner
+rlctl set-quota cgroup:system.slice/rlagent-cg.service/inner --cpu 10% 2>/tmp/err
+code=$?
+cat /tmp/err
+[ $code = 1 ] || fail "set-quota on a cgroup no unit owns exited $code, expected 1"
+grep -q 'no systemd unit owns this cgroup (it lies inside rlagent-cg.service' /tmp/err || fail "the refusal does not name the owning unit"
+[ "$(cat $cg/inner/cpu.max 2>/dev/null || echo none)" != "10000 100000" ] || fail "the refused quota was written"
+rmdir $cg/inner
+rlctl clear-quota cgroup:system.slice/rlagent-cg.service --cpu || fail "rlctl clear-quota cgroup:system.slice/rlagent-cg.service"
+[ "$(prop rlagent-cg.service CPUQuotaPerSecUSec)" = infinity ] || fail "clearing left rlagent-cg.service at $(prop rlagent-cg.service CPUQuotaPerSecUSec)"
+systemctl stop rlagent-cg
+
 # Uninstall refuses under the running agent.
 rlagent --config /etc/rlagent/rlagent.toml uninstall && fail "uninstall ran under a running agent"
 # Pins removed under the running agent: status and the alert say so (last: it ends the caps).
