@@ -121,8 +121,11 @@ impl Property {
     }
 }
 
-/// The cgroup fields a unit property carries.
-const FIELDS: [Field; 4] = [Field::Cpu, Field::Memory, Field::MemoryHigh, Field::Pids];
+/// The cgroup fields, which unit properties carry: those a controller enforces. The unit
+/// test `every_cgroup_field_has_properties_and_no_other_has` holds [`with_values`] to it.
+fn cgroup_fields() -> impl Iterator<Item = Field> {
+    Field::ALL.into_iter().filter(|f| f.controller().is_some())
+}
 
 /// The properties that set `field` of `quota` (its `max` is infinity).
 pub fn properties(field: Field, quota: &CgroupQuota) -> Vec<Property> {
@@ -215,7 +218,7 @@ impl Record {
                 .split(';')
                 .filter_map(|f| {
                     let (name, values) = f.split_once('=')?;
-                    let field = FIELDS.into_iter().find(|x| x.name() == name)?;
+                    let field = cgroup_fields().find(|x| x.name() == name)?;
                     let values: Vec<u64> = values
                         .split(',')
                         .map(str::parse)
@@ -383,7 +386,7 @@ impl SystemdDriver {
         let before = state.record.0.get(unit).cloned().unwrap_or_default();
         let mut props = Vec::new();
         let mut now = BTreeMap::new();
-        for field in FIELDS {
+        for field in cgroup_fields() {
             match (quota.limits(field), before.get(&field)) {
                 (true, Some(original)) => {
                     now.insert(field, original.clone());
@@ -562,7 +565,7 @@ impl CgroupDriver for SystemdDriver {
             for (unit, target) in &units {
                 self.write(&mut state, unit, &target.quota)?;
                 if target.adjusted {
-                    for field in FIELDS {
+                    for field in cgroup_fields() {
                         let unavailable =
                             missing.iter().any(|c| field.controller() == Some(c.name()));
                         if target.quota.limits(field) && unavailable {

@@ -312,3 +312,20 @@ fn a_reset_restores_what_the_unit_had_before() {
         "the distribution's limit comes back, not infinity"
     );
 }
+
+#[test]
+fn every_cgroup_field_has_properties_and_no_other_has() {
+    for field in Field::ALL {
+        let names = property_names(field);
+        assert_eq!(
+            names.is_empty(),
+            field.controller().is_none(),
+            "{field}: properties {names:?}, controller {:?}",
+            field.controller()
+        );
+    }
+    assert_eq!(
+        cgroup_fields().collect::<Vec<_>>(),
+        [Field::Cpu, Field::Memory, Field::MemoryHigh, Field::Pids]
+    );
+}
