@@ -1,3 +1,5 @@
+// Why this file is long: it is test code only (lib.rs declares it under #[cfg(test)]): the
+// layer table, a small path resolver and the checks, each test saying what it forbids.
 //! The layering of lib.rs, checked against the source: every path a file names through
 //! `crate::`, `super::` or `self::` (`use` trees included) is resolved to the module it
 //! reaches, and

@@ -1,3 +1,5 @@
+// Why this file is long: the maps, the claim/charge/release helpers and the programs that share
+// them are one protocol, checked against the verifier and the claim rule below as a whole.
 //! The kernel programs and their maps (built for `bpfel-unknown-none` only).
 //!
 //! Each charged socket has an entry in `RL_SOCK_OWNER` (socket cookie -> UID and group).

@@ -352,3 +352,59 @@ fn setup() -> Result<()> {
     std::fs::write(&stamp, want_stamp)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Lines above a file's first `#[cfg(test)]`: its non-test code.
+    const LONG: usize = 400;
+
+    fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn every_file_over_400_lines_of_code_says_why_in_its_first_three_lines() {
+        let root = super::workspace_root();
+        let mut files = Vec::new();
+        // tests/tests holds integration tests only: test code.
+        for dir in [
+            "agent/src",
+            "common/src",
+            "ebpf/src",
+            "xtask/src",
+            "tests/src",
+        ] {
+            rust_files(&root.join(dir), &mut files);
+        }
+        assert!(files.len() > 50, "{files:?}");
+        let mut silent = Vec::new();
+        for path in files {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text
+                .lines()
+                .take_while(|l| !l.starts_with("#[cfg(test)]"))
+                .count();
+            let says_why = text
+                .lines()
+                .take(3)
+                .any(|l| l.starts_with("// Why this file is long: "));
+            if code > LONG && !says_why {
+                silent.push(format!("{} ({code} lines)", path.display()));
+            }
+        }
+        assert!(
+            silent.is_empty(),
+            "over {LONG} lines of code, with no `// Why this file is long: ` in the first three lines:\n{}",
+            silent.join("\n")
+        );
+    }
+}

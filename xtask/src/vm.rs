@@ -1,3 +1,5 @@
+// Why this file is long: it builds both guests (busybox initramfs, Debian systemd disk) and holds
+// the systemd guest's check script inline, which is most of its length.
 //! `cargo xtask vm-test`: runs the guest tests (tests/tests/guest.rs) inside a throw-away
 //! qemu guest with a Debian kernel and pure cgroup v2, where cpu/memory/pids controllers
 //! and host-wide BPF attach are real (this host's cgroups are hybrid).

@@ -1,3 +1,5 @@
+// Why this file is long: `App` is the one entry for every caller, a method per operation; the
+// background loops live in tasks.rs.
 //! The composition root: the agent behind one lock, a snapshot of what it enforces for
 //! readers, the kernel observer, the alert engine and its event stream. Every caller
 //! (SIGHUP, the control socket, /metrics, the alert loop) goes through [`App`], so there is

@@ -1,3 +1,5 @@
+// Why this file is long: start, reload and runtime changes are one apply sequence with its
+// roll-back, kept in one place so the order of writes and undos reads top to bottom.
 //! The reconcile loop: one desired state in, one apply path for start, reload and runtime
 //! changes, with roll-back when an apply fails part-way.
 

@@ -1,3 +1,5 @@
+// Why this file is long: `Config` and its cross-section checks, drop-in merging and the error
+// texts that name file and line; sections validate in their own modules.
 //! The agent's TOML config (the README's "Using it"): TOML → validated [`Config`].
 //! Unknown keys are errors that name the line; a config with any invalid entry is refused
 //! whole. `raw` is what serde reads; each section has its own validator module.

@@ -1,3 +1,4 @@
+// Why this file is long: one function per control request (about 25), each with its access check.
 //! One function per request, run on the blocking pool against the [`App`]. Each checks
 //! what the caller may do, validates, and answers with the request's typed result.
 

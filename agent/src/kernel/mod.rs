@@ -1,3 +1,5 @@
+// Why this file is long: `System` composes every adapter and owns the start sequence (mount,
+// driver, programs, seeding, old versions), which must stay in one order.
 //! Adapters to the kernel: they take the desired state (`desired`) and never see the
 //! config. Two traits are the boundary the agent reconciles through, so the reconcile and
 //! roll-back logic is tested against fakes: [`Enforcer`] writes, [`Observer`] reads (and is

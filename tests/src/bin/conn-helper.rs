@@ -1,3 +1,5 @@
+// Why this file is long: one command per connect vector the tenant tests use (TFO, MPTCP,
+// io_uring, SCM_RIGHTS, AF_UNSPEC reconnects, UDP, ...).
 //! Test and benchmark worker: joins a cgroup, becomes a UID, then opens and closes sockets
 //! on command (one command per stdin line, one reply per stdout line).
 //!

@@ -1,3 +1,5 @@
+// Why this file is long: six benchmarks, each one function with its setup and report, in one
+// binary so `cargo xtask bench` builds one target.
 //! `rlagent-bench connect [--blocks N] [--iters M]`, `rlagent-bench control [--requests N]
 //! [--targets N]`, `rlagent-bench metrics [--uids N]`, `rlagent-bench integrity
 //! [--cycles N]`, `rlagent-bench events [--seconds N]` and `rlagent-bench churn

@@ -1,3 +1,5 @@
+// Why this file is long: one function per family group (target, uid, group, host, agent, program),
+// most of it the help text every series carries.
 //! Prometheus text for the Stats model, with the prometheus crate: metric families built
 //! per scrape from the model, so counters are the kernel's own values, not re-counted here.
 

@@ -1,3 +1,5 @@
+// Why this file is long: the whole driver (apply, reset to the unit's own values, stats, moves)
+// over the `Bus` trait; D-Bus proxies (dbus.rs) and the scope mover (mover.rs) are apart.
 //! The systemd cgroup driver: on a systemd host systemd is the single writer of the cgroup
 //! tree, so every limit is a unit property set over D-Bus and every process the agent
 //! places joins a unit systemd knows.
