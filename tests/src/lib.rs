@@ -8,6 +8,7 @@ mod agent;
 mod cgroups;
 mod http;
 mod net;
+pub mod queries;
 
 pub use agent::*;
 pub use cgroups::*;

@@ -3,7 +3,7 @@
 //! `test = false`). The guest is throw-away, so here the agent may attach at the root
 //! cgroup and place processes host-wide.
 
-use rlagent_tests::{cgroup_of, Agent, Connect, Helper, Listener, Scratch};
+use rlagent_tests::{cgroup_of, queries, Agent, Connect, Helper, Listener, Scratch};
 
 fn in_guest() {
     assert_eq!(
@@ -873,4 +873,47 @@ fn running_processes_are_placed_by_the_scan_at_start_and_at_reload() {
         p.kill().unwrap();
         p.wait().unwrap();
     }
+}
+
+#[test]
+fn every_cgroup_series_the_dashboard_and_rules_read_is_exported() {
+    in_guest();
+    // The host's Prometheus test runs every shipped query and requires data from all but
+    // those on cgroup controller series, which a hybrid host cannot have. Here, on a real
+    // cgroup v2 kernel, a group with every cgroup field set must export each of those
+    // series, with the `target` label the dashboard filters on.
+    let scratch = Scratch::new();
+    config_with_root(
+        &scratch,
+        "rl-series",
+        "[[group]]\nname = \"all\"\nuids = [2070]\n[[quota]]\ntarget = \"all\"\ncpu = \"50%\"\nmemory = \"256M\"\nmemory_high = \"200M\"\npids = 50\n",
+    );
+    let _agent = Agent::start(&scratch);
+    let mut p = load(2070, "sleep 30");
+    wait_placed(p.id(), "rl-series/all");
+    let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
+    let mut checked = std::collections::BTreeSet::new();
+    for query in queries::all_queries() {
+        for name in queries::metric_names(&query) {
+            if !["rlagent_cpu_", "rlagent_memory_", "rlagent_pids_"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            {
+                continue;
+            }
+            let series = format!("{name}{{target=\"group:all\"}}");
+            assert!(
+                rlagent_tests::sample(&body, &series).is_some(),
+                "{query} reads {name}, which the agent does not export as {series}:\n{body}"
+            );
+            checked.insert(name);
+        }
+    }
+    println!(
+        "{} cgroup series the shipped queries read, each exported: {checked:?}",
+        checked.len()
+    );
+    assert!(checked.len() >= 10, "{checked:?}");
+    p.kill().unwrap();
+    p.wait().unwrap();
 }
