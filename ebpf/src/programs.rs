@@ -275,6 +275,38 @@ struct Limits {
 }
 
 impl Limits {
+    #[inline(always)]
+    fn new(uid: &Policy, group: &Policy) -> Self {
+        // One copy of each: the agent may rewrite a policy while this runs.
+        let (uid, group) = (*uid, *group);
+        Self {
+            monitor: uid.flags & POLICY_MONITOR != 0,
+            group_monitor: group.flags & POLICY_MONITOR != 0,
+            uid,
+            group,
+        }
+    }
+
+    /// No enforce-mode cap bounds this socket's charge: it counts against the budget of
+    /// such charges (half the charged-socket map), so a tenant in monitor mode or with only
+    /// a rate can never take the room that capped UIDs need.
+    #[inline(always)]
+    fn unbounded(&self, in_group: bool) -> bool {
+        !self.uid.bounds() && (!in_group || !self.group.bounds())
+    }
+
+    /// Nothing here limits the UID: its counters come from the budget of such UIDs.
+    #[inline(always)]
+    fn unlimited(&self, in_group: bool) -> bool {
+        !self.uid.limits() && !in_group
+    }
+
+    /// Nothing here would deny: a full map lets the connect() through uncounted.
+    #[inline(always)]
+    fn lenient(&self, in_group: bool) -> bool {
+        (!self.uid.limits() || self.monitor) && (!in_group || self.group_monitor)
+    }
+
     /// A rate applies (the UID's, or the group's when in a group).
     #[inline(always)]
     fn rated(&self) -> bool {
@@ -533,24 +565,9 @@ impl Charge {
 
 #[inline(always)]
 fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
-    // SAFETY: a global the loader writes before the program is loaded.
-    let generation = unsafe { core::ptr::read_volatile(&RL_PROGRAM_GENERATION) };
-    if RL_GENERATION.get(0).copied() != Some(generation) {
-        return Ok(ALLOW);
-    }
-    let Some(settings) = RL_SETTINGS.get(0) else {
+    let Some(settings) = counted_settings(ctx) else {
         return Ok(ALLOW);
     };
-    if settings.flags & FLAG_ENFORCE == 0 {
-        return Ok(ALLOW);
-    }
-    // SAFETY: the context pointer is valid for the program's run.
-    let sock_type = unsafe { (*ctx.sock_addr).type_ };
-    let counted = sock_type == SOCK_STREAM
-        || (sock_type == SOCK_DGRAM && settings.flags & FLAG_COUNT_UDP != 0);
-    if !counted {
-        return Ok(ALLOW);
-    }
     let Some(host) = RL_HOST_CONNS.get_ptr_mut(0) else {
         return Ok(ALLOW);
     };
@@ -565,24 +582,16 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     if uid == 0 && own.is_none() && group == 0 {
         return Ok(ALLOW);
     }
-    let uid_policy = *own.unwrap_or_else(|| default_policy(uid, settings));
-    let group_policy = *group_policy;
-    let limits = Limits {
-        monitor: uid_policy.flags & POLICY_MONITOR != 0,
-        group_monitor: group_policy.flags & POLICY_MONITOR != 0,
-        uid: uid_policy,
-        group: group_policy,
-    };
-    // No enforce-mode cap bounds this socket's charge: it counts against the budget of
-    // such charges (half the charged-socket map), so a tenant in monitor mode or with only
-    // a rate can never take the room that capped UIDs need.
-    let unbounded = !limits.uid.bounds() && (group == 0 || !limits.group.bounds());
-    // Nothing here limits the UID: its counters come from the budget of such UIDs.
-    let unlimited = !limits.uid.limits() && group == 0;
-    // Nothing here would deny: a full map lets the connect() through uncounted.
-    let lenient = (!limits.uid.limits() || limits.monitor) && (group == 0 || limits.group_monitor);
+    let limits = Limits::new(
+        own.unwrap_or_else(|| default_policy(uid, settings)),
+        group_policy,
+    );
+    let in_group = group != 0;
+    let unbounded = limits.unbounded(in_group);
+    let unlimited = limits.unlimited(in_group);
+    let lenient = limits.lenient(in_group);
     // SAFETY: the helper accepts the sock_addr context.
-    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let dest = destination::<V6>(ctx);
     let at = Caller {
         uid,
@@ -590,8 +599,9 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         group_conns,
         host,
         lenient,
+        unbounded,
+        unlimited,
     };
-
     if unbounded
         // SAFETY: `host` points at the array's single element.
         && read(unsafe { &raw const (*host).uncapped_sockets })
@@ -600,72 +610,118 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     {
         return untracked(&dest, settings, &at, &limits, unlimited);
     }
+    let Ok(keeper) = mptcp_keeper(ctx) else {
+        return full(&dest, settings, &at, &limits);
+    };
+    let kept = if keeper.is_null() {
+        0
+    } else {
+        // SAFETY: non-null storage of the MPTCP socket.
+        unsafe { *keeper }
+    };
+    // Kept: the connection is charged already, on the subflow whose cookie is kept: a
+    // user's connect() on it again (after AF_UNSPEC the MPTCP socket may make a new first
+    // subflow) is a reconnect of that charge. Further subflows of one connection (joins)
+    // are made by kernel threads as root, and returned above.
+    let cookie = if kept != 0 { kept } else { cookie };
+    claim_and_charge(&dest, settings, &at, &limits, cookie, keeper)
+}
 
-    // An MPTCP subflow: its MPTCP socket keeps the charge (see RL_MPTCP).
+/// The settings, when the programs of this generation enforce and the socket is of a
+/// counted kind (TCP, and UDP with `count_udp`); `None` lets the connect() through as it is.
+#[inline(always)]
+fn counted_settings(ctx: &SockAddrContext) -> Option<&'static Settings> {
+    // SAFETY: a global the loader writes before the program is loaded.
+    let generation = unsafe { core::ptr::read_volatile(&RL_PROGRAM_GENERATION) };
+    if RL_GENERATION.get(0).copied() != Some(generation) {
+        return None;
+    }
+    let settings = RL_SETTINGS.get(0)?;
+    if settings.flags & FLAG_ENFORCE == 0 {
+        return None;
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    let counted = sock_type == SOCK_STREAM
+        || (sock_type == SOCK_DGRAM && settings.flags & FLAG_COUNT_UDP != 0);
+    counted.then_some(settings)
+}
+
+/// For an MPTCP subflow, its MPTCP socket's storage that keeps the charged subflow's
+/// cookie (see `RL_MPTCP`), made when missing; null for any other socket. `Err`: the
+/// storage could not be made.
+#[inline(always)]
+fn mptcp_keeper(ctx: &SockAddrContext) -> Result<*mut u64, ()> {
     // SAFETY: the context's socket is valid for the program's run; the helper returns the
     // subflow's MPTCP socket, or null for any other socket.
     let mptcp = unsafe { bpf_skc_to_mptcp_sock((*ctx.sock_addr).__bindgen_anon_1.sk.cast()) };
-    let mut keeper: *mut u64 = core::ptr::null_mut();
-    if !mptcp.is_null() {
-        // SAFETY: `mptcp` is a non-null BTF pointer to a socket.
-        keeper = unsafe {
-            bpf_sk_storage_get(
-                map_ptr(&RL_MPTCP),
-                mptcp.cast(),
-                core::ptr::null_mut(),
-                u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-            )
-        }
-        .cast::<u64>();
-        if keeper.is_null() {
-            return full(&dest, settings, &at, &limits);
-        }
-        // SAFETY: non-null storage of the MPTCP socket.
-        let kept = unsafe { *keeper };
-        if kept != 0 {
-            // The connection is charged already, on the subflow whose cookie is kept: a
-            // user's connect() on it again (after AF_UNSPEC the MPTCP socket may make a
-            // new first subflow) is a reconnect of that charge. Further subflows of one
-            // connection (joins) are made by kernel threads as root, and returned above.
-            cookie = kept;
-        }
+    if mptcp.is_null() {
+        return Ok(core::ptr::null_mut());
     }
+    // SAFETY: `mptcp` is a non-null BTF pointer to a socket.
+    let keeper = unsafe {
+        bpf_sk_storage_get(
+            map_ptr(&RL_MPTCP),
+            mptcp.cast(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<u64>();
+    if keeper.is_null() {
+        Err(())
+    } else {
+        Ok(keeper)
+    }
+}
 
+/// The claim of socket `cookie` (see the module doc), then its charge: caps and rates
+/// for a new claim, or a reconnect of the charge it holds. `keeper`: as `mptcp_keeper`.
+#[inline(always)]
+fn claim_and_charge(
+    dest: &Destination,
+    settings: &Settings,
+    at: &Caller,
+    limits: &Limits,
+    cookie: u64,
+    keeper: *mut u64,
+) -> Result<i32, i32> {
+    let (unbounded, unlimited) = (at.unbounded, at.unlimited);
     let owner = SockOwner {
-        owner: u64::from(uid) | if unbounded { OWNER_UNCAPPED } else { 0 },
-        group,
+        owner: u64::from(at.uid) | if unbounded { OWNER_UNCAPPED } else { 0 },
+        group: at.group,
     };
     // The claim. EEXIST: this socket is already charged: a repeated connect() (a UDP
     // re-connect, a retry after ECONNREFUSED, a TCP connect after AF_UNSPEC).
     let claimed = match RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST)) {
         Ok(()) => true,
         Err(err) if err == EEXIST => false,
-        Err(_) => return full(&dest, settings, &at, &limits),
+        Err(_) => return full(dest, settings, at, limits),
     };
     if !claimed {
-        let Some(conns) = uid_conns(uid, unlimited, settings, host) else {
-            return full(&dest, settings, &at, &limits);
+        let Some(conns) = uid_conns(at.uid, unlimited, settings, at.host) else {
+            return full(dest, settings, at, limits);
         };
-        let mut charge = Charge::new(cookie, false, uid, host, conns);
-        charge.group = group;
-        charge.group_conns = group_conns;
-        return reconnect(&dest, settings, &limits, charge);
+        let mut charge = Charge::new(cookie, false, at.uid, at.host, conns);
+        charge.group = at.group;
+        charge.group_conns = at.group_conns;
+        return reconnect(dest, settings, limits, charge);
     }
-    let Some((conns, live_before)) = charge_uid(uid, unlimited, settings, host) else {
+    let Some((conns, live_before)) = charge_uid(at.uid, unlimited, settings, at.host) else {
         let _ = RL_SOCK_OWNER.remove(&cookie);
-        return full(&dest, settings, &at, &limits);
+        return full(dest, settings, at, limits);
     };
-    let mut charge = Charge::new(cookie, true, uid, host, conns);
-    charge.group = group;
-    charge.group_conns = group_conns;
-    charge.caps(&dest, settings, &limits, live_before)?;
-    charge.rates(&dest, settings, &limits)?;
+    let mut charge = Charge::new(cookie, true, at.uid, at.host, conns);
+    charge.group = at.group;
+    charge.group_conns = at.group_conns;
+    charge.caps(dest, settings, limits, live_before)?;
+    charge.rates(dest, settings, limits)?;
     charge.admitted();
-    // SAFETY: `host` points at the array's single element; `keeper` is this MPTCP
+    // SAFETY: `host` points at the array's single element; `keeper` is null or this MPTCP
     // socket's storage.
     unsafe {
         if unbounded {
-            fetch_add(&raw mut (*host).uncapped_sockets, 1);
+            fetch_add(&raw mut (*at.host).uncapped_sockets, 1);
         }
         if !keeper.is_null() {
             *keeper = cookie;
@@ -682,6 +738,10 @@ struct Caller {
     host: *mut HostConns,
     /// Nothing would deny this caller (see `full`).
     lenient: bool,
+    /// See `Limits::unbounded`.
+    unbounded: bool,
+    /// See `Limits::unlimited`.
+    unlimited: bool,
 }
 
 /// A connect() on a socket already charged: it makes a new connection (a TCP socket
