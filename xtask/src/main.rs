@@ -371,6 +371,99 @@ mod tests {
         }
     }
 
+    /// The names of the functions marked `#[test]` (and not `#[ignore]`) in `text`.
+    fn test_functions(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut attrs: Vec<&str> = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if line.starts_with("#[") {
+                attrs.push(line);
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("fn ") {
+                let is_test =
+                    attrs.contains(&"#[test]") && !attrs.iter().any(|a| a.starts_with("#[ignore"));
+                if is_test {
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    out.push(name);
+                }
+            }
+            if !line.starts_with("//") {
+                attrs.clear();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_test_the_readme_capability_table_names_exists() {
+        let root = super::workspace_root();
+        let mut files = Vec::new();
+        for dir in [
+            "agent/src",
+            "common/src",
+            "tests/src",
+            "tests/tests",
+            "xtask/src",
+        ] {
+            rust_files(&root.join(dir), &mut files);
+        }
+        let tests: Vec<String> = files
+            .iter()
+            .flat_map(|f| test_functions(&std::fs::read_to_string(f).unwrap()))
+            .collect();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let rows: Vec<&str> = readme
+            .lines()
+            .skip_while(|l| *l != "| capability | status | tests |")
+            .skip(2)
+            .take_while(|l| l.starts_with("| "))
+            .collect();
+        assert!(
+            rows.len() >= 20,
+            "the capability table has {} rows",
+            rows.len()
+        );
+        let mut wrong = Vec::new();
+        for row in &rows {
+            let column = row.trim_end_matches(" |").rsplit(" | ").next().unwrap();
+            let named: Vec<&str> = column.split('`').skip(1).step_by(2).collect();
+            if named.is_empty() {
+                wrong.push(format!("a row names no test: {row}"));
+            }
+            for name in named {
+                let found = if let Some(file) = name.strip_prefix("promtool: ") {
+                    let file = file.split(' ').next().unwrap();
+                    root.join("deploy/prometheus").join(file).is_file()
+                } else if let Some(target) = name.strip_prefix("fuzz: ") {
+                    root.join("fuzz/fuzz_targets")
+                        .join(format!("{target}.rs"))
+                        .is_file()
+                } else if name.starts_with("vm-test --systemd: ")
+                    || name.starts_with("vm-test --deb: ")
+                {
+                    // A check of a guest script in xtask/src/vm.rs, named by what it checks.
+                    true
+                } else {
+                    tests.iter().any(|t| t == name)
+                };
+                if !found {
+                    wrong.push(format!("`{name}` is not a test here"));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn test_functions_are_found_with_their_attributes() {
+        let text = "#[test]\nfn a() {}\n#[test]\n#[ignore]\nfn b() {}\nfn c() {}\n#[test]\n// why\n#[should_panic]\nfn d() {}\n";
+        assert_eq!(test_functions(text), ["a", "d"]);
+    }
+
     #[test]
     fn every_file_over_400_lines_of_code_says_why_in_its_first_three_lines() {
         let root = super::workspace_root();
