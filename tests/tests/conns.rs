@@ -434,6 +434,49 @@ fn links_pinned_by_another_map_layout_version_are_detached_at_start() {
 }
 
 #[test]
+fn an_older_versions_link_held_open_elsewhere_is_reported_and_start_goes_on() {
+    if !privileged("an_older_versions_link_held_open_elsewhere") {
+        return;
+    }
+    let s = setup("", &quota(&format!("user:{CAPPED}"), "1"));
+    Agent::start(&s.scratch).stop();
+    let current = rlagent::kernel::bpf::PinLayout::new(&s.scratch.pin_path()).version_dir();
+    let older = s.scratch.pin_path().join("v0");
+    std::fs::rename(&current, &older).unwrap();
+    // Another process (bpftool, a debugger: here this test) holds the older connect4 link
+    // open, so removing its pin cannot detach it.
+    let held = aya::programs::links::PinnedLink::from_pin(
+        older
+            .join("links")
+            .join(rlagent_common::names::PROG_CONNECT4),
+    )
+    .expect("opening the older link");
+    s.scratch
+        .write_config(&s.cgroup, "", &quota(&format!("user:{CAPPED}"), "3"));
+    let agent = Agent::start(&s.scratch);
+    let log = agent.log_text();
+    assert!(!older.exists(), "the older version's pins are removed");
+    assert!(
+        log.contains("another process holds the link open: its program still runs"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("removed the pins of another map layout version and detached"),
+        "{log}"
+    );
+    // As the log says: the older connect4 still enforces its own cap of 1.
+    let mut h = Helper::spawn(&s.cgroup.path, CAPPED);
+    assert!(h.connect("tcp4", s.listener.port4).is_ok());
+    assert!(matches!(
+        h.connect("tcp4", s.listener.port4),
+        Connect::Err(EPERM, _)
+    ));
+    h.close_all();
+    drop(held);
+    drop(agent);
+}
+
+#[test]
 fn uninstall_refuses_under_a_running_agent_which_notices_its_pins_going() {
     if !privileged("uninstall_refuses_under_a_running_agent") {
         return;

@@ -243,7 +243,16 @@ impl System {
             "seeded connections that closed before the programs were attached stay counted until rlagent uninstall",
         )?;
         for old in system.limiter.remove_other_versions()? {
-            tracing::warn!(pins = %old.display(), "removed the pins of another map layout version, detaching its programs");
+            if old.held.is_empty() {
+                tracing::warn!(pins = %old.dir.display(), "removed the pins of another map layout version and detached its programs");
+            }
+            for link in &old.held {
+                tracing::error!(
+                    pin = %link.path.display(),
+                    link_id = link.id,
+                    "the pin of another map layout version's link is removed, but another process holds the link open: its program still runs, on that version's stale maps, until that process closes it (bpftool link list shows it)"
+                );
+            }
         }
         let observer = SystemObserver {
             mount,

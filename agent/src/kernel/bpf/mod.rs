@@ -1,3 +1,5 @@
+// Why this file is long: `ConnLimiter` is the one owner of the loaded object, its maps and
+// links (load, attach, write limits, read counters, retire, old versions); the rest is apart.
 //! The connection limiter: loads the kernel programs, keeps their maps and links pinned,
 //! writes the limits, reads the counters.
 //!
@@ -25,6 +27,7 @@ mod tests;
 pub use maps::{
     group_stats, now_ns, program_stats, uid_stats, ConnStats, GroupCounters, PinnedMaps,
 };
+pub use pins::HeldLink;
 use pins::{attach_staged, Staged};
 pub use pins::{uninstall, LinkAction, PinLayout};
 
@@ -224,6 +227,11 @@ pub enum BpfError {
         path: PathBuf,
         id: u32,
         waited: std::time::Duration,
+    },
+    #[error("listing the kernel's BPF links")]
+    ListingLinks {
+        #[source]
+        source: aya::programs::links::LinkError,
     },
     #[error("map {name}")]
     Map {
@@ -737,30 +745,30 @@ impl ConnLimiter {
 
     /// Removes the pins of every other map-layout version under the pin path (an older
     /// agent's): unpinning their links detaches their programs, which would otherwise go
-    /// on enforcing the caps in their own, stale maps. Called once this version's
-    /// programs are attached, so there is no moment without enforcement.
-    pub fn remove_other_versions(&self) -> Result<Vec<PathBuf>, BpfError> {
+    /// on enforcing the caps in their own, stale maps, and it returns once the kernel has
+    /// released them, except links another process holds open, which it reports. Called
+    /// once this version's programs are attached, so there is no moment without
+    /// enforcement.
+    pub fn remove_other_versions(&self) -> Result<Vec<RemovedVersion>, BpfError> {
         let current = self.pins.version_dir();
-        let entries = std::fs::read_dir(&self.pins.root).map_err(|source| BpfError::Io {
-            what: "reading the pin directory",
-            path: self.pins.root.clone(),
-            source,
-        })?;
         let mut removed = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let is_version = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix('v'))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            if is_version && path != current {
-                pins::remove_version(&path)?;
-                removed.push(path);
+        for dir in pins::version_dirs(&self.pins.root)? {
+            if dir != current {
+                let held = pins::remove_version(&dir)?;
+                removed.push(RemovedVersion { dir, held });
             }
         }
         Ok(removed)
     }
+}
+
+/// The pins of another map layout version, removed at start.
+#[derive(Debug)]
+pub struct RemovedVersion {
+    pub dir: PathBuf,
+    /// Its links that another process holds open: their programs still run, on their own
+    /// stale maps.
+    pub held: Vec<HeldLink>,
 }
 
 /// Makes `map` hold exactly `wanted`: changed entries written, stale ones removed.

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use rlagent_common::MAPS_LAYOUT_VERSION;
 
 use super::{bpffs, BpfError};
@@ -89,8 +89,8 @@ pub(super) fn attach_staged(
 
 impl Staged {
     /// Moves the new pin in place of the old one. The old link detaches a moment later
-    /// (see [`unpin_link`]); until then both generations run, which counts each connect()
-    /// once.
+    /// (see [`remove_version`]); until then both generations run, which counts each
+    /// connect() once.
     pub(super) fn commit(self) -> Result<(&'static str, LinkAction), BpfError> {
         std::fs::rename(&self.staging, &self.link_pin).map_err(|e| BpfError::Link {
             name: self.name,
@@ -106,34 +106,124 @@ impl Staged {
     }
 }
 
-/// Detaches the programs and removes all pins (and the bpffs mount the agent made there).
-/// In the reverse of the attach order, each link gone before the next is unpinned: connect
-/// hooks first, sock_release last, so no charged socket loses its uncharge.
+/// Detaches the programs and removes all pins (and the bpffs mount the agent made there):
+/// the links of every map layout version, this one's included, each waited for (see
+/// [`remove_version`]). A link another process holds open is an error: its program runs on.
 pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
-    let pins = PinLayout::new(pin_path);
-    for name in super::attached_programs().rev() {
-        unpin_link(&pins.link(name))?;
+    for dir in version_dirs(pin_path)? {
+        if let Some(held) = remove_version(&dir)?.into_iter().next() {
+            return Err(BpfError::LinkNotReleased {
+                path: held.path,
+                id: held.id,
+                waited: RELEASE_TIMEOUT,
+            });
+        }
     }
     bpffs::remove_pins(pin_path)
 }
 
-/// Removes the pins of another map layout version under `dir`: its links first, each
-/// waited for (see [`unpin_link`]), then everything else. A link another process holds
-/// open stays attached; that is logged, and the rest is removed all the same.
-pub(super) fn remove_version(dir: &Path) -> Result<(), BpfError> {
-    let links = dir.join("links");
-    if let Ok(entries) = std::fs::read_dir(&links) {
-        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        paths.sort();
-        for path in paths {
-            match unpin_link(&path) {
-                Ok(()) => {}
-                Err(e @ BpfError::LinkNotReleased { .. }) => tracing::warn!("{e}"),
-                Err(e) => return Err(e),
-            }
+/// The map layout version directories (`v<N>`) under `pin_path`.
+pub(super) fn version_dirs(pin_path: &Path) -> Result<Vec<PathBuf>, BpfError> {
+    let io_err = |source| BpfError::Io {
+        what: "reading the pin directory",
+        path: pin_path.to_path_buf(),
+        source,
+    };
+    let entries = match std::fs::read_dir(pin_path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err)?;
+        let is_version = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix('v'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_version {
+            dirs.push(entry.path());
         }
     }
-    bpffs::remove_pins(dir)
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// A link whose pin was removed but that another process holds open: its program runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLink {
+    pub path: PathBuf,
+    pub id: u32,
+}
+
+/// Removes the pins of one map layout version directory: its links first, then everything
+/// else. The connect hooks' links (and any staging pin) go first and are waited for until
+/// the kernel has released them, then sock_release's, so no socket one of its connect
+/// hooks charged loses the release. Unpinning alone detaches later: bpffs frees the inode
+/// after an RCU grace period and the link is put from a work item, and until then the
+/// program still runs. Returns the links another process holds open (they stay attached).
+pub(super) fn remove_version(dir: &Path) -> Result<Vec<HeldLink>, BpfError> {
+    let links = dir.join("links");
+    let io_err = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BpfError::Io { what, path, source }
+    };
+    let mut paths = Vec::new();
+    match std::fs::read_dir(&links) {
+        Ok(entries) => {
+            for entry in entries {
+                paths.push(
+                    entry
+                        .map_err(io_err("reading the link pins", &links))?
+                        .path(),
+                );
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("reading the link pins", &links)(e)),
+    }
+    let mut held = Vec::new();
+    for group in unpin_order(paths) {
+        let mut pending = Vec::new();
+        for path in group {
+            let id = match pinned_link_id(&path) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!("{e}; removing the pin without waiting for its link");
+                    None
+                }
+            };
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing link pin", &path)(e)),
+            }
+            if let Some(id) = id {
+                pending.push(HeldLink { path, id });
+            }
+        }
+        held.extend(wait_released(pending)?);
+    }
+    bpffs::remove_pins(dir)?;
+    Ok(held)
+}
+
+/// Link pins in the order they are unpinned: the connect hooks' (and anything else) first,
+/// then sock_release's, a staging pin (`<name>_new`) with its program.
+fn unpin_order(paths: Vec<PathBuf>) -> [Vec<PathBuf>; 2] {
+    let releases = |path: &PathBuf| {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let name = name.strip_suffix("_new").unwrap_or(name);
+        super::PROGRAMS
+            .iter()
+            .any(|(n, kind)| *n == name && *kind == super::ProgramKind::Sock)
+    };
+    let (release, first): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(releases);
+    [first, release]
 }
 
 /// How long a link may stay attached after its last pin went. The kernel releases it after
@@ -154,57 +244,53 @@ fn pinned_link_id(path: &Path) -> Result<Option<u32>, BpfError> {
     Ok(Some(link.info().map_err(read)?.id()))
 }
 
-/// Removes the link pin at `path` and returns once the kernel has released the link, so
-/// its program is detached when this returns. Unpinning alone detaches later: bpffs frees
-/// the inode after an RCU grace period and the link is put from a work item, and until
-/// then the program still runs.
-fn unpin_link(path: &Path) -> Result<(), BpfError> {
-    let id = pinned_link_id(path)?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(BpfError::Io {
-                what: "removing link pin",
-                path: path.to_path_buf(),
-                source,
-            })
+/// The ids of every BPF link of the kernel. A link released between being listed and
+/// being opened is left out; any other error fails the listing, which then says nothing
+/// about the links after it.
+fn attached_link_ids() -> Result<Vec<u32>, LinkError> {
+    let mut ids = Vec::new();
+    for link in aya::programs::loaded_links() {
+        match link {
+            Ok(info) => ids.push(info.id()),
+            Err(LinkError::SyscallError(e))
+                if e.call == "bpf_link_get_fd_by_id"
+                    && e.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => {}
+            Err(e) => return Err(e),
         }
     }
-    match id {
-        Some(id) => wait_released(path, id),
-        None => Ok(()),
-    }
+    Ok(ids)
 }
 
-/// Waits until no link with `id` exists (it was pinned at `path`).
-fn wait_released(path: &Path, id: u32) -> Result<(), BpfError> {
+/// Waits until the kernel has released every link of `links`, for at most
+/// [`RELEASE_TIMEOUT`]; returns those still attached then.
+fn wait_released(mut links: Vec<HeldLink>) -> Result<Vec<HeldLink>, BpfError> {
     let start = Instant::now();
-    loop {
-        let attached = aya::programs::loaded_links()
-            .filter_map(Result::ok)
-            .any(|link| link.id() == id);
-        if !attached {
-            return Ok(());
+    let mut pause = Duration::from_millis(1);
+    while !links.is_empty() {
+        match attached_link_ids() {
+            Ok(ids) => links.retain(|l| ids.contains(&l.id)),
+            Err(source) if start.elapsed() > RELEASE_TIMEOUT => {
+                return Err(BpfError::ListingLinks { source })
+            }
+            // Nothing is known from a listing that failed: it is read again.
+            Err(_) => {}
         }
-        if start.elapsed() > RELEASE_TIMEOUT {
-            return Err(BpfError::LinkNotReleased {
-                path: path.to_path_buf(),
-                id,
-                waited: RELEASE_TIMEOUT,
-            });
+        if links.is_empty() || start.elapsed() > RELEASE_TIMEOUT {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
+    Ok(links)
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use rlagent_common::MAPS_LAYOUT_VERSION;
+    use rlagent_common::{names, MAPS_LAYOUT_VERSION};
 
-    use super::{attach_staged, uninstall, LinkAction, PinLayout, Staged};
+    use super::{attach_staged, uninstall, unpin_order, LinkAction, PinLayout, Staged};
     use crate::kernel::bpf::BpfError;
 
     /// The pins a running agent leaves, relative to the pin path. Written out: an agent
@@ -280,6 +366,25 @@ mod tests {
         assert!(!root.exists(), "{} is left", root.display());
         // Nothing to remove is not an error.
         uninstall(&root).unwrap();
+    }
+
+    #[test]
+    fn sock_release_is_unpinned_after_the_connect_hooks() {
+        let pins = PinLayout::new(Path::new("/sys/fs/bpf/rlagent"));
+        let release = pins.link(names::PROG_SOCK_RELEASE);
+        let mut staging = release.clone().into_os_string();
+        staging.push("_new");
+        let staging = PathBuf::from(staging);
+        let connect4 = pins.link(names::PROG_CONNECT4);
+        let connect6 = pins.link(names::PROG_CONNECT6);
+        let [first, last] = unpin_order(vec![
+            release.clone(),
+            connect4.clone(),
+            staging.clone(),
+            connect6.clone(),
+        ]);
+        assert_eq!(first, [connect4, connect6]);
+        assert_eq!(last, [release, staging]);
     }
 
     #[test]
