@@ -357,8 +357,28 @@ fn setup() -> Result<()> {
 mod tests {
     use std::path::Path;
 
-    /// Lines above a file's first `#[cfg(test)]`: its non-test code.
+    /// Lines of non-test code (not blank, not a comment) above which a file must say why.
     const LONG: usize = 400;
+
+    /// The lines of code of a file's text: neither blank nor a comment, above its inline
+    /// test module (`#[cfg(test)]` then `mod name {`; an out-of-line `mod tests;` is not
+    /// its end).
+    fn code_lines(text: &str) -> usize {
+        let lines: Vec<&str> = text.lines().collect();
+        let end = lines
+            .windows(2)
+            .position(|w| {
+                w[0].starts_with("#[cfg(test)]")
+                    && w[1].starts_with("mod ")
+                    && w[1].trim_end().ends_with('{')
+            })
+            .unwrap_or(lines.len());
+        lines[..end]
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .count()
+    }
 
     fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
@@ -416,6 +436,8 @@ mod tests {
             .flat_map(|f| test_functions(&std::fs::read_to_string(f).unwrap()))
             .collect();
         let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        // Guest-script checks are labelled `# check: <name>` in xtask/src/vm.rs.
+        let vm_scripts = std::fs::read_to_string(root.join("xtask/src/vm.rs")).unwrap();
         let rows: Vec<&str> = readme
             .lines()
             .skip_while(|l| *l != "| capability | status | tests |")
@@ -435,18 +457,21 @@ mod tests {
                 wrong.push(format!("a row names no test: {row}"));
             }
             for name in named {
-                let found = if let Some(file) = name.strip_prefix("promtool: ") {
-                    let file = file.split(' ').next().unwrap();
-                    root.join("deploy/prometheus").join(file).is_file()
+                let script_check = name
+                    .strip_prefix("vm-test --systemd: ")
+                    .or_else(|| name.strip_prefix("vm-test --deb: "));
+                let found = if let Some(rest) = name.strip_prefix("promtool: ") {
+                    // A rule test file, and the alert it is named for, if any.
+                    let (file, alert) = rest.split_once(' ').unwrap_or((rest, ""));
+                    std::fs::read_to_string(root.join("deploy/prometheus").join(file))
+                        .is_ok_and(|text| text.contains(alert))
                 } else if let Some(target) = name.strip_prefix("fuzz: ") {
                     root.join("fuzz/fuzz_targets")
                         .join(format!("{target}.rs"))
                         .is_file()
-                } else if name.starts_with("vm-test --systemd: ")
-                    || name.starts_with("vm-test --deb: ")
-                {
-                    // A check of a guest script in xtask/src/vm.rs, named by what it checks.
-                    true
+                } else if let Some(check) = script_check {
+                    // A check of a guest script, labelled where it runs.
+                    vm_scripts.lines().any(|l| l == format!("# check: {check}"))
                 } else {
                     tests.iter().any(|t| t == name)
                 };
@@ -456,6 +481,12 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn code_lines_skip_blanks_comments_and_the_inline_test_module_only() {
+        let text = "//! doc\nfn a() {}\n\n// note\n#[cfg(test)]\nmod tests;\nfn b() {}\n#[cfg(test)]\nmod tests {\nfn c() {}\n}\n";
+        assert_eq!(code_lines(text), 4);
     }
 
     #[test]
@@ -482,10 +513,7 @@ mod tests {
         let mut silent = Vec::new();
         for path in files {
             let text = std::fs::read_to_string(&path).unwrap();
-            let code = text
-                .lines()
-                .take_while(|l| !l.starts_with("#[cfg(test)]"))
-                .count();
+            let code = code_lines(&text);
             let says_why = text
                 .lines()
                 .take(3)

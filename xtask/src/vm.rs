@@ -403,13 +403,17 @@ for i in $(seq 60); do
 done
 systemctl is-active user@1001.service >/dev/null || fail "alice's user manager is not running"
 loginctl list-users --no-legend
+# check: installed by cargo xtask install, rlagent.service active
 systemctl is-active rlagent >/dev/null || fail "rlagent.service is not active"
 systemctl show -p Type -p ActiveState -p SubState rlagent
+# check: sysusers.d group and tmpfiles.d modes of /run/rlagent
 getent group rlagent >/dev/null || fail "sysusers.d did not create the rlagent group"
 [ "$(stat -c '%a %G' /run/rlagent)" = "750 rlagent" ] || fail "/run/rlagent is $(stat -c '%a %G' /run/rlagent)"
 [ "$(stat -c '%a %G' /run/rlagent/rlagent.sock)" = "660 rlagent" ] || fail "socket is $(stat -c '%a %G' /run/rlagent/rlagent.sock)"
+# check: auto chooses the systemd driver
 rlctl status | tee /tmp/status || fail "rlctl status"
 grep -q 'cgroup_driver.*systemd' /tmp/status || fail "auto did not choose the systemd driver"
+# check: rlagent.service (Type=notify) active after start, restart and reload
 rlctl set-quota user:2000 --conns 3 || fail "rlctl set-quota"
 systemctl restart rlagent || fail "systemctl restart rlagent"
 rlctl list | tee /tmp/list
@@ -418,8 +422,10 @@ systemctl reload rlagent || fail "systemctl reload rlagent"
 systemctl is-active rlagent >/dev/null || fail "not active after reload"
 
 # The brief's first command, as installed: a CPU share for a group, as a slice property.
+# check: a group's cpu share on rlagent-agent.slice
 rlctl set-quota agent --cpu 50% || fail "rlctl set-quota agent --cpu 50% (exit $?)"
 [ "$(prop rlagent-agent.slice CPUQuotaPerSecUSec)" = 500ms ] || fail "rlagent-agent.slice CPUQuotaPerSecUSec=$(prop rlagent-agent.slice CPUQuotaPerSecUSec)"
+# check: rlctl run lands in a transient scope
 rlctl run agent -- sh -c 'while :; do :; done' &
 busy=$!
 sleep 1
@@ -455,6 +461,8 @@ kill $busy
 # (the helper waits 3 s). Port 9 has no listener: the first connect is charged and
 # refused by the peer (ECONNREFUSED, kept open), the second is over the cap (EPERM).
 # Saved at once; exit 3 with a warning while the slice has no cgroup yet.
+# check: a group's conns cap under the systemd driver
+# check: group cap under systemd
 rlctl set-quota pool --conns 1 2>/tmp/err
 code=$?
 cat /tmp/err
@@ -468,6 +476,7 @@ rlctl events --uid 0 | grep -q 'conn-helper.*pool.*group' || fail "rlctl events 
 
 # A limit the kernel cannot enforce here (pids is disabled on the command line): reported,
 # with exit code 3, and nothing claims it holds.
+# check: set-quota --pids without the pids controller exits 3
 rlctl set-quota agent --pids 10 2>/tmp/err
 code=$?
 cat /tmp/err
@@ -493,6 +502,7 @@ grep -q 'user@1002.service' /proc/$bobmgr/cgroup || fail "bob's systemd --user w
 
 # A user quota is a property of the user's slice; their processes stay where systemd put
 # them, their user manager keeps working, and terminate-user still ends everything.
+# check: user:alice --cpu 40% on user-1001.slice
 rlctl set-quota user:alice --cpu 40% || fail "rlctl set-quota user:alice --cpu 40%"
 [ "$(prop user-1001.slice CPUQuotaPerSecUSec)" = 400ms ] || fail "user-1001.slice CPUQuotaPerSecUSec=$(prop user-1001.slice CPUQuotaPerSecUSec)"
 systemd-run --user -M alice@ -q --unit=busy sh -c 'while :; do :; done' || fail "systemd-run --user as alice"
@@ -509,6 +519,7 @@ sleep 5
 pgrep -u alice >/dev/null && fail "alice has processes 5 s after terminate-user: $(pgrep -a -u alice)"
 
 # user:* reaches every user's slice, including a user who logs in later (logind UserNew).
+# check: user:* reaches every user's slice
 rlctl set-quota 'user:*' --cpu 80% || fail "rlctl set-quota user:* --cpu 80%"
 [ "$(prop user-1002.slice CPUQuotaPerSecUSec)" = 800ms ] || fail "bob's slice: $(prop user-1002.slice CPUQuotaPerSecUSec)"
 su -l carol -c 'exec sleep 600' </dev/null >/dev/null 2>&1 &
@@ -528,6 +539,7 @@ rlctl clear-quota 'user:*' --cpu || fail "rlctl clear-quota user:* --cpu"
 
 # A cgroup:<path> target is the unit that owns that existing cgroup, limited in place
 # through systemd; its process stays where systemd put it.
+# check: a cgroup:<path> quota holds the unit that owns it
 systemd-run -q --unit=rlagent-cg sh -c 'while :; do :; done' || fail "systemd-run --unit=rlagent-cg"
 cg=/sys/fs/cgroup/system.slice/rlagent-cg.service
 rlctl set-quota cgroup:system.slice/rlagent-cg.service --cpu 30% || fail "rlctl set-quota cgroup:system.slice/rlagent-cg.service --cpu 30%"
@@ -582,6 +594,7 @@ fail() { echo "CHECK FAILED: $*"; rc=1; }
 rc=0
 cd /root
 export DEBIAN_FRONTEND=noninteractive
+# check: install
 apt-get install -y ./rlagent-1.deb >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt install ./rlagent-1.deb"; }
 for i in $(seq 30); do systemctl is-active -q rlagent && break; sleep 1; done
 systemctl is-active -q rlagent || fail "rlagent.service is not active after install"
@@ -607,6 +620,7 @@ grep -q '^ok 0 2$' /tmp/held || fail "the helper did not hold 2: $(cat /tmp/held
 rlctl --json stats | grep -q '"uid": 2000' || fail "no counters for uid 2000"
 
 # Upgrade: restarted, config and runtime quota kept, the pinned counts adopted.
+# check: upgrade
 apt-get install -y ./rlagent-2.deb >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt install ./rlagent-2.deb"; }
 dpkg-query -W -f='${Version}\n' rlagent | grep -q -- '-2$' || fail "not upgraded: $(dpkg-query -W -f='${Version}' rlagent)"
 for i in $(seq 30); do systemctl is-active -q rlagent && break; sleep 1; done
@@ -614,6 +628,7 @@ systemctl is-active -q rlagent || fail "rlagent.service is not active after the 
 grep -q 'user:2000' /etc/rlagent/rlagent.toml || fail "the upgrade replaced the edited config"
 rlctl list | tee /tmp/list
 grep -q 'user:2001.*conns.*1.*runtime' /tmp/list || fail "the runtime quota was lost in the upgrade"
+# check: an upgrade adopts the pinned counts
 # Two more against cap 3: one is charged, one denied, only if the 2 from before count.
 echo "hold tcp4 9 2" >&3
 sleep 1
@@ -625,6 +640,7 @@ echo "package upgrade: the agent restarted and adopted the pinned maps and links
 
 # Remove: the service stops; the programs keep enforcing (pins stay) until purge.
 exec 3>&-
+# check: remove
 apt-get remove -y rlagent >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt remove"; }
 systemctl is-active -q rlagent && fail "rlagent.service still active after remove"
 [ -e /usr/bin/rlagent ] && fail "/usr/bin/rlagent still there after remove"
@@ -633,6 +649,7 @@ ls -d /sys/fs/bpf/rlagent/v*/links >/dev/null 2>&1 || fail "remove took the prog
 [ -f /etc/rlagent/rlagent.toml ] || fail "remove deleted the config (only purge should)"
 
 # Purge: programs detached and unpinned, config and state gone.
+# check: purge
 apt-get purge -y rlagent >/tmp/apt 2>&1 || { cat /tmp/apt; fail "apt purge"; }
 cat /tmp/apt | grep -i 'rlagent:' || true
 ls -d /sys/fs/bpf/rlagent/v* >/dev/null 2>&1 && fail "purge left the pins: $(ls -R /sys/fs/bpf/rlagent)"
@@ -642,6 +659,7 @@ bpftool_links=$(ls /sys/fs/bpf 2>/dev/null)
 echo "after purge: /sys/fs/bpf has: $bpftool_links"
 
 # The static tarball: unpacked anywhere, its binaries run and read their config.
+# check: the static tarball runs
 mkdir /tmp/tar && tar xzf rlagent.tar.gz -C /tmp/tar || fail "tar"
 d=$(echo /tmp/tar/rlagent-*)
 "$d/bin/rlagent" --config "$d/etc/rlagent/rlagent.toml" check-config || fail "the tarball's rlagent check-config"
