@@ -201,13 +201,13 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
         // down): what must return data is the expression it compares.
         let series = [" > ", " == "]
             .iter()
-            .find_map(|op| q.rsplit_once(op).map(|(left, _)| left.to_string()))
-            .unwrap_or_else(|| q.clone());
+            .filter_map(|op| q.rsplit_once(op))
+            .max_by_key(|(left, _)| left.len())
+            .map_or_else(|| q.clone(), |(left, _)| left.to_string());
         let has_data = |q: &str| {
-            !query(prometheus.port, q)["data"]["result"]
-                .as_array()
-                .unwrap()
-                .is_empty()
+            let answer = query(prometheus.port, q);
+            assert_eq!(answer["status"], "success", "{q}: {answer}");
+            !answer["data"]["result"].as_array().unwrap().is_empty()
         };
         if reads_cgroup_controller_series(&series) {
             // cpu.stat is there without the controller; the rest is not.
