@@ -608,7 +608,7 @@ fn try_charge<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
             .saturating_sub(settings.uncapped_sockets_gone)
             >= settings.uncapped_socket_budget
     {
-        return untracked(&dest, settings, &at, &limits, unlimited);
+        return untracked(&dest, settings, &at, &limits);
     }
     let Ok(keeper) = mptcp_keeper(ctx) else {
         return full(&dest, settings, &at, &limits);
@@ -730,7 +730,8 @@ fn claim_and_charge(
     Ok(ALLOW)
 }
 
-/// Who connects, for the paths that give up on charging.
+/// Who connects, and what bounds the charge: what the claim, the charge and the paths that
+/// give up on charging need to know of the caller.
 struct Caller {
     uid: u32,
     group: u64,
@@ -783,7 +784,6 @@ fn untracked(
     settings: &Settings,
     at: &Caller,
     limits: &Limits,
-    unlimited: bool,
 ) -> Result<i32, i32> {
     if host_over(settings, at) {
         return refuse(dest, settings, at, reason::HOST_CAP, settings.host_cap);
@@ -793,7 +793,7 @@ fn untracked(
     if !limits.rated() {
         return Ok(ALLOW);
     }
-    let Some(conns) = uid_conns(at.uid, unlimited, settings, at.host) else {
+    let Some(conns) = uid_conns(at.uid, at.unlimited, settings, at.host) else {
         return full(dest, settings, at, limits);
     };
     uncharged_rates(dest, settings, at, limits, conns)?;
