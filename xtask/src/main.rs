@@ -86,7 +86,7 @@ enum Task {
     },
     /// Setup, release build, then a benchmark (needs root)
     Bench {
-        /// Which benchmark: connect, control, metrics, integrity, events, churn
+        /// Which benchmark: connect, compare, control, metrics, integrity, events, churn
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -160,6 +160,9 @@ fn main() -> Result<()> {
         }
         Task::Bench { name, args } => {
             setup()?;
+            if name == "compare" {
+                ensure_netfilter()?;
+            }
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             run(Command::new(root.join("target/release/rlagent-bench"))
                 .arg(name)
@@ -170,6 +173,22 @@ fn main() -> Result<()> {
 
 /// kubernetes-validate (from PyPI; it carries the Kubernetes schemas, so validation needs
 /// no cluster or network) in a venv under the cache.
+/// iptables and nft for `bench compare` (its netfilter arms), from Debian when missing.
+fn ensure_netfilter() -> Result<()> {
+    let present = |program: &str| {
+        ["/usr/sbin", "/sbin", "/usr/bin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(program).exists())
+    };
+    if present("iptables") && present("nft") {
+        return Ok(());
+    }
+    run(Command::new("apt-get")
+        .args(debs::apt_options()?)
+        .args(["install", "-y", "-q", "iptables", "nftables"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn ensure_kubernetes_validate() -> Result<PathBuf> {
     const VERSION: &str = "1.37.0";
     let venv = debs::cache().join(format!("kubernetes-validate-{VERSION}"));

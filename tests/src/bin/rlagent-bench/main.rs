@@ -3,7 +3,8 @@
 //! `rlagent-bench connect [--blocks N] [--iters M]`, `rlagent-bench control [--requests N]
 //! [--targets N]`, `rlagent-bench metrics [--uids N]`, `rlagent-bench integrity
 //! [--cycles N]`, `rlagent-bench events [--seconds N]` and `rlagent-bench churn
-//! [--millions N]` (run through `cargo xtask bench <name>`).
+//! [--millions N]` and `rlagent-bench compare [--blocks N] [--iters M] [--live N]` (run
+//! through `cargo xtask bench <name>`; `compare` is in compare.rs).
 //!
 //! Paired measurement of connect()+close() on loopback: helper processes with the same
 //! work, one in a sibling cgroup without rlagent's programs, one under the programs with a
@@ -11,6 +12,8 @@
 //! cap and rate (every check runs). Blocks rotate the order so drift on a noisy machine
 //! hits all; the report gives medians per side and the median of the per-block
 //! differences, which are the figures quoted in docs/benchmarks.md.
+mod compare;
+
 use std::time::Instant;
 
 use rlagent_tests::{privileged, Agent, Helper, Listener, Scratch, TestCgroup};
@@ -20,7 +23,7 @@ const BENCH_UID: u32 = 61900;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(name) = args.first().cloned() else {
-        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N] | events [--seconds N] | churn [--millions N]");
+        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N] | events [--seconds N] | churn [--millions N] | compare [--blocks N] [--iters M] [--live N]");
         std::process::exit(2);
     };
     if ![
@@ -30,11 +33,12 @@ fn main() {
         "integrity",
         "events",
         "churn",
+        "compare",
     ]
     .contains(&name.as_str())
     {
         eprintln!(
-            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity, events, churn)"
+            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity, events, churn, compare)"
         );
         std::process::exit(2);
     }
@@ -53,7 +57,9 @@ fn main() {
     if !privileged("bench") {
         std::process::exit(1);
     }
-    if name == "events" {
+    if name == "compare" {
+        compare::compare(blocks, iters, flag("--live", 10_000));
+    } else if name == "events" {
         events(flag("--seconds", 5));
     } else if name == "churn" {
         churn(flag("--millions", 36));
