@@ -101,11 +101,12 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
     for uid in [UID, UID + 1] {
         let cgroup = TestCgroup::new();
         let scratch = Scratch::new();
-        // A group with a cap, so the group panels have series too.
+        // A group with a cap, so the group panels have series too; in monitor mode, so
+        // the would-deny series exist (they do only where some limit is in monitor mode).
         scratch.write_config_with_groups(
             &cgroup,
             "",
-            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\nconn_rate = \"100/s\"\nconn_burst = 50\n[[quota]]\ntarget = \"batch\"\nconns = 5\n"),
+            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\nconn_rate = \"100/s\"\nconn_burst = 50\n[[quota]]\ntarget = \"batch\"\nconns = 5\nmode = \"monitor\"\n"),
         );
         let agent = Agent::start(&scratch);
         let mut h = Helper::spawn(&cgroup.path, uid);

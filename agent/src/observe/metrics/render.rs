@@ -93,11 +93,12 @@ pub fn render(stats: &Stats) -> String {
     for t in &stats.targets {
         target_series(&mut e, t);
     }
+    let scope = ReasonScope::of(stats);
     for c in &stats.conns {
-        uid_series(&mut e, c);
+        uid_series(&mut e, c, &scope);
     }
     for g in &stats.groups {
-        group_series(&mut e, g);
+        group_series(&mut e, g, &scope);
     }
     for ((uid, reason, monitor), count) in &stats.events_received {
         e.counter(
@@ -273,7 +274,7 @@ fn pressure_series(e: &mut Exposition, target: &str, c: &CgroupStats) {
 }
 
 /// A UID's connections: live, cap, rate and the counters by reason.
-fn uid_series(e: &mut Exposition, c: &UidConnStats) {
+fn uid_series(e: &mut Exposition, c: &UidConnStats, scope: &ReasonScope) {
     let l = [("uid", c.uid.to_string())];
     e.gauge(
         "rlagent_connections_live",
@@ -298,7 +299,15 @@ fn uid_series(e: &mut Exposition, c: &UidConnStats) {
     if let Some(rate) = c.rate {
         rate_gauges(e, &l, &rate);
     }
-    reason_counters(e, &UID_REASONS, &l, &c.denied, &c.would_deny);
+    let applies = |reason| scope.applies_to_uid(reason, c);
+    reason_counters(
+        e,
+        &UID_REASONS,
+        &l,
+        (&c.denied, &c.would_deny),
+        applies,
+        scope.monitor,
+    );
     e.counter(
         "rlagent_connection_events_dropped_total",
         "Denials (and would-denies) of the UID whose event was not sent: over the per-UID event rate, or the ring buffer was full.",
@@ -308,7 +317,7 @@ fn uid_series(e: &mut Exposition, c: &UidConnStats) {
 }
 
 /// A group's connections, as [`uid_series`] for a UID.
-fn group_series(e: &mut Exposition, g: &GroupConnStats) {
+fn group_series(e: &mut Exposition, g: &GroupConnStats, scope: &ReasonScope) {
     let l = [("group", g.group.clone())];
     e.gauge(
         "rlagent_group_connections_live",
@@ -333,7 +342,61 @@ fn group_series(e: &mut Exposition, g: &GroupConnStats) {
         &l,
         g.admitted as f64,
     );
-    reason_counters(e, &GROUP_REASONS, &l, &g.denied, &g.would_deny);
+    let applies = |reason| match reason {
+        Reason::Group => g.cap.is_some(),
+        Reason::GroupRate => g.rate.is_some(),
+        _ => false,
+    };
+    reason_counters(
+        e,
+        &GROUP_REASONS,
+        &l,
+        (&g.denied, &g.would_deny),
+        applies,
+        scope.monitor,
+    );
+}
+
+/// Which per-reason counter series a UID or a group gets. The series of a reason is there
+/// when the reason can apply under the current limits, or its count is not 0: so it exists,
+/// at 0, before its first increase, which `increase()` and `rate()` need to see it, without
+/// a dozen zero series for every UID. Would-deny series are there only while some UID or
+/// group is in monitor mode, or once something was counted as would-deny (a host cap in
+/// monitor mode over UIDs in enforce mode: its first would-deny of a UID makes the series).
+struct ReasonScope {
+    /// Some group has a cap, or a rate.
+    group_cap: bool,
+    group_rate: bool,
+    monitor: bool,
+}
+
+impl ReasonScope {
+    fn of(stats: &Stats) -> Self {
+        let counted = |b: &ByReason| b.iter().into_iter().any(|(_, n)| n != 0);
+        Self {
+            group_cap: stats.groups.iter().any(|g| g.cap.is_some()),
+            group_rate: stats.groups.iter().any(|g| g.rate.is_some()),
+            monitor: stats
+                .conns
+                .iter()
+                .any(|c| c.monitor || counted(&c.would_deny))
+                || stats
+                    .groups
+                    .iter()
+                    .any(|g| g.monitor || counted(&g.would_deny)),
+        }
+    }
+
+    /// True when `reason` can deny a connect() of `c`'s UID now.
+    fn applies_to_uid(&self, reason: Reason, c: &UidConnStats) -> bool {
+        match reason {
+            Reason::Cap => c.cap.is_some(),
+            Reason::Rate => c.rate.is_some(),
+            Reason::Group => self.group_cap,
+            Reason::GroupRate => self.group_rate,
+            Reason::HostCap | Reason::Full => true,
+        }
+    }
 }
 
 /// The host's connections and the kernel maps.
@@ -476,32 +539,39 @@ const GROUP_REASONS: ReasonSeries = ReasonSeries {
     counts: Reason::is_group,
 };
 
-/// Denials and would-denies (labels `l`), one series per reason `series` counts.
+/// Denials and would-denies (labels `l`), a series per reason `series` counts, where
+/// `applies` says the reason can apply or the count is not 0 (see [`ReasonScope`]).
 fn reason_counters(
     e: &mut Exposition,
     series: &ReasonSeries,
     l: &[(&str, String)],
-    denied: &ByReason,
-    would: &ByReason,
+    (denied, would): (&ByReason, &ByReason),
+    applies: impl Fn(Reason) -> bool,
+    monitor: bool,
 ) {
     for ((reason, d), (_, w)) in denied.iter().into_iter().zip(would.iter()) {
         if !(series.counts)(reason) {
             continue;
         }
+        let applies = applies(reason);
         let mut labels = l.to_vec();
         labels.push(("reason", reason.to_string()));
-        e.counter(
-            series.denied,
-            "connect() calls denied, by reason.",
-            &labels,
-            d as f64,
-        );
-        e.counter(
-            series.would_deny,
-            "connect() calls a monitor-mode limit let through that enforce mode would deny, by reason.",
-            &labels,
-            w as f64,
-        );
+        if applies || d != 0 {
+            e.counter(
+                series.denied,
+                "connect() calls denied, by reason.",
+                &labels,
+                d as f64,
+            );
+        }
+        if applies && monitor || w != 0 {
+            e.counter(
+                series.would_deny,
+                "connect() calls a monitor-mode limit let through that enforce mode would deny, by reason.",
+                &labels,
+                w as f64,
+            );
+        }
     }
 }
 
@@ -582,5 +652,71 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    fn reason_lines(stats: &Stats, family: &str, uid: u32) -> Vec<String> {
+        let prefix = format!("{family}{{uid=\"{uid}\",reason=\"");
+        render(stats)
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|l| l.replace("\"} ", " "))
+            .collect()
+    }
+
+    #[test]
+    fn a_reason_has_a_series_where_it_can_apply_or_has_counted() {
+        let capped = uid_stats(1000, 1, Some(3), 5, 0);
+        let mut uncapped = uid_stats(1001, 1, None, 5, 0);
+        // Counted before its cap went: the series stays.
+        uncapped.denied.cap = 4;
+        let mut stats = Stats {
+            conns: vec![capped, uncapped],
+            ..Stats::default()
+        };
+        let denied = "rlagent_connections_denied_total";
+        let would = "rlagent_connections_would_deny_total";
+        assert_eq!(
+            reason_lines(&stats, denied, 1000),
+            ["cap 0", "host_cap 0", "full 0"]
+        );
+        assert_eq!(
+            reason_lines(&stats, denied, 1001),
+            ["cap 4", "host_cap 0", "full 0"]
+        );
+        assert!(reason_lines(&stats, would, 1000).is_empty());
+
+        // A rate, a group with a cap and one with a rate, and a UID in monitor mode: the
+        // rate and group reasons apply, and every UID gets its would-deny series.
+        stats.conns[0].rate = Some(RateStats {
+            interval_ns: 1_000_000,
+            burst: 5,
+            tokens: 5,
+        });
+        stats.conns[1].monitor = true;
+        stats.groups = vec![GroupConnStats {
+            group: "batch".to_string(),
+            live: 0,
+            cap: Some(2),
+            rate: None,
+            monitor: false,
+            admitted: 0,
+            denied: ByReason::default(),
+            would_deny: ByReason::default(),
+        }];
+        assert_eq!(
+            reason_lines(&stats, denied, 1000),
+            ["cap 0", "host_cap 0", "rate 0", "group 0", "full 0"]
+        );
+        assert_eq!(
+            reason_lines(&stats, would, 1000),
+            ["cap 0", "host_cap 0", "rate 0", "group 0", "full 0"]
+        );
+        let text = render(&stats);
+        assert!(
+            text.lines().any(|l| l
+                == "rlagent_group_connections_denied_total{group=\"batch\",reason=\"group\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("reason=\"group_rate\""), "{text}");
     }
 }
