@@ -86,7 +86,7 @@ enum Task {
     },
     /// Setup, release build, then a benchmark (needs root)
     Bench {
-        /// Which benchmark: connect, compare, control, metrics, integrity, events, churn
+        /// Which benchmark: connect, compare, control, metrics, integrity, events, churn, idle
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

@@ -3,8 +3,9 @@
 //! `rlagent-bench connect [--blocks N] [--iters M]`, `rlagent-bench control [--requests N]
 //! [--targets N]`, `rlagent-bench metrics [--uids N]`, `rlagent-bench integrity
 //! [--cycles N]`, `rlagent-bench events [--seconds N]` and `rlagent-bench churn
-//! [--millions N]` and `rlagent-bench compare [--blocks N] [--iters M] [--live N]` (run
-//! through `cargo xtask bench <name>`; `compare` is in compare.rs).
+//! [--millions N]`, `rlagent-bench compare [--blocks N] [--iters M] [--live N]` and
+//! `rlagent-bench idle [--seconds N]` (run through `cargo xtask bench <name>`; `compare`
+//! and `idle` are in files of their own).
 //!
 //! Paired measurement of connect()+close() on loopback: helper processes with the same
 //! work, one in a sibling cgroup without rlagent's programs, one under the programs with a
@@ -13,6 +14,7 @@
 //! hits all; the report gives medians per side and the median of the per-block
 //! differences, which are the figures quoted in docs/benchmarks.md.
 mod compare;
+mod idle;
 
 use std::time::Instant;
 
@@ -23,7 +25,7 @@ const BENCH_UID: u32 = 61900;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(name) = args.first().cloned() else {
-        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N] | events [--seconds N] | churn [--millions N] | compare [--blocks N] [--iters M] [--live N]");
+        eprintln!("usage: rlagent-bench connect [--blocks N] [--iters M] | control [--requests N] [--targets N] | metrics [--uids N] | integrity [--cycles N] | events [--seconds N] | churn [--millions N] | compare [--blocks N] [--iters M] [--live N] | idle [--seconds N]");
         std::process::exit(2);
     };
     if ![
@@ -34,11 +36,12 @@ fn main() {
         "events",
         "churn",
         "compare",
+        "idle",
     ]
     .contains(&name.as_str())
     {
         eprintln!(
-            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity, events, churn, compare)"
+            "rlagent-bench: unknown benchmark {name:?} (known: connect, control, metrics, integrity, events, churn, compare, idle)"
         );
         std::process::exit(2);
     }
@@ -57,7 +60,9 @@ fn main() {
     if !privileged("bench") {
         std::process::exit(1);
     }
-    if name == "compare" {
+    if name == "idle" {
+        idle::idle(flag("--seconds", 60));
+    } else if name == "compare" {
         compare::compare(blocks, iters, flag("--live", 10_000));
     } else if name == "events" {
         events(flag("--seconds", 5));
