@@ -186,7 +186,15 @@ impl PinnedMaps {
     /// Host counters and every UID's counters with the policy in force for it.
     pub fn usage(&self) -> Result<(HostConnStats, Vec<UidConnStats>), BpfError> {
         let counters = self.stats()?;
-        let caps = self.uid_caps.keys().count() as u64;
+        // The UIDs' own policies and the settings are read once here, not per UID: with
+        // 10,000 UIDs that was two syscalls more for each, every stats round.
+        let own = self
+            .uid_caps
+            .iter()
+            .collect::<Result<std::collections::HashMap<u32, Policy>, _>>()
+            .map_err(map_error(names::UID_CAPS))?;
+        let settings = self.settings()?;
+        let caps = own.len() as u64;
         let groups = self.group_policy.keys().count() as u64;
         let host = HostConnStats {
             live: counters.host.live,
@@ -208,7 +216,10 @@ impl PinnedMaps {
         let now = now_ns();
         let mut per_uid = Vec::with_capacity(counters.per_uid.len());
         for (uid, c) in counters.per_uid {
-            let policy = self.policy_for(uid)?;
+            let policy = own
+                .get(&uid)
+                .copied()
+                .unwrap_or_else(|| default_for(uid, &settings));
             per_uid.push(uid_stats(uid, &policy, &c, now));
         }
         Ok((host, per_uid))
@@ -221,12 +232,16 @@ impl PinnedMaps {
             Err(MapError::KeyNotFound) => {}
             Err(source) => return Err(map_error(names::UID_CAPS)(source)),
         }
-        let settings = self.settings()?;
-        Ok(if u64::from(uid) >= settings.default_uid_min {
-            settings.default_policy
-        } else {
-            Policy::NONE
-        })
+        Ok(default_for(uid, &self.settings()?))
+    }
+}
+
+/// The `user:*` default's policy for `uid` (none below its `uid_min`).
+fn default_for(uid: u32, settings: &Settings) -> Policy {
+    if u64::from(uid) >= settings.default_uid_min {
+        settings.default_policy
+    } else {
+        Policy::NONE
     }
 }
 
