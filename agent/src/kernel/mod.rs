@@ -250,7 +250,7 @@ impl System {
                 tracing::error!(
                     pin = %link.path.display(),
                     link_id = link.id,
-                    "the pin of another map layout version's link is removed, but another process holds the link open: its program still runs, on that version's stale maps, until that process closes it (bpftool link list shows it)"
+                    "the pin of another map layout version's link is removed, but another process holds the link open: its program still runs, on that version's stale maps, until that process closes it (bpftool link list shows it); that version's sock_release stays pinned so what it charges is released, and the next start removes it"
                 );
             }
         }

@@ -222,12 +222,8 @@ pub enum BpfError {
         #[source]
         source: aya::programs::links::LinkError,
     },
-    #[error("the link pinned at {path} (id {id}) is still attached {waited:?} after its pin was removed: another process holds it open")]
-    LinkNotReleased {
-        path: PathBuf,
-        id: u32,
-        waited: std::time::Duration,
-    },
+    #[error("links still attached after their pins were removed, because another process holds them open (bpftool link list shows them): {}", held_list(.links))]
+    LinksHeld { links: Vec<HeldLink> },
     #[error("listing the kernel's BPF links")]
     ListingLinks {
         #[source]
@@ -762,12 +758,22 @@ impl ConnLimiter {
     }
 }
 
+/// `path (id N)` of each link, comma-separated.
+fn held_list(links: &[HeldLink]) -> String {
+    links
+        .iter()
+        .map(|l| format!("{} (id {})", l.path.display(), l.id))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The pins of another map layout version, removed at start.
 #[derive(Debug)]
 pub struct RemovedVersion {
     pub dir: PathBuf,
     /// Its links that another process holds open: their programs still run, on their own
-    /// stale maps.
+    /// stale maps. While any is a connect hook, the version's sock_release stays attached
+    /// and pinned (see `pins::remove_version`).
     pub held: Vec<HeldLink>,
 }
 

@@ -108,16 +108,15 @@ impl Staged {
 
 /// Detaches the programs and removes all pins (and the bpffs mount the agent made there):
 /// the links of every map layout version, this one's included, each waited for (see
-/// [`remove_version`]). A link another process holds open is an error: its program runs on.
+/// [`remove_version`]). Links another process holds open are an error naming them all:
+/// their programs run on, and the pins [`remove_version`] keeps for them stay.
 pub fn uninstall(pin_path: &Path) -> Result<(), BpfError> {
+    let mut held = Vec::new();
     for dir in version_dirs(pin_path)? {
-        if let Some(held) = remove_version(&dir)?.into_iter().next() {
-            return Err(BpfError::LinkNotReleased {
-                path: held.path,
-                id: held.id,
-                waited: RELEASE_TIMEOUT,
-            });
-        }
+        held.extend(remove_version(&dir)?);
+    }
+    if !held.is_empty() {
+        return Err(BpfError::LinksHeld { links: held });
     }
     bpffs::remove_pins(pin_path)
 }
@@ -163,6 +162,9 @@ pub struct HeldLink {
 /// hooks charged loses the release. Unpinning alone detaches later: bpffs frees the inode
 /// after an RCU grace period and the link is put from a work item, and until then the
 /// program still runs. Returns the links another process holds open (they stay attached).
+/// While a connect hook is held, its version's sock_release link stays pinned (and the
+/// directory with it), so what that hook still charges is released; the next call removes
+/// it once the hook is gone.
 pub(super) fn remove_version(dir: &Path) -> Result<Vec<HeldLink>, BpfError> {
     let links = dir.join("links");
     let io_err = |what, path: &Path| {
@@ -185,6 +187,11 @@ pub(super) fn remove_version(dir: &Path) -> Result<Vec<HeldLink>, BpfError> {
     }
     let mut held = Vec::new();
     for group in unpin_order(paths) {
+        if !held.is_empty() {
+            // A connect hook is held: keep sock_release, remove the maps' pins only.
+            bpffs::remove_pins(&dir.join("maps"))?;
+            return Ok(held);
+        }
         let mut pending = Vec::new();
         for path in group {
             let id = match pinned_link_id(&path) {
