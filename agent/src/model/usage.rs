@@ -183,6 +183,12 @@ pub struct HostConnStats {
     /// How full each kernel map is.
     #[serde(default)]
     pub maps: Vec<MapFill>,
+    /// The host cap is in monitor mode.
+    #[serde(default)]
+    pub monitor: bool,
+    /// Some group has connection limits (the programs look for groups).
+    #[serde(default)]
+    pub group_limits: bool,
 }
 
 /// Entries in one kernel map against its capacity.

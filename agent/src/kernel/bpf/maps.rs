@@ -5,8 +5,8 @@ use std::{borrow::Borrow, collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use rlagent_common::{
-    names, Conns, HostConns, Policy, Settings, MAX_GROUPS, MAX_UID_CAPS, MAX_UID_CONNS,
-    POLICY_MONITOR, RETIRED, UNLIMITED,
+    names, Conns, HostConns, Policy, Settings, FLAG_MONITOR_HOST, MAX_GROUPS, MAX_UID_CAPS,
+    MAX_UID_CONNS, POLICY_MONITOR, RETIRED, UNLIMITED,
 };
 
 use super::{map_error, pins::PinLayout, BpfError};
@@ -212,6 +212,8 @@ impl PinnedMaps {
                 fill(names::UID_CAPS, caps, u64::from(MAX_UID_CAPS)),
                 fill(names::GROUP_POLICY, groups, u64::from(MAX_GROUPS)),
             ],
+            monitor: settings.flags & FLAG_MONITOR_HOST != 0,
+            group_limits: settings.group_levels != 0,
         };
         let now = now_ns();
         let mut per_uid = Vec::with_capacity(counters.per_uid.len());

@@ -358,32 +358,29 @@ fn group_series(e: &mut Exposition, g: &GroupConnStats, scope: &ReasonScope) {
 }
 
 /// Which per-reason counter series a UID or a group gets. The series of a reason is there
-/// when the reason can apply under the current limits, or its count is not 0: so it exists,
-/// at 0, before its first increase, which `increase()` and `rate()` need to see it, without
-/// a dozen zero series for every UID. Would-deny series are there only while some UID or
-/// group is in monitor mode, or once something was counted as would-deny (a host cap in
-/// monitor mode over UIDs in enforce mode: its first would-deny of a UID makes the series).
+/// when the reason can apply under the current limits, or its count is not 0: so, for a
+/// UID or group the agent already lists, it exists at 0 before its first increase, which
+/// `increase()` and `rate()` need to see it, without a dozen zero series for every UID.
+/// Would-deny series are there while some UID, group or the host cap is in monitor mode,
+/// and wherever one has counted.
 struct ReasonScope {
-    /// Some group has a cap, or a rate.
-    group_cap: bool,
-    group_rate: bool,
+    /// Some group has connection limits: the group reasons can apply to any UID.
+    groups: bool,
     monitor: bool,
 }
 
 impl ReasonScope {
     fn of(stats: &Stats) -> Self {
-        let counted = |b: &ByReason| b.iter().into_iter().any(|(_, n)| n != 0);
+        let host = stats.host.as_ref();
         Self {
-            group_cap: stats.groups.iter().any(|g| g.cap.is_some()),
-            group_rate: stats.groups.iter().any(|g| g.rate.is_some()),
-            monitor: stats
-                .conns
-                .iter()
-                .any(|c| c.monitor || counted(&c.would_deny))
+            groups: host.is_some_and(|h| h.group_limits)
                 || stats
                     .groups
                     .iter()
-                    .any(|g| g.monitor || counted(&g.would_deny)),
+                    .any(|g| g.cap.is_some() || g.rate.is_some()),
+            monitor: host.is_some_and(|h| h.monitor)
+                || stats.conns.iter().any(|c| c.monitor)
+                || stats.groups.iter().any(|g| g.monitor),
         }
     }
 
@@ -392,8 +389,7 @@ impl ReasonScope {
         match reason {
             Reason::Cap => c.cap.is_some(),
             Reason::Rate => c.rate.is_some(),
-            Reason::Group => self.group_cap,
-            Reason::GroupRate => self.group_rate,
+            Reason::Group | Reason::GroupRate => self.groups,
             Reason::HostCap | Reason::Full => true,
         }
     }
@@ -611,6 +607,8 @@ mod tests {
                 denied_full: 0,
                 events_lost: 0,
                 maps: vec![],
+                monitor: false,
+                group_limits: false,
             }),
             placement_moves: 4,
             alerts_firing: 1,
@@ -705,11 +703,25 @@ mod tests {
         }];
         assert_eq!(
             reason_lines(&stats, denied, 1000),
-            ["cap 0", "host_cap 0", "rate 0", "group 0", "full 0"]
+            [
+                "cap 0",
+                "host_cap 0",
+                "rate 0",
+                "group 0",
+                "group_rate 0",
+                "full 0"
+            ]
         );
         assert_eq!(
             reason_lines(&stats, would, 1000),
-            ["cap 0", "host_cap 0", "rate 0", "group 0", "full 0"]
+            [
+                "cap 0",
+                "host_cap 0",
+                "rate 0",
+                "group 0",
+                "group_rate 0",
+                "full 0"
+            ]
         );
         let text = render(&stats);
         assert!(
@@ -717,6 +729,9 @@ mod tests {
                 == "rlagent_group_connections_denied_total{group=\"batch\",reason=\"group\"} 0"),
             "{text}"
         );
-        assert!(!text.contains("reason=\"group_rate\""), "{text}");
+        assert!(
+            !text.contains("group=\"batch\",reason=\"group_rate\""),
+            "{text}"
+        );
     }
 }
