@@ -134,6 +134,13 @@ impl Kind {
         }
     }
 
+    fn netfilter(self) -> bool {
+        matches!(
+            self,
+            Self::IptablesConnlimit | Self::NftCtCount | Self::NftUidSet
+        )
+    }
+
     /// The netfilter rules of this arm, installed in `ns`, matching `uid`.
     fn install(self, ns: &Netns, uid: u32) {
         match self {
@@ -191,7 +198,7 @@ struct Arm {
     holder: Helper,
     // Dropped last: the helpers and the listener leave the namespace before it goes.
     listener: Listener,
-    _ns: Netns,
+    ns: Netns,
 }
 
 /// Median and 95% interval of the median, by resampling the blocks.
@@ -210,6 +217,33 @@ fn median_ci(values: &[f64]) -> (f64, f64, f64) {
     medians.sort_by(f64::total_cmp);
     let at = |p: f64| medians[((medians.len() - 1) as f64 * p).round() as usize];
     (m, at(0.025), at(0.975))
+}
+
+/// The ratio of the medians of `num` and `den` (per-block values of two arms, the same
+/// blocks) and its 95% interval, resampling blocks jointly; infinite where the
+/// denominator's median is not above 0.
+fn ratio_ci(num: &[f64], den: &[f64]) -> (f64, f64, f64) {
+    let ratio = |n: &mut [f64], d: &mut [f64]| {
+        let d = median(d);
+        if d > 0.0 {
+            median(n) / d
+        } else {
+            f64::INFINITY
+        }
+    };
+    let r = ratio(&mut num.to_vec(), &mut den.to_vec());
+    let mut rng = fastrand::Rng::with_seed(0x726c_6168);
+    let mut ratios: Vec<f64> = (0..2000)
+        .map(|_| {
+            let picks: Vec<usize> = (0..num.len()).map(|_| rng.usize(..num.len())).collect();
+            let mut n: Vec<f64> = picks.iter().map(|&i| num[i]).collect();
+            let mut d: Vec<f64> = picks.iter().map(|&i| den[i]).collect();
+            ratio(&mut n, &mut d)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |p: f64| ratios[((ratios.len() - 1) as f64 * p).round() as usize];
+    (r, at(0.025), at(0.975))
 }
 
 fn load_average() -> String {
@@ -269,7 +303,7 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
                 timer,
                 holder,
                 listener,
-                _ns: ns,
+                ns,
             }
         })
         .collect();
@@ -287,9 +321,29 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
     for &held in phases {
         if held > 0 {
             for arm in &mut arms {
+                if arm.kind.netfilter() {
+                    // Held connections are in CLOSE_WAIT, which conntrack forgets after
+                    // 60 s by default: kept for the whole run in this namespace.
+                    arm.ns.exec(
+                        "sysctl",
+                        &[
+                            "-q",
+                            "-w",
+                            "net.netfilter.nf_conntrack_tcp_timeout_close_wait=86400",
+                        ],
+                        "",
+                    );
+                }
                 let port = arm.listener.port4;
                 let reply = arm.holder.cmd(&format!("hold tcp4 {port} {held}"));
                 assert_eq!(reply, format!("ok {held} 0"), "{}", arm.kind.name());
+            }
+            for uid in [BENCH_UID, POLICY_UID] {
+                assert_eq!(
+                    scratch.live(uid),
+                    u64::from(held),
+                    "uid {uid}: the rlagent arm's held connections are charged"
+                );
             }
         }
         let load_before = load_average();
@@ -311,7 +365,9 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
             run(arm);
         }
         for block in 0..blocks as usize {
-            let mut order: Vec<usize> = (0..n).map(|k| (block + k) % n).collect();
+            // Pairs of blocks: the order rotated by one per pair, reversed in the second of
+            // each, so every arm runs in every position.
+            let mut order: Vec<usize> = (0..n).map(|k| (block / 2 + k) % n).collect();
             if block % 2 == 1 {
                 order.reverse();
             }
@@ -324,27 +380,47 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
                 added[i].push(t[i] - t[0]);
             }
         }
+        if held > 0 {
+            for arm in arms.iter().filter(|a| a.kind.netfilter()) {
+                let count: u64 = arm
+                    .ns
+                    .within(|| {
+                        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+                    })
+                    .expect("nf_conntrack_count")
+                    .trim()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    count >= u64::from(held),
+                    "{}: conntrack counts {count} connections at the end, fewer than the {held} held",
+                    arm.kind.name()
+                );
+            }
+        }
         println!(
             "\n{held} connections held open by the UID in each arm; load average {load_before} before, {} after",
             load_average()
         );
         println!(
-            "{:<26} {:>10} {:>24} {:>12} {:>12}",
-            "arm", "ns/op", "added µs [95% CI]", "x rlagent", "x rlagent"
+            "{:<26} {:>10} {:>24} {:>18} {:>18}",
+            "arm", "ns/op", "added µs [95% CI]", "x rlagent [CI]", "x rlagent [CI]"
         );
         println!(
-            "{:<26} {:>10} {:>24} {:>12} {:>12}",
+            "{:<26} {:>10} {:>24} {:>18} {:>18}",
             "", "", "", "cap only", "full"
         );
         let stats: Vec<(f64, f64, f64)> = added.iter().map(|a| median_ci(a)).collect();
-        let cap = stats[1].0;
-        let full = stats[2].0;
-        let ratio = |x: f64, base: f64| {
-            if base > 0.0 {
-                format!("{:.1}", x / base)
-            } else {
-                "n/a".to_string()
-            }
+        let ratio = |arm: usize, base: usize| {
+            let (r, lo, hi) = ratio_ci(&added[arm], &added[base]);
+            let show = |x: f64| {
+                if x.is_finite() {
+                    format!("{x:.1}")
+                } else {
+                    "inf".to_string()
+                }
+            };
+            format!("{} [{}, {}]", show(r), show(lo), show(hi))
         };
         for (i, arm) in arms.iter().enumerate() {
             let (m, lo, hi) = stats[i];
@@ -359,12 +435,12 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
                 continue;
             }
             println!(
-                "{:<26} {:>10.0} {:>24} {:>12} {:>12}",
+                "{:<26} {:>10.0} {:>24} {:>18} {:>18}",
                 arm.kind.name(),
                 ns_op,
                 format!("{:.2} [{:.2}, {:.2}]", m / 1e3, lo / 1e3, hi / 1e3),
-                ratio(m, cap),
-                ratio(m, full)
+                ratio(i, 1),
+                ratio(i, 2)
             );
         }
     }
@@ -372,6 +448,10 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
         arm.holder.close_all();
     }
     assert_all_released(&scratch, "compare");
+    // Every connect() of the rlagent arms went through the programs: warm-up and blocks of
+    // each phase, and the held connections.
+    let phase_connects = u64::from(blocks + 1) * u64::from(iters);
+    let expected = phase_connects * phases.len() as u64 + u64::from(live);
     for uid in [BENCH_UID, POLICY_UID] {
         let c = scratch
             .stats()
@@ -383,6 +463,10 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
             c.denied.iter().sum::<u64>(),
             0,
             "uid {uid}: nothing was denied"
+        );
+        assert_eq!(
+            c.admitted, expected,
+            "uid {uid}: connects charged by the programs"
         );
         println!("uid {uid}: {} connections charged", c.admitted);
     }
