@@ -1,3 +1,5 @@
+// Why this file is long: six arms with their namespaces and rules, the paired schedule, the
+// statistics (medians and ratios with bootstrap intervals) and the checks of what was measured.
 //! `rlagent-bench compare`: what a TCP connect()+close() costs under rlagent and under
 //! netfilter's per-UID connection limits, side by side in one run.
 //!
