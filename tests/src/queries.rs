@@ -90,6 +90,14 @@ pub fn metric_names(query: &str) -> Vec<String> {
     names
 }
 
+/// True for a metric of a cgroup controller (cpu, memory, pids): series that exist only
+/// where the controller is on the cgroup2 mount.
+pub fn is_cgroup_controller_metric(name: &str) -> bool {
+    ["rlagent_cpu_", "rlagent_memory_", "rlagent_pids_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -895,10 +895,7 @@ fn every_cgroup_series_the_dashboard_and_rules_read_is_exported() {
     let mut checked = std::collections::BTreeSet::new();
     for query in queries::all_queries() {
         for name in queries::metric_names(&query) {
-            if !["rlagent_cpu_", "rlagent_memory_", "rlagent_pids_"]
-                .iter()
-                .any(|p| name.starts_with(p))
-            {
+            if !queries::is_cgroup_controller_metric(&name) {
                 continue;
             }
             let series = format!("{name}{{target=\"group:all\"}}");

@@ -239,9 +239,7 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
 fn reads_cgroup_controller_series(query: &str) -> bool {
     let names = queries::metric_names(query);
     !names.is_empty()
-        && names.iter().all(|n| {
-            ["rlagent_cpu_", "rlagent_memory_", "rlagent_pids_"]
-                .iter()
-                .any(|p| n.starts_with(p))
-        })
+        && names
+            .iter()
+            .all(|n| queries::is_cgroup_controller_metric(n))
 }
