@@ -33,7 +33,7 @@ use nix::{
 };
 use rlagent_tests::{Agent, Helper, Listener, Scratch, TestCgroup};
 
-use super::{assert_all_released, median, BENCH_UID};
+use super::{assert_all_released, median, policy_sides, BENCH_UID, POLICY_UID};
 
 /// Far above what any arm reaches.
 const LIMIT: u32 = 1_000_000;
@@ -203,49 +203,50 @@ struct Arm {
     ns: Netns,
 }
 
-/// Median and 95% interval of the median, by resampling the blocks.
-fn median_ci(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    let m = median(&mut sorted);
-    let mut rng = fastrand::Rng::with_seed(0x726c_6167);
-    let mut medians: Vec<f64> = (0..2000)
+/// The 95% interval of `stat` over 2,000 resamplings of `blocks` blocks (indices drawn
+/// with replacement, with `seed`).
+fn bootstrap(blocks: usize, seed: u64, mut stat: impl FnMut(&[usize]) -> f64) -> (f64, f64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut stats: Vec<f64> = (0..2000)
         .map(|_| {
-            let mut sample: Vec<f64> = (0..values.len())
-                .map(|_| values[rng.usize(..values.len())])
-                .collect();
-            median(&mut sample)
+            let picks: Vec<usize> = (0..blocks).map(|_| rng.usize(..blocks)).collect();
+            stat(&picks)
         })
         .collect();
-    medians.sort_by(f64::total_cmp);
-    let at = |p: f64| medians[((medians.len() - 1) as f64 * p).round() as usize];
-    (m, at(0.025), at(0.975))
+    stats.sort_by(f64::total_cmp);
+    let at = |p: f64| stats[((stats.len() - 1) as f64 * p).round() as usize];
+    (at(0.025), at(0.975))
+}
+
+/// The values of `values` at `picks`.
+fn picked(values: &[f64], picks: &[usize]) -> Vec<f64> {
+    picks.iter().map(|&i| values[i]).collect()
+}
+
+/// Median and 95% interval of the median, by resampling the blocks.
+fn median_ci(values: &[f64]) -> (f64, f64, f64) {
+    let m = median(&mut values.to_vec());
+    let (lo, hi) = bootstrap(values.len(), 0x726c_6167, |picks| {
+        median(&mut picked(values, picks))
+    });
+    (m, lo, hi)
 }
 
 /// The ratio of the medians of `num` and `den` (per-block values of two arms, the same
 /// blocks) and its 95% interval, resampling blocks jointly; infinite where the
 /// denominator's median is not above 0.
 fn ratio_ci(num: &[f64], den: &[f64]) -> (f64, f64, f64) {
-    let ratio = |n: &mut [f64], d: &mut [f64]| {
-        let d = median(d);
+    let ratio = |picks: &[usize]| {
+        let d = median(&mut picked(den, picks));
         if d > 0.0 {
-            median(n) / d
+            median(&mut picked(num, picks)) / d
         } else {
             f64::INFINITY
         }
     };
-    let r = ratio(&mut num.to_vec(), &mut den.to_vec());
-    let mut rng = fastrand::Rng::with_seed(0x726c_6168);
-    let mut ratios: Vec<f64> = (0..2000)
-        .map(|_| {
-            let picks: Vec<usize> = (0..num.len()).map(|_| rng.usize(..num.len())).collect();
-            let mut n: Vec<f64> = picks.iter().map(|&i| num[i]).collect();
-            let mut d: Vec<f64> = picks.iter().map(|&i| den[i]).collect();
-            ratio(&mut n, &mut d)
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let at = |p: f64| ratios[((ratios.len() - 1) as f64 * p).round() as usize];
-    (r, at(0.025), at(0.975))
+    let all: Vec<usize> = (0..num.len()).collect();
+    let (lo, hi) = bootstrap(num.len(), 0x726c_6168, ratio);
+    (ratio(&all), lo, hi)
 }
 
 fn load_average() -> String {
@@ -264,7 +265,6 @@ fn tool_version(program: &str, flag: &str) -> String {
 }
 
 pub fn compare(blocks: u32, iters: u32, live: u32) {
-    const POLICY_UID: u32 = BENCH_UID + 1;
     // Each arm's holder keeps `live` sockets open; the listeners close what they accept.
     let (files, _) = getrlimit(Resource::RLIMIT_NOFILE).expect("RLIMIT_NOFILE");
     assert!(
@@ -272,18 +272,9 @@ pub fn compare(blocks: u32, iters: u32, live: u32) {
         "--live {live} needs more open files than RLIMIT_NOFILE ({files}) allows a helper"
     );
     let cgroup = TestCgroup::new();
-    let enforced = cgroup.child("enforced");
-    let plain = cgroup.child("plain");
     let scratch = Scratch::new();
-    let text = format!(
-        "cgroup_root = \"{rel}/enforced/slice\"\n{}[bpf]\nattach_cgroup = \"{rel}/enforced\"\npin_path = \"{}\"\n[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = {LIMIT}\n[[quota]]\ntarget = \"user:{POLICY_UID}\"\nconns = {LIMIT}\nconn_rate = \"{LIMIT}/s\"\nconn_burst = {LIMIT}\n[[quota]]\ntarget = \"bench\"\nconns = {LIMIT}\nconn_rate = \"{LIMIT}/s\"\nconn_burst = {LIMIT}\n",
-        scratch.private_paths(),
-        scratch.pin_path().display(),
-        rel = cgroup.relative,
-    );
-    std::fs::write(scratch.config_path(), text).unwrap();
+    let (enforced, plain, group) = policy_sides(&cgroup, &scratch, "", LIMIT, LIMIT);
     let agent = Agent::start(&scratch);
-    let group = enforced.join("slice/bench");
 
     let mut arms: Vec<Arm> = Kind::ALL
         .iter()

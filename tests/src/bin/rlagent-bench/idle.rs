@@ -64,19 +64,12 @@ pub fn idle(seconds: u32) {
 
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
-    let mut text = format!(
-        "cgroup_root = \"{}/slice\"\n{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n",
-        cgroup.relative,
-        scratch.private_paths(),
-        cgroup.relative,
-        scratch.pin_path().display()
-    );
-    for i in 0..1000 {
-        text.push_str(&format!(
-            "[[group]]\nname = \"g{i:04}\"\n[[quota]]\ntarget = \"g{i:04}\"\nconns = 100\n"
-        ));
-    }
-    std::fs::write(scratch.config_path(), text).unwrap();
+    let groups: String = (0..1000)
+        .map(|i| {
+            format!("[[group]]\nname = \"g{i:04}\"\n[[quota]]\ntarget = \"g{i:04}\"\nconns = 100\n")
+        })
+        .collect();
+    scratch.write_config_with_groups(&cgroup, "", &groups);
     let agent = Agent::start(&scratch);
     watch("1,000 groups with a connection cap", &agent, seconds);
     assert_all_released(&scratch, "idle, 1,000 groups");

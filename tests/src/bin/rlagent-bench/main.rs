@@ -16,11 +16,13 @@
 mod compare;
 mod idle;
 
-use std::time::Instant;
+use std::{path::PathBuf, time::Instant};
 
 use rlagent_tests::{privileged, Agent, Helper, Listener, Scratch, TestCgroup};
 
 const BENCH_UID: u32 = 61900;
+/// The UID of the connect benchmarks' side with every limit (see [`policy_sides`]).
+const POLICY_UID: u32 = BENCH_UID + 1;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -348,17 +350,10 @@ fn control(requests: u32, targets: u32) {
     use rlagent::{control::protocol::Request, model::quota::Field};
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
-    let mut text = format!(
-        "cgroup_root = \"{}/slice\"\n{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\n",
-        cgroup.relative,
-        scratch.private_paths(),
-        cgroup.relative,
-        scratch.pin_path().display()
-    );
-    for i in 0..targets {
-        text.push_str(&format!("[[group]]\nname = \"g{i:05}\"\n"));
-    }
-    std::fs::write(scratch.config_path(), text).unwrap();
+    let groups: String = (0..targets)
+        .map(|i| format!("[[group]]\nname = \"g{i:05}\"\n"))
+        .collect();
+    scratch.write_config_with_groups(&cgroup, "", &groups);
     let _agent = Agent::start(&scratch);
     let socket = scratch.socket_path();
     let maps = scratch.maps();
@@ -479,24 +474,39 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn connect(blocks: u32, iters: u32) {
-    const POLICY_UID: u32 = BENCH_UID + 1;
-    let cgroup = TestCgroup::new();
+/// The cgroups of the connect benchmarks' sides, and their config in `scratch`: the
+/// programs on `<cgroup>/enforced`, where `BENCH_UID` has a cap; `POLICY_UID` with a cap
+/// and a rate in group `bench` (`<cgroup>/enforced/slice/bench`), which has a cap and a
+/// rate too; `<cgroup>/plain` outside the programs. Caps are `cap` and rates `rate`/s with
+/// a burst of `rate`, far above what a benchmark reaches, so every connect() runs every
+/// check and is admitted. Returns (enforced, plain, group).
+fn policy_sides(
+    cgroup: &TestCgroup,
+    scratch: &Scratch,
+    extra_bpf: &str,
+    cap: u32,
+    rate: u32,
+) -> (PathBuf, PathBuf, PathBuf) {
     let enforced = cgroup.child("enforced");
     let plain = cgroup.child("plain");
-    let scratch = Scratch::new();
-    // Limits far above what the benchmark reaches, so every connect() runs every check and
-    // is admitted.
     let text = format!(
-        "cgroup_root = \"{rel}/enforced/slice\"\n{}[bpf]\nattach_cgroup = \"{rel}/enforced\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = 100000\n[[quota]]\ntarget = \"user:{POLICY_UID}\"\nconns = 100000\nconn_rate = \"1000000/s\"\nconn_burst = 1000000\n[[quota]]\ntarget = \"bench\"\nconns = 100000\nconn_rate = \"1000000/s\"\nconn_burst = 1000000\n",
+        "cgroup_root = \"{rel}/enforced/slice\"\n{}[bpf]\nattach_cgroup = \"{rel}/enforced\"\npin_path = \"{}\"\n{extra_bpf}[[quota]]\ntarget = \"user:{BENCH_UID}\"\nconns = {cap}\n[[quota]]\ntarget = \"user:{POLICY_UID}\"\nconns = {cap}\nconn_rate = \"{rate}/s\"\nconn_burst = {rate}\n[[quota]]\ntarget = \"bench\"\nconns = {cap}\nconn_rate = \"{rate}/s\"\nconn_burst = {rate}\n",
         scratch.private_paths(),
         scratch.pin_path().display(),
         rel = cgroup.relative,
     );
     std::fs::write(scratch.config_path(), text).unwrap();
+    let group = enforced.join("slice/bench");
+    (enforced, plain, group)
+}
+
+fn connect(blocks: u32, iters: u32) {
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    let (enforced, plain, group) =
+        policy_sides(&cgroup, &scratch, "count_udp = true\n", 100_000, 1_000_000);
     let _agent = Agent::start(&scratch);
     let listener = Listener::dropping();
-    let group = enforced.join("slice/bench");
     let mut sides = [
         ("no programs", Helper::spawn(&plain, BENCH_UID)),
         ("cap only", Helper::spawn(&enforced, BENCH_UID)),
