@@ -399,18 +399,24 @@ fn uninstall_detaches_and_removes_pins() {
     );
 }
 
+/// What an agent of an older map layout leaves behind: its programs attached through
+/// pinned links, enforcing the caps of `s`'s config in its own maps. Returns its pin
+/// directory (`v0`).
+fn older_version(s: &Setup) -> std::path::PathBuf {
+    Agent::start(&s.scratch).stop();
+    let current = rlagent::kernel::bpf::PinLayout::new(&s.scratch.pin_path()).version_dir();
+    let older = s.scratch.pin_path().join("v0");
+    std::fs::rename(&current, &older).unwrap();
+    older
+}
+
 #[test]
 fn links_pinned_by_another_map_layout_version_are_detached_at_start() {
     if !privileged("links_pinned_by_another_map_layout_version") {
         return;
     }
     let s = setup("", &quota(&format!("user:{CAPPED}"), "1"));
-    Agent::start(&s.scratch).stop();
-    // What an agent of an older map layout leaves behind: its programs attached through
-    // pinned links, enforcing the caps in its own maps (here: cap 1).
-    let current = rlagent::kernel::bpf::PinLayout::new(&s.scratch.pin_path()).version_dir();
-    let older = s.scratch.pin_path().join("v0");
-    std::fs::rename(&current, &older).unwrap();
+    let older = older_version(&s);
     s.scratch
         .write_config(&s.cgroup, "", &quota(&format!("user:{CAPPED}"), "3"));
     let agent = Agent::start(&s.scratch);
@@ -439,10 +445,7 @@ fn an_older_versions_link_held_open_elsewhere_is_reported_and_start_goes_on() {
         return;
     }
     let s = setup("", &quota(&format!("user:{CAPPED}"), "1"));
-    Agent::start(&s.scratch).stop();
-    let current = rlagent::kernel::bpf::PinLayout::new(&s.scratch.pin_path()).version_dir();
-    let older = s.scratch.pin_path().join("v0");
-    std::fs::rename(&current, &older).unwrap();
+    let older = older_version(&s);
     // Another process (bpftool, a debugger: here this test) holds the older connect4 link
     // open, so removing its pin cannot detach it.
     let held = aya::programs::links::PinnedLink::from_pin(
