@@ -701,28 +701,20 @@ mod tests {
             denied: ByReason::default(),
             would_deny: ByReason::default(),
         }];
-        assert_eq!(
-            reason_lines(&stats, denied, 1000),
-            [
-                "cap 0",
-                "host_cap 0",
-                "rate 0",
-                "group 0",
-                "group_rate 0",
-                "full 0"
-            ]
-        );
-        assert_eq!(
-            reason_lines(&stats, would, 1000),
-            [
-                "cap 0",
-                "host_cap 0",
-                "rate 0",
-                "group 0",
-                "group_rate 0",
-                "full 0"
-            ]
-        );
+        for family in [denied, would] {
+            assert_eq!(
+                reason_lines(&stats, family, 1000),
+                [
+                    "cap 0",
+                    "host_cap 0",
+                    "rate 0",
+                    "group 0",
+                    "group_rate 0",
+                    "full 0"
+                ],
+                "{family}"
+            );
+        }
         let text = render(&stats);
         assert!(
             text.lines().any(|l| l
