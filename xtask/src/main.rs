@@ -175,12 +175,7 @@ fn main() -> Result<()> {
 /// no cluster or network) in a venv under the cache.
 /// iptables and nft for `bench compare` (its netfilter arms), from Debian when missing.
 fn ensure_netfilter() -> Result<()> {
-    let present = |program: &str| {
-        ["/usr/sbin", "/sbin", "/usr/bin"]
-            .iter()
-            .any(|dir| Path::new(dir).join(program).exists())
-    };
-    if present("iptables") && present("nft") {
+    if vm::have("iptables") && vm::have("nft") {
         return Ok(());
     }
     run(Command::new("apt-get")

@@ -30,7 +30,8 @@ use crate::{
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const MARKER: &str = "@@VM-EXIT rc=";
 
-fn have(cmd: &str) -> bool {
+/// True when `cmd --version` runs (found on PATH, as the callers will run it).
+pub(crate) fn have(cmd: &str) -> bool {
     Command::new(cmd)
         .arg("--version")
         .output()
