@@ -102,7 +102,7 @@ pub mod kernel {
 
     use crate::{
         desired::{
-            cgroups::CgroupPlan,
+            cgroups::{Before, CgroupPlan},
             conns::{ConnLimits, GroupUnenforced},
         },
         kernel::{
@@ -117,8 +117,8 @@ pub mod kernel {
     pub struct Record {
         /// Every limits write, in order.
         pub conns: Vec<ConnLimits>,
-        /// Every cgroup plan write, with the `previous` plan it was given.
-        pub cgroups: Vec<(CgroupPlan, Option<CgroupPlan>)>,
+        /// Each plan written, with the one before it and whether that write completed.
+        pub cgroups: Vec<(CgroupPlan, Option<(CgroupPlan, bool)>)>,
         /// Fail the next cgroup write(s): each `true` is one failure.
         pub fail_cgroups: Vec<bool>,
         /// Panic in the next limits write.
@@ -130,6 +130,8 @@ pub mod kernel {
         pub moved: Vec<(PathBuf, Vec<u32>)>,
         /// `cgroup:<path>` targets that do not exist.
         pub missing: Vec<PathBuf>,
+        /// What the next cgroup writes report, in order (then an empty report).
+        pub reports: Vec<CgroupReport>,
     }
 
     /// An [`Enforcer`] that records instead of writing; share its record to inspect it.
@@ -185,15 +187,18 @@ pub mod kernel {
         fn apply_cgroups(
             &mut self,
             plan: &CgroupPlan,
-            previous: Option<&CgroupPlan>,
+            before: Before,
         ) -> Result<CgroupReport, KernelError> {
+            let previous = before
+                .plan()
+                .map(|p| (p.clone(), before.complete().is_some()));
             let hold = self.record().hold_cgroups.take();
             if let Some((entered, release)) = hold {
                 let _ = entered.send(());
                 let _ = release.recv();
             }
             let mut record = self.record();
-            record.cgroups.push((plan.clone(), previous.cloned()));
+            record.cgroups.push((plan.clone(), previous));
             if !record.fail_cgroups.is_empty() && record.fail_cgroups.remove(0) {
                 return Err(KernelError::Cgroup(CgroupError::Write {
                     path: PathBuf::from("/fake/cpu.max"),
@@ -201,7 +206,10 @@ pub mod kernel {
                     source: std::io::Error::from_raw_os_error(libc::EACCES),
                 }));
             }
-            Ok(CgroupReport::default())
+            if record.reports.is_empty() {
+                return Ok(CgroupReport::default());
+            }
+            Ok(record.reports.remove(0))
         }
 
         fn move_pids(

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 use crate::{
     config::Config,
     desired::{
-        cgroups::CgroupPlan,
+        cgroups::{Before, CgroupPlan},
         conns::GroupUnenforced,
         state::{RuntimeState, StateError},
         Desired, DesiredError,
@@ -212,12 +212,16 @@ impl Agent {
             .is_some_and(|(plan, done)| *done && *plan == desired.cgroups);
         if !complete {
             // Until this write completes, it is not known what was written: a roll-back
-            // rewrites every cgroup and resets what the failed plan may have set.
-            let previous = self.applied_plan.take().map(|(plan, _)| plan);
+            // rewrites every cgroup and resets what the failed plan may have set. After a
+            // complete write, only what differs is written.
+            let previous = self.applied_plan.take();
+            let before = match &previous {
+                None => Before::Nothing,
+                Some((plan, true)) => Before::Complete(plan),
+                Some((plan, false)) => Before::Partial(plan),
+            };
             self.applied_plan = Some((desired.cgroups.clone(), false));
-            let report = self
-                .kernel
-                .apply_cgroups(&desired.cgroups, previous.as_ref())?;
+            let report = self.kernel.apply_cgroups(&desired.cgroups, before)?;
             for message in &report.unavailable {
                 tracing::warn!("{message}");
             }
@@ -229,7 +233,16 @@ impl Agent {
                 .iter()
                 .map(|c| c.name().to_string())
                 .collect();
-            self.limits_skipped = report.skipped;
+            self.limits_skipped = match report.rewritten {
+                None => report.skipped,
+                // Only these were written: what was skipped elsewhere still is.
+                Some(written) => {
+                    let mut kept = std::mem::take(&mut self.limits_skipped);
+                    kept.retain(|s| !written.contains(&s.cgroup));
+                    kept.extend(report.skipped);
+                    kept
+                }
+            };
             if let Some(placed) = report.placed {
                 tracing::info!(
                     seen = placed.seen,
@@ -561,7 +574,50 @@ mod tests {
         agent
             .change(&Target::Group("batch".into()), &set(Field::Pids, "10"))
             .unwrap();
-        assert_eq!(fake.kernel.record().cgroups.len(), 2);
+        let record = fake.kernel.record();
+        assert_eq!(record.cgroups.len(), 2);
+        let (_, before) = record.cgroups.last().unwrap();
+        assert!(
+            before.as_ref().is_some_and(|(_, complete)| *complete),
+            "after a complete write, only the difference is written: {before:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_of_only_what_changed_keeps_what_was_skipped_in_the_cgroups_it_left_alone() {
+        let fake = FakeAgent::new();
+        let skipped = |service: &str| Skipped {
+            cgroup: PathBuf::from(service),
+            field: Field::Memory,
+            file: "memory.max",
+        };
+        fake.kernel.record().reports = vec![crate::kernel::CgroupReport {
+            skipped: vec![skipped("db.service"), skipped("web.service")],
+            ..Default::default()
+        }];
+        let mut agent = fake.agent(
+            "[[quota]]\ntarget = \"cgroup:db.service\"\nmemory = \"1G\"\n[[quota]]\ntarget = \"cgroup:web.service\"\nmemory = \"1G\"\n",
+        );
+        let not_set = |agent: &Agent| -> Vec<String> {
+            agent
+                .not_enforced()
+                .keys()
+                .map(|(target, _)| target.to_string())
+                .collect()
+        };
+        assert_eq!(not_set(&agent), ["cgroup:db.service", "cgroup:web.service"]);
+        // Only db.service is written again, and its limit is set this time.
+        fake.kernel.record().reports = vec![crate::kernel::CgroupReport {
+            rewritten: Some([PathBuf::from("db.service")].into()),
+            ..Default::default()
+        }];
+        agent
+            .change(
+                &Target::Cgroup("db.service".into()),
+                &set(Field::Memory, "2G"),
+            )
+            .unwrap();
+        assert_eq!(not_set(&agent), ["cgroup:web.service"]);
     }
 
     #[test]
@@ -594,8 +650,8 @@ mod tests {
         );
         assert_eq!(
             previous.as_ref(),
-            Some(failed),
-            "and resets what the failed plan may have written"
+            Some(&(failed.clone(), false)),
+            "and resets what the failed plan may have written, writing every cgroup"
         );
         assert_eq!(record.conns.last(), Some(&before.conns));
     }
@@ -610,11 +666,9 @@ mod tests {
         let record = fake.kernel.record();
         let (plan, previous) = record.cgroups.last().unwrap();
         assert!(plan.cgroups.is_empty());
-        assert!(previous
-            .as_ref()
-            .unwrap()
-            .cgroups
-            .contains_key(Path::new("db.service")));
+        let (previous, complete) = previous.as_ref().unwrap();
+        assert!(previous.cgroups.contains_key(Path::new("db.service")));
+        assert!(complete);
     }
 
     #[test]

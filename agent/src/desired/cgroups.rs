@@ -154,6 +154,50 @@ impl CgroupPlan {
     pub fn inside_cgroup_target(&self, cgroup: &Path) -> bool {
         self.cgroups.keys().any(|t| cgroup.starts_with(t))
     }
+
+    /// True when every process belongs where it did under `other`: the same subtree, group
+    /// rules, `uid_min`, groups, users with cgroups of their own, whether other users are
+    /// placed, and `cgroup:<path>` targets. Only quota values differ, if anything, so no
+    /// process needs to move.
+    pub fn places_as(&self, other: &CgroupPlan) -> bool {
+        self.layout == other.layout
+            && self.rules == other.rules
+            && self.uid_min == other.uid_min
+            && self.groups.keys().eq(other.groups.keys())
+            && self.users.keys().eq(other.users.keys())
+            && self.user_default.is_some() == other.user_default.is_some()
+            && self.cgroups.keys().eq(other.cgroups.keys())
+    }
+}
+
+/// What was written before a plan is applied: how much of it must be written.
+#[derive(Debug, Clone, Copy)]
+pub enum Before<'a> {
+    /// Nothing (the agent's first apply): everything is written.
+    Nothing,
+    /// A plan whose write did not complete: everything is written, and what that plan may
+    /// have set is lifted where the new one drops it.
+    Partial(&'a CgroupPlan),
+    /// A plan written completely: only what differs from it is written.
+    Complete(&'a CgroupPlan),
+}
+
+impl<'a> Before<'a> {
+    /// The plan written before, completely or not.
+    pub fn plan(self) -> Option<&'a CgroupPlan> {
+        match self {
+            Self::Nothing => None,
+            Self::Partial(plan) | Self::Complete(plan) => Some(plan),
+        }
+    }
+
+    /// The plan written before, when its write completed.
+    pub fn complete(self) -> Option<&'a CgroupPlan> {
+        match self {
+            Self::Complete(plan) => Some(plan),
+            Self::Nothing | Self::Partial(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -230,5 +274,26 @@ memory = "512M"
         assert_eq!(p.user_cgroup(7), PathBuf::from("rlagent.slice/user-7"));
         assert!(p.inside_cgroup_target(Path::new("system.slice/nginx.service/sub")));
         assert!(!p.inside_cgroup_target(Path::new("system.slice")));
+    }
+
+    #[test]
+    fn a_change_of_quota_values_places_as_before_and_a_change_of_membership_does_not() {
+        let base = "[[group]]\nname = \"batch\"\nuids = [65534]\n[[quota]]\ntarget = \"user:2000\"\ncpu = \"50%\"\n";
+        let p = plan(base);
+        let values = plan(&format!("{base}[[quota]]\ntarget = \"batch\"\npids = 10\n"));
+        assert!(
+            values.places_as(&p),
+            "a group's quota changed: nobody moves"
+        );
+        let changed = [
+            "[[group]]\nname = \"batch\"\nuids = [65533]\n[[quota]]\ntarget = \"user:2000\"\ncpu = \"50%\"\n",
+            &format!("{base}[[group]]\nname = \"web\"\n"),
+            &format!("{base}[[quota]]\ntarget = \"user:2001\"\npids = 10\n"),
+            &format!("{base}[[quota]]\ntarget = \"user:*\"\npids = 10\n"),
+            "[[group]]\nname = \"batch\"\nuids = [65534]\n",
+        ];
+        for text in changed {
+            assert!(!plan(text).places_as(&p), "{text}");
+        }
     }
 }

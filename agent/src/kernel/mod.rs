@@ -22,7 +22,7 @@ use std::{
 
 use crate::{
     desired::{
-        cgroups::CgroupPlan,
+        cgroups::{Before, CgroupPlan},
         conns::{ConnLimits, GroupUnenforced},
         Desired,
     },
@@ -106,7 +106,10 @@ pub struct CgroupReport {
     pub subtree_missing: BTreeSet<Controller>,
     /// Limits of `cgroup:<path>` targets (or any cgroup) that could not be set.
     pub skipped: Vec<Skipped>,
-    /// The /proc scan that followed, when placement runs.
+    /// As [`cgroup::driver::ApplyReport::rewritten`].
+    pub rewritten: Option<BTreeSet<PathBuf>>,
+    /// The /proc scan that followed, when placement runs and where processes belong may
+    /// have changed.
     pub placed: Option<ScanReport>,
 }
 
@@ -149,12 +152,13 @@ pub trait Enforcer: Send {
     /// One round of retiring idle per-UID counters (see
     /// [`bpf::ConnLimiter::retire_idle`]); returns how many were retired.
     fn retire_idle(&mut self, conns: &ConnLimits) -> Result<usize, KernelError>;
-    /// Writes the cgroup plan (resetting what `previous` had and `plan` drops) and places
-    /// processes by it.
+    /// Writes the cgroup plan (after a complete write of another, only what differs;
+    /// resetting what the plan before had and `plan` drops) and places processes by it
+    /// (scanning /proc only when where processes belong may have changed).
     fn apply_cgroups(
         &mut self,
         plan: &CgroupPlan,
-        previous: Option<&CgroupPlan>,
+        before: Before,
     ) -> Result<CgroupReport, KernelError>;
     /// Moves processes into `group`; returns the cgroup they are in now (relative to the
     /// mount).
@@ -303,13 +307,15 @@ impl Enforcer for System {
     fn apply_cgroups(
         &mut self,
         plan: &CgroupPlan,
-        previous: Option<&CgroupPlan>,
+        before: Before,
     ) -> Result<CgroupReport, KernelError> {
-        if self.placer.is_none() && !self.cgroups.needs_apply(plan, previous) {
+        if self.placer.is_none() && !self.cgroups.needs_apply(plan, before) {
             return Ok(CgroupReport::default());
         }
-        let applied = self.cgroups.apply(plan, previous)?;
+        let applied = self.cgroups.apply(plan, before)?;
         let placing = self.cgroups.places(plan);
+        // Quota values changed only: every process is where it belongs already.
+        let rescan = self.placer.is_none() || !before.complete().is_some_and(|p| plan.places_as(p));
         match &self.placer {
             Some(placer) => placer
                 .write()
@@ -329,11 +335,13 @@ impl Enforcer for System {
         let placed = self
             .placer
             .as_ref()
+            .filter(|_| rescan)
             .map(|p| p.read().unwrap_or_else(|p| p.into_inner()).scan());
         Ok(CgroupReport {
             unavailable: applied.unavailable,
             subtree_missing: applied.subtree_missing,
             skipped: applied.skipped,
+            rewritten: applied.rewritten,
             placed,
         })
     }

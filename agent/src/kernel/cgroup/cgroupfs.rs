@@ -16,7 +16,7 @@ use super::{
     pids, CgroupError, CgroupFs, Controller,
 };
 use crate::{
-    desired::cgroups::{CgroupPlan, CgroupQuota},
+    desired::cgroups::{Before, CgroupPlan, CgroupQuota},
     kernel::proc::ProcInfo,
     model::quota::Field,
 };
@@ -71,6 +71,125 @@ impl CgroupfsDriver {
             .collect())
     }
 
+    /// Creates `relative` with every controller it can have; the controllers it cannot
+    /// have are reported once each (and as missing from the subtree when `relative` is
+    /// its root).
+    fn ensure(
+        &self,
+        plan: &CgroupPlan,
+        relative: &Path,
+        report: &mut ApplyReport,
+        seen_unavailable: &mut BTreeSet<Controller>,
+    ) -> Result<(), CgroupError> {
+        for e in self.fs.ensure(relative, &Controller::ALL)? {
+            if let CgroupError::Unavailable { controller, .. } = &e {
+                if relative == plan.root() {
+                    report.subtree_missing.insert(*controller);
+                }
+                if seen_unavailable.insert(*controller) {
+                    report.unavailable.push(e.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a complete write of `previous` (same subtree): writes the cgroups whose quota
+    /// differs, the new ones, and lifts what `plan` drops. Every other cgroup already holds
+    /// what `plan` says, so a change of one group's quota writes one cgroup, whatever the
+    /// number of cgroups managed. The subtree's root is checked every time, for the
+    /// controllers it lacks.
+    fn apply_changes(
+        &self,
+        plan: &CgroupPlan,
+        previous: &CgroupPlan,
+    ) -> Result<ApplyReport, CgroupError> {
+        let mut report = ApplyReport::default();
+        let mut unavailable = BTreeSet::new();
+        let mut written = BTreeSet::new();
+        self.ensure(plan, plan.root(), &mut report, &mut unavailable)?;
+        let mut write =
+            |this: &Self, dir: PathBuf, quota: &CgroupQuota, report: &mut ApplyReport| {
+                this.write_quota(&dir, quota, report)?;
+                written.insert(dir);
+                Ok::<(), CgroupError>(())
+            };
+        for (name, quota) in &plan.groups {
+            if previous.groups.get(name) != Some(quota) {
+                let dir = plan.group_cgroup(name);
+                self.ensure(plan, &dir, &mut report, &mut unavailable)?;
+                write(self, dir, quota, &mut report)?;
+            }
+        }
+        for name in previous
+            .groups
+            .keys()
+            .filter(|g| !plan.groups.contains_key(*g))
+        {
+            let dir = plan.group_cgroup(name);
+            if self.fs.path(&dir).exists() {
+                write(self, dir, &CgroupQuota::NONE, &mut report)?;
+            }
+        }
+        for (uid, quota) in &plan.users {
+            if previous.users.get(uid) != Some(quota) {
+                let dir = plan.user_cgroup(*uid);
+                self.ensure(plan, &dir, &mut report, &mut unavailable)?;
+                write(self, dir, quota, &mut report)?;
+            }
+        }
+        // Users without cgroup fields of their own: every one made on demand when the
+        // default changed, else those that just lost their own.
+        let on_demand: Vec<u32> = if plan.user_default != previous.user_default {
+            self.children(plan.root())?
+                .iter()
+                .filter_map(|c| c.to_str()?.strip_prefix("user-")?.parse().ok())
+                .filter(|uid| !plan.users.contains_key(uid))
+                .collect()
+        } else {
+            previous
+                .users
+                .keys()
+                .filter(|uid| !plan.users.contains_key(*uid))
+                .copied()
+                .collect()
+        };
+        for uid in on_demand {
+            let dir = plan.user_cgroup(uid);
+            if self.fs.path(&dir).exists() {
+                let quota = plan.user_quota(uid).unwrap_or(CgroupQuota::NONE);
+                write(self, dir, &quota, &mut report)?;
+            }
+        }
+        for (path, quota) in &plan.cgroups {
+            if previous.cgroups.get(path) != Some(quota) {
+                write(self, path.clone(), quota, &mut report)?;
+            }
+        }
+        written.extend(self.lift_dropped_targets(plan, previous, &mut report)?);
+        report.rewritten = Some(written);
+        Ok(report)
+    }
+
+    /// Resets the `cgroup:<path>` targets of `previous` that `plan` drops (those whose
+    /// cgroup still exists: a stopped service's has nothing left to reset); returns them.
+    fn lift_dropped_targets(
+        &self,
+        plan: &CgroupPlan,
+        previous: &CgroupPlan,
+        report: &mut ApplyReport,
+    ) -> Result<Vec<PathBuf>, CgroupError> {
+        let mut lifted = Vec::new();
+        for path in previous.cgroups.keys() {
+            if !plan.cgroups.contains_key(path) && self.fs.path(path).join("cgroup.procs").exists()
+            {
+                self.write_quota(path, &CgroupQuota::NONE, report)?;
+                lifted.push(path.clone());
+            }
+        }
+        Ok(lifted)
+    }
+
     /// Writes each field whose controller is enabled for the cgroup (its interface file
     /// exists). A limit on an unavailable controller is reported, never silently dropped.
     fn write_quota(
@@ -113,43 +232,31 @@ impl CgroupDriver for CgroupfsDriver {
 
     /// Only when a plan has cgroups or had them: otherwise the agent's subtree is not
     /// created at all.
-    fn needs_apply(&self, plan: &CgroupPlan, previous: Option<&CgroupPlan>) -> bool {
-        plan.wants_cgroups() || previous.is_some_and(CgroupPlan::wants_cgroups)
+    fn needs_apply(&self, plan: &CgroupPlan, before: Before) -> bool {
+        plan.wants_cgroups() || before.plan().is_some_and(CgroupPlan::wants_cgroups)
     }
 
     /// Creates the subtree and the cgroups of `plan`, and writes every quota. Cgroups under
     /// the subtree that the plan no longer limits are reset to `max`, and so are the
-    /// `cgroup:<path>` targets of `previous` (the plan applied before) that `plan` drops.
-    fn apply(
-        &self,
-        plan: &CgroupPlan,
-        previous: Option<&CgroupPlan>,
-    ) -> Result<ApplyReport, DriverError> {
+    /// `cgroup:<path>` targets of the plan before that `plan` drops. After a complete
+    /// write of a plan in the same subtree, only the cgroups whose quota differs are
+    /// written (see [`Self::apply_changes`]).
+    fn apply(&self, plan: &CgroupPlan, before: Before) -> Result<ApplyReport, DriverError> {
         self.check(plan)?;
+        if let Some(previous) = before.complete().filter(|p| p.layout == plan.layout) {
+            return Ok(self.apply_changes(plan, previous)?);
+        }
         let mut report = ApplyReport::default();
-        let mut seen_unavailable = BTreeSet::new();
-        let mut ensure = |relative: &Path, report: &mut ApplyReport| -> Result<(), CgroupError> {
-            for e in self.fs.ensure(relative, &Controller::ALL)? {
-                if let CgroupError::Unavailable { controller, .. } = &e {
-                    if relative == plan.root() {
-                        report.subtree_missing.insert(*controller);
-                    }
-                    if seen_unavailable.insert(*controller) {
-                        report.unavailable.push(e.to_string());
-                    }
-                }
-            }
-            Ok(())
-        };
-        ensure(plan.root(), &mut report)?;
+        let mut unavailable = BTreeSet::new();
+        self.ensure(plan, plan.root(), &mut report, &mut unavailable)?;
         for (name, quota) in &plan.groups {
             let dir = plan.group_cgroup(name);
-            ensure(&dir, &mut report)?;
+            self.ensure(plan, &dir, &mut report, &mut unavailable)?;
             self.write_quota(&dir, quota, &mut report)?;
         }
         for (uid, quota) in &plan.users {
             let dir = plan.user_cgroup(*uid);
-            ensure(&dir, &mut report)?;
+            self.ensure(plan, &dir, &mut report, &mut unavailable)?;
             self.write_quota(&dir, quota, &mut report)?;
         }
         // Existing children of the subtree that the plan does not name explicitly: user
@@ -170,15 +277,8 @@ impl CgroupDriver for CgroupfsDriver {
         for (path, quota) in &plan.cgroups {
             self.write_quota(path, quota, &mut report)?;
         }
-        let dropped = previous
-            .into_iter()
-            .flat_map(|p| p.cgroups.keys())
-            .filter(|path| !plan.cgroups.contains_key(*path));
-        for path in dropped {
-            // A cgroup that went away (its service stopped) has nothing left to reset.
-            if self.fs.path(path).join("cgroup.procs").exists() {
-                self.write_quota(path, &CgroupQuota::NONE, &mut report)?;
-            }
+        if let Some(previous) = before.plan() {
+            self.lift_dropped_targets(plan, previous, &mut report)?;
         }
         Ok(report)
     }
@@ -271,30 +371,82 @@ mod tests {
         (tmp, driver)
     }
 
+    /// The plan written before: completely (only the difference is written) or not.
+    fn before(p: &CgroupPlan, complete: bool) -> Before<'_> {
+        if complete {
+            Before::Complete(p)
+        } else {
+            Before::Partial(p)
+        }
+    }
+
     #[test]
     fn applies_group_quotas_and_resets_removed_fields() {
-        let (tmp, driver) = tree();
-        let p = plan("[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\npids = 10\n");
-        // What the kernel would have made when the agent created the directories.
-        add_files(&tmp.path().join("rlagent.slice"));
-        add_files(&tmp.path().join("rlagent.slice/batch"));
-        let report = driver.apply(&p, None).unwrap();
-        assert!(
-            report.skipped.is_empty() && report.unavailable.is_empty(),
-            "{report:?}"
-        );
-        let read = |f: &str| {
-            std::fs::read_to_string(tmp.path().join("rlagent.slice/batch").join(f)).unwrap()
-        };
-        assert_eq!(read("cpu.max"), "50000 100000");
-        assert_eq!(read("pids.max"), "10");
-        assert_eq!(read("memory.max"), "max");
+        for complete in [false, true] {
+            let (tmp, driver) = tree();
+            let p = plan("[[quota]]\ntarget = \"batch\"\ncpu = \"50%\"\npids = 10\n");
+            // What the kernel would have made when the agent created the directories.
+            add_files(&tmp.path().join("rlagent.slice"));
+            add_files(&tmp.path().join("rlagent.slice/batch"));
+            let report = driver.apply(&p, Before::Nothing).unwrap();
+            assert!(
+                report.skipped.is_empty() && report.unavailable.is_empty(),
+                "{report:?}"
+            );
+            let read = |f: &str| {
+                std::fs::read_to_string(tmp.path().join("rlagent.slice/batch").join(f)).unwrap()
+            };
+            assert_eq!(read("cpu.max"), "50000 100000");
+            assert_eq!(read("pids.max"), "10");
+            assert_eq!(read("memory.max"), "max");
 
-        driver
-            .apply(&plan("[[group]]\nname = \"batch\"\n"), Some(&p))
-            .unwrap();
-        assert_eq!(read("cpu.max"), "max 100000", "a removed quota is reset");
-        assert_eq!(read("pids.max"), "max");
+            driver
+                .apply(&plan("[[group]]\nname = \"batch\"\n"), before(&p, complete))
+                .unwrap();
+            assert_eq!(read("cpu.max"), "max 100000", "a removed quota is reset");
+            assert_eq!(read("pids.max"), "max");
+        }
+    }
+
+    #[test]
+    fn after_a_complete_write_only_the_cgroups_whose_quota_changed_are_written() {
+        let (tmp, driver) = tree();
+        let text = |a: u32| {
+            format!(
+                "[[quota]]\ntarget = \"a\"\npids = {a}\n[[quota]]\ntarget = \"b\"\npids = 20\n[[quota]]\ntarget = \"gone\"\npids = 30\n"
+            )
+        };
+        let p = plan(&text(10));
+        for dir in ["", "/a", "/b", "/gone"] {
+            add_files(&tmp.path().join(format!("rlagent.slice{dir}")));
+        }
+        driver.apply(&p, Before::Nothing).unwrap();
+        let pids = |g: &str| {
+            std::fs::read_to_string(tmp.path().join("rlagent.slice").join(g).join("pids.max"))
+                .unwrap()
+        };
+        assert_eq!(
+            (pids("a"), pids("b"), pids("gone")),
+            ("10".into(), "20".into(), "30".into())
+        );
+        // Written by someone else since: an unchanged cgroup is not written again.
+        std::fs::write(tmp.path().join("rlagent.slice/b/pids.max"), "untouched").unwrap();
+        let next = plan(&text(11).replace("[[quota]]\ntarget = \"gone\"\npids = 30\n", ""));
+        let report = driver.apply(&next, Before::Complete(&p)).unwrap();
+        assert_eq!(pids("a"), "11");
+        assert_eq!(pids("b"), "untouched", "b's quota did not change");
+        assert_eq!(pids("gone"), "max", "a removed group's limits are lifted");
+        assert_eq!(
+            report.rewritten,
+            Some(BTreeSet::from([
+                PathBuf::from("rlagent.slice/a"),
+                PathBuf::from("rlagent.slice/gone")
+            ]))
+        );
+        // After a write that did not complete, everything is written again.
+        let report = driver.apply(&next, Before::Partial(&p)).unwrap();
+        assert_eq!(pids("b"), "20");
+        assert_eq!(report.rewritten, None);
     }
 
     #[test]
@@ -307,7 +459,7 @@ mod tests {
         let report = driver
             .apply(
                 &plan("[[quota]]\ntarget = \"batch\"\nmemory = \"1G\"\n"),
-                None,
+                Before::Nothing,
             )
             .unwrap();
         assert_eq!(report.unavailable.len(), 3, "{report:?}");
@@ -325,7 +477,7 @@ mod tests {
     fn a_missing_cgroup_target_refuses_the_plan_before_writing() {
         let (tmp, driver) = tree();
         let p = plan("[[quota]]\ntarget = \"batch\"\ncpu = \"5%\"\n[[quota]]\ntarget = \"cgroup:gone.slice\"\ncpu = \"5%\"\n");
-        let err = driver.apply(&p, None).unwrap_err().to_string();
+        let err = driver.apply(&p, Before::Nothing).unwrap_err().to_string();
         assert!(
             err.contains("cgroup:gone.slice") && err.contains("does not exist"),
             "{err}"
@@ -338,43 +490,57 @@ mod tests {
 
     #[test]
     fn user_cgroups_get_the_default_and_follow_its_changes() {
-        let (tmp, driver) = tree();
-        let p = plan("[[quota]]\ntarget = \"user:*\"\npids = 100\n");
-        add_files(&tmp.path().join("rlagent.slice"));
-        add_files(&tmp.path().join("rlagent.slice/user-2000"));
-        driver.apply(&p, None).unwrap();
-        let pids_max = || {
-            std::fs::read_to_string(tmp.path().join("rlagent.slice/user-2000/pids.max")).unwrap()
-        };
-        assert_eq!(pids_max(), "100");
-        driver
-            .apply(&plan("[[quota]]\ntarget = \"user:*\"\npids = 50\n"), None)
-            .unwrap();
-        assert_eq!(pids_max(), "50");
-        driver.apply(&plan(""), None).unwrap();
-        assert_eq!(pids_max(), "max");
+        for complete in [false, true] {
+            let (tmp, driver) = tree();
+            let p = plan("[[quota]]\ntarget = \"user:*\"\npids = 100\n");
+            add_files(&tmp.path().join("rlagent.slice"));
+            add_files(&tmp.path().join("rlagent.slice/user-2000"));
+            add_files(&tmp.path().join("rlagent.slice/user-2001"));
+            driver.apply(&p, Before::Nothing).unwrap();
+            let pids_max = |uid: u32| {
+                std::fs::read_to_string(
+                    tmp.path()
+                        .join(format!("rlagent.slice/user-{uid}/pids.max")),
+                )
+                .unwrap()
+            };
+            assert_eq!(pids_max(2000), "100");
+            let own = plan("[[quota]]\ntarget = \"user:*\"\npids = 100\n[[quota]]\ntarget = \"user:2001\"\npids = 7\n");
+            driver.apply(&own, before(&p, complete)).unwrap();
+            assert_eq!((pids_max(2000), pids_max(2001)), ("100".into(), "7".into()));
+            let lower = plan("[[quota]]\ntarget = \"user:*\"\npids = 50\n");
+            driver.apply(&lower, before(&own, complete)).unwrap();
+            assert_eq!((pids_max(2000), pids_max(2001)), ("50".into(), "50".into()));
+            driver.apply(&plan(""), before(&lower, complete)).unwrap();
+            assert_eq!(pids_max(2000), "max");
+        }
     }
 
     #[test]
     fn a_cgroup_target_removed_from_the_plan_is_reset_to_max() {
-        let (tmp, driver) = tree();
-        add_files(&tmp.path().join("rlagent.slice"));
-        add_files(&tmp.path().join("system.slice/db.service"));
-        let with = plan("[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\nmemory = \"1G\"\ncpu = \"20%\"\n");
-        driver.apply(&with, None).unwrap();
-        let read = |f: &str| {
-            std::fs::read_to_string(tmp.path().join("system.slice/db.service").join(f)).unwrap()
-        };
-        assert_eq!(read("memory.max"), (1u64 << 30).to_string());
-        assert_eq!(read("cpu.max"), "20000 100000");
-        driver
-            .apply(&plan("[[group]]\nname = \"batch\"\n"), Some(&with))
-            .unwrap();
-        assert_eq!(
-            read("memory.max"),
-            "max",
-            "the removed target's limit is lifted"
-        );
-        assert_eq!(read("cpu.max"), "max 100000");
+        for complete in [false, true] {
+            let (tmp, driver) = tree();
+            add_files(&tmp.path().join("rlagent.slice"));
+            add_files(&tmp.path().join("system.slice/db.service"));
+            let with = plan("[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\nmemory = \"1G\"\ncpu = \"20%\"\n");
+            driver.apply(&with, Before::Nothing).unwrap();
+            let read = |f: &str| {
+                std::fs::read_to_string(tmp.path().join("system.slice/db.service").join(f)).unwrap()
+            };
+            assert_eq!(read("memory.max"), (1u64 << 30).to_string());
+            assert_eq!(read("cpu.max"), "20000 100000");
+            driver
+                .apply(
+                    &plan("[[group]]\nname = \"batch\"\n"),
+                    before(&with, complete),
+                )
+                .unwrap();
+            assert_eq!(
+                read("memory.max"),
+                "max",
+                "the removed target's limit is lifted"
+            );
+            assert_eq!(read("cpu.max"), "max 100000");
+        }
     }
 }

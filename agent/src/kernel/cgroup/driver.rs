@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, path::PathBuf, sync::Arc};
 
 use super::{mover::Mover, stats, systemd::SystemdError, CgroupError, CgroupFs, Controller};
 use crate::{
-    desired::cgroups::CgroupPlan,
+    desired::cgroups::{Before, CgroupPlan},
     model::{quota::Field, usage::CgroupStats},
 };
 
@@ -27,18 +27,15 @@ pub trait CgroupDriver: Send + Sync {
     /// The cgroup2 hierarchy the driver's cgroups are in.
     fn fs(&self) -> &CgroupFs;
 
-    /// Whether [`Self::apply`] has anything to write for `plan` after `previous` (the plan
+    /// Whether [`Self::apply`] has anything to write for `plan` after `before` (what was
     /// applied before); when it has not and placement is not running, the driver is not
     /// called.
-    fn needs_apply(&self, plan: &CgroupPlan, previous: Option<&CgroupPlan>) -> bool;
+    fn needs_apply(&self, plan: &CgroupPlan, before: Before) -> bool;
 
-    /// Writes the limits of `plan` and lifts those of `previous` (or of an earlier run)
-    /// that `plan` drops; says what could not be enforced.
-    fn apply(
-        &self,
-        plan: &CgroupPlan,
-        previous: Option<&CgroupPlan>,
-    ) -> Result<ApplyReport, DriverError>;
+    /// Writes the limits of `plan` (after a complete write of another plan, only what
+    /// differs from it) and lifts those of the plan before (or of an earlier run) that
+    /// `plan` drops; says what could not be enforced.
+    fn apply(&self, plan: &CgroupPlan, before: Before) -> Result<ApplyReport, DriverError>;
 
     /// Whether placement runs under `plan` (watches process events and scans /proc).
     fn places(&self, plan: &CgroupPlan) -> bool;
@@ -81,6 +78,9 @@ pub struct ApplyReport {
     pub subtree_missing: BTreeSet<Controller>,
     /// Limits that could not be set because their interface file does not exist.
     pub skipped: Vec<Skipped>,
+    /// The cgroups written (relative to the mount), when only what changed was: `skipped`
+    /// is about these, and what was skipped elsewhere before still is. `None`: all.
+    pub rewritten: Option<BTreeSet<PathBuf>>,
 }
 
 /// A limit that was not set.

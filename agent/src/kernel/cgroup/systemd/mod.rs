@@ -27,7 +27,7 @@ use std::{
 };
 
 use crate::{
-    desired::cgroups::{CgroupPlan, CgroupQuota},
+    desired::cgroups::{Before, CgroupPlan, CgroupQuota},
     kernel::cgroup::{
         driver::{interface_file, ApplyReport, CgroupDriver, DriverError, Skipped},
         mover::Mover,
@@ -536,18 +536,16 @@ impl CgroupDriver for SystemdDriver {
     }
 
     /// Always: the record may hold limits of an earlier run that this plan drops.
-    fn needs_apply(&self, _: &CgroupPlan, _: Option<&CgroupPlan>) -> bool {
+    fn needs_apply(&self, _: &CgroupPlan, _: Before) -> bool {
         true
     }
 
-    /// Sets every unit's properties by `plan`, resets the fields the agent set before that
-    /// `plan` drops, and starts the group slices (so their cgroups exist for stats). The
-    /// record, not `previous`, says what the agent set: it holds earlier runs' too.
-    fn apply(
-        &self,
-        plan: &CgroupPlan,
-        _previous: Option<&CgroupPlan>,
-    ) -> Result<ApplyReport, DriverError> {
+    /// Sets every unit's properties by `plan` (units whose quota was written already are
+    /// not called), resets the fields the agent set before that `plan` drops, and starts
+    /// the group slices (so their cgroups exist for stats; after a complete write, only
+    /// the new groups'). The record, not `before`, says what the agent set: it holds
+    /// earlier runs' too.
+    fn apply(&self, plan: &CgroupPlan, before: Before) -> Result<ApplyReport, DriverError> {
         let mut state = self.lock();
         let units = self.units(plan, &state.record)?;
         let missing = self.missing_controllers();
@@ -591,8 +589,11 @@ impl CgroupDriver for SystemdDriver {
             for unit in dropped {
                 self.reset(&mut state, &unit);
             }
+            let started = before.complete().map(|p| &p.groups);
             for name in plan.groups.keys() {
-                self.bus.start_unit(&group_slice(name))?;
+                if !started.is_some_and(|g| g.contains_key(name)) {
+                    self.bus.start_unit(&group_slice(name))?;
+                }
             }
             Ok(())
         })();

@@ -97,7 +97,7 @@ fn a_user_quota_sets_only_its_own_fields_on_the_users_slice() {
     let d = driver(&bus, tmp.path(), None);
     d.apply(
         &sd_plan("[[quota]]\ntarget = \"user:1001\"\ncpu = \"40%\"\n"),
-        None,
+        Before::Nothing,
     )
     .unwrap();
     assert_eq!(
@@ -115,13 +115,13 @@ fn dropped_fields_and_targets_are_reset_also_after_a_restart() {
     let d = driver(&bus, tmp.path(), Some(record.clone()));
     d.apply(
         &sd_plan("[[quota]]\ntarget = \"user:1001\"\ncpu = \"40%\"\npids = 50\n"),
-        None,
+        Before::Nothing,
     )
     .unwrap();
     bus.take();
     d.apply(
         &sd_plan("[[quota]]\ntarget = \"user:1001\"\npids = 50\n"),
-        None,
+        Before::Nothing,
     )
     .unwrap();
     assert_eq!(
@@ -130,11 +130,11 @@ fn dropped_fields_and_targets_are_reset_also_after_a_restart() {
     );
     // A new agent (a restart) with a config that no longer names the user.
     let restarted = driver(&bus, tmp.path(), Some(record.clone()));
-    restarted.apply(&sd_plan(""), None).unwrap();
+    restarted.apply(&sd_plan(""), Before::Nothing).unwrap();
     assert_eq!(bus.take(), ["set user-1001.slice TasksMax=infinity"]);
     assert_eq!(std::fs::read_to_string(&record).unwrap(), "");
     // Nothing left to reset: the next apply writes nothing.
-    restarted.apply(&sd_plan(""), None).unwrap();
+    restarted.apply(&sd_plan(""), Before::Nothing).unwrap();
     assert!(bus.take().is_empty());
 }
 
@@ -144,7 +144,7 @@ fn unchanged_units_are_not_written_again() {
     let bus = Arc::new(FakeBus::default());
     let d = driver(&bus, tmp.path(), None);
     let p = sd_plan("[[quota]]\ntarget = \"batch\"\nmemory = \"1G\"\n");
-    d.apply(&p, None).unwrap();
+    d.apply(&p, Before::Nothing).unwrap();
     assert_eq!(
         bus.take(),
         [
@@ -152,8 +152,19 @@ fn unchanged_units_are_not_written_again() {
             "start rlagent-batch.slice"
         ]
     );
-    d.apply(&p, None).unwrap();
+    d.apply(&p, Before::Nothing).unwrap();
     assert_eq!(bus.take(), ["start rlagent-batch.slice"]);
+    // After a complete write of the same groups: not even the slices are started again.
+    d.apply(&p, Before::Complete(&p)).unwrap();
+    assert_eq!(bus.take(), Vec::<String>::new());
+    let more =
+        sd_plan("[[quota]]\ntarget = \"batch\"\nmemory = \"1G\"\n[[group]]\nname = \"web\"\n");
+    d.apply(&more, Before::Complete(&p)).unwrap();
+    assert_eq!(
+        bus.take(),
+        ["start rlagent-web.slice"],
+        "only the new group's slice"
+    );
 }
 
 #[test]
@@ -163,7 +174,7 @@ fn the_user_default_reaches_present_and_new_users_at_or_above_uid_min() {
     let d = driver(&bus, tmp.path(), None);
     d.apply(&sd_plan(
         "[[quota]]\ntarget = \"user:*\"\npids = 100\n[[quota]]\ntarget = \"user:1002\"\npids = 7\n",
-    ), None)
+    ), Before::Nothing)
     .unwrap();
     assert_eq!(
         bus.take(),
@@ -179,7 +190,7 @@ fn the_user_default_reaches_present_and_new_users_at_or_above_uid_min() {
     // The default removed: every slice it reached is reset, the logged-in and the new.
     d.apply(
         &sd_plan("[[quota]]\ntarget = \"user:1002\"\npids = 7\n"),
-        None,
+        Before::Nothing,
     )
     .unwrap();
     assert_eq!(
@@ -205,7 +216,7 @@ fn a_cgroup_target_maps_to_the_unit_that_owns_exactly_that_cgroup() {
     let d = driver(&bus, tmp.path(), None);
     d.apply(
         &sd_plan("[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\nmemory = \"2G\"\n"),
-        None,
+        Before::Nothing,
     )
     .unwrap();
     assert_eq!(bus.take(), ["set db.service MemoryMax=2147483648"]);
@@ -219,7 +230,7 @@ fn a_cgroup_target_maps_to_the_unit_that_owns_exactly_that_cgroup() {
                 &sd_plan(&format!(
                     "[[quota]]\ntarget = \"cgroup:{path}\"\nmemory = \"2G\"\n"
                 )),
-                None,
+                Before::Nothing,
             )
             .unwrap_err()
             .to_string();
@@ -243,7 +254,7 @@ fn controllers_missing_at_the_root_are_reported_and_cgroup_targets_skipped() {
             &sd_plan(
                 "[[quota]]\ntarget = \"cgroup:system.slice/db.service\"\npids = 5\ncpu = \"10%\"\n",
             ),
-            None,
+            Before::Nothing,
         )
         .unwrap();
     assert_eq!(report.subtree_missing, BTreeSet::from([Controller::Pids]));
@@ -301,11 +312,11 @@ fn a_reset_restores_what_the_unit_had_before() {
     let d = driver(&bus, tmp.path(), None);
     d.apply(
         &sd_plan("[[quota]]\ntarget = \"user:*\"\npids = 100\n"),
-        None,
+        Before::Nothing,
     )
     .unwrap();
     assert_eq!(bus.take(), ["set user-1001.slice TasksMax=100"]);
-    d.apply(&sd_plan(""), None).unwrap();
+    d.apply(&sd_plan(""), Before::Nothing).unwrap();
     assert_eq!(
         bus.take(),
         ["set user-1001.slice TasksMax=10813"],
