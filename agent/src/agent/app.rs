@@ -385,9 +385,10 @@ impl App {
         {
             *names = kernel::group_ids(&self.observer.cgroup2().0, &self.snapshot().desired.conns);
         }
+        let now = std::time::Instant::now();
         for raw in batch {
             match DenialEvent::from_kernel(raw, wall_ms_at, |id| names.get(&id).cloned()) {
-                Some(event) => self.events.record(event),
+                Some(event) => self.events.record_at(event, now),
                 None => tracing::error!(
                     reason = raw.reason,
                     "a denial event with a reason this build does not know; dropped"

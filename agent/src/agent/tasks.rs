@@ -12,7 +12,7 @@ use super::{app::App, error::AppError};
 use crate::{
     kernel::bpf::events::EventReader,
     model::{alert::State, error_chain},
-    observe::alerts::alertmanager,
+    observe::{alerts::alertmanager, events::LOG_WINDOW},
 };
 
 /// Reads the programs' denial events as they arrive, for as long as the agent runs.
@@ -33,7 +33,19 @@ pub async fn events(app: Arc<App>, reader: EventReader) {
         }
     };
     loop {
-        let mut guard = match reader.readable_mut().await {
+        // While a log window is open, wake up once a window at least, to close it.
+        let readable = if app.events().windows_open() {
+            match tokio::time::timeout(LOG_WINDOW, reader.readable_mut()).await {
+                Ok(readable) => readable,
+                Err(_) => {
+                    app.events().flush();
+                    continue;
+                }
+            }
+        } else {
+            reader.readable_mut().await
+        };
+        let mut guard = match readable {
             Ok(guard) => guard,
             Err(e) => {
                 tracing::error!("watching the denial event ring buffer failed: {e}");
@@ -46,6 +58,7 @@ pub async fn events(app: Arc<App>, reader: EventReader) {
         }
         guard.clear_ready();
         app.record_events(&batch);
+        app.events().flush();
     }
 }
 
