@@ -10,7 +10,7 @@ use std::{
 
 use super::{app::App, error::AppError};
 use crate::{
-    kernel::bpf::events::EventReader,
+    kernel::{bpf::events::EventReader, heap},
     model::{alert::State, error_chain},
     observe::{alerts::alertmanager, events::LOG_WINDOW},
 };
@@ -137,6 +137,9 @@ pub async fn alerts(app: Arc<App>) {
                         .into_iter()
                         .filter(|a| a.state == State::Resolved),
                 );
+                // A round reads every target's stats: what it freed goes back to the
+                // kernel, so the idle agent's RSS does not grow round by round.
+                heap::release_free_memory();
                 Ok::<_, AppError>(batch)
             })
             .await

@@ -10,6 +10,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod heap;
 pub mod nss;
 pub mod placement;
 pub mod proc;

@@ -9,7 +9,7 @@ use rlagent::{
     agent::{tasks, App},
     config::Config,
     control::server,
-    kernel::nss::SystemUsers,
+    kernel::{heap, nss::SystemUsers},
     model::{error_chain, users::UserDb},
     observe::metrics,
 };
@@ -35,10 +35,16 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             .local_addr()
             .with_context(|| format!("metrics listen address {metrics_listen}"))?;
         let app = App::start(config, config_path.map(Path::to_path_buf), users)?;
+        heap::release_free_memory();
         tokio::spawn(server::serve(listener, app.clone()));
         let scrapes = app.clone();
         let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
-        tokio::spawn(metrics::serve(metrics_listener, collect, app.budgets()));
+        tokio::spawn(metrics::serve(
+            metrics_listener,
+            collect,
+            app.budgets(),
+            heap::release_free_memory,
+        ));
         spawn_tasks(&app);
         let mut signals = Signals::install()?;
         let mut changes = watch_changes(config_path, &app);

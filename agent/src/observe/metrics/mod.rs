@@ -31,9 +31,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Serves `/metrics` over HTTP/1.1, one request per connection; `collect` builds the stats
-/// for each scrape. Runs on its own connection budget, apart from the control socket's.
-pub async fn serve<F>(listener: tokio::net::TcpListener, collect: Arc<F>, budgets: Arc<Budgets>)
-where
+/// for each scrape, and `after` runs (on the blocking pool) once a connection is done
+/// and its response dropped. Runs on its own connection budget, apart from the control
+/// socket's.
+pub async fn serve<F>(
+    listener: tokio::net::TcpListener,
+    collect: Arc<F>,
+    budgets: Arc<Budgets>,
+    after: fn(),
+) where
     F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
 {
     let activity = Arc::new(std::sync::Mutex::new(UidActivity::default()));
@@ -67,6 +73,7 @@ where
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
             drop(permit);
+            let _ = tokio::task::spawn_blocking(after).await;
         });
     }
 }

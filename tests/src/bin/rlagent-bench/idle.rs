@@ -15,8 +15,24 @@ use rlagent_tests::{Agent, Helper, Scratch, TestCgroup};
 
 use super::{assert_all_released, cpu_seconds};
 
+/// [`memory_mib`] once the RSS stopped changing (the agent gives freed memory back after
+/// a scrape's connection is done, a moment after the client has the response): the same
+/// reading twice 100 ms apart, or the last of 3 s.
+pub(crate) fn settled_memory_mib(pid: i32) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut last = memory_mib(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = memory_mib(pid);
+        if now.0 == last.0 || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// `VmRSS` and `VmHWM` of process `pid`, in MiB.
-fn memory_mib(pid: i32) -> (f64, f64) {
+pub(crate) fn memory_mib(pid: i32) -> (f64, f64) {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
     let kib = |key: &str| -> f64 {

@@ -93,7 +93,7 @@ fn metrics(uids: u32) {
         scratch.pin_path().display()
     );
     std::fs::write(scratch.config_path(), text).unwrap();
-    let _agent = Agent::start(&scratch);
+    let agent = Agent::start(&scratch);
     let mut holder = Helper::spawn(&cgroup.path, 0);
     let t = Instant::now();
     let reply = holder.cmd(&format!("multi-uid 100000 {uids} 9"));
@@ -105,6 +105,7 @@ fn metrics(uids: u32) {
     let mut times = Vec::new();
     let mut size = 0;
     let mut series = 0;
+    let (rss_before, _) = idle::memory_mib(agent.pid());
     for _ in 0..20 {
         let t = Instant::now();
         let (head, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
@@ -117,6 +118,7 @@ fn metrics(uids: u32) {
             .count();
     }
     assert_eq!(series, uids as usize, "one live series per UID");
+    let (rss_after, peak) = idle::settled_memory_mib(agent.pid());
     let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_host_connections_live"),
@@ -125,7 +127,7 @@ fn metrics(uids: u32) {
     );
     times.sort_by(f64::total_cmp);
     println!(
-        "/metrics with {uids} UIDs: p50 {:.0} ms, p99 {:.0} ms, {:.1} MiB, {series} rlagent_connections_live series",
+        "/metrics with {uids} UIDs: p50 {:.0} ms, p99 {:.0} ms, {:.1} MiB, {series} rlagent_connections_live series; agent RSS {rss_before:.1} MiB before the 20 scrapes, {rss_after:.1} MiB after (peak {peak:.1})",
         percentile(&times, 0.5),
         percentile(&times, 0.99),
         size as f64 / (1 << 20) as f64
