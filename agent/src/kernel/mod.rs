@@ -126,11 +126,11 @@ pub struct ConnUsage {
 /// The cgroup ids of the groups `conns` limits whose cgroups exist under `mount`, with
 /// the group's name: how the programs' group ids read as names.
 pub fn group_ids(mount: &Path, conns: &ConnLimits) -> BTreeMap<u64, String> {
-    let fs = CgroupFs::new(mount);
+    let ids = CgroupFs::new(mount).ids(conns.groups.values().map(|g| g.cgroup.as_path()));
     conns
         .groups
         .iter()
-        .filter_map(|(name, g)| Some((fs.id(&g.cgroup)?, name.clone())))
+        .filter_map(|(name, g)| Some((*ids.get(g.cgroup.as_path())?, name.clone())))
         .collect()
 }
 

@@ -80,6 +80,7 @@ impl SeenGroups {
     /// yet is left out.
     fn resolve(limits: &ConnLimits, mount: &Path, attach: &Path) -> Self {
         let fs = crate::kernel::cgroup::CgroupFs::new(mount);
+        let ids = fs.ids(limits.groups.values().map(|g| g.cgroup.as_path()));
         let mut seen = Self {
             policies: BTreeMap::new(),
             ids: BTreeMap::new(),
@@ -99,7 +100,9 @@ impl SeenGroups {
                     deepest: MAX_GROUP_LEVEL - 1,
                 })
             } else {
-                fs.id(&group.cgroup).ok_or(GroupUnenforced::CgroupMissing)
+                ids.get(group.cgroup.as_path())
+                    .copied()
+                    .ok_or(GroupUnenforced::CgroupMissing)
             };
             match found {
                 Ok(id) => {
@@ -732,10 +735,11 @@ impl ConnLimiter {
     /// written again to follow it.
     pub fn groups_moved(&self, limits: &ConnLimits, mount: &Path) -> bool {
         let fs = crate::kernel::cgroup::CgroupFs::new(mount);
+        let now = fs.ids(limits.groups.values().map(|g| g.cgroup.as_path()));
         limits.groups.iter().any(|(name, g)| {
             self.group_ids
                 .get(name)
-                .is_some_and(|id| fs.id(&g.cgroup) != Some(*id))
+                .is_some_and(|id| now.get(g.cgroup.as_path()) != Some(id))
         })
     }
 

@@ -23,7 +23,8 @@ pub mod stats;
 pub mod systemd;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ffi::OsString,
     fmt, io,
     path::{Path, PathBuf},
 };
@@ -182,8 +183,6 @@ impl CgroupFs {
         self.mount.join(relative)
     }
 
-    /// The UIDs that have a user cgroup where `layout` puts them (`user-<uid>` under the
-    /// agent's subtree, or logind's `user-<uid>.slice`), in order.
     /// The id of the cgroup at `relative` (a cgroup2 directory's inode number is its id),
     /// `None` when it does not exist.
     pub fn id(&self, relative: &Path) -> Option<u64> {
@@ -191,6 +190,42 @@ impl CgroupFs {
         std::fs::metadata(self.path(relative)).ok().map(|m| m.ino())
     }
 
+    /// The ids of those of `cgroups` (relative to the mount) that exist, as [`Self::id`]
+    /// gives them, read from their parents' directory entries (a directory entry carries
+    /// the inode number): one read per parent instead of one stat per cgroup. With 1,000
+    /// groups in one parent, the agent's check every 2 s for groups made again took
+    /// 1,000 `statx` calls, the most of what the idle agent did.
+    pub fn ids<'a>(&self, cgroups: impl IntoIterator<Item = &'a Path>) -> BTreeMap<&'a Path, u64> {
+        use std::os::unix::fs::DirEntryExt;
+        let mut ids = BTreeMap::new();
+        let mut by_parent: BTreeMap<&Path, Vec<&Path>> = BTreeMap::new();
+        for cgroup in cgroups {
+            match (cgroup.parent(), cgroup.file_name()) {
+                (Some(parent), Some(_)) => by_parent.entry(parent).or_default().push(cgroup),
+                // The mount itself.
+                _ => ids.extend(self.id(cgroup).map(|id| (cgroup, id))),
+            }
+        }
+        for (parent, children) in by_parent {
+            let Ok(entries) = std::fs::read_dir(self.path(parent)) else {
+                continue;
+            };
+            let found: HashMap<OsString, u64> = entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| (e.file_name(), e.ino()))
+                .collect();
+            for cgroup in children {
+                if let Some(id) = cgroup.file_name().and_then(|name| found.get(name)) {
+                    ids.insert(cgroup, *id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// The UIDs that have a user cgroup where `layout` puts them (`user-<uid>` under the
+    /// agent's subtree, or logind's `user-<uid>.slice`), in order.
     pub fn user_cgroups(&self, layout: &Layout) -> Vec<u32> {
         let mut uids: Vec<u32> = std::fs::read_dir(self.path(&layout.users_dir()))
             .map(|rd| {
@@ -338,6 +373,34 @@ impl CgroupFs {
 mod tests {
     use super::*;
     use crate::testing::cgroupfs as fake;
+
+    #[test]
+    fn ids_read_from_the_parents_entries_are_the_ids_a_stat_gives() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = CgroupFs::new(tmp.path());
+        for dir in ["rlagent.slice/a", "rlagent.slice/b", "other/c"] {
+            std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
+        }
+        // A file of the same name as a group is not its cgroup.
+        std::fs::write(tmp.path().join("rlagent.slice/d"), "").unwrap();
+        let wanted = [
+            "rlagent.slice/a",
+            "rlagent.slice/b",
+            "other/c",
+            "rlagent.slice/d",
+            "gone/e",
+            "",
+        ]
+        .map(Path::new);
+        let ids = fs.ids(wanted);
+        let expected: BTreeMap<&Path, u64> = wanted
+            .into_iter()
+            .filter(|p| p.as_os_str().is_empty() || tmp.path().join(p).is_dir())
+            .map(|p| (p, fs.id(p).unwrap()))
+            .collect();
+        assert_eq!(ids, expected);
+        assert_eq!(ids.len(), 4, "{ids:?}");
+    }
 
     #[test]
     fn ensure_enables_controllers_on_the_way_down() {
