@@ -133,8 +133,9 @@ pub struct Agent {
     /// last write (a missing cgroup is retried: see [`Self::refresh_groups`]).
     unenforced_groups: UnenforcedGroups,
     /// The cgroup plan last written, and whether that write completed. A completed,
-    /// unchanged plan (a change of connection caps only) skips rewriting every cgroup and
-    /// rescanning /proc; an incomplete one is what a roll-back must undo.
+    /// unchanged plan (a change of connection caps only) skips the cgroup write, and a
+    /// completed, changed one writes only the difference; after an incomplete one (a
+    /// failed write, or a reload) every cgroup is written, resetting what it may have set.
     applied_plan: Option<(CgroupPlan, bool)>,
 }
 
@@ -237,8 +238,13 @@ impl Agent {
                 None => report.skipped,
                 // Only these were written: what was skipped elsewhere still is.
                 Some(written) => {
+                    let plan = &desired.cgroups;
                     let mut kept = std::mem::take(&mut self.limits_skipped);
-                    kept.retain(|s| !written.contains(&s.cgroup));
+                    kept.retain(|s| {
+                        !written.contains(&s.cgroup)
+                            && (s.cgroup.starts_with(plan.root())
+                                || plan.cgroups.contains_key(&s.cgroup))
+                    });
                     kept.extend(report.skipped);
                     kept
                 }
@@ -286,9 +292,15 @@ impl Agent {
 
     /// Applies a new, already validated config file, keeping the runtime overrides and the
     /// settings that only a restart can change (their names are returned, for a warning).
+    /// A reload writes every cgroup and rescans /proc, changed or not: it is also how an
+    /// operator repairs what changed behind the agent's back (a `cgroup:<path>` target's
+    /// cgroup made again, a group's slice stopped, a process placement missed).
     pub fn reload(&mut self, mut config: Config) -> Result<Vec<&'static str>, AgentError> {
         let kept = config.keep_restart_settings(&self.config);
         let desired = Desired::build(&config, &self.runtime, self.users.as_ref())?;
+        if let Some((_, complete)) = &mut self.applied_plan {
+            *complete = false;
+        }
         match self.apply_with(&config, desired, Vanished::Refuse) {
             Ok(applied) => {
                 self.config = config;
@@ -666,9 +678,25 @@ mod tests {
         let record = fake.kernel.record();
         let (plan, previous) = record.cgroups.last().unwrap();
         assert!(plan.cgroups.is_empty());
-        let (previous, complete) = previous.as_ref().unwrap();
+        let (previous, _) = previous.as_ref().unwrap();
         assert!(previous.cgroups.contains_key(Path::new("db.service")));
-        assert!(complete);
+    }
+
+    #[test]
+    fn a_reload_writes_every_cgroup_even_when_its_plan_is_unchanged() {
+        let fake = FakeAgent::new();
+        let mut agent = fake.agent(BATCH);
+        fake.write_config(BATCH);
+        let config = Config::load(Some(&fake.config_path()), &Users).unwrap();
+        agent.reload(config).unwrap();
+        let record = fake.kernel.record();
+        assert_eq!(record.cgroups.len(), 2, "written again, though unchanged");
+        let (plan, before) = record.cgroups.last().unwrap();
+        assert_eq!(
+            before.as_ref(),
+            Some(&(plan.clone(), false)),
+            "as after an incomplete write: every cgroup, and /proc rescanned"
+        );
     }
 
     #[test]

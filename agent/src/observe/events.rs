@@ -111,9 +111,9 @@ impl EventLog {
 
     /// Closes the log windows older than [`LOG_WINDOW`]: one line for each with events
     /// not logged one by one. Called after each batch of events and when none came for a
-    /// window; it looks at the windows at most twice a window, so a window is closed at
-    /// most 1.5 windows after it opened, and a flood of small batches does not walk every
-    /// window each time.
+    /// window; it looks at the windows at most twice a window (so a flood of small batches
+    /// does not walk every window each time), so a window is closed within about 2.5
+    /// windows after it opened.
     pub fn flush(&self) {
         self.flush_at(Instant::now());
     }
@@ -217,7 +217,7 @@ fn log_unlogged((uid, reason, monitor): (u32, Reason, bool), unlogged: u64) {
         uid,
         reason = %reason,
         unlogged,
-        "{what} within a second of the last line, not logged one by one (rlctl events shows each)"
+        "{what} within a second of the last line, not logged one by one (counted in rlagent_connection_events_total; rlctl events shows the latest)"
     );
 }
 

@@ -94,11 +94,12 @@ impl CgroupfsDriver {
         Ok(())
     }
 
-    /// After a complete write of `previous` (same subtree): writes the cgroups whose quota
-    /// differs, the new ones, and lifts what `plan` drops. Every other cgroup already holds
-    /// what `plan` says, so a change of one group's quota writes one cgroup, whatever the
-    /// number of cgroups managed. The subtree's root is checked every time, for the
-    /// controllers it lacks.
+    /// After a complete write of `previous` (same subtree and `uid_min`): writes the
+    /// cgroups whose quota differs, the new ones, and lifts what `plan` drops. Every other
+    /// cgroup holds what `plan` says as far as the agent's writes go (a reload writes them
+    /// all again), so a change of one group's quota writes one cgroup, whatever the number
+    /// of cgroups managed. The subtree's root is checked every time, for the controllers
+    /// it lacks.
     fn apply_changes(
         &self,
         plan: &CgroupPlan,
@@ -239,11 +240,16 @@ impl CgroupDriver for CgroupfsDriver {
     /// Creates the subtree and the cgroups of `plan`, and writes every quota. Cgroups under
     /// the subtree that the plan no longer limits are reset to `max`, and so are the
     /// `cgroup:<path>` targets of the plan before that `plan` drops. After a complete
-    /// write of a plan in the same subtree, only the cgroups whose quota differs are
-    /// written (see [`Self::apply_changes`]).
+    /// write of a plan that wanted cgroups, in the same subtree and with the same
+    /// `uid_min` (which decides who gets the user default), only the cgroups whose quota
+    /// differs are written (see [`Self::apply_changes`]); otherwise every cgroup is, as
+    /// what an earlier run left in the subtree is then not known to match.
     fn apply(&self, plan: &CgroupPlan, before: Before) -> Result<ApplyReport, DriverError> {
         self.check(plan)?;
-        if let Some(previous) = before.complete().filter(|p| p.layout == plan.layout) {
+        let diffable = |p: &&CgroupPlan| {
+            p.wants_cgroups() && p.layout == plan.layout && p.uid_min == plan.uid_min
+        };
+        if let Some(previous) = before.complete().filter(diffable) {
             return Ok(self.apply_changes(plan, previous)?);
         }
         let mut report = ApplyReport::default();
@@ -514,6 +520,33 @@ mod tests {
             driver.apply(&plan(""), before(&lower, complete)).unwrap();
             assert_eq!(pids_max(2000), "max");
         }
+    }
+
+    #[test]
+    fn a_new_uid_min_or_a_plan_before_that_wanted_no_cgroups_writes_every_cgroup() {
+        let (tmp, driver) = tree();
+        add_files(&tmp.path().join("rlagent.slice"));
+        add_files(&tmp.path().join("rlagent.slice/user-1500"));
+        let pids = || {
+            std::fs::read_to_string(tmp.path().join("rlagent.slice/user-1500/pids.max")).unwrap()
+        };
+        let default = "[[quota]]\ntarget = \"user:*\"\npids = 100\n";
+        let p = plan(default);
+        driver.apply(&p, Before::Nothing).unwrap();
+        assert_eq!(pids(), "100");
+        // uid 1500 is below the new uid_min: its cgroup no longer gets the default.
+        let raised = plan(&format!("[bpf]\nuid_min = 2000\n{default}"));
+        let report = driver.apply(&raised, Before::Complete(&p)).unwrap();
+        assert_eq!(pids(), "max");
+        assert_eq!(report.rewritten, None, "every cgroup written");
+        // Left behind by an earlier run while the plan wanted no cgroups at all.
+        std::fs::write(tmp.path().join("rlagent.slice/user-1500/pids.max"), "7").unwrap();
+        let none = plan("");
+        let batch = plan("[[group]]\nname = \"batch\"\n");
+        add_files(&tmp.path().join("rlagent.slice/batch"));
+        let report = driver.apply(&batch, Before::Complete(&none)).unwrap();
+        assert_eq!(pids(), "max", "the leftover is lifted");
+        assert_eq!(report.rewritten, None);
     }
 
     #[test]

@@ -31,9 +31,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Serves `/metrics` over HTTP/1.1, one request per connection; `collect` builds the stats
-/// for each scrape, and `after` runs (on the blocking pool) once a connection is done
-/// and its response dropped. Runs on its own connection budget, apart from the control
-/// socket's.
+/// for each scrape, and `after` runs (on the blocking pool) once a scrape's connection is
+/// done and its response dropped, at most once a second: the port is open to every local
+/// user, and a loop of connections must not queue up work. Runs on its own connection
+/// budget, apart from the control socket's.
 pub async fn serve<F>(
     listener: tokio::net::TcpListener,
     collect: Arc<F>,
@@ -44,6 +45,7 @@ pub async fn serve<F>(
 {
     let activity = Arc::new(std::sync::Mutex::new(UidActivity::default()));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let last_after: Arc<std::sync::Mutex<Option<std::time::Instant>>> = Arc::default();
     loop {
         let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -60,10 +62,16 @@ pub async fn serve<F>(
         };
         let collect = collect.clone();
         let activity = activity.clone();
+        let last_after = last_after.clone();
         tokio::spawn(async move {
+            let scraped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let scrape = scraped.clone();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let collect = collect.clone();
                 let activity = activity.clone();
+                if req.uri().path() == "/metrics" {
+                    scrape.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 async move { Ok::<_, Infallible>(respond(req, collect, activity).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -72,10 +80,23 @@ pub async fn serve<F>(
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            if scraped.load(std::sync::atomic::Ordering::Relaxed) && due(&last_after) {
+                let _ = tokio::task::spawn_blocking(after).await;
+            }
             drop(permit);
-            let _ = tokio::task::spawn_blocking(after).await;
         });
     }
+}
+
+/// True, and `last` set to now, when `last` is a second ago or more (or never).
+fn due(last: &std::sync::Mutex<Option<std::time::Instant>>) -> bool {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::time::Instant::now();
+    if last.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 async fn respond<F>(
@@ -130,5 +151,20 @@ where
             "text/plain",
             "not found; metrics are at /metrics\n".to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_work_after_a_scrape_is_due_at_most_once_a_second() {
+        let last = std::sync::Mutex::new(None);
+        assert!(due(&last), "never ran: due");
+        assert!(!due(&last), "just ran: not due");
+        *last.lock().unwrap() = Some(std::time::Instant::now() - Duration::from_millis(1001));
+        assert!(due(&last), "a second ago: due again");
+        assert!(!due(&last));
     }
 }
