@@ -1,14 +1,15 @@
 // Why this file is long: one function per family group (target, uid, group, host, agent, program),
 // most of it the help text every series carries.
-//! Prometheus text for the Stats model, with the prometheus crate: metric families built
-//! per scrape from the model, so counters are the kernel's own values, not re-counted here.
+//! Prometheus text for the Stats model: metric families built per scrape from the model,
+//! so counters are the kernel's own values, not re-counted here.
+//!
+//! The text is written directly ([`Exposition`]), the way the prometheus crate's
+//! `TextEncoder` writes it (a unit test renders the same samples through both and compares
+//! them). Building the crate's protobuf objects first (a `Metric` and its `LabelPair`s per
+//! sample, then the encoder's copies) was measured with `perf` at over 40% of a scrape's
+//! time in malloc, free and memmove, with 10,000 UIDs.
 
-use std::collections::HashMap;
-
-use prometheus::{
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
-    Encoder, TextEncoder,
-};
+use std::{collections::HashMap, fmt::Write as _};
 
 use crate::{
     model::{
@@ -21,10 +22,24 @@ use crate::{
     observe::stats::{Stats, TargetStats},
 };
 
-/// Metric families in the order they were first added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One metric family: its header and its samples' lines, as they are added.
+struct Family {
+    name: &'static str,
+    help: String,
+    kind: Kind,
+    samples: String,
+}
+
+/// Metric families in the order they were first added, written as Prometheus text.
 #[derive(Default)]
 struct Exposition {
-    families: Vec<MetricFamily>,
+    families: Vec<Family>,
     index: HashMap<&'static str, usize>,
 }
 
@@ -33,51 +48,80 @@ impl Exposition {
         &mut self,
         name: &'static str,
         help: &str,
-        kind: MetricType,
+        kind: Kind,
         labels: &[(&str, String)],
         value: f64,
     ) {
         let i = *self.index.entry(name).or_insert_with(|| {
-            let mut family = MetricFamily::default();
-            family.set_name(name.to_string());
-            family.set_help(help.to_string());
-            family.set_field_type(kind);
-            self.families.push(family);
+            self.families.push(Family {
+                name,
+                help: help.to_string(),
+                kind,
+                samples: String::new(),
+            });
             self.families.len() - 1
         });
-        let mut metric = Metric::default();
-        metric.set_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut pair = LabelPair::default();
-                    pair.set_name((*k).to_string());
-                    pair.set_value(v.clone());
-                    pair
-                })
-                .collect(),
-        );
-        match kind {
-            MetricType::COUNTER => {
-                let mut c = Counter::default();
-                c.set_value(value);
-                metric.set_counter(c);
-            }
-            _ => {
-                let mut g = Gauge::default();
-                g.set_value(value);
-                metric.set_gauge(g);
-            }
+        let out = &mut self.families[i].samples;
+        out.push_str(name);
+        for (n, (label, v)) in labels.iter().enumerate() {
+            out.push(if n == 0 { '{' } else { ',' });
+            out.push_str(label);
+            out.push_str("=\"");
+            escape_into(out, v, true);
+            out.push('"');
         }
-        self.families[i].mut_metric().push(metric);
+        if !labels.is_empty() {
+            out.push('}');
+        }
+        // As the crate writes a value: f64's Display.
+        let _ = writeln!(out, " {value}");
     }
 
     fn gauge(&mut self, name: &'static str, help: &str, labels: &[(&str, String)], value: f64) {
-        self.add(name, help, MetricType::GAUGE, labels, value);
+        self.add(name, help, Kind::Gauge, labels, value);
     }
 
     fn counter(&mut self, name: &'static str, help: &str, labels: &[(&str, String)], value: f64) {
-        self.add(name, help, MetricType::COUNTER, labels, value);
+        self.add(name, help, Kind::Counter, labels, value);
+    }
+
+    /// The text: each family's `# HELP` and `# TYPE` lines, then its samples.
+    fn text(self) -> String {
+        let size = self
+            .families
+            .iter()
+            .map(|f| f.samples.len() + f.help.len() + 2 * f.name.len() + 24)
+            .sum();
+        let mut out = String::with_capacity(size);
+        for f in self.families {
+            if !f.help.is_empty() {
+                out.push_str("# HELP ");
+                out.push_str(f.name);
+                out.push(' ');
+                escape_into(&mut out, &f.help, false);
+                out.push('\n');
+            }
+            out.push_str("# TYPE ");
+            out.push_str(f.name);
+            out.push_str(match f.kind {
+                Kind::Counter => " counter\n",
+                Kind::Gauge => " gauge\n",
+            });
+            out.push_str(&f.samples);
+        }
+        out
+    }
+}
+
+/// `v` escaped as the text format wants: `\` and newline always, `"` in label values.
+fn escape_into(out: &mut String, v: &str, quote: bool) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
     }
 }
 
@@ -119,11 +163,7 @@ pub fn render(stats: &Stats) -> String {
     for p in &stats.programs {
         program_series(&mut e, p);
     }
-    let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&e.families, &mut out)
-        .expect("text encoding into a Vec");
-    String::from_utf8(out).expect("the text format is UTF-8")
+    e.text()
 }
 
 /// A target's cgroup: CPU, memory, pids and pressure.
@@ -578,6 +618,125 @@ mod tests {
         model::usage::{CpuStats, HostConnStats, MemoryStats},
         testing::{group_stats, uid_stats},
     };
+
+    /// A sample as [`Exposition::add`] takes it: name, help, kind, labels, value.
+    type Sample<'a> = (&'static str, &'a str, Kind, Vec<(&'a str, String)>, f64);
+
+    /// The samples through the prometheus crate's objects and `TextEncoder`.
+    fn crate_text(samples: &[Sample]) -> String {
+        use prometheus::{
+            proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+            Encoder, TextEncoder,
+        };
+        let mut families: Vec<MetricFamily> = Vec::new();
+        for (name, help, kind, labels, value) in samples {
+            let i = match families.iter().position(|f| f.name() == *name) {
+                Some(i) => i,
+                None => {
+                    let mut family = MetricFamily::default();
+                    family.set_name(name.to_string());
+                    family.set_help(help.to_string());
+                    family.set_field_type(match kind {
+                        Kind::Counter => MetricType::COUNTER,
+                        Kind::Gauge => MetricType::GAUGE,
+                    });
+                    families.push(family);
+                    families.len() - 1
+                }
+            };
+            let mut metric = Metric::default();
+            metric.set_label(
+                labels
+                    .iter()
+                    .map(|(k, v)| {
+                        let mut pair = LabelPair::default();
+                        pair.set_name(k.to_string());
+                        pair.set_value(v.clone());
+                        pair
+                    })
+                    .collect(),
+            );
+            match kind {
+                Kind::Counter => {
+                    let mut c = Counter::default();
+                    c.set_value(*value);
+                    metric.set_counter(c);
+                }
+                Kind::Gauge => {
+                    let mut g = Gauge::default();
+                    g.set_value(*value);
+                    metric.set_gauge(g);
+                }
+            }
+            families[i].mut_metric().push(metric);
+        }
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&families, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_text_is_what_the_prometheus_crate_writes_for_the_same_samples() {
+        let hostile = "a\\b\"c\nd\re \u{1b}[2J é".to_string();
+        let samples: Vec<Sample> = vec![
+            (
+                "rlagent_build_info",
+                "Version (value is always 1).",
+                Kind::Gauge,
+                vec![("version", "0.1.0".into())],
+                1.0,
+            ),
+            (
+                "rlagent_x_total",
+                "Help with a \\ and a\nnewline and \"quotes\".",
+                Kind::Counter,
+                vec![("target", hostile.clone()), ("reason", "cap".into())],
+                12345678901.0,
+            ),
+            ("rlagent_y", "", Kind::Gauge, vec![], 0.5),
+            (
+                "rlagent_x_total",
+                "ignored: the first help stays",
+                Kind::Counter,
+                vec![("target", "".into())],
+                0.0,
+            ),
+            ("rlagent_y", "", Kind::Gauge, vec![], 1e21),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1000".into())],
+                1.0 / 3.0,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1001".into())],
+                f64::INFINITY,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1002".into())],
+                -0.0,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1003".into())],
+                4.5e-7,
+            ),
+        ];
+        let mut e = Exposition::default();
+        for (name, help, kind, labels, value) in &samples {
+            e.add(name, help, *kind, labels, *value);
+        }
+        assert_eq!(e.text(), crate_text(&samples));
+    }
 
     #[test]
     fn renders_the_model_with_types_units_and_labels() {
