@@ -10,7 +10,12 @@
 mod cardinality;
 mod render;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, Request, Response, StatusCode};
@@ -45,7 +50,7 @@ pub async fn serve<F>(
 {
     let activity = Arc::new(std::sync::Mutex::new(UidActivity::default()));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let last_after: Arc<std::sync::Mutex<Option<std::time::Instant>>> = Arc::default();
+    let after = Arc::new(AfterScrape::new(after));
     loop {
         let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -62,7 +67,7 @@ pub async fn serve<F>(
         };
         let collect = collect.clone();
         let activity = activity.clone();
-        let last_after = last_after.clone();
+        let after = after.clone();
         tokio::spawn(async move {
             let scraped = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let scrape = scraped.clone();
@@ -80,23 +85,77 @@ pub async fn serve<F>(
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            if scraped.load(std::sync::atomic::Ordering::Relaxed) && due(&last_after) {
-                let _ = tokio::task::spawn_blocking(after).await;
+            if scraped.load(std::sync::atomic::Ordering::Relaxed) {
+                after.scraped().await;
             }
             drop(permit);
         });
     }
 }
 
-/// True, and `last` set to now, when `last` is a second ago or more (or never).
-fn due(last: &std::sync::Mutex<Option<std::time::Instant>>) -> bool {
-    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-    let now = std::time::Instant::now();
-    if last.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
-        return false;
+/// The work after scrapes: run after a scrape when the last run is a second ago or more,
+/// else once, a second after the last run, for all the scrapes in between.
+struct AfterScrape {
+    run: fn(),
+    /// When it last ran, and whether a run is already set for later.
+    state: std::sync::Mutex<(Option<Instant>, bool)>,
+}
+
+/// What to do after a scrape.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Now,
+    At(Instant),
+    /// A run is set for later already.
+    Nothing,
+}
+
+impl AfterScrape {
+    fn new(run: fn()) -> Self {
+        Self {
+            run,
+            state: std::sync::Mutex::new((None, false)),
+        }
     }
-    *last = Some(now);
-    true
+
+    fn next(&self, now: Instant) -> Next {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match *state {
+            (_, true) => Next::Nothing,
+            (Some(last), false) if now.saturating_duration_since(last) < Duration::from_secs(1) => {
+                state.1 = true;
+                Next::At(last + Duration::from_secs(1))
+            }
+            _ => {
+                *state = (Some(now), false);
+                Next::Now
+            }
+        }
+    }
+
+    /// The run set for later runs at `now`.
+    fn ran_later(&self, now: Instant) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (Some(now), false);
+    }
+
+    /// After a scrape's connection: runs now (on the blocking pool), or sets the run for
+    /// later.
+    async fn scraped(self: &Arc<Self>) {
+        match self.next(Instant::now()) {
+            Next::Now => {
+                let _ = tokio::task::spawn_blocking(self.run).await;
+            }
+            Next::At(at) => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    this.ran_later(Instant::now());
+                    let _ = tokio::task::spawn_blocking(this.run).await;
+                });
+            }
+            Next::Nothing => {}
+        }
+    }
 }
 
 async fn respond<F>(
@@ -159,12 +218,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_work_after_a_scrape_is_due_at_most_once_a_second() {
-        let last = std::sync::Mutex::new(None);
-        assert!(due(&last), "never ran: due");
-        assert!(!due(&last), "just ran: not due");
-        *last.lock().unwrap() = Some(std::time::Instant::now() - Duration::from_millis(1001));
-        assert!(due(&last), "a second ago: due again");
-        assert!(!due(&last));
+    fn the_work_after_scrapes_runs_at_most_once_a_second_and_once_after_the_last() {
+        let after = AfterScrape::new(|| {});
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(after.next(at(0)), Next::Now, "never ran: now");
+        assert_eq!(
+            after.next(at(100)),
+            Next::At(at(1000)),
+            "set for a second later"
+        );
+        assert_eq!(after.next(at(200)), Next::Nothing, "already set");
+        assert_eq!(
+            after.next(at(1100)),
+            Next::Nothing,
+            "until the later run has run"
+        );
+        after.ran_later(at(1200));
+        assert_eq!(after.next(at(1300)), Next::At(at(2200)));
+        after.ran_later(at(2200));
+        assert_eq!(
+            after.next(at(3300)),
+            Next::Now,
+            "a second after the last run"
+        );
     }
 }
