@@ -15,19 +15,23 @@ use rlagent_tests::{Agent, Helper, Scratch, TestCgroup};
 
 use super::{assert_all_released, cpu_seconds};
 
-/// [`memory_mib`] once the RSS stopped changing (the agent gives freed memory back after
-/// a scrape's connection is done, a moment after the client has the response): the same
-/// reading twice 100 ms apart, or the last of 3 s.
+/// [`memory_mib`] once the RSS stopped changing: the agent gives freed memory back after
+/// a scrape's connection is done, and at most once a second (then once more a second
+/// later), so the RSS must hold still for 1.5 s; or the last reading of 6 s.
 pub(crate) fn settled_memory_mib(pid: i32) -> (f64, f64) {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(6);
     let mut last = memory_mib(pid);
+    let mut since = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let now = memory_mib(pid);
-        if now.0 == last.0 || Instant::now() > deadline {
-            return now;
+        if now.0 != last.0 {
+            since = Instant::now();
         }
         last = now;
+        if since.elapsed() >= Duration::from_millis(1500) || Instant::now() > deadline {
+            return last;
+        }
     }
 }
 
