@@ -33,6 +33,14 @@ pub enum AgentError {
     NoSuchCgroup { target: String },
 }
 
+/// How much of the cgroup plan an apply writes.
+enum Write {
+    /// Every cgroup, and /proc rescanned (a reload).
+    All,
+    /// What differs from the plan written before (after a complete write).
+    Changes,
+}
+
 /// What an apply does with a `cgroup:<path>` target of the config whose cgroup is missing.
 enum Vanished {
     Refuse,
@@ -162,7 +170,7 @@ impl Agent {
             applied_plan: None,
         };
         let config = agent.config.clone();
-        agent.desired = agent.apply_with(&config, desired, Vanished::Refuse)?;
+        agent.desired = agent.apply_with(&config, desired, Vanished::Refuse, Write::Changes)?;
         Ok(agent)
     }
 
@@ -171,17 +179,19 @@ impl Agent {
     /// targets whose cgroup is gone (skipped and reported, so a stopped service does not
     /// block every later change).
     fn apply(&mut self, config: &Config, desired: Desired) -> Result<Desired, AgentError> {
-        self.apply_with(config, desired, Vanished::Skip)
+        self.apply_with(config, desired, Vanished::Skip, Write::Changes)
     }
 
     /// [`Self::apply`], refusing a config that names a missing cgroup (`Vanished::Refuse`,
     /// for a reload: the file was just written) or skipping it like the runtime ones
-    /// (`Vanished::Skip`: a service stopped since, which must not block other changes).
+    /// (`Vanished::Skip`: a service stopped since, which must not block other changes);
+    /// writing every cgroup (`Write::All`, for a reload) or what changed.
     fn apply_with(
         &mut self,
         config: &Config,
         mut desired: Desired,
         vanished: Vanished,
+        write: Write,
     ) -> Result<Desired, AgentError> {
         let missing = self.kernel.missing_cgroups(&desired.cgroups);
         let skipped = match vanished {
@@ -207,6 +217,12 @@ impl Agent {
             );
         }
         self.unenforced_groups = self.kernel.apply_conns(&desired.conns)?;
+        if matches!(write, Write::All) {
+            // From here on, the plan applied before counts as not completely written.
+            if let Some((_, done)) = &mut self.applied_plan {
+                *done = false;
+            }
+        }
         let complete = self
             .applied_plan
             .as_ref()
@@ -298,10 +314,7 @@ impl Agent {
     pub fn reload(&mut self, mut config: Config) -> Result<Vec<&'static str>, AgentError> {
         let kept = config.keep_restart_settings(&self.config);
         let desired = Desired::build(&config, &self.runtime, self.users.as_ref())?;
-        if let Some((_, complete)) = &mut self.applied_plan {
-            *complete = false;
-        }
-        match self.apply_with(&config, desired, Vanished::Refuse) {
+        match self.apply_with(&config, desired, Vanished::Refuse, Write::All) {
             Ok(applied) => {
                 self.config = config;
                 self.desired = applied;
@@ -630,6 +643,24 @@ mod tests {
             )
             .unwrap();
         assert_eq!(not_set(&agent), ["cgroup:web.service"]);
+        // A runtime target cleared again: the plan no longer names its cgroup, and what
+        // was skipped there is forgotten, though that write touched no cgroup.
+        let api = Target::Cgroup("api.service".into());
+        fake.kernel.record().reports = vec![crate::kernel::CgroupReport {
+            skipped: vec![skipped("api.service")],
+            rewritten: Some([PathBuf::from("api.service")].into()),
+            ..Default::default()
+        }];
+        agent.change(&api, &set(Field::Memory, "1G")).unwrap();
+        assert!(agent.limits_skipped.contains(&skipped("api.service")));
+        fake.kernel.record().reports = vec![crate::kernel::CgroupReport {
+            rewritten: Some(std::collections::BTreeSet::new()),
+            ..Default::default()
+        }];
+        agent
+            .change(&api, &BTreeMap::from([(Field::Memory, None)]))
+            .unwrap();
+        assert_eq!(agent.limits_skipped, [skipped("web.service")]);
     }
 
     #[test]
@@ -696,6 +727,28 @@ mod tests {
             before.as_ref(),
             Some(&(plan.clone(), false)),
             "as after an incomplete write: every cgroup, and /proc rescanned"
+        );
+        drop(record);
+        // A reload refused before anything is written writes nothing, nor does its
+        // roll-back, and the next change writes only what differs.
+        fake.kernel.record().missing = vec!["gone.service".into()];
+        fake.write_config(&format!(
+            "{BATCH}[[quota]]\ntarget = \"cgroup:gone.service\"\nmemory = \"1G\"\n"
+        ));
+        let config = Config::load(Some(&fake.config_path()), &Users).unwrap();
+        assert!(matches!(
+            agent.reload(config),
+            Err(AgentError::NoSuchCgroup { .. })
+        ));
+        assert_eq!(fake.kernel.record().cgroups.len(), 2, "no cgroup written");
+        agent
+            .change(&Target::Group("batch".into()), &set(Field::Pids, "10"))
+            .unwrap();
+        let record = fake.kernel.record();
+        let (_, before) = record.cgroups.last().unwrap();
+        assert!(
+            before.as_ref().is_some_and(|(_, complete)| *complete),
+            "{before:?}"
         );
     }
 

@@ -1,6 +1,6 @@
-//! `/metrics`: the same [`Stats`] model the control socket serves, rendered as Prometheus
-//! text with the prometheus crate (metric families built per scrape from the model, so
-//! counters are the kernel's own values, not re-counted here).
+//! `/metrics`: the same [`Stats`] model the control socket serves, written as Prometheus
+//! text (metric families built per scrape from the model, so counters are the kernel's
+//! own values, not re-counted here; see [`render`] for why the text is written directly).
 //!
 //! Names are `rlagent_*` in base units (`_seconds_total`, `_bytes`), label `target` on
 //! cgroup series and `uid` on connection series. Per-UID series exist for UIDs the
@@ -242,5 +242,37 @@ mod tests {
             Next::Now,
             "a second after the last run"
         );
+    }
+
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn count_run() {
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits (at most 5 s) until the work has run `n` times.
+    async fn runs_reach(n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while RUNS.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "ran {RUNS:?} times, not {n}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn scrapes_within_a_second_of_a_run_get_one_run_a_second_later() {
+        let after = Arc::new(AfterScrape::new(count_run));
+        let runs = || RUNS.load(std::sync::atomic::Ordering::SeqCst);
+        after.scraped().await;
+        assert_eq!(runs(), 1, "the first scrape's work runs at once");
+        after.scraped().await;
+        after.scraped().await;
+        assert_eq!(runs(), 1, "within the second: set for later");
+        runs_reach(2).await;
+        // The later run cleared the way: another scrape within a second of it gets one too.
+        after.scraped().await;
+        runs_reach(3).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(runs(), 3, "one run for each, no more");
     }
 }

@@ -147,7 +147,7 @@ pub fn render(stats: &Stats) -> String {
     for ((uid, reason, monitor), count) in &stats.events_received {
         e.counter(
             "rlagent_connection_events_total",
-            "Denial events the agent received from the programs (logged, and kept for rlctl events), by UID, reason and mode.",
+            "Denial events the agent received from the programs, by UID, reason and mode (each counted; logged one line per UID, reason and mode a second, the rest summed up; the latest kept for rlctl events).",
             &[
                 ("uid", uid.to_string()),
                 ("reason", reason.to_string()),
