@@ -171,6 +171,9 @@ pub struct GroupConnStats {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostConnStats {
     pub live: u64,
+    /// The host cap (`[bpf] host_conns`), if there is one.
+    #[serde(default)]
+    pub cap: Option<u64>,
     /// connect() calls let through uncounted: UIDs without a cap over their share of the
     /// maps, or capped ones when a map was full and `on_full = "allow"`.
     pub untracked: u64,

@@ -215,6 +215,15 @@ fn main() {
                 let mut admitted = 0;
                 for uid in first..first + count {
                     let fd = new_socket("udp4");
+                    // From a source address per 20,000 UIDs (127.0.0.2 to .251): an address
+                    // has only the ephemeral range's ports (28,232 by default), and several
+                    // helpers together may hold more sockets than that.
+                    let source = Ipv4Addr::new(127, 0, 0, 2 + (uid / 20_000 % 250) as u8);
+                    socket::bind(
+                        fd.as_raw_fd(),
+                        &SockaddrIn::from(SocketAddrV4::new(source, 0)),
+                    )
+                    .unwrap_or_else(|e| panic!("bind({source}): {e}"));
                     become_uid(uid);
                     let ok = connect(&fd, "udp4", port.parse().unwrap()).is_ok();
                     become_uid(0);

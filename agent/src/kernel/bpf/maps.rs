@@ -3,7 +3,11 @@
 
 use std::{borrow::Borrow, collections::BTreeMap, path::Path};
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::{
+    maps::{Array, HashMap, IterableMap, Map, MapData, MapError},
+    sys::SyscallError,
+    Pod,
+};
 use rlagent_common::{
     names, Conns, HostConns, Policy, Settings, FLAG_MONITOR_HOST, MAX_GROUPS, MAX_UID_CAPS,
     MAX_UID_CONNS, POLICY_MONITOR, RETIRED, UNLIMITED,
@@ -47,6 +51,27 @@ pub(super) fn socket_capacity(owner: &MapData) -> Result<u32, BpfError> {
         .max_entries())
 }
 
+/// Every entry of the hash map `map` (named `name` in errors): a batch read where the
+/// kernel has one, else key by key.
+fn entries<T, K, V>(map: &HashMap<T, K, V>, name: &'static str) -> Result<Vec<(K, V)>, BpfError>
+where
+    T: Borrow<MapData>,
+    K: Pod,
+    V: Pod,
+{
+    match super::batch::read_all(map.map()) {
+        Ok(Some(entries)) => Ok(entries),
+        Ok(None) => map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(name)),
+        Err(errno) => Err(map_error(name)(MapError::SyscallError(SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: errno.into(),
+        }))),
+    }
+}
+
 pub(super) fn read_stats<H, U>(
     host: &Array<H, HostConns>,
     per_uid: &HashMap<U, u32, Conns>,
@@ -57,8 +82,7 @@ where
 {
     let host = host.get(&0, 0).map_err(map_error(names::HOST_CONNS))?;
     let mut uids = BTreeMap::new();
-    for item in per_uid.iter() {
-        let (uid, conns) = item.map_err(map_error(names::UID_CONNS))?;
+    for (uid, conns) in entries(per_uid, names::UID_CONNS)? {
         // Counters being retired are gone a moment later (an underflow, near 2^64, is
         // shown as it is).
         if !(RETIRED..1 << 63).contains(&conns.live) {
@@ -155,9 +179,16 @@ impl PinnedMaps {
             .host
             .uncapped_sockets
             .saturating_sub(settings.uncapped_sockets_gone);
-        for item in self.uid_seeded.iter() {
-            let (uid, seeded) = item.map_err(map_error(names::UID_SEEDED))?;
-            let gone = self.uid_seeded_gone.get(&uid, 0).unwrap_or(0);
+        let seeded = entries(&self.uid_seeded, names::UID_SEEDED)?;
+        let gone: std::collections::HashMap<u32, u64> = if seeded.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            entries(&self.uid_seeded_gone, names::UID_SEEDED_GONE)?
+                .into_iter()
+                .collect()
+        };
+        for (uid, seeded) in seeded {
+            let gone = gone.get(&uid).copied().unwrap_or(0);
             stats.per_uid.entry(uid).or_default().live += seeded.saturating_sub(gone);
         }
         Ok(stats)
@@ -171,8 +202,7 @@ impl PinnedMaps {
     /// charged to them are open), by cgroup id.
     pub fn groups(&self) -> Result<BTreeMap<u64, GroupCounters>, BpfError> {
         let mut groups = BTreeMap::new();
-        for item in self.group_conns.iter() {
-            let (id, conns) = item.map_err(map_error(names::GROUP_CONNS))?;
+        for (id, conns) in entries(&self.group_conns, names::GROUP_CONNS)? {
             let policy = match self.group_policy.get(&id, 0) {
                 Ok(p) => Some(p),
                 Err(MapError::KeyNotFound) => None,
@@ -188,16 +218,15 @@ impl PinnedMaps {
         let counters = self.stats()?;
         // The UIDs' own policies and the settings are read once here, not per UID: with
         // 10,000 UIDs that was two syscalls more for each, every stats round.
-        let own = self
-            .uid_caps
-            .iter()
-            .collect::<Result<std::collections::HashMap<u32, Policy>, _>>()
-            .map_err(map_error(names::UID_CAPS))?;
+        let own: std::collections::HashMap<u32, Policy> = entries(&self.uid_caps, names::UID_CAPS)?
+            .into_iter()
+            .collect();
         let settings = self.settings()?;
         let caps = own.len() as u64;
         let groups = self.group_policy.keys().count() as u64;
         let host = HostConnStats {
             live: counters.host.live,
+            cap: Some(settings.host_cap).filter(|c| *c != UNLIMITED),
             untracked: counters.host.untracked,
             denied_full: counters.host.denied_full,
             events_lost: counters.host.events_lost,

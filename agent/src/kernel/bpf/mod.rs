@@ -16,6 +16,7 @@
 //! (BPF_LINK_UPDATE would swap programs in place, but it fails with EINVAL for cgroup links
 //! on the 6.18 kernel we run on, even with the link's own program.)
 
+mod batch;
 pub mod bpffs;
 pub mod events;
 mod maps;

@@ -17,8 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http_body_util::Full;
-use hyper::{body::Bytes, Request, Response, StatusCode};
+use hyper::{
+    body::{Bytes, Frame, SizeHint},
+    Request, Response, StatusCode,
+};
 
 pub use cardinality::{UidActivity, UID_ACTIVITY_WINDOW};
 pub use render::render;
@@ -158,57 +160,100 @@ impl AfterScrape {
     }
 }
 
+/// A response body sent as the pieces it was written in, with its length known up front
+/// (so it goes out with a Content-Length). http-body-util's `StreamBody` over an iterator
+/// would do the same through a futures-util stream; these few lines spare that crate.
+struct Chunks {
+    chunks: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl Chunks {
+    fn new(chunks: Vec<Bytes>) -> Self {
+        Self {
+            remaining: chunks.iter().map(|c| c.len() as u64).sum(),
+            chunks: chunks.into(),
+        }
+    }
+}
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let next = self.chunks.pop_front();
+        if let Some(chunk) = &next {
+            self.remaining -= chunk.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
 async fn respond<F>(
     req: Request<hyper::body::Incoming>,
     collect: Arc<F>,
     activity: Arc<std::sync::Mutex<UidActivity>>,
-) -> Response<Full<Bytes>>
+) -> Response<Chunks>
 where
     F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
 {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
+    let reply = |status: StatusCode, content_type: &str, body: Vec<Bytes>| {
         Response::builder()
             .status(status)
             .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
+            .body(Chunks::new(body))
             .expect("static response parts")
     };
+    let text = |s: String| vec![Bytes::from(s)];
     match req.uri().path() {
+        // Collected and written on the blocking pool: with 10,000 UIDs that is some 40 ms.
         "/metrics" => match tokio::task::spawn_blocking(move || {
             let mut stats = collect()?;
             activity
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .retain(&mut stats, std::time::Instant::now());
-            Ok::<_, String>(stats)
+            Ok::<_, String>(render(&stats))
         })
         .await
         {
-            Ok(Ok(stats)) => reply(
+            Ok(Ok(chunks)) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                render(&stats),
+                chunks,
             ),
             Ok(Err(e)) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain",
-                format!("collecting stats: {e}\n"),
+                text(format!("collecting stats: {e}\n")),
             ),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain",
-                format!("{e}\n"),
+                text(format!("{e}\n")),
             ),
         },
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "rlagent: metrics at /metrics\n".to_string(),
+            text("rlagent: metrics at /metrics\n".to_string()),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; metrics are at /metrics\n".to_string(),
+            text("not found; metrics are at /metrics\n".to_string()),
         ),
     }
 }

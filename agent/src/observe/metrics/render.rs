@@ -11,6 +11,8 @@
 
 use std::{collections::HashMap, fmt::Write as _};
 
+use hyper::body::Bytes;
+
 use crate::{
     model::{
         reason::Reason,
@@ -28,12 +30,40 @@ enum Kind {
     Gauge,
 }
 
+/// A label: name and value (escaped when written).
+type Label<'a> = (&'static str, &'a str);
+
+/// The first sample chunk's size, and the largest: a family's text is kept in chunks that
+/// grow to [`MAX_CHUNK`], then follow one another, so a large family is never copied to
+/// grow and the response sends the chunks as they are.
+const FIRST_CHUNK: usize = 256;
+const MAX_CHUNK: usize = 64 << 10;
+/// Room a chunk must have left to take another sample without growing (longer lines,
+/// with long label values, make it grow once).
+const LINE_ROOM: usize = 256;
+
 /// One metric family: its header and its samples' lines, as they are added.
 struct Family {
     name: &'static str,
     help: String,
     kind: Kind,
-    samples: String,
+    samples: Vec<String>,
+}
+
+impl Family {
+    /// The chunk to write the next sample into.
+    fn chunk(&mut self) -> &mut String {
+        let full = self
+            .samples
+            .last()
+            .is_none_or(|c| c.capacity() - c.len() < LINE_ROOM);
+        if full {
+            let written: usize = self.samples.iter().map(String::len).sum();
+            let size = written.clamp(FIRST_CHUNK, MAX_CHUNK);
+            self.samples.push(String::with_capacity(size));
+        }
+        self.samples.last_mut().expect("a chunk was just added")
+    }
 }
 
 /// Metric families in the order they were first added, written as Prometheus text.
@@ -44,24 +74,17 @@ struct Exposition {
 }
 
 impl Exposition {
-    fn add(
-        &mut self,
-        name: &'static str,
-        help: &str,
-        kind: Kind,
-        labels: &[(&str, String)],
-        value: f64,
-    ) {
+    fn add(&mut self, name: &'static str, help: &str, kind: Kind, labels: &[Label], value: f64) {
         let i = *self.index.entry(name).or_insert_with(|| {
             self.families.push(Family {
                 name,
                 help: help.to_string(),
                 kind,
-                samples: String::new(),
+                samples: Vec::new(),
             });
             self.families.len() - 1
         });
-        let out = &mut self.families[i].samples;
+        let out = self.families[i].chunk();
         out.push_str(name);
         for (n, (label, v)) in labels.iter().enumerate() {
             out.push(if n == 0 { '{' } else { ',' });
@@ -73,43 +96,54 @@ impl Exposition {
         if !labels.is_empty() {
             out.push('}');
         }
-        // As the crate writes a value: f64's Display.
-        let _ = writeln!(out, " {value}");
+        out.push(' ');
+        write_value(out, value);
+        out.push('\n');
     }
 
-    fn gauge(&mut self, name: &'static str, help: &str, labels: &[(&str, String)], value: f64) {
+    fn gauge(&mut self, name: &'static str, help: &str, labels: &[Label], value: f64) {
         self.add(name, help, Kind::Gauge, labels, value);
     }
 
-    fn counter(&mut self, name: &'static str, help: &str, labels: &[(&str, String)], value: f64) {
+    fn counter(&mut self, name: &'static str, help: &str, labels: &[Label], value: f64) {
         self.add(name, help, Kind::Counter, labels, value);
     }
 
-    /// The text: each family's `# HELP` and `# TYPE` lines, then its samples.
-    fn text(self) -> String {
-        let size = self
-            .families
-            .iter()
-            .map(|f| f.samples.len() + f.help.len() + 2 * f.name.len() + 24)
-            .sum();
-        let mut out = String::with_capacity(size);
+    /// The text in pieces, in order: each family's `# HELP` and `# TYPE` lines, then its
+    /// sample chunks, each handed over as it is (no copy).
+    fn into_chunks(self) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(self.families.iter().map(|f| 1 + f.samples.len()).sum());
         for f in self.families {
+            let mut header = String::with_capacity(f.help.len() + 2 * f.name.len() + 24);
             if !f.help.is_empty() {
-                out.push_str("# HELP ");
-                out.push_str(f.name);
-                out.push(' ');
-                escape_into(&mut out, &f.help, false);
-                out.push('\n');
+                header.push_str("# HELP ");
+                header.push_str(f.name);
+                header.push(' ');
+                escape_into(&mut header, &f.help, false);
+                header.push('\n');
             }
-            out.push_str("# TYPE ");
-            out.push_str(f.name);
-            out.push_str(match f.kind {
+            header.push_str("# TYPE ");
+            header.push_str(f.name);
+            header.push_str(match f.kind {
                 Kind::Counter => " counter\n",
                 Kind::Gauge => " gauge\n",
             });
-            out.push_str(&f.samples);
+            out.push(Bytes::from(header));
+            out.extend(f.samples.into_iter().map(Bytes::from));
         }
         out
+    }
+}
+
+/// `value` as the prometheus crate writes it (f64's `Display`), with integers (most
+/// samples are counts) written without going through float formatting: for an integral
+/// value below 2^53 `Display` writes exactly the integer's digits.
+fn write_value(out: &mut String, value: f64) {
+    const EXACT: f64 = (1u64 << 53) as f64;
+    if value.fract() == 0.0 && value.abs() < EXACT && !(value == 0.0 && value.is_sign_negative()) {
+        let _ = write!(out, "{}", value as i64);
+    } else {
+        let _ = write!(out, "{value}");
     }
 }
 
@@ -125,13 +159,13 @@ fn escape_into(out: &mut String, v: &str, quote: bool) {
     }
 }
 
-/// Prometheus text for `stats`.
-pub fn render(stats: &Stats) -> String {
+/// Prometheus text for `stats`, in pieces to send one after another.
+pub fn render(stats: &Stats) -> Vec<Bytes> {
     let mut e = Exposition::default();
     e.gauge(
         "rlagent_build_info",
         "rlagent's version (value is always 1).",
-        &[("version", env!("CARGO_PKG_VERSION").to_string())],
+        &[("version", env!("CARGO_PKG_VERSION"))],
         1.0,
     );
     for t in &stats.targets {
@@ -145,13 +179,14 @@ pub fn render(stats: &Stats) -> String {
         group_series(&mut e, g, &scope);
     }
     for ((uid, reason, monitor), count) in &stats.events_received {
+        let uid = uid.to_string();
         e.counter(
             "rlagent_connection_events_total",
             "Denial events the agent received from the programs, by UID, reason and mode (each counted; logged one line per UID, reason and mode a second, the rest summed up; the latest kept for rlctl events).",
             &[
-                ("uid", uid.to_string()),
-                ("reason", reason.to_string()),
-                ("mode", if *monitor { "monitor" } else { "enforce" }.to_string()),
+                ("uid", &uid),
+                ("reason", reason.name()),
+                ("mode", if *monitor { "monitor" } else { "enforce" }),
             ],
             *count as f64,
         );
@@ -163,12 +198,12 @@ pub fn render(stats: &Stats) -> String {
     for p in &stats.programs {
         program_series(&mut e, p);
     }
-    e.text()
+    e.into_chunks()
 }
 
 /// A target's cgroup: CPU, memory, pids and pressure.
 fn target_series(e: &mut Exposition, t: &TargetStats) {
-    let l = [("target", t.target.clone())];
+    let l = [("target", t.target.as_str())];
     let c = &t.cgroup;
     e.gauge(
         "rlagent_processes",
@@ -182,7 +217,7 @@ fn target_series(e: &mut Exposition, t: &TargetStats) {
     pressure_series(e, &t.target, c);
 }
 
-fn cpu_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
+fn cpu_series(e: &mut Exposition, l: &[Label], c: &CgroupStats) {
     if let Some(cpu) = c.cpu {
         e.counter(
             "rlagent_cpu_usage_seconds_total",
@@ -219,7 +254,7 @@ fn cpu_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
     }
 }
 
-fn memory_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
+fn memory_series(e: &mut Exposition, l: &[Label], c: &CgroupStats) {
     if let Some(m) = c.memory {
         e.gauge(
             "rlagent_memory_current_bytes",
@@ -266,7 +301,7 @@ fn memory_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
     }
 }
 
-fn pids_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
+fn pids_series(e: &mut Exposition, l: &[Label], c: &CgroupStats) {
     if let Some(p) = c.pids {
         e.gauge(
             "rlagent_pids_current",
@@ -290,11 +325,7 @@ fn pids_series(e: &mut Exposition, l: &[(&str, String)], c: &CgroupStats) {
 fn pressure_series(e: &mut Exposition, target: &str, c: &CgroupStats) {
     for (resource, pressure) in [("cpu", c.cpu_pressure), ("memory", c.memory_pressure)] {
         let Some(p) = pressure else { continue };
-        let mut labels = vec![
-            ("target", target.to_string()),
-            ("resource", resource.to_string()),
-            ("kind", "some".to_string()),
-        ];
+        let mut labels = [("target", target), ("resource", resource), ("kind", "some")];
         e.counter(
             "rlagent_pressure_stall_seconds_total",
             "Time tasks of the target stalled on the resource (PSI).",
@@ -302,7 +333,7 @@ fn pressure_series(e: &mut Exposition, target: &str, c: &CgroupStats) {
             p.some_total_usec as f64 / 1e6,
         );
         if let Some(full) = p.full_total_usec {
-            labels[2].1 = "full".to_string();
+            labels[2].1 = "full";
             e.counter(
                 "rlagent_pressure_stall_seconds_total",
                 "Time tasks of the target stalled on the resource (PSI).",
@@ -315,7 +346,8 @@ fn pressure_series(e: &mut Exposition, target: &str, c: &CgroupStats) {
 
 /// A UID's connections: live, cap, rate and the counters by reason.
 fn uid_series(e: &mut Exposition, c: &UidConnStats, scope: &ReasonScope) {
-    let l = [("uid", c.uid.to_string())];
+    let uid = c.uid.to_string();
+    let l = [("uid", uid.as_str())];
     e.gauge(
         "rlagent_connections_live",
         "Live connections of the UID.",
@@ -343,7 +375,7 @@ fn uid_series(e: &mut Exposition, c: &UidConnStats, scope: &ReasonScope) {
     reason_counters(
         e,
         &UID_REASONS,
-        &l,
+        l[0],
         (&c.denied, &c.would_deny),
         applies,
         scope.monitor,
@@ -358,7 +390,7 @@ fn uid_series(e: &mut Exposition, c: &UidConnStats, scope: &ReasonScope) {
 
 /// A group's connections, as [`uid_series`] for a UID.
 fn group_series(e: &mut Exposition, g: &GroupConnStats, scope: &ReasonScope) {
-    let l = [("group", g.group.clone())];
+    let l = [("group", g.group.as_str())];
     e.gauge(
         "rlagent_group_connections_live",
         "Live connections of the group's processes together.",
@@ -390,7 +422,7 @@ fn group_series(e: &mut Exposition, g: &GroupConnStats, scope: &ReasonScope) {
     reason_counters(
         e,
         &GROUP_REASONS,
-        &l,
+        l[0],
         (&g.denied, &g.would_deny),
         applies,
         scope.monitor,
@@ -406,6 +438,8 @@ fn group_series(e: &mut Exposition, g: &GroupConnStats, scope: &ReasonScope) {
 struct ReasonScope {
     /// Some group has connection limits: the group reasons can apply to any UID.
     groups: bool,
+    /// There is a host cap: `host_cap` can apply to any UID.
+    host_cap: bool,
     monitor: bool,
 }
 
@@ -418,6 +452,7 @@ impl ReasonScope {
                     .groups
                     .iter()
                     .any(|g| g.cap.is_some() || g.rate.is_some()),
+            host_cap: host.is_some_and(|h| h.cap.is_some()),
             monitor: host.is_some_and(|h| h.monitor)
                 || stats.conns.iter().any(|c| c.monitor)
                 || stats.groups.iter().any(|g| g.monitor),
@@ -430,7 +465,8 @@ impl ReasonScope {
             Reason::Cap => c.cap.is_some(),
             Reason::Rate => c.rate.is_some(),
             Reason::Group | Reason::GroupRate => self.groups,
-            Reason::HostCap | Reason::Full => true,
+            Reason::HostCap => self.host_cap,
+            Reason::Full => true,
         }
     }
 }
@@ -465,13 +501,13 @@ fn host_series(e: &mut Exposition, host: &HostConnStats) {
         e.gauge(
             "rlagent_bpf_map_entries",
             "Entries in a kernel map.",
-            &[("map", m.map.clone())],
+            &[("map", &m.map)],
             m.entries as f64,
         );
         e.gauge(
             "rlagent_bpf_map_capacity",
             "Capacity of a kernel map.",
-            &[("map", m.map.clone())],
+            &[("map", &m.map)],
             m.capacity as f64,
         );
     }
@@ -497,7 +533,7 @@ fn agent_series(e: &mut Exposition, stats: &Stats) {
         e.counter(
             "rlagent_budget_exhausted_total",
             "Connections refused because a budget (clients, connections) was exhausted.",
-            &[("budget", budget.clone())],
+            &[("budget", budget)],
             *refused as f64,
         );
     }
@@ -517,7 +553,7 @@ fn agent_series(e: &mut Exposition, stats: &Stats) {
 
 /// One kernel program's run count and time.
 fn program_series(e: &mut Exposition, p: &ProgramStats) {
-    let l = [("program", p.program.clone())];
+    let l = [("program", p.program.as_str())];
     e.counter(
         "rlagent_bpf_program_runs_total",
         "Runs of the kernel program (with kernel.bpf_stats_enabled).",
@@ -533,7 +569,7 @@ fn program_series(e: &mut Exposition, p: &ProgramStats) {
 }
 
 /// The token bucket of a UID or group (labels `l`).
-fn rate_gauges(e: &mut Exposition, l: &[(&str, String)], rate: &RateStats) {
+fn rate_gauges(e: &mut Exposition, l: &[Label], rate: &RateStats) {
     e.gauge(
         "rlagent_connection_rate_per_second",
         "Connection rate limit: new connections per second (one token per interval).",
@@ -575,12 +611,12 @@ const GROUP_REASONS: ReasonSeries = ReasonSeries {
     counts: Reason::is_group,
 };
 
-/// Denials and would-denies (labels `l`), a series per reason `series` counts, where
+/// Denials and would-denies (label `l`, and `reason`), a series per reason `series` counts, where
 /// `applies` says the reason can apply or the count is not 0 (see [`ReasonScope`]).
 fn reason_counters(
     e: &mut Exposition,
     series: &ReasonSeries,
-    l: &[(&str, String)],
+    l: Label,
     (denied, would): (&ByReason, &ByReason),
     applies: impl Fn(Reason) -> bool,
     monitor: bool,
@@ -590,8 +626,7 @@ fn reason_counters(
             continue;
         }
         let applies = applies(reason);
-        let mut labels = l.to_vec();
-        labels.push(("reason", reason.to_string()));
+        let labels = [l, ("reason", reason.name())];
         if applies || d != 0 {
             e.counter(
                 series.denied,
@@ -619,8 +654,19 @@ mod tests {
         testing::{group_stats, uid_stats},
     };
 
+    /// The pieces as one text.
+    fn joined(chunks: Vec<Bytes>) -> String {
+        String::from_utf8(chunks.concat()).expect("the text is UTF-8")
+    }
+
     /// A sample as [`Exposition::add`] takes it: name, help, kind, labels, value.
-    type Sample<'a> = (&'static str, &'a str, Kind, Vec<(&'a str, String)>, f64);
+    type Sample<'a> = (
+        &'static str,
+        &'a str,
+        Kind,
+        Vec<(&'static str, String)>,
+        f64,
+    );
 
     /// The samples through the prometheus crate's objects and `TextEncoder`.
     fn crate_text(samples: &[Sample]) -> String {
@@ -733,9 +779,10 @@ mod tests {
         ];
         let mut e = Exposition::default();
         for (name, help, kind, labels, value) in &samples {
-            e.add(name, help, *kind, labels, *value);
+            let labels: Vec<Label> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            e.add(name, help, *kind, &labels, *value);
         }
-        assert_eq!(e.text(), crate_text(&samples));
+        assert_eq!(joined(e.into_chunks()), crate_text(&samples));
     }
 
     #[test]
@@ -762,6 +809,7 @@ mod tests {
             events_received: [((1000, Reason::Cap, false), 2)].into(),
             host: Some(HostConnStats {
                 live: 3,
+                cap: None,
                 untracked: 0,
                 denied_full: 0,
                 events_lost: 0,
@@ -780,7 +828,7 @@ mod tests {
             "rlagent_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         );
-        let text = render(&stats);
+        let text = joined(render(&stats));
         for line in [
             "# TYPE rlagent_cpu_usage_seconds_total counter",
             "rlagent_cpu_usage_seconds_total{target=\"group:batch\"} 1.5",
@@ -813,7 +861,7 @@ mod tests {
 
     fn reason_lines(stats: &Stats, family: &str, uid: u32) -> Vec<String> {
         let prefix = format!("{family}{{uid=\"{uid}\",reason=\"");
-        render(stats)
+        joined(render(stats))
             .lines()
             .filter_map(|l| l.strip_prefix(&prefix))
             .map(|l| l.replace("\"} ", " "))
@@ -832,18 +880,23 @@ mod tests {
         };
         let denied = "rlagent_connections_denied_total";
         let would = "rlagent_connections_would_deny_total";
-        assert_eq!(
-            reason_lines(&stats, denied, 1000),
-            ["cap 0", "host_cap 0", "full 0"]
-        );
-        assert_eq!(
-            reason_lines(&stats, denied, 1001),
-            ["cap 4", "host_cap 0", "full 0"]
-        );
+        assert_eq!(reason_lines(&stats, denied, 1000), ["cap 0", "full 0"]);
+        assert_eq!(reason_lines(&stats, denied, 1001), ["cap 4", "full 0"]);
         assert!(reason_lines(&stats, would, 1000).is_empty());
 
-        // A rate, a group with a cap and one with a rate, and a UID in monitor mode: the
-        // rate and group reasons apply, and every UID gets its would-deny series.
+        // A host cap, a rate, a group with a cap and one with a rate, and a UID in monitor
+        // mode: the host cap, rate and group reasons apply, and every UID gets its
+        // would-deny series.
+        stats.host = Some(HostConnStats {
+            live: 2,
+            cap: Some(100),
+            untracked: 0,
+            denied_full: 0,
+            events_lost: 0,
+            maps: vec![],
+            monitor: false,
+            group_limits: false,
+        });
         stats.conns[0].rate = Some(RateStats {
             interval_ns: 1_000_000,
             burst: 5,
@@ -874,7 +927,7 @@ mod tests {
                 "{family}"
             );
         }
-        let text = render(&stats);
+        let text = joined(render(&stats));
         assert!(
             text.lines().any(|l| l
                 == "rlagent_group_connections_denied_total{group=\"batch\",reason=\"group\"} 0"),

@@ -87,17 +87,27 @@ fn metrics(uids: u32) {
     let cgroup = TestCgroup::new();
     let scratch = Scratch::new();
     let text = format!(
-        "{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\ncount_udp = true\n[[quota]]\ntarget = \"user:*\"\nconns = 100\n",
+        "{}[bpf]\nattach_cgroup = \"{}\"\npin_path = \"{}\"\ncount_udp = true\nmax_tracked_sockets = {}\n[[quota]]\ntarget = \"user:*\"\nconns = 100\n",
         scratch.private_paths(),
         cgroup.relative,
-        scratch.pin_path().display()
+        scratch.pin_path().display(),
+        // Room for a socket per UID with the map no more than half full.
+        (2 * uids).next_power_of_two().max(65_536)
     );
     std::fs::write(scratch.config_path(), text).unwrap();
     let agent = Agent::start(&scratch);
-    let mut holder = Helper::spawn(&cgroup.path, 0);
+    // One helper per PER_HELPER UIDs: each holds a socket per UID, and a process may hold
+    // at most RLIMIT_NOFILE's hard limit of descriptors (20,000 on some hosts).
+    const PER_HELPER: u32 = 15_000;
     let t = Instant::now();
-    let reply = holder.cmd(&format!("multi-uid 100000 {uids} 9"));
-    assert_eq!(reply, format!("ok {uids}"), "every UID holds a connection");
+    let mut holders = Vec::new();
+    for first in (0..uids).step_by(PER_HELPER as usize) {
+        let count = PER_HELPER.min(uids - first);
+        let mut holder = Helper::spawn(&cgroup.path, 0);
+        let reply = holder.cmd(&format!("multi-uid {} {count} 9", 100_000 + first));
+        assert_eq!(reply, format!("ok {count}"), "every UID holds a connection");
+        holders.push(holder);
+    }
     println!(
         "{uids} UIDs each holding a connection, set up in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -120,6 +130,9 @@ fn metrics(uids: u32) {
     assert_eq!(series, uids as usize, "one live series per UID");
     let (rss_after, peak) = idle::settled_memory_mib(agent.pid());
     let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
+    if let Ok(path) = std::env::var("RLAGENT_BENCH_SAVE_BODY") {
+        std::fs::write(path, &body).expect("writing the body");
+    }
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_host_connections_live"),
         Some(f64::from(uids)),
@@ -132,7 +145,7 @@ fn metrics(uids: u32) {
         percentile(&times, 0.99),
         size as f64 / (1 << 20) as f64
     );
-    drop(holder);
+    drop(holders);
     assert_all_released(&scratch, "metrics");
 }
 
