@@ -2,11 +2,12 @@
 //!
 //! aya 0.14 reads a map one entry at a time: a `BPF_MAP_GET_NEXT_KEY` and a
 //! `BPF_MAP_LOOKUP_ELEM` per key, so a stats round over 10,000 UIDs made some 20,000
-//! system calls, and `perf` put them at most of a /metrics scrape's time
-//! (docs/benchmarks.md, "/metrics"). The kernel has had a batch lookup for hash maps since
-//! Linux 5.6; aya has no wrapper for it (aya-rs/aya#1125), so this is one call, on the
-//! map's descriptor, with aya-obj's generated `bpf_attr`. Where the kernel refuses the
-//! command for a map, [`read_all`] says so and the caller iterates as before.
+//! system calls; reading in batches took a /metrics scrape of the static build from
+//! 80-84 to 53-58 ms (docs/benchmarks.md, "/metrics: maps read in batches"). The kernel
+//! has had a batch lookup for hash maps since Linux 5.6; aya 0.14 has no wrapper for it,
+//! so this is one call, on the map's descriptor, with aya-obj's generated `bpf_attr`.
+//! Where the kernel refuses the command for a map, [`read_all`] says so and the caller
+//! iterates as before.
 
 use std::{
     mem::{self, MaybeUninit},
