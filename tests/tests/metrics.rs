@@ -110,6 +110,8 @@ fn metrics_show_live_connections_caps_and_denials_and_pass_promtool() {
             "missing {line:?} in\n{body}"
         );
     }
+    // No host cap: no UID has a host_cap series.
+    assert!(!body.contains("reason=\"host_cap\""), "{body}");
     let (head, _) = scrape(scratch.metrics_port(), "/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 

@@ -381,9 +381,15 @@ fn root_connections_do_not_count_toward_the_host_cap() {
     assert_eq!(stats.host.live, 0, "root is not charged: {:?}", stats.host);
     assert!(!stats.per_uid.contains_key(&0), "no counters for root");
     let mut user = Helper::spawn(&s.cgroup.path, USER);
+    assert_eq!(hold(&mut user, "tcp4", listener.port4, 1), (1, 0));
+    // Under a host cap, a listed UID has its host_cap series before its first denial.
+    let (head, body) = rlagent_tests::http_get(s.scratch.metrics_port(), "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let series = format!("rlagent_connections_denied_total{{uid=\"{USER}\",reason=\"host_cap\"}}");
+    assert_eq!(rlagent_tests::sample(&body, &series), Some(0.0), "{body}");
     assert_eq!(
-        hold(&mut user, "tcp4", listener.port4, 3),
-        (2, 1),
+        hold(&mut user, "tcp4", listener.port4, 2),
+        (1, 1),
         "the host cap counts the users' connections only"
     );
     assert_eq!(s.scratch.conns(USER).denied[reason::HOST_CAP], 1);

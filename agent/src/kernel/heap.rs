@@ -6,8 +6,8 @@
 /// measured with `cargo xtask bench idle` and `bench metrics`, the agent's RSS with no
 /// targets went from 13.8 to 10.9 MiB after start (loading the programs parses the
 /// kernel's BTF), and 20 scrapes with 10,000 UIDs took it from 10.9 to 17-20 MiB instead
-/// of from 13.8 to 45 (each scrape builds a 3.6 MiB body on one thread and its stats on
-/// another, so their freed memory sat in two arenas). No crate wraps `malloc_trim`, and
+/// of from 13.8 to 45 (then each scrape built its 3.6 MiB body on one thread and its stats
+/// on another, so their freed memory sat in two arenas). No crate wraps `malloc_trim`, and
 /// nix does not. musl (the packaged static builds) has no `malloc_trim`: there this does
 /// nothing.
 pub fn release_free_memory() {

@@ -3,18 +3,23 @@
 //! aya 0.14 reads a map one entry at a time: a `BPF_MAP_GET_NEXT_KEY` and a
 //! `BPF_MAP_LOOKUP_ELEM` per key, so a stats round over 10,000 UIDs made some 20,000
 //! system calls; reading in batches took a /metrics scrape of the static build from
-//! 80-84 to 53-58 ms (docs/benchmarks.md, "/metrics: maps read in batches"). The kernel
-//! has had a batch lookup for hash maps since Linux 5.6; aya 0.14 has no wrapper for it,
-//! so this is one call, on the map's descriptor, with aya-obj's generated `bpf_attr`.
-//! Where the kernel refuses the command for a map, [`read_all`] says so and the caller
-//! iterates as before.
+//! 80-84 to 53-58 ms in one run (docs/benchmarks.md, "/metrics: maps read in batches").
+//! The kernel has had a batch lookup for hash maps since Linux 5.6; aya 0.14 has no
+//! wrapper for it, so this is one call, on the map's descriptor, with aya-obj's generated
+//! `bpf_attr`. Where the kernel refuses the command for a map, [`read_all`] says so and
+//! the caller iterates as before.
 
 use std::{
     mem::{self, MaybeUninit},
     os::fd::{AsFd, AsRawFd},
 };
 
-use aya::{maps::MapData, Pod};
+use std::borrow::Borrow;
+
+use aya::{
+    maps::{HashMap, IterableMap, MapData},
+    Pod,
+};
 use aya_obj::generated::{bpf_attr__bindgen_ty_3 as BatchAttr, bpf_cmd};
 use nix::errno::Errno;
 
@@ -27,26 +32,39 @@ const ENOTSUPP: i32 = 524;
 
 /// Every entry of the hash map `map`, in bucket order, or `None` when the kernel has no
 /// batch lookup for it (the caller then iterates key by key). As with iteration, entries
-/// added or removed while it reads may or may not be among them.
-pub(super) fn read_all<K: Pod, V: Pod>(map: &MapData) -> Result<Option<Vec<(K, V)>>, Errno> {
+/// added or removed while it reads may or may not be among them. `map` is aya's `HashMap`,
+/// which checked when it was made that `K` and `V` have the map's key and value sizes:
+/// the kernel writes entries at those sizes.
+pub(super) fn read_all<T, K, V>(map: &HashMap<T, K, V>) -> Result<Option<Vec<(K, V)>>, Errno>
+where
+    T: Borrow<MapData>,
+    K: Pod,
+    V: Pod,
+{
     read_in_chunks(map, FIRST_CHUNK)
 }
 
 /// [`read_all`], asking for `chunk` entries in the first call.
-fn read_in_chunks<K: Pod, V: Pod>(
-    map: &MapData,
+fn read_in_chunks<T, K, V>(
+    map: &HashMap<T, K, V>,
     mut chunk: usize,
-) -> Result<Option<Vec<(K, V)>>, Errno> {
-    let fd = map.fd().as_fd().as_raw_fd();
+) -> Result<Option<Vec<(K, V)>>, Errno>
+where
+    T: Borrow<MapData>,
+    K: Pod,
+    V: Pod,
+{
+    let fd = map.map().fd().as_fd().as_raw_fd();
     let mut entries = Vec::new();
     let mut keys: Vec<MaybeUninit<K>> = Vec::new();
     let mut values: Vec<MaybeUninit<V>> = Vec::new();
-    // The position token: a bucket index (a u32) for hash maps; 8 bytes leave room for any
-    // map whose token is its key. `None` starts at the first bucket.
+    // The position token: for a hash map, a bucket index (a u32, in the token's first 4
+    // bytes, where the next call reads it back). `None` starts at the first bucket.
     let mut position: Option<u64> = None;
     loop {
-        keys.resize(chunk, MaybeUninit::uninit());
-        values.resize(chunk, MaybeUninit::uninit());
+        // Zeroed, so every entry is a valid `Pod` value whatever the kernel writes.
+        keys.resize(chunk, MaybeUninit::zeroed());
+        values.resize(chunk, MaybeUninit::zeroed());
         let mut next = 0u64;
         // The batch member of `union bpf_attr`, passed with its own size: the kernel zeroes
         // the rest of the union.
@@ -60,10 +78,11 @@ fn read_in_chunks<K: Pod, V: Pod>(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: every pointer in `attr` is to a buffer that lives across the call: `keys`
-        // and `values` have room for `count` entries of the map's key and value types (`K`
-        // and `V` are the map's, as for aya's own reads), and the tokens are 8 bytes, more
-        // than the 4 a hash map's token takes. The kernel writes back `count` only.
+        // SAFETY: every pointer in `attr` is to a buffer that lives across the call. The
+        // kernel writes at most `count` keys and values, at the map's key and value sizes,
+        // which are `K`'s and `V`'s (checked by aya's `HashMap`), into `keys` and
+        // `values`, which have room for `count` of each; a hash map's next position (4
+        // bytes) into `next` (8); and the number of entries into `attr.count`.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -79,8 +98,8 @@ fn read_in_chunks<K: Pod, V: Pod>(
             None | Some(Errno::ENOENT) => {
                 let copied = copied.min(chunk);
                 entries.extend(keys[..copied].iter().zip(&values[..copied]).map(|(k, v)| {
-                    // SAFETY: the kernel filled the first `copied` keys and values; `K`
-                    // and `V` are `Pod`, valid for any bytes.
+                    // SAFETY: every entry was zeroed before the call and the kernel wrote
+                    // only whole entries; `K` and `V` are `Pod`, valid for any bytes.
                     unsafe { (k.assume_init_read(), v.assume_init_read()) }
                 }));
                 if error.is_some() {
@@ -100,7 +119,7 @@ fn read_in_chunks<K: Pod, V: Pod>(
 mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
 
-    use aya::maps::{HashMap, IterableMap, Map};
+    use aya::maps::Map;
     use aya_obj::generated::{bpf_attr__bindgen_ty_1 as CreateAttr, bpf_map_type};
 
     use super::*;
@@ -136,7 +155,7 @@ mod tests {
             return;
         }
         let mut map = hash_map(16_384);
-        let empty: Vec<(u32, u64)> = read_all(map.map()).unwrap().expect("batch reads");
+        let empty: Vec<(u32, u64)> = read_all(&map).unwrap().expect("batch reads");
         assert!(empty.is_empty(), "an empty map reads as empty: {empty:?}");
         // More entries than the first chunk, so it takes several calls.
         for key in 0..10_000u32 {
@@ -148,9 +167,8 @@ mod tests {
         // From one entry per call: a bucket of two or more is refused (ENOSPC) until the
         // chunk has grown to hold it.
         for first in [FIRST_CHUNK, 1] {
-            let mut batched: Vec<(u32, u64)> = read_in_chunks(map.map(), first)
-                .unwrap()
-                .expect("batch reads");
+            let mut batched: Vec<(u32, u64)> =
+                read_in_chunks(&map, first).unwrap().expect("batch reads");
             batched.sort_unstable();
             assert_eq!(batched, iterated, "first chunk {first}");
         }

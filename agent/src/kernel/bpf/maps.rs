@@ -4,7 +4,7 @@
 use std::{borrow::Borrow, collections::BTreeMap, path::Path};
 
 use aya::{
-    maps::{Array, HashMap, IterableMap, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError},
     sys::SyscallError,
     Pod,
 };
@@ -59,7 +59,7 @@ where
     K: Pod,
     V: Pod,
 {
-    match super::batch::read_all(map.map()) {
+    match super::batch::read_all(map) {
         Ok(Some(entries)) => Ok(entries),
         Ok(None) => map
             .iter()

@@ -36,7 +36,7 @@ type Label<'a> = (&'static str, &'a str);
 /// The first sample chunk's size, and the largest: a family's text is kept in chunks that
 /// grow to [`MAX_CHUNK`], then follow one another, so a large family is never copied to
 /// grow and the response sends the chunks as they are.
-const FIRST_CHUNK: usize = 256;
+const FIRST_CHUNK: usize = 1024;
 const MAX_CHUNK: usize = 64 << 10;
 /// Room a chunk must have left to take another sample without growing (longer lines,
 /// with long label values, make it grow once).
@@ -775,6 +775,55 @@ mod tests {
                 Kind::Gauge,
                 vec![("uid", "1003".into())],
                 4.5e-7,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1004".into())],
+                -3.0,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1005".into())],
+                ((1u64 << 53) - 1) as f64,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1006".into())],
+                (1u64 << 53) as f64,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1007".into())],
+                ((1u64 << 53) + 2) as f64,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1008".into())],
+                u64::MAX as f64,
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1009".into())],
+                -(((1u64 << 53) - 1) as f64),
+            ),
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", "1010".into())],
+                f64::NAN,
             ),
         ];
         let mut e = Exposition::default();

@@ -92,7 +92,9 @@ fn metrics(uids: u32) {
         cgroup.relative,
         scratch.pin_path().display(),
         // Room for a socket per UID with the map no more than half full.
-        (2 * uids).next_power_of_two().max(65_536)
+        (2 * uids)
+            .next_power_of_two()
+            .max(rlagent_common::DEFAULT_MAX_TRACKED_SOCKETS)
     );
     std::fs::write(scratch.config_path(), text).unwrap();
     let agent = Agent::start(&scratch);
