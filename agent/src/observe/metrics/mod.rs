@@ -108,8 +108,10 @@ pub async fn serve<F>(
     }
 }
 
-/// A scrape's text (or why there is none), shared by the requests that waited for it.
-type Text = Arc<Result<Vec<Bytes>, String>>;
+/// A scrape's text, or why there is none.
+type Scraped = Result<Vec<Bytes>, String>;
+/// A scrape's text, shared by the requests that waited for it.
+type Text = Arc<Scraped>;
 
 /// Scrapes that come together share one collection. One collection runs at a time, and a
 /// request takes the text of a collection that started after the request arrived, else
@@ -119,7 +121,7 @@ type Text = Arc<Result<Vec<Bytes>, String>>;
 struct Latest {
     /// When the last collection started, and its text while a response still holds it
     /// (kept no longer: with 65,000 UIDs it is 20 MiB).
-    last: tokio::sync::Mutex<Option<(Instant, std::sync::Weak<Result<Vec<Bytes>, String>>)>>,
+    last: tokio::sync::Mutex<Option<(Instant, std::sync::Weak<Scraped>)>>,
 }
 
 impl Latest {
@@ -127,7 +129,7 @@ impl Latest {
     /// the blocking pool).
     async fn get<C>(&self, arrived: Instant, collect: C) -> Text
     where
-        C: FnOnce() -> Result<Vec<Bytes>, String> + Send + 'static,
+        C: FnOnce() -> Scraped + Send + 'static,
     {
         let mut last = self.last.lock().await;
         if let Some((started, text)) = &*last {
