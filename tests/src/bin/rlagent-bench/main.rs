@@ -132,9 +132,6 @@ fn metrics(uids: u32) {
     assert_eq!(series, uids as usize, "one live series per UID");
     let (rss_after, peak) = idle::settled_memory_mib(agent.pid());
     let (_, body) = rlagent_tests::http_get(scratch.metrics_port(), "/metrics");
-    if let Ok(path) = std::env::var("RLAGENT_BENCH_SAVE_BODY") {
-        std::fs::write(path, &body).expect("writing the body");
-    }
     assert_eq!(
         rlagent_tests::sample(&body, "rlagent_host_connections_live"),
         Some(f64::from(uids)),
@@ -146,6 +143,34 @@ fn metrics(uids: u32) {
         percentile(&times, 0.5),
         percentile(&times, 0.99),
         size as f64 / (1 << 20) as f64
+    );
+    // Eight scrapes at once (Prometheus pairs, a dashboard, a user's loop), ten rounds: the
+    // time until the last answer, and the agent's CPU per round.
+    const AT_ONCE: usize = 8;
+    let port = scratch.metrics_port();
+    let mut rounds = Vec::new();
+    let cpu_before = cpu_seconds(agent.pid());
+    for _ in 0..10 {
+        let t = Instant::now();
+        let scrapes: Vec<_> = (0..AT_ONCE)
+            .map(|_| std::thread::spawn(move || rlagent_tests::http_get(port, "/metrics")))
+            .collect();
+        for s in scrapes {
+            let (head, body) = s.join().expect("a scrape");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(
+                rlagent_tests::sample(&body, "rlagent_host_connections_live"),
+                Some(f64::from(uids)),
+                "every scrape gets the whole text"
+            );
+        }
+        rounds.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let cpu_ms = (cpu_seconds(agent.pid()) - cpu_before) * 1e3 / rounds.len() as f64;
+    rounds.sort_by(f64::total_cmp);
+    println!(
+        "{AT_ONCE} scrapes at once, 10 rounds: p50 {:.0} ms until the last answer, the agent's CPU {cpu_ms:.0} ms per round",
+        percentile(&rounds, 0.5)
     );
     drop(holders);
     assert_all_released(&scratch, "metrics");
