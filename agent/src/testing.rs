@@ -109,7 +109,7 @@ pub mod kernel {
             cgroup::CgroupError, CgroupReport, ConnUsage, Enforcer, KernelError, Observer,
             UnenforcedGroups,
         },
-        model::usage::{CgroupStats, ProgramStats},
+        model::usage::{CgroupStats, Detail, ProgramStats},
     };
 
     /// What the fake enforcer saw, and how it should misbehave.
@@ -228,7 +228,11 @@ pub mod kernel {
     pub struct FakeObserver;
 
     impl Observer for FakeObserver {
-        fn cgroup_stats(&self, _: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError> {
+        fn cgroup_stats(
+            &self,
+            _: &CgroupPlan,
+            _: Detail,
+        ) -> Result<Vec<(String, CgroupStats)>, KernelError> {
             Ok(Vec::new())
         }
         fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError> {

@@ -30,6 +30,7 @@ use crate::{
         event::DenialEvent,
         quota::Field,
         target::{Target, TargetError},
+        usage::Detail,
         users::UserDb,
     },
     observe::{
@@ -55,7 +56,11 @@ pub fn control_gid(users: &dyn UserDb, group: &str) -> Option<u32> {
 
 /// The Stats model of what `desired` manages, read through `observer` (also used by
 /// `rlagent stats` outside the agent).
-pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats, KernelError> {
+pub fn collect_stats(
+    observer: &dyn Observer,
+    desired: &Desired,
+    detail: Detail,
+) -> Result<Stats, KernelError> {
     let conns = observer.conn_usage()?.unwrap_or_default();
     let names = kernel::group_ids(&observer.cgroup2().0, &desired.conns);
     let groups = conns
@@ -75,7 +80,7 @@ pub fn collect_stats(observer: &dyn Observer, desired: &Desired) -> Result<Stats
         groups,
         events_received: Default::default(),
         targets: observer
-            .cgroup_stats(&desired.cgroups)?
+            .cgroup_stats(&desired.cgroups, detail)?
             .into_iter()
             .map(|(target, cgroup)| TargetStats { target, cgroup })
             .collect(),
@@ -353,8 +358,13 @@ impl App {
     /// The one Stats model (rlctl stats, /metrics, the alert engine), read from the kernel
     /// for what the snapshot manages; the agent's lock is not taken. Blocking.
     pub fn stats(&self) -> Result<Stats, AppError> {
+        self.stats_in(Detail::All)
+    }
+
+    /// [`App::stats`], with cgroup stats read in `detail`.
+    fn stats_in(&self, detail: Detail) -> Result<Stats, AppError> {
         let snapshot = self.snapshot();
-        let mut stats = collect_stats(self.observer.as_ref(), &snapshot.desired)?;
+        let mut stats = collect_stats(self.observer.as_ref(), &snapshot.desired, detail)?;
         stats.pins_missing = Some(self.observer.pins_missing().len());
         stats.alerts_firing = self.engine().firing();
         stats.skipped_targets = snapshot.skipped.len();
@@ -457,7 +467,7 @@ impl App {
     /// Evaluates the rules at `now` (engine time), logs and publishes each transition, and
     /// returns the transitions. Blocking.
     pub fn evaluate_alerts(&self, now: Duration) -> Result<Vec<Alert>, AppError> {
-        let stats = self.stats()?;
+        let stats = self.stats_in(Detail::Limits)?;
         let missing = stats.pins_missing.unwrap_or(0);
         let before = self
             .pins_missing

@@ -29,7 +29,7 @@ use crate::{
     },
     model::{
         layout::Driver,
-        usage::{CgroupStats, GroupConnStats, HostConnStats, ProgramStats, UidConnStats},
+        usage::{CgroupStats, Detail, GroupConnStats, HostConnStats, ProgramStats, UidConnStats},
     },
 };
 use bpf::{BpfError, ConnLimiter, LinkAction, PinnedMaps};
@@ -174,7 +174,11 @@ pub trait Enforcer: Send {
 /// Reads from the kernel.
 pub trait Observer: Send + Sync {
     /// Usage of every cgroup `plan` manages that exists, labelled with its target.
-    fn cgroup_stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError>;
+    fn cgroup_stats(
+        &self,
+        plan: &CgroupPlan,
+        detail: Detail,
+    ) -> Result<Vec<(String, CgroupStats)>, KernelError>;
     /// Connection counters; `None` when no programs are installed.
     fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError>;
     /// Run counts of the programs (while `kernel.bpf_stats_enabled`).
@@ -404,8 +408,12 @@ impl SystemObserver {
 }
 
 impl Observer for SystemObserver {
-    fn cgroup_stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, KernelError> {
-        Ok(self.cgroups.stats(plan)?)
+    fn cgroup_stats(
+        &self,
+        plan: &CgroupPlan,
+        detail: Detail,
+    ) -> Result<Vec<(String, CgroupStats)>, KernelError> {
+        Ok(self.cgroups.stats(plan, detail)?)
     }
 
     fn conn_usage(&self) -> Result<Option<ConnUsage>, KernelError> {

@@ -55,10 +55,22 @@ pub struct Pressure {
     pub full_total_usec: Option<u64>,
 }
 
+/// How much of each cgroup's stats to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Everything (`rlctl stats`, /metrics).
+    All,
+    /// CPU, memory and pids, what the alert rules read: no pressure and no process count
+    /// (`procs` is 0). An alert round reads 1,000 groups every 15 s; PSI and the process
+    /// lists were a third of an idle agent's CPU.
+    Limits,
+}
+
 /// Usage and limits of one cgroup, as the agent reports them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CgroupStats {
     pub cgroup: PathBuf,
+    /// Processes in the cgroup (0 when read with [`Detail::Limits`]).
     pub procs: usize,
     pub cpu: Option<CpuStats>,
     /// (quota_us, period_us); `None` = no CPU limit.

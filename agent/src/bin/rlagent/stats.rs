@@ -10,6 +10,7 @@ use rlagent::{
     config::Config,
     desired::{state::RuntimeState, Desired},
     kernel::{nss::SystemUsers, SystemObserver},
+    model::usage::Detail,
     observe::table,
 };
 
@@ -19,7 +20,11 @@ pub fn stats(config_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     resolve_driver(&mut config)?;
     let runtime = RuntimeState::load(&config.state_path)?;
     let desired = Desired::build(&config, &runtime, &SystemUsers)?;
-    let stats = collect_stats(&SystemObserver::open(&config.bpf.pin_path)?, &desired)?;
+    let stats = collect_stats(
+        &SystemObserver::open(&config.bpf.pin_path)?,
+        &desired,
+        Detail::All,
+    )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
     } else {

@@ -7,7 +7,10 @@ use std::{collections::BTreeSet, path::PathBuf, sync::Arc};
 use super::{mover::Mover, stats, systemd::SystemdError, CgroupError, CgroupFs, Controller};
 use crate::{
     desired::cgroups::{Before, CgroupPlan},
-    model::{quota::Field, usage::CgroupStats},
+    model::{
+        quota::Field,
+        usage::{CgroupStats, Detail},
+    },
 };
 
 /// A driver's failure: a cgroup file it read or wrote, or a call to systemd.
@@ -63,8 +66,12 @@ pub trait CgroupDriver: Send + Sync {
     }
 
     /// Usage of every cgroup `plan` manages that exists, labelled with its target.
-    fn stats(&self, plan: &CgroupPlan) -> Result<Vec<(String, CgroupStats)>, DriverError> {
-        Ok(stats::plan_stats(self.fs(), plan)?)
+    fn stats(
+        &self,
+        plan: &CgroupPlan,
+        detail: Detail,
+    ) -> Result<Vec<(String, CgroupStats)>, DriverError> {
+        Ok(stats::plan_stats(self.fs(), plan, detail)?)
     }
 }
 

@@ -195,9 +195,11 @@ impl CgroupFs {
     /// number, which is the id): one read per parent instead of one stat per cgroup. With 1,000
     /// groups in one parent, the agent's check every 2 s for groups made again took
     /// 1,000 `statx` calls, the most of what the idle agent did.
-    pub fn ids<'a>(&self, cgroups: impl IntoIterator<Item = &'a Path>) -> BTreeMap<&'a Path, u64> {
+    /// A hash map: in the agent's check every 2 s, path comparisons in an ordered map were
+    /// a fifth of an idle agent's CPU with 1,000 groups (`perf`).
+    pub fn ids<'a>(&self, cgroups: impl IntoIterator<Item = &'a Path>) -> HashMap<&'a Path, u64> {
         use std::os::unix::fs::DirEntryExt;
-        let mut ids = BTreeMap::new();
+        let mut ids = HashMap::new();
         let mut by_parent: BTreeMap<&Path, Vec<&Path>> = BTreeMap::new();
         for cgroup in cgroups {
             match (cgroup.parent(), cgroup.file_name()) {
@@ -393,7 +395,7 @@ mod tests {
         ]
         .map(Path::new);
         let ids = fs.ids(wanted);
-        let expected: BTreeMap<&Path, u64> = wanted
+        let expected: HashMap<&Path, u64> = wanted
             .into_iter()
             .filter(|p| p.as_os_str().is_empty() || tmp.path().join(p).is_dir())
             .map(|p| (p, fs.id(p).unwrap()))

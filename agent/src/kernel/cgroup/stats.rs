@@ -5,7 +5,10 @@ use std::path::Path;
 use super::{cpu, memory, pids, psi, CgroupError, CgroupFs};
 use crate::{
     desired::cgroups::CgroupPlan,
-    model::{layout::Driver, usage::CgroupStats},
+    model::{
+        layout::Driver,
+        usage::{CgroupStats, Detail},
+    },
 };
 
 /// Stats of every cgroup `plan` manages that exists, labelled with its target: groups,
@@ -13,11 +16,12 @@ use crate::{
 pub fn plan_stats(
     fs: &CgroupFs,
     plan: &CgroupPlan,
+    detail: Detail,
 ) -> Result<Vec<(String, CgroupStats)>, CgroupError> {
     let mut out = Vec::new();
     let mut add = |target: String, relative: &Path| -> Result<(), CgroupError> {
         if fs.path(relative).join("cgroup.procs").exists() {
-            out.push((target, cgroup_stats(fs, relative)?));
+            out.push((target, cgroup_stats(fs, relative, detail)?));
         }
         Ok(())
     };
@@ -37,12 +41,24 @@ pub fn plan_stats(
 }
 
 /// Stats of one cgroup (relative path); controllers that are not enabled are `None`.
-pub fn cgroup_stats(fs: &CgroupFs, relative: &Path) -> Result<CgroupStats, CgroupError> {
+pub fn cgroup_stats(
+    fs: &CgroupFs,
+    relative: &Path,
+    detail: Detail,
+) -> Result<CgroupStats, CgroupError> {
     let dir = fs.path(relative);
     let has = |file: &str| dir.join(file).exists();
+    let all = detail == Detail::All;
+    let pressure = |resource| {
+        if all {
+            psi::read(&dir, resource)
+        } else {
+            Ok(None)
+        }
+    };
     Ok(CgroupStats {
         cgroup: relative.to_path_buf(),
-        procs: fs.pids(relative)?.len(),
+        procs: if all { fs.pids(relative)?.len() } else { 0 },
         cpu: if has("cpu.stat") {
             Some(cpu::stats(&dir)?)
         } else {
@@ -63,7 +79,42 @@ pub fn cgroup_stats(fs: &CgroupFs, relative: &Path) -> Result<CgroupStats, Cgrou
         } else {
             None
         },
-        cpu_pressure: psi::read(&dir, "cpu")?,
-        memory_pressure: psi::read(&dir, "memory")?,
+        cpu_pressure: pressure("cpu")?,
+        memory_pressure: pressure("memory")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::cgroupfs;
+
+    #[test]
+    fn an_alert_round_reads_the_limits_without_pressure_or_processes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = CgroupFs::new(tmp.path());
+        let dir = tmp.path().join("g");
+        cgroupfs::cgroup(&dir, "cpu");
+        std::fs::write(dir.join("cgroup.procs"), "10\n11\n").unwrap();
+        std::fs::write(dir.join("cpu.max"), "50000 100000\n").unwrap();
+        std::fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 7\nnr_periods 3\nnr_throttled 1\nthrottled_usec 2\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("cpu.pressure"),
+            "some avg10=1.00 avg60=0.50 avg300=0.10 total=1234\n",
+        )
+        .unwrap();
+        let all = cgroup_stats(&fs, Path::new("g"), Detail::All).unwrap();
+        assert_eq!(all.procs, 2);
+        assert_eq!(all.cpu_pressure.map(|p| p.some_total_usec), Some(1234));
+        let limits = cgroup_stats(&fs, Path::new("g"), Detail::Limits).unwrap();
+        assert_eq!((limits.procs, limits.cpu_pressure), (0, None));
+        for s in [&all, &limits] {
+            assert_eq!(s.cpu.map(|c| c.nr_throttled), Some(1));
+            assert_eq!(s.cpu_max, Some((50_000, 100_000)));
+        }
+    }
 }
