@@ -201,16 +201,17 @@ impl PinnedMaps {
     /// Every group's counters (also of groups whose policy is gone while connections
     /// charged to them are open), by cgroup id.
     pub fn groups(&self) -> Result<BTreeMap<u64, GroupCounters>, BpfError> {
-        let mut groups = BTreeMap::new();
-        for (id, conns) in entries(&self.group_conns, names::GROUP_CONNS)? {
-            let policy = match self.group_policy.get(&id, 0) {
-                Ok(p) => Some(p),
-                Err(MapError::KeyNotFound) => None,
-                Err(source) => return Err(map_error(names::GROUP_POLICY)(source)),
-            };
-            groups.insert(id, GroupCounters { policy, conns });
-        }
-        Ok(groups)
+        let policies: std::collections::HashMap<u64, Policy> =
+            entries(&self.group_policy, names::GROUP_POLICY)?
+                .into_iter()
+                .collect();
+        Ok(entries(&self.group_conns, names::GROUP_CONNS)?
+            .into_iter()
+            .map(|(id, conns)| {
+                let policy = policies.get(&id).copied();
+                (id, GroupCounters { policy, conns })
+            })
+            .collect())
     }
 
     /// Host counters and every UID's counters with the policy in force for it.
@@ -223,7 +224,7 @@ impl PinnedMaps {
             .collect();
         let settings = self.settings()?;
         let caps = own.len() as u64;
-        let groups = self.group_policy.keys().count() as u64;
+        let groups = entries(&self.group_policy, names::GROUP_POLICY)?.len() as u64;
         let host = HostConnStats {
             live: counters.host.live,
             cap: Some(settings.host_cap).filter(|c| *c != UNLIMITED),
