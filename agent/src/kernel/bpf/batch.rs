@@ -98,8 +98,9 @@ where
             None | Some(Errno::ENOENT) => {
                 let copied = copied.min(chunk);
                 entries.extend(keys[..copied].iter().zip(&values[..copied]).map(|(k, v)| {
-                    // SAFETY: every entry was zeroed before the call and the kernel wrote
-                    // only whole entries; `K` and `V` are `Pod`, valid for any bytes.
+                    // SAFETY: every slot holds initialized bytes (zeroes when it was added,
+                    // else whole entries the kernel wrote); `K` and `V` are `Pod`, valid
+                    // for any bytes.
                     unsafe { (k.assume_init_read(), v.assume_init_read()) }
                 }));
                 if error.is_some() {

@@ -52,7 +52,14 @@ pub async fn serve<F>(
     F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
 {
     let activity = Arc::new(std::sync::Mutex::new(UidActivity::default()));
-    let latest = Arc::new(Latest::default());
+    let latest = Arc::new(Latest::new(move || {
+        let mut stats = collect().map_err(|e| format!("collecting stats: {e}"))?;
+        activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(&mut stats, std::time::Instant::now());
+        Ok(render(&stats))
+    }));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let after = Arc::new(AfterScrape::new(after));
     loop {
@@ -69,30 +76,17 @@ pub async fn serve<F>(
             drop(stream);
             continue;
         };
-        let collect = collect.clone();
-        let activity = activity.clone();
         let latest = latest.clone();
         let after = after.clone();
         tokio::spawn(async move {
             let scraped = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let scrape = scraped.clone();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let arrived = Instant::now();
-                let collect = collect.clone();
-                let activity = activity.clone();
                 let latest = latest.clone();
                 if req.uri().path() == "/metrics" {
                     scrape.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                async move {
-                    let scrape = Scrape {
-                        arrived,
-                        collect,
-                        activity,
-                        latest,
-                    };
-                    Ok::<_, Infallible>(respond(req, scrape).await)
-                }
+                async move { Ok::<_, Infallible>(respond(req, &latest).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -112,48 +106,79 @@ pub async fn serve<F>(
 type Scraped = Result<Vec<Bytes>, String>;
 /// A scrape's text, shared by the requests that waited for it.
 type Text = Arc<Scraped>;
+/// Where the requests that share a collection wait for its text.
+type Waiting = tokio::sync::watch::Receiver<Option<Text>>;
 
-/// Scrapes that come together share one collection. One collection runs at a time, and a
-/// request takes the text of a collection that started after the request arrived, else
-/// starts one: a flood of scrapes from local users costs at most one collection at a time
-/// (not one per connection), and no response is older than its request.
-#[derive(Default)]
+/// Scrapes that come together share one collection. One collection runs at a time, in a
+/// task of its own (a request that goes away does not stop it or start another); a request
+/// that arrives while one runs waits for the next, which starts when it ends and is shared
+/// by every request that arrived meanwhile. So a flood of scrapes from local users costs
+/// one collection at a time, at most one after another, and no response is older than its
+/// request. A text is held while some request still waits for it, no longer (with 65,000
+/// UIDs it is 20 MiB).
 struct Latest {
-    /// When the last collection started, and its text while a response still holds it
-    /// (kept no longer: with 65,000 UIDs it is 20 MiB).
-    last: tokio::sync::Mutex<Option<(Instant, std::sync::Weak<Scraped>)>>,
+    collect: Arc<dyn Fn() -> Scraped + Send + Sync>,
+    state: std::sync::Mutex<Collections>,
+}
+
+#[derive(Default)]
+struct Collections {
+    /// A collection is running.
+    running: bool,
+    /// The collection to run when it ends, with its waiting requests.
+    next: Option<tokio::sync::watch::Sender<Option<Text>>>,
 }
 
 impl Latest {
-    /// The text for a request that arrived at `arrived`: shared, or from `collect` (run on
-    /// the blocking pool).
-    async fn get<C>(&self, arrived: Instant, collect: C) -> Text
-    where
-        C: FnOnce() -> Scraped + Send + 'static,
-    {
-        let mut last = self.last.lock().await;
-        if let Some((started, text)) = &*last {
-            if let Some(text) = text.upgrade().filter(|_| *started >= arrived) {
-                return text;
+    fn new(collect: impl Fn() -> Scraped + Send + Sync + 'static) -> Self {
+        Self {
+            collect: Arc::new(collect),
+            state: std::sync::Mutex::new(Collections::default()),
+        }
+    }
+
+    /// Where a request arriving now waits for its text: the collection it starts, or the
+    /// next one.
+    fn text(self: &Arc<Self>) -> Waiting {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.running {
+            return state
+                .next
+                .get_or_insert_with(|| tokio::sync::watch::channel(None).0)
+                .subscribe();
+        }
+        state.running = true;
+        let (text, waiting) = tokio::sync::watch::channel(None);
+        tokio::spawn(self.clone().run(text));
+        waiting
+    }
+
+    /// Runs collections (on the blocking pool) while requests wait for a next one.
+    async fn run(self: Arc<Self>, mut text: tokio::sync::watch::Sender<Option<Text>>) {
+        loop {
+            let collect = self.collect.clone();
+            let scraped = tokio::task::spawn_blocking(move || collect())
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            text.send_replace(Some(Arc::new(scraped)));
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            match state.next.take() {
+                Some(next) => text = next,
+                None => {
+                    state.running = false;
+                    return;
+                }
             }
         }
-        let started = Instant::now();
-        let text = Arc::new(
-            tokio::task::spawn_blocking(collect)
-                .await
-                .unwrap_or_else(|e| Err(e.to_string())),
-        );
-        *last = Some((started, Arc::downgrade(&text)));
-        text
     }
 }
 
-/// What answering a scrape needs.
-struct Scrape<F> {
-    arrived: Instant,
-    collect: Arc<F>,
-    activity: Arc<std::sync::Mutex<UidActivity>>,
-    latest: Arc<Latest>,
+/// The text a request waits for in `waiting`.
+async fn text_of(mut waiting: Waiting) -> Text {
+    match waiting.wait_for(Option::is_some).await {
+        Ok(text) => text.clone().expect("waited for a text"),
+        Err(_) => Arc::new(Err("the collection ended without a result".to_string())),
+    }
 }
 
 /// The work after scrapes: run after a scrape when the last run is a second ago or more,
@@ -262,10 +287,7 @@ impl hyper::body::Body for Chunks {
     }
 }
 
-async fn respond<F>(req: Request<hyper::body::Incoming>, scrape: Scrape<F>) -> Response<Chunks>
-where
-    F: Fn() -> Result<Stats, String> + Send + Sync + 'static,
-{
+async fn respond(req: Request<hyper::body::Incoming>, latest: &Arc<Latest>) -> Response<Chunks> {
     let reply = |status: StatusCode, content_type: &str, body: Vec<Bytes>| {
         Response::builder()
             .status(status)
@@ -276,24 +298,9 @@ where
     let text = |s: String| vec![Bytes::from(s)];
     match req.uri().path() {
         "/metrics" => {
-            let Scrape {
-                arrived,
-                collect,
-                activity,
-                latest,
-            } = scrape;
             // Collected and written on the blocking pool: with 10,000 UIDs that is some
             // 15 ms.
-            let scraped = latest
-                .get(arrived, move || {
-                    let mut stats = collect().map_err(|e| format!("collecting stats: {e}"))?;
-                    activity
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .retain(&mut stats, std::time::Instant::now());
-                    Ok(render(&stats))
-                })
-                .await;
+            let scraped = text_of(latest.text()).await;
             match &*scraped {
                 Ok(chunks) => reply(
                     StatusCode::OK,
@@ -383,54 +390,77 @@ mod tests {
         assert_eq!(runs(), 3, "one run for each, no more");
     }
 
+    /// A `Latest` whose collections take 100 ms and say their number; with the number of
+    /// collections started and the most that ran at once.
+    fn counted() -> (
+        Arc<Latest>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let started = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(0));
+        let latest = {
+            let (started, most) = (started.clone(), most.clone());
+            Arc::new(Latest::new(move || {
+                let n = started.fetch_add(1, Ordering::SeqCst) + 1;
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(vec![Bytes::from(format!("collection {n}"))])
+            }))
+        };
+        (latest, started, most)
+    }
+
+    /// A request's text, as the request sees it; the text itself is let go at once, as a
+    /// response lets go of it once sent.
+    async fn request(latest: Arc<Latest>) -> String {
+        let text = text_of(latest.text()).await;
+        let chunks = text.as_ref().as_ref().expect("a text");
+        String::from_utf8(chunks.concat()).unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn scrapes_that_arrive_during_a_collection_share_the_next_one() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let latest = Arc::new(Latest::default());
-        let started = Arc::new(AtomicUsize::new(0));
-        let collect = |started: &Arc<AtomicUsize>| {
-            let started = started.clone();
-            move || {
-                let n = started.fetch_add(1, Ordering::SeqCst) + 1;
-                std::thread::sleep(Duration::from_millis(100));
-                Ok(vec![Bytes::from(format!("collection {n}\n"))])
-            }
-        };
-        let first = {
-            let (latest, collect) = (latest.clone(), collect(&started));
-            tokio::spawn(async move { latest.get(Instant::now(), collect).await })
-        };
+        use std::sync::atomic::Ordering;
+        let (latest, started, most) = counted();
+        let first = tokio::spawn(request(latest.clone()));
         while started.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // Seven requests arrive while the first collection runs: it started before them,
-        // so they wait and share one more.
+        // Seven requests arrive while the first collection runs: they share the next.
         let waiting: Vec<_> = (0..7)
-            .map(|_| {
-                let (latest, collect) = (latest.clone(), collect(&started));
-                let arrived = Instant::now();
-                tokio::spawn(async move { latest.get(arrived, collect).await })
-            })
+            .map(|_| tokio::spawn(request(latest.clone())))
             .collect();
-        let first = first.await.unwrap();
-        let mut texts = Vec::new();
+        assert_eq!(first.await.unwrap(), "collection 1");
         for w in waiting {
-            texts.push(w.await.unwrap());
+            assert_eq!(w.await.unwrap(), "collection 2");
         }
         assert_eq!(
             started.load(Ordering::SeqCst),
             2,
             "two collections for eight"
         );
-        assert_eq!(first.as_ref().as_ref().unwrap()[0], "collection 1\n");
-        for t in &texts {
-            assert!(Arc::ptr_eq(t, &texts[0]), "the seven share one text");
+        // A request after that gets a collection of its own.
+        assert_eq!(request(latest.clone()).await, "collection 3");
+        assert_eq!(most.load(Ordering::SeqCst), 1, "one collection at a time");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_goes_away_neither_stops_its_collection_nor_starts_another() {
+        use std::sync::atomic::Ordering;
+        let (latest, started, most) = counted();
+        let gone = tokio::spawn(request(latest.clone()));
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(texts[0].as_ref().as_ref().unwrap()[0], "collection 2\n");
-        // A request after that collection ended gets a new one, while the old text is
-        // still held.
-        let later = latest.get(Instant::now(), collect(&started)).await;
-        assert_eq!(later.as_ref().as_ref().unwrap()[0], "collection 3\n");
+        gone.abort();
+        // Arrives while the abandoned collection still runs: waits for the next one.
+        assert_eq!(request(latest.clone()).await, "collection 2");
+        assert_eq!(most.load(Ordering::SeqCst), 1, "one collection at a time");
     }
 
     #[test]
