@@ -39,7 +39,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Serves `/metrics` over HTTP/1.1, one request per connection; `collect` builds the stats
-/// for each scrape, and `after` runs (on the blocking pool) once a scrape's connection is
+/// for a scrape (scrapes that come together share one, see [`Latest`]), and `after` runs (on the blocking pool) once a scrape's connection is
 /// done and its response dropped, at most once a second: the port is open to every local
 /// user, and a loop of connections must not queue up work. Runs on its own connection
 /// budget, apart from the control socket's.
