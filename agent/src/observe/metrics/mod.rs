@@ -39,10 +39,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Serves `/metrics` over HTTP/1.1, one request per connection; `collect` builds the stats
-/// for a scrape (scrapes that come together share one, see [`Latest`]), and `after` runs (on the blocking pool) once a scrape's connection is
-/// done and its response dropped, at most once a second: the port is open to every local
-/// user, and a loop of connections must not queue up work. Runs on its own connection
-/// budget, apart from the control socket's.
+/// for a scrape (scrapes that arrive during a collection share the next one, see
+/// [`Latest`]), and `after` runs (on the blocking pool) once a scrape's connection is done
+/// and its response dropped, at most once a second: the port is open to every local user,
+/// and a loop of connections must not queue up work. Runs on its own connection budget,
+/// apart from the control socket's.
 pub async fn serve<F>(
     listener: tokio::net::TcpListener,
     collect: Arc<F>,
@@ -109,13 +110,14 @@ type Text = Arc<Scraped>;
 /// Where the requests that share a collection wait for its text.
 type Waiting = tokio::sync::watch::Receiver<Option<Text>>;
 
-/// Scrapes that come together share one collection. One collection runs at a time, in a
-/// task of its own (a request that goes away does not stop it or start another); a request
-/// that arrives while one runs waits for the next, which starts when it ends and is shared
-/// by every request that arrived meanwhile. So a flood of scrapes from local users costs
-/// one collection at a time, at most one after another, and no response is older than its
-/// request. A text is held while some request still waits for it, no longer (with 65,000
-/// UIDs it is 20 MiB).
+/// Scrapes that arrive during a collection share the next one. One collection runs at a
+/// time, in a task of its own (a request that goes away does not stop it or start
+/// another); a request that arrives while one runs waits for the next, which starts when
+/// it ends and is shared by every request that arrived meanwhile (it is skipped if they
+/// have all gone). So a flood of scrapes from local users costs one collection at a time,
+/// and no response is older than its request. A text is held while requests wait for it
+/// and while their responses are sent (with 65,000 UIDs it is 20 MiB; at most
+/// [`MAX_CONNECTIONS`] responses are sent at once, each within [`CONNECTION_LIFETIME`]).
 struct Latest {
     collect: Arc<dyn Fn() -> Scraped + Send + Sync>,
     state: std::sync::Mutex<Collections>,
@@ -155,20 +157,47 @@ impl Latest {
 
     /// Runs collections (on the blocking pool) while requests wait for a next one.
     async fn run(self: Arc<Self>, mut text: tokio::sync::watch::Sender<Option<Text>>) {
+        let mut stopped = Stopped {
+            latest: &self,
+            normally: false,
+        };
         loop {
             let collect = self.collect.clone();
             let scraped = tokio::task::spawn_blocking(move || collect())
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+                .unwrap_or_else(|e| {
+                    tracing::warn!("collecting /metrics failed: {e}");
+                    Err("collecting the stats failed (see the agent's log)".to_string())
+                });
             text.send_replace(Some(Arc::new(scraped)));
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             match state.next.take() {
-                Some(next) => text = next,
-                None => {
+                Some(next) if !next.is_closed() => text = next,
+                _ => {
                     state.running = false;
+                    stopped.normally = true;
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Clears the collection state when [`Latest::run`] ends other than by returning (a panic,
+/// such as `spawn_blocking`'s when no thread can be made, or the runtime dropping it), so
+/// later requests start a collection of their own instead of waiting on one that never
+/// runs. The requests waiting then get an error.
+struct Stopped<'a> {
+    latest: &'a Latest,
+    normally: bool,
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        if !self.normally {
+            let mut state = self.latest.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.running = false;
+            state.next = None;
         }
     }
 }
@@ -390,29 +419,66 @@ mod tests {
         assert_eq!(runs(), 3, "one run for each, no more");
     }
 
-    /// A `Latest` whose collections take 100 ms and say their number; with the number of
-    /// collections started and the most that ran at once.
-    fn counted() -> (
-        Arc<Latest>,
-        Arc<std::sync::atomic::AtomicUsize>,
-        Arc<std::sync::atomic::AtomicUsize>,
-    ) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let started = Arc::new(AtomicUsize::new(0));
-        let most = Arc::new(AtomicUsize::new(0));
-        let running = Arc::new(AtomicUsize::new(0));
-        let latest = {
-            let (started, most) = (started.clone(), most.clone());
-            Arc::new(Latest::new(move || {
-                let n = started.fetch_add(1, Ordering::SeqCst) + 1;
-                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(100));
-                running.fetch_sub(1, Ordering::SeqCst);
-                Ok(vec![Bytes::from(format!("collection {n}"))])
-            }))
-        };
-        (latest, started, most)
+    /// A collection the test lets end: a `Latest` whose collections wait for a release and
+    /// say their number.
+    struct Gated {
+        latest: Arc<Latest>,
+        release: std::sync::mpsc::Sender<()>,
+        /// Collections started.
+        started: Arc<std::sync::atomic::AtomicUsize>,
+        /// The most that ran at once.
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Gated {
+        fn new() -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            let (release, gate) = std::sync::mpsc::channel::<()>();
+            let gate = std::sync::Mutex::new(gate);
+            let started = Arc::new(AtomicUsize::new(0));
+            let most = Arc::new(AtomicUsize::new(0));
+            let running = AtomicUsize::new(0);
+            let latest = {
+                let (started, most) = (started.clone(), most.clone());
+                Arc::new(Latest::new(move || {
+                    let n = started.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(running.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    gate.lock().unwrap().recv().expect("released");
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(vec![Bytes::from(format!("collection {n}"))])
+                }))
+            };
+            Self {
+                latest,
+                release,
+                started,
+                most,
+            }
+        }
+
+        /// Waits (at most 5 s) until `check` holds of the state.
+        async fn until(&self, what: &str, check: impl Fn(&Self, &Collections) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                {
+                    let state = self.latest.state.lock().unwrap();
+                    if check(self, &state) {
+                        return;
+                    }
+                }
+                assert!(Instant::now() < deadline, "waited 5 s for {what}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        fn started(&self) -> usize {
+            self.started.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        /// Requests waiting for the next collection.
+        fn waiting(state: &Collections) -> usize {
+            state.next.as_ref().map_or(0, |n| n.receiver_count())
+        }
     }
 
     /// A request's text, as the request sees it; the text itself is let go at once, as a
@@ -425,42 +491,108 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn scrapes_that_arrive_during_a_collection_share_the_next_one() {
-        use std::sync::atomic::Ordering;
-        let (latest, started, most) = counted();
-        let first = tokio::spawn(request(latest.clone()));
-        while started.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let g = Gated::new();
+        let first = tokio::spawn(request(g.latest.clone()));
+        g.until("the first collection", |g, _| g.started() == 1)
+            .await;
         // Seven requests arrive while the first collection runs: they share the next.
         let waiting: Vec<_> = (0..7)
-            .map(|_| tokio::spawn(request(latest.clone())))
+            .map(|_| tokio::spawn(request(g.latest.clone())))
             .collect();
+        g.until("seven waiting", |_, s| Gated::waiting(s) == 7)
+            .await;
+        g.release.send(()).unwrap();
         assert_eq!(first.await.unwrap(), "collection 1");
+        g.release.send(()).unwrap();
         for w in waiting {
             assert_eq!(w.await.unwrap(), "collection 2");
         }
+        assert_eq!(g.started(), 2, "two collections for eight");
+        // A request after that gets a collection of its own; its text is let go once no
+        // request holds it.
+        g.until("the collections ended", |_, s| !s.running).await;
+        g.release.send(()).unwrap();
+        let text = text_of(g.latest.text()).await;
+        assert_eq!(text.as_ref().as_ref().unwrap()[0], "collection 3");
+        let weak = Arc::downgrade(&text);
+        drop(text);
+        // The run task lets go of its end of the channel as it returns.
+        g.until("the text let go", |_, _| weak.upgrade().is_none())
+            .await;
         assert_eq!(
-            started.load(Ordering::SeqCst),
-            2,
-            "two collections for eight"
+            g.most.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one at a time"
         );
-        // A request after that gets a collection of its own.
-        assert_eq!(request(latest.clone()).await, "collection 3");
-        assert_eq!(most.load(Ordering::SeqCst), 1, "one collection at a time");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_that_goes_away_neither_stops_its_collection_nor_starts_another() {
-        use std::sync::atomic::Ordering;
-        let (latest, started, most) = counted();
-        let gone = tokio::spawn(request(latest.clone()));
-        while started.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let g = Gated::new();
+        let gone = tokio::spawn(request(g.latest.clone()));
+        g.until("the first collection", |g, _| g.started() == 1)
+            .await;
         gone.abort();
+        assert!(gone.await.unwrap_err().is_cancelled());
         // Arrives while the abandoned collection still runs: waits for the next one.
-        assert_eq!(request(latest.clone()).await, "collection 2");
-        assert_eq!(most.load(Ordering::SeqCst), 1, "one collection at a time");
+        let later = tokio::spawn(request(g.latest.clone()));
+        g.until("one waiting", |_, s| Gated::waiting(s) == 1).await;
+        g.release.send(()).unwrap();
+        g.release.send(()).unwrap();
+        assert_eq!(later.await.unwrap(), "collection 2");
+        assert_eq!(g.started(), 2);
+        assert_eq!(
+            g.most.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one at a time"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_next_collection_that_nobody_waits_for_is_skipped() {
+        let g = Gated::new();
+        let first = tokio::spawn(request(g.latest.clone()));
+        g.until("the first collection", |g, _| g.started() == 1)
+            .await;
+        let gone = tokio::spawn(request(g.latest.clone()));
+        g.until("one waiting", |_, s| Gated::waiting(s) == 1).await;
+        gone.abort();
+        assert!(gone.await.unwrap_err().is_cancelled());
+        g.release.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), "collection 1");
+        g.until("the collections ended", |_, s| !s.running).await;
+        assert_eq!(g.started(), 1, "no collection for nobody");
+    }
+
+    #[test]
+    fn a_run_task_dropped_mid_collection_leaves_the_way_open_for_the_next_request() {
+        let g = Gated::new();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let waiting = rt.block_on(async {
+            let waiting = g.latest.text();
+            g.until("the first collection", |g, _| g.started() == 1)
+                .await;
+            waiting
+        });
+        // The runtime goes (as at shutdown) with the run task in its collection.
+        rt.shutdown_background();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let text = text_of(waiting).await;
+            assert!(text.is_err(), "its waiter gets an error");
+            g.until("the state cleared", |_, s| !s.running && s.next.is_none())
+                .await;
+            let later = tokio::spawn(request(g.latest.clone()));
+            g.until("a second collection", |g, _| g.started() == 2)
+                .await;
+            g.release.send(()).unwrap();
+            g.release.send(()).unwrap();
+            assert_eq!(later.await.unwrap(), "collection 2");
+        });
     }
 
     #[test]
