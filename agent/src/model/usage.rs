@@ -61,8 +61,8 @@ pub enum Detail {
     /// Everything (`rlctl stats`, /metrics).
     All,
     /// CPU, memory and pids, what the alert rules read: no pressure and no process count
-    /// (`procs` is 0). An alert round reads 1,000 groups every 15 s; reading their PSI and
-    /// process lists was 35% of an idle agent's CPU samples (`perf`).
+    /// (`procs` is 0). With 1,000 groups, reading their PSI and process lists in each alert
+    /// round (every 15 s) was 35% of an idle agent's CPU samples (`perf`).
     Limits,
 }
 

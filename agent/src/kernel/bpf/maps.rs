@@ -201,11 +201,13 @@ impl PinnedMaps {
     /// Every group's counters (also of groups whose policy is gone while connections
     /// charged to them are open), by cgroup id.
     pub fn groups(&self) -> Result<BTreeMap<u64, GroupCounters>, BpfError> {
+        // The counters first: a group made between the two reads then shows with its policy.
+        let conns = entries(&self.group_conns, names::GROUP_CONNS)?;
         let policies: std::collections::HashMap<u64, Policy> =
             entries(&self.group_policy, names::GROUP_POLICY)?
                 .into_iter()
                 .collect();
-        Ok(entries(&self.group_conns, names::GROUP_CONNS)?
+        Ok(conns
             .into_iter()
             .map(|(id, conns)| {
                 let policy = policies.get(&id).copied();

@@ -195,6 +195,7 @@ impl CgroupFs {
     /// number, which is the id): one read per parent instead of one stat per cgroup. With 1,000
     /// groups in one parent, the agent's check every 2 s for groups made again took
     /// 1,000 `statx` calls, the most of what the idle agent did.
+    ///
     /// A hash map: in the agent's check every 2 s, path comparisons in an ordered map were
     /// 15% of an idle agent's CPU samples with 1,000 groups (`perf`).
     pub fn ids<'a>(&self, cgroups: impl IntoIterator<Item = &'a Path>) -> HashMap<&'a Path, u64> {
