@@ -724,7 +724,7 @@ mod tests {
     #[test]
     fn the_text_is_what_the_prometheus_crate_writes_for_the_same_samples() {
         let hostile = "a\\b\"c\nd\re \u{1b}[2J é".to_string();
-        let samples: Vec<Sample> = vec![
+        let mut samples: Vec<Sample> = vec![
             (
                 "rlagent_build_info",
                 "Version (value is always 1).",
@@ -748,84 +748,33 @@ mod tests {
                 0.0,
             ),
             ("rlagent_y", "", Kind::Gauge, vec![], 1e21),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1000".into())],
-                1.0 / 3.0,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1001".into())],
-                f64::INFINITY,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1002".into())],
-                -0.0,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1003".into())],
-                4.5e-7,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1004".into())],
-                -3.0,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1005".into())],
-                ((1u64 << 53) - 1) as f64,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1006".into())],
-                (1u64 << 53) as f64,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1007".into())],
-                ((1u64 << 53) + 2) as f64,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1008".into())],
-                u64::MAX as f64,
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1009".into())],
-                -(((1u64 << 53) - 1) as f64),
-            ),
-            (
-                "rlagent_z",
-                "Odd values.",
-                Kind::Gauge,
-                vec![("uid", "1010".into())],
-                f64::NAN,
-            ),
         ];
+        // One series per odd value, UIDs 1000, 1001, ...: fractions, infinities, -0,
+        // small exponents, negative integers and integers at and past 2^53 (where the
+        // integer fast path must stop), NaN.
+        let odd = [
+            1.0 / 3.0,
+            f64::INFINITY,
+            -0.0,
+            4.5e-7,
+            -3.0,
+            ((1u64 << 53) - 1) as f64,
+            (1u64 << 53) as f64,
+            ((1u64 << 53) + 2) as f64,
+            u64::MAX as f64,
+            -(((1u64 << 53) - 1) as f64),
+            f64::NAN,
+        ];
+        samples.extend(odd.into_iter().enumerate().map(|(i, value)| {
+            let uid = (1000 + i).to_string();
+            (
+                "rlagent_z",
+                "Odd values.",
+                Kind::Gauge,
+                vec![("uid", uid)],
+                value,
+            )
+        }));
         let mut e = Exposition::default();
         for (name, help, kind, labels, value) in &samples {
             let labels: Vec<Label> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
