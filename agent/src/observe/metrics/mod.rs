@@ -475,6 +475,23 @@ mod tests {
             self.started.load(std::sync::atomic::Ordering::SeqCst)
         }
 
+        fn most(&self) -> usize {
+            self.most.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        /// A request, in a task of its own.
+        fn spawn(&self) -> tokio::task::JoinHandle<String> {
+            tokio::spawn(request(self.latest.clone()))
+        }
+
+        /// The first request, once its collection has started.
+        async fn first(&self) -> tokio::task::JoinHandle<String> {
+            let first = self.spawn();
+            self.until("the first collection", |g, _| g.started() == 1)
+                .await;
+            first
+        }
+
         /// Requests waiting for the next collection.
         fn waiting(state: &Collections) -> usize {
             state.next.as_ref().map_or(0, |n| n.receiver_count())
@@ -492,13 +509,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn scrapes_that_arrive_during_a_collection_share_the_next_one() {
         let g = Gated::new();
-        let first = tokio::spawn(request(g.latest.clone()));
-        g.until("the first collection", |g, _| g.started() == 1)
-            .await;
+        let first = g.first().await;
         // Seven requests arrive while the first collection runs: they share the next.
-        let waiting: Vec<_> = (0..7)
-            .map(|_| tokio::spawn(request(g.latest.clone())))
-            .collect();
+        let waiting: Vec<_> = (0..7).map(|_| g.spawn()).collect();
         g.until("seven waiting", |_, s| Gated::waiting(s) == 7)
             .await;
         g.release.send(()).unwrap();
@@ -519,42 +532,30 @@ mod tests {
         // The run task lets go of its end of the channel as it returns.
         g.until("the text let go", |_, _| weak.upgrade().is_none())
             .await;
-        assert_eq!(
-            g.most.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "one at a time"
-        );
+        assert_eq!(g.most(), 1, "one at a time");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_that_goes_away_neither_stops_its_collection_nor_starts_another() {
         let g = Gated::new();
-        let gone = tokio::spawn(request(g.latest.clone()));
-        g.until("the first collection", |g, _| g.started() == 1)
-            .await;
+        let gone = g.first().await;
         gone.abort();
         assert!(gone.await.unwrap_err().is_cancelled());
         // Arrives while the abandoned collection still runs: waits for the next one.
-        let later = tokio::spawn(request(g.latest.clone()));
+        let later = g.spawn();
         g.until("one waiting", |_, s| Gated::waiting(s) == 1).await;
         g.release.send(()).unwrap();
         g.release.send(()).unwrap();
         assert_eq!(later.await.unwrap(), "collection 2");
         assert_eq!(g.started(), 2);
-        assert_eq!(
-            g.most.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "one at a time"
-        );
+        assert_eq!(g.most(), 1, "one at a time");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_next_collection_that_nobody_waits_for_is_skipped() {
         let g = Gated::new();
-        let first = tokio::spawn(request(g.latest.clone()));
-        g.until("the first collection", |g, _| g.started() == 1)
-            .await;
-        let gone = tokio::spawn(request(g.latest.clone()));
+        let first = g.first().await;
+        let gone = g.spawn();
         g.until("one waiting", |_, s| Gated::waiting(s) == 1).await;
         gone.abort();
         assert!(gone.await.unwrap_err().is_cancelled());
@@ -586,7 +587,7 @@ mod tests {
             assert!(text.is_err(), "its waiter gets an error");
             g.until("the state cleared", |_, s| !s.running && s.next.is_none())
                 .await;
-            let later = tokio::spawn(request(g.latest.clone()));
+            let later = g.spawn();
             g.until("a second collection", |g, _| g.started() == 2)
                 .await;
             g.release.send(()).unwrap();
