@@ -30,6 +30,24 @@ const FIRST_CHUNK: usize = 4096;
 /// `bpf()` returns it for map types without batch operations).
 const ENOTSUPP: i32 = 524;
 
+/// `bpf(cmd, attr)` with one member of `union bpf_attr`, passed with its own size (the
+/// kernel zeroes the rest of the union).
+///
+/// # Safety
+/// `A` must be the member `cmd` reads, and every pointer in `attr` valid for what the
+/// kernel reads and writes through it during the call.
+unsafe fn bpf<A>(cmd: bpf_cmd, attr: &mut A) -> libc::c_long {
+    // SAFETY: the caller's contract; `attr` is a live, exclusive `A` of the size given.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut A,
+            mem::size_of::<A>() as u32,
+        )
+    }
+}
+
 /// Every entry of the hash map `map`, in bucket order, or `None` when the kernel has no
 /// batch lookup for it (the caller then iterates key by key). As with iteration, entries
 /// added or removed while it reads may or may not be among them. `map` is aya's `HashMap`,
@@ -66,8 +84,6 @@ where
         keys.resize(chunk, MaybeUninit::zeroed());
         values.resize(chunk, MaybeUninit::zeroed());
         let mut next = 0u64;
-        // The batch member of `union bpf_attr`, passed with its own size: the kernel zeroes
-        // the rest of the union.
         let mut attr = BatchAttr {
             in_batch: position.as_ref().map_or(0, |p| p as *const u64 as u64),
             out_batch: &mut next as *mut u64 as u64,
@@ -78,19 +94,13 @@ where
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: every pointer in `attr` is to a buffer that lives across the call. The
-        // kernel writes at most `count` keys and values, at the map's key and value sizes,
-        // which are `K`'s and `V`'s (checked by aya's `HashMap`), into `keys` and
-        // `values`, which have room for `count` of each; a hash map's next position (4
-        // bytes) into `next` (8); and the number of entries into `attr.count`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &mut attr as *mut BatchAttr,
-                mem::size_of::<BatchAttr>() as u32,
-            )
-        };
+        // SAFETY: `attr` is the batch member, which BPF_MAP_LOOKUP_BATCH reads. Every
+        // pointer in it is to a buffer that lives across the call. The kernel writes at
+        // most `count` keys and values, at the map's key and value sizes, which are `K`'s
+        // and `V`'s (checked by aya's `HashMap`), into `keys` and `values`, which have
+        // room for `count` of each; a hash map's next position (4 bytes) into `next` (8);
+        // and the number of entries into `attr.count`.
+        let ret = unsafe { bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let error = (ret < 0).then(Errno::last);
         // The entries the kernel copied (0 on an error other than ENOENT).
         let copied = attr.count as usize;
@@ -133,16 +143,9 @@ mod tests {
         attr.key_size = 4;
         attr.value_size = 8;
         attr.max_entries = max_entries;
-        // SAFETY: `attr` is the map-create member of `union bpf_attr`, passed with its own
-        // size (the kernel zeroes the rest); it holds no pointers.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_CREATE as libc::c_long,
-                &mut attr as *mut CreateAttr,
-                mem::size_of::<CreateAttr>() as u32,
-            )
-        };
+        // SAFETY: `attr` is the map-create member, which BPF_MAP_CREATE reads; it holds no
+        // pointers.
+        let fd = unsafe { bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr) };
         assert!(fd >= 0, "BPF_MAP_CREATE: {}", Errno::last());
         // SAFETY: the kernel returned a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
