@@ -7,7 +7,7 @@
 
 /// Version of the map layout below. Pinned maps live in a directory named after it, so an
 /// agent with a different layout never reinterprets another layout's bytes.
-pub const MAPS_LAYOUT_VERSION: u32 = 4;
+pub const MAPS_LAYOUT_VERSION: u32 = 5;
 
 /// A cap that never denies.
 pub const UNLIMITED: u64 = u64::MAX;
@@ -197,11 +197,14 @@ impl Policy {
 
 /// Connection counters of one UID (`RL_UID_CONNS`, key: UID as `u32`) or one group
 /// (`RL_GROUP_CONNS`, key: the group's cgroup id). Updated by the programs with atomic
-/// operations; the agent creates zeroed entries and otherwise only reads them.
+/// operations; the agent creates fresh entries ([`Conns::new`]) and otherwise only reads
+/// them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conns {
-    /// Sockets charged and not yet released.
+    /// In the high 32 bits the sockets charged and not yet released (or [`RETIRED`]), in
+    /// the low 32 the owner's tag: the UID for per-UID counters, 0 for a group's. Read it
+    /// with [`Conns::count`]; see [`LIVE_COUNT_SHIFT`] for why the tag is there.
     pub live: u64,
     /// connect() calls admitted and charged, and reconnects of a charged socket admitted
     /// (a counter).
@@ -227,11 +230,76 @@ pub struct Conns {
 /// counted them in `HostConns::uncapped_uids`.
 pub const CONNS_UNLIMITED: u64 = 1 << 0;
 
-/// [`Conns::live`] of counters being retired. The retiring program swaps `live` from 0 to
-/// this (compare-and-swap) and then deletes the entry; a connect() that adds to `live`
-/// and finds this value takes its add back and looks the counters up again, so a charge
-/// is never added to counters that are going.
-pub const RETIRED: u64 = 1 << 62;
+/// Where the count sits in [`Conns::live`]: the high 32 bits, above the owner's tag.
+///
+/// The kernel reuses a deleted hash-map element's memory for the next insert at once
+/// (since Linux 6.1 hash maps, preallocated or not, do not wait for an RCU grace period),
+/// so a connect() that looked up a UID's counters just before the retiring program
+/// deleted them may hold a pointer to memory that has become another UID's counters. It
+/// charges them only when the word its atomic add displaced names its own UID and a live
+/// count: add and check are one operation, so a charge never stays on another owner's
+/// counters. The tag is in the low bytes and [`RETIRED`] in the highest: the kernel's
+/// copy of a new value runs from the low bytes up (or a whole word at a time), so while
+/// it is under way the word names the new owner only once its tag is complete, and shows
+/// a live count only once its last byte is written. A count taken below zero wraps within
+/// the count and leaves the tag as it was. (Per-group counters are removed by the agent
+/// alone, two writes after their policy went, long after any program that found the
+/// policy has finished: their tag is 0.)
+pub const LIVE_COUNT_SHIFT: u32 = 32;
+/// One charge in [`Conns::live`].
+pub const LIVE_ONE: u64 = 1 << LIVE_COUNT_SHIFT;
+/// The count of counters being retired. The retiring program swaps it from 0 to this
+/// (compare-and-swap on the whole word, so with the owner's tag) and then deletes the
+/// entry; a connect() that finds it charges nothing there and looks the counters up
+/// again. Counts stay far below it: at most `max_tracked_sockets` (2^24) sockets are
+/// charged at once.
+pub const RETIRED: u64 = 1 << 31;
+
+impl Conns {
+    /// Fresh counters of the owner with `tag`, with `CONNS_*` `flags`.
+    pub const fn new(tag: u32, flags: u64) -> Self {
+        Self {
+            live: Self::live_word(tag, 0),
+            admitted: 0,
+            rate_tat: 0,
+            event_tat: 0,
+            events_dropped: 0,
+            denied: [0; reason::COUNT],
+            would_deny: [0; reason::COUNT],
+            flags,
+        }
+    }
+
+    /// The [`Conns::live`] word of the owner with `tag` holding `count`.
+    pub const fn live_word(tag: u32, count: u64) -> u64 {
+        count << LIVE_COUNT_SHIFT | tag as u64
+    }
+
+    /// True when the `live` word `word` belongs to the owner with `tag` and holds a count
+    /// (not [`RETIRED`]): counters a connect() may charge.
+    pub const fn owned(word: u64, tag: u32) -> bool {
+        word as u32 == tag && Self::counting(word)
+    }
+
+    /// True when the `live` word `word` holds a count (of whichever owner).
+    pub const fn counting(word: u64) -> bool {
+        word >> LIVE_COUNT_SHIFT < RETIRED
+    }
+
+    /// The sockets charged to these counters (0 while they are retired).
+    pub const fn count(&self) -> u64 {
+        if Self::counting(self.live) {
+            self.live >> LIVE_COUNT_SHIFT
+        } else {
+            0
+        }
+    }
+
+    /// True while the retiring program is deleting these counters.
+    pub const fn retired(&self) -> bool {
+        !Self::counting(self.live)
+    }
+}
 
 /// A charged socket's record in `RL_SOCK_OWNER` (key: socket cookie).
 #[repr(C)]

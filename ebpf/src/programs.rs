@@ -36,9 +36,9 @@ use aya_ebpf::{
 use rlagent_common::{
     reason, Conns, DenyEvent, HostConns, Policy, Settings, SockOwner, CONNS_UNLIMITED,
     DEFAULT_MAX_TRACKED_SOCKETS, EVENTS_RING_BYTES, FLAG_COUNT_UDP, FLAG_ENFORCE,
-    FLAG_MONITOR_HOST, FLAG_ON_FULL_ALLOW, FLAG_SEEDED, MAX_GROUPS, MAX_GROUP_LEVEL,
-    MAX_SUBUID_PREFIXES, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED, OWNER_UNCAPPED, POLICY_MONITOR,
-    RETIRED,
+    FLAG_MONITOR_HOST, FLAG_ON_FULL_ALLOW, FLAG_SEEDED, LIVE_COUNT_SHIFT, LIVE_ONE, MAX_GROUPS,
+    MAX_GROUP_LEVEL, MAX_SUBUID_PREFIXES, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED,
+    OWNER_UNCAPPED, POLICY_MONITOR, RETIRED,
 };
 
 const ALLOW: i32 = 1;
@@ -70,24 +70,9 @@ static RL_PROGRAM_GENERATION: u64 = 0;
 #[btf_map]
 static RL_SETTINGS: Array<Settings, 1> = Array::new();
 
-// Constants the programs point at instead of building them on the stack: the kernels we
-// support allow 512 bytes of stack for a program's whole call chain, and a zeroed
-// counter record alone is 136 bytes (built on the stack it also costs a memset call).
+// A constant the programs point at instead of building it on the stack: the kernels we
+// support allow 512 bytes of stack for a program's whole call chain.
 static NO_POLICY: Policy = Policy::NONE;
-static ZERO_CONNS: Conns = Conns {
-    live: 0,
-    admitted: 0,
-    rate_tat: 0,
-    event_tat: 0,
-    events_dropped: 0,
-    denied: [0; reason::COUNT],
-    would_deny: [0; reason::COUNT],
-    flags: 0,
-};
-static ZERO_CONNS_UNLIMITED: Conns = Conns {
-    flags: CONNS_UNLIMITED,
-    ..ZERO_CONNS
-};
 
 /// The generation that enforces (see `RL_PROGRAM_GENERATION`).
 #[btf_map]
@@ -104,8 +89,9 @@ type PerUid<V> = HashMap<u32, V, { MAX_UID_CONNS as usize }, { BPF_F_NO_PREALLOC
 #[btf_map]
 static RL_UID_CONNS: PerUid<Conns> = HashMap::new();
 
-/// Per-group maps: allocated on demand, so a deleted entry's memory is never reused for
-/// another group while a program may still hold a pointer to it.
+/// Per-group maps, allocated on demand. The agent alone removes a group's counters, two
+/// writes after its policy went, long after any program that found the policy has
+/// finished: the memory of a deleted entry is reused at once (see `LIVE_COUNT_SHIFT`).
 type PerGroup<V> = HashMap<u64, V, { MAX_GROUPS as usize }, { BPF_F_NO_PREALLOC as usize }>;
 
 /// Groups with connection limits, by the id of the group's cgroup (written by the agent).
@@ -223,7 +209,8 @@ pub fn rl_retire(ctx: SkBuffContext) -> i64 {
         if read(&raw const (*conns).rate_tat) > now || read(&raw const (*conns).event_tat) > now {
             return 0;
         }
-        if !compare_and_swap(&raw mut (*conns).live, 0, RETIRED) {
+        let (idle, retired) = (Conns::live_word(uid, 0), Conns::live_word(uid, RETIRED));
+        if !compare_and_swap(&raw mut (*conns).live, idle, retired) {
             return 0;
         }
         let unlimited = read(&raw const (*conns).flags) & CONNS_UNLIMITED != 0;
@@ -362,10 +349,10 @@ impl Charge {
         // SAFETY: the pointers come from successful lookups in this program run.
         unsafe {
             if self.uid_live {
-                fetch_sub(&raw mut (*self.conns).live, 1);
+                fetch_sub(&raw mut (*self.conns).live, LIVE_ONE);
             }
             if self.group_live && !self.group_conns.is_null() {
-                fetch_sub(&raw mut (*self.group_conns).live, 1);
+                fetch_sub(&raw mut (*self.group_conns).live, LIVE_ONE);
             }
             if self.host_live {
                 fetch_sub(&raw mut (*self.host).live, 1);
@@ -493,7 +480,8 @@ impl Charge {
         }
         self.group_live = true;
         // SAFETY: `group_conns` points at the group's counters (set with `group`).
-        if fetch_add(unsafe { &raw mut (*self.group_conns).live }, 1) >= limits.group.cap {
+        let before = fetch_add(unsafe { &raw mut (*self.group_conns).live }, LIVE_ONE);
+        if before >> LIVE_COUNT_SHIFT >= limits.group.cap {
             self.exceeded(
                 dest,
                 settings,
@@ -1125,10 +1113,13 @@ fn find_group(settings: &Settings) -> (u64, &Policy, *mut Conns) {
 }
 
 /// Adds one to the live count of `uid`'s counters (made if need be): the counters and
-/// the count before the add. Counters being retired (`RETIRED`) are not added to: the
-/// add is taken back and the counters looked up again (a retirement deletes them right
-/// after its swap, so the next lookup makes fresh ones). `None`: no room for counters, or
-/// still retiring after a few tries.
+/// the count before the add. The add counts only when the word it displaced names `uid`
+/// and holds a count (see `LIVE_COUNT_SHIFT`): counters being retired (`RETIRED`), or
+/// memory the map has reused for another owner's counters since the lookup, are looked up
+/// again. An add to another owner's live count is taken back (it keeps their counters
+/// from being retired meanwhile, so the take-back lands where the add did); one to a word
+/// without a count is left (those counters are being deleted). `None`: no room for
+/// counters, or still retiring after a few tries.
 #[inline(always)]
 fn charge_uid(
     uid: u32,
@@ -1141,16 +1132,22 @@ fn charge_uid(
         let conns = uid_conns(uid, unlimited, settings, host)?;
         // SAFETY: a pointer from a successful lookup in this program run.
         let live = unsafe { &raw mut (*conns).live };
-        let before = fetch_add(live, 1);
-        if before < RETIRED {
-            return Some((conns, before));
+        let before = fetch_add(live, LIVE_ONE);
+        if Conns::owned(before, uid) {
+            return Some((conns, before >> LIVE_COUNT_SHIFT));
         }
-        fetch_sub(live, 1);
+        if Conns::counting(before) {
+            fetch_sub(live, LIVE_ONE);
+        }
         tries += 1;
     }
     None
 }
 
+/// `uid`'s counters, made if need be. The word read names `uid` and holds a count, or the
+/// counters are looked up again (they were being retired, or their memory was reused
+/// since the lookup); a pointer kept past that read is checked again by whoever charges
+/// it (`charge_uid`). `None`: no room for counters, or still retiring after a few tries.
 #[inline(always)]
 fn uid_conns(
     uid: u32,
@@ -1158,9 +1155,31 @@ fn uid_conns(
     settings: &Settings,
     host: *mut HostConns,
 ) -> Option<*mut Conns> {
-    if let Some(conns) = RL_UID_CONNS.get_ptr_mut(&uid) {
-        return Some(conns);
+    let mut tries = 0;
+    while tries < RETIRE_TRIES {
+        let conns = match RL_UID_CONNS.get_ptr_mut(&uid) {
+            Some(conns) => conns,
+            None => new_uid_conns(uid, unlimited, settings, host)?,
+        };
+        // SAFETY: a pointer from a successful lookup in this program run.
+        if Conns::owned(read(unsafe { &raw const (*conns).live }), uid) {
+            return Some(conns);
+        }
+        tries += 1;
     }
+    None
+}
+
+/// First connection of `uid` (or its first since its counters were retired): makes its
+/// counters, tagged with the UID. BPF_NOEXIST keeps a racing creator's entry; either way
+/// the lookup finds the one entry, and only the creator counts it in `uncapped_uids`.
+#[inline(always)]
+fn new_uid_conns(
+    uid: u32,
+    unlimited: bool,
+    settings: &Settings,
+    host: *mut HostConns,
+) -> Option<*mut Conns> {
     // SAFETY: `host` points at the array's single element.
     let uncapped_uids = unsafe { &raw mut (*host).uncapped_uids };
     if unlimited
@@ -1169,16 +1188,9 @@ fn uid_conns(
     {
         return None;
     }
-    // First connection of this UID: create its zeroed counters. BPF_NOEXIST keeps a
-    // racing creator's entry; either way the lookup below finds the one entry, and only
-    // the creator counts it.
-    let zero = if unlimited {
-        &ZERO_CONNS_UNLIMITED
-    } else {
-        &ZERO_CONNS
-    };
+    let fresh = Conns::new(uid, if unlimited { CONNS_UNLIMITED } else { 0 });
     if RL_UID_CONNS
-        .insert(&uid, zero, u64::from(BPF_NOEXIST))
+        .insert(&uid, &fresh, u64::from(BPF_NOEXIST))
         .is_ok()
         && unlimited
     {
@@ -1210,7 +1222,7 @@ fn release(cookie: u64) {
     if group != 0 {
         if let Some(conns) = RL_GROUP_CONNS.get_ptr_mut(&group) {
             // SAFETY: pointer from a successful lookup.
-            fetch_sub(unsafe { &raw mut (*conns).live }, 1);
+            fetch_sub(unsafe { &raw mut (*conns).live }, LIVE_ONE);
         }
     }
     let uid = owner as u32;
@@ -1222,7 +1234,7 @@ fn release(cookie: u64) {
         }
     } else if let Some(conns) = RL_UID_CONNS.get_ptr_mut(&uid) {
         // SAFETY: pointer from a successful lookup.
-        fetch_sub(unsafe { &raw mut (*conns).live }, 1);
+        fetch_sub(unsafe { &raw mut (*conns).live }, LIVE_ONE);
     }
     if let Some(host) = RL_HOST_CONNS.get_ptr_mut(0) {
         // SAFETY: as above.

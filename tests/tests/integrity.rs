@@ -5,9 +5,10 @@
 
 use std::time::Instant;
 
+use aya::maps::{HashMap, Map, MapData};
 use aya::programs::links::PinnedLink;
 use rlagent::kernel::bpf::PinLayout;
-use rlagent_common::{names, reason};
+use rlagent_common::{names, reason, Conns, RETIRED};
 use rlagent_tests::{free_port, privileged, Agent, Connect, Helper, Listener, Scratch, TestCgroup};
 
 const EPERM: i32 = libc::EPERM;
@@ -20,6 +21,8 @@ const EXEMPT: u32 = 61105;
 const LATECOMER: u32 = 61106;
 const LATE_AFTER_MANY: u32 = 61107;
 const NO_COUNTERS_LEFT: u32 = 61111;
+const REUSED: u32 = 61112;
+const OTHER_OWNER: u32 = 61113;
 
 fn quota(target: &str, conns: &str) -> String {
     format!("[[quota]]\ntarget = \"{target}\"\nconns = {conns}\n")
@@ -403,4 +406,63 @@ fn the_cap_holds_against_every_connect_vector() {
         }
         scratch.wait_live(VECTOR_USER, 0);
     }
+}
+
+/// The kernel reuses a deleted counter entry's memory for the next insert at once, so a
+/// connect() that looked up its UID's counters just before the retirement deleted them
+/// may hold a pointer to memory that has become another UID's counters, or still holds
+/// counters being retired. Here those words are written by hand into the UID's own entry,
+/// where every connect() meets them: none is ever charged there (the UID, which has a
+/// cap, is refused as with a full map, and the word is left exactly as it was), and once
+/// the entry is gone the UID gets fresh counters of its own.
+#[test]
+fn counters_that_name_another_owner_or_are_retired_are_never_charged() {
+    if !privileged("counters_that_name_another_owner_or_are_retired_are_never_charged") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let scratch = Scratch::new();
+    scratch.write_config(
+        &cgroup,
+        "count_udp = true",
+        &quota(&format!("user:{REUSED}"), "3"),
+    );
+    let _agent = Agent::start(&scratch);
+    let pin = PinLayout::new(&scratch.pin_path()).map(names::UID_CONNS);
+    let data = MapData::from_pin(&pin).expect("opening the pinned counters");
+    let mut counters: HashMap<MapData, u32, Conns> =
+        HashMap::try_from(Map::from_map_data(data).expect("map")).expect("a hash map");
+    let mut h = Helper::spawn(&cgroup.path, REUSED);
+    let words = [
+        Conns::live_word(OTHER_OWNER, 0),
+        Conns::live_word(OTHER_OWNER, 2),
+        Conns::live_word(REUSED, RETIRED),
+    ];
+    for (i, word) in words.into_iter().enumerate() {
+        let planted = Conns {
+            live: word,
+            ..Conns::new(REUSED, 0)
+        };
+        counters
+            .insert(REUSED, planted, 0)
+            .expect("planting the word");
+        assert!(
+            matches!(h.connect("udp4", 9), Connect::Err(EPERM, _)),
+            "word {word:#x}"
+        );
+        let after = counters.get(&REUSED, 0).expect("the planted entry");
+        assert_eq!(after.live, word, "word {word:#x}: something was left on it");
+        let host = scratch.stats().host;
+        assert_eq!((host.live, host.denied_full), (0, i as u64 + 1), "{host:?}");
+        h.close_all();
+    }
+    // The retirement's delete: the next connect() makes counters tagged with the UID.
+    counters
+        .remove(&REUSED)
+        .expect("removing the planted entry");
+    assert_eq!(hold(&mut h, "udp4", 9, 4), (3, 1));
+    let fresh = counters.get(&REUSED, 0).expect("fresh counters");
+    assert_eq!(fresh.live, Conns::live_word(REUSED, 3), "{fresh:?}");
+    h.close_all();
+    scratch.wait_live(REUSED, 0);
 }

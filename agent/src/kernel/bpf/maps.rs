@@ -9,8 +9,8 @@ use aya::{
     Pod,
 };
 use rlagent_common::{
-    names, Conns, HostConns, Policy, Settings, FLAG_MONITOR_HOST, MAX_GROUPS, MAX_UID_CAPS,
-    MAX_UID_CONNS, POLICY_MONITOR, RETIRED, UNLIMITED,
+    names, Conns, HostConns, Policy, Settings, FLAG_MONITOR_HOST, LIVE_COUNT_SHIFT, MAX_GROUPS,
+    MAX_UID_CAPS, MAX_UID_CONNS, POLICY_MONITOR, RETIRED, UNLIMITED,
 };
 
 use super::{map_error, pins::PinLayout, BpfError};
@@ -30,6 +30,8 @@ fn fill(map: &str, entries: u64, capacity: u64) -> MapFill {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnStats {
     pub host: HostConns,
+    /// Each UID's counters, `live` holding the count alone (see `live_count`); counters
+    /// being retired are left out.
     pub per_uid: BTreeMap<u32, Conns>,
     /// Entries in `RL_UID_CONNS`.
     pub uid_entries: usize,
@@ -39,6 +41,7 @@ pub struct ConnStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupCounters {
     pub policy: Option<Policy>,
+    /// `live` holding the count alone (see `live_count`).
     pub conns: Conns,
 }
 
@@ -82,10 +85,10 @@ where
 {
     let host = host.get(&0, 0).map_err(map_error(names::HOST_CONNS))?;
     let mut uids = BTreeMap::new();
-    for (uid, conns) in entries(per_uid, names::UID_CONNS)? {
-        // Counters being retired are gone a moment later (an underflow, near 2^64, is
-        // shown as it is).
-        if !(RETIRED..1 << 63).contains(&conns.live) {
+    for (uid, mut conns) in entries(per_uid, names::UID_CONNS)? {
+        // Counters being retired are gone a moment later.
+        if let Some(live) = live_count(uid, &conns) {
+            conns.live = live;
             uids.insert(uid, conns);
         }
     }
@@ -94,6 +97,18 @@ where
         uid_entries: uids.len(),
         per_uid: uids,
     })
+}
+
+/// The live count of counters tagged `tag` (see `LIVE_COUNT_SHIFT`): `None` while they
+/// are being retired. A count taken below zero (a release without its charge, a defect)
+/// shows as the wrapped difference, near 2^64; counters tagged otherwise (a defect too)
+/// show their whole word.
+fn live_count(tag: u32, conns: &Conns) -> Option<u64> {
+    if conns.live as u32 != tag {
+        return Some(conns.live);
+    }
+    let count = (conns.live >> LIVE_COUNT_SHIFT) as u32;
+    (u64::from(count) != RETIRED).then_some(count as i32 as i64 as u64)
 }
 
 /// CLOCK_MONOTONIC in ns, the programs' `bpf_ktime_get_ns`.
@@ -209,7 +224,9 @@ impl PinnedMaps {
                 .collect();
         Ok(conns
             .into_iter()
-            .map(|(id, conns)| {
+            .map(|(id, mut conns)| {
+                // Groups' counters are never retired.
+                conns.live = live_count(0, &conns).unwrap_or(0);
                 let policy = policies.get(&id).copied();
                 (id, GroupCounters { policy, conns })
             })

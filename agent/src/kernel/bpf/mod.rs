@@ -624,6 +624,7 @@ impl ConnLimiter {
             typed_map_mut(&mut self.ebpf, names::UID_CONNS)?,
             names::UID_CONNS,
             &limited,
+            |uid| *uid,
         )
     }
 
@@ -636,6 +637,7 @@ impl ConnLimiter {
             typed_map_mut(&mut self.ebpf, names::GROUP_CONNS)?,
             names::GROUP_CONNS,
             &ids,
+            |_| 0,
         )?;
         sync_policies(
             typed_map_mut(&mut self.ebpf, names::GROUP_POLICY)?,
@@ -677,7 +679,7 @@ impl ConnLimiter {
             .iter()
             .filter_map(Result::ok)
             .filter(|(uid, c)| {
-                c.live == 0
+                c.live == Conns::live_word(*uid, 0)
                     && c.rate_tat <= now
                     && c.event_tat <= now
                     && !limits.per_uid.contains_key(uid)
@@ -842,13 +844,16 @@ fn sync_subordinate(
 }
 
 /// Creates zeroed counters for each of `keys` that has none.
+/// Fresh counters for each of `keys` that has none, tagged `tag(key)` (see
+/// `LIVE_COUNT_SHIFT`).
 fn create_counters<K: aya::Pod>(
     mut map: HashMap<&mut MapData, K, Conns>,
     name: &'static str,
     keys: &BTreeSet<K>,
+    tag: impl Fn(&K) -> u32,
 ) -> Result<(), BpfError> {
     for key in keys {
-        match map.insert(key, Conns::default(), BPF_NOEXIST) {
+        match map.insert(key, Conns::new(tag(key), 0), BPF_NOEXIST) {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
             Err(source) => return Err(map_error(name)(source)),
