@@ -61,6 +61,10 @@ pub const OWNER_UNCAPPED: u64 = 1 << 32;
 /// Set in an `RL_SOCK_OWNER` value for a connection the agent found open at its first
 /// start: its release decrements `RL_UID_SEEDED` and `HostConns::seeded` instead of `live`.
 pub const OWNER_SEEDED: u64 = 1 << 33;
+/// Set in an `RL_SOCK_OWNER` value whose charge is already given back (a connect() that
+/// was refused, or a release, that could not delete the record): a release that finds it
+/// deletes the record and uncharges nothing.
+pub const OWNER_VOID: u64 = 1 << 34;
 
 /// Deepest cgroup level at which a group's cgroup can sit (levels count from the cgroup2
 /// root, which is level 0); [`Settings::group_levels`] is a bit mask of levels below this.
@@ -238,11 +242,11 @@ pub const CONNS_UNLIMITED: u64 = 1 << 0;
 /// deleted them may hold a pointer to memory that has become another UID's counters. It
 /// charges them only when the word its atomic add displaced names its own UID and a live
 /// count: add and check are one operation, so a charge never stays on another owner's
-/// counters. The tag is in the low bytes and [`RETIRED`] in the highest: the kernel's
-/// copy of a new value runs from the low bytes up (or a whole word at a time), so while
-/// it is under way the word names the new owner only once its tag is complete, and shows
-/// a live count only once its last byte is written. A count taken below zero wraps within
-/// the count and leaves the tag as it was. (Per-group counters are removed by the agent
+/// counters. The tag is in the low bytes and [`RETIRED`] in the highest, so a copy of a
+/// new value into reused memory that writes the word whole, or from its low bytes up,
+/// never shows the old owner's tag with a live count half-way (one that wrote the high
+/// bytes first could: docs/architecture.md). A count taken below zero wraps within the
+/// count and leaves the tag as it was. (Per-group counters are removed by the agent
 /// alone, two writes after their policy went, long after any program that found the
 /// policy has finished: their tag is 0.)
 pub const LIVE_COUNT_SHIFT: u32 = 32;
@@ -362,6 +366,10 @@ pub struct HostConns {
     pub seeded: u64,
     /// Events not sent because the ring buffer was full (also counted per UID).
     pub events_lost: u64,
+    /// Map inserts and deletes the kernel refused to a program even when tried again (a
+    /// hash map's bucket lock can give up, since Linux 6.15). The charge concerned is still
+    /// released, but a socket record or retiring counters may stay behind.
+    pub map_errors: u64,
 }
 
 // The layout of every struct above that a map holds (or the ring buffer carries), checked
@@ -388,7 +396,7 @@ const _: () = assert!(
     "DenyEvent changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
 );
 const _: () = assert!(
-    core::mem::size_of::<HostConns>() == 56,
+    core::mem::size_of::<HostConns>() == 64,
     "HostConns changed size: bump MAPS_LAYOUT_VERSION (common/src/lib.rs), then update this size"
 );
 

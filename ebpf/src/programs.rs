@@ -38,7 +38,7 @@ use rlagent_common::{
     DEFAULT_MAX_TRACKED_SOCKETS, EVENTS_RING_BYTES, FLAG_COUNT_UDP, FLAG_ENFORCE,
     FLAG_MONITOR_HOST, FLAG_ON_FULL_ALLOW, FLAG_SEEDED, LIVE_COUNT_SHIFT, LIVE_ONE, MAX_GROUPS,
     MAX_GROUP_LEVEL, MAX_SUBUID_PREFIXES, MAX_UID_CAPS, MAX_UID_CONNS, OWNER_SEEDED,
-    OWNER_UNCAPPED, POLICY_MONITOR, RETIRED,
+    OWNER_UNCAPPED, OWNER_VOID, POLICY_MONITOR, RETIRED,
 };
 
 const ALLOW: i32 = 1;
@@ -46,6 +46,9 @@ const DENY: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const EPERM: u64 = 1;
+const ENOENT: i32 = -2;
+const E2BIG: i32 = -7;
+const ENOMEM: i32 = -12;
 const EEXIST: i32 = -17;
 const IPPROTO_MPTCP: u32 = 262;
 const AF_INET: u16 = 2;
@@ -59,6 +62,11 @@ const RETIRE_TRIES: u32 = 4;
 /// many racing connect() calls of one UID (or group) can see a refusal while tokens are
 /// left; on 2 CPUs none was seen in the racing test.
 const CAS_TRIES: u32 = 16;
+/// Attempts at a map insert or delete before a program gives up on it. Since Linux 6.15
+/// a hash map's bucket lock is a resilient spinlock, which can refuse (a timeout, or a
+/// deadlock it suspects) where the older lock spun on; the map is then unchanged, and
+/// the same call a moment later goes through.
+const MAP_TRIES: u32 = 4;
 
 /// This program set's generation, written by the loader. Of two generations attached side
 /// by side (an agent restart attaches the new programs before it detaches the old), only
@@ -192,7 +200,9 @@ pub fn rl_sock_release(ctx: SockContext) -> i32 {
 /// agent asks only for UIDs without a policy of their own whose counters it found idle;
 /// here, atomically against every connect(), the live count goes from 0 to `RETIRED`
 /// (a connect() that added first makes the swap fail), then the entry is deleted. Returns
-/// 0: kept, 1: retired, 2: retired, and they were counted in `uncapped_uids`.
+/// 0: kept, 1: retired, 2: retired, and they were counted in `uncapped_uids`, 3: retired
+/// but the kernel refused the delete (the agent asks again: counters already `RETIRED`
+/// are deleted without the checks).
 #[socket_filter]
 pub fn rl_retire(ctx: SkBuffContext) -> i64 {
     let Ok(uid) = ctx.load::<u32>(0) else {
@@ -203,18 +213,25 @@ pub fn rl_retire(ctx: SkBuffContext) -> i64 {
     };
     // SAFETY: a BPF helper that takes no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let (idle, retired) = (Conns::live_word(uid, 0), Conns::live_word(uid, RETIRED));
     // SAFETY: a pointer from a successful lookup in this program run.
     unsafe {
-        // Buckets not full: a token was taken lately; the UID is not idle.
-        if read(&raw const (*conns).rate_tat) > now || read(&raw const (*conns).event_tat) > now {
-            return 0;
-        }
-        let (idle, retired) = (Conns::live_word(uid, 0), Conns::live_word(uid, RETIRED));
-        if !compare_and_swap(&raw mut (*conns).live, idle, retired) {
-            return 0;
+        if read(&raw const (*conns).live) != retired {
+            // Buckets not full: a token was taken lately; the UID is not idle.
+            if read(&raw const (*conns).rate_tat) > now || read(&raw const (*conns).event_tat) > now
+            {
+                return 0;
+            }
+            if !compare_and_swap(&raw mut (*conns).live, idle, retired) {
+                return 0;
+            }
         }
         let unlimited = read(&raw const (*conns).flags) & CONNS_UNLIMITED != 0;
-        let _ = RL_UID_CONNS.remove(&uid);
+        match retried(|| RL_UID_CONNS.remove(&uid)) {
+            Ok(()) => {}
+            Err(err) if err == ENOENT => {}
+            Err(_) => return 3,
+        }
         if unlimited {
             2
         } else {
@@ -228,6 +245,49 @@ pub fn rl_retire(ctx: SkBuffContext) -> i64 {
 #[inline(always)]
 fn map_ptr<T>(map: &T) -> *mut core::ffi::c_void {
     core::ptr::from_ref(map).cast_mut().cast()
+}
+
+/// `op`, a map insert or delete, again while the kernel refuses it (see `MAP_TRIES`); the
+/// answers about the map itself (no such key, key exists, map full) are final. A refusal
+/// it gives up on is counted in `HostConns::map_errors`.
+#[inline(always)]
+fn retried(mut op: impl FnMut() -> Result<(), i32>) -> Result<(), i32> {
+    let mut tries = 1;
+    loop {
+        match op() {
+            Ok(()) => return Ok(()),
+            Err(err) if err == ENOENT || err == EEXIST || err == E2BIG || err == ENOMEM => {
+                return Err(err);
+            }
+            Err(err) if tries >= MAP_TRIES => {
+                if let Some(host) = RL_HOST_CONNS.get_ptr_mut(0) {
+                    // SAFETY: `host` points at the array's single element.
+                    fetch_add(unsafe { &raw mut (*host).map_errors }, 1);
+                }
+                return Err(err);
+            }
+            Err(_) => tries += 1,
+        }
+    }
+}
+
+/// Drops the claim on socket `cookie` (its charge given back, or never taken). A record
+/// the kernel will not delete is marked `OWNER_VOID`, so its release uncharges nothing.
+#[inline(always)]
+fn drop_claim(cookie: u64) {
+    if retried(|| RL_SOCK_OWNER.remove(&cookie)).is_err() {
+        void_record(cookie);
+    }
+}
+
+/// Marks the record of socket `cookie` `OWNER_VOID` (see `drop_claim`).
+#[inline(always)]
+fn void_record(cookie: u64) {
+    if let Some(record) = RL_SOCK_OWNER.get_ptr_mut(&cookie) {
+        // SAFETY: a pointer from a successful lookup. Only this socket's connect() and
+        // release write its record, and the socket lock keeps them apart.
+        unsafe { (*record).owner |= OWNER_VOID };
+    }
 }
 
 #[inline(always)]
@@ -363,7 +423,7 @@ impl Charge {
             }
         }
         if self.claimed {
-            let _ = RL_SOCK_OWNER.remove(&self.cookie);
+            drop_claim(self.cookie);
         }
     }
 
@@ -681,7 +741,7 @@ fn claim_and_charge(
     };
     // The claim. EEXIST: this socket is already charged: a repeated connect() (a UDP
     // re-connect, a retry after ECONNREFUSED, a TCP connect after AF_UNSPEC).
-    let claimed = match RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST)) {
+    let claimed = match retried(|| RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST))) {
         Ok(()) => true,
         Err(err) if err == EEXIST => false,
         Err(_) => return full(dest, settings, at, limits),
@@ -696,7 +756,7 @@ fn claim_and_charge(
         return reconnect(dest, settings, limits, charge);
     }
     let Some((conns, live_before)) = charge_uid(at.uid, unlimited, settings, at.host) else {
-        let _ = RL_SOCK_OWNER.remove(&cookie);
+        drop_claim(cookie);
         return full(dest, settings, at, limits);
     };
     let mut charge = Charge::new(cookie, true, at.uid, at.host, conns);
@@ -1209,15 +1269,25 @@ fn deny(settings: &Settings) -> i32 {
 }
 
 /// Releases the charge of the socket with `cookie`, if it has one. Only the caller whose
-/// delete succeeds uncharges: two program generations may run side by side.
+/// delete succeeds uncharges (two program generations may run side by side), or, when
+/// the kernel keeps refusing the delete, the one that finds the record not yet void.
 #[inline(always)]
 fn release(cookie: u64) {
     // SAFETY: the value is copied out before the entry is deleted.
     let Some(SockOwner { owner, group }) = (unsafe { RL_SOCK_OWNER.get(&cookie) }).copied() else {
         return;
     };
-    if RL_SOCK_OWNER.remove(&cookie).is_err() {
+    if owner & OWNER_VOID != 0 {
+        let _ = retried(|| RL_SOCK_OWNER.remove(&cookie));
         return;
+    }
+    match retried(|| RL_SOCK_OWNER.remove(&cookie)) {
+        Ok(()) => {}
+        // Another generation's release deleted it, and uncharged.
+        Err(err) if err == ENOENT => return,
+        // Still refused: the socket is gone all the same, so this release uncharges, and
+        // marks the record so that no other generation's release uncharges it again.
+        Err(_) => void_record(cookie),
     }
     if group != 0 {
         if let Some(conns) = RL_GROUP_CONNS.get_ptr_mut(&group) {

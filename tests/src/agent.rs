@@ -130,10 +130,27 @@ impl Scratch {
             }
             assert!(
                 Instant::now() < deadline,
-                "uid {uid}: live {live}, expected {want}"
+                "uid {uid}: live {live}, expected {want}; its socket records (cookie, owner): {:?}",
+                self.socket_records(uid)
             );
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The charged-socket records (`RL_SOCK_OWNER`) of `uid`: cookie and owner word.
+    pub fn socket_records(&self, uid: u32) -> Vec<(u64, u64)> {
+        use aya::maps::{HashMap, Map, MapData};
+        let pin = rlagent::kernel::bpf::PinLayout::new(&self.pin_path())
+            .map(rlagent_common::names::SOCK_OWNER);
+        let data = MapData::from_pin(pin).expect("opening the pinned socket records");
+        let records: HashMap<MapData, u64, rlagent_common::SockOwner> =
+            HashMap::try_from(Map::from_map_data(data).expect("map")).expect("a hash map");
+        records
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, record)| record.owner as u32 == uid)
+            .map(|(cookie, record)| (cookie, record.owner))
+            .collect()
     }
     /// The counters of `uid` (zeroed when it has none).
     pub fn conns(&self, uid: u32) -> rlagent_common::Conns {

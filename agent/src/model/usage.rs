@@ -195,6 +195,9 @@ pub struct HostConnStats {
     /// Denial events lost because the ring buffer was full.
     #[serde(default)]
     pub events_lost: u64,
+    /// Map inserts and deletes the kernel refused to the programs even when tried again.
+    #[serde(default)]
+    pub map_errors: u64,
     /// How full each kernel map is.
     #[serde(default)]
     pub maps: Vec<MapFill>,

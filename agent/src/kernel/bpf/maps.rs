@@ -250,6 +250,7 @@ impl PinnedMaps {
             untracked: counters.host.untracked,
             denied_full: counters.host.denied_full,
             events_lost: counters.host.events_lost,
+            map_errors: counters.host.map_errors,
             // Every charged socket has one RL_SOCK_OWNER entry.
             maps: vec![
                 fill(names::SOCK_OWNER, counters.host.live, self.socket_capacity),

@@ -53,7 +53,7 @@ use aya::{
 };
 use rlagent_common::{
     names, Conns, HostConns, Policy, Settings, SockOwner, FLAG_SEEDED, MAX_GROUP_LEVEL,
-    OWNER_SEEDED, OWNER_UNCAPPED,
+    OWNER_SEEDED, OWNER_UNCAPPED, RETIRED,
 };
 
 use crate::{
@@ -670,7 +670,8 @@ impl ConnLimiter {
     /// unchanged (no connect() admitted) now; each candidate is then retired by the
     /// `rl_retire` program, which swaps its live count from 0 to `RETIRED` atomically
     /// against every connect() (one that charged it first cancels the retirement) and
-    /// deletes the entry. Returns how many were retired.
+    /// deletes the entry; when the kernel refuses the delete, the entry stays `RETIRED`
+    /// and a later round deletes it. Returns how many were retired.
     pub fn retire_idle(&mut self, limits: &ConnLimits) -> Result<usize, BpfError> {
         let now = maps::now_ns();
         let counters: HashMap<&mut MapData, u32, Conns> =
@@ -679,7 +680,9 @@ impl ConnLimiter {
             .iter()
             .filter_map(Result::ok)
             .filter(|(uid, c)| {
-                c.live == Conns::live_word(*uid, 0)
+                // Or retired already: the kernel refused the delete (see `rl_retire`).
+                let retiring = c.live == Conns::live_word(*uid, RETIRED);
+                (retiring || c.live == Conns::live_word(*uid, 0))
                     && c.rate_tat <= now
                     && c.event_tat <= now
                     && !limits.per_uid.contains_key(uid)
@@ -704,6 +707,8 @@ impl ConnLimiter {
             });
             match run.map(|r| r.return_value) {
                 Ok(1) => retired += 1,
+                // Retired, not yet deleted: the next round asks again.
+                Ok(3) => {}
                 Ok(2) => {
                     retired += 1;
                     unlimited += 1;

@@ -492,6 +492,12 @@ fn host_series(e: &mut Exposition, host: &HostConnStats) {
         host.events_lost as f64,
     );
     e.counter(
+        "rlagent_bpf_map_errors_total",
+        "Map inserts and deletes the kernel refused to the programs even when tried again (charges are still released; a socket record or retiring counters may be left behind).",
+        &[],
+        host.map_errors as f64,
+    );
+    e.counter(
         "rlagent_connections_denied_full_total",
         "connect() calls of capped UIDs denied because a kernel map was full (on_full = deny).",
         &[],
@@ -811,6 +817,7 @@ mod tests {
                 untracked: 0,
                 denied_full: 0,
                 events_lost: 0,
+                map_errors: 0,
                 maps: vec![],
                 monitor: false,
                 group_limits: false,
@@ -891,6 +898,7 @@ mod tests {
             untracked: 0,
             denied_full: 0,
             events_lost: 0,
+            map_errors: 0,
             maps: vec![],
             monitor: false,
             group_limits: false,
