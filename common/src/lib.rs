@@ -208,7 +208,7 @@ impl Policy {
 pub struct Conns {
     /// In the high 32 bits the sockets charged and not yet released (or [`RETIRED`]), in
     /// the low 32 the owner's tag: the UID for per-UID counters, 0 for a group's. Read it
-    /// with [`Conns::count`]; see [`LIVE_COUNT_SHIFT`] for why the tag is there.
+    /// without the tag; see [`LIVE_COUNT_SHIFT`] for why the tag is there.
     pub live: u64,
     /// connect() calls admitted and charged, and reconnects of a charged socket admitted
     /// (a counter).
@@ -290,18 +290,11 @@ impl Conns {
         word >> LIVE_COUNT_SHIFT < RETIRED
     }
 
-    /// The sockets charged to these counters (0 while they are retired).
-    pub const fn count(&self) -> u64 {
-        if Self::counting(self.live) {
-            self.live >> LIVE_COUNT_SHIFT
-        } else {
-            0
-        }
-    }
-
-    /// True while the retiring program is deleting these counters.
-    pub const fn retired(&self) -> bool {
-        !Self::counting(self.live)
+    /// True when the `live` word `word` belongs to the owner with `tag` and is
+    /// [`RETIRED`] (adds a connect() left on it included): counters the retiring program
+    /// deletes.
+    pub const fn retiring(word: u64, tag: u32) -> bool {
+        word as u32 == tag && !Self::counting(word)
     }
 }
 

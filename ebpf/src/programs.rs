@@ -64,8 +64,9 @@ const RETIRE_TRIES: u32 = 4;
 const CAS_TRIES: u32 = 16;
 /// Attempts at a map insert or delete before a program gives up on it. Since Linux 6.15
 /// a hash map's bucket lock is a resilient spinlock, which can refuse (a timeout, or a
-/// deadlock it suspects) where the older lock spun on; the map is then unchanged, and
-/// the same call a moment later goes through.
+/// deadlock it suspects) where the older lock spun on, leaving the map unchanged; a
+/// timeout under contention may pass by the next try. Each try may spin up to the lock's
+/// timeout, so the tries are few.
 const MAP_TRIES: u32 = 4;
 
 /// This program set's generation, written by the loader. Of two generations attached side
@@ -201,8 +202,8 @@ pub fn rl_sock_release(ctx: SockContext) -> i32 {
 /// here, atomically against every connect(), the live count goes from 0 to `RETIRED`
 /// (a connect() that added first makes the swap fail), then the entry is deleted. Returns
 /// 0: kept, 1: retired, 2: retired, and they were counted in `uncapped_uids`, 3: retired
-/// but the kernel refused the delete (the agent asks again: counters already `RETIRED`
-/// are deleted without the checks).
+/// but the kernel refused the delete (the agent asks again every round: counters already
+/// `RETIRED`, with any adds a connect() left on them, are deleted without the checks).
 #[socket_filter]
 pub fn rl_retire(ctx: SkBuffContext) -> i64 {
     let Ok(uid) = ctx.load::<u32>(0) else {
@@ -216,7 +217,7 @@ pub fn rl_retire(ctx: SkBuffContext) -> i64 {
     let (idle, retired) = (Conns::live_word(uid, 0), Conns::live_word(uid, RETIRED));
     // SAFETY: a pointer from a successful lookup in this program run.
     unsafe {
-        if read(&raw const (*conns).live) != retired {
+        if !Conns::retiring(read(&raw const (*conns).live), uid) {
             // Buckets not full: a token was taken lately; the UID is not idle.
             if read(&raw const (*conns).rate_tat) > now || read(&raw const (*conns).event_tat) > now
             {
@@ -278,6 +279,24 @@ fn drop_claim(cookie: u64) {
     if retried(|| RL_SOCK_OWNER.remove(&cookie)).is_err() {
         void_record(cookie);
     }
+}
+
+/// A record marked `OWNER_VOID` holds no charge: a connect() that meets it claims the
+/// socket afresh, writing its owner over the record. True: claimed so.
+#[inline(always)]
+fn reclaim_void(cookie: u64, owner: &SockOwner) -> bool {
+    let Some(record) = RL_SOCK_OWNER.get_ptr_mut(&cookie) else {
+        return false;
+    };
+    // SAFETY: a pointer from a successful lookup; as in `void_record`.
+    unsafe {
+        if (*record).owner & OWNER_VOID == 0 {
+            return false;
+        }
+        (*record).group = owner.group;
+        (*record).owner = owner.owner;
+    }
+    true
 }
 
 /// Marks the record of socket `cookie` `OWNER_VOID` (see `drop_claim`).
@@ -364,8 +383,8 @@ impl Limits {
 /// What a connect() has taken so far, so a denial can give it all back.
 struct Charge {
     cookie: u64,
-    /// This connect() inserted the socket's record in `RL_SOCK_OWNER` (a denial removes
-    /// it); false for a reconnect of a socket already charged, and for one not charged.
+    /// This connect() inserted the socket's record in `RL_SOCK_OWNER`, or reclaimed a void
+    /// one (a denial removes it); false for a reconnect of a socket already charged, and for one not charged.
     claimed: bool,
     uid: u32,
     host: *mut HostConns,
@@ -740,10 +759,11 @@ fn claim_and_charge(
         group: at.group,
     };
     // The claim. EEXIST: this socket is already charged: a repeated connect() (a UDP
-    // re-connect, a retry after ECONNREFUSED, a TCP connect after AF_UNSPEC).
+    // re-connect, a retry after ECONNREFUSED, a TCP connect after AF_UNSPEC), unless its
+    // record is void (`reclaim_void`).
     let claimed = match retried(|| RL_SOCK_OWNER.insert(&cookie, &owner, u64::from(BPF_NOEXIST))) {
         Ok(()) => true,
-        Err(err) if err == EEXIST => false,
+        Err(err) if err == EEXIST => reclaim_void(cookie, &owner),
         Err(_) => return full(dest, settings, at, limits),
     };
     if !claimed {
@@ -1178,7 +1198,8 @@ fn find_group(settings: &Settings) -> (u64, &Policy, *mut Conns) {
 /// memory the map has reused for another owner's counters since the lookup, are looked up
 /// again. An add to another owner's live count is taken back (it keeps their counters
 /// from being retired meanwhile, so the take-back lands where the add did); one to a word
-/// without a count is left (those counters are being deleted). `None`: no room for
+/// without a count is left (those counters are being deleted, or, when the kernel refused
+/// the delete, deleted by a later round: `Conns::retiring`). `None`: no room for
 /// counters, or still retiring after a few tries.
 #[inline(always)]
 fn charge_uid(
@@ -1249,6 +1270,9 @@ fn new_uid_conns(
         return None;
     }
     let fresh = Conns::new(uid, if unlimited { CONNS_UNLIMITED } else { 0 });
+    // Not `retried`: one more retry loop here, inside the lookups' loops, takes the
+    // connect programs past the verifier's million-instruction limit; a refused insert
+    // is handled as a full map.
     if RL_UID_CONNS
         .insert(&uid, &fresh, u64::from(BPF_NOEXIST))
         .is_ok()

@@ -53,7 +53,7 @@ use aya::{
 };
 use rlagent_common::{
     names, Conns, HostConns, Policy, Settings, SockOwner, FLAG_SEEDED, MAX_GROUP_LEVEL,
-    OWNER_SEEDED, OWNER_UNCAPPED, RETIRED,
+    OWNER_SEEDED, OWNER_UNCAPPED,
 };
 
 use crate::{
@@ -671,28 +671,30 @@ impl ConnLimiter {
     /// `rl_retire` program, which swaps its live count from 0 to `RETIRED` atomically
     /// against every connect() (one that charged it first cancels the retirement) and
     /// deletes the entry; when the kernel refuses the delete, the entry stays `RETIRED`
-    /// and a later round deletes it. Returns how many were retired.
+    /// and every later round asks again. Returns how many were retired.
     pub fn retire_idle(&mut self, limits: &ConnLimits) -> Result<usize, BpfError> {
         let now = maps::now_ns();
         let counters: HashMap<&mut MapData, u32, Conns> =
             typed_map_mut(&mut self.ebpf, names::UID_CONNS)?;
-        let idle_now: BTreeMap<u32, u64> = counters
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(uid, c)| {
-                // Or retired already: the kernel refused the delete (see `rl_retire`).
-                let retiring = c.live == Conns::live_word(*uid, RETIRED);
-                (retiring || c.live == Conns::live_word(*uid, 0))
-                    && c.rate_tat <= now
-                    && c.event_tat <= now
-                    && !limits.per_uid.contains_key(uid)
-            })
-            .map(|(uid, c)| (uid, c.admitted))
-            .collect();
+        let (mut idle_now, mut stuck) = (BTreeMap::new(), Vec::new());
+        for (uid, c) in counters.iter().filter_map(Result::ok) {
+            if Conns::retiring(c.live, uid) {
+                // Retired, but the kernel refused the delete (see `rl_retire`): asked again
+                // every round, whatever the UID's policy now, until the delete goes through.
+                stuck.push(uid);
+            } else if c.live == Conns::live_word(uid, 0)
+                && c.rate_tat <= now
+                && c.event_tat <= now
+                && !limits.per_uid.contains_key(&uid)
+            {
+                idle_now.insert(uid, c.admitted);
+            }
+        }
         let candidates: Vec<u32> = idle_now
             .iter()
-            .filter(|(uid, admitted)| self.idle_before.get(uid) == Some(admitted))
+            .filter(|(uid, admitted)| self.idle_before.get(uid) == Some(*admitted))
             .map(|(uid, _)| *uid)
+            .chain(stuck)
             .collect();
         let program: &mut SocketFilter = program(&mut self.ebpf, names::PROG_RETIRE)?;
         // The program reads the UID after the packet's Ethernet header.

@@ -493,7 +493,7 @@ fn host_series(e: &mut Exposition, host: &HostConnStats) {
     );
     e.counter(
         "rlagent_bpf_map_errors_total",
-        "Map inserts and deletes the kernel refused to the programs even when tried again (charges are still released; a socket record or retiring counters may be left behind).",
+        "Map inserts and deletes the kernel refused to the programs even when tried again (a connect() refused as if a map were full, a void socket record left in the map, or retiring counters left for the next round).",
         &[],
         host.map_errors as f64,
     );
