@@ -384,7 +384,8 @@ impl Limits {
 struct Charge {
     cookie: u64,
     /// This connect() inserted the socket's record in `RL_SOCK_OWNER`, or reclaimed a void
-    /// one (a denial removes it); false for a reconnect of a socket already charged, and for one not charged.
+    /// one (a denial removes it); false for a reconnect of a socket already charged, and
+    /// for one not charged.
     claimed: bool,
     uid: u32,
     host: *mut HostConns,
@@ -1301,11 +1302,11 @@ fn release(cookie: u64) {
     let Some(SockOwner { owner, group }) = (unsafe { RL_SOCK_OWNER.get(&cookie) }).copied() else {
         return;
     };
+    let removed = retried(|| RL_SOCK_OWNER.remove(&cookie));
     if owner & OWNER_VOID != 0 {
-        let _ = retried(|| RL_SOCK_OWNER.remove(&cookie));
         return;
     }
-    match retried(|| RL_SOCK_OWNER.remove(&cookie)) {
+    match removed {
         Ok(()) => {}
         // Another generation's release deleted it, and uncharged.
         Err(err) if err == ENOENT => return,

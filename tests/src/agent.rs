@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap, Map, MapData};
 use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
@@ -137,14 +138,19 @@ impl Scratch {
         }
     }
 
+    /// This scratch's pinned hash map `name`, to read or write as the programs see it.
+    pub fn pinned_hash_map<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> HashMap<MapData, K, V> {
+        let pin = rlagent::kernel::bpf::PinLayout::new(&self.pin_path()).map(name);
+        let data = MapData::from_pin(&pin)
+            .unwrap_or_else(|e| panic!("opening the pinned map {}: {e}", pin.display()));
+        let map = Map::from_map_data(data).unwrap_or_else(|e| panic!("map {name}: {e}"));
+        HashMap::try_from(map).unwrap_or_else(|e| panic!("{name} as a hash map: {e}"))
+    }
+
     /// The charged-socket records (`RL_SOCK_OWNER`) of `uid`: cookie and owner word.
     pub fn socket_records(&self, uid: u32) -> Vec<(u64, u64)> {
-        use aya::maps::{HashMap, Map, MapData};
-        let pin = rlagent::kernel::bpf::PinLayout::new(&self.pin_path())
-            .map(rlagent_common::names::SOCK_OWNER);
-        let data = MapData::from_pin(pin).expect("opening the pinned socket records");
         let records: HashMap<MapData, u64, rlagent_common::SockOwner> =
-            HashMap::try_from(Map::from_map_data(data).expect("map")).expect("a hash map");
+            self.pinned_hash_map(rlagent_common::names::SOCK_OWNER);
         records
             .iter()
             .filter_map(Result::ok)

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use aya::programs::links::PinnedLink;
 use rlagent::kernel::bpf::PinLayout;
 use rlagent_common::{names, reason, Conns, RETIRED};
@@ -428,10 +428,7 @@ fn counters_that_name_another_owner_or_are_retired_are_never_charged() {
         &quota(&format!("user:{REUSED}"), "3"),
     );
     let _agent = Agent::start(&scratch);
-    let pin = PinLayout::new(&scratch.pin_path()).map(names::UID_CONNS);
-    let data = MapData::from_pin(&pin).expect("opening the pinned counters");
-    let mut counters: HashMap<MapData, u32, Conns> =
-        HashMap::try_from(Map::from_map_data(data).expect("map")).expect("a hash map");
+    let mut counters: HashMap<MapData, u32, Conns> = scratch.pinned_hash_map(names::UID_CONNS);
     let mut h = Helper::spawn(&cgroup.path, REUSED);
     let words = [
         Conns::live_word(OTHER_OWNER, 0),
