@@ -239,7 +239,7 @@ fn kubernetes_manifests_are_valid() {
         .filter(|n| n.ends_with(".yaml") && n != "servicemonitor.yaml")
         .collect();
     manifests.sort();
-    assert_eq!(manifests.len(), 4, "{manifests:?}");
+    assert_eq!(manifests.len(), 5, "{manifests:?}");
     let mut args = vec!["--strict"];
     args.extend(manifests.iter().map(String::as_str));
     run(&validate, "kubernetes", &args);
@@ -287,7 +287,18 @@ fn the_kubernetes_config_loads() {
             .contains_key(&rlagent::model::target::Target::AllUsers),
         "the drop-in's user:* quota"
     );
-    assert_eq!(config.metrics_listen.port(), 9464);
+    // /metrics carries UIDs and cgroup names: the agent serves it on the node's loopback
+    // only, and kube-rbac-proxy forwards authorised scrapes to that address.
+    let listen = config.metrics_listen;
+    assert!(listen.ip().is_loopback(), "metrics listen {listen}");
+    assert!(
+        daemonset.contains(&format!("--upstream=http://{listen}/")),
+        "kube-rbac-proxy's upstream is not the agent's {listen}"
+    );
+    assert!(
+        daemonset.contains(&format!("host: {}\n              path: /\n              port: {}", listen.ip(), listen.port())),
+        "the probes do not ask the agent's {listen}"
+    );
 }
 
 /// rlagent(8) and rlctl(1) have examples, every command inline, and name no manual page
