@@ -296,7 +296,11 @@ fn the_kubernetes_config_loads() {
         "kube-rbac-proxy's upstream is not the agent's {listen}"
     );
     assert!(
-        daemonset.contains(&format!("host: {}\n              path: /\n              port: {}", listen.ip(), listen.port())),
+        daemonset.contains(&format!(
+            "host: {}\n              path: /\n              port: {}",
+            listen.ip(),
+            listen.port()
+        )),
         "the probes do not ask the agent's {listen}"
     );
 }

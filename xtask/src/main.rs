@@ -83,6 +83,10 @@ enum Task {
         /// The package version (default: the crate's, revision 1)
         #[arg(long)]
         deb_version: Option<String>,
+        /// "Name <user@host>" in the Maintainer field and the changelog (default:
+        /// DEBFULLNAME and DEBEMAIL, else a placeholder in the reserved .invalid domain)
+        #[arg(long)]
+        maintainer: Option<String>,
     },
     /// Setup, release build, then a benchmark (needs root)
     Bench {
@@ -127,9 +131,13 @@ fn main() -> Result<()> {
             vm::vm_test_systemd()?;
             vm::vm_test_deb()
         }
-        Task::Deb { deb_version } => {
+        Task::Deb {
+            deb_version,
+            maintainer,
+        } => {
+            let maintainer = package::maintainer(maintainer.as_deref())?;
             setup()?;
-            package::build(deb_version.as_deref()).map(|_| ())
+            package::build(deb_version.as_deref(), &maintainer).map(|_| ())
         }
         Task::Fuzz { seconds } => {
             setup()?;

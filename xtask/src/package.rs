@@ -12,6 +12,10 @@ use crate::{cargo, output, run, workspace_root};
 
 /// The cargo-deb release the packaging was written and tested against.
 const CARGO_DEB_VERSION: &str = "3.6.2";
+/// The Maintainer of a package built without `--maintainer` (or DEBFULLNAME and
+/// DEBEMAIL): the same as `[package.metadata.deb] maintainer`. Its address is in the
+/// reserved `.invalid` domain on purpose: whoever publishes packages names themselves.
+pub const DEFAULT_MAINTAINER: &str = "rlagent developers <maintainers@rlagent.invalid>";
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
 /// What `build` made.
@@ -83,19 +87,81 @@ fn stage(bin_dir: &Path) -> Result<PathBuf> {
     Ok(stage)
 }
 
-/// Builds the package (Debian version `deb_version`, default `<crate version>-1`) and the
-/// tarball into target/dist.
-pub fn build(deb_version: Option<&str>) -> Result<Built> {
+/// The Maintainer to name: `given`, else `DEBFULLNAME <DEBEMAIL>` (as dch takes them),
+/// else [`DEFAULT_MAINTAINER`]. Refused unless it has the form `Name <user@host>`.
+pub fn maintainer(given: Option<&str>) -> Result<String> {
+    let from_env = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
+        (Ok(name), Ok(email)) if !name.is_empty() && !email.is_empty() => {
+            Some(format!("{name} <{email}>"))
+        }
+        _ => None,
+    };
+    let chosen = given
+        .map(str::to_string)
+        .or(from_env)
+        .unwrap_or_else(|| DEFAULT_MAINTAINER.to_string());
+    let well_formed = chosen
+        .strip_suffix('>')
+        .and_then(|rest| rest.split_once(" <"))
+        .is_some_and(|(name, address)| {
+            !name.trim().is_empty()
+                && !address.contains(['<', '>', ' '])
+                && address
+                    .split_once('@')
+                    .is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
+        });
+    anyhow::ensure!(
+        well_formed,
+        "maintainer {chosen:?}: expected the form \"Name <user@host.domain>\""
+    );
+    Ok(chosen)
+}
+
+/// A Debian changelog of one entry for this build: the version, where it was built from
+/// (the last commit, whose date it takes, so a rebuild is the same), and the maintainer.
+fn changelog(deb_version: &str, maintainer: &str) -> Result<String> {
+    let commit = |format: &str| {
+        output(Command::new("git").arg("-C").arg(workspace_root()).args([
+            "log",
+            "-1",
+            &format!("--format={format}"),
+        ]))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+    };
+    let (from, date) = match (commit("%h"), commit("%cD")) {
+        (Some(hash), Some(date)) => (format!("commit {hash}"), date),
+        _ => (
+            "a tree outside git".to_string(),
+            output(Command::new("date").arg("-R"))?.trim().to_string(),
+        ),
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    Ok(format!(
+        "rlagent ({deb_version}) unstable; urgency=medium\n\n  \
+         * rlagent {version}, packaged by cargo xtask deb from {from}.\n\n \
+         -- {maintainer}  {date}\n"
+    ))
+}
+
+/// Builds the package (Debian version `deb_version`, default `<crate version>-1`, named
+/// as maintained by [`maintainer`]) and the tarball into target/dist.
+pub fn build(deb_version: Option<&str>, maintainer: &str) -> Result<Built> {
     let bin_dir = build_musl()?;
     let stage = stage(&bin_dir)?;
     let dist = workspace_root().join("target/dist");
     std::fs::create_dir_all(&dist)?;
     let version = env!("CARGO_PKG_VERSION");
     let deb_version = deb_version.map_or_else(|| format!("{version}-1"), str::to_string);
+    std::fs::write(
+        stage.join("changelog"),
+        changelog(&deb_version, maintainer)?,
+    )?;
     let deb = dist.join(format!("rlagent_{deb_version}_amd64.deb"));
     run(Command::new(cargo_deb()?)
         .args(["deb", "-p", "rlagent", "--no-build", "--target", MUSL])
-        .args(["--deb-version", &deb_version])
+        .args(["--deb-version", &deb_version, "--maintainer", maintainer])
         .arg("--output")
         .arg(&deb))?;
     // The tarball: the same files, laid out to be unpacked under a prefix.
@@ -152,4 +218,57 @@ pub fn build(deb_version: Option<&str>) -> Result<Built> {
         .arg(&name))?;
     println!("{}\n{}", deb.display(), tarball.display());
     Ok(Built { deb, tarball })
+}
+
+/// lintian on `deb` (installed from Debian when missing): any error or warning fails.
+/// The overrides the package ships (usr/share/lintian/overrides/rlagent) say why each
+/// is one.
+pub fn lint(deb: &Path) -> Result<()> {
+    if !crate::vm::have("lintian") {
+        run(Command::new("apt-get")
+            .args(crate::debs::apt_options()?)
+            .args(["install", "-y", "-q", "lintian"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(Command::new("lintian")
+        .args(["--no-cfg", "--fail-on", "error,warning", "--info"])
+        .arg(deb))
+    .with_context(|| format!("lintian found errors or warnings in {}", deb.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cargo_metadata_names_the_default_maintainer() {
+        let manifest = std::fs::read_to_string(workspace_root().join("agent/Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(&format!("maintainer = \"{DEFAULT_MAINTAINER}\"")),
+            "agent/Cargo.toml's [package.metadata.deb] maintainer differs from {DEFAULT_MAINTAINER}"
+        );
+        assert_eq!(
+            maintainer(Some(DEFAULT_MAINTAINER)).unwrap(),
+            DEFAULT_MAINTAINER
+        );
+    }
+
+    #[test]
+    fn a_maintainer_needs_a_name_and_an_address_with_a_domain() {
+        for good in ["Ops Team <ops@example.org>", "A <a@b.c>"] {
+            assert_eq!(maintainer(Some(good)).unwrap(), good);
+        }
+        for bad in [
+            "rlagent developers",
+            "<ops@example.org>",
+            "Ops <ops@localhost>",
+            "Ops <@example.org>",
+            "Ops <ops example.org>",
+            "Ops <ops@example.org",
+            "Ops <a@b.c> <d@e.f>",
+        ] {
+            let err = maintainer(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("Name <user@host.domain>"), "{bad}: {err}");
+        }
+    }
 }

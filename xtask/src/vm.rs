@@ -695,8 +695,10 @@ pub fn vm_test_systemd() -> Result<()> {
 /// install, upgrade, remove and purge as an operator would (CHECK_DEB_SCRIPT).
 pub fn vm_test_deb() -> Result<()> {
     let version = env!("CARGO_PKG_VERSION");
-    let first = crate::package::build(Some(&format!("{version}-1")))?;
-    let second = crate::package::build(Some(&format!("{version}-2")))?;
+    let maintainer = crate::package::maintainer(None)?;
+    let first = crate::package::build(Some(&format!("{version}-1")), &maintainer)?;
+    crate::package::lint(&first.deb)?;
+    let second = crate::package::build(Some(&format!("{version}-2")), &maintainer)?;
     let stage = systemd_stage()?;
     for (deb, name) in [
         (&first.deb, "rlagent-1.deb"),
