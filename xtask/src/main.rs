@@ -179,8 +179,6 @@ fn main() -> Result<()> {
     }
 }
 
-/// kubernetes-validate (from PyPI; it carries the Kubernetes schemas, so validation needs
-/// no cluster or network) in a venv under the cache.
 /// iptables and nft for `bench compare` (its netfilter arms), from Debian when missing.
 fn ensure_netfilter() -> Result<()> {
     if vm::have("iptables") && vm::have("nft") {
@@ -192,6 +190,8 @@ fn ensure_netfilter() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// kubernetes-validate (from PyPI; it carries the Kubernetes schemas, so validation needs
+/// no cluster or network) in a venv under the cache.
 fn ensure_kubernetes_validate() -> Result<PathBuf> {
     const VERSION: &str = "1.37.0";
     let venv = debs::cache().join(format!("kubernetes-validate-{VERSION}"));
