@@ -253,6 +253,16 @@ pub mod kernel {
                 vec!["cpu".into(), "memory".into()],
             )
         }
+        fn kernel_features(&self) -> Vec<crate::model::feature::KernelFeature> {
+            use crate::model::feature::{FeatureState, KernelFeature};
+            vec![KernelFeature {
+                name: "psi_triggers".into(),
+                state: FeatureState::Missing,
+                required: false,
+                without: "nothing yet".into(),
+                detail: None,
+            }]
+        }
     }
 }
 

@@ -279,6 +279,62 @@ fn unprivileged_callers_read_only_their_own_stats() {
     );
 }
 
+/// `rlctl status` lists the kernel features probed at start, each with what its absence
+/// turns off. The agent started, so its programs loaded: every required feature must have
+/// probed as there (a probe that calls one missing would have stopped the start).
+#[test]
+fn status_lists_the_kernel_features_and_what_each_one_turns_off() {
+    if !privileged("status_kernel_features") {
+        return;
+    }
+    let (_cgroup, scratch) = setup("");
+    let _agent = Agent::start(&scratch);
+    let out = rlctl(&scratch, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let features = status["kernel_features"]
+        .as_array()
+        .expect("kernel_features");
+    let names: Vec<&str> = features.iter().filter_map(|f| f["name"].as_str()).collect();
+    for name in [
+        "cgroup_sock_addr",
+        "cgroup_sock",
+        "ringbuf",
+        "sk_storage",
+        "helper:bpf_set_retval",
+        "tracing",
+        "kfunc:bpf_sock_destroy",
+        "psi_triggers",
+    ] {
+        assert!(names.contains(&name), "{name} is not listed: {names:?}");
+    }
+    for f in features {
+        assert!(
+            f["without"].as_str().is_some_and(|w| !w.is_empty()),
+            "says nothing of its absence: {f}"
+        );
+        if f["required"] == true {
+            assert_eq!(f["state"], "available", "the agent runs without it? {f}");
+        }
+    }
+    // This kernel has PSI (the cgroup stats read it), and takes triggers as root.
+    let psi = features
+        .iter()
+        .find(|f| f["name"] == "psi_triggers")
+        .unwrap();
+    assert_eq!(psi["state"], "available", "{psi}");
+    let table = rlctl(&scratch, &["status"]);
+    assert!(table.status.success(), "{}", text(&table));
+    assert!(
+        text(&table)
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["kernel_feature", "cgroup_sock_addr", "yes,", "required"]),
+        "{}",
+        text(&table)
+    );
+}
+
 #[test]
 fn stuck_and_surplus_clients_are_cut_off_while_others_are_served() {
     if !privileged("control_robustness") {

@@ -442,6 +442,7 @@ impl App {
                 alerts_firing: self.engine().firing(),
                 skipped_targets: snapshot.skipped.iter().map(ToString::to_string).collect(),
                 pins_missing: self.observer.pins_missing(),
+                kernel_features: self.observer.kernel_features(),
             }
         });
         Status {

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::feature::KernelFeature;
+
 /// The agent's status (`rlctl status`). Callers who may read only their own UID's data
 /// get the first three fields; the host's layout is for root and operators.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,4 +37,7 @@ pub struct HostStatus {
     /// gone is detached; a map whose pin is gone loses its counts at the next start.
     #[serde(default)]
     pub pins_missing: Vec<PathBuf>,
+    /// The kernel features probed at start, and what each one's absence turns off.
+    #[serde(default)]
+    pub kernel_features: Vec<KernelFeature>,
 }

@@ -10,6 +10,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod features;
 pub mod heap;
 pub mod nss;
 pub mod placement;
@@ -28,6 +29,7 @@ use crate::{
         Desired,
     },
     model::{
+        feature::{FeatureState, KernelFeature},
         layout::Driver,
         usage::{CgroupStats, Detail, GroupConnStats, HostConnStats, ProgramStats, UidConnStats},
     },
@@ -58,6 +60,8 @@ pub enum KernelError {
     Systemd(#[from] SystemdError),
     #[error("attach cgroup {path} does not exist; create it or fix [bpf] attach_cgroup")]
     NoAttachCgroup { path: PathBuf },
+    #[error("the kernel lacks {name}, which the agent needs for {without}")]
+    MissingFeature { name: String, without: String },
 }
 
 impl From<BpfError> for KernelError {
@@ -190,6 +194,8 @@ pub trait Observer: Send + Sync {
     /// Pins of the programs' links and maps that are gone (someone removed them, or ran
     /// `rlagent uninstall` under the agent): empty while all is in place.
     fn pins_missing(&self) -> Vec<PathBuf>;
+    /// The kernel features probed at the agent's start (empty outside the agent).
+    fn kernel_features(&self) -> Vec<KernelFeature>;
 }
 
 /// The real enforcer: BPF programs and maps, the cgroup driver, placement.
@@ -218,6 +224,31 @@ impl System {
             return Err(KernelError::NoAttachCgroup {
                 path: attach_cgroup,
             });
+        }
+        let features = features::probe();
+        if let Some(missing) = KernelFeature::first_missing_required(&features) {
+            return Err(KernelError::MissingFeature {
+                name: missing.name.clone(),
+                without: missing.without.clone(),
+            });
+        }
+        for f in &features {
+            match f.state {
+                FeatureState::Available => {}
+                FeatureState::Missing => {
+                    tracing::info!(feature = %f.name, "kernel feature missing; off: {}", f.without);
+                }
+                FeatureState::Unknown if f.required => tracing::warn!(
+                    feature = %f.name,
+                    why = f.detail.as_deref().unwrap_or(""),
+                    "kernel feature not probed; loading the programs will tell"
+                ),
+                FeatureState::Unknown => tracing::info!(
+                    feature = %f.name,
+                    why = f.detail.as_deref().unwrap_or(""),
+                    "kernel feature not probed"
+                ),
+            }
         }
         let cgroups = start_driver(settings)?;
         let mut system = Self {
@@ -269,6 +300,7 @@ impl System {
             maps: Some(PinnedMaps::open(&settings.pin_path)?),
             pins: Some(bpf::PinLayout::new(&settings.pin_path)),
             moves: system.moves.clone(),
+            features,
         };
         Ok((system, observer))
     }
@@ -390,6 +422,8 @@ pub struct SystemObserver {
     /// The agent's own pins, watched for removal (`None` outside the agent).
     pins: Option<bpf::PinLayout>,
     moves: Arc<AtomicU64>,
+    /// Probed at the agent's start (empty outside the agent).
+    features: Vec<KernelFeature>,
 }
 
 impl SystemObserver {
@@ -403,6 +437,7 @@ impl SystemObserver {
             maps: PinnedMaps::open(pin_path).ok(),
             pins: None,
             moves: Arc::new(AtomicU64::new(0)),
+            features: Vec::new(),
         })
     }
 }
@@ -456,5 +491,9 @@ impl Observer for SystemObserver {
             .map(str::to_string)
             .collect();
         (self.mount.clone(), controllers)
+    }
+
+    fn kernel_features(&self) -> Vec<KernelFeature> {
+        self.features.clone()
     }
 }

@@ -4,6 +4,7 @@
 pub mod alert;
 pub mod duration;
 pub mod event;
+pub mod feature;
 pub mod layout;
 pub mod quota;
 pub mod reason;

@@ -4,7 +4,10 @@ use std::{fmt::Write, path::Path, process::ExitCode};
 
 use rlagent::{
     control::protocol::{ListResult, ReloadResult, Request, Status},
-    model::text::{escaped, escaped_path},
+    model::{
+        feature::FeatureState,
+        text::{escaped, escaped_path},
+    },
     observe::table,
 };
 
@@ -68,6 +71,24 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
             }
         }
         row("kernel", s.kernel.clone());
+        if let Some(h) = &s.host {
+            for f in &h.kernel_features {
+                let state = match f.state {
+                    FeatureState::Available => "yes".to_string(),
+                    FeatureState::Missing => format!("no, so off: {}", f.without),
+                    FeatureState::Unknown => format!(
+                        "unknown ({}); without it off: {}",
+                        f.detail.as_deref().unwrap_or("the probe failed"),
+                        f.without
+                    ),
+                };
+                let required = if f.required { ", required" } else { "" };
+                row(
+                    "kernel_feature",
+                    format!("{} {state}{required}", escaped(&f.name)),
+                );
+            }
+        }
         if let Some(h) = &s.host {
             if !h.skipped_targets.is_empty() {
                 row(
