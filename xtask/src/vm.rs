@@ -414,6 +414,10 @@ getent group rlagent >/dev/null || fail "sysusers.d did not create the rlagent g
 # check: auto chooses the systemd driver
 rlctl status | tee /tmp/status || fail "rlctl status"
 grep -q 'cgroup_driver.*systemd' /tmp/status || fail "auto did not choose the systemd driver"
+# check: every required kernel feature probed as there on this kernel
+required=$(grep -c '^kernel_feature .*, required$' /tmp/status)
+[ "$required" -ge 10 ] || fail "rlctl status lists $required required kernel features"
+! grep '^kernel_feature .*, required$' /tmp/status | grep -v ' yes, required$' || fail "a required kernel feature is not there"
 # check: rlagent.service (Type=notify) active after start, restart and reload
 rlctl set-quota user:2000 --conns 3 || fail "rlctl set-quota"
 systemctl restart rlagent || fail "systemctl restart rlagent"
