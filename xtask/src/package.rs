@@ -90,26 +90,31 @@ fn stage(bin_dir: &Path) -> Result<PathBuf> {
 /// The Maintainer to name: `given`, else `DEBFULLNAME <DEBEMAIL>` (as dch takes them),
 /// else [`DEFAULT_MAINTAINER`]. Refused unless it has the form `Name <user@host>`.
 pub fn maintainer(given: Option<&str>) -> Result<String> {
-    let from_env = match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
-        (Ok(name), Ok(email)) if !name.is_empty() && !email.is_empty() => {
-            Some(format!("{name} <{email}>"))
-        }
-        _ => None,
+    let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    let from_env = match (var("DEBFULLNAME"), var("DEBEMAIL")) {
+        (Some(name), Some(email)) => Some(format!("{name} <{email}>")),
+        (None, None) => None,
+        _ if given.is_some() => None,
+        _ => anyhow::bail!(
+            "DEBFULLNAME and DEBEMAIL name the maintainer together: set both (DEBEMAIL a bare address), or pass --maintainer"
+        ),
     };
     let chosen = given
         .map(str::to_string)
         .or(from_env)
         .unwrap_or_else(|| DEFAULT_MAINTAINER.to_string());
-    let well_formed = chosen
-        .strip_suffix('>')
-        .and_then(|rest| rest.split_once(" <"))
-        .is_some_and(|(name, address)| {
-            !name.trim().is_empty()
-                && !address.contains(['<', '>', ' '])
-                && address
-                    .split_once('@')
-                    .is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
-        });
+    let well_formed = !chosen.chars().any(char::is_control)
+        && chosen
+            .strip_suffix('>')
+            .and_then(|rest| rest.split_once(" <"))
+            .is_some_and(|(name, address)| {
+                !name.trim().is_empty()
+                    && !name.contains(['<', '>'])
+                    && !address.contains(['<', '>', ' '])
+                    && address
+                        .split_once('@')
+                        .is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
+            });
     anyhow::ensure!(
         well_formed,
         "maintainer {chosen:?}: expected the form \"Name <user@host.domain>\""
@@ -130,8 +135,16 @@ fn changelog(deb_version: &str, maintainer: &str) -> Result<String> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
     };
-    let (from, date) = match (commit("%h"), commit("%cD")) {
-        (Some(hash), Some(date)) => (format!("commit {hash}"), date),
+    let described = output(
+        Command::new("git")
+            .arg("-C")
+            .arg(workspace_root())
+            .args(["describe", "--always", "--dirty"]),
+    )
+    .ok()
+    .map(|s| s.trim().to_string());
+    let (from, date) = match (described, commit("%cD")) {
+        (Some(described), Some(date)) => (format!("commit {described}"), date),
         _ => (
             "a tree outside git".to_string(),
             output(Command::new("date").arg("-R"))?.trim().to_string(),
@@ -266,6 +279,8 @@ mod tests {
             "Ops <ops example.org>",
             "Ops <ops@example.org",
             "Ops <a@b.c> <d@e.f>",
+            "Ops\nMaintainer: x <ops@example.org>",
+            "Ops <ops@example.org>\n",
         ] {
             let err = maintainer(Some(bad)).unwrap_err().to_string();
             assert!(err.contains("Name <user@host.domain>"), "{bad}: {err}");

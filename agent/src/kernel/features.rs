@@ -1,8 +1,9 @@
-//! The kernel features the agent uses, or will, probed once at start: program and map
-//! types and helpers by loading a trivial program or map (aya's probes, which follow
-//! libbpf's), a kfunc by the kernel's BTF, PSI triggers by registering one. What is
-//! probed here is what the programs need to load; a required feature that is missing
-//! stops the start with its name instead of a verifier log.
+//! Kernel features probed once at start: program and map types and helpers by loading a
+//! trivial program or map (aya's probes, which follow libbpf's), a kfunc by the kernel's
+//! BTF, PSI triggers by registering one. The required ones are those the programs use
+//! that the kernels we support may lack or withhold, so that a start that cannot load
+//! them says which one; what no probe here covers (the sock_release attach type,
+//! helpers every supported kernel has, BPF atomics) the load itself still checks.
 
 use std::io::Write as _;
 
@@ -14,6 +15,23 @@ use aya::{
 use aya_obj::btf::BtfKind;
 
 use crate::model::feature::{FeatureState, KernelFeature};
+
+/// A probe that could not tell (the feature is then `unknown`).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("loading a probe program")]
+    Program(#[source] aya::programs::ProgramError),
+    #[error("creating a probe map")]
+    Map(#[source] aya::sys::SyscallError),
+    #[error("reading the kernel's BTF")]
+    Btf(#[source] aya::BtfError),
+    #[error("a PSI trigger on {path}")]
+    Psi {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// How one feature is probed.
 enum Probe {
@@ -32,62 +50,74 @@ fn catalogue() -> Vec<(&'static str, bool, &'static str, Probe)> {
         (
             "cgroup_sock_addr",
             true,
-            "connection caps and rates (cgroup/connect4 and connect6)",
+            "the programs do not load; it runs connection caps and rates (cgroup/connect4, connect6)",
             Probe::Program(P::CgroupSockAddr),
         ),
         (
             "cgroup_sock",
             true,
-            "giving back a closed connection's charge (cgroup/sock_release)",
+            "the programs do not load; it gives back a closed connection's charge (cgroup/sock_release)",
             Probe::Program(P::CgroupSock),
         ),
         (
             "socket_filter",
             true,
-            "retiring idle per-UID counters (rl_retire, run by BPF_PROG_TEST_RUN)",
+            "the programs do not load; it retires idle per-UID counters (rl_retire, run by BPF_PROG_TEST_RUN)",
             Probe::Program(P::SocketFilter),
         ),
         (
             "ringbuf",
             true,
-            "denial events (the log, rlctl events and why)",
+            "the programs do not load; it carries denial events (the log, rlctl events and why)",
             Probe::Map(MapType::RingBuf),
         ),
         (
             "sk_storage",
             true,
-            "one charge per MPTCP connection (socket-local storage)",
+            "the programs do not load; it keeps one charge per MPTCP connection",
             Probe::Map(MapType::SkStorage),
         ),
         (
             "lpm_trie",
             true,
-            "subordinate UID ranges charged to their owner",
+            "the programs do not load; it charges subordinate UID ranges to their owner",
             Probe::Map(MapType::LpmTrie),
         ),
         (
             "helper:bpf_set_retval",
             true,
-            "a deny_errno other than EPERM",
+            "the programs do not load; the deny path calls it (deny_errno)",
             Probe::Helper(P::CgroupSockAddr, H::BPF_FUNC_set_retval),
         ),
         (
             "helper:bpf_get_current_ancestor_cgroup_id",
             true,
-            "group caps and rates (a caller's group is found among its cgroup's ancestors)",
+            "the programs do not load; it finds a caller's group among its cgroup's ancestors",
             Probe::Helper(P::CgroupSockAddr, H::BPF_FUNC_get_current_ancestor_cgroup_id),
         ),
         (
             "helper:bpf_skc_to_mptcp_sock",
             true,
-            "telling MPTCP subflows apart (one charge per MPTCP connection)",
+            "the programs do not load; it tells MPTCP subflows apart",
             Probe::Helper(P::CgroupSockAddr, H::BPF_FUNC_skc_to_mptcp_sock),
         ),
         (
-            "helper:bpf_sk_storage_get",
+            "helper:bpf_sk_storage_get (release)",
             true,
-            "releasing an MPTCP connection's charge at its close",
+            "the programs do not load; it releases an MPTCP connection's charge at its close",
             Probe::Helper(P::CgroupSock, H::BPF_FUNC_sk_storage_get),
+        ),
+        (
+            "helper:bpf_sk_storage_get (connect)",
+            true,
+            "the programs do not load; connect() keeps an MPTCP connection's charged subflow with it",
+            Probe::Helper(P::CgroupSockAddr, H::BPF_FUNC_sk_storage_get),
+        ),
+        (
+            "helper:bpf_get_current_comm",
+            true,
+            "the programs do not load; denial events name the process with it",
+            Probe::Helper(P::CgroupSockAddr, H::BPF_FUNC_get_current_comm),
         ),
         (
             "tracing",
@@ -110,8 +140,10 @@ fn catalogue() -> Vec<(&'static str, bool, &'static str, Probe)> {
     ]
 }
 
-/// Probes every feature. Each probe loads at most a two-instruction program or a small
-/// map, or registers and drops one PSI trigger: a few milliseconds in all.
+/// Probes every feature. Each probe loads a two-instruction program or creates a small
+/// map (the tracing probe also attaches it to the kernel's `bpf_fentry_test1`, a
+/// function kept for tests), reads the kernel's BTF (the kfunc, and aya's tracing
+/// probe), or registers and drops one PSI trigger. The BTF reads take most of the time.
 pub fn probe() -> Vec<KernelFeature> {
     catalogue()
         .into_iter()
@@ -119,7 +151,7 @@ pub fn probe() -> Vec<KernelFeature> {
             let (state, detail) = match run(&how) {
                 Ok(true) => (FeatureState::Available, None),
                 Ok(false) => (FeatureState::Missing, None),
-                Err(why) => (FeatureState::Unknown, Some(why)),
+                Err(e) => (FeatureState::Unknown, Some(crate::model::error_chain(&e))),
             };
             KernelFeature {
                 name: name.to_string(),
@@ -132,14 +164,13 @@ pub fn probe() -> Vec<KernelFeature> {
         .collect()
 }
 
-fn run(how: &Probe) -> Result<bool, String> {
-    let text = |e: &(dyn std::error::Error + 'static)| crate::model::error_chain(e);
+fn run(how: &Probe) -> Result<bool, ProbeError> {
     match how {
-        Probe::Program(t) => is_program_supported(*t).map_err(|e| text(&e)),
-        Probe::Map(t) => is_map_supported(*t).map_err(|e| text(&e)),
-        Probe::Helper(t, h) => is_helper_supported(*t, *h).map_err(|e| text(&e)),
+        Probe::Program(t) => is_program_supported(*t).map_err(ProbeError::Program),
+        Probe::Map(t) => is_map_supported(*t).map_err(ProbeError::Map),
+        Probe::Helper(t, h) => is_helper_supported(*t, *h).map_err(ProbeError::Program),
         Probe::Kfunc(name) => {
-            let btf = aya::Btf::from_sys_fs().map_err(|e| text(&e))?;
+            let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
             Ok(btf.id_by_type_name_kind(name, BtfKind::Func).is_ok())
         }
         Probe::PsiTrigger => psi_trigger(std::path::Path::new("/proc/pressure/cpu")),
@@ -148,8 +179,12 @@ fn run(how: &Probe) -> Result<bool, String> {
 
 /// Registers a trigger on the PSI file at `path` (dropped when the file is closed): the
 /// kernel has PSI and takes triggers. `Ok(false)`: no PSI (no file, or PSI disabled).
-fn psi_trigger(path: &std::path::Path) -> Result<bool, String> {
+fn psi_trigger(path: &std::path::Path) -> Result<bool, ProbeError> {
     use std::io::ErrorKind;
+    let failed = |source| ProbeError::Psi {
+        path: path.to_path_buf(),
+        source,
+    };
     let opened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -157,16 +192,17 @@ fn psi_trigger(path: &std::path::Path) -> Result<bool, String> {
     let mut file = match opened {
         Ok(file) => file,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(format!("opening {}: {e}", path.display())),
+        Err(e) => return Err(failed(e)),
     };
-    // A window that is a multiple of 2 s: without CAP_SYS_RESOURCE (a sandbox may drop
-    // it even for root) the kernel takes no other. It overwrites the last byte written
-    // with a NUL: write one.
+    // A window that is a multiple of 2 s: since Linux 6.5 a writer without
+    // CAP_SYS_RESOURCE (a sandbox may drop it even for root) may set no other (before,
+    // it could not open the file for writing). The kernel overwrites the last byte
+    // written with a NUL: write one.
     match file.write_all(b"some 500000 2000000\0") {
         Ok(()) => Ok(true),
         // PSI compiled in but off (psi=0): the files answer EOPNOTSUPP.
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
-        Err(e) => Err(format!("a trigger on {}: {e}", path.display())),
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -190,14 +226,16 @@ mod tests {
     #[test]
     fn a_psi_file_that_is_not_there_is_no_psi() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(psi_trigger(&dir.path().join("cpu")), Ok(false));
+        assert!(matches!(psi_trigger(&dir.path().join("cpu")), Ok(false)));
     }
 
     #[test]
-    fn a_file_that_refuses_the_trigger_is_unknown_not_missing() {
-        // A directory opens for reading only: the probe cannot tell, and says why.
+    fn a_psi_file_that_cannot_be_opened_for_writing_is_unknown_not_missing() {
+        // A directory cannot be opened for writing (EISDIR): the probe cannot tell, and
+        // the error names the file.
         let dir = tempfile::tempdir().unwrap();
         let err = psi_trigger(dir.path()).unwrap_err();
-        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        let text = crate::model::error_chain(&err);
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
     }
 }

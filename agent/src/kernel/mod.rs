@@ -60,7 +60,9 @@ pub enum KernelError {
     Systemd(#[from] SystemdError),
     #[error("attach cgroup {path} does not exist; create it or fix [bpf] attach_cgroup")]
     NoAttachCgroup { path: PathBuf },
-    #[error("the kernel lacks {name}, which the agent needs for {without}")]
+    #[error(
+        "the kernel lacks {name} (or refuses it to this process: some helpers need CAP_PERFMON or CAP_SYS_ADMIN); the programs cannot load without it: {without}"
+    )]
     MissingFeature { name: String, without: String },
 }
 
@@ -225,6 +227,8 @@ impl System {
                 path: attach_cgroup,
             });
         }
+        // The version first: on a kernel too old for the programs that says it all.
+        bpf::check_kernel()?;
         let features = features::probe();
         if let Some(missing) = KernelFeature::first_missing_required(&features) {
             return Err(KernelError::MissingFeature {

@@ -75,11 +75,11 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
             for f in &h.kernel_features {
                 let state = match f.state {
                     FeatureState::Available => "yes".to_string(),
-                    FeatureState::Missing => format!("no, so off: {}", f.without),
+                    FeatureState::Missing => format!("no, so off: {}", escaped(&f.without)),
                     FeatureState::Unknown => format!(
                         "unknown ({}); without it off: {}",
-                        f.detail.as_deref().unwrap_or("the probe failed"),
-                        f.without
+                        escaped(f.detail.as_deref().unwrap_or("the probe failed")),
+                        escaped(&f.without)
                     ),
                 };
                 let required = if f.required { ", required" } else { "" };

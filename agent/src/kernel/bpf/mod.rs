@@ -274,7 +274,9 @@ pub struct ConnLimiter {
     uncapped_sockets_gone: u64,
 }
 
-fn check_kernel() -> Result<(), BpfError> {
+/// Refuses a kernel older than `MIN_KERNEL` by its version (an unknown version string
+/// is let through: the verifier decides).
+pub(super) fn check_kernel() -> Result<(), BpfError> {
     let Ok(version) = KernelVersion::current() else {
         // Unknown version strings (custom kernels): let the verifier decide.
         return Ok(());
