@@ -125,25 +125,20 @@ pub fn maintainer(given: Option<&str>) -> Result<String> {
 /// A Debian changelog of one entry for this build: the version, where it was built from
 /// (the last commit, whose date it takes, so a rebuild is the same), and the maintainer.
 fn changelog(deb_version: &str, maintainer: &str) -> Result<String> {
-    let commit = |format: &str| {
-        output(Command::new("git").arg("-C").arg(workspace_root()).args([
-            "log",
-            "-1",
-            &format!("--format={format}"),
-        ]))
+    let git = |args: &[&str]| {
+        output(
+            Command::new("git")
+                .arg("-C")
+                .arg(workspace_root())
+                .args(args),
+        )
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
     };
-    let described = output(
-        Command::new("git")
-            .arg("-C")
-            .arg(workspace_root())
-            .args(["describe", "--always", "--dirty"]),
-    )
-    .ok()
-    .map(|s| s.trim().to_string());
-    let (from, date) = match (described, commit("%cD")) {
+    let described = git(&["describe", "--always", "--dirty"]);
+    let date = git(&["log", "-1", "--format=%cD"]);
+    let (from, date) = match (described, date) {
         (Some(described), Some(date)) => (format!("commit {described}"), date),
         _ => (
             "a tree outside git".to_string(),

@@ -88,8 +88,6 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
                     format!("{} {state}{required}", escaped(&f.name)),
                 );
             }
-        }
-        if let Some(h) = &s.host {
             if !h.skipped_targets.is_empty() {
                 row(
                     "skipped_targets",
