@@ -11,6 +11,7 @@ use std::{
 };
 
 use crate::model::{
+    adapt::{AdaptRule, PenaltyRule},
     alert::{AlertmanagerUrl, Rule},
     layout::{Driver, DriverSetting, Layout},
     quota::{ConnRate, Mode, OnFull, Quota, QuotaError},
@@ -19,6 +20,7 @@ use crate::model::{
     users::UserDb,
 };
 
+mod adapt;
 mod alerts;
 mod bpf;
 mod control;
@@ -164,6 +166,10 @@ pub struct Config {
     pub alert_instance: Option<String>,
     /// More labels every alert sent there carries (a fleet's team, site, role...).
     pub alert_labels: BTreeMap<String, String>,
+    /// `[[adapt]]`: steps that tighten a target's quota while host pressure holds.
+    pub adapt_rules: Vec<AdaptRule>,
+    /// `[[penalty]]`: tiers for users whose own usage crosses a threshold.
+    pub penalty_rules: Vec<PenaltyRule>,
 }
 
 impl Config {
@@ -401,6 +407,8 @@ impl Config {
             alertmanager: alerts.alertmanager,
             alert_instance: alerts.instance,
             alert_labels: alerts.labels,
+            adapt_rules: adapt::adapt_rules(&at, &raw.adapt_rules, users)?,
+            penalty_rules: adapt::penalty_rules(&at, &raw.penalty_rules, users)?,
         })
     }
 }

@@ -36,6 +36,10 @@ pub(super) struct RawConfig {
     pub(super) alerts: RawAlerts,
     #[serde(default, rename = "alert")]
     pub(super) alert_rules: Vec<Spanned<RawAlertRule>>,
+    #[serde(default, rename = "adapt")]
+    pub(super) adapt_rules: Vec<Spanned<RawAdaptRule>>,
+    #[serde(default, rename = "penalty")]
+    pub(super) penalty_rules: Vec<Spanned<RawPenaltyRule>>,
 }
 
 /// A drop-in (`rlagent.d/*.toml`): only what a fleet layers over the main file.
@@ -249,6 +253,62 @@ pub(super) struct RawGroup {
     pub(super) comms: Vec<String>,
     #[serde(default)]
     pub(super) exes: Vec<PathBuf>,
+}
+
+/// `[[adapt]]`: a step that tightens a target's quota while host pressure holds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdaptRule {
+    pub(super) name: Spanned<String>,
+    pub(super) when: Spanned<String>,
+    #[serde(rename = "for")]
+    pub(super) hold: Spanned<String>,
+    pub(super) release_after: Spanned<String>,
+    pub(super) target: Spanned<String>,
+    #[serde(default)]
+    pub(super) mode: Option<Spanned<String>>,
+    pub(super) cpu: Option<IntOrString>,
+    pub(super) memory: Option<IntOrString>,
+    pub(super) memory_high: Option<IntOrString>,
+    pub(super) pids: Option<IntOrString>,
+    pub(super) conns: Option<IntOrString>,
+    pub(super) conn_rate: Option<IntOrString>,
+    pub(super) conn_burst: Option<IntOrString>,
+}
+
+/// `[[penalty]]` with its `[[penalty.tier]]`s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPenaltyRule {
+    pub(super) name: Spanned<String>,
+    pub(super) when: Spanned<String>,
+    pub(super) window: Spanned<String>,
+    #[serde(default = "no_exemptions")]
+    pub(super) exempt: Spanned<Vec<String>>,
+    #[serde(default)]
+    pub(super) mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) forgive_after: Option<Spanned<String>>,
+    #[serde(default, rename = "tier")]
+    pub(super) tiers: Vec<Spanned<RawTier>>,
+}
+
+fn no_exemptions() -> Spanned<Vec<String>> {
+    Spanned::new(0..0, Vec::new())
+}
+
+/// `[[penalty.tier]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTier {
+    pub(super) duration: Spanned<String>,
+    pub(super) cpu: Option<IntOrString>,
+    pub(super) memory: Option<IntOrString>,
+    pub(super) memory_high: Option<IntOrString>,
+    pub(super) pids: Option<IntOrString>,
+    pub(super) conns: Option<IntOrString>,
+    pub(super) conn_rate: Option<IntOrString>,
+    pub(super) conn_burst: Option<IntOrString>,
 }
 
 /// `[[quota]]`: a target and the quota fields (spelled out, since serde's `flatten` cannot

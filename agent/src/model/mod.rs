@@ -1,6 +1,7 @@
 //! Vocabulary shared by every layer: quotas and their units, targets, durations, alert
 //! rule types, measured usage, untrusted text escaped for display. No I/O here.
 
+pub mod adapt;
 pub mod alert;
 pub mod duration;
 pub mod event;
