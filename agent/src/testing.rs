@@ -31,6 +31,13 @@ impl UserDb for Users {
             _ => None,
         })
     }
+    fn groups_of(&self, uid: u32) -> std::io::Result<Vec<u32>> {
+        Ok(if uid == 1001 {
+            vec![1001, 990]
+        } else {
+            Vec::new()
+        })
+    }
 }
 
 /// A valid config from `text` (panics on an invalid one).
@@ -262,6 +269,16 @@ pub mod kernel {
                 without: "nothing yet".into(),
                 detail: None,
             }]
+        }
+        fn host_pressure(&self) -> crate::model::adapt::HostPressure {
+            Default::default()
+        }
+        fn user_usage(
+            &self,
+            _: &crate::model::layout::Layout,
+            _: &[crate::model::adapt::UserSignal],
+        ) -> std::collections::BTreeMap<u32, crate::model::adapt::UserSample> {
+            Default::default()
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::{
         alerts::Engine,
         budget::Budgets,
         events::EventLog,
-        stats::{Stats, TargetStats},
+        stats::{AdaptState, PenaltyCount, Stats, TargetStats},
     },
 };
 
@@ -92,6 +92,9 @@ pub fn collect_stats(
         pins_missing: None,
         budget_exhausted: Default::default(),
         programs: observer.program_stats(),
+        penalties: Vec::new(),
+        penalties_entered: Vec::new(),
+        adapt: Vec::new(),
     })
 }
 
@@ -120,12 +123,12 @@ impl Snapshot {
 pub struct App {
     agent: Mutex<Agent>,
     current: RwLock<Arc<Snapshot>>,
-    observer: Arc<dyn Observer>,
+    pub(super) observer: Arc<dyn Observer>,
     alerts: Mutex<Engine>,
     alert_events: tokio::sync::broadcast::Sender<Alert>,
     /// The config file the agent was started with (`None`: the default location).
     config_path: Option<PathBuf>,
-    users: Arc<dyn UserDb>,
+    pub(super) users: Arc<dyn UserDb>,
     control_gid: Option<u32>,
     /// Cgroups operators may never limit (relative to the mount): the attach cgroup, the
     /// agent's own, PID 1's.
@@ -137,7 +140,9 @@ pub struct App {
     group_names: Mutex<BTreeMap<u64, String>>,
     /// Missing pins at the last evaluation, to log each change once.
     pins_missing: std::sync::atomic::AtomicUsize,
-    started: Instant,
+    pub(super) started: Instant,
+    /// The adaptive rules' and penalties' state.
+    pub(super) adapt: Mutex<crate::observe::adapt::Run>,
 }
 
 /// Finds the cgroup2 mount and decides `config`'s `cgroup_driver = "auto"` for this host,
@@ -227,6 +232,7 @@ impl App {
             users,
             control_gid,
             started: Instant::now(),
+            adapt: Mutex::default(),
         })
     }
 
@@ -304,7 +310,7 @@ impl App {
     /// Runs `f` on the agent under its lock and publishes what is enforced afterwards.
     /// A panic inside is caught: what was enforced before is re-applied, and the caller
     /// gets an error, so a bug cannot leave half a change in force behind an old snapshot.
-    fn with_agent<T>(
+    pub(super) fn with_agent<T>(
         &self,
         what: &'static str,
         f: impl FnOnce(&mut Agent) -> Result<T, AgentError>,
@@ -370,6 +376,22 @@ impl App {
         stats.skipped_targets = snapshot.skipped.len();
         stats.budget_exhausted = self.budgets.refused();
         stats.events_received = self.events.received();
+        stats.penalties = self.penalties();
+        let holding = self.adapt_holding();
+        stats.penalties_entered = self
+            .penalties_entered()
+            .into_iter()
+            .map(|((rule, tier), count)| PenaltyCount { rule, tier, count })
+            .collect();
+        stats.adapt = snapshot
+            .config
+            .adapt_rules
+            .iter()
+            .map(|r| AdaptState {
+                holding: holding.iter().any(|(name, _)| *name == r.name),
+                rule: r.name.clone(),
+            })
+            .collect();
         Ok(stats)
     }
 

@@ -1,6 +1,7 @@
 //! The agent: the reconcile loop ([`reconcile::Agent`]) and the composition root
 //! ([`app::App`]) that every entry point goes through.
 
+pub mod adapt;
 pub mod app;
 pub mod error;
 pub mod reconcile;

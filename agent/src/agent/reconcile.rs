@@ -14,7 +14,7 @@ use crate::{
         Desired, DesiredError,
     },
     kernel::{cgroup::driver::Skipped, Enforcer, KernelError, UnenforcedGroups},
-    model::{layout::Driver, quota::Field, target::Target, users::UserDb},
+    model::{adapt::Step, layout::Driver, quota::Field, target::Target, users::UserDb},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +145,9 @@ pub struct Agent {
     /// completed, changed one writes only the difference; after an incomplete one (a
     /// failed write, or a reload) every cgroup is written, resetting what it may have set.
     applied_plan: Option<(CgroupPlan, bool)>,
+    /// The steps of adaptive rules and penalties in force, laid over config and runtime
+    /// quotas by every apply (not saved: they are decided again after a restart).
+    steps: Vec<Step>,
 }
 
 impl Agent {
@@ -168,6 +171,7 @@ impl Agent {
             limits_skipped: Vec::new(),
             unenforced_groups: UnenforcedGroups::new(),
             applied_plan: None,
+            steps: Vec::new(),
         };
         let config = agent.config.clone();
         agent.desired = agent.apply_with(&config, desired, Vanished::Refuse, Write::Changes)?;
@@ -313,7 +317,8 @@ impl Agent {
     /// cgroup made again, a group's slice stopped, a process placement missed).
     pub fn reload(&mut self, mut config: Config) -> Result<Vec<&'static str>, AgentError> {
         let kept = config.keep_restart_settings(&self.config);
-        let desired = Desired::build(&config, &self.runtime, self.users.as_ref())?;
+        let desired =
+            Desired::build_with_steps(&config, &self.runtime, &self.steps, self.users.as_ref())?;
         match self.apply_with(&config, desired, Vanished::Refuse, Write::All) {
             Ok(applied) => {
                 self.config = config;
@@ -340,7 +345,8 @@ impl Agent {
             .runtime
             .with(target, fields)
             .pruned(target, &self.config);
-        let desired = Desired::build(&self.config, &next, self.users.as_ref())?;
+        let desired =
+            Desired::build_with_steps(&self.config, &next, &self.steps, self.users.as_ref())?;
         // The target being changed must exist; other vanished ones are skipped.
         if let Target::Cgroup(path) = target {
             if fields.values().any(Option::is_some)
@@ -366,6 +372,29 @@ impl Agent {
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&staged);
+                self.roll_back();
+                Err(e)
+            }
+        }
+    }
+
+    /// Enforces `steps` (the adaptive rules' and penalties' in force) in place of the ones
+    /// before, through the same apply as every other change; nothing happens when they are
+    /// the same. On failure the steps before stay in force.
+    pub fn set_steps(&mut self, steps: Vec<Step>) -> Result<bool, AgentError> {
+        if steps == self.steps {
+            return Ok(false);
+        }
+        let desired =
+            Desired::build_with_steps(&self.config, &self.runtime, &steps, self.users.as_ref())?;
+        let config = self.config.clone();
+        match self.apply(&config, desired) {
+            Ok(applied) => {
+                self.desired = applied;
+                self.steps = steps;
+                Ok(true)
+            }
+            Err(e) => {
                 self.roll_back();
                 Err(e)
             }

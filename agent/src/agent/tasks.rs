@@ -92,6 +92,30 @@ pub async fn group_refresh(app: Arc<App>) {
     }
 }
 
+/// How often the adaptive rules and penalties are evaluated.
+pub const ADAPT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Every second while there are `[[adapt]]` or `[[penalty]]` rules (or steps of removed
+/// ones in force), one round of them (see [`App::adapt_round`]); nothing otherwise.
+pub async fn adapt(app: Arc<App>) {
+    loop {
+        tokio::time::sleep(ADAPT_INTERVAL).await;
+        if !app.adapt_wanted() {
+            continue;
+        }
+        if let Err(e) = app
+            .blocking("adaptive rules and penalties", |app| app.adapt_round())
+            .await
+            .and_then(|r| r)
+        {
+            tracing::warn!(
+                "a round of the adaptive rules and penalties failed: {}",
+                error_chain(&e)
+            );
+        }
+    }
+}
+
 /// Every `[bpf] uid_retire_interval`, retires the counters of UIDs idle since the
 /// last round (see [`Agent::retire_idle`]), so counters never run out however many
 /// UIDs connect over time.

@@ -376,6 +376,9 @@ impl Config {
             fn gid(&self, _: &str) -> std::io::Result<Option<u32>> {
                 Ok(None)
             }
+            fn groups_of(&self, _: u32) -> std::io::Result<Vec<u32>> {
+                Ok(Vec::new())
+            }
         }
         Self::parse(EMBEDDED_DEFAULT, Path::new("<embedded default>"), &NoUsers)
     }

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use super::{
     access::{Access, Peer},
     protocol::{
-        AlertsResult, ClearQuotaResult, ErrorCode, EventsResult, FieldValue, ListResult,
-        MoveResult, ReloadResult, Request, Response, SetQuotaResult, TargetQuota, WhyReason,
-        WhyResult,
+        AdaptHolding, AlertsResult, ClearQuotaResult, ErrorCode, EventsResult, FieldValue,
+        ListResult, MoveResult, PenaltiesResult, ReleaseResult, ReloadResult, Request, Response,
+        SetQuotaResult, TargetQuota, WhyReason, WhyResult,
     },
 };
 use crate::{
@@ -93,6 +93,8 @@ fn answer(app: &App, access: Access, request: Request) -> Response {
         Request::Reload {} => app
             .reload()
             .map(|()| Response::ok(&ReloadResult { reloaded: true })),
+        Request::Penalties {} => Ok(penalties(app, access)),
+        Request::Release { target } => release(app, access, &target),
     };
     result.unwrap_or_else(|e| refused(&e))
 }
@@ -324,11 +326,66 @@ fn why(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
         });
     }
     let skip = events.len().saturating_sub(WHY_EVENTS);
+    let mut penalties = app.penalties();
+    penalties.retain(|p| p.target == target.to_string());
     Ok(Response::ok(&WhyResult {
         target: target.to_string(),
         counters,
         reasons,
         events: events.into_iter().skip(skip).collect(),
+        penalties,
+    }))
+}
+
+/// `penalties`: a reader sees only its own.
+fn penalties(app: &App, access: Access) -> Response {
+    let mut penalties = app.penalties();
+    penalties.retain(|p| access.sees_name(&p.target));
+    let adapt = if access.reads_all() {
+        let snapshot = app.snapshot();
+        app.adapt_holding()
+            .into_iter()
+            .filter_map(|(rule, reason)| {
+                let r = snapshot
+                    .config
+                    .adapt_rules
+                    .iter()
+                    .find(|r| r.name == rule)?;
+                Some(AdaptHolding {
+                    target: r.target.to_string(),
+                    monitor: r.mode == crate::model::quota::Mode::Monitor,
+                    rule,
+                    reason,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Response::ok(&PenaltiesResult { penalties, adapt })
+}
+
+/// `release`: lifts a user's penalties, if the caller may change that user's quotas.
+fn release(app: &App, access: Access, target: &str) -> Result<Response, AppError> {
+    let target = app.resolve_target(target)?;
+    let Target::User(UserRef::Uid(uid)) = target else {
+        return Ok(invalid(format!(
+            "release takes a user:<uid|name> target (penalties are per user), not {target}"
+        )));
+    };
+    if let Err(why) = access.may_change(&target, &app.snapshot().config, app.protected_cgroups()) {
+        return Ok(denied(why));
+    }
+    let lifted = app.release_penalty(uid)?;
+    if lifted.is_empty() {
+        return Ok(Response::error(
+            ErrorCode::NotFound,
+            format!("{target} has no penalty to lift"),
+        ));
+    }
+    Ok(Response::ok(&ReleaseResult {
+        target: target.to_string(),
+        lifted,
     }))
 }
 

@@ -21,6 +21,7 @@ use crate::{
         reason::Reason,
         usage::{ByReason, GroupConnStats, UidConnStats},
     },
+    observe::adapt::{Decision, Penalty},
 };
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -81,6 +82,12 @@ pub enum Request {
     },
     /// Re-reads the config file (as SIGHUP does).
     Reload {},
+    /// The penalised users (a reader: only itself) and the adaptive rules holding.
+    Penalties {},
+    /// Lifts every penalty of a user (root, or an operator for users from `uid_min` up).
+    Release {
+        target: String,
+    },
 }
 
 impl Request {
@@ -88,7 +95,11 @@ impl Request {
     pub fn writes(&self) -> bool {
         matches!(
             self,
-            Self::SetQuota { .. } | Self::ClearQuota { .. } | Self::Move { .. } | Self::Reload {}
+            Self::SetQuota { .. }
+                | Self::ClearQuota { .. }
+                | Self::Move { .. }
+                | Self::Reload {}
+                | Self::Release { .. }
         )
     }
 }
@@ -184,6 +195,34 @@ pub struct WhyResult {
     pub reasons: Vec<WhyReason>,
     /// The last events of the UID, oldest first.
     pub events: Vec<DenialEvent>,
+    /// The UID's penalties in force (or, in monitor mode, that would be).
+    #[serde(default)]
+    pub penalties: Vec<Penalty>,
+}
+
+/// `penalties`: the penalised users, and the adaptive rules whose condition holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PenaltiesResult {
+    pub penalties: Vec<Penalty>,
+    /// Empty for a reader.
+    #[serde(default)]
+    pub adapt: Vec<AdaptHolding>,
+}
+
+/// An `[[adapt]]` rule whose step holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdaptHolding {
+    pub rule: String,
+    pub target: String,
+    pub reason: String,
+    pub monitor: bool,
+}
+
+/// `release`: what was lifted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseResult {
+    pub target: String,
+    pub lifted: Vec<Decision>,
 }
 
 /// One reason a user's connect() calls were refused (or would be, in monitor mode).

@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use crate::{
     config::Config,
     model::{
+        adapt::{tightness, Step, STEP_FIELDS},
         alert::Rule,
-        quota::{Field, Quota},
-        target::Target,
+        quota::{Field, Limit, Quota},
+        target::{Target, UserRef},
         users::UserDb,
     },
 };
@@ -52,7 +53,26 @@ impl Desired {
         runtime: &RuntimeState,
         users: &dyn UserDb,
     ) -> Result<Self, DesiredError> {
-        let merged = runtime.merge(config, users)?;
+        Self::build_with_steps(config, runtime, &[], users)
+    }
+
+    /// [`Self::build`] with the steps of adaptive rules and penalties in force laid over
+    /// the merged quotas (see [`tighten`]).
+    pub fn build_with_steps(
+        config: &Config,
+        runtime: &RuntimeState,
+        steps: &[Step],
+        users: &dyn UserDb,
+    ) -> Result<Self, DesiredError> {
+        let mut merged = runtime.merge(config, users)?;
+        for step in steps {
+            tighten(
+                &mut merged.quotas,
+                &mut merged.sources,
+                step,
+                config.bpf.uid_min,
+            );
+        }
         let conns = ConnLimits::new(&config.bpf, &config.layout(), &merged.quotas);
         check_capacity(&conns)?;
         Ok(Self {
@@ -68,7 +88,7 @@ impl Desired {
     pub fn source(&self, target: &Target, field: Field) -> Source {
         self.sources
             .get(&(target.clone(), field))
-            .copied()
+            .cloned()
             .unwrap_or(Source::Config)
     }
 
@@ -76,6 +96,66 @@ impl Desired {
     /// agent can hold them: the config and rlctl refuse them).
     pub fn unenforced(&self) -> Vec<(Target, Vec<Field>)> {
         conns::unenforced_fields(&self.quotas)
+    }
+}
+
+/// Lays `step` over `quotas`: each field it sets replaces the target's effective value
+/// only where it is tighter (a step never loosens a limit), and then says where it came
+/// from. A `user:<uid>`'s effective value is its own field, else the `user:*` default's
+/// from `uid_min` up, as the kernel plans resolve it. A memory limit lowered below the
+/// target's memory.high takes memory.high down with it.
+pub fn tighten(
+    quotas: &mut BTreeMap<Target, Quota>,
+    sources: &mut Sources,
+    step: &Step,
+    uid_min: u32,
+) {
+    let default = match &step.target {
+        Target::User(UserRef::Uid(uid)) if *uid >= uid_min => {
+            quotas.get(&Target::AllUsers).cloned()
+        }
+        _ => None,
+    };
+    let quota = quotas.entry(step.target.clone()).or_default();
+    let effective = |quota: &Quota, field: Field| {
+        tightness(quota, field).or_else(|| {
+            if quota.text(field).is_some() {
+                None
+            } else {
+                default.as_ref().and_then(|d| tightness(d, field))
+            }
+        })
+    };
+    for field in STEP_FIELDS {
+        let Some(value) = step.quota.text(field) else {
+            continue;
+        };
+        let wanted = tightness(&step.quota, field);
+        let tighter = match (wanted, effective(quota, field)) {
+            (Some(w), Some(e)) => w < e,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if tighter && quota.set(field, &value).is_ok() {
+            sources.insert(
+                (step.target.clone(), field),
+                Source::Step(step.source.clone()),
+            );
+        }
+    }
+    if let (Some(Limit::Value(high)), Some(Limit::Value(max))) = (
+        quota
+            .memory_high
+            .or_else(|| default.as_ref().and_then(|d| d.memory_high)),
+        quota.memory,
+    ) {
+        if high > max {
+            quota.memory_high = Some(Limit::Value(max));
+            sources.insert(
+                (step.target.clone(), Field::MemoryHigh),
+                Source::Step(step.source.clone()),
+            );
+        }
     }
 }
 
@@ -116,6 +196,56 @@ mod tests {
         assert_eq!(d.source(&batch, Field::Cpu), Source::Config);
         assert_eq!(d.source(&batch, Field::Pids), Source::Runtime);
         assert!(d.cgroups.wants_cgroups());
+    }
+
+    #[test]
+    fn a_step_only_tightens_falls_back_to_the_user_default_and_says_its_source() {
+        let c = config("[bpf]\nuid_min = 1000\n[[quota]]\ntarget = \"user:*\"\ncpu = \"20%\"\nconns = 8\nmemory_high = \"1G\"\n");
+        let step = |text: &[(Field, &str)]| {
+            let mut quota = Quota::default();
+            for (f, v) in text {
+                quota.set(*f, v).unwrap();
+            }
+            Step {
+                target: Target::User(UserRef::Uid(2000)),
+                source: "penalty:hog".into(),
+                quota,
+            }
+        };
+        let steps = [step(&[
+            (Field::Cpu, "30%"),
+            (Field::Conns, "2"),
+            (Field::Memory, "512M"),
+        ])];
+        let d = Desired::build_with_steps(&c, &RuntimeState::default(), &steps, &Users).unwrap();
+        let user = Target::User(UserRef::Uid(2000));
+        let q = &d.quotas[&user];
+        assert_eq!(
+            q.cpu, None,
+            "30% is looser than the default's 20%: not applied"
+        );
+        assert_eq!(q.text(Field::Conns).as_deref(), Some("2"));
+        assert_eq!(q.text(Field::MemoryHigh).as_deref(), Some("512M"));
+        assert_eq!(
+            d.source(&user, Field::Conns),
+            Source::Step("penalty:hog".into())
+        );
+        assert_eq!(d.conns.per_uid[&2000].cap, 2);
+        // The default's cpu still applies to the user, field by field.
+        assert!(d
+            .cgroups
+            .user_quota(2000)
+            .is_some_and(|q| matches!(q.cpu, Limit::Value(_))));
+        // The same step on a system user has no default to compare with: it applies.
+        let mut low = steps[0].clone();
+        low.target = Target::User(UserRef::Uid(5));
+        let d = Desired::build_with_steps(&c, &RuntimeState::default(), &[low], &Users).unwrap();
+        assert_eq!(
+            d.quotas[&Target::User(UserRef::Uid(5))]
+                .text(Field::Cpu)
+                .as_deref(),
+            Some("30%")
+        );
     }
 
     #[test]

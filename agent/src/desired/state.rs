@@ -66,12 +66,34 @@ pub struct RuntimeState {
     pub quotas: Overrides,
 }
 
-/// Where a field's effective value comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Where a field's effective value comes from: `config`, `runtime`, or the step of an
+/// adaptive rule or penalty in force (`adapt:<rule>`, `penalty:<rule>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
 pub enum Source {
     Config,
     Runtime,
+    Step(String),
+}
+
+impl From<Source> for String {
+    fn from(s: Source) -> Self {
+        match s {
+            Source::Config => "config".to_string(),
+            Source::Runtime => "runtime".to_string(),
+            Source::Step(name) => name,
+        }
+    }
+}
+
+impl From<String> for Source {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "config" => Self::Config,
+            "runtime" => Self::Runtime,
+            _ => Self::Step(s),
+        }
+    }
 }
 
 /// Where each field of each target's effective quota comes from.

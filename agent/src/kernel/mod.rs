@@ -29,8 +29,9 @@ use crate::{
         Desired,
     },
     model::{
+        adapt::{HostPressure, UserSample, UserSignal},
         feature::{FeatureState, KernelFeature},
-        layout::Driver,
+        layout::{Driver, Layout},
         usage::{CgroupStats, Detail, GroupConnStats, HostConnStats, ProgramStats, UidConnStats},
     },
 };
@@ -198,6 +199,26 @@ pub trait Observer: Send + Sync {
     fn pins_missing(&self) -> Vec<PathBuf>;
     /// The kernel features probed at the agent's start (empty outside the agent).
     fn kernel_features(&self) -> Vec<KernelFeature>;
+    /// The host's pressure, `/proc/pressure/*` (`None` per resource without PSI).
+    fn host_pressure(&self) -> HostPressure;
+    /// Each user's usage, from the users' cgroups under `layout`: only `signals`' files.
+    fn user_usage(&self, layout: &Layout, signals: &[UserSignal]) -> BTreeMap<u32, UserSample>;
+}
+
+/// Reads `/proc/pressure/{cpu,memory,io}` under `proc` (logged once when unreadable).
+pub fn host_pressure(proc: &Path) -> HostPressure {
+    let read = |name: &str| match cgroup::psi::read_file(&proc.join("pressure").join(name)) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!("host pressure: {e}");
+            None
+        }
+    };
+    HostPressure {
+        cpu: read("cpu"),
+        memory: read("memory"),
+        io: read("io"),
+    }
 }
 
 /// The real enforcer: BPF programs and maps, the cgroup driver, placement.
@@ -499,5 +520,13 @@ impl Observer for SystemObserver {
 
     fn kernel_features(&self) -> Vec<KernelFeature> {
         self.features.clone()
+    }
+
+    fn host_pressure(&self) -> HostPressure {
+        host_pressure(Path::new("/proc"))
+    }
+
+    fn user_usage(&self, layout: &Layout, signals: &[UserSignal]) -> BTreeMap<u32, UserSample> {
+        cgroup::stats::user_samples(&CgroupFs::new(&self.mount), layout, signals)
     }
 }

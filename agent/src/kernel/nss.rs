@@ -19,6 +19,16 @@ impl UserDb for SystemUsers {
     fn gid(&self, name: &str) -> io::Result<Option<u32>> {
         lookup(Group::from_name(name)).map(|g| g.map(|g| g.gid.as_raw()))
     }
+
+    fn groups_of(&self, uid: u32) -> io::Result<Vec<u32>> {
+        let Some(user) = lookup(User::from_uid(nix::unistd::Uid::from_raw(uid)))? else {
+            return Ok(Vec::new());
+        };
+        let name = std::ffi::CString::new(user.name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let groups = nix::unistd::getgrouplist(&name, user.gid)?;
+        Ok(groups.into_iter().map(|g| g.as_raw()).collect())
+    }
 }
 
 /// Some NSS modules report "not found" as one of these errnos instead of an empty result.

@@ -13,6 +13,7 @@ use super::{
     quota::{Field, Limit, Mode, Quota},
     target::Target,
     units::{parse_bytes, parse_count},
+    usage::Pressure,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -331,6 +332,56 @@ pub struct AdaptRule {
     pub target: Target,
     pub step: Quota,
     pub mode: Mode,
+}
+
+/// `/proc/pressure/*`; `None` where the kernel has no PSI for the resource.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostPressure {
+    pub cpu: Option<Pressure>,
+    pub memory: Option<Pressure>,
+    pub io: Option<Pressure>,
+}
+
+impl HostPressure {
+    pub fn value(&self, s: HostSignal) -> Option<f64> {
+        let r = match s.resource {
+            Resource::Cpu => self.cpu,
+            Resource::Memory => self.memory,
+            Resource::Io => self.io,
+        }?;
+        let avgs = if s.full {
+            r.full_avg?
+        } else {
+            [r.some_avg10, r.some_avg60, r.some_avg300]
+        };
+        Some(match s.window {
+            10 => avgs[0],
+            60 => avgs[1],
+            _ => avgs[2],
+        })
+    }
+}
+
+/// One user's counters and gauges at one moment; `None` where not measured (no cgroup
+/// of the user's, or no connection counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UserSample {
+    /// `cpu.stat` usage_usec of the user's cgroup.
+    pub cpu_usec: Option<u64>,
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    /// Connections refused to the user so far (every reason).
+    pub denied: Option<u64>,
+}
+
+/// A step in force: `quota` tightens `target` while it holds (never loosens it: see
+/// `desired::Desired::build_with_steps`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub target: Target,
+    /// `adapt:<rule>` or `penalty:<rule>`.
+    pub source: String,
+    pub quota: Quota,
 }
 
 /// One tier of a penalty: the quota a penalised user gets, and for how long.

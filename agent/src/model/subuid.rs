@@ -209,6 +209,9 @@ mod tests {
         fn gid(&self, _: &str) -> std::io::Result<Option<u32>> {
             Ok(None)
         }
+        fn groups_of(&self, _: u32) -> std::io::Result<Vec<u32>> {
+            Ok(Vec::new())
+        }
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Pressure {
     pub some_total_usec: u64,
     /// The same for all non-idle tasks stalled at once (`full`); absent for cpu on old kernels.
     pub full_total_usec: Option<u64>,
+    /// `full`'s averages over 10 s, 60 s and 300 s (percent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_avg: Option<[f64; 3]>,
 }
 
 /// How much of each cgroup's stats to read.

@@ -9,4 +9,7 @@ pub trait UserDb: Send + Sync {
     fn uid(&self, name: &str) -> io::Result<Option<u32>>;
     /// The GID of group `name`, `None` if there is no such group.
     fn gid(&self, name: &str) -> io::Result<Option<u32>>;
+    /// The groups of user `uid` (primary and supplementary); empty for a UID without an
+    /// entry.
+    fn groups_of(&self, uid: u32) -> io::Result<Vec<u32>>;
 }

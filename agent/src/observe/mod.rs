@@ -2,6 +2,7 @@
 //! alert engine with its delivery. Depends on `model` and `desired` only: the agent
 //! assembles the stats from the kernel adapters and hands them in.
 
+pub mod adapt;
 pub mod alerts;
 pub mod budget;
 pub mod events;

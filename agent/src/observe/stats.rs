@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::adapt::Penalty;
 use crate::model::usage::{CgroupStats, GroupConnStats, HostConnStats, ProgramStats, UidConnStats};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,6 +51,28 @@ pub struct Stats {
     /// (`kernel.bpf_stats_enabled`); empty otherwise.
     #[serde(default)]
     pub programs: Vec<ProgramStats>,
+    /// Penalised users now (with monitor-mode ones).
+    #[serde(default)]
+    pub penalties: Vec<Penalty>,
+    /// Penalties entered since the agent started, by rule and tier.
+    #[serde(default)]
+    pub penalties_entered: Vec<PenaltyCount>,
+    /// Every `[[adapt]]` rule, and whether its step holds.
+    #[serde(default)]
+    pub adapt: Vec<AdaptState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PenaltyCount {
+    pub rule: String,
+    pub tier: usize,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdaptState {
+    pub rule: String,
+    pub holding: bool,
 }
 
 impl Stats {
@@ -60,6 +83,7 @@ impl Stats {
         self.groups.retain(|g| keep(&format!("group:{}", g.group)));
         self.events_received
             .retain(|(uid, _, _), _| keep(&format!("user:{uid}")));
+        self.penalties.retain(|p| keep(&p.target));
     }
 }
 

@@ -93,6 +93,7 @@ fn spawn_tasks(app: &Arc<App>) {
     tokio::spawn(tasks::alerts(app.clone()));
     tokio::spawn(tasks::group_refresh(app.clone()));
     tokio::spawn(tasks::retire(app.clone()));
+    tokio::spawn(tasks::adapt(app.clone()));
     match rlagent::kernel::bpf::events::EventReader::open(&app.snapshot().config.bpf.pin_path) {
         Ok(reader) => {
             tokio::spawn(tasks::events(app.clone(), reader));

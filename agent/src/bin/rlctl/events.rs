@@ -9,7 +9,7 @@ use rlagent::{
 
 use crate::client;
 
-fn time(ms: u64) -> String {
+pub fn time(ms: u64) -> String {
     let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_seconds(at).to_string()
 }
@@ -72,6 +72,13 @@ pub fn events(
 
 fn why_text(r: &WhyResult) -> String {
     let mut out = String::new();
+    if !r.penalties.is_empty() {
+        let _ = write!(out, "penalties:\n{}", crate::penalty::HEADER);
+        for p in &r.penalties {
+            out.push_str(&crate::penalty::line(p));
+        }
+        out.push('\n');
+    }
     if r.reasons.is_empty() {
         let _ = writeln!(out, "{}: no connect() was denied (nor would be in monitor mode) since the programs were loaded", escaped(&r.target));
         return out;

@@ -7,6 +7,7 @@ mod alerts;
 mod client;
 mod events;
 mod fields;
+mod penalty;
 mod quota;
 mod run;
 mod show;
@@ -82,6 +83,11 @@ enum Command {
     },
     /// Re-read the agent's config file (as SIGHUP does)
     Reload,
+    /// Users in the penalty box ([[penalty]] rules): rule, tier, since, until and why;
+    /// and the [[adapt]] rules whose step holds
+    Penalties,
+    /// Lift every penalty of a user (root, or an operator for users from uid_min up)
+    Release { target: String },
     /// Print shell completions (bash, zsh, fish, elvish, powershell)
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -116,6 +122,8 @@ fn main() -> ExitCode {
         Command::Run { group, cmd } => run::run(socket, json, group, cmd),
         Command::Move { group, pids } => run::move_pids(socket, json, group, pids),
         Command::Reload => show::reload(socket, json),
+        Command::Penalties => penalty::penalties(socket, json),
+        Command::Release { target } => penalty::release(socket, json, target),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "rlctl", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

@@ -21,7 +21,7 @@ pub fn list(socket: &Path, json: bool) -> Result<ExitCode, String> {
         );
         for target in &r.targets {
             for (field, v) in &target.fields {
-                let source = serde_json::to_value(v.source).unwrap_or_default();
+                let source = serde_json::to_value(&v.source).unwrap_or_default();
                 let enforced = match &v.not_enforced {
                     None => "yes".to_string(),
                     Some(reason) => format!("no: {}", escaped(reason)),

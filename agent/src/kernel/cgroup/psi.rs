@@ -9,7 +9,13 @@ use crate::model::usage::Pressure;
 
 /// Reads `<cgroup>/<resource>.pressure`; `None` when PSI is not available.
 pub fn read(cgroup: &Path, resource: &str) -> Result<Option<Pressure>, CgroupError> {
-    let path = cgroup.join(format!("{resource}.pressure"));
+    read_file(&cgroup.join(format!("{resource}.pressure")))
+}
+
+/// Reads a pressure file (a cgroup's, or `/proc/pressure/<resource>`); `None` when PSI
+/// is not available.
+pub fn read_file(path: &Path) -> Result<Option<Pressure>, CgroupError> {
+    let path = path.to_path_buf();
     let Some(text) = read_optional(&path)? else {
         return Ok(None);
     };
@@ -41,7 +47,10 @@ pub fn read(cgroup: &Path, resource: &str) -> Result<Option<Pressure>, CgroupErr
                 p.some_avg300 = num("avg300")?;
                 p.some_total_usec = num("total")? as u64;
             }
-            Some("full") => p.full_total_usec = Some(num("total")? as u64),
+            Some("full") => {
+                p.full_total_usec = Some(num("total")? as u64);
+                p.full_avg = Some([num("avg10")?, num("avg60")?, num("avg300")?]);
+            }
             _ => {
                 return Err(CgroupError::Parse {
                     path: path.clone(),

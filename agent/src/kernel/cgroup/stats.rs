@@ -1,12 +1,16 @@
 //! Reads a plan's cgroups back: the same cgroup2 files under either driver.
 
-use std::path::Path;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
-use super::{cpu, memory, pids, psi, CgroupError, CgroupFs};
+use super::{cpu, memory, pids, psi, read_optional, CgroupError, CgroupFs};
 use crate::{
     desired::cgroups::CgroupPlan,
     model::{
-        layout::Driver,
+        adapt::{UserSample, UserSignal},
+        layout::{Driver, Layout},
         usage::{CgroupStats, Detail},
     },
 };
@@ -38,6 +42,36 @@ pub fn plan_stats(
         add(format!("cgroup:{}", path.display()), path)?;
     }
     Ok(out)
+}
+
+/// Each user's usage for the penalty box, from the users' cgroups under `layout` (every
+/// `user-<uid>.slice` under systemd, the agent's `user-<uid>` cgroups under cgroupfs):
+/// only the files of the signals asked for, one small read each.
+pub fn user_samples(
+    fs: &CgroupFs,
+    layout: &Layout,
+    signals: &[UserSignal],
+) -> BTreeMap<u32, UserSample> {
+    let want = |s| signals.contains(&s);
+    let number = |path: PathBuf| -> Option<u64> { read_optional(&path).ok()??.trim().parse().ok() };
+    let mut out = BTreeMap::new();
+    for uid in fs.user_cgroups(layout) {
+        let dir = fs.path(&layout.user_cgroup(uid));
+        let sample = UserSample {
+            cpu_usec: want(UserSignal::Cpu)
+                .then(|| cpu::stats(&dir).ok().map(|c| c.usage_usec))
+                .flatten(),
+            memory: want(UserSignal::Memory)
+                .then(|| number(dir.join("memory.current")))
+                .flatten(),
+            pids: want(UserSignal::Pids)
+                .then(|| number(dir.join("pids.current")))
+                .flatten(),
+            denied: None,
+        };
+        out.insert(uid, sample);
+    }
+    out
 }
 
 /// Stats of one cgroup (relative path); controllers that are not enabled are `None`.

@@ -555,6 +555,35 @@ fn agent_series(e: &mut Exposition, stats: &Stats) {
         &[],
         stats.alerts_firing as f64,
     );
+    for p in &stats.penalties {
+        e.gauge(
+            "rlagent_penalty_tier",
+            "The penalty tier a user is in (mode monitor: would be in; absent: none).",
+            &[
+                ("target", &p.target),
+                ("rule", &p.rule),
+                ("mode", if p.monitor { "monitor" } else { "enforce" }),
+            ],
+            p.tier as f64,
+        );
+    }
+    for c in &stats.penalties_entered {
+        let tier = c.tier.to_string();
+        e.counter(
+            "rlagent_penalties_total",
+            "Penalty tiers entered since the agent started (monitor-mode rules included).",
+            &[("rule", &c.rule), ("tier", &tier)],
+            c.count as f64,
+        );
+    }
+    for a in &stats.adapt {
+        e.gauge(
+            "rlagent_adapt_step_active",
+            "1 while an adaptive rule's step holds (in monitor mode: would hold).",
+            &[("rule", &a.rule)],
+            if a.holding { 1.0 } else { 0.0 },
+        );
+    }
 }
 
 /// One kernel program's run count and time.
@@ -828,6 +857,24 @@ mod tests {
             pins_missing: Some(0),
             budget_exhausted: [("metrics_connections".to_string(), 5)].into(),
             programs: vec![],
+            penalties: vec![crate::observe::adapt::Penalty {
+                target: "user:1000".into(),
+                rule: "cpu-hog".into(),
+                tier: 2,
+                since: 1,
+                until: 2,
+                reason: "cpu = 190%".into(),
+                monitor: false,
+            }],
+            penalties_entered: vec![crate::observe::stats::PenaltyCount {
+                rule: "cpu-hog".into(),
+                tier: 2,
+                count: 3,
+            }],
+            adapt: vec![crate::observe::stats::AdaptState {
+                rule: "busy-host".into(),
+                holding: true,
+            }],
         };
         let build_info = format!(
             "rlagent_build_info{{version=\"{}\"}} 1",
@@ -848,6 +895,9 @@ mod tests {
             &build_info,
             "rlagent_placement_moves_total 4",
             "rlagent_alerts_firing 1",
+            "rlagent_penalty_tier{target=\"user:1000\",rule=\"cpu-hog\",mode=\"enforce\"} 2",
+            "rlagent_penalties_total{rule=\"cpu-hog\",tier=\"2\"} 3",
+            "rlagent_adapt_step_active{rule=\"busy-host\"} 1",
             "rlagent_pins_missing 0",
             "rlagent_budget_exhausted_total{budget=\"metrics_connections\"} 5",
         ] {
