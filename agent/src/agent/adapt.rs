@@ -11,10 +11,10 @@ use crate::{
     observe::adapt::{Change, Decision, Inputs, Penalty},
 };
 
-fn unix_now() -> u64 {
+fn unix_now() -> std::time::Duration {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .unwrap_or_default()
 }
 
 impl App {

@@ -100,7 +100,7 @@ pub struct Engine {
 }
 
 /// A user's usage averaged over `window` ending at the newest sample; `None` until the
-/// samples cover the window, or when a counter went backwards (a cgroup made again).
+/// samples cover the window.
 fn averaged(
     samples: &VecDeque<(Duration, UserSample)>,
     window: Duration,
@@ -120,9 +120,13 @@ fn averaged(
             .filter(|(t, _)| *t >= t0)
             .map(|(_, s)| f(s))
             .collect::<Option<_>>()?;
-        let monotonic = values.windows(2).all(|w| w[1] >= w[0]);
-        let (a, b) = (*values.first()?, *values.last()?);
-        monotonic.then(|| (b - a) as f64 / span)
+        // As Prometheus' increase(): a counter that went back was reset (UID counters
+        // retired while idle, a cgroup made again) and counts from 0.
+        let increase: u64 = values
+            .windows(2)
+            .map(|w| if w[1] >= w[0] { w[1] - w[0] } else { w[1] })
+            .sum();
+        Some(increase as f64 / span)
     };
     let mean = |f: fn(&UserSample) -> Option<u64>| {
         let values: Vec<f64> = samples
@@ -345,15 +349,16 @@ impl Engine {
         }
     }
 
-    /// Lifts every penalty of `uid` (an operator's `rlctl release`), forgetting its
-    /// tiers; returns what was lifted.
+    /// Lifts every penalty `uid` is in now (an operator's `rlctl release`), forgetting
+    /// those rules' tiers for it; returns what was lifted.
     pub fn release(&mut self, uid: u32, rules: &[PenaltyRule]) -> Vec<Decision> {
         let mut out = Vec::new();
         self.penalties.retain(|(name, u), state| {
-            if *u != uid {
+            // A user not penalised now keeps what is remembered of its last tier.
+            if *u != uid || state.tier == 0 {
                 return true;
             }
-            if state.tier > 0 {
+            {
                 out.push(Decision {
                     change: Change::Lifted,
                     source: format!("penalty:{name}"),
@@ -397,15 +402,16 @@ impl Engine {
         steps
     }
 
-    /// The penalised users; `now` on the engine's clock is `wall` seconds since the epoch.
-    pub fn penalties(&self, penalty: &[PenaltyRule], now: Duration, wall: u64) -> Vec<Penalty> {
-        let at = |t: Duration| {
-            if t >= now {
-                wall + (t - now).as_secs()
-            } else {
-                wall.saturating_sub((now - t).as_secs())
-            }
-        };
+    /// The penalised users; `now` on the engine's clock is `wall` since the epoch.
+    pub fn penalties(
+        &self,
+        penalty: &[PenaltyRule],
+        now: Duration,
+        wall: Duration,
+    ) -> Vec<Penalty> {
+        // The engine's clock started at `base` since the epoch.
+        let base = wall.saturating_sub(now);
+        let at = |t: Duration| (base + t).as_secs();
         self.penalties
             .iter()
             .filter(|(_, s)| s.tier > 0)
@@ -685,14 +691,14 @@ duration = "60s"
             .iter()
             .all(|d| d.monitor && d.change == Change::Applied));
         assert!(w.engine.steps(&w.adapt, &w.penalty).is_empty());
-        let listed = w.engine.penalties(&w.penalty, s(w.now), 1_000_000);
+        let listed = w.engine.penalties(&w.penalty, s(w.now), s(1_000_000));
         assert_eq!(listed.len(), 1);
         assert!(listed[0].monitor);
         assert_eq!(listed[0].until - listed[0].since, 20);
     }
 
     #[test]
-    fn averages_need_a_full_window_and_ignore_counters_that_went_back() {
+    fn averages_need_a_full_window_and_count_a_reset_counter_from_zero() {
         let sample = |t: u64, cpu: u64| {
             (
                 s(t),
@@ -710,7 +716,8 @@ duration = "60s"
         );
         h.push_back(sample(6, 5_000_000));
         assert_eq!(averaged(&h, s(5), UserSignal::Cpu), Some(100.0));
-        h.push_back(sample(7, 10));
-        assert_eq!(averaged(&h, s(5), UserSignal::Cpu), None);
+        h.push_back(sample(7, 1_000_000));
+        // From the baseline at 1 s: +2 s, +3 s, then a reset to 1 s of CPU: 6 s in 6 s.
+        assert_eq!(averaged(&h, s(5), UserSignal::Cpu), Some(100.0));
     }
 }
