@@ -103,10 +103,12 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
         let scratch = Scratch::new();
         // A group with a cap, so the group panels have series too; in monitor mode, so
         // the would-deny series exist (they do only where some limit is in monitor mode).
+        // A penalty for any denial, with a tier as loose as the cap: the denial below puts
+        // the user in it, so the penalty series exist, and nothing else changes.
         scratch.write_config_with_groups(
             &cgroup,
             "",
-            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\nconn_rate = \"100/s\"\nconn_burst = 50\n[[quota]]\ntarget = \"batch\"\nconns = 5\nmode = \"monitor\"\n"),
+            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\nconn_rate = \"100/s\"\nconn_burst = 50\n[[quota]]\ntarget = \"batch\"\nconns = 5\nmode = \"monitor\"\n[[penalty]]\nname = \"any-denial\"\nwhen = \"denials_per_min > 0\"\nwindow = \"1s\"\n[[penalty.tier]]\nconns = 2\nduration = \"10m\"\n"),
         );
         let agent = Agent::start(&scratch);
         let mut h = Helper::spawn(&cgroup.path, uid);

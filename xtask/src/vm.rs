@@ -568,6 +568,90 @@ rlctl clear-quota cgroup:system.slice/rlagent-cg.service --cpu || fail "rlctl cl
 [ "$(prop rlagent-cg.service CPUQuotaPerSecUSec)" = infinity ] || fail "clearing left rlagent-cg.service at $(prop rlagent-cg.service CPUQuotaPerSecUSec)"
 systemctl stop rlagent-cg
 
+# The penalty box and an adaptive rule, with the unit as installed: carol runs two CPU
+# hogs; once she is contained alice (exempt) runs three, which on 2 CPUs raises the host's
+# CPU pressure.
+rlctl clear-quota user:alice --cpu || fail "rlctl clear-quota user:alice --cpu"
+cat >> /etc/rlagent/rlagent.toml <<'TOML'
+[[penalty]]
+name = "cpu-hog"
+when = "cpu > 80%"
+window = "5s"
+exempt = ["root", "alice"]
+[[penalty.tier]]
+cpu = "30%"
+duration = "20s"
+[[penalty.tier]]
+cpu = "10%"
+duration = "10m"
+
+[[penalty]]
+name = "watch"
+when = "cpu > 50%"
+window = "5s"
+mode = "monitor"
+[[penalty.tier]]
+cpu = "5%"
+duration = "10m"
+
+[[adapt]]
+name = "busy-host"
+when = "host.cpu.some_avg10 > 30"
+for = "2s"
+release_after = "5s"
+target = "agent"
+cpu = "10%"
+TOML
+systemctl reload rlagent || fail "reload with [[penalty]] and [[adapt]] rules"
+# Waits up to $2 s for property $3 of unit $1 to be $4; prints the seconds it took.
+wait_prop() {
+    t0=$(date +%s%N)
+    while [ "$(prop "$1" "$3")" != "$4" ]; do
+        [ $(( ($(date +%s%N) - t0) / 1000000000 )) -ge "$2" ] && { echo never; return 1; }
+        sleep 0.2
+    done
+    awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }'
+}
+hog() { su -l "$1" -c "exec sh -c 'while :; do :; done'" </dev/null >/dev/null 2>&1 & }
+hog carol; hog carol
+# The hogs' start: when both run (su -l takes a while under TCG).
+for i in $(seq 100); do [ "$(pgrep -u carol -x sh | wc -l)" = 2 ] && break; sleep 0.1; done
+started=$(date +%s%N)
+# check: a CPU hog is in tier 1 within window + 2 s, held to the tier's share
+wait_prop user-1003.slice 30 CPUQuotaPerSecUSec 300ms >/dev/null || fail "carol never got tier 1's CPUQuota"
+took=$(awk -v a="$started" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+echo "penalty: carol's hogs contained (CPUQuota 30% on user-1003.slice) $took s after they started (window 5 s)"
+within "$took" 0 7 || fail "carol contained after $took s, more than window + 2 s"
+hog alice; hog alice; hog alice
+sleep 8
+rlctl penalties | tee /tmp/penalties
+grep -q 'user:1003 *cpu-hog *1 .*enforce *cpu = ' /tmp/penalties || fail "rlctl penalties does not list carol in tier 1"
+rlctl list | grep -q 'user:1003 *cpu .*30% *penalty:cpu-hog' || fail "rlctl list does not show the tier's source: $(rlctl list | grep user:1003)"
+rlctl why user:carol | grep -q 'cpu-hog' || fail "rlctl why does not show carol's penalty"
+s=$(share /sys/fs/cgroup/user.slice/user-1003.slice)
+echo "penalty: carol's two hogs used $s of a CPU in tier 1 (cpu 30%)"
+within "$s" 0.25 0.35 || fail "carol's share in tier 1 is $s, expected 0.25-0.35"
+# check: an exempt user is never penalised, and a monitor rule changes nothing
+[ "$(prop user-1001.slice CPUQuotaPerSecUSec)" = infinity ] || fail "exempt alice's slice: $(prop user-1001.slice CPUQuotaPerSecUSec)"
+grep -q 'user:1001 *cpu-hog' /tmp/penalties && fail "exempt alice is in cpu-hog"
+grep -q 'user:1001 *watch *1 .*monitor' /tmp/penalties || fail "the monitor rule does not report alice"
+# check: an adaptive step on host CPU pressure applies and is listed
+took=$(wait_prop rlagent-agent.slice 30 CPUQuotaPerSecUSec 100ms) || fail "busy-host never applied: $(cat /proc/pressure/cpu)"
+rlctl list | grep -q 'group:agent *cpu .*10% *adapt:busy-host' || fail "rlctl list does not show adapt:busy-host"
+rlctl penalties | grep -q 'busy-host on group:agent (enforce): host.cpu.some_avg10 = ' || fail "rlctl penalties does not show the adaptive rule"
+# check: the tier ends after its duration, and a repeat climbs to tier 2
+took=$(wait_prop user-1003.slice 40 CPUQuotaPerSecUSec infinity) || fail "tier 1 never ended"
+took=$(wait_prop user-1003.slice 30 CPUQuotaPerSecUSec 100ms) || fail "carol's repeat did not reach tier 2"
+echo "penalty: carol back to hogging after tier 1: tier 2 (CPUQuota 10%) $took s later"
+rlctl penalties | grep -q 'user:1003 *cpu-hog *2 ' || fail "rlctl penalties does not show carol in tier 2"
+# check: rlctl release lifts a penalty
+rlctl release user:carol || fail "rlctl release user:carol"
+[ "$(prop user-1003.slice CPUQuotaPerSecUSec)" = infinity ] || fail "release left carol's slice at $(prop user-1003.slice CPUQuotaPerSecUSec)"
+pkill -u carol -x sh; pkill -u alice -x sh
+# check: the adaptive step is released after the pressure passes and release_after
+took=$(wait_prop rlagent-agent.slice 90 CPUQuotaPerSecUSec 300ms) || fail "busy-host never released: $(cat /proc/pressure/cpu)"
+echo "adapt: busy-host released $took s after the hogs stopped (avg10 decays, then release_after 5 s)"
+
 # Uninstall refuses under the running agent.
 rlagent --config /etc/rlagent/rlagent.toml uninstall && fail "uninstall ran under a running agent"
 # Pins removed under the running agent: status and the alert say so (last: it ends the caps).

@@ -31,6 +31,9 @@ pub enum Stat {
     PinsMissing,
     /// Entries / capacity of each kernel map (target: the map's name).
     MapFillRatio,
+    /// The penalty tier a user is in (`[[penalty]]` rules in enforce mode), per user and
+    /// rule (target `user:<uid>`).
+    PenaltyTier,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +177,15 @@ pub fn default_rules() -> Vec<Rule> {
             0,
             "critical",
             "{value} of the agent's pinned programs and maps are gone: connection caps may no longer be enforced (restart rlagent)",
+        ),
+        rule(
+            "RlagentPenaltyApplied",
+            Stat::PenaltyTier,
+            Op::Gt,
+            0.0,
+            0,
+            "warning",
+            "{target} is in penalty tier {value}: its limits are tightened until the tier ends (rlctl penalties says why)",
         ),
         rule(
             "RlagentBpfMapFilling",

@@ -136,6 +136,18 @@ impl Engine {
                 .map(|missing| ("agent".to_string(), missing as f64))
                 .into_iter()
                 .collect(),
+            Stat::PenaltyTier => {
+                // One alert per user: the highest tier of the enforcing rules it is in.
+                let mut tiers: std::collections::BTreeMap<&str, usize> = Default::default();
+                for p in stats.penalties.iter().filter(|p| !p.monitor) {
+                    let t = tiers.entry(&p.target).or_default();
+                    *t = (*t).max(p.tier);
+                }
+                tiers
+                    .into_iter()
+                    .map(|(target, tier)| (target.to_string(), tier as f64))
+                    .collect()
+            }
             Stat::MapFillRatio => stats
                 .host
                 .iter()

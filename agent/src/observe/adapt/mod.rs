@@ -3,9 +3,13 @@
 //! user's usage, and returns what changed; [`Engine::steps`] is what the agent enforces
 //! for them, one more source of desired state.
 
+mod run;
+
+pub use run::Run;
+
 use std::{
     collections::{BTreeMap, VecDeque},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +18,6 @@ use crate::model::{
     adapt::{AdaptRule, HostPressure, PenaltyRule, Step, UserSample, UserSignal},
     quota::Mode,
     target::{Target, UserRef},
-    users::UserDb,
 };
 
 /// What one round saw.
@@ -436,50 +439,6 @@ impl Engine {
             .filter(|(_, s)| s.active)
             .map(|(name, s)| (name.clone(), s.reason.clone()))
             .collect()
-    }
-}
-
-/// How long a user's groups are remembered for `exempt = ["@group"]`.
-const GROUPS_TTL: Duration = Duration::from_secs(60);
-
-/// The rules' state in the agent: the engine, the steps last handed to the agent, and
-/// the users' groups for exemptions.
-#[derive(Debug, Default)]
-pub struct Run {
-    pub engine: Engine,
-    pub steps: Vec<Step>,
-    /// Each user's groups (primary and supplementary), with when they were read.
-    groups: BTreeMap<u32, (Instant, Vec<u32>)>,
-}
-
-impl Run {
-    /// Whether `rule` leaves `uid` alone: listed by UID, or a member of a listed group.
-    pub fn exempt(&mut self, rule: &PenaltyRule, uid: u32, users: &dyn UserDb) -> bool {
-        if rule.exempt_uids.contains(&uid) {
-            return true;
-        }
-        if rule.exempt_gids.is_empty() {
-            return false;
-        }
-        let now = Instant::now();
-        let fresh = self
-            .groups
-            .get(&uid)
-            .is_some_and(|(at, _)| now.duration_since(*at) < GROUPS_TTL);
-        if !fresh {
-            let groups = users.groups_of(uid).unwrap_or_else(|e| {
-                tracing::warn!(
-                    uid,
-                    "cannot read the user's groups for a penalty's exempt list: {e}"
-                );
-                Vec::new()
-            });
-            self.groups.insert(uid, (now, groups));
-        }
-        self.groups[&uid]
-            .1
-            .iter()
-            .any(|g| rule.exempt_gids.contains(g))
     }
 }
 
