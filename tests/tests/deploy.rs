@@ -29,7 +29,11 @@ fn shipped_rules_are_valid_and_pass_their_unit_tests() {
     let Some(tool) = rlagent_tests::external_tool("RLAGENT_PROMTOOL", "promtool rules") else {
         return;
     };
-    for rules in ["rlagent.rules", "rlagent-fleet.rules"] {
+    for rules in [
+        "rlagent.rules",
+        "rlagent-fleet.rules",
+        "rlagent-fleet-penalties.rules",
+    ] {
         run(
             &tool,
             "prometheus",
@@ -41,6 +45,22 @@ fn shipped_rules_are_valid_and_pass_their_unit_tests() {
             &["test", "rules", &format!("{rules}.test.yml")],
         );
     }
+}
+
+#[test]
+fn the_alertmanager_penalty_receiver_example_is_valid() {
+    let Some(alertmanager) =
+        rlagent_tests::external_tool("RLAGENT_ALERTMANAGER", "amtool check-config")
+    else {
+        return;
+    };
+    // amtool is installed beside the alertmanager binary.
+    let amtool = std::path::Path::new(&alertmanager).with_file_name("amtool");
+    run(
+        amtool.as_os_str(),
+        "alertmanager",
+        &["check-config", "rlagent-penalties.yml"],
+    );
 }
 
 /// One alert of the shipped rules file, read line by line: enough of YAML for this file.

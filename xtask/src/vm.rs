@@ -639,6 +639,8 @@ grep -q 'user:1001 *watch *1 .*monitor' /tmp/penalties || fail "the monitor rule
 took=$(wait_prop rlagent-agent.slice 30 CPUQuotaPerSecUSec 100ms) || fail "busy-host never applied: $(cat /proc/pressure/cpu)"
 rlctl list | grep -q 'group:agent *cpu .*10% *adapt:busy-host' || fail "rlctl list does not show adapt:busy-host"
 rlctl penalties | grep -q 'busy-host on group:agent (enforce): host.cpu.some_avg10 = ' || fail "rlctl penalties does not show the adaptive rule"
+# Alice stops, so carol's hogs have the CPUs again (the adaptive step is released later).
+pkill -u alice -x sh
 # check: the tier ends after its duration, and a repeat climbs to tier 2
 took=$(wait_prop user-1003.slice 40 CPUQuotaPerSecUSec infinity) || fail "tier 1 never ended"
 took=$(wait_prop user-1003.slice 30 CPUQuotaPerSecUSec 100ms) || fail "carol's repeat did not reach tier 2"
@@ -647,7 +649,7 @@ rlctl penalties | grep -q 'user:1003 *cpu-hog *2 ' || fail "rlctl penalties does
 # check: rlctl release lifts a penalty
 rlctl release user:carol || fail "rlctl release user:carol"
 [ "$(prop user-1003.slice CPUQuotaPerSecUSec)" = infinity ] || fail "release left carol's slice at $(prop user-1003.slice CPUQuotaPerSecUSec)"
-pkill -u carol -x sh; pkill -u alice -x sh
+pkill -u carol -x sh
 # check: the adaptive step is released after the pressure passes and release_after
 took=$(wait_prop rlagent-agent.slice 90 CPUQuotaPerSecUSec 300ms) || fail "busy-host never released: $(cat /proc/pressure/cpu)"
 echo "adapt: busy-host released $took s after the hogs stopped (avg10 decays, then release_after 5 s)"

@@ -7,8 +7,11 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use super::{app::App, error::AppError};
 use crate::{
-    model::adapt::UserSignal,
-    observe::adapt::{Change, Decision, Inputs, Penalty},
+    model::{
+        adapt::UserSignal,
+        target::{Target, UserRef},
+    },
+    observe::adapt::{fleet::FleetAlert, Change, Decision, Inputs, Penalty, Run},
 };
 
 fn unix_now() -> std::time::Duration {
@@ -45,17 +48,58 @@ impl App {
         let decisions = engine.round(now, adapt, penalty, &inputs, &mut |rule, uid| {
             run.exempt(rule, uid, users.as_ref())
         });
-        let steps = engine.steps(adapt, penalty);
         run.engine = engine;
-        for d in &decisions {
+        let mut decisions = decisions;
+        decisions.extend(run.fleet.expire(now, penalty));
+        self.commit(&mut run, &decisions, "adaptive rules and penalties")?;
+        Ok(decisions)
+    }
+
+    /// Says `decisions` and hands the steps now in force to the agent, when they changed.
+    fn commit(
+        &self,
+        run: &mut Run,
+        decisions: &[Decision],
+        what: &'static str,
+    ) -> Result<(), AppError> {
+        for d in decisions {
             say(d);
         }
+        let snapshot = self.snapshot();
+        let config = &snapshot.config;
+        let steps = run.all_steps(&config.adapt_rules, &config.penalty_rules);
         if steps != run.steps {
-            self.with_agent("adaptive rules and penalties", |agent| {
-                agent.set_steps(steps.clone())
-            })?;
+            self.with_agent(what, |agent| agent.set_steps(steps.clone()))?;
             run.steps = steps;
         }
+        Ok(())
+    }
+
+    /// Applies the alerts of an Alertmanager webhook (see [`crate::observe::adapt::fleet`]);
+    /// every alert's target must be a user of this host's user database. Blocking.
+    pub fn fleet_alerts(&self, alerts: Vec<FleetAlert>) -> Result<Vec<Decision>, AppError> {
+        let snapshot = self.snapshot();
+        let config = &snapshot.config;
+        let Some(webhook) = &config.penalty_webhook else {
+            return Ok(Vec::new());
+        };
+        let mut resolved = Vec::new();
+        for a in alerts {
+            let target = self.resolve_target(&a.target)?;
+            let Target::User(UserRef::Uid(uid)) = target else {
+                return Err(AppError::FleetTarget {
+                    alertname: a.alertname,
+                    target: target.to_string(),
+                });
+            };
+            resolved.push((uid, a));
+        }
+        let mut run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.started.elapsed();
+        let decisions =
+            run.fleet
+                .apply(now, &resolved, &config.penalty_rules, webhook.max_duration);
+        self.commit(&mut run, &decisions, "fleet penalties")?;
         Ok(decisions)
     }
 
@@ -63,7 +107,7 @@ impl App {
     pub fn penalties(&self) -> Vec<Penalty> {
         let snapshot = self.snapshot();
         let run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
-        run.engine.penalties(
+        run.penalties(
             &snapshot.config.penalty_rules,
             self.started.elapsed(),
             unix_now(),
@@ -75,29 +119,43 @@ impl App {
         let snapshot = self.snapshot();
         let config = &snapshot.config;
         let mut run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
-        let lifted = run.engine.release(uid, &config.penalty_rules);
-        let steps = run.engine.steps(&config.adapt_rules, &config.penalty_rules);
-        for d in &lifted {
-            say(d);
-        }
-        if steps != run.steps {
-            self.with_agent("lifting a penalty", |agent| agent.set_steps(steps.clone()))?;
-            run.steps = steps;
-        }
+        let mut lifted = run.engine.release(uid, &config.penalty_rules);
+        lifted.extend(run.fleet.release(uid, &config.penalty_rules));
+        self.commit(&mut run, &lifted, "lifting a penalty")?;
         Ok(lifted)
     }
 
     /// True when the rules need a round: some exist, or steps of removed ones are in force.
     pub fn adapt_wanted(&self) -> bool {
         let config = &self.snapshot().config;
+        let run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
         !config.adapt_rules.is_empty()
             || !config.penalty_rules.is_empty()
-            || !self
-                .adapt
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .steps
-                .is_empty()
+            || !run.steps.is_empty()
+            || !run.fleet.is_empty()
+    }
+
+    /// Counts a refused webhook request by `kind`, and logs it at most once a minute (an
+    /// unauthenticated sender must not fill the log).
+    pub fn webhook_refused(&self, kind: &str, why: &str) {
+        let mut r = self
+            .webhook_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *r.0.entry(kind.to_string()).or_default() += 1;
+        let now = std::time::Instant::now();
+        if r.1
+            .is_none_or(|last| now.duration_since(last) >= std::time::Duration::from_secs(60))
+        {
+            r.1 = Some(now);
+            let total: u64 = r.0.values().sum();
+            tracing::warn!(
+                kind,
+                refused_so_far = total,
+                "penalty webhook request refused: {} (logged at most once a minute)",
+                crate::model::text::escaped(why)
+            );
+        }
     }
 
     /// Penalties entered since the start, by (rule, tier).

@@ -95,6 +95,7 @@ pub fn collect_stats(
         penalties: Vec::new(),
         penalties_entered: Vec::new(),
         adapt: Vec::new(),
+        webhook_refused: Default::default(),
     })
 }
 
@@ -143,6 +144,8 @@ pub struct App {
     pub(super) started: Instant,
     /// The adaptive rules' and penalties' state.
     pub(super) adapt: Mutex<crate::observe::adapt::Run>,
+    /// Requests to the penalty webhook refused, by reason; when one was last logged.
+    pub(super) webhook_refusals: Mutex<(BTreeMap<String, u64>, Option<Instant>)>,
 }
 
 /// Finds the cgroup2 mount and decides `config`'s `cgroup_driver = "auto"` for this host,
@@ -233,6 +236,7 @@ impl App {
             control_gid,
             started: Instant::now(),
             adapt: Mutex::default(),
+            webhook_refusals: Mutex::default(),
         })
     }
 
@@ -377,6 +381,12 @@ impl App {
         stats.budget_exhausted = self.budgets.refused();
         stats.events_received = self.events.received();
         stats.penalties = self.penalties();
+        stats.webhook_refused = self
+            .webhook_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone();
         let holding = self.adapt_holding();
         stats.penalties_entered = self
             .penalties_entered()

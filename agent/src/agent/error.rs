@@ -25,6 +25,10 @@ pub enum AppError {
     Target(#[from] TargetError),
     #[error("{what} failed inside the agent ({message}); what was in force before was re-applied")]
     Panicked { what: &'static str, message: String },
+    #[error(
+        "alert {alertname:?}: target {target} is not a user:<uid|name> (penalties are per user)"
+    )]
+    FleetTarget { alertname: String, target: String },
 }
 
 impl From<ConfigError> for AppError {
@@ -56,9 +60,10 @@ impl AppError {
             _ => Refusal::Failed,
         };
         match self {
-            Self::Config(_) | Self::Target(_) | Self::Agent(AgentError::NotMovable { .. }) => {
-                Refusal::Invalid
-            }
+            Self::Config(_)
+            | Self::Target(_)
+            | Self::FleetTarget { .. }
+            | Self::Agent(AgentError::NotMovable { .. }) => Refusal::Invalid,
             Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
             Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),
             Self::Agent(AgentError::UnknownGroup { .. } | AgentError::NoSuchCgroup { .. }) => {

@@ -26,6 +26,7 @@ mod bpf;
 mod control;
 mod quotas;
 mod raw;
+pub mod webhook;
 
 /// Where the agent looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rlagent/rlagent.toml";
@@ -170,6 +171,8 @@ pub struct Config {
     pub adapt_rules: Vec<AdaptRule>,
     /// `[[penalty]]`: tiers for users whose own usage crosses a threshold.
     pub penalty_rules: Vec<PenaltyRule>,
+    /// `[penalty_webhook]`: the fleet's penalty decisions from Alertmanager.
+    pub penalty_webhook: Option<webhook::WebhookConfig>,
 }
 
 impl Config {
@@ -412,6 +415,7 @@ impl Config {
             alert_labels: alerts.labels,
             adapt_rules: adapt::adapt_rules(&at, &raw.adapt_rules, users)?,
             penalty_rules: adapt::penalty_rules(&at, &raw.penalty_rules, users)?,
+            penalty_webhook: webhook::validate(&at, &raw.penalty_webhook)?,
         })
     }
 }
@@ -470,6 +474,17 @@ impl Config {
         keep!(alertmanager, "[alerts] alertmanager_url");
         keep!(alert_instance, "[alerts] instance");
         keep!(alert_labels, "[alerts] labels");
+        if self.penalty_webhook.as_ref().map(|w| w.listen)
+            != running.penalty_webhook.as_ref().map(|w| w.listen)
+        {
+            // Listening is set up at start: keep the running one (a token or
+            // max_duration changed with it still applies).
+            match (&mut self.penalty_webhook, &running.penalty_webhook) {
+                (Some(new), Some(old)) => new.listen = old.listen,
+                (new, old) => *new = old.clone(),
+            }
+            kept.push("[penalty_webhook] listen");
+        }
         kept
     }
 }

@@ -40,6 +40,18 @@ pub(super) struct RawConfig {
     pub(super) adapt_rules: Vec<Spanned<RawAdaptRule>>,
     #[serde(default, rename = "penalty")]
     pub(super) penalty_rules: Vec<Spanned<RawPenaltyRule>>,
+    #[serde(default)]
+    pub(super) penalty_webhook: Option<Spanned<RawWebhook>>,
+}
+
+/// `[penalty_webhook]`: where Alertmanager delivers the fleet's penalty decisions.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub(super) listen: Spanned<String>,
+    pub(super) token_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub(super) max_duration: Option<Spanned<String>>,
 }
 
 /// A drop-in (`rlagent.d/*.toml`): only what a fleet layers over the main file.

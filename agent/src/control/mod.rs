@@ -5,3 +5,4 @@ pub mod access;
 pub mod handlers;
 pub mod protocol;
 pub mod server;
+pub mod webhook;

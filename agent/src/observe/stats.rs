@@ -60,6 +60,9 @@ pub struct Stats {
     /// Every `[[adapt]]` rule, and whether its step holds.
     #[serde(default)]
     pub adapt: Vec<AdaptState>,
+    /// Requests to the penalty webhook refused, by reason.
+    #[serde(default)]
+    pub webhook_refused: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

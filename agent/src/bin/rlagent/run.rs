@@ -8,7 +8,7 @@ use anyhow::Context;
 use rlagent::{
     agent::{tasks, App},
     config::Config,
-    control::server,
+    control::{server, webhook},
     kernel::{heap, nss::SystemUsers},
     model::{error_chain, users::UserDb},
     observe::metrics,
@@ -34,9 +34,23 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         let metrics_addr = metrics_listener
             .local_addr()
             .with_context(|| format!("metrics listen address {metrics_listen}"))?;
+        let webhook_listener = match &config.penalty_webhook {
+            None => None,
+            Some(w) => Some(
+                tokio::net::TcpListener::bind(w.listen)
+                    .await
+                    .with_context(|| format!("[penalty_webhook] listen address {}", w.listen))?,
+            ),
+        };
         let app = App::start(config, config_path.map(Path::to_path_buf), users)?;
         heap::release_free_memory();
         tokio::spawn(server::serve(listener, app.clone()));
+        if let Some(listener) = webhook_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "penalty webhook listening");
+            }
+            tokio::spawn(webhook::serve(listener, app.clone()));
+        }
         let scrapes = app.clone();
         let collect = Arc::new(move || scrapes.stats().map_err(|e| error_chain(&e)));
         tokio::spawn(metrics::serve(

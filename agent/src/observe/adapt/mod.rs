@@ -3,6 +3,7 @@
 //! user's usage, and returns what changed; [`Engine::steps`] is what the agent enforces
 //! for them, one more source of desired state.
 
+pub mod fleet;
 mod run;
 
 pub use run::Run;

@@ -5,9 +5,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::Engine;
+use super::{fleet::Fleet, Engine, Penalty};
 use crate::model::{
-    adapt::{PenaltyRule, Step},
+    adapt::{AdaptRule, PenaltyRule, Step},
     users::UserDb,
 };
 
@@ -19,12 +19,39 @@ const GROUPS_TTL: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct Run {
     pub engine: Engine,
+    /// Penalties the fleet decided (Alertmanager's webhook).
+    pub fleet: Fleet,
     pub steps: Vec<Step>,
     /// Each user's groups (primary and supplementary), with when they were read.
     groups: BTreeMap<u32, (Instant, Vec<u32>)>,
 }
 
 impl Run {
+    /// The steps in force: the local rules' and the fleet's.
+    pub fn all_steps(&self, adapt: &[AdaptRule], penalty: &[PenaltyRule]) -> Vec<Step> {
+        let mut steps = self.engine.steps(adapt, penalty);
+        steps.extend(self.fleet.steps(penalty));
+        steps
+    }
+
+    /// The penalised users, local and fleet, one line per user and rule (the higher tier
+    /// where both hold); `now` on the engine's clock is `wall` since the epoch.
+    pub fn penalties(&self, rules: &[PenaltyRule], now: Duration, wall: Duration) -> Vec<Penalty> {
+        let mut by_key: BTreeMap<(String, String), Penalty> = BTreeMap::new();
+        let base = wall.saturating_sub(now);
+        let local = self.engine.penalties(rules, now, wall);
+        for p in local.into_iter().chain(self.fleet.penalties(rules, base)) {
+            let key = (p.target.clone(), p.rule.clone());
+            match by_key.get(&key) {
+                Some(held) if held.tier >= p.tier => {}
+                _ => {
+                    by_key.insert(key, p);
+                }
+            }
+        }
+        by_key.into_values().collect()
+    }
+
     /// Whether `rule` leaves `uid` alone: listed by UID, or a member of a listed group.
     pub fn exempt(&mut self, rule: &PenaltyRule, uid: u32, users: &dyn UserDb) -> bool {
         if rule.exempt_uids.contains(&uid) {

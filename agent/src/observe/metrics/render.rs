@@ -576,6 +576,14 @@ fn agent_series(e: &mut Exposition, stats: &Stats) {
             c.count as f64,
         );
     }
+    for (reason, refused) in &stats.webhook_refused {
+        e.counter(
+            "rlagent_penalty_webhook_refused_total",
+            "Requests to the penalty webhook refused, by reason (token, size, json, labels, unknown_rule, unknown_tier, apply, method, busy).",
+            &[("reason", reason)],
+            *refused as f64,
+        );
+    }
     for a in &stats.adapt {
         e.gauge(
             "rlagent_adapt_step_active",
@@ -875,6 +883,7 @@ mod tests {
                 rule: "busy-host".into(),
                 holding: true,
             }],
+            webhook_refused: [("token".to_string(), 2)].into(),
         };
         let build_info = format!(
             "rlagent_build_info{{version=\"{}\"}} 1",
@@ -898,6 +907,7 @@ mod tests {
             "rlagent_penalty_tier{target=\"user:1000\",rule=\"cpu-hog\",mode=\"enforce\"} 2",
             "rlagent_penalties_total{rule=\"cpu-hog\",tier=\"2\"} 3",
             "rlagent_adapt_step_active{rule=\"busy-host\"} 1",
+            "rlagent_penalty_webhook_refused_total{reason=\"token\"} 2",
             "rlagent_pins_missing 0",
             "rlagent_budget_exhausted_total{budget=\"metrics_connections\"} 5",
         ] {
