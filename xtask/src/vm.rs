@@ -603,6 +603,7 @@ target = "agent"
 cpu = "10%"
 TOML
 systemctl reload rlagent || fail "reload with [[penalty]] and [[adapt]] rules"
+rlctl status | grep -q '^adapt_input *3 rules, polled every 1 s' || fail "rlctl status does not say how the rules read their input"
 # Waits up to $2 s for property $3 of unit $1 to be $4; prints the seconds it took.
 wait_prop() {
     t0=$(date +%s%N)
@@ -652,7 +653,7 @@ rlctl release user:carol || fail "rlctl release user:carol"
 pkill -u carol -x sh
 # check: the adaptive step is released after the pressure passes and release_after
 took=$(wait_prop rlagent-agent.slice 90 CPUQuotaPerSecUSec 300ms) || fail "busy-host never released: $(cat /proc/pressure/cpu)"
-echo "adapt: busy-host released $took s after the hogs stopped (avg10 decays, then release_after 5 s)"
+echo "adapt: busy-host released $took s after carol's hogs stopped (alice's stopped earlier; avg10 decays, then release_after 5 s)"
 
 # Uninstall refuses under the running agent.
 rlagent --config /etc/rlagent/rlagent.toml uninstall && fail "uninstall ran under a running agent"

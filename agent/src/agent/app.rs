@@ -475,6 +475,16 @@ impl App {
                 skipped_targets: snapshot.skipped.iter().map(ToString::to_string).collect(),
                 pins_missing: self.observer.pins_missing(),
                 kernel_features: self.observer.kernel_features(),
+                adapt_input: {
+                    let c = &snapshot.config;
+                    let rules = c.adapt_rules.len() + c.penalty_rules.len();
+                    (rules > 0).then(|| {
+                        format!(
+                            "{rules} rules, polled every {} s: /proc/pressure and the users' cgroup files (no PSI triggers yet)",
+                            super::tasks::ADAPT_INTERVAL.as_secs()
+                        )
+                    })
+                },
             }
         });
         Status {

@@ -40,4 +40,7 @@ pub struct HostStatus {
     /// The kernel features probed at start, and what each one's absence turns off.
     #[serde(default)]
     pub kernel_features: Vec<KernelFeature>,
+    /// How the adaptive rules and penalties read their input (`None`: there are none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt_input: Option<String>,
 }

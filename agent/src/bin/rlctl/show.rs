@@ -51,6 +51,9 @@ pub fn status(socket: &Path, json: bool) -> Result<ExitCode, String> {
             let _ = writeln!(out, "{k:<20} {v}");
         };
         if let Some(h) = &s.host {
+            if let Some(input) = &h.adapt_input {
+                row("adapt_input", input.clone());
+            }
             row("alerts_firing", h.alerts_firing.to_string());
             row(
                 "bpf_attach_cgroup",
