@@ -121,12 +121,20 @@ fn alertmanager_delivers_a_fleet_decision_to_every_agent_and_its_resolution_lift
     assert!(post(*port_a, Some("wrong"), &alert("fleet-conns")).contains(" 401 "));
     assert!(post(*port_a, Some(TOKEN), &alert("nope")).contains(" 400 "));
     assert!(post(*port_a, Some(TOKEN), &"x".repeat(70_000)).contains(" 413 "));
+    // Root is below uid_min: skipped (the fleet cannot penalise whom the node never would).
+    let root = alert("fleet-conns").replace(&format!("user:{UID}"), "user:root");
+    assert!(post(*port_a, Some(TOKEN), &root).contains(" 200 "));
     assert!(
         penalties(a).is_empty(),
         "nothing applied from a refused request"
     );
     let (_, body) = http_get(a.metrics_port(), "/metrics");
-    for (reason, n) in [("token", 2.0), ("unknown_rule", 1.0), ("size", 1.0)] {
+    for (reason, n) in [
+        ("token", 2.0),
+        ("unknown_rule", 1.0),
+        ("size", 1.0),
+        ("exempt", 1.0),
+    ] {
         assert_eq!(
             sample(
                 &body,

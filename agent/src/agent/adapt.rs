@@ -11,7 +11,10 @@ use crate::{
         adapt::UserSignal,
         target::{Target, UserRef},
     },
-    observe::adapt::{fleet::FleetAlert, Change, Decision, Inputs, Penalty, Run},
+    observe::adapt::{
+        fleet::{alerts, Payload},
+        Change, Decision, Inputs, Penalty, Run,
+    },
 };
 
 fn unix_now() -> std::time::Duration {
@@ -27,8 +30,7 @@ impl App {
         let snapshot = self.snapshot();
         let config = &snapshot.config;
         let (adapt, penalty) = (&config.adapt_rules, &config.penalty_rules);
-        let mut run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
-        let now = self.started.elapsed();
+        // What the rules read, before the rules' lock is taken.
         let mut inputs = Inputs::default();
         if !adapt.is_empty() {
             inputs.host = self.observer.host_pressure();
@@ -43,13 +45,13 @@ impl App {
                 inputs.users.entry(uid.uid).or_default().denied = Some(total);
             }
         }
-        let mut engine = std::mem::take(&mut run.engine);
+        let mut run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.started.elapsed();
         let users = self.users.clone();
-        let decisions = engine.round(now, adapt, penalty, &inputs, &mut |rule, uid| {
-            run.exempt(rule, uid, users.as_ref())
+        let Run { engine, groups, .. } = &mut *run;
+        let mut decisions = engine.round(now, adapt, penalty, &inputs, &mut |rule, uid| {
+            groups.exempt(rule, uid, users.as_ref())
         });
-        run.engine = engine;
-        let mut decisions = decisions;
         decisions.extend(run.fleet.expire(now, penalty));
         self.commit(&mut run, &decisions, "adaptive rules and penalties")?;
         Ok(decisions)
@@ -62,29 +64,37 @@ impl App {
         decisions: &[Decision],
         what: &'static str,
     ) -> Result<(), AppError> {
-        for d in decisions {
-            say(d);
-        }
         let snapshot = self.snapshot();
         let config = &snapshot.config;
         let steps = run.all_steps(&config.adapt_rules, &config.penalty_rules);
-        if steps != run.steps {
-            self.with_agent(what, |agent| agent.set_steps(steps.clone()))?;
-            run.steps = steps;
+        let applied = if steps == run.steps {
+            Ok(())
+        } else {
+            self.with_agent(what, |agent| agent.set_steps(steps.clone()))
+                .map(|_| run.steps = steps)
+        };
+        // Said once applied: a change that could not be applied is not called done (the
+        // steps are tried again at the next round).
+        for d in decisions {
+            say(d, applied.is_ok());
         }
-        Ok(())
+        applied
     }
 
-    /// Applies the alerts of an Alertmanager webhook (see [`crate::observe::adapt::fleet`]);
-    /// every alert's target must be a user of this host's user database. Blocking.
-    pub fn fleet_alerts(&self, alerts: Vec<FleetAlert>) -> Result<Vec<Decision>, AppError> {
+    /// Applies the alerts of an Alertmanager webhook (see [`crate::observe::adapt::fleet`]),
+    /// checked against the rules in force now; every alert's target must be a user of
+    /// this host's user database. An alert for a user the rule exempts, or below
+    /// `uid_min`, is skipped and counted (`exempt`), as locally such a user is never
+    /// penalised. Returns the changes and the number skipped. Blocking.
+    pub fn fleet_alerts(&self, payload: &Payload) -> Result<(Vec<Decision>, usize), AppError> {
         let snapshot = self.snapshot();
         let config = &snapshot.config;
         let Some(webhook) = &config.penalty_webhook else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         };
+        let rules = &config.penalty_rules;
         let mut resolved = Vec::new();
-        for a in alerts {
+        for a in alerts(payload, rules)? {
             let target = self.resolve_target(&a.target)?;
             let Target::User(UserRef::Uid(uid)) = target else {
                 return Err(AppError::FleetTarget {
@@ -95,12 +105,30 @@ impl App {
             resolved.push((uid, a));
         }
         let mut run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
+        let mut skipped = 0;
+        resolved.retain(|(uid, a)| {
+            // A resolution is always taken: it can only lift.
+            let exempt = a.firing
+                && (*uid < config.bpf.uid_min
+                    || rules.iter().any(|r| {
+                        r.name == a.rule && run.groups.exempt(r, *uid, self.users.as_ref())
+                    }));
+            if exempt {
+                skipped += 1;
+                self.webhook_refused(
+                    "exempt",
+                    &format!(
+                        "alert {}: user:{uid} is exempt from {} or below uid_min",
+                        a.alertname, a.rule
+                    ),
+                );
+            }
+            !exempt
+        });
         let now = self.started.elapsed();
-        let decisions =
-            run.fleet
-                .apply(now, &resolved, &config.penalty_rules, webhook.max_duration);
+        let decisions = run.fleet.apply(now, &resolved, rules, webhook.max_duration);
         self.commit(&mut run, &decisions, "fleet penalties")?;
-        Ok(decisions)
+        Ok((decisions, skipped))
     }
 
     /// The penalised users now.
@@ -172,16 +200,29 @@ impl App {
 }
 
 /// A decision as a log line: a warning when limits tighten or are lifted.
-fn say(d: &Decision) {
+fn say(d: &Decision, applied: bool) {
     let tier = d.tier.map(|t| t.to_string()).unwrap_or_default();
     let mode = if d.monitor { "monitor" } else { "enforce" };
+    // The reason may quote an alert name from Alertmanager.
+    let reason = crate::model::text::escaped(&d.reason);
+    if !applied && !d.monitor {
+        tracing::error!(
+            source = %d.source,
+            target = %d.target,
+            tier,
+            %reason,
+            "decided, but applying the limits failed (tried again every round): {}",
+            message(d)
+        );
+        return;
+    }
     match d.change {
         Change::Applied | Change::Escalated | Change::Lifted => tracing::warn!(
             source = %d.source,
             target = %d.target,
             tier,
             mode,
-            reason = %d.reason,
+            %reason,
             "{}",
             message(d)
         ),
@@ -190,7 +231,7 @@ fn say(d: &Decision) {
             target = %d.target,
             tier,
             mode,
-            reason = %d.reason,
+            %reason,
             "{}",
             message(d)
         ),

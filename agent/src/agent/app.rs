@@ -481,7 +481,7 @@ impl App {
                     (rules > 0).then(|| {
                         format!(
                             "{rules} rules, polled every {} s: /proc/pressure and the users' cgroup files (no PSI triggers yet)",
-                            super::tasks::ADAPT_INTERVAL.as_secs()
+                            crate::model::adapt::ROUND_INTERVAL.as_secs()
                         )
                     })
                 },

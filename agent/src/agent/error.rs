@@ -29,6 +29,8 @@ pub enum AppError {
         "alert {alertname:?}: target {target} is not a user:<uid|name> (penalties are per user)"
     )]
     FleetTarget { alertname: String, target: String },
+    #[error(transparent)]
+    Fleet(#[from] crate::observe::adapt::fleet::FleetError),
 }
 
 impl From<ConfigError> for AppError {
@@ -63,6 +65,7 @@ impl AppError {
             Self::Config(_)
             | Self::Target(_)
             | Self::FleetTarget { .. }
+            | Self::Fleet(_)
             | Self::Agent(AgentError::NotMovable { .. }) => Refusal::Invalid,
             Self::Desired(e) | Self::Agent(AgentError::Desired(e)) => desired(e),
             Self::Kernel(e) | Self::Agent(AgentError::Kernel(e)) => kernel(e),

@@ -92,14 +92,11 @@ pub async fn group_refresh(app: Arc<App>) {
     }
 }
 
-/// How often the adaptive rules and penalties are evaluated.
-pub const ADAPT_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Every second while there are `[[adapt]]` or `[[penalty]]` rules (or steps of removed
 /// ones in force), one round of them (see [`App::adapt_round`]); nothing otherwise.
 pub async fn adapt(app: Arc<App>) {
     loop {
-        tokio::time::sleep(ADAPT_INTERVAL).await;
+        tokio::time::sleep(crate::model::adapt::ROUND_INTERVAL).await;
         if !app.adapt_wanted() {
             continue;
         }

@@ -12,7 +12,7 @@ use super::{
 use crate::model::{
     adapt::{
         loosened, parse_host_condition, parse_user_condition, AdaptRule, PenaltyRule, Tier,
-        STEP_FIELDS,
+        MAX_RULE_DURATION, STEP_FIELDS,
     },
     duration,
     quota::{not_supported_yet, unsupported_fields, IntOrString, Mode, Quota, RawQuota},
@@ -66,16 +66,16 @@ impl Source<'_> {
         positive: bool,
     ) -> Result<Duration, ConfigError> {
         duration::parse(value.get_ref())
-            .filter(|d| !positive || !d.is_zero())
+            .filter(|d| (!positive || !d.is_zero()) && *d <= MAX_RULE_DURATION)
             .ok_or_else(|| {
                 self.invalid(
                     self.line(value.span()),
                     field,
                     value.get_ref(),
                     if positive {
-                        "expected a duration above 0 such as 2s, 5m or 1h"
+                        "expected a duration above 0 and at most a year, such as 2s, 5m or 1h"
                     } else {
-                        "expected a duration such as 0, 2s, 5m or 1h"
+                        "expected a duration of at most a year, such as 0, 2s, 5m or 1h"
                     },
                 )
             })
@@ -433,6 +433,10 @@ duration = "60s"
             (
                 PENALTY.replace("5s", "0"),
                 "window = \"0\": expected a duration above 0",
+            ),
+            (
+                PENALTY.replace("20s", "18446744073709551615s"),
+                "duration = \"18446744073709551615s\": expected a duration above 0 and at most a year",
             ),
             (
                 PENALTY.replace("cpu > 80%", "cpu > 80"),

@@ -479,11 +479,19 @@ impl Config {
         {
             // Listening is set up at start: keep the running one (a token or
             // max_duration changed with it still applies).
+            // A section removed turns the webhook off (it answers 404); one added waits
+            // for the next start, which binds its address.
             match (&mut self.penalty_webhook, &running.penalty_webhook) {
-                (Some(new), Some(old)) => new.listen = old.listen,
-                (new, old) => *new = old.clone(),
+                (Some(new), Some(old)) => {
+                    new.listen = old.listen;
+                    kept.push("[penalty_webhook] listen");
+                }
+                (new @ Some(_), None) => {
+                    *new = None;
+                    kept.push("[penalty_webhook] (added)");
+                }
+                (None, _) => {}
             }
-            kept.push("[penalty_webhook] listen");
         }
         kept
     }

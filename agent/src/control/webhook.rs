@@ -10,21 +10,27 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Bytes, Method, Request, Response, StatusCode};
 
 use crate::{
-    agent::App,
+    agent::{App, AppError},
     model::error_chain,
-    observe::adapt::fleet::{alerts, Payload, MAX_WEBHOOK_BODY},
+    observe::adapt::fleet::{Payload, MAX_WEBHOOK_BODY},
 };
 
-/// Requests served at once; more connections are closed at once (and counted).
+/// Requests served at once, and from one address; more connections are closed at once
+/// (and counted), so one peer cannot hold every slot.
 const MAX_CONNECTIONS: usize = 16;
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+const MAX_PER_PEER: usize = 4;
+/// Alertmanager sends a request at once: a peer that is slow to is cut off soon.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 
 /// Serves the webhook on `listener` for as long as the agent runs.
 pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!("penalty webhook accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -35,7 +41,19 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
             app.webhook_refused("busy", "too many connections at once");
             continue;
         };
+        let ip = peer.ip();
+        {
+            let mut held = peers.lock().unwrap_or_else(|p| p.into_inner());
+            let n = held.entry(ip).or_default();
+            if *n >= MAX_PER_PEER {
+                drop(held);
+                app.webhook_refused("busy", &format!("too many connections at once from {ip}"));
+                continue;
+            }
+            *n += 1;
+        }
         let app = app.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
@@ -43,10 +61,17 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            let mut held = peers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = held.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&ip);
+                }
+            }
             drop(permit);
         });
     }
@@ -60,10 +85,14 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         .expect("static response parts")
 }
 
-/// Compares without stopping at the first difference, so the time taken does not tell
-/// how much of a guess was right.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares `given` with `wanted` over all of `wanted`, without stopping at the first
+/// difference or at the end of `given`: the time taken tells neither how much of a guess
+/// was right nor how long the token is.
+fn same(given: &[u8], wanted: &[u8]) -> bool {
+    let differ = wanted.iter().enumerate().fold(0u8, |acc, (i, w)| {
+        acc | (w ^ given.get(i).copied().unwrap_or(!w))
+    });
+    differ == 0 && given.len() == wanted.len()
 }
 
 async fn handle(req: Request<hyper::body::Incoming>, app: &Arc<App>) -> Response<Full<Bytes>> {
@@ -121,21 +150,20 @@ async fn handle(req: Request<hyper::body::Incoming>, app: &Arc<App>) -> Response
             )
         }
     };
-    let rules = app.snapshot().config.penalty_rules.clone();
-    let fleet = match alerts(&payload, &rules) {
-        Ok(fleet) => fleet,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.kind(), e.to_string()),
-    };
-    let count = fleet.len();
+    let count = payload.alerts.len();
     match app
-        .blocking("fleet penalties", move |app| app.fleet_alerts(fleet))
+        .blocking("fleet penalties", move |app| app.fleet_alerts(&payload))
         .await
         .and_then(|r| r)
     {
-        Ok(decisions) => reply(
+        Ok((decisions, skipped)) => reply(
             StatusCode::OK,
-            format!("{count} alerts read, {} changes", decisions.len()),
+            format!(
+                "{count} alerts read, {} changes, {skipped} skipped (exempt users)",
+                decisions.len()
+            ),
         ),
+        Err(AppError::Fleet(e)) => refuse(StatusCode::BAD_REQUEST, e.kind(), e.to_string()),
         Err(e) => refuse(StatusCode::BAD_REQUEST, "apply", error_chain(&e)),
     }
 }

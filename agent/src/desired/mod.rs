@@ -143,7 +143,11 @@ pub fn tighten(
             );
         }
     }
-    if let (Some(Limit::Value(high)), Some(Limit::Value(max))) = (
+    // Only when this step set memory: a conflict it did not make is not its to settle.
+    let memory_stepped = sources.get(&(step.target.clone(), Field::Memory))
+        == Some(&Source::Step(step.source.clone()));
+    if let (true, Some(Limit::Value(high)), Some(Limit::Value(max))) = (
+        memory_stepped,
         quota
             .memory_high
             .or_else(|| default.as_ref().and_then(|d| d.memory_high)),
@@ -236,6 +240,27 @@ mod tests {
             .cgroups
             .user_quota(2000)
             .is_some_and(|q| matches!(q.cpu, Limit::Value(_))));
+        // A burst never loosens: an unset one is the rate's count.
+        let burst = Step {
+            quota: {
+                let mut q = Quota::default();
+                q.set(Field::ConnRate, "50/s").unwrap();
+                q.set(Field::ConnBurst, "500").unwrap();
+                q
+            },
+            ..steps[0].clone()
+        };
+        let runtime = RuntimeState::default().with(
+            &user,
+            &BTreeMap::from([(Field::ConnRate, Some("100/s".to_string()))]),
+        );
+        let d = Desired::build_with_steps(&c, &runtime, &[burst], &Users).unwrap();
+        let q = &d.quotas[&user];
+        assert_eq!(q.text(Field::ConnRate).as_deref(), Some("50/s"));
+        assert_eq!(
+            q.conn_burst, None,
+            "500 is looser than the 50 the rate implies"
+        );
         // The same step on a system user has no default to compare with: it applies.
         let mut low = steps[0].clone();
         low.target = Target::User(UserRef::Uid(5));

@@ -205,7 +205,8 @@ pub trait Observer: Send + Sync {
     fn user_usage(&self, layout: &Layout, signals: &[UserSignal]) -> BTreeMap<u32, UserSample>;
 }
 
-/// Reads `/proc/pressure/{cpu,memory,io}` under `proc` (logged once when unreadable).
+/// Reads `/proc/pressure/{cpu,memory,io}` under `proc`; a resource whose file cannot be
+/// read is `None` (logged at debug level: a kernel without PSI has none of them).
 pub fn host_pressure(proc: &Path) -> HostPressure {
     let read = |name: &str| match cgroup::psi::read_file(&proc.join("pressure").join(name)) {
         Ok(p) => p,

@@ -409,10 +409,20 @@ pub struct PenaltyRule {
 impl PenaltyRule {
     /// How long after tier `tier` (1-based) ends a new crossing still moves the user up.
     pub fn forgive_after(&self, tier: usize) -> Duration {
-        self.forgive_after
-            .unwrap_or_else(|| self.tiers[tier - 1].duration * 10)
+        self.forgive_after.unwrap_or_else(|| {
+            let i = tier.clamp(1, self.tiers.len().max(1)) - 1;
+            self.tiers
+                .get(i)
+                .map_or(Duration::ZERO, |t| t.duration.saturating_mul(10))
+        })
     }
 }
+
+/// How often the agent evaluates the adaptive rules and penalties.
+pub const ROUND_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest duration a rule takes (tiers, windows, holds, expiries): a year.
+pub const MAX_RULE_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The quota fields a step or tier may set: limits only (`mode` comes from the rule).
 pub const STEP_FIELDS: [Field; 7] = [
@@ -438,7 +448,11 @@ pub fn tightness(quota: &Quota, field: Field) -> Option<f64> {
         Field::Pids => v(quota.pids, |n| n as f64),
         Field::Conns => v(quota.conns, |n| n as f64),
         Field::ConnRate => v(quota.conn_rate, |r| r.count as f64 / r.period_s as f64),
-        Field::ConnBurst => quota.conn_burst.map(|b| b as f64),
+        // An unset burst is the rate's count (the programs' default), not no limit.
+        Field::ConnBurst => quota
+            .conn_burst
+            .or_else(|| quota.conn_rate.and_then(Limit::value).map(|r| r.count))
+            .map(|b| b as f64),
         Field::Mode => None,
     }
 }

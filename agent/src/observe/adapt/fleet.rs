@@ -129,13 +129,13 @@ struct Entry {
     tier: usize,
     since: Duration,
     until: Duration,
-    alertname: String,
 }
 
-/// The fleet's penalties in force here, by (rule, uid).
+/// The fleet's penalties in force here, by (rule, uid, alert name): each alert holds its
+/// own tier, and a user is in the highest tier any of its alerts holds for the rule.
 #[derive(Debug, Default)]
 pub struct Fleet {
-    entries: BTreeMap<(String, u32), Entry>,
+    entries: BTreeMap<(String, u32, String), Entry>,
 }
 
 fn monitor(rules: &[PenaltyRule], name: &str) -> bool {
@@ -146,8 +146,8 @@ fn monitor(rules: &[PenaltyRule], name: &str) -> bool {
 
 impl Fleet {
     /// Applies firing alerts (a new entry, a changed tier, or a later expiry: sending the
-    /// same alert again only extends it) and lifts resolved ones. `uid` is each alert's
-    /// target resolved; returns the changes.
+    /// same alert again only extends it) and lifts resolved ones, each alert its own
+    /// entry. `uid` is each alert's target resolved; returns the changes.
     pub fn apply(
         &mut self,
         now: Duration,
@@ -157,7 +157,7 @@ impl Fleet {
     ) -> Vec<Decision> {
         let mut out = Vec::new();
         for (uid, a) in alerts {
-            let key = (a.rule.clone(), *uid);
+            let key = (a.rule.clone(), *uid, a.alertname.clone());
             let decision = |change, tier| Decision {
                 change,
                 source: format!("penalty:{}", a.rule),
@@ -172,13 +172,14 @@ impl Fleet {
                 }
                 continue;
             }
-            let until = now + max_duration;
+            let until = now.saturating_add(max_duration);
             match self.entries.get_mut(&key) {
                 Some(e) if e.tier == a.tier => e.until = until,
                 previous => {
                     let change = match previous {
                         Some(e) if e.tier < a.tier => Change::Escalated,
-                        _ => Change::Applied,
+                        Some(_) => Change::Released,
+                        None => Change::Applied,
                     };
                     self.entries.insert(
                         key,
@@ -186,7 +187,6 @@ impl Fleet {
                             tier: a.tier,
                             since: now,
                             until,
-                            alertname: a.alertname.clone(),
                         },
                     );
                     out.push(decision(change, a.tier));
@@ -196,12 +196,14 @@ impl Fleet {
         out
     }
 
-    /// Drops the entries of rules that are gone and those whose alert was not sent again
-    /// within `max_duration`.
+    /// Drops the entries of rules (or tiers) that are gone and those whose alert was not
+    /// sent again within `max_duration`.
     pub fn expire(&mut self, now: Duration, rules: &[PenaltyRule]) -> Vec<Decision> {
         let mut out = Vec::new();
-        self.entries.retain(|(rule, uid), e| {
-            let known = rules.iter().any(|r| r.name == *rule);
+        self.entries.retain(|(rule, uid, alertname), e| {
+            let known = rules
+                .iter()
+                .any(|r| r.name == *rule && e.tier <= r.tiers.len());
             if known && now < e.until {
                 return true;
             }
@@ -210,10 +212,13 @@ impl Fleet {
                 source: format!("penalty:{rule}"),
                 target: format!("user:{uid}"),
                 tier: Some(e.tier),
-                reason: format!(
-                    "fleet: alert {} not sent again within max_duration",
-                    e.alertname
-                ),
+                reason: if known {
+                    format!("fleet: alert {alertname} not sent again within max_duration")
+                } else {
+                    format!(
+                        "fleet: alert {alertname}: the rule or its tier is no longer in the config"
+                    )
+                },
                 monitor: monitor(rules, rule),
             });
             false
@@ -221,11 +226,11 @@ impl Fleet {
         out
     }
 
-    /// Lifts the entries of `uid` (an operator's `rlctl release`: until the alert is sent
+    /// Lifts the entries of `uid` (an operator's `rlctl release`: until an alert is sent
     /// again).
     pub fn release(&mut self, uid: u32, rules: &[PenaltyRule]) -> Vec<Decision> {
         let mut out = Vec::new();
-        self.entries.retain(|(rule, u), e| {
+        self.entries.retain(|(rule, u, _), e| {
             if *u != uid {
                 return true;
             }
@@ -246,18 +251,30 @@ impl Fleet {
         self.entries.is_empty()
     }
 
+    /// Each (rule, uid) with the highest tier of its alerts, and that entry.
+    fn highest(&self) -> BTreeMap<(&str, u32), (&str, &Entry)> {
+        let mut out: BTreeMap<(&str, u32), (&str, &Entry)> = BTreeMap::new();
+        for ((rule, uid, alertname), e) in &self.entries {
+            let slot = out.entry((rule.as_str(), *uid)).or_insert((alertname, e));
+            if e.tier > slot.1.tier {
+                *slot = (alertname, e);
+            }
+        }
+        out
+    }
+
     /// The steps in force (rules in enforce mode).
     pub fn steps(&self, rules: &[PenaltyRule]) -> Vec<Step> {
-        self.entries
-            .iter()
-            .filter_map(|((name, uid), e)| {
+        self.highest()
+            .into_iter()
+            .filter_map(|((name, uid), (_, e))| {
                 let rule = rules
                     .iter()
-                    .find(|r| r.name == *name && r.mode == Mode::Enforce)?;
+                    .find(|r| r.name == name && r.mode == Mode::Enforce)?;
                 Some(Step {
-                    target: Target::User(UserRef::Uid(*uid)),
+                    target: Target::User(UserRef::Uid(uid)),
                     source: format!("penalty:{name}"),
-                    quota: rule.tiers[e.tier - 1].quota.clone(),
+                    quota: rule.tiers.get(e.tier.checked_sub(1)?)?.quota.clone(),
                 })
             })
             .collect()
@@ -265,15 +282,15 @@ impl Fleet {
 
     /// The fleet's penalties, on a clock that started at `base` since the epoch.
     pub fn penalties(&self, rules: &[PenaltyRule], base: Duration) -> Vec<Penalty> {
-        self.entries
-            .iter()
-            .map(|((rule, uid), e)| Penalty {
+        self.highest()
+            .into_iter()
+            .map(|((rule, uid), (alertname, e))| Penalty {
                 target: format!("user:{uid}"),
-                rule: rule.clone(),
+                rule: rule.to_string(),
                 tier: e.tier,
-                since: (base + e.since).as_secs(),
-                until: (base + e.until).as_secs(),
-                reason: format!("fleet: alert {} from Alertmanager", e.alertname),
+                since: base.saturating_add(e.since).as_secs(),
+                until: base.saturating_add(e.until).as_secs(),
+                reason: format!("fleet: alert {alertname} from Alertmanager"),
                 monitor: monitor(rules, rule),
             })
             .collect()
@@ -382,5 +399,35 @@ mod tests {
         fleet.apply(s(200), &a(true, 1), &rules, max);
         assert_eq!(fleet.expire(s(300), &rules)[0].change, Change::Released);
         assert!(fleet.steps(&rules).is_empty());
+        // Two alerts of one rule: the higher tier holds, and each resolves on its own.
+        let mut other = a(true, 2);
+        other[0].1.alertname = "FleetHogHarder".into();
+        fleet.apply(s(400), &a(true, 1), &rules, max);
+        fleet.apply(s(400), &other, &rules, max);
+        assert!(fleet.apply(s(410), &a(true, 1), &rules, max).is_empty());
+        assert_eq!(
+            fleet.penalties(&rules, s(0))[0].tier,
+            2,
+            "not loosened by a repeat of tier 1"
+        );
+        let cpu = |f: &Fleet| {
+            f.steps(&rules)[0]
+                .quota
+                .text(crate::model::quota::Field::Cpu)
+        };
+        assert_eq!(cpu(&fleet).as_deref(), Some("20%"));
+        fleet.apply(s(420), &a(false, 1), &rules, max);
+        assert_eq!(
+            cpu(&fleet).as_deref(),
+            Some("20%"),
+            "tier 1's resolution leaves tier 2"
+        );
+        // A reload that drops the tier ends the entry instead of indexing past the tiers.
+        let one_tier =
+            config(&RULES.replace("[[penalty.tier]]\ncpu = \"20%\"\nduration = \"1m\"\n", ""))
+                .penalty_rules;
+        assert!(fleet.steps(&one_tier).is_empty());
+        assert_eq!(fleet.expire(s(430), &one_tier)[0].change, Change::Released);
+        assert!(fleet.is_empty());
     }
 }

@@ -161,14 +161,44 @@ impl Engine {
         exempt: &mut dyn FnMut(&PenaltyRule, u32) -> bool,
     ) -> Vec<Decision> {
         let mut out = Vec::new();
-        self.adapt
-            .retain(|name, _| adapt.iter().any(|r| r.name == *name));
+        self.adapt.retain(|name, state| {
+            let kept = adapt.iter().any(|r| r.name == *name);
+            if !kept && state.active {
+                out.push(Decision {
+                    change: Change::Released,
+                    source: format!("adapt:{name}"),
+                    target: String::new(),
+                    tier: None,
+                    reason: "the rule is no longer in the config".to_string(),
+                    monitor: false,
+                });
+            }
+            kept
+        });
         for rule in adapt {
             self.adapt_round(now, rule, &inputs.host, &mut out);
         }
         self.record(now, penalty, &inputs.users);
-        self.penalties
-            .retain(|(name, _), _| penalty.iter().any(|r| r.name == *name));
+        // States of rules that are gone, and tiers past a reloaded rule's last, end here.
+        self.penalties.retain(|(name, uid), state| {
+            let tiers = penalty
+                .iter()
+                .find(|r| r.name == *name)
+                .map_or(0, |r| r.tiers.len());
+            state.last_tier = state.last_tier.min(tiers);
+            if state.tier > 0 && state.tier > tiers {
+                out.push(Decision {
+                    change: Change::Released,
+                    source: format!("penalty:{name}"),
+                    target: format!("user:{uid}"),
+                    tier: Some(state.tier),
+                    reason: "the rule or its tier is no longer in the config".to_string(),
+                    monitor: false,
+                });
+                state.tier = 0;
+            }
+            tiers > 0
+        });
         for rule in penalty {
             self.penalty_round(now, rule, exempt, &mut out);
         }
@@ -196,7 +226,7 @@ impl Engine {
             Some((why, value)) => {
                 state.false_since = None;
                 let since = *state.true_since.get_or_insert(now);
-                if !state.active && now - since >= rule.hold {
+                if !state.active && now.saturating_sub(since) >= rule.hold {
                     state.active = true;
                     state.reason = format!(
                         "{} = {value:.2} (threshold {} {}) for {}s",
@@ -212,7 +242,7 @@ impl Engine {
                 state.true_since = None;
                 if state.active {
                     let since = *state.false_since.get_or_insert(now);
-                    if now - since >= rule.release_after {
+                    if now.saturating_sub(since) >= rule.release_after {
                         state.active = false;
                         state.false_since = None;
                         out.push(decision(
@@ -275,10 +305,10 @@ impl Engine {
         uids.sort_unstable();
         uids.dedup();
         for uid in uids {
-            let crossing = if exempt(rule, uid) {
-                None
-            } else {
-                self.history.get(&uid).and_then(|samples| {
+            let crossing = self
+                .history
+                .get(&uid)
+                .and_then(|samples| {
                     rule.when
                         .eval(|s| averaged(samples, rule.window, s))
                         .map(|(why, value)| {
@@ -292,7 +322,8 @@ impl Engine {
                             )
                         })
                 })
-            };
+                // Asked only of users who cross: a look-up of groups may go to a directory.
+                .filter(|_| !exempt(rule, uid));
             let key = (rule.name.clone(), uid);
             let state = self.penalties.entry(key.clone()).or_default();
             let decision = |change, tier, reason: &str| Decision {
@@ -306,7 +337,7 @@ impl Engine {
             let mut enter = |state: &mut PenaltyState, tier: usize, reason: String| {
                 state.tier = tier;
                 state.since = now;
-                state.until = now + rule.tiers[tier - 1].duration;
+                state.until = now.saturating_add(rule.tiers[tier - 1].duration);
                 state.reason = reason;
                 *self.entered.entry((rule.name.clone(), tier)).or_default() += 1;
             };
@@ -334,9 +365,12 @@ impl Engine {
                 continue;
             }
             // Good behaviour decays the remembered tier, one per `forgive_after`.
-            while state.last_tier > 0 && now - state.last_end >= rule.forgive_after(state.last_tier)
+            while state.last_tier > 0
+                && now.saturating_sub(state.last_end) >= rule.forgive_after(state.last_tier)
             {
-                state.last_end += rule.forgive_after(state.last_tier);
+                state.last_end = state
+                    .last_end
+                    .saturating_add(rule.forgive_after(state.last_tier));
                 state.last_tier -= 1;
             }
             match crossing {
@@ -354,9 +388,12 @@ impl Engine {
     }
 
     /// Lifts every penalty `uid` is in now (an operator's `rlctl release`), forgetting
-    /// those rules' tiers for it; returns what was lifted.
+    /// those rules' tiers for it and its samples (a crossing then needs a whole new
+    /// window, so the release is not undone by the usage that led to it); returns what
+    /// was lifted.
     pub fn release(&mut self, uid: u32, rules: &[PenaltyRule]) -> Vec<Decision> {
         let mut out = Vec::new();
+        self.history.remove(&uid);
         self.penalties.retain(|(name, u), state| {
             // A user not penalised now keeps what is remembered of its last tier.
             if *u != uid || state.tier == 0 {
@@ -395,11 +432,12 @@ impl Engine {
             let Some(rule) = penalty.iter().find(|r| r.name == *name) else {
                 continue;
             };
-            if state.tier > 0 && rule.mode == Mode::Enforce {
+            let tier = state.tier.checked_sub(1).and_then(|i| rule.tiers.get(i));
+            if let (Some(tier), Mode::Enforce) = (tier, rule.mode) {
                 steps.push(Step {
                     target: Target::User(UserRef::Uid(*uid)),
                     source: format!("penalty:{name}"),
-                    quota: rule.tiers[state.tier - 1].quota.clone(),
+                    quota: tier.quota.clone(),
                 });
             }
         }
@@ -585,17 +623,70 @@ duration = "60s"
         assert_eq!((d.change, d.tier), (Change::Escalated, Some(2)));
         let (_, d) = w.until_decision(70, &[(2001, 5)]);
         assert_eq!(d.change, Change::Released);
-        // 100 s of good behaviour forgives one tier: the next hog is tier 2 again only
-        // within it, tier 1 after.
+        // 100 s of good behaviour forgives one of the two tiers: the next hog is tier 2.
         for _ in 0..101 {
             assert!(w.tick(&[(2001, 5)]).is_empty());
         }
         let (_, d) = w.until_decision(10, &[(2001, 200)]);
         assert_eq!(d.tier, Some(2), "one of two tiers forgiven: {d:?}");
         assert_eq!(w.engine.entered[&("cpu-hog".to_string(), 2)], 3);
-        // An operator lifts it; the user starts from tier 1 next time.
+        // An operator lifts it; the user's samples go with it, so the usage that led to
+        // it does not put the user back at the next round, and tier 1 comes next.
         let lifted = w.engine.release(2001, &w.penalty);
         assert_eq!(lifted[0].change, Change::Lifted);
+        assert!(w.engine.steps(&w.adapt, &w.penalty).is_empty());
+        assert!(
+            w.tick(&[(2001, 200)]).is_empty(),
+            "not undone by the old window"
+        );
+        let (_, d) = w.until_decision(10, &[(2001, 200)]);
+        assert_eq!((d.change, d.tier), (Change::Applied, Some(1)));
+        // Another 200 s of good behaviour forgives both tiers: tier 1 again.
+        let (_, d) = w.until_decision(30, &[(2001, 5)]);
+        assert_eq!(d.change, Change::Released);
+        for _ in 0..201 {
+            assert!(w.tick(&[(2001, 5)]).is_empty());
+        }
+        let (_, d) = w.until_decision(10, &[(2001, 200)]);
+        assert_eq!(d.tier, Some(1), "both tiers forgiven: {d:?}");
+    }
+
+    #[test]
+    fn a_reload_that_drops_a_rule_or_its_tiers_ends_what_they_held() {
+        let mut w = World::new(RULES);
+        w.tick(&[(2001, 0)]);
+        w.until_decision(10, &[(2001, 200)]);
+        w.until_decision(30, &[(2001, 5)]);
+        let (_, d) = w.until_decision(10, &[(2001, 200)]);
+        assert_eq!(d.tier, Some(2));
+        // The rule now has one tier: tier 2 ends at once (no index past the tiers), and
+        // what is remembered is clamped to the tiers there are.
+        let one_tier = RULES.replace(
+            "[[penalty.tier]]\ncpu = \"10%\"\nconns = 8\nduration = \"60s\"\n",
+            "",
+        );
+        w.penalty = config(&one_tier).penalty_rules;
+        assert_eq!(w.penalty[0].tiers.len(), 1);
+        // Still over `when`, the user enters the highest tier there is, in the same round.
+        let out = w.tick(&[(2001, 200)]);
+        let changes: Vec<_> = out.iter().map(|d| (d.change, d.tier)).collect();
+        assert_eq!(
+            changes,
+            [(Change::Released, Some(2)), (Change::Applied, Some(1))],
+            "{out:?}"
+        );
+        let steps = w.engine.steps(&w.adapt, &w.penalty);
+        assert_eq!(
+            steps[0]
+                .quota
+                .text(crate::model::quota::Field::Cpu)
+                .as_deref(),
+            Some("30%")
+        );
+        // The rule is gone: its penalty ends, said.
+        w.penalty.clear();
+        let out = w.tick(&[(2001, 200)]);
+        assert_eq!(out[0].change, Change::Released, "{out:?}");
         assert!(w.engine.steps(&w.adapt, &w.penalty).is_empty());
     }
 

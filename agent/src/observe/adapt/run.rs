@@ -22,9 +22,13 @@ pub struct Run {
     /// Penalties the fleet decided (Alertmanager's webhook).
     pub fleet: Fleet,
     pub steps: Vec<Step>,
-    /// Each user's groups (primary and supplementary), with when they were read.
-    groups: BTreeMap<u32, (Instant, Vec<u32>)>,
+    pub groups: Groups,
 }
+
+/// Each user's groups (primary and supplementary), with when they were read, for
+/// `exempt = ["@group"]`.
+#[derive(Debug, Default)]
+pub struct Groups(BTreeMap<u32, (Instant, Vec<u32>)>);
 
 impl Run {
     /// The steps in force: the local rules' and the fleet's.
@@ -51,8 +55,12 @@ impl Run {
         }
         by_key.into_values().collect()
     }
+}
 
+impl Groups {
     /// Whether `rule` leaves `uid` alone: listed by UID, or a member of a listed group.
+    /// Groups read more than a minute ago are read again; the entries of other users are
+    /// dropped then, so the cache holds the users recently asked about.
     pub fn exempt(&mut self, rule: &PenaltyRule, uid: u32, users: &dyn UserDb) -> bool {
         if rule.exempt_uids.contains(&uid) {
             return true;
@@ -62,10 +70,12 @@ impl Run {
         }
         let now = Instant::now();
         let fresh = self
-            .groups
+            .0
             .get(&uid)
             .is_some_and(|(at, _)| now.duration_since(*at) < GROUPS_TTL);
         if !fresh {
+            self.0
+                .retain(|_, (at, _)| now.duration_since(*at) < GROUPS_TTL);
             let groups = users.groups_of(uid).unwrap_or_else(|e| {
                 tracing::warn!(
                     uid,
@@ -73,11 +83,10 @@ impl Run {
                 );
                 Vec::new()
             });
-            self.groups.insert(uid, (now, groups));
+            self.0.insert(uid, (now, groups));
         }
-        self.groups[&uid]
-            .1
-            .iter()
-            .any(|g| rule.exempt_gids.contains(g))
+        self.0
+            .get(&uid)
+            .is_some_and(|(_, groups)| groups.iter().any(|g| rule.exempt_gids.contains(g)))
     }
 }
