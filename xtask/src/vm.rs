@@ -763,6 +763,69 @@ exit $rc
 "#;
 
 pub fn vm_test_systemd() -> Result<()> {
+    let stage = installed_systemd_stage()?;
+    boot_systemd(
+        &stage,
+        CHECK_SCRIPT,
+        &["rlagent.service", "rlagent-check.service"],
+        "systemd guest",
+    )
+}
+
+/// `cargo xtask bench contain`: in the systemd guest with the unit as installed, ten times
+/// over, carol starts two CPU hogs and the time until her slice holds the penalty tier's
+/// CPUQuota is taken; prints each, the median and the max, and the agent's CPU.
+const CONTAIN_SCRIPT: &str = r#"#!/bin/sh
+fail() { echo "CHECK FAILED: $*"; rc=1; }
+rc=0
+prop() { systemctl show -p "$2" --value "$1"; }
+cat >> /etc/rlagent/rlagent.toml <<'TOML'
+[[penalty]]
+name = "cpu-hog"
+when = "cpu > 80%"
+window = "5s"
+[[penalty.tier]]
+cpu = "30%"
+duration = "10m"
+TOML
+systemctl reload rlagent || fail "reload"
+# carol's session: her slice exists from here on.
+su -l carol -c 'exec sleep 3600' </dev/null >/dev/null 2>&1 &
+sleep 8
+agent=$(systemctl show -p MainPID --value rlagent)
+cpu0=$(awk '{print $14 + $15}' /proc/$agent/stat)
+t_all=$(date +%s%N)
+: > /tmp/contain
+for run in $(seq 10); do
+    su -l carol -c "exec sh -c 'while :; do :; done'" </dev/null >/dev/null 2>&1 &
+    su -l carol -c "exec sh -c 'while :; do :; done'" </dev/null >/dev/null 2>&1 &
+    for i in $(seq 100); do [ "$(pgrep -u carol -x sh | wc -l)" = 2 ] && break; sleep 0.05; done
+    t0=$(date +%s%N)
+    while [ "$(prop user-1003.slice CPUQuotaPerSecUSec)" != 300ms ]; do
+        [ $(( ($(date +%s%N) - t0) / 1000000000 )) -ge 30 ] && { fail "run $run: never contained"; break; }
+        sleep 0.1
+    done
+    took=$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+    echo "contain: run $run: $took s"
+    echo "$took" >> /tmp/contain
+    pkill -u carol -x sh
+    rlctl release user:carol >/dev/null || fail "release"
+    sleep 7
+done
+cpu1=$(awk '{print $14 + $15}' /proc/$agent/stat)
+wall=$(awk -v a="$t_all" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+sort -n /tmp/contain | awk '{ a[NR] = $1 } END { printf "contain: hog start -> tier in force (CPUQuota on the user slice), window 5 s, 10 runs in the TCG guest: median %.2f s, max %.2f s
+", (a[5] + a[6]) / 2, a[NR] }'
+awk -v c0="$cpu0" -v c1="$cpu1" -v w="$wall" -v t="$(getconf CLK_TCK)" 'BEGIN { printf "contain: the agent used %.2f%% of a CPU over the %s s of the runs (TCG)
+", (c1 - c0) / t / w * 100, w }'
+echo "@@VM-EXIT rc=$rc"
+sync
+systemctl poweroff -ff
+exit $rc
+"#;
+
+/// The systemd guest's root with rlagent installed as `cargo xtask install` does.
+fn installed_systemd_stage() -> Result<PathBuf> {
     let stage = systemd_stage()?;
     crate::install::install(crate::install::Options {
         destdir: Some(stage.clone()),
@@ -774,11 +837,17 @@ pub fn vm_test_systemd() -> Result<()> {
                 .join("release"),
         ),
     })?;
+    Ok(stage)
+}
+
+/// `cargo xtask bench contain` (see [`CONTAIN_SCRIPT`]).
+pub fn bench_contain() -> Result<()> {
+    let stage = installed_systemd_stage()?;
     boot_systemd(
         &stage,
-        CHECK_SCRIPT,
+        CONTAIN_SCRIPT,
         &["rlagent.service", "rlagent-check.service"],
-        "systemd guest",
+        "containment bench",
     )
 }
 
