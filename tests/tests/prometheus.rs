@@ -104,11 +104,12 @@ fn every_dashboard_and_rule_query_runs_against_a_real_prometheus() {
         // A group with a cap, so the group panels have series too; in monitor mode, so
         // the would-deny series exist (they do only where some limit is in monitor mode).
         // A penalty for any denial, with a tier as loose as the cap: the denial below puts
-        // the user in it, so the penalty series exist, and nothing else changes.
+        // the user in it, so the penalty series exist, and nothing else changes; an
+        // adaptive rule that never holds (pressure is at most 100%), for its series.
         scratch.write_config_with_groups(
             &cgroup,
             "",
-            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\nconn_rate = \"100/s\"\nconn_burst = 50\n[[quota]]\ntarget = \"batch\"\nconns = 5\nmode = \"monitor\"\n[[penalty]]\nname = \"any-denial\"\nwhen = \"denials_per_min > 0\"\nwindow = \"1s\"\n[[penalty.tier]]\nconns = 2\nduration = \"10m\"\n"),
+            &format!("[[quota]]\ntarget = \"user:{uid}\"\nconns = 2\nconn_rate = \"100/s\"\nconn_burst = 50\n[[quota]]\ntarget = \"batch\"\nconns = 5\nmode = \"monitor\"\n[[penalty]]\nname = \"any-denial\"\nwhen = \"denials_per_min > 0\"\nwindow = \"1s\"\n[[penalty.tier]]\nconns = 2\nduration = \"10m\"\n[[adapt]]\nname = \"never\"\nwhen = \"host.cpu.some_avg10 > 100\"\nfor = \"0\"\nrelease_after = \"1s\"\ntarget = \"user:*\"\nconns = 1\n"),
         );
         let agent = Agent::start(&scratch);
         let mut h = Helper::spawn(&cgroup.path, uid);
