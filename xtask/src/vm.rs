@@ -814,10 +814,8 @@ for run in $(seq 10); do
 done
 cpu1=$(awk '{print $14 + $15}' /proc/$agent/stat)
 wall=$(awk -v a="$t_all" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
-sort -n /tmp/contain | awk '{ a[NR] = $1 } END { printf "contain: hog start -> tier in force (CPUQuota on the user slice), window 5 s, 10 runs in the TCG guest: median %.2f s, max %.2f s
-", (a[5] + a[6]) / 2, a[NR] }'
-awk -v c0="$cpu0" -v c1="$cpu1" -v w="$wall" -v t="$(getconf CLK_TCK)" 'BEGIN { printf "contain: the agent used %.2f%% of a CPU over the %s s of the runs (TCG)
-", (c1 - c0) / t / w * 100, w }'
+sort -n /tmp/contain | awk '{ a[NR] = $1 } END { printf "contain: hog start -> tier in force (CPUQuota on the user slice), window 5 s, 10 runs in the TCG guest: median %.2f s, max %.2f s\n", (a[5] + a[6]) / 2, a[NR] }'
+awk -v c0="$cpu0" -v c1="$cpu1" -v w="$wall" -v t="$(getconf CLK_TCK)" 'BEGIN { printf "contain: the agent used %.2f%% of a CPU over the %s s of the runs (TCG)\n", (c1 - c0) / t / w * 100, w }'
 echo "@@VM-EXIT rc=$rc"
 sync
 systemctl poweroff -ff
