@@ -800,6 +800,7 @@ for run in $(seq 10); do
     su -l carol -c "exec sh -c 'while :; do :; done'" </dev/null >/dev/null 2>&1 &
     su -l carol -c "exec sh -c 'while :; do :; done'" </dev/null >/dev/null 2>&1 &
     for i in $(seq 100); do [ "$(pgrep -u carol -x sh | wc -l)" = 2 ] && break; sleep 0.05; done
+    [ "$(pgrep -u carol -x sh | wc -l)" = 2 ] || fail "run $run: the hogs did not start"
     t0=$(date +%s%N)
     while [ "$(prop user-1003.slice CPUQuotaPerSecUSec)" != 300ms ]; do
         [ $(( ($(date +%s%N) - t0) / 1000000000 )) -ge 30 ] && { fail "run $run: never contained"; break; }
@@ -810,6 +811,9 @@ for run in $(seq 10); do
     echo "$took" >> /tmp/contain
     pkill -u carol -x sh
     rlctl release user:carol >/dev/null || fail "release"
+    # The next run starts from no tier, or its time would read 0.
+    for i in $(seq 100); do [ "$(prop user-1003.slice CPUQuotaPerSecUSec)" = infinity ] && break; sleep 0.1; done
+    [ "$(prop user-1003.slice CPUQuotaPerSecUSec)" = infinity ] || fail "run $run: the tier was not lifted"
     sleep 7
 done
 cpu1=$(awk '{print $14 + $15}' /proc/$agent/stat)

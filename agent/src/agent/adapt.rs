@@ -52,7 +52,10 @@ impl App {
         let mut decisions = engine.round(now, adapt, penalty, &inputs, &mut |rule, uid| {
             groups.exempt(rule, uid, users.as_ref())
         });
-        decisions.extend(run.fleet.expire(now, penalty));
+        decisions.extend(
+            run.fleet
+                .expire(now, penalty, config.penalty_webhook.is_some()),
+        );
         self.commit(&mut run, &decisions, "adaptive rules and penalties")?;
         Ok(decisions)
     }

@@ -70,13 +70,13 @@ pub(super) fn validate(
     let max_duration = match &r.max_duration {
         None => Duration::from_secs(3600),
         Some(v) => duration::parse(v.get_ref())
-            .filter(|d| !d.is_zero())
+            .filter(|d| !d.is_zero() && *d <= crate::model::adapt::MAX_RULE_DURATION)
             .ok_or_else(|| {
                 at.invalid(
                     at.line(v.span()),
                     "max_duration",
                     v.get_ref(),
-                    "expected a duration above 0 such as 30m or 1h",
+                    "expected a duration above 0 and at most a year, such as 30m or 1h",
                 )
             })?,
     };

@@ -18,7 +18,9 @@ use crate::{
 /// Requests served at once, and from one address; more connections are closed at once
 /// (and counted), so one peer cannot hold every slot.
 const MAX_CONNECTIONS: usize = 16;
-const MAX_PER_PEER: usize = 4;
+/// Alertmanager sends a request per group of alerts at once (one per penalised user
+/// with `group_by: [alertname, target]`); refused ones it sends again.
+const MAX_PER_PEER: usize = 8;
 /// Alertmanager sends a request at once: a peer that is slow to is cut off soon.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
@@ -53,7 +55,10 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
             *n += 1;
         }
         let app = app.clone();
-        let peers = peers.clone();
+        let held = PeerSlot {
+            peers: peers.clone(),
+            ip,
+        };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
@@ -65,15 +70,28 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) {
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            let mut held = peers.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = held.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    held.remove(&ip);
-                }
-            }
+            drop(held);
             drop(permit);
         });
+    }
+}
+
+/// A connection counted against its address, given back when dropped (also when the task
+/// ends by a panic).
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -164,7 +182,9 @@ async fn handle(req: Request<hyper::body::Incoming>, app: &Arc<App>) -> Response
             ),
         ),
         Err(AppError::Fleet(e)) => refuse(StatusCode::BAD_REQUEST, e.kind(), e.to_string()),
-        Err(e) => refuse(StatusCode::BAD_REQUEST, "apply", error_chain(&e)),
+        // The agent could not apply it (the decision is kept and applied again each
+        // round): a server error, not the sender's.
+        Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, "apply", error_chain(&e)),
     }
 }
 

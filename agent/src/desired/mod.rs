@@ -102,8 +102,9 @@ impl Desired {
 /// Lays `step` over `quotas`: each field it sets replaces the target's effective value
 /// only where it is tighter (a step never loosens a limit), and then says where it came
 /// from. A `user:<uid>`'s effective value is its own field, else the `user:*` default's
-/// from `uid_min` up, as the kernel plans resolve it. A memory limit lowered below the
-/// target's memory.high takes memory.high down with it.
+/// from `uid_min` up, as the kernel plans resolve it. The burst is compared as the
+/// programs resolve it ([`effective_burst`]), and a step's rate never raises it. A memory
+/// limit lowered below the target's memory.high takes memory.high down with it.
 pub fn tighten(
     quotas: &mut BTreeMap<Target, Quota>,
     sources: &mut Sources,
@@ -117,6 +118,7 @@ pub fn tighten(
         _ => None,
     };
     let quota = quotas.entry(step.target.clone()).or_default();
+    let burst_before = effective_burst(quota, default.as_ref());
     let effective = |quota: &Quota, field: Field| {
         tightness(quota, field).or_else(|| {
             if quota.text(field).is_some() {
@@ -126,7 +128,7 @@ pub fn tighten(
             }
         })
     };
-    for field in STEP_FIELDS {
+    for field in STEP_FIELDS.into_iter().filter(|f| *f != Field::ConnBurst) {
         let Some(value) = step.quota.text(field) else {
             continue;
         };
@@ -139,6 +141,20 @@ pub fn tighten(
         if tighter && quota.set(field, &value).is_ok() {
             sources.insert(
                 (step.target.clone(), field),
+                Source::Step(step.source.clone()),
+            );
+        }
+    }
+    // The burst after the step is at most the one before and the step's own.
+    let cap = match (burst_before, step.quota.conn_burst) {
+        (Some(before), Some(wanted)) => Some(before.min(wanted)),
+        (before, wanted) => before.or(wanted),
+    };
+    if let (Some(cap), Some(after)) = (cap, effective_burst(quota, default.as_ref())) {
+        if after > cap {
+            quota.conn_burst = Some(cap);
+            sources.insert(
+                (step.target.clone(), Field::ConnBurst),
                 Source::Step(step.source.clone()),
             );
         }
@@ -161,6 +177,21 @@ pub fn tighten(
             );
         }
     }
+}
+
+/// The burst the programs give `own` (with `default`, the `user:*` quota, field by field
+/// as `conns::policy` resolves it): its burst, else the default's, else the rate's count;
+/// `None` without a rate.
+fn effective_burst(own: &Quota, default: Option<&Quota>) -> Option<u64> {
+    let rate = own
+        .conn_rate
+        .or_else(|| default.and_then(|d| d.conn_rate))
+        .and_then(Limit::value)?;
+    Some(
+        own.conn_burst
+            .or_else(|| default.and_then(|d| d.conn_burst))
+            .unwrap_or(rate.count),
+    )
 }
 
 /// Refuses limits the kernel maps could not hold.
@@ -254,13 +285,50 @@ mod tests {
             &user,
             &BTreeMap::from([(Field::ConnRate, Some("100/s".to_string()))]),
         );
-        let d = Desired::build_with_steps(&c, &runtime, &[burst], &Users).unwrap();
+        let d =
+            Desired::build_with_steps(&c, &runtime, std::slice::from_ref(&burst), &Users).unwrap();
         let q = &d.quotas[&user];
         assert_eq!(q.text(Field::ConnRate).as_deref(), Some("50/s"));
         assert_eq!(
             q.conn_burst, None,
             "500 is looser than the 50 the rate implies"
         );
+        // A rate-only step does not raise the burst its looser count would imply.
+        let mut slower = burst.clone();
+        slower.quota.clear(Field::ConnBurst);
+        slower.quota.set(Field::ConnRate, "200/min").unwrap();
+        let d = Desired::build_with_steps(&c, &runtime, &[slower], &Users).unwrap();
+        let q = &d.quotas[&user];
+        assert_eq!(
+            (q.text(Field::ConnRate).as_deref(), q.conn_burst),
+            (Some("200/min"), Some(100)),
+            "the burst stays at the 100 the old rate implied"
+        );
+        assert_eq!(d.conns.per_uid[&2000].burst, 100);
+        // Against the default's explicit burst, not the user's own rate count.
+        let c2 = config("[bpf]\nuid_min = 1000\n[[quota]]\ntarget = \"user:*\"\nconn_rate = \"100/s\"\nconn_burst = 20\n");
+        let mut wider = burst.clone();
+        wider.quota = Quota::default();
+        wider.quota.set(Field::ConnRate, "100/s").unwrap();
+        wider.quota.set(Field::ConnBurst, "30").unwrap();
+        let d = Desired::build_with_steps(&c2, &runtime, &[wider], &Users).unwrap();
+        assert_eq!(
+            d.conns.per_uid[&2000].burst, 20,
+            "30 is looser than the default's 20"
+        );
+        // memory_high is left alone by a step that does not set memory.
+        let c3 = config("[[quota]]\ntarget = \"user:2000\"\nmemory = \"512M\"\n[[quota]]\ntarget = \"user:*\"\nmemory_high = \"1G\"\n");
+        let cpu_only = Step {
+            quota: {
+                let mut q = Quota::default();
+                q.set(Field::Cpu, "10%").unwrap();
+                q
+            },
+            ..steps[0].clone()
+        };
+        let d =
+            Desired::build_with_steps(&c3, &RuntimeState::default(), &[cpu_only], &Users).unwrap();
+        assert_eq!(d.source(&user, Field::MemoryHigh), Source::Config);
         // The same step on a system user has no default to compare with: it applies.
         let mut low = steps[0].clone();
         low.target = Target::User(UserRef::Uid(5));

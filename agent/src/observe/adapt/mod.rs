@@ -137,10 +137,8 @@ impl Engine {
         self.record(now, penalty, &inputs.users);
         // States of rules that are gone, and tiers past a reloaded rule's last, end here.
         self.penalties.retain(|(name, uid), state| {
-            let tiers = penalty
-                .iter()
-                .find(|r| r.name == *name)
-                .map_or(0, |r| r.tiers.len());
+            let rule = penalty.iter().find(|r| r.name == *name);
+            let tiers = rule.map_or(0, |r| r.tiers.len());
             state.last_tier = state.last_tier.min(tiers);
             if state.tier > 0 && state.tier > tiers {
                 out.push(Decision {
@@ -149,7 +147,7 @@ impl Engine {
                     target: format!("user:{uid}"),
                     tier: Some(state.tier),
                     reason: "the rule or its tier is no longer in the config".to_string(),
-                    monitor: false,
+                    monitor: rule.is_some_and(|r| r.mode == Mode::Monitor),
                 });
                 state.tier = 0;
             }
@@ -349,7 +347,6 @@ impl Engine {
     /// was lifted.
     pub fn release(&mut self, uid: u32, rules: &[PenaltyRule]) -> Vec<Decision> {
         let mut out = Vec::new();
-        self.history.remove(&uid);
         self.penalties.retain(|(name, u), state| {
             // A user not penalised now keeps what is remembered of its last tier.
             if *u != uid || state.tier == 0 {
@@ -369,6 +366,9 @@ impl Engine {
             }
             false
         });
+        if !out.is_empty() {
+            self.history.remove(&uid);
+        }
         out
     }
 
@@ -597,14 +597,14 @@ duration = "60s"
         );
         let (_, d) = w.until_decision(10, &[(2001, 200)]);
         assert_eq!((d.change, d.tier), (Change::Applied, Some(1)));
-        // Another 200 s of good behaviour forgives both tiers: tier 1 again.
+        // Good behaviour forgives the tier remembered since (tier 1): tier 1 again.
         let (_, d) = w.until_decision(30, &[(2001, 5)]);
         assert_eq!(d.change, Change::Released);
         for _ in 0..201 {
             assert!(w.tick(&[(2001, 5)]).is_empty());
         }
         let (_, d) = w.until_decision(10, &[(2001, 200)]);
-        assert_eq!(d.tier, Some(1), "both tiers forgiven: {d:?}");
+        assert_eq!(d.tier, Some(1), "tier 1 forgiven: {d:?}");
     }
 
     #[test]
