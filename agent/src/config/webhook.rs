@@ -177,4 +177,39 @@ mod tests {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(parse(&text("")).unwrap_err().contains("expected one token"));
     }
+
+    #[test]
+    fn a_reload_keeps_the_address_bound_turns_a_removed_webhook_off_and_defers_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0k\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |port: u16| {
+            parse(&format!(
+                "[penalty_webhook]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = {:?}\n",
+                token.display().to_string()
+            ))
+            .unwrap()
+        };
+        let without = parse("").unwrap();
+        let running = with(9466);
+        let mut moved = with(9467);
+        assert_eq!(
+            moved.keep_restart_settings(&running),
+            ["[penalty_webhook] listen"]
+        );
+        assert_eq!(moved.penalty_webhook.unwrap().listen.port(), 9466);
+        let mut removed = without.clone();
+        assert!(removed.keep_restart_settings(&running).is_empty());
+        assert!(removed.penalty_webhook.is_none(), "off at the reload");
+        let mut added = with(9466);
+        assert_eq!(
+            added.keep_restart_settings(&without),
+            ["[penalty_webhook] (added)"]
+        );
+        assert!(
+            added.penalty_webhook.is_none(),
+            "nothing listens until a restart"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! `rlagent check-config`: validates the config file on its own (without the runtime
-//! overrides in the state file) and prints the connection limits it would enforce.
+//! overrides in the state file) and prints the connection limits it would enforce, and
+//! the rules that would tighten them.
 
 use std::path::Path;
 
@@ -39,6 +40,33 @@ pub fn check_config(config_path: Option<&Path>) -> anyhow::Result<()> {
             "group {group} (cgroup /{}): {}",
             g.cgroup.display(),
             policy_text(&g.policy)
+        );
+    }
+    for rule in &config.penalty_rules {
+        println!(
+            "penalty {} ({}): when `{}` over {}s, {} tiers",
+            rule.name,
+            rule.mode,
+            rule.when,
+            rule.window.as_secs(),
+            rule.tiers.len()
+        );
+    }
+    for rule in &config.adapt_rules {
+        println!(
+            "adapt {} ({}): {} while `{}` for {}s",
+            rule.name,
+            rule.mode,
+            rule.target,
+            rule.when,
+            rule.hold.as_secs()
+        );
+    }
+    if let Some(w) = &config.penalty_webhook {
+        println!(
+            "penalty webhook on {} (decisions expire after {}s unless sent again)",
+            w.listen,
+            w.max_duration.as_secs()
         );
     }
     Ok(())
