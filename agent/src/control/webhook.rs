@@ -182,6 +182,10 @@ async fn handle(req: Request<hyper::body::Incoming>, app: &Arc<App>) -> Response
             ),
         ),
         Err(AppError::Fleet(e)) => refuse(StatusCode::BAD_REQUEST, e.kind(), e.to_string()),
+        // A target that is not a user of this host: the sender's to fix.
+        Err(e @ (AppError::Target(_) | AppError::FleetTarget { .. })) => {
+            refuse(StatusCode::BAD_REQUEST, "target", error_chain(&e))
+        }
         // The agent could not apply it (the decision is kept and applied again each
         // round): a server error, not the sender's.
         Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, "apply", error_chain(&e)),

@@ -579,7 +579,7 @@ fn agent_series(e: &mut Exposition, stats: &Stats) {
     for (reason, refused) in &stats.webhook_refused {
         e.counter(
             "rlagent_penalty_webhook_refused_total",
-            "Requests to the penalty webhook refused, by reason (token, size, json, labels, unknown_rule, unknown_tier, apply, method, busy).",
+            "Requests to the penalty webhook refused, by reason (token, size, json, version, labels, unknown_rule, unknown_tier, target, exempt, apply, method, busy, disabled).",
             &[("reason", reason)],
             *refused as f64,
         );
