@@ -614,6 +614,9 @@ wait_prop() {
     awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }'
 }
 hog() { su -l "$1" -c "exec sh -c 'while :; do :; done'" </dev/null >/dev/null 2>&1 & }
+# The rules watch for a window first, as on a host where they run all along (a user's
+# first window needs samples covering it).
+sleep 6
 hog carol; hog carol
 # The hogs' start: when both run (su -l takes a while under TCG).
 for i in $(seq 100); do [ "$(pgrep -u carol -x sh | wc -l)" = 2 ] && break; sleep 0.1; done
