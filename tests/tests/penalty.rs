@@ -15,6 +15,8 @@ use rlagent_tests::{http_get, privileged, sample, Agent, Helper, Listener, Scrat
 
 const ALICE: u32 = 63101;
 const BOB: u32 = 63102;
+/// Below uid_min (1000): a system user, never penalised.
+const DAEMON: u32 = 501;
 
 const CONFIG: &str = r#"
 [[quota]]
@@ -23,6 +25,10 @@ conns = 3
 
 [[quota]]
 target = "user:63102"
+conns = 3
+
+[[quota]]
+target = "user:501"
 conns = 3
 
 [[penalty]]
@@ -130,9 +136,10 @@ fn a_user_refused_too_often_is_penalised_the_kernel_enforces_the_tier_and_it_end
     let (at, port) = (cgroup.path.as_path(), listener.port4);
     assert!(penalties(&s).is_empty());
 
-    // Bob (exempt) and Alice each flood past their cap for 1.5 s.
+    // Bob (exempt), a system user and Alice each flood past their cap for 1.5 s.
     let start = Instant::now();
     let b = flood(at, BOB, port, 1500);
+    let d = flood(at, DAEMON, port, 1500);
     let a = flood(at, ALICE, port, 1500);
     let list = wait_penalties(&s, Duration::from_secs(10), "alice in tier 1", |l| {
         l.iter().any(|p| p["target"] == "user:63101")
@@ -141,7 +148,11 @@ fn a_user_refused_too_often_is_penalised_the_kernel_enforces_the_tier_and_it_end
         "alice penalised {:.1} s after the floods began",
         start.elapsed().as_secs_f64()
     );
-    assert_eq!(list.len(), 1, "only alice, never the exempt bob: {list:?}");
+    assert_eq!(
+        list.len(),
+        1,
+        "only alice: never the exempt bob nor a UID below uid_min: {list:?}"
+    );
     let p = &list[0];
     assert_eq!(
         (p["rule"].as_str(), p["tier"].as_u64()),
@@ -157,7 +168,7 @@ fn a_user_refused_too_often_is_penalised_the_kernel_enforces_the_tier_and_it_end
         p["until"].as_u64().unwrap() - p["since"].as_u64().unwrap(),
         4
     );
-    drop((a, b));
+    drop((a, b, d));
 
     // The tier is in the desired state, and in the kernel.
     assert_eq!(conns_field(&s, ALICE), ("1".into(), "penalty:flood".into()));

@@ -48,9 +48,11 @@ impl App {
         let mut run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.started.elapsed();
         let users = self.users.clone();
+        let uid_min = config.bpf.uid_min;
         let Run { engine, groups, .. } = &mut *run;
+        // Root and system users are never penalised, as they get no `user:*` default.
         let mut decisions = engine.round(now, adapt, penalty, &inputs, &mut |rule, uid| {
-            groups.exempt(rule, uid, users.as_ref())
+            uid < uid_min || groups.exempt(rule, uid, users.as_ref())
         });
         decisions.extend(
             run.fleet

@@ -400,6 +400,7 @@ impl App {
             .map(|r| AdaptState {
                 holding: holding.iter().any(|(name, _)| *name == r.name),
                 rule: r.name.clone(),
+                monitor: r.mode == crate::model::quota::Mode::Monitor,
             })
             .collect();
         Ok(stats)

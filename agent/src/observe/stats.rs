@@ -76,6 +76,9 @@ pub struct PenaltyCount {
 pub struct AdaptState {
     pub rule: String,
     pub holding: bool,
+    /// The rule only reports (`mode = "monitor"`).
+    #[serde(default)]
+    pub monitor: bool,
 }
 
 impl Stats {

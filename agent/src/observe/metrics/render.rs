@@ -587,8 +587,11 @@ fn agent_series(e: &mut Exposition, stats: &Stats) {
     for a in &stats.adapt {
         e.gauge(
             "rlagent_adapt_step_active",
-            "1 while an adaptive rule's step holds (in monitor mode: would hold).",
-            &[("rule", &a.rule)],
+            "1 while an adaptive rule's step holds (mode monitor: would hold).",
+            &[
+                ("rule", &a.rule),
+                ("mode", if a.monitor { "monitor" } else { "enforce" }),
+            ],
             if a.holding { 1.0 } else { 0.0 },
         );
     }
@@ -882,6 +885,7 @@ mod tests {
             adapt: vec![crate::observe::stats::AdaptState {
                 rule: "busy-host".into(),
                 holding: true,
+                monitor: false,
             }],
             webhook_refused: [("token".to_string(), 2)].into(),
         };
@@ -906,7 +910,7 @@ mod tests {
             "rlagent_alerts_firing 1",
             "rlagent_penalty_tier{target=\"user:1000\",rule=\"cpu-hog\",mode=\"enforce\"} 2",
             "rlagent_penalties_total{rule=\"cpu-hog\",tier=\"2\"} 3",
-            "rlagent_adapt_step_active{rule=\"busy-host\"} 1",
+            "rlagent_adapt_step_active{rule=\"busy-host\",mode=\"enforce\"} 1",
             "rlagent_penalty_webhook_refused_total{reason=\"token\"} 2",
             "rlagent_pins_missing 0",
             "rlagent_budget_exhausted_total{budget=\"metrics_connections\"} 5",
