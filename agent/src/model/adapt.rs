@@ -10,6 +10,7 @@
 use std::{fmt, time::Duration};
 
 use super::{
+    alert::Op,
     quota::{Field, Limit, Mode, Quota},
     target::Target,
     units::{parse_bytes, parse_count},
@@ -33,45 +34,6 @@ pub enum ExprError {
         value: String,
         expected: &'static str,
     },
-}
-
-/// A comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cmp {
-    Gt,
-    Ge,
-    Lt,
-    Le,
-}
-
-impl Cmp {
-    fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            ">" => Self::Gt,
-            ">=" => Self::Ge,
-            "<" => Self::Lt,
-            "<=" => Self::Le,
-            _ => return None,
-        })
-    }
-
-    pub fn holds(self, value: f64, threshold: f64) -> bool {
-        match self {
-            Self::Gt => value > threshold,
-            Self::Ge => value >= threshold,
-            Self::Lt => value < threshold,
-            Self::Le => value <= threshold,
-        }
-    }
-
-    pub fn symbol(self) -> &'static str {
-        match self {
-            Self::Gt => ">",
-            Self::Ge => ">=",
-            Self::Lt => "<",
-            Self::Le => "<=",
-        }
-    }
 }
 
 /// A resource the kernel reports pressure for.
@@ -141,7 +103,7 @@ impl UserSignal {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Comparison<S> {
     pub signal: S,
-    pub cmp: Cmp,
+    pub cmp: Op,
     pub threshold: f64,
     /// As written, for messages.
     pub text: String,
@@ -187,7 +149,7 @@ impl<S> fmt::Display for Condition<S> {
 /// Parses a condition, each comparison with `term`.
 fn parse_condition<S>(
     text: &str,
-    term: impl Fn(&str, Cmp, &str) -> Result<Comparison<S>, ExprError>,
+    term: impl Fn(&str, Op, &str) -> Result<Comparison<S>, ExprError>,
 ) -> Result<Condition<S>, ExprError> {
     let words: Vec<&str> = text.split_whitespace().collect();
     if words.is_empty() {
@@ -203,7 +165,7 @@ fn parse_condition<S>(
             let [signal, op, value] = part else {
                 return Err(form());
             };
-            let cmp = Cmp::parse(op).ok_or_else(form)?;
+            let cmp = Op::parse(op).ok_or_else(form)?;
             let mut c = term(signal, cmp, value)?;
             c.text = part.join(" ");
             all.push(c);

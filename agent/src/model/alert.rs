@@ -49,6 +49,22 @@ pub enum Op {
 }
 
 impl Op {
+    pub const ALL: [Self; 4] = [Self::Gt, Self::Ge, Self::Lt, Self::Le];
+
+    /// As written in rules and conditions: `>`, `>=`, `<` or `<=`.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Self::Gt => ">",
+            Self::Ge => ">=",
+            Self::Lt => "<",
+            Self::Le => "<=",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.symbol() == text)
+    }
+
     pub fn holds(self, value: f64, threshold: f64) -> bool {
         match self {
             Self::Gt => value > threshold,
