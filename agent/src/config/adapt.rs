@@ -11,11 +11,11 @@ use super::{
 };
 use crate::model::{
     adapt::{
-        loosened, parse_host_condition, parse_user_condition, AdaptRule, PenaltyRule, Tier,
-        MAX_RULE_DURATION, STEP_FIELDS,
+        loosened, parse_host_condition, parse_user_condition, AdaptRule, Condition, ExprError,
+        PenaltyRule, Tier, MAX_RULE_DURATION, STEP_FIELDS,
     },
     duration,
-    quota::{not_supported_yet, unsupported_fields, IntOrString, Mode, Quota, RawQuota},
+    quota::{not_supported_yet, unsupported_fields, Mode, Quota, RawQuota},
     target::Target,
     users::UserDb,
 };
@@ -95,6 +95,22 @@ impl Source<'_> {
         }
     }
 
+    /// A rule's `when`, parsed by `parse`.
+    fn condition<S>(
+        &self,
+        value: &Spanned<String>,
+        parse: fn(&str) -> Result<Condition<S>, ExprError>,
+    ) -> Result<Condition<S>, ConfigError> {
+        parse(value.get_ref()).map_err(|e| {
+            self.invalid(
+                self.line(value.span()),
+                "when",
+                value.get_ref(),
+                &e.to_string(),
+            )
+        })
+    }
+
     /// The limits of a step or tier: at least one, none `max` (a step only tightens).
     fn step(&self, line: usize, what: &str, raw: RawQuota) -> Result<Quota, ConfigError> {
         let quota = raw.validate().map_err(|source| ConfigError::Quota {
@@ -117,28 +133,6 @@ impl Source<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn raw_quota(
-    cpu: &Option<IntOrString>,
-    memory: &Option<IntOrString>,
-    memory_high: &Option<IntOrString>,
-    pids: &Option<IntOrString>,
-    conns: &Option<IntOrString>,
-    conn_rate: &Option<IntOrString>,
-    conn_burst: &Option<IntOrString>,
-) -> RawQuota {
-    RawQuota {
-        cpu: cpu.clone(),
-        memory: memory.clone(),
-        memory_high: memory_high.clone(),
-        pids: pids.clone(),
-        conns: conns.clone(),
-        conn_rate: conn_rate.clone(),
-        conn_burst: conn_burst.clone(),
-        mode: None,
-    }
-}
-
 pub(super) fn adapt_rules(
     at: &Source,
     raw: &[Spanned<RawAdaptRule>],
@@ -150,14 +144,7 @@ pub(super) fn adapt_rules(
         let r = entry.get_ref();
         let taken: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
         let name = at.rule_name(&r.name, &taken, "adapt")?;
-        let when = parse_host_condition(r.when.get_ref()).map_err(|e| {
-            at.invalid(
-                at.line(r.when.span()),
-                "when",
-                r.when.get_ref(),
-                &e.to_string(),
-            )
-        })?;
+        let when = at.condition(&r.when, parse_host_condition)?;
         let hold = at.duration(&r.hold, "for", false)?;
         let release_after = at.duration(&r.release_after, "release_after", true)?;
         if release_after < hold {
@@ -182,19 +169,7 @@ pub(super) fn adapt_rules(
                 line: target_line,
                 source,
             })?;
-        let step = at.step(
-            line,
-            &format!("adapt rule {name}"),
-            raw_quota(
-                &r.cpu,
-                &r.memory,
-                &r.memory_high,
-                &r.pids,
-                &r.conns,
-                &r.conn_rate,
-                &r.conn_burst,
-            ),
-        )?;
+        let step = at.step(line, &format!("adapt rule {name}"), r.limits())?;
         let unsupported = unsupported_fields(&target, &step);
         if !unsupported.is_empty() {
             return Err(at.invalid(
@@ -228,14 +203,7 @@ pub(super) fn penalty_rules(
         let r = entry.get_ref();
         let taken: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
         let name = at.rule_name(&r.name, &taken, "penalty")?;
-        let when = parse_user_condition(r.when.get_ref()).map_err(|e| {
-            at.invalid(
-                at.line(r.when.span()),
-                "when",
-                r.when.get_ref(),
-                &e.to_string(),
-            )
-        })?;
+        let when = at.condition(&r.when, parse_user_condition)?;
         let window = at.duration(&r.window, "window", true)?;
         if window > MAX_WINDOW {
             return Err(at.invalid(
@@ -266,15 +234,7 @@ pub(super) fn penalty_rules(
             let quota = at.step(
                 tier_line,
                 &format!("penalty {name} tier {}", i + 1),
-                raw_quota(
-                    &t.cpu,
-                    &t.memory,
-                    &t.memory_high,
-                    &t.pids,
-                    &t.conns,
-                    &t.conn_rate,
-                    &t.conn_burst,
-                ),
+                t.limits(),
             )?;
             if let Some(previous) = tiers.last() {
                 let loose = loosened(&previous.quota, &quota);

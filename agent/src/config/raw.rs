@@ -323,6 +323,28 @@ pub(super) struct RawTier {
     pub(super) conn_burst: Option<IntOrString>,
 }
 
+/// The limits of a step (`[[adapt]]`) or a tier, as the quota parser takes them (no
+/// `mode`: the rule says it).
+macro_rules! step_limits {
+    ($($raw:ty),*) => {$(
+        impl $raw {
+            pub(super) fn limits(&self) -> crate::model::quota::RawQuota {
+                crate::model::quota::RawQuota {
+                    cpu: self.cpu.clone(),
+                    memory: self.memory.clone(),
+                    memory_high: self.memory_high.clone(),
+                    pids: self.pids.clone(),
+                    conns: self.conns.clone(),
+                    conn_rate: self.conn_rate.clone(),
+                    conn_burst: self.conn_burst.clone(),
+                    mode: None,
+                }
+            }
+        }
+    )*};
+}
+step_limits!(RawAdaptRule, RawTier);
+
 /// `[[quota]]`: a target and the quota fields (spelled out, since serde's `flatten` cannot
 /// be combined with `deny_unknown_fields`).
 #[derive(Debug, Deserialize)]
