@@ -72,12 +72,16 @@ impl App {
         let snapshot = self.snapshot();
         let config = &snapshot.config;
         let steps = run.all_steps(&config.adapt_rules, &config.penalty_rules);
+        // Held while steps are wanted or in force (a failed apply is tried again).
+        let held = !steps.is_empty() || !run.steps.is_empty() || !run.fleet.is_empty();
         let applied = if steps == run.steps {
             Ok(())
         } else {
             self.with_agent(what, |agent| agent.set_steps(steps.clone()))
                 .map(|_| run.steps = steps)
         };
+        self.adapt_held
+            .store(held, std::sync::atomic::Ordering::Relaxed);
         // Said once applied: a change that could not be applied is not called done (the
         // steps are tried again at the next round).
         for d in decisions {
@@ -159,13 +163,13 @@ impl App {
     }
 
     /// True when the rules need a round: some exist, or steps of removed ones are in force.
+    /// Takes no lock: it runs on the runtime's thread, while a round may hold `adapt`
+    /// through an apply.
     pub fn adapt_wanted(&self) -> bool {
         let config = &self.snapshot().config;
-        let run = self.adapt.lock().unwrap_or_else(|p| p.into_inner());
         !config.adapt_rules.is_empty()
             || !config.penalty_rules.is_empty()
-            || !run.steps.is_empty()
-            || !run.fleet.is_empty()
+            || self.adapt_held.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts a refused webhook request by `kind`, and logs it at most once a minute (an

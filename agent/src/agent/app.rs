@@ -146,6 +146,9 @@ pub struct App {
     pub(super) adapt: Mutex<crate::observe::adapt::Run>,
     /// Requests to the penalty webhook refused, by reason; when one was last logged.
     pub(super) webhook_refusals: Mutex<(BTreeMap<String, u64>, Option<Instant>)>,
+    /// Steps or fleet penalties are held (kept beside `adapt`, so the once-a-second check
+    /// on the runtime's thread never waits for that lock).
+    pub(super) adapt_held: std::sync::atomic::AtomicBool,
 }
 
 /// Finds the cgroup2 mount and decides `config`'s `cgroup_driver = "auto"` for this host,
@@ -237,6 +240,7 @@ impl App {
             started: Instant::now(),
             adapt: Mutex::default(),
             webhook_refusals: Mutex::default(),
+            adapt_held: Default::default(),
         })
     }
 
